@@ -1,0 +1,227 @@
+//! Sliding window counter: O(1) memory, approximate.
+
+use super::{Limits, Placement, Snapshot, Verdict};
+
+/// Sliding window counter (the approach Cloudflare described in "How we built rate limiting
+/// capable of scaling to millions of domains", 2017).
+///
+/// Time is cut into fixed windows of length `w`. The state holds the sum charged in the current
+/// fixed window and in the previous one. The usage of the sliding window ending now is
+/// estimated as `previous x (w - elapsed) / w + current`: the previous window counts for the
+/// part of it still inside the sliding window, as if its charges had been spread evenly.
+///
+/// Bounds: every fixed window admits at most `limit` (the estimate is never below `current`),
+/// and any window of length `w` at most `2 x limit` (when the previous window's charges all
+/// came at its very end). Memory: three `u64`s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlidingWindowCounter {
+    /// Index of the current fixed window (`now / w`).
+    window: u64,
+    current: u64,
+    previous: u64,
+}
+
+impl SlidingWindowCounter {
+    /// Moves the state to the fixed window containing `now`; what it forgets had expired.
+    #[inline]
+    fn roll(&mut self, w: u64, now: u64) {
+        let k = now / w;
+        if k <= self.window {
+            return;
+        }
+        self.previous = if k == self.window + 1 {
+            self.current
+        } else {
+            0
+        };
+        self.current = 0;
+        self.window = k;
+    }
+
+    /// Nanoseconds elapsed in the current fixed window.
+    #[inline]
+    fn elapsed(&self, w: u64, now: u64) -> u64 {
+        now.saturating_sub(self.window.saturating_mul(w)).min(w)
+    }
+
+    /// Estimated usage, scaled by `w` (units x nanoseconds), exact in 128 bits.
+    #[inline]
+    fn used_scaled(&self, w: u64, now: u64) -> u128 {
+        let e = self.elapsed(w, now);
+        self.previous as u128 * (w - e) as u128 + self.current as u128 * w as u128
+    }
+
+    pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
+        let w = l.window_nanos;
+        self.roll(w, now);
+        let capacity = l.limit as u128 * w as u128;
+        let used = self.used_scaled(w, now);
+        if used + cost as u128 * w as u128 <= capacity {
+            return Verdict::Allow;
+        }
+        if cost > l.limit {
+            return Verdict::Deny { retry_after: None };
+        }
+        // Need used(t) <= room, where room = (limit - cost) x w.
+        let room = (l.limit - cost) as u128 * w as u128;
+        let e = self.elapsed(w, now) as u128;
+        let cur = self.current as u128 * w as u128;
+        let wait = if cur <= room {
+            // Within this window: previous x (w - e') <= room - cur.
+            // previous > 0 here, otherwise the charge would have fit.
+            let slack = (room - cur) / (self.previous.max(1) as u128);
+            let e_needed = (w as u128).saturating_sub(slack);
+            e_needed.saturating_sub(e)
+        } else {
+            // Next window: current becomes previous; current x (w - e2) <= room.
+            let slack = room / self.current.max(1) as u128;
+            let e2 = (w as u128).saturating_sub(slack);
+            (w as u128 - e) + e2
+        };
+        Verdict::Deny {
+            retry_after: Some(u64::try_from(wait.max(1)).unwrap_or(u64::MAX)),
+        }
+    }
+
+    pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
+        self.roll(l.window_nanos, now);
+        self.current = self.current.saturating_add(cost);
+        Placement(self.window)
+    }
+
+    pub(super) fn adjust(&mut self, l: &Limits, now: u64, at: Placement, charged: u64, actual: u64) {
+        self.roll(l.window_nanos, now);
+        if actual > charged {
+            self.current = self.current.saturating_add(actual - charged);
+        } else {
+            let refund = charged - actual;
+            if at.0 == self.window {
+                self.current -= refund.min(self.current);
+            } else if at.0.checked_add(1) == Some(self.window) {
+                self.previous -= refund.min(self.previous);
+            }
+            // Older windows no longer count: the refund has nothing left to correct.
+        }
+    }
+
+    pub(super) fn peek(&mut self, l: &Limits, now: u64) -> Snapshot {
+        let w = l.window_nanos;
+        self.roll(w, now);
+        let capacity = l.limit as u128 * w as u128;
+        let used = self.used_scaled(w, now);
+        let remaining = capacity.saturating_sub(used) / w as u128;
+        let e = self.elapsed(w, now);
+        let reset_after_nanos = if self.current > 0 {
+            (w - e).saturating_add(w)
+        } else if self.previous > 0 {
+            w - e
+        } else {
+            0
+        };
+        Snapshot {
+            limit: l.limit,
+            remaining: remaining as u64,
+            reset_after_nanos,
+        }
+    }
+
+    pub(super) fn is_idle(&mut self, l: &Limits, now: u64) -> bool {
+        self.roll(l.window_nanos, now);
+        self.current == 0 && self.previous == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const S: u64 = 1_000_000_000;
+
+    fn limits() -> Limits {
+        Limits::new(10, 10 * S, 10)
+    }
+
+    #[test]
+    fn admits_up_to_limit_in_one_window() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        for _ in 0..10 {
+            assert_eq!(c.check(&l, S, 1), Verdict::Allow);
+            c.charge(&l, S, 1);
+        }
+        assert!(matches!(c.check(&l, S, 1), Verdict::Deny { retry_after: Some(_) }));
+        assert_eq!(c.peek(&l, S).remaining, 0);
+    }
+
+    #[test]
+    fn previous_window_is_weighted() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        c.charge(&l, 9 * S, 10);
+        // At 12s, 80% of the previous window is still inside: estimate 8.
+        assert_eq!(c.peek(&l, 12 * S).remaining, 2);
+        assert_eq!(c.check(&l, 12 * S, 2), Verdict::Allow);
+        // 3 needs the estimate to fall to 7: at 13s.
+        assert_eq!(
+            c.check(&l, 12 * S, 3),
+            Verdict::Deny {
+                retry_after: Some(S)
+            }
+        );
+    }
+
+    #[test]
+    fn retry_after_spans_into_next_window() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        c.charge(&l, 5 * S, 10);
+        // Needs 4: the window ends at 10s; then 10 x (10 - e)/10 <= 6 at e = 4s.
+        assert_eq!(
+            c.check(&l, 5 * S, 4),
+            Verdict::Deny {
+                retry_after: Some(5 * S + 4 * S)
+            }
+        );
+        assert_eq!(c.check(&l, 14 * S, 4), Verdict::Allow);
+        assert!(matches!(c.check(&l, 14 * S - 1, 4), Verdict::Deny { .. }));
+    }
+
+    #[test]
+    fn cost_over_limit_never_fits() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        assert_eq!(c.check(&l, 0, 11), Verdict::Deny { retry_after: None });
+    }
+
+    #[test]
+    fn refunds_land_in_their_window_or_are_dropped() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        let p = c.charge(&l, S, 8);
+        c.adjust(&l, 2 * S, p, 8, 3);
+        assert_eq!(c.peek(&l, 2 * S).remaining, 7);
+        // A refund for the previous window reduces `previous`.
+        let p = c.charge(&l, 3 * S, 4);
+        c.adjust(&l, 10 * S, p, 4, 0);
+        assert_eq!(c.previous, 3);
+        // Two windows later the refund is dropped.
+        let p = c.charge(&l, 10 * S, 5);
+        c.adjust(&l, 30 * S, p, 5, 0);
+        assert_eq!((c.current, c.previous), (0, 0));
+        // Extra charges land now, even past the limit.
+        let p = c.charge(&l, 31 * S, 10);
+        c.adjust(&l, 31 * S, p, 10, 25);
+        assert_eq!(c.current, 25);
+        assert_eq!(c.peek(&l, 31 * S).remaining, 0);
+    }
+
+    #[test]
+    fn reset_and_idle() {
+        let l = limits();
+        let mut c = SlidingWindowCounter::default();
+        assert!(c.is_idle(&l, 0));
+        c.charge(&l, 2 * S, 1);
+        assert_eq!(c.peek(&l, 2 * S).reset_after_nanos, 18 * S);
+        assert!(!c.is_idle(&l, 19 * S));
+        assert!(c.is_idle(&l, 20 * S));
+    }
+}

@@ -1,0 +1,118 @@
+//! GCRA: the generic cell rate algorithm, weighted.
+
+use super::{mul_div_ceil, mul_div_floor, Limits, Placement, Snapshot, Verdict};
+
+/// GCRA (ITU-T I.371's virtual scheduling algorithm; the algorithm behind `governor`),
+/// weighted: one unit advances the theoretical arrival time (TAT) by the emission interval
+/// `T = w / limit`, a charge of `n` units by `n x T` (rounded up, so rounding never admits
+/// more).
+///
+/// A charge of `n` fits when `max(TAT, now) + n x T - now <= burst x T`: the bucket holds
+/// `burst` units and drains `limit` per `w`. Any interval of length `d` admits at most
+/// `burst + d x limit / w` units. Memory: one `u64`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gcra {
+    tat: u64,
+}
+
+impl Gcra {
+    #[inline]
+    fn interval(l: &Limits, units: u64) -> u64 {
+        mul_div_ceil(units, l.window_nanos, l.limit)
+    }
+
+    #[inline]
+    fn tolerance(l: &Limits) -> u64 {
+        mul_div_floor(l.burst, l.window_nanos, l.limit)
+    }
+
+    pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
+        let new_tat = self.tat.max(now).saturating_add(Self::interval(l, cost));
+        let allow_at = now.saturating_add(Self::tolerance(l));
+        if new_tat <= allow_at {
+            return Verdict::Allow;
+        }
+        if cost > l.burst {
+            return Verdict::Deny { retry_after: None };
+        }
+        Verdict::Deny {
+            retry_after: Some((new_tat - allow_at).max(1)),
+        }
+    }
+
+    pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
+        self.tat = self.tat.max(now).saturating_add(Self::interval(l, cost));
+        Placement(0)
+    }
+
+    pub(super) fn adjust(&mut self, l: &Limits, now: u64, _: Placement, charged: u64, actual: u64) {
+        if actual > charged {
+            self.charge(l, now, actual - charged);
+        } else if self.tat > now {
+            // Give back what was not used, rounded down; the bucket can't go below empty.
+            let back = mul_div_floor(charged - actual, l.window_nanos, l.limit);
+            self.tat = self.tat.saturating_sub(back).max(now);
+        }
+    }
+
+    pub(super) fn peek(&mut self, l: &Limits, now: u64) -> Snapshot {
+        let start = self.tat.max(now);
+        let slack = now.saturating_add(Self::tolerance(l)).saturating_sub(start);
+        Snapshot {
+            limit: l.burst,
+            remaining: mul_div_floor(slack, l.limit, l.window_nanos).min(l.burst),
+            reset_after_nanos: start - now,
+        }
+    }
+
+    pub(super) fn is_idle(&mut self, _: &Limits, now: u64) -> bool {
+        self.tat <= now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn burst_then_rate() {
+        // 10 per 10s: one unit per second, burst 10.
+        let l = Limits::new(10, 10 * S, 10);
+        let mut g = Gcra::default();
+        for _ in 0..10 {
+            assert_eq!(g.check(&l, 0, 1), Verdict::Allow);
+            g.charge(&l, 0, 1);
+        }
+        assert_eq!(g.check(&l, 0, 1), Verdict::Deny { retry_after: Some(S) });
+        assert_eq!(g.check(&l, 0, 3), Verdict::Deny { retry_after: Some(3 * S) });
+        assert_eq!(g.peek(&l, S / 2).remaining, 0);
+        assert_eq!(g.peek(&l, S).remaining, 1);
+        assert_eq!(g.peek(&l, 0).reset_after_nanos, 10 * S);
+        assert_eq!(g.check(&l, 0, 11), Verdict::Deny { retry_after: None });
+    }
+
+    #[test]
+    fn burst_smaller_than_limit() {
+        let l = Limits::new(10, 10 * S, 2);
+        let mut g = Gcra::default();
+        g.charge(&l, 0, 2);
+        assert!(matches!(g.check(&l, 0, 1), Verdict::Deny { .. }));
+        assert_eq!(g.peek(&l, 0).limit, 2);
+    }
+
+    #[test]
+    fn refund_and_extra() {
+        let l = Limits::new(100, 100 * S, 100);
+        let mut g = Gcra::default();
+        g.charge(&l, 0, 60);
+        g.adjust(&l, 0, Placement(0), 60, 20);
+        assert_eq!(g.peek(&l, 0).remaining, 80);
+        g.adjust(&l, 0, Placement(0), 20, 150);
+        assert_eq!(g.peek(&l, 0).remaining, 0);
+        // A refund never makes the bucket more than empty.
+        g.adjust(&l, 500 * S, Placement(0), 150, 0);
+        assert_eq!(g.peek(&l, 500 * S).remaining, 100);
+        assert!(g.is_idle(&l, 500 * S));
+    }
+}

@@ -1,0 +1,197 @@
+//! The window algorithms, as pure code: no I/O, no locks, no clock.
+//!
+//! Each algorithm is a small state value plus functions of `(state, limits, now, cost)`.
+//! Every charge is *weighted*: one request costs 1, a chat completion may cost 3,412 tokens.
+//! Each supports:
+//!
+//! - [`State::check`]: would `cost` fit now? If not, how long until it would
+//!   ([`Verdict::Deny`]);
+//! - [`State::charge`]: count `cost` now and say where it landed ([`Placement`]);
+//! - [`State::adjust`]: settle an earlier charge to its real amount: a refund goes back into
+//!   the window the charge was counted in (and is dropped if that window has slid out of
+//!   view), an extra charge lands now, even past the limit (the tokens were spent);
+//! - [`State::peek`]: remaining capacity and time to full reset, without charging.
+//!
+//! | algorithm | memory per key | exact? | notes |
+//! |---|---|---|---|
+//! | [`SlidingWindowCounter`] (default) | O(1), 24 bytes | approximate | the previous fixed window is weighted by the part of it still inside the sliding window; any window of length `w` admits at most `2 x limit`, each fixed window at most `limit` |
+//! | [`SlidingWindowLog`] | O(charges in the window) | exact | never more than `limit` in any window of length `w` |
+//! | [`Gcra`] | O(1), 8 bytes | exact for its model | a leaky bucket of capacity `burst` draining `limit` per `w`; any interval of length `d` admits at most `burst + d x limit / w` |
+//!
+//! Time is nanoseconds on the store's monotonic scale ([`crate::clock`]).
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_llm_ratelimit::algorithm::{Limits, State, Verdict};
+//! use tower_llm_ratelimit::Algorithm;
+//!
+//! const SEC: u64 = 1_000_000_000;
+//! // 100 tokens per 10 seconds, exact log.
+//! let limits = Limits::new(100, 10 * SEC, 100);
+//! let mut state = State::new(Algorithm::SlidingWindowLog);
+//!
+//! assert_eq!(state.check(&limits, 0, 60), Verdict::Allow);
+//! let placed = state.charge(&limits, 0, 60);
+//! // 60 + 50 > 100: denied until the first charge leaves the window.
+//! assert_eq!(state.check(&limits, SEC, 50), Verdict::Deny { retry_after: Some(9 * SEC) });
+//! // The upstream reported only 20 tokens: refund 40 into the window it was charged in.
+//! state.adjust(&limits, 2 * SEC, placed, 60, 20);
+//! assert_eq!(state.peek(&limits, 2 * SEC).remaining, 80);
+//! ```
+
+mod counter;
+mod gcra;
+mod log;
+
+pub use self::counter::SlidingWindowCounter;
+pub use self::gcra::Gcra;
+pub use self::log::SlidingWindowLog;
+
+use crate::rule::Algorithm;
+
+/// The numbers an algorithm needs from a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Units allowed per window.
+    pub limit: u64,
+    /// The window, in nanoseconds (> 0).
+    pub window_nanos: u64,
+    /// GCRA's bucket capacity in units (equal to `limit` unless configured); ignored by the
+    /// window algorithms.
+    pub burst: u64,
+}
+
+impl Limits {
+    /// Limits of `limit` units per `window_nanos`, with a GCRA capacity of `burst`.
+    pub const fn new(limit: u64, window_nanos: u64, burst: u64) -> Self {
+        Self {
+            limit,
+            window_nanos,
+            burst,
+        }
+    }
+}
+
+/// The answer of [`State::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The cost fits now.
+    Allow,
+    /// The cost does not fit now.
+    Deny {
+        /// Nanoseconds until the same cost would fit if nothing else were charged, or `None`
+        /// when it never can (the cost alone is larger than the limit).
+        retry_after: Option<u64>,
+    },
+}
+
+/// A bucket's state without charging anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The capacity: the limit (window algorithms) or the burst (GCRA).
+    pub limit: u64,
+    /// Units that could be charged now.
+    pub remaining: u64,
+    /// Nanoseconds until the bucket is back to full capacity if nothing more is charged.
+    pub reset_after_nanos: u64,
+}
+
+/// Where a charge landed, so that settling it later refunds the right place: the fixed
+/// window's index (counter), the entry's timestamp (log); unused by GCRA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Placement(pub u64);
+
+/// The state of one bucket, whichever its algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// See [`SlidingWindowCounter`].
+    Counter(SlidingWindowCounter),
+    /// See [`SlidingWindowLog`].
+    Log(SlidingWindowLog),
+    /// See [`Gcra`].
+    Gcra(Gcra),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            State::Counter($s) => $e,
+            State::Log($s) => $e,
+            State::Gcra($s) => $e,
+        }
+    };
+}
+
+impl State {
+    /// A fresh (empty) state for `algorithm`.
+    pub fn new(algorithm: Algorithm) -> Self {
+        match algorithm {
+            Algorithm::SlidingWindowCounter => State::Counter(SlidingWindowCounter::default()),
+            Algorithm::SlidingWindowLog => State::Log(SlidingWindowLog::default()),
+            Algorithm::Gcra => State::Gcra(Gcra::default()),
+        }
+    }
+
+    /// The algorithm this state belongs to.
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            State::Counter(_) => Algorithm::SlidingWindowCounter,
+            State::Log(_) => Algorithm::SlidingWindowLog,
+            State::Gcra(_) => Algorithm::Gcra,
+        }
+    }
+
+    /// Would `cost` fit at `now`? Only drops what has expired; counts nothing.
+    #[inline]
+    pub fn check(&mut self, limits: &Limits, now: u64, cost: u64) -> Verdict {
+        dispatch!(self, s => s.check(limits, now, cost))
+    }
+
+    /// Counts `cost` at `now`, without checking (call [`State::check`] first).
+    #[inline]
+    pub fn charge(&mut self, limits: &Limits, now: u64, cost: u64) -> Placement {
+        dispatch!(self, s => s.charge(limits, now, cost))
+    }
+
+    /// Settles an earlier charge of `charged` units, placed at `placement`, to `actual` units.
+    #[inline]
+    pub fn adjust(
+        &mut self,
+        limits: &Limits,
+        now: u64,
+        placement: Placement,
+        charged: u64,
+        actual: u64,
+    ) {
+        dispatch!(self, s => s.adjust(limits, now, placement, charged, actual))
+    }
+
+    /// Remaining capacity and time to full reset at `now`.
+    #[inline]
+    pub fn peek(&mut self, limits: &Limits, now: u64) -> Snapshot {
+        dispatch!(self, s => s.peek(limits, now))
+    }
+
+    /// True when the state is indistinguishable from a fresh one at `now`, so a store may
+    /// drop it.
+    #[inline]
+    pub fn is_idle(&mut self, limits: &Limits, now: u64) -> bool {
+        dispatch!(self, s => s.is_idle(limits, now))
+    }
+}
+
+/// `ceil(a * b / c)` in 128 bits, saturated to `u64`.
+#[inline]
+pub(crate) fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    let p = a as u128 * b as u128;
+    let c = c.max(1) as u128;
+    u64::try_from(p.div_ceil(c)).unwrap_or(u64::MAX)
+}
+
+/// `floor(a * b / c)` in 128 bits, saturated to `u64`.
+#[inline]
+pub(crate) fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
+    let p = a as u128 * b as u128;
+    u64::try_from(p / c.max(1) as u128).unwrap_or(u64::MAX)
+}

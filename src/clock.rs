@@ -1,0 +1,125 @@
+//! Where a store gets `now` from.
+//!
+//! Every algorithm in this crate is a pure function of `(state, now, cost)`; the clock is the
+//! only thing that tells a store what `now` is. Time is a count of nanoseconds on a monotonic
+//! scale whose origin is the clock's own (a [`SystemClock`] starts at its creation), so wall
+//! clock jumps (NTP steps, leap smear) can never move a window backwards.
+//!
+//! Tests use a [`ManualClock`] and advance it by hand: no test in this crate sleeps.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::clock::{Clock, ManualClock};
+//!
+//! let clock = ManualClock::new();
+//! assert_eq!(clock.now_nanos(), 0);
+//! clock.advance(Duration::from_millis(1500));
+//! assert_eq!(clock.now_nanos(), 1_500_000_000);
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A monotonic source of time, in nanoseconds since the clock's own origin.
+///
+/// Implementations must never go backwards; stores clamp `now` to the last value they saw
+/// anyway, so a misbehaving clock degrades to "time stood still", never to a wrong count.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Nanoseconds since this clock's origin.
+    fn now_nanos(&self) -> u64;
+}
+
+/// The real clock: [`Instant`] measured from the moment the clock was created.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        // u64 nanoseconds cover 584 years of uptime.
+        self.origin.elapsed().as_nanos() as u64
+    }
+}
+
+/// A clock that only moves when told to. Clones share the same time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock standing at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_add(by))
+            })
+            .ok();
+    }
+
+    /// Sets the clock to `at` since its origin; a value in the past is ignored, so the clock
+    /// stays monotonic.
+    pub fn set(&self, at: Duration) {
+        let at = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_max(at, Ordering::AcqRel);
+    }
+}
+
+impl Clock for ManualClock {
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        self.nanos.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_clock_is_shared_and_monotonic() {
+        let a = ManualClock::new();
+        let b = a.clone();
+        a.advance(Duration::from_secs(2));
+        assert_eq!(b.now_nanos(), 2_000_000_000);
+        b.set(Duration::from_secs(1));
+        assert_eq!(a.now_nanos(), 2_000_000_000, "set into the past is ignored");
+        b.set(Duration::from_secs(3));
+        assert_eq!(a.now_nanos(), 3_000_000_000);
+    }
+
+    #[test]
+    fn system_clock_moves_forward() {
+        let c = SystemClock::new();
+        let t1 = c.now_nanos();
+        let t2 = c.now_nanos();
+        assert!(t2 >= t1);
+    }
+}

@@ -1,0 +1,146 @@
+//! What one request costs.
+//!
+//! A request rule charges 1 per request. A token rule ([`crate::Quota::tokens`]) charges what
+//! the layer's [`CostEstimator`] says the request will cost, **before** the request is
+//! admitted, so concurrent requests can't overshoot a tokens-per-minute limit. The charge can
+//! be corrected afterwards through [`crate::store::Store::settle`] with the real usage.
+//!
+//! | built-in | estimate |
+//! |---|---|
+//! | [`extension`] | a [`TokenEstimate`] an earlier layer put in the request extensions |
+//! | [`from_fn`] | a closure over the request |
+//!
+//! An estimator that can't estimate answers a [`CostError`]: the request is rejected with its
+//! status (400 by default) and a JSON body, and nothing is charged.
+//!
+//! # Examples
+//!
+//! ```
+//! use http::Request;
+//! use tower_llm_ratelimit::cost::{self, CostEstimator, TokenEstimate};
+//! use tower_llm_ratelimit::key::RequestView;
+//!
+//! let mut req = Request::new(());
+//! req.extensions_mut().insert(TokenEstimate(1_200));
+//! let est = cost::extension();
+//! assert_eq!(est.estimate(&RequestView::from_request(&req)).unwrap().tokens(), 1_200);
+//!
+//! // From a header set by the client, defaulting to 1,000 tokens.
+//! let est = cost::from_fn(|req| {
+//!     Some(req.headers().get("x-max-tokens")
+//!         .and_then(|v| v.to_str().ok()?.parse().ok())
+//!         .unwrap_or(1_000))
+//! });
+//! let req = Request::new(());
+//! assert_eq!(est.estimate(&RequestView::from_request(&req)).unwrap().tokens(), 1_000);
+//! ```
+
+use std::fmt;
+
+use http::StatusCode;
+
+use crate::key::RequestView;
+
+/// The estimated cost of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Cost {
+    tokens: u64,
+}
+
+impl Cost {
+    /// A cost of `tokens` tokens.
+    pub const fn tokens_of(tokens: u64) -> Self {
+        Self { tokens }
+    }
+
+    /// The tokens charged to token rules.
+    pub const fn tokens(&self) -> u64 {
+        self.tokens
+    }
+}
+
+/// Why a request's cost could not be estimated; answered to the client as a JSON error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostError {
+    /// The response status (400 unless the estimator says otherwise).
+    pub status: StatusCode,
+    /// What is wrong, for the client.
+    pub message: String,
+}
+
+impl CostError {
+    /// A 400 with `message`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for CostError {}
+
+/// Estimates what a request costs, before it is admitted.
+pub trait CostEstimator: Send + Sync + 'static {
+    /// The cost of `req`.
+    fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError>;
+}
+
+/// A token estimate as a request extension. See [`extension`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEstimate(pub u64);
+
+/// Reads [`TokenEstimate`]. See [`extension`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FromExtension(());
+
+/// The [`TokenEstimate`] an earlier layer stored in the request extensions; a request without
+/// one is answered 400.
+pub fn extension() -> FromExtension {
+    FromExtension(())
+}
+
+impl CostEstimator for FromExtension {
+    fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError> {
+        req.extensions()
+            .get::<TokenEstimate>()
+            .map(|t| Cost::tokens_of(t.0))
+            .ok_or_else(|| CostError::bad_request("the request carries no token estimate"))
+    }
+}
+
+/// Tokens computed by a closure. See [`from_fn`].
+#[derive(Clone)]
+pub struct FromFn<F>(F);
+
+/// The tokens `f` returns; `None` answers 400 ("could not estimate the token cost").
+pub fn from_fn<F>(f: F) -> FromFn<F>
+where
+    F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
+{
+    FromFn(f)
+}
+
+impl<F> fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("cost::FromFn")
+    }
+}
+
+impl<F> CostEstimator for FromFn<F>
+where
+    F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
+{
+    fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError> {
+        (self.0)(req)
+            .map(Cost::tokens_of)
+            .ok_or_else(|| CostError::bad_request("could not estimate the token cost of the request"))
+    }
+}

@@ -1,0 +1,337 @@
+//! The client IP, trusting forwarding headers only from configured proxies.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::Extensions;
+
+use super::{Key, KeyExtractor, RequestView};
+
+/// The peer's socket address, as a request extension. Servers that don't use axum's
+/// `ConnectInfo` (plain hyper, custom acceptors) insert it per connection; [`client_ip`]
+/// also reads a bare [`SocketAddr`] extension and, with the `axum` feature, axum's
+/// `ConnectInfo<SocketAddr>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `fd00::/8`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid proxy address or CIDR {s:?}");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let addr = IpAddr::from_str(addr.trim()).map_err(|_| bad())?.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+}
+
+impl IpNet {
+    fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
+/// Keeps the first `prefix` bits of `ip`.
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+            IpAddr::V4((bits & m).into())
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix.min(128))).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & m))
+        }
+    }
+}
+
+type PeerFn = Arc<dyn Fn(&Extensions) -> Option<IpAddr> + Send + Sync>;
+
+/// The client's IP address. See [`client_ip`].
+#[derive(Clone)]
+pub struct ClientIp {
+    trusted: Vec<IpNet>,
+    errors: Vec<String>,
+    ipv6_prefix: u8,
+    peer: Option<PeerFn>,
+}
+
+/// Keys by the client's IP address.
+///
+/// The client is the peer of the connection, unless the peer is a trusted proxy
+/// ([`ClientIp::trust_proxy`]): then the forwarding chain (`Forwarded`, RFC 7239, when
+/// present; otherwise `X-Forwarded-For`) is walked from the right, skipping trusted proxies,
+/// and the first untrusted address is the client. Headers from an untrusted peer are ignored,
+/// so a client can't pick its own bucket by sending `X-Forwarded-For`. An entry that isn't
+/// an address (`unknown`, an obfuscated identifier) stops the walk at the trusted proxy that
+/// added it: those clients share that proxy's bucket rather than escape the limit.
+///
+/// IPv6 clients are keyed by their /64 network by default (one host usually holds a whole
+/// /64); see [`ClientIp::ipv6_prefix`].
+///
+/// The peer address comes from [`PeerAddr`] or [`SocketAddr`] in the request extensions, or
+/// axum's `ConnectInfo<SocketAddr>` with the `axum` feature, or a function of yours
+/// ([`ClientIp::peer_from`], e.g. for tonic's `TcpConnectInfo`).
+///
+/// # Examples
+///
+/// ```
+/// use http::Request;
+/// use tower_llm_ratelimit::key::{client_ip, KeyExtractor, PeerAddr, RequestView};
+///
+/// let ip = client_ip().trust_proxy("10.0.0.0/8");
+/// let mut req = Request::builder()
+///     .header("x-forwarded-for", "203.0.113.7, 10.1.1.1")
+///     .body(())
+///     .unwrap();
+/// req.extensions_mut().insert(PeerAddr("10.0.0.2:5000".parse().unwrap()));
+/// let key = ip.extract(&RequestView::from_request(&req)).unwrap();
+/// assert_eq!(key.to_string(), "203.0.113.7");
+/// ```
+pub fn client_ip() -> ClientIp {
+    ClientIp {
+        trusted: Vec::new(),
+        errors: Vec::new(),
+        ipv6_prefix: 64,
+        peer: None,
+    }
+}
+
+impl ClientIp {
+    /// Trusts forwarding headers set by peers in `cidr` (`"10.0.0.0/8"`, `"::1"`). A bad
+    /// value is reported by [`crate::RateLimitLayerBuilder::build`].
+    pub fn trust_proxy(mut self, cidr: &str) -> Self {
+        match cidr.parse() {
+            Ok(net) => self.trusted.push(net),
+            Err(e) => self.errors.push(e),
+        }
+        self
+    }
+
+    /// Trusts each of `cidrs`.
+    pub fn trust_proxies<'a>(self, cidrs: impl IntoIterator<Item = &'a str>) -> Self {
+        cidrs.into_iter().fold(self, Self::trust_proxy)
+    }
+
+    /// Groups IPv6 clients by their first `prefix` bits (default 64; 128 keys each address).
+    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
+        self.ipv6_prefix = prefix;
+        self
+    }
+
+    /// Reads the peer address with `f` instead of the built-in extension types.
+    pub fn peer_from(
+        mut self,
+        f: impl Fn(&Extensions) -> Option<IpAddr> + Send + Sync + 'static,
+    ) -> Self {
+        self.peer = Some(Arc::new(f));
+        self
+    }
+
+    fn peer_ip(&self, ext: &Extensions) -> Option<IpAddr> {
+        if let Some(f) = &self.peer {
+            return f(ext);
+        }
+        if let Some(PeerAddr(a)) = ext.get::<PeerAddr>() {
+            return Some(a.ip());
+        }
+        if let Some(a) = ext.get::<SocketAddr>() {
+            return Some(a.ip());
+        }
+        #[cfg(feature = "axum")]
+        if let Some(axum::extract::ConnectInfo(a)) =
+            ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
+        {
+            return Some(a.ip());
+        }
+        None
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client address for a request from `peer`.
+    fn client(&self, req: &RequestView<'_>, peer: IpAddr) -> IpAddr {
+        let mut hop = peer.to_canonical();
+        if !self.is_trusted(hop) {
+            return hop;
+        }
+        let headers = req.headers();
+        let forwarded: Vec<Option<IpAddr>> = if headers.contains_key(http::header::FORWARDED) {
+            headers
+                .get_all(http::header::FORWARDED)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(forwarded_for)
+                .collect()
+        } else {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(parse_node)
+                .collect()
+        };
+        for entry in forwarded.into_iter().rev() {
+            match entry {
+                Some(ip) if self.is_trusted(ip) => hop = ip,
+                Some(ip) => return ip,
+                None => return hop,
+            }
+        }
+        hop
+    }
+}
+
+/// The `for=` node of one `Forwarded` element (RFC 7239 section 4), if it is an address.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("for").then(|| parse_node(v))?
+    })
+}
+
+/// An address from a forwarding entry: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `"[::1]:80"`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip().to_canonical());
+    }
+    s.strip_prefix('[')?
+        .strip_suffix(']')?
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+impl fmt::Debug for ClientIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientIp")
+            .field("trusted", &self.trusted)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .field("custom_peer", &self.peer.is_some())
+            .finish()
+    }
+}
+
+impl KeyExtractor for ClientIp {
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        let peer = self.peer_ip(req.extensions())?;
+        let ip = self.client(req, peer);
+        Some(match ip {
+            IpAddr::V6(_) if self.ipv6_prefix < 128 => {
+                Key::from(format!("{}/{}", mask(ip, self.ipv6_prefix), self.ipv6_prefix))
+            }
+            _ => Key::from(ip.to_string()),
+        })
+    }
+
+    fn describe(&self) -> String {
+        "client IP address".to_owned()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.ipv6_prefix > 128 {
+            return Err(format!("ipv6_prefix must be <= 128, got {}", self.ipv6_prefix));
+        }
+        match self.errors.first() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn key(ip: &ClientIp, peer: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let mut b = Request::builder();
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut req = b.body(()).unwrap();
+        req.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
+        ip.extract(&RequestView::from_request(&req)).map(|k| k.to_string())
+    }
+
+    #[test]
+    fn untrusted_peer_headers_are_ignored() {
+        let ip = client_ip().trust_proxy("10.0.0.0/8");
+        let got = key(&ip, "198.51.100.1:1", &[("x-forwarded-for", "1.2.3.4")]);
+        assert_eq!(got.as_deref(), Some("198.51.100.1"));
+    }
+
+    #[test]
+    fn walks_the_chain_from_the_right() {
+        let ip = client_ip().trust_proxies(["10.0.0.0/8", "192.168.1.1"]);
+        let xff = [("x-forwarded-for", "6.6.6.6, 203.0.113.9"), ("x-forwarded-for", "192.168.1.1")];
+        // The client forged 6.6.6.6; the first untrusted address from the right wins.
+        assert_eq!(key(&ip, "10.0.0.1:1", &xff).as_deref(), Some("203.0.113.9"));
+        // All trusted: the leftmost hop.
+        let all = [("x-forwarded-for", "10.9.9.9, 192.168.1.1")];
+        assert_eq!(key(&ip, "10.0.0.1:1", &all).as_deref(), Some("10.9.9.9"));
+        // Garbage stops at the proxy that added it.
+        let junk = [("x-forwarded-for", "203.0.113.9, junk, 10.2.2.2")];
+        assert_eq!(key(&ip, "10.0.0.1:1", &junk).as_deref(), Some("10.2.2.2"));
+    }
+
+    #[test]
+    fn forwarded_header_wins_and_ipv6_is_grouped() {
+        let ip = client_ip().trust_proxy("::1");
+        let fwd = [
+            ("forwarded", r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https, for=unknown"#),
+            ("x-forwarded-for", "9.9.9.9"),
+        ];
+        // `unknown` (rightmost) stops the walk at the peer.
+        assert_eq!(key(&ip, "[::1]:1", &fwd).as_deref(), Some("::/64"));
+        let fwd = [("forwarded", r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https"#)];
+        assert_eq!(key(&ip, "[::1]:1", &fwd).as_deref(), Some("2001:db8:cafe:1::/64"));
+        let exact = client_ip().trust_proxy("::1").ipv6_prefix(128);
+        assert_eq!(key(&exact, "[::1]:1", &fwd).as_deref(), Some("2001:db8:cafe:1:2:3:4:5"));
+    }
+
+    #[test]
+    fn ipv4_mapped_peers_match_v4_cidrs() {
+        let ip = client_ip().trust_proxy("127.0.0.1");
+        let got = key(&ip, "[::ffff:127.0.0.1]:1", &[("x-forwarded-for", "8.8.8.8")]);
+        assert_eq!(got.as_deref(), Some("8.8.8.8"));
+    }
+
+    #[test]
+    fn bad_cidrs_are_reported() {
+        assert!(client_ip().trust_proxy("10.0.0.0/33").validate().is_err());
+        assert!(client_ip().trust_proxy("nope").validate().is_err());
+        assert!(client_ip().trust_proxy("10.0.0.0/8").validate().is_ok());
+        assert_eq!(key(&client_ip(), "1.2.3.4:5", &[]).as_deref(), Some("1.2.3.4"));
+    }
+}

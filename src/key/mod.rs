@@ -1,0 +1,464 @@
+//! Where a rule's bucket key comes from.
+//!
+//! A [`KeyExtractor`] looks at a request (headers, URI, extensions; see [`RequestView`]) and
+//! returns the [`Key`] that picks the bucket: the API key, the bearer token, the client IP,
+//! one constant key for a global limit, anything a closure computes, or several of these
+//! combined (user x model). When it returns `None`, the rule's
+//! [`MissingKey`](crate::MissingKey) policy decides: reject with
+//! [`KeyExtractor::missing_status`] and a JSON body naming [`KeyExtractor::describe`], count
+//! the request in one shared anonymous bucket, or skip the rule.
+//!
+//! | built-in | key | missing → |
+//! |---|---|---|
+//! | [`header`] | the header's value | 401 for `authorization`, `proxy-authorization`, `x-api-key`, `api-key`; 400 otherwise ([`Header::status_when_missing`] overrides) |
+//! | [`bearer_token`] | the token of `Authorization: Bearer <token>` | 401 |
+//! | [`client_ip`] | the client's IP, from `Forwarded`/`X-Forwarded-For` only when the peer is a trusted proxy; IPv6 grouped by /64 | 400 |
+//! | [`global`] | one constant key | never missing |
+//! | [`from_fn`] | what the closure returns | 400 |
+//! | [`KeyExtractorExt::and`] | both keys, length-prefixed so no two pairs collide | the first missing part's |
+//!
+//! An empty value counts as missing: `x-api-key:` (empty) is no key.
+//!
+//! # Examples
+//!
+//! ```
+//! use http::Request;
+//! use tower_llm_ratelimit::key::{self, KeyExtractor, KeyExtractorExt, RequestView};
+//!
+//! let req = Request::builder()
+//!     .header("authorization", "Bearer sk-123")
+//!     .header("x-model", "gpt-4o")
+//!     .body(())
+//!     .unwrap();
+//! let view = RequestView::from_request(&req);
+//!
+//! assert_eq!(key::bearer_token().extract(&view).unwrap().as_bytes(), b"sk-123");
+//! assert!(key::header("x-api-key").extract(&view).is_none());
+//!
+//! // user x model: one bucket per pair.
+//! let per_user_model = key::bearer_token().and(key::header("x-model"));
+//! assert!(per_user_model.extract(&view).is_some());
+//! assert_eq!(per_user_model.describe(), "bearer token x header `x-model`");
+//!
+//! // Any closure over the request.
+//! let by_path = key::from_fn(|req: &RequestView<'_>| Some(req.uri().path().to_owned()));
+//! assert_eq!(by_path.extract(&view).unwrap().as_bytes(), b"/");
+//! ```
+
+mod ip;
+
+pub use self::ip::{client_ip, ClientIp, PeerAddr};
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::{HeaderName, AUTHORIZATION};
+use http::{Extensions, HeaderMap, Method, Request, StatusCode, Uri};
+
+/// The part of a bucket's identity that comes from the request. Empty means "anonymous"
+/// (see [`crate::MissingKey::Shared`]); extractors never return an empty key.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Box<[u8]>);
+
+impl Key {
+    /// A key from raw bytes.
+    pub fn new(bytes: impl AsRef<[u8]>) -> Self {
+        Self(bytes.as_ref().into())
+    }
+
+    /// The key of the shared anonymous bucket.
+    pub fn anonymous() -> Self {
+        Self(Box::default())
+    }
+
+    /// True for the anonymous key.
+    pub fn is_anonymous(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({:?})", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<String> for Key {
+    fn from(s: String) -> Self {
+        Self(s.into_bytes().into_boxed_slice())
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(b: &[u8]) -> Self {
+        Self::new(b)
+    }
+}
+
+impl From<Vec<u8>> for Key {
+    fn from(b: Vec<u8>) -> Self {
+        Self(b.into_boxed_slice())
+    }
+}
+
+/// What an extractor may look at: a request's method, URI, headers and extensions, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    extensions: &'a Extensions,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of `req`.
+    pub fn from_request<B>(req: &'a Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+
+    /// A view of request parts.
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        }
+    }
+
+    /// The method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The URI.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The extensions (connect info, values set by earlier layers such as an auth layer).
+    pub fn extensions(&self) -> &'a Extensions {
+        self.extensions
+    }
+}
+
+/// Picks a rule's bucket from a request. See the [module docs](self).
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// The key, or `None` when the request has none (an empty key also counts as none).
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key>;
+
+    /// What the key is, for error messages: "header `x-api-key`".
+    fn describe(&self) -> String;
+
+    /// The status of the rejection when the key is missing and the rule's policy is
+    /// [`crate::MissingKey::Reject`].
+    fn missing_status(&self) -> StatusCode {
+        StatusCode::BAD_REQUEST
+    }
+
+    /// Checked once by [`crate::RateLimitLayerBuilder::build`]: a problem with the
+    /// extractor's own configuration (a bad header name, a bad CIDR).
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<K: KeyExtractor + ?Sized> KeyExtractor for Arc<K> {
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        (**self).extract(req)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn missing_status(&self) -> StatusCode {
+        (**self).missing_status()
+    }
+    fn validate(&self) -> Result<(), String> {
+        (**self).validate()
+    }
+}
+
+/// Combinators for every [`KeyExtractor`].
+pub trait KeyExtractorExt: KeyExtractor + Sized {
+    /// A composite key: one bucket per `(self, other)` pair (e.g. user x model). Missing when
+    /// either part is missing.
+    fn and<K: KeyExtractor>(self, other: K) -> Composite<Self, K> {
+        Composite(self, other)
+    }
+}
+
+impl<K: KeyExtractor> KeyExtractorExt for K {}
+
+/// Credential headers whose absence answers 401 rather than 400.
+const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "proxy-authorization", "x-api-key", "api-key"];
+
+/// The value of a request header as the key. See [`header`].
+#[derive(Debug, Clone)]
+pub struct Header {
+    name: Result<HeaderName, String>,
+    missing_status: Option<StatusCode>,
+}
+
+/// Keys by the value of header `name` (case-insensitive). A bad header name is reported by
+/// [`crate::RateLimitLayerBuilder::build`].
+pub fn header(name: &str) -> Header {
+    Header {
+        name: HeaderName::try_from(name).map_err(|_| format!("invalid header name {name:?}")),
+        missing_status: None,
+    }
+}
+
+impl Header {
+    /// The status answered when the header is missing (default: 401 for credential headers,
+    /// 400 for others).
+    pub fn status_when_missing(mut self, status: StatusCode) -> Self {
+        self.missing_status = Some(status);
+        self
+    }
+}
+
+impl KeyExtractor for Header {
+    #[inline]
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        let value = req.headers().get(self.name.as_ref().ok()?)?.as_bytes();
+        let value = value.trim_ascii();
+        (!value.is_empty()).then(|| Key::new(value))
+    }
+
+    fn describe(&self) -> String {
+        match &self.name {
+            Ok(n) => format!("header `{n}`"),
+            Err(e) => e.clone(),
+        }
+    }
+
+    fn missing_status(&self) -> StatusCode {
+        self.missing_status.unwrap_or_else(|| match &self.name {
+            Ok(n) if CREDENTIAL_HEADERS.contains(&n.as_str()) => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_REQUEST,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.name.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`. See [`bearer_token`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BearerToken(());
+
+/// Keys by the bearer token (RFC 6750 section 2.1; the scheme is case-insensitive). Missing
+/// (no header, another scheme, empty token) answers 401.
+pub fn bearer_token() -> BearerToken {
+    BearerToken(())
+}
+
+impl KeyExtractor for BearerToken {
+    #[inline]
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        let value = req.headers().get(AUTHORIZATION)?.as_bytes();
+        let (scheme, token) = value.split_at_checked(6)?;
+        if !scheme.eq_ignore_ascii_case(b"bearer") || !token.first()?.is_ascii_whitespace() {
+            return None;
+        }
+        let token = token.trim_ascii();
+        (!token.is_empty()).then(|| Key::new(token))
+    }
+
+    fn describe(&self) -> String {
+        "bearer token".to_owned()
+    }
+
+    fn missing_status(&self) -> StatusCode {
+        StatusCode::UNAUTHORIZED
+    }
+}
+
+/// One key for every request. See [`global`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global(());
+
+/// One bucket for all requests (a model's global TPM, a service-wide RPM).
+pub fn global() -> Global {
+    Global(())
+}
+
+impl KeyExtractor for Global {
+    #[inline]
+    fn extract(&self, _: &RequestView<'_>) -> Option<Key> {
+        Some(Key::new(b"*"))
+    }
+
+    fn describe(&self) -> String {
+        "global".to_owned()
+    }
+}
+
+/// A key computed by a closure. See [`from_fn`].
+#[derive(Clone)]
+pub struct FromFn<F> {
+    f: F,
+    description: String,
+}
+
+/// Keys by what `f` returns (`None` or an empty key: missing).
+pub fn from_fn<F, K>(f: F) -> FromFn<F>
+where
+    F: Fn(&RequestView<'_>) -> Option<K> + Send + Sync + 'static,
+    K: Into<Key>,
+{
+    FromFn {
+        f,
+        description: "custom key".to_owned(),
+    }
+}
+
+impl<F> FromFn<F> {
+    /// How error messages name this key (default "custom key").
+    pub fn describe_as(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+}
+
+impl<F> fmt::Debug for FromFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FromFn")
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, K> KeyExtractor for FromFn<F>
+where
+    F: Fn(&RequestView<'_>) -> Option<K> + Send + Sync + 'static,
+    K: Into<Key>,
+{
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        (self.f)(req).map(Into::into).filter(|k| !k.is_anonymous())
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// Two keys combined. See [`KeyExtractorExt::and`].
+#[derive(Debug, Clone)]
+pub struct Composite<A, B>(A, B);
+
+impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for Composite<A, B> {
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        let a = self.0.extract(req)?;
+        let b = self.1.extract(req)?;
+        // Length-prefixing the first part makes the encoding injective: ("ab", "c") and
+        // ("a", "bc") land in different buckets.
+        let mut bytes = Vec::with_capacity(a.as_bytes().len() + b.as_bytes().len() + 8);
+        bytes.extend_from_slice((a.as_bytes().len() as u64).to_string().as_bytes());
+        bytes.push(b':');
+        bytes.extend_from_slice(a.as_bytes());
+        bytes.extend_from_slice(b.as_bytes());
+        Some(Key::from(bytes))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} x {}", self.0.describe(), self.1.describe())
+    }
+
+    fn missing_status(&self) -> StatusCode {
+        // The first part is usually the credential; report its status unless only the
+        // second can be missing.
+        self.0.missing_status()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.0.validate().and(self.1.validate())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view_of(req: &Request<()>) -> RequestView<'_> {
+        RequestView::from_request(req)
+    }
+
+    #[test]
+    fn header_trims_and_treats_empty_as_missing() {
+        let req = Request::builder().header("x-api-key", "  k1 ").body(()).unwrap();
+        assert_eq!(header("X-Api-Key").extract(&view_of(&req)), Some(Key::from("k1")));
+        let req = Request::builder().header("x-api-key", "  ").body(()).unwrap();
+        assert_eq!(header("x-api-key").extract(&view_of(&req)), None);
+        assert_eq!(header("x-api-key").missing_status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header("x-model").missing_status(), StatusCode::BAD_REQUEST);
+        assert!(header("bad name").validate().is_err());
+    }
+
+    #[test]
+    fn bearer_token_parsing() {
+        let cases: [(&str, Option<&str>); 6] = [
+            ("Bearer abc", Some("abc")),
+            ("bearer   abc  ", Some("abc")),
+            ("BEARER\tabc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ];
+        for (value, want) in cases {
+            let req = Request::builder().header("authorization", value).body(()).unwrap();
+            let got = bearer_token().extract(&view_of(&req));
+            assert_eq!(got, want.map(Key::from), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn composite_is_injective() {
+        let k = |a: &'static str, b: &'static str| {
+            let req = Request::builder().header("a", a).header("b", b).body(()).unwrap();
+            header("a").and(header("b")).extract(&view_of(&req))
+        };
+        assert_ne!(k("ab", "c"), k("a", "bc"));
+        assert_eq!(k("ab", "c"), k("ab", "c"));
+        let req = Request::builder().header("a", "x").body(()).unwrap();
+        assert_eq!(header("a").and(header("b")).extract(&view_of(&req)), None);
+    }
+
+    #[test]
+    fn from_fn_and_global() {
+        let req = Request::builder().uri("/v1/x").body(()).unwrap();
+        let f = from_fn(|r: &RequestView<'_>| Some(r.uri().path().to_owned()));
+        assert_eq!(f.extract(&view_of(&req)), Some(Key::from("/v1/x")));
+        let empty = from_fn(|_: &RequestView<'_>| Some(""));
+        assert_eq!(empty.extract(&view_of(&req)), None);
+        assert!(global().extract(&view_of(&req)).is_some());
+    }
+}

@@ -1,0 +1,320 @@
+//! [`RateLimitLayer`] and its builder.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::cost::CostEstimator;
+use crate::error::BuildError;
+use crate::headers::HeaderStyle;
+use crate::key::{Key, RequestView};
+use crate::observe::{Observer, ObserverDebug};
+use crate::rule::{Algorithm, MissingKey, Quota, Rule, Unit};
+use crate::service::RateLimit;
+use crate::store::{BucketKey, MemoryStore, Snapshot, Store, StoreError};
+use crate::tier::TierResolver;
+
+/// What the layer does when its store fails (unreachable, full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Reject with 503 (gRPC `UNAVAILABLE`), a JSON body and `Retry-After: 1`. The default:
+    /// a limiter that can't count doesn't admit.
+    #[default]
+    Closed,
+    /// Admit without counting (and without rate-limit headers). Every such request is logged
+    /// at `WARN` and reported to the observer as [`crate::observe::Outcome::StoreError`].
+    Open,
+}
+
+pub(crate) struct Shared {
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) tiers: Option<Box<dyn TierResolver>>,
+    pub(crate) cost: Option<Box<dyn CostEstimator>>,
+    pub(crate) headers: HeaderStyle,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) failure: FailurePolicy,
+}
+
+/// Applies rate limiting to a service. Cheap to clone; clones (and every service they build)
+/// share one configuration and one store, so one budget.
+///
+/// Build one with [`RateLimitLayer::builder`].
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &*self.shared;
+        f.debug_struct("RateLimitLayer")
+            .field("rules", &s.rules)
+            .field("store", &s.store)
+            .field("headers", &s.headers)
+            .field("failure", &s.failure)
+            .field("observer", &ObserverDebug(&s.observer))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit::new(inner, self.clone())
+    }
+}
+
+/// One rule's state for a caller, as [`RateLimitLayer::status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStatus {
+    /// The rule's name.
+    pub rule: String,
+    /// What it counts.
+    pub unit: Unit,
+    /// The quota applied to this caller (tier resolved).
+    pub quota: Quota,
+    /// The caller's bucket key (`None` when the key is missing and the rule would reject or
+    /// skip the request).
+    pub key: Option<Key>,
+    /// The bucket's state (`None` when `key` is `None`).
+    pub snapshot: Option<Snapshot>,
+}
+
+impl RateLimitLayer {
+    /// Starts a configuration.
+    pub fn builder() -> RateLimitLayerBuilder {
+        RateLimitLayerBuilder {
+            rules: Vec::new(),
+            store: None,
+            tiers: None,
+            cost: None,
+            headers: HeaderStyle::default(),
+            observer: None,
+            failure: FailurePolicy::default(),
+        }
+    }
+
+    /// The rules, in the order they were added.
+    pub fn rules(&self) -> &[Rule] {
+        &self.shared.rules
+    }
+
+    /// The caller's current state under every rule, charging nothing: for status endpoints
+    /// and dashboards. Keys and tier are resolved as for a real request.
+    pub async fn status(&self, req: RequestView<'_>) -> Result<Vec<RuleStatus>, StoreError> {
+        let shared = &*self.shared;
+        let tier = shared.tiers.as_ref().and_then(|t| t.resolve(&req));
+        let mut out = Vec::with_capacity(shared.rules.len());
+        for rule in &shared.rules {
+            let quota = *rule.quota_for(tier.as_ref().map(|t| t.as_str()));
+            let key = match rule.key.extract(&req) {
+                Some(k) => Some(k),
+                None if rule.on_missing == MissingKey::Shared => Some(Key::anonymous()),
+                None => None,
+            };
+            let snapshot = match &key {
+                Some(k) => {
+                    let bucket = BucketKey::new(rule.name.clone(), k.clone());
+                    Some(shared.store.peek(&bucket, &quota).await?)
+                }
+                None => None,
+            };
+            out.push(RuleStatus {
+                rule: rule.name.to_string(),
+                unit: quota.unit(),
+                quota,
+                key,
+                snapshot,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Configures a [`RateLimitLayer`]; [`build`](Self::build) checks everything once.
+pub struct RateLimitLayerBuilder {
+    rules: Vec<Rule>,
+    store: Option<Arc<dyn Store>>,
+    tiers: Option<Box<dyn TierResolver>>,
+    cost: Option<Box<dyn CostEstimator>>,
+    headers: HeaderStyle,
+    observer: Option<Arc<dyn Observer>>,
+    failure: FailurePolicy,
+}
+
+impl fmt::Debug for RateLimitLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("rules", &self.rules)
+            .field("store", &self.store)
+            .field("headers", &self.headers)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayerBuilder {
+    /// Adds a rule. Every rule applies to every request; a request is admitted only if all
+    /// admit it, and then all are charged.
+    pub fn rule(mut self, rule: Rule) -> Self {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Adds several rules.
+    pub fn rules(mut self, rules: impl IntoIterator<Item = Rule>) -> Self {
+        self.rules.extend(rules);
+        self
+    }
+
+    /// Where bucket state lives (default: a new [`MemoryStore`]). Pass a clone of a store to
+    /// share budgets between layers; rule names then share buckets across them.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// How the caller's tier is found (default: no tiers; every caller gets base quotas).
+    pub fn tiers(mut self, resolver: impl TierResolver) -> Self {
+        self.tiers = Some(Box::new(resolver));
+        self
+    }
+
+    /// How a request's tokens are estimated (required when a rule counts tokens).
+    pub fn cost(mut self, estimator: impl CostEstimator) -> Self {
+        self.cost = Some(Box::new(estimator));
+        self
+    }
+
+    /// Which rate-limit headers responses carry (default [`HeaderStyle::BOTH`]).
+    pub fn headers(mut self, style: HeaderStyle) -> Self {
+        self.headers = style;
+        self
+    }
+
+    /// Sees every decision (metrics, audit).
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// What to do when the store fails (default [`FailurePolicy::Closed`]).
+    pub fn on_store_error(mut self, policy: FailurePolicy) -> Self {
+        self.failure = policy;
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer, BuildError> {
+        if self.rules.is_empty() {
+            return Err(BuildError::NoRules);
+        }
+        let mut names = HashSet::new();
+        for rule in &self.rules {
+            validate_rule(rule)?;
+            if !names.insert(&*rule.name) {
+                return Err(BuildError::DuplicateRule {
+                    rule: rule.name.to_string(),
+                });
+            }
+            if self.cost.is_none()
+                && std::iter::once(&rule.quota)
+                    .chain(rule.tiers.iter().map(|(_, q)| q))
+                    .any(|q| q.unit() == Unit::Tokens)
+            {
+                return Err(BuildError::MissingCostEstimator {
+                    rule: rule.name.to_string(),
+                });
+            }
+        }
+        Ok(RateLimitLayer {
+            shared: Arc::new(Shared {
+                rules: self.rules,
+                store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+                tiers: self.tiers,
+                cost: self.cost,
+                headers: self.headers,
+                observer: self.observer,
+                failure: self.failure,
+            }),
+        })
+    }
+}
+
+fn validate_quota(rule: &str, tier: Option<&str>, q: &Quota) -> Result<(), BuildError> {
+    let rule = rule.to_owned();
+    let tier = tier.map(str::to_owned);
+    if q.limit() == 0 {
+        return Err(BuildError::ZeroLimit { rule, tier });
+    }
+    if q.window().as_nanos() == 0 {
+        return Err(BuildError::ZeroWindow { rule, tier });
+    }
+    match q.configured_burst() {
+        Some(_) if q.algorithm() != Algorithm::Gcra => Err(BuildError::InvalidBurst {
+            rule,
+            tier,
+            reason: "a burst only applies to GCRA (use `.gcra()`)",
+        }),
+        Some(0) => Err(BuildError::InvalidBurst {
+            rule,
+            tier,
+            reason: "burst must be > 0",
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
+    let name = &*rule.name;
+    if name.is_empty() || !name.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+        return Err(BuildError::InvalidRuleName {
+            rule: name.to_owned(),
+        });
+    }
+    rule.key.validate().map_err(|reason| BuildError::InvalidKey {
+        rule: name.to_owned(),
+        reason,
+    })?;
+    let base = &rule.quota;
+    validate_quota(name, None, base)?;
+    let mut tiers = HashSet::new();
+    for (tier, q) in &rule.tiers {
+        validate_quota(name, Some(tier), q)?;
+        if !tiers.insert(&**tier) {
+            return Err(BuildError::DuplicateTier {
+                rule: name.to_owned(),
+                tier: tier.to_string(),
+            });
+        }
+        let mismatch = if q.window() != base.window() {
+            Some(format!("window {:?} differs from the rule's {:?}", q.window(), base.window()))
+        } else if q.unit() != base.unit() {
+            Some(format!("counts {} but the rule counts {}", q.unit(), base.unit()))
+        } else if q.algorithm() != base.algorithm() {
+            Some(format!("uses {:?} but the rule uses {:?}", q.algorithm(), base.algorithm()))
+        } else if q.algorithm() == Algorithm::Gcra && q.limit() != base.limit() {
+            // GCRA's state is a time whose scale is window / limit: tiers sharing a bucket
+            // must drain it at one rate. They may differ in burst.
+            Some(format!(
+                "GCRA tiers share the rule's rate; limit {} differs from {} (vary `.burst()` instead)",
+                q.limit(),
+                base.limit()
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = mismatch {
+            return Err(BuildError::TierMismatch {
+                rule: name.to_owned(),
+                tier: tier.to_string(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! placeholder
+pub mod algorithm;
+pub mod clock;
+pub mod cost;
+pub mod headers;
+pub mod key;
+pub mod observe;
+pub mod rule;
+pub mod store;
+pub mod tier;
+mod body;
+mod error;
+mod future;
+mod layer;
+mod reject;
+mod service;
+pub use body::ResponseBody;
+pub use error::BuildError;
+pub use future::ResponseFuture;
+pub use layer::{FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus};
+pub use rule::{Algorithm, MissingKey, Quota, Rule, Unit};
+pub use service::RateLimit;

@@ -1,0 +1,118 @@
+//! Seeing every decision: a hook for metrics, audit logs and dashboards.
+//!
+//! An [`Observer`] set with [`crate::RateLimitLayerBuilder::observer`] is called once per
+//! request that reaches a decision, with a [`DecisionEvent`]: the caller's tier, the outcome
+//! and, per rule, the cost charged (or that would have been), the limit and what remains.
+//! It runs on the request's path: keep it cheap (increment counters, don't do I/O).
+//!
+//! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
+//! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
+//! store failure.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
+//! use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! let denied = Arc::new(AtomicU64::new(0));
+//! let counter = denied.clone();
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("ip-rps", key::global(), Quota::per_second(10)))
+//!     .observer(move |event: &DecisionEvent<'_>| {
+//!         if let Outcome::Denied { .. } = event.outcome {
+//!             counter.fetch_add(1, Ordering::Relaxed);
+//!         }
+//!     })
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::key::Key;
+use crate::rule::Unit;
+
+/// What happened to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome<'a> {
+    /// Every rule admitted it; all were charged.
+    Admitted,
+    /// A rule denied it; nothing was charged.
+    Denied {
+        /// The rule that denied.
+        rule: &'a str,
+        /// How long until it could pass; `None` when its cost exceeds the limit.
+        retry_after: Option<Duration>,
+    },
+    /// A rule's key was missing and its policy is to reject.
+    MissingKey {
+        /// The rule.
+        rule: &'a str,
+    },
+    /// The request's cost could not be estimated.
+    CostError,
+    /// The store failed; `admitted` tells what the failure policy did.
+    StoreError {
+        /// True under [`crate::FailurePolicy::Open`].
+        admitted: bool,
+    },
+}
+
+/// One rule's part in a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleDecision<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The bucket's key.
+    pub key: &'a Key,
+    /// What the rule counts.
+    pub unit: Unit,
+    /// Units charged (or that would have been, on a denial).
+    pub cost: u64,
+    /// The limit applied (tier resolved).
+    pub limit: u64,
+    /// What remains after the decision.
+    pub remaining: u64,
+    /// True for the rule that denied.
+    pub denied: bool,
+}
+
+/// One request's decision.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionEvent<'a> {
+    /// The caller's tier, if any.
+    pub tier: Option<&'a str>,
+    /// The outcome.
+    pub outcome: Outcome<'a>,
+    /// The rules that were checked (empty unless the store decided).
+    pub rules: &'a [RuleDecision<'a>],
+}
+
+/// Sees every decision. Closures `Fn(&DecisionEvent)` are observers.
+pub trait Observer: Send + Sync + 'static {
+    /// Called once per decided request.
+    fn on_decision(&self, event: &DecisionEvent<'_>);
+}
+
+impl<F> Observer for F
+where
+    F: Fn(&DecisionEvent<'_>) + Send + Sync + 'static,
+{
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        self(event)
+    }
+}
+
+pub(crate) struct ObserverDebug<'a>(pub(crate) &'a Option<std::sync::Arc<dyn Observer>>);
+
+impl fmt::Debug for ObserverDebug<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}

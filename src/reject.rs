@@ -1,0 +1,189 @@
+//! Rejection responses: JSON in the OpenAI error shape for HTTP, trailers-only status for gRPC.
+//!
+//! | why | HTTP | gRPC (`grpc-status`) | `error.type` / `error.code` |
+//! |---|---|---|---|
+//! | a rule denied | 429 + `Retry-After`, `retry-after-ms` | 8 `RESOURCE_EXHAUSTED` | `requests` or `tokens` / `rate_limit_exceeded` |
+//! | a key is missing | the extractor's status (401 / 400) | 16 `UNAUTHENTICATED` / 3 `INVALID_ARGUMENT` | `invalid_request_error` / `missing_rate_limit_key` |
+//! | the cost can't be estimated | the estimator's status (400) | 3 `INVALID_ARGUMENT` | `invalid_request_error` / `invalid_cost` |
+//! | the store failed (fail-closed) | 503 + `Retry-After: 1` | 14 `UNAVAILABLE` | `server_error` / `rate_limit_unavailable` |
+//!
+//! A denial's message names the rule, its limit and window, what is used and what was
+//! requested, like OpenAI's: ``Rate limit reached for rule `user-tpm` on tokens: limit
+//! 100000 per 1m0s, used 99500, requested 1200. Please try again in 12s.``
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::headers::go_duration;
+
+/// Whether a request is gRPC (`content-type: application/grpc*`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Why a request is turned away.
+#[derive(Debug)]
+pub(crate) enum Rejection {
+    RateLimited {
+        message: String,
+        unit: &'static str,
+    },
+    MissingKey {
+        status: StatusCode,
+        message: String,
+    },
+    Cost {
+        status: StatusCode,
+        message: String,
+    },
+    StoreUnavailable {
+        message: String,
+    },
+}
+
+impl Rejection {
+    /// The denial of `rule`.
+    pub(crate) fn rate_limited(
+        rule: &str,
+        unit: &'static str,
+        limit: u64,
+        window: Duration,
+        used: u64,
+        requested: u64,
+        retry_after: Option<Duration>,
+    ) -> Self {
+        let window = go_duration(window);
+        let message = match retry_after {
+            Some(wait) => format!(
+                "Rate limit reached for rule `{rule}` on {unit}: limit {limit} per {window}, \
+                 used {used}, requested {requested}. Please try again in {}.",
+                go_duration(wait)
+            ),
+            None => format!(
+                "Request too large for rule `{rule}` on {unit}: limit {limit} per {window}, \
+                 requested {requested}. The request can never fit this limit; reduce its size."
+            ),
+        };
+        Rejection::RateLimited { message, unit }
+    }
+
+    /// The response; `headers` (rate-limit and retry headers) are added to it.
+    pub(crate) fn into_response(self, grpc: bool, headers: HeaderMap) -> Response<Full<Bytes>> {
+        let (status, grpc_code, kind, code, message) = match self {
+            Rejection::RateLimited { message, unit } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                8,
+                unit,
+                "rate_limit_exceeded",
+                message,
+            ),
+            Rejection::MissingKey { status, message } => (
+                status,
+                if status == StatusCode::UNAUTHORIZED { 16 } else { 3 },
+                "invalid_request_error",
+                "missing_rate_limit_key",
+                message,
+            ),
+            Rejection::Cost { status, message } => {
+                (status, 3, "invalid_request_error", "invalid_cost", message)
+            }
+            Rejection::StoreUnavailable { message } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "server_error",
+                "rate_limit_unavailable",
+                message,
+            ),
+        };
+        let mut response = if grpc {
+            grpc_response(grpc_code, &message)
+        } else {
+            json_response(status, kind, code, &message)
+        };
+        response.headers_mut().extend(headers);
+        response
+    }
+}
+
+fn json_response(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": kind, "param": null, "code": code }
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A trailers-only gRPC response: HTTP 200 with the status in the headers and no body
+/// (gRPC over HTTP/2, "Responses").
+fn grpc_response(code: u8, message: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::try_from(percent_encode(message)) {
+        h.insert("grpc-message", v);
+    }
+    response
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn json_denial_shape() {
+        let r = Rejection::rate_limited(
+            "user-tpm",
+            "tokens",
+            100,
+            Duration::from_secs(60),
+            90,
+            20,
+            Some(Duration::from_millis(1500)),
+        )
+        .into_response(false, HeaderMap::new());
+        assert_eq!(r.status(), 429);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "tokens");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(
+            v["error"]["message"],
+            "Rate limit reached for rule `user-tpm` on tokens: limit 100 per 1m0s, used 90, \
+             requested 20. Please try again in 1.5s."
+        );
+    }
+
+    #[test]
+    fn grpc_denial_is_trailers_only() {
+        let r = Rejection::rate_limited("r", "requests", 1, Duration::from_secs(1), 1, 1, None)
+            .into_response(true, HeaderMap::new());
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "8");
+        assert_eq!(percent_encode("a%b\né"), "a%25b%0A%C3%A9");
+    }
+}

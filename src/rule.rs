@@ -1,0 +1,310 @@
+//! Rules and quotas: plain configuration values.
+//!
+//! A [`Rule`] names a limit, says how to key it ([`crate::key`]) and what it allows
+//! ([`Quota`]), optionally with a different quota per tier. Nothing here does I/O; a layer
+//! checks the whole set once, in [`crate::RateLimitLayerBuilder::build`].
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::{key, Algorithm, MissingKey, Quota, Rule, Unit};
+//!
+//! // 60 requests a minute per API key, sliding window counter (the default algorithm).
+//! let rpm = Rule::new("user-rpm", key::header("x-api-key"), Quota::per_minute(60));
+//! assert_eq!(rpm.quota().unit(), Unit::Requests);
+//!
+//! // 100k tokens a minute per API key, 10x more for the `pro` tier, exact log.
+//! let tpm = Rule::new(
+//!     "user-tpm",
+//!     key::bearer_token(),
+//!     Quota::per_minute(100_000).tokens().sliding_window_log(),
+//! )
+//! .tier("pro", Quota::per_minute(1_000_000).tokens().sliding_window_log())
+//! .on_missing_key(MissingKey::Shared);
+//! assert_eq!(tpm.quota_for(Some("pro")).limit(), 1_000_000);
+//! assert_eq!(tpm.quota_for(Some("unknown")).limit(), 100_000);
+//!
+//! // GCRA: 5 per second with bursts of 20.
+//! let q = Quota::new(5, Duration::from_secs(1)).gcra().burst(20);
+//! assert_eq!(q.algorithm(), Algorithm::Gcra);
+//! assert_eq!(q.effective_burst(), 20);
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::algorithm::Limits;
+use crate::key::KeyExtractor;
+
+/// What a quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unit {
+    /// One per request.
+    Requests,
+    /// LLM tokens, as the layer's [`crate::cost::CostEstimator`] estimates them.
+    Tokens,
+}
+
+impl Unit {
+    /// `"requests"` or `"tokens"`: the word used in headers and error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a quota is enforced. See [`crate::algorithm`] for the trade-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Algorithm {
+    /// O(1) memory, approximate (at most 2x the limit in a worst-case window). The default.
+    #[default]
+    SlidingWindowCounter,
+    /// Exact, memory grows with the number of charges in the window.
+    SlidingWindowLog,
+    /// Generic cell rate algorithm: O(1), smooth, with an optional burst.
+    Gcra,
+}
+
+/// A limit over a window, in a unit, enforced by an algorithm.
+///
+/// Constructors never fail; [`crate::RateLimitLayerBuilder::build`] rejects a zero limit or
+/// window, or a burst on a window algorithm, with a [`crate::BuildError`] naming the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    limit: u64,
+    window: Duration,
+    unit: Unit,
+    algorithm: Algorithm,
+    burst: Option<u64>,
+}
+
+impl Quota {
+    /// `limit` requests per `window`, sliding window counter.
+    pub const fn new(limit: u64, window: Duration) -> Self {
+        Self {
+            limit,
+            window,
+            unit: Unit::Requests,
+            algorithm: Algorithm::SlidingWindowCounter,
+            burst: None,
+        }
+    }
+
+    /// `limit` per second.
+    pub const fn per_second(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(1))
+    }
+
+    /// `limit` per minute.
+    pub const fn per_minute(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(60))
+    }
+
+    /// `limit` per hour.
+    pub const fn per_hour(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(3600))
+    }
+
+    /// `limit` per day (24 hours).
+    pub const fn per_day(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(86_400))
+    }
+
+    /// Counts tokens instead of requests.
+    pub const fn tokens(self) -> Self {
+        self.counting(Unit::Tokens)
+    }
+
+    /// Counts requests (the default).
+    pub const fn requests(self) -> Self {
+        self.counting(Unit::Requests)
+    }
+
+    /// Counts `unit`.
+    pub const fn counting(mut self, unit: Unit) -> Self {
+        self.unit = unit;
+        self
+    }
+
+    /// Enforces with `algorithm`.
+    pub const fn using(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Sliding window counter (the default).
+    pub const fn sliding_window_counter(self) -> Self {
+        self.using(Algorithm::SlidingWindowCounter)
+    }
+
+    /// Sliding window log (exact).
+    pub const fn sliding_window_log(self) -> Self {
+        self.using(Algorithm::SlidingWindowLog)
+    }
+
+    /// GCRA.
+    pub const fn gcra(self) -> Self {
+        self.using(Algorithm::Gcra)
+    }
+
+    /// GCRA's bucket capacity: how many units may pass at once after an idle period
+    /// (default: the limit). Only valid with [`Algorithm::Gcra`].
+    pub const fn burst(mut self, burst: u64) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+
+    /// The limit per window.
+    pub const fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window.
+    pub const fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// What is counted.
+    pub const fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    /// The algorithm.
+    pub const fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The configured burst, if any.
+    pub const fn configured_burst(&self) -> Option<u64> {
+        self.burst
+    }
+
+    /// The GCRA capacity in force: the burst if set, else the limit.
+    pub const fn effective_burst(&self) -> u64 {
+        match self.burst {
+            Some(b) => b,
+            None => self.limit,
+        }
+    }
+
+    /// The numbers the algorithms work with.
+    pub fn limits(&self) -> Limits {
+        Limits::new(
+            self.limit,
+            u64::try_from(self.window.as_nanos()).unwrap_or(u64::MAX),
+            self.effective_burst(),
+        )
+    }
+}
+
+/// What a rule does when its key can't be extracted from a request (no `x-api-key` header,
+/// no peer address, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingKey {
+    /// Answer with the extractor's status (401 for credentials, 400 otherwise) and a JSON
+    /// body saying which key is missing. The default.
+    #[default]
+    Reject,
+    /// Count every such request in one shared anonymous bucket of this rule.
+    Shared,
+    /// Don't apply this rule to the request.
+    Skip,
+}
+
+/// One limit: a name, a key, a quota, optionally a quota per tier.
+#[derive(Clone)]
+pub struct Rule {
+    pub(crate) name: Arc<str>,
+    pub(crate) key: Arc<dyn KeyExtractor>,
+    pub(crate) quota: Quota,
+    pub(crate) tiers: Vec<(Arc<str>, Quota)>,
+    pub(crate) on_missing: MissingKey,
+}
+
+impl Rule {
+    /// A rule named `name` (unique in a layer; it namespaces the rule's buckets in the store),
+    /// keyed by `key`, allowing `quota` to callers without a tier.
+    pub fn new(name: impl Into<String>, key: impl KeyExtractor, quota: Quota) -> Self {
+        let name: String = name.into();
+        Self {
+            name: name.into(),
+            key: Arc::new(key),
+            quota,
+            tiers: Vec::new(),
+            on_missing: MissingKey::default(),
+        }
+    }
+
+    /// Uses `quota` for callers of tier `tier` (see [`crate::tier`]). Tiers share the rule's
+    /// buckets, window, unit and algorithm: a tier changes the limit applied, so on a shared
+    /// bucket (a model's global TPM) a lower limit for `free` leaves the rest of the capacity
+    /// to higher tiers. Callers without a tier, or with a tier not listed, get the rule's
+    /// base quota.
+    pub fn tier(mut self, tier: impl Into<String>, quota: Quota) -> Self {
+        let tier: String = tier.into();
+        self.tiers.push((tier.into(), quota));
+        self
+    }
+
+    /// What to do when the key is missing (default [`MissingKey::Reject`]).
+    pub fn on_missing_key(mut self, policy: MissingKey) -> Self {
+        self.on_missing = policy;
+        self
+    }
+
+    /// The rule's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The base quota (callers without a tier).
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// The quota applied to a caller of `tier`.
+    #[inline]
+    pub fn quota_for(&self, tier: Option<&str>) -> &Quota {
+        if let Some(tier) = tier {
+            for (name, quota) in &self.tiers {
+                if &**name == tier {
+                    return quota;
+                }
+            }
+        }
+        &self.quota
+    }
+
+    /// The key extractor.
+    pub fn key(&self) -> &dyn KeyExtractor {
+        &*self.key
+    }
+
+    /// The missing-key policy.
+    pub fn missing_key_policy(&self) -> MissingKey {
+        self.on_missing
+    }
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rule")
+            .field("name", &self.name)
+            .field("key", &self.key.describe())
+            .field("quota", &self.quota)
+            .field("tiers", &self.tiers)
+            .field("on_missing", &self.on_missing)
+            .finish()
+    }
+}

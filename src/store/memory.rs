@@ -1,0 +1,518 @@
+//! The in-memory store: one process, no I/O.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use super::{
+    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, Snapshot, Store, StoreError,
+    StoreFuture,
+};
+use crate::algorithm::{Limits, Placement, State, Verdict};
+use crate::clock::{Clock, SystemClock};
+use crate::rule::Quota;
+
+/// One bucket: its algorithm state, the limits it was last charged under (for idle checks),
+/// and whether a sweep removed it from the map.
+#[derive(Debug)]
+struct Slot {
+    state: State,
+    limits: Limits,
+    evicted: bool,
+}
+
+type Bucket = Arc<Mutex<Slot>>;
+
+fn lock(b: &Bucket) -> MutexGuard<'_, Slot> {
+    // The algorithms don't panic while holding the lock; if something did, the state is still
+    // a valid value, so keep using it rather than poisoning every later request.
+    b.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The in-memory store: a sharded concurrent map ([`DashMap`]) from bucket to algorithm
+/// state, each bucket behind its own small mutex.
+///
+/// - **Concurrency**: a single-rule decision holds its shard's read lock and the bucket's
+///   mutex; a multi-rule decision locks every bucket in address order, so two requests can't
+///   deadlock, checks them all, then charges them all.
+/// - **Idle eviction**: no cleanup task to run. At most once per
+///   [`sweep_interval`](MemoryStoreBuilder::sweep_interval) (default 10 s), the request that
+///   notices removes every bucket whose state equals a fresh one (its charges have all
+///   expired), so eviction never changes a decision.
+/// - **Bounded memory**: at most [`max_keys`](MemoryStoreBuilder::max_keys) buckets (default
+///   1,000,000). A charge to a new bucket when the map is full first sweeps idle buckets (at
+///   most once a second); if none can go, the charge fails with
+///   [`StoreError::AtCapacity`], which the layer answers with its store-failure policy
+///   (503 by default). Existing buckets keep working at the cap: a flood of new keys can't
+///   evict active callers' state or let them past their limits.
+///
+/// Clones share the same state.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<BucketKey, Bucket>,
+    clock: Arc<dyn Clock>,
+    len: AtomicUsize,
+    max_keys: usize,
+    sweep_interval: u64,
+    last_sweep: AtomicU64,
+}
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryStoreBuilder {
+    clock: Option<Arc<dyn Clock>>,
+    max_keys: usize,
+    sweep_interval: Duration,
+}
+
+const FORCED_SWEEP_MIN_INTERVAL: u64 = 1_000_000_000;
+
+impl MemoryStoreBuilder {
+    /// Takes time from `clock` (default [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Tracks at most `max_keys` buckets (default 1,000,000; at least 1).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+
+    /// Sweeps idle buckets at most this often (default 10 s).
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
+                len: AtomicUsize::new(0),
+                max_keys: self.max_keys,
+                sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
+                last_sweep: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.len())
+            .field("max_keys", &self.inner.max_keys)
+            .field("clock", &self.inner.clock)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default settings.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Configures a store.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            clock: None,
+            max_keys: 1_000_000,
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// Buckets currently tracked.
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Relaxed)
+    }
+
+    /// True when no bucket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every idle bucket now (the store also does this by itself).
+    pub fn sweep(&self) {
+        let now = self.inner.clock.now_nanos();
+        self.inner.last_sweep.store(now, Ordering::Relaxed);
+        self.inner.sweep(now);
+    }
+
+    /// Decides synchronously; what [`Store::acquire`] returns, without the future.
+    pub fn try_acquire(&self, charges: &[Charge<'_>]) -> Result<Decision, StoreError> {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        inner.maybe_sweep(now);
+        match charges {
+            [] => Ok(Decision {
+                denial: None,
+                charges: Vec::new(),
+            }),
+            [one] => inner.acquire_one(one, now),
+            many => inner.acquire_many(many, now),
+        }
+    }
+}
+
+impl Inner {
+    fn maybe_sweep(&self, now: u64) {
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= self.sweep_interval
+            && self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sweep(now);
+        }
+    }
+
+    fn sweep(&self, now: u64) {
+        let mut removed = 0;
+        self.map.retain(|_, bucket| {
+            // A bucket locked by a request in flight is busy, not idle.
+            let Ok(mut slot) = bucket.try_lock() else {
+                return true;
+            };
+            let limits = slot.limits;
+            if slot.state.is_idle(&limits, now) {
+                slot.evicted = true;
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+    }
+
+    /// Adds a fresh bucket for `key` unless one exists; fails at capacity.
+    fn insert(&self, key: &BucketKey, quota: &Quota, now: u64) -> Result<(), StoreError> {
+        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            let last = self.last_sweep.load(Ordering::Relaxed);
+            let swept = now.saturating_sub(last) >= FORCED_SWEEP_MIN_INTERVAL
+                && self
+                    .last_sweep
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok();
+            if swept {
+                self.sweep(now);
+            }
+            if !swept || self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
+                if swept {
+                    self.len.fetch_sub(1, Ordering::AcqRel);
+                }
+                return Err(StoreError::AtCapacity {
+                    max_keys: self.max_keys,
+                });
+            }
+        }
+        match self.map.entry(key.clone()) {
+            Entry::Occupied(_) => {
+                self.len.fetch_sub(1, Ordering::AcqRel);
+            }
+            Entry::Vacant(v) => {
+                v.insert(Arc::new(Mutex::new(Slot {
+                    state: State::new(quota.algorithm()),
+                    limits: quota.limits(),
+                    evicted: false,
+                })));
+            }
+        }
+        Ok(())
+    }
+
+    fn acquire_one(&self, c: &Charge<'_>, now: u64) -> Result<Decision, StoreError> {
+        loop {
+            if let Some(bucket) = self.map.get(c.bucket) {
+                // Holding the shard's read lock: no sweep can evict this bucket meanwhile.
+                let mut slot = lock(&bucket);
+                return Ok(decide(&mut [&mut *slot], &[c], now));
+            }
+            self.insert(c.bucket, c.quota, now)?;
+        }
+    }
+
+    fn acquire_many(&self, charges: &[Charge<'_>], now: u64) -> Result<Decision, StoreError> {
+        'retry: loop {
+            let mut buckets: Vec<(usize, Bucket)> = Vec::with_capacity(charges.len());
+            for (i, c) in charges.iter().enumerate() {
+                let bucket = loop {
+                    if let Some(b) = self.map.get(c.bucket) {
+                        break Arc::clone(&b);
+                    }
+                    self.insert(c.bucket, c.quota, now)?;
+                };
+                buckets.push((i, bucket));
+            }
+            // A fixed global order (by address) makes multi-bucket locking deadlock-free.
+            buckets.sort_unstable_by_key(|(_, b)| Arc::as_ptr(b) as usize);
+            if let Some(w) = buckets.windows(2).find(|w| Arc::ptr_eq(&w[0].1, &w[1].1)) {
+                return Err(StoreError::DuplicateBucket(format!(
+                    "{:?}",
+                    charges[w[0].0].bucket
+                )));
+            }
+            let mut guards: Vec<MutexGuard<'_, Slot>> =
+                buckets.iter().map(|(_, b)| lock(b)).collect();
+            if guards.iter().any(|g| g.evicted) {
+                // A sweep removed one of them between lookup and lock: look up again.
+                continue 'retry;
+            }
+            let sorted: Vec<&Charge<'_>> = buckets.iter().map(|(i, _)| &charges[*i]).collect();
+            let mut slots: Vec<&mut Slot> = guards.iter_mut().map(|g| &mut **g).collect();
+            let mut decision = decide(&mut slots, &sorted, now);
+            // Back to the caller's order.
+            let mut states = vec![
+                ChargeState {
+                    snapshot: Snapshot {
+                        limit: 0,
+                        remaining: 0,
+                        reset_after_nanos: 0
+                    },
+                    placement: Placement::default(),
+                };
+                charges.len()
+            ];
+            for (pos, (i, _)) in buckets.iter().enumerate() {
+                states[*i] = decision.charges[pos];
+            }
+            decision.charges = states;
+            if let Some(d) = &mut decision.denial {
+                d.index = buckets[d.index].0;
+            }
+            return Ok(decision);
+        }
+    }
+
+    fn with_bucket<T>(
+        &self,
+        key: &BucketKey,
+        quota: &Quota,
+        now: u64,
+        create: bool,
+        f: impl FnOnce(&mut Slot) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        loop {
+            if let Some(bucket) = self.map.get(key) {
+                let mut slot = lock(&bucket);
+                fit(&mut slot, quota);
+                return Ok(Some(f(&mut slot)));
+            }
+            if !create {
+                return Ok(None);
+            }
+            self.insert(key, quota, now)?;
+        }
+    }
+}
+
+/// Makes a slot's state match the quota's algorithm. Two rules of the same name with
+/// different algorithms (two layers sharing one store) reset each other's state rather than
+/// misread it.
+#[inline]
+fn fit(slot: &mut Slot, quota: &Quota) {
+    if slot.state.algorithm() != quota.algorithm() {
+        slot.state = State::new(quota.algorithm());
+    }
+    slot.limits = quota.limits();
+}
+
+/// Checks every charge; charges all of them only if all fit.
+fn decide(slots: &mut [&mut Slot], charges: &[&Charge<'_>], now: u64) -> Decision {
+    let mut denial: Option<(usize, Option<u64>)> = None;
+    for (i, (slot, c)) in slots.iter_mut().zip(charges).enumerate() {
+        fit(slot, c.quota);
+        let limits = slot.limits;
+        if let Verdict::Deny { retry_after } = slot.state.check(&limits, now, c.amount) {
+            // Report the rule that keeps the request out longest ("never" beats any wait).
+            let worse = match denial {
+                None => true,
+                Some((_, None)) => false,
+                Some((_, Some(prev))) => retry_after.is_none_or(|r| r > prev),
+            };
+            if worse {
+                denial = Some((i, retry_after));
+            }
+        }
+    }
+    let charges = slots
+        .iter_mut()
+        .zip(charges)
+        .map(|(slot, c)| {
+            let limits = slot.limits;
+            let placement = if denial.is_none() {
+                slot.state.charge(&limits, now, c.amount)
+            } else {
+                Placement::default()
+            };
+            ChargeState {
+                snapshot: slot.state.peek(&limits, now),
+                placement,
+            }
+        })
+        .collect();
+    Decision {
+        denial: denial.map(|(index, retry)| Denial {
+            index,
+            retry_after: retry.map(Duration::from_nanos),
+        }),
+        charges,
+    }
+}
+
+impl Store for MemoryStore {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        StoreFuture::ready(self.try_acquire(charges))
+    }
+
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        let result = adjustments.iter().try_for_each(|a| {
+            // A refund to an evicted bucket has nothing left to correct; an extra charge
+            // creates the bucket again.
+            let create = a.actual > a.charged;
+            inner
+                .with_bucket(a.bucket, a.quota, now, create, |slot| {
+                    let limits = slot.limits;
+                    slot.state
+                        .adjust(&limits, now, a.placement, a.charged, a.actual);
+                })
+                .map(drop)
+        });
+        StoreFuture::ready(result)
+    }
+
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        let inner = &*self.inner;
+        let now = inner.clock.now_nanos();
+        let fresh = || {
+            let limits = quota.limits();
+            State::new(quota.algorithm()).peek(&limits, now)
+        };
+        let result = inner
+            .with_bucket(bucket, quota, now, false, |slot| {
+                let limits = slot.limits;
+                slot.state.peek(&limits, now)
+            })
+            .map(|s| s.unwrap_or_else(fresh));
+        StoreFuture::ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(max_keys)
+            .sweep_interval(Duration::from_secs(60))
+            .build();
+        (s, clock)
+    }
+
+    #[test]
+    fn idle_buckets_are_swept_automatically() {
+        let (s, clock) = store(100);
+        let q = Quota::per_second(5);
+        for user in ["a", "b", "c"] {
+            let k = BucketKey::new("r", user);
+            assert!(s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap().is_admitted());
+        }
+        assert_eq!(s.len(), 3);
+        // 61 s later the next request triggers a sweep: the three idle buckets go.
+        clock.advance(Duration::from_secs(61));
+        let k = BucketKey::new("r", "d");
+        s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn at_capacity_new_keys_fail_and_existing_keys_work() {
+        let (s, clock) = store(2);
+        let q = Quota::per_minute(10);
+        let (a, b, c) = (BucketKey::new("r", "a"), BucketKey::new("r", "b"), BucketKey::new("r", "c"));
+        s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
+        s.try_acquire(&[Charge::new(&b, &q, 1)]).unwrap();
+        assert_eq!(
+            s.try_acquire(&[Charge::new(&c, &q, 1)]),
+            Err(StoreError::AtCapacity { max_keys: 2 })
+        );
+        // Existing keys still decide, and still count.
+        let d = s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
+        assert_eq!(d.charges[0].snapshot.remaining, 8);
+        // Once a and b are idle, a new key evicts them through a forced sweep.
+        clock.advance(Duration::from_secs(121));
+        assert!(s.try_acquire(&[Charge::new(&c, &q, 1)]).unwrap().is_admitted());
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn multi_charge_is_all_or_nothing_and_ordered() {
+        let (s, _) = store(100);
+        let small = Quota::per_minute(1);
+        let big = Quota::per_minute(100);
+        let (a, b) = (BucketKey::new("big", "u"), BucketKey::new("small", "u"));
+        let d = s
+            .try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&b, &small, 1)])
+            .unwrap();
+        assert!(d.is_admitted());
+        assert_eq!(d.charges[0].snapshot.remaining, 99);
+        assert_eq!(d.charges[1].snapshot.remaining, 0);
+        let d = s
+            .try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&b, &small, 1)])
+            .unwrap();
+        assert_eq!(d.denial.map(|d| d.index), Some(1));
+        assert_eq!(d.charges[0].snapshot.remaining, 99, "nothing charged on denial");
+        let dup = s.try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&a, &big, 1)]);
+        assert!(matches!(dup, Err(StoreError::DuplicateBucket(_))));
+    }
+
+    #[test]
+    fn settle_and_peek() {
+        let (s, _) = store(100);
+        let q = Quota::per_minute(1000).tokens();
+        let k = BucketKey::new("tpm", "u");
+        let d = s.try_acquire(&[Charge::new(&k, &q, 600)]).unwrap();
+        assert_eq!(d.charges[0].snapshot.remaining, 400);
+        s.settle(&[Adjustment {
+            bucket: &k,
+            quota: &q,
+            placement: d.charges[0].placement,
+            charged: 600,
+            actual: 250,
+        }])
+        .now()
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.peek(&k, &q).now().unwrap().unwrap().remaining, 750);
+        let other = BucketKey::new("tpm", "nobody");
+        assert_eq!(s.peek(&other, &q).now().unwrap().unwrap().remaining, 1000);
+        assert_eq!(s.len(), 1, "peek creates nothing");
+    }
+}

@@ -1,0 +1,274 @@
+//! Where bucket state lives, and the contract between the layer and it.
+//!
+//! The layer turns each request into one [`Charge`] per applicable rule and hands them to
+//! [`Store::acquire`] together. The store answers with a [`Decision`]:
+//!
+//! - **all or nothing**: either every charge is counted, or none is (a denial writes
+//!   nothing);
+//! - **admitted**: one [`ChargeState`] per charge: the bucket's [`Snapshot`] after the charge
+//!   and the [`Placement`] where it landed;
+//! - **denied**: the charge that denied ([`Denial::index`], the one that needs the longest
+//!   wait when several deny), how long until the request could pass, and a snapshot per
+//!   charge (nothing charged).
+//!
+//! Later, [`Store::settle`] corrects earlier charges to their real amounts ([`Adjustment`]):
+//! a refund goes back to the window the charge was counted in (dropped once that window has
+//! slid out of view), an extra charge lands now, even past the limit. [`Store::peek`] reads a
+//! bucket without charging (status endpoints, dashboards).
+//!
+//! Every method returns a [`StoreFuture`]: a store that decides synchronously (the
+//! [`MemoryStore`]) answers [`StoreFuture::ready`] and costs no allocation and no task
+//! switch; a networked store answers with a boxed future.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_llm_ratelimit::store::{BucketKey, Charge, MemoryStore, Store};
+//! use tower_llm_ratelimit::{clock::ManualClock, Quota};
+//!
+//! let store = MemoryStore::builder().clock(ManualClock::new()).build();
+//! let rpm = Quota::per_minute(2);
+//! let tpm = Quota::per_minute(1_000).tokens();
+//! let user_rpm = BucketKey::new("user-rpm", "alice");
+//! let user_tpm = BucketKey::new("user-tpm", "alice");
+//! let charges = |tokens| {
+//!     [Charge::new(&user_rpm, &rpm, 1), Charge::new(&user_tpm, &tpm, tokens)]
+//! };
+//!
+//! let d = store.acquire(&charges(600)).now().unwrap().unwrap();
+//! assert!(d.is_admitted());
+//! // 600 + 600 tokens > 1,000: denied by the token rule, and the request rule is not charged.
+//! let d = store.acquire(&charges(600)).now().unwrap().unwrap();
+//! assert_eq!(d.denial.unwrap().index, 1);
+//! assert_eq!(d.charges[0].snapshot.remaining, 1);
+//! ```
+
+mod memory;
+
+pub use self::memory::{MemoryStore, MemoryStoreBuilder};
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+pub use crate::algorithm::{Placement, Snapshot};
+use crate::key::Key;
+use crate::rule::Quota;
+
+/// A bucket's identity: the rule's name (its namespace) and the key extracted from the
+/// request.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    rule: Arc<str>,
+    key: Key,
+}
+
+impl BucketKey {
+    /// The bucket of `key` under rule `rule`.
+    pub fn new(rule: impl Into<Arc<str>>, key: impl Into<Key>) -> Self {
+        Self {
+            rule: rule.into(),
+            key: key.into(),
+        }
+    }
+
+    /// The rule's name.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// The key.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+}
+
+impl fmt::Debug for BucketKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.rule, self.key)
+    }
+}
+
+/// One rule's charge for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The bucket.
+    pub bucket: &'a BucketKey,
+    /// The quota applied (already resolved for the caller's tier).
+    pub quota: &'a Quota,
+    /// Units charged: 1 for a request rule, the estimate for a token rule.
+    pub amount: u64,
+}
+
+impl<'a> Charge<'a> {
+    /// A charge of `amount` units to `bucket` under `quota`.
+    pub fn new(bucket: &'a BucketKey, quota: &'a Quota, amount: u64) -> Self {
+        Self {
+            bucket,
+            quota,
+            amount,
+        }
+    }
+}
+
+/// The state of one charge's bucket after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChargeState {
+    /// Limit, remaining and time to reset, after the charge if admitted.
+    pub snapshot: Snapshot,
+    /// Where the charge landed (meaningless on a denial).
+    pub placement: Placement,
+}
+
+/// Why a request was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denial {
+    /// The index of the denying charge in the slice given to [`Store::acquire`].
+    pub index: usize,
+    /// How long until the request could pass if nothing else were charged; `None` when it
+    /// never can (its cost alone exceeds that rule's limit).
+    pub retry_after: Option<Duration>,
+}
+
+/// The answer of [`Store::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// `None` when admitted.
+    pub denial: Option<Denial>,
+    /// One entry per charge, in the order given.
+    pub charges: Vec<ChargeState>,
+}
+
+impl Decision {
+    /// True when every charge was counted.
+    pub fn is_admitted(&self) -> bool {
+        self.denial.is_none()
+    }
+}
+
+/// Settles one earlier charge to its real amount.
+#[derive(Debug, Clone, Copy)]
+pub struct Adjustment<'a> {
+    /// The bucket charged.
+    pub bucket: &'a BucketKey,
+    /// The quota it was charged under.
+    pub quota: &'a Quota,
+    /// Where it landed ([`ChargeState::placement`]).
+    pub placement: Placement,
+    /// What was charged.
+    pub charged: u64,
+    /// What it really cost.
+    pub actual: u64,
+}
+
+/// A store could not decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A new key could not be stored: the store holds its `max_keys` and none is idle.
+    AtCapacity {
+        /// The configured bound.
+        max_keys: usize,
+    },
+    /// Two charges of one acquire named the same bucket.
+    DuplicateBucket(String),
+    /// The backend could not be reached or answered an error.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::AtCapacity { max_keys } => write!(
+                f,
+                "rate-limit store is full: {max_keys} keys are tracked and none is idle"
+            ),
+            StoreError::DuplicateBucket(b) => {
+                write!(f, "two charges of one request name bucket {b}")
+            }
+            StoreError::Backend(e) => write!(f, "rate-limit store failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The result of a store call: ready now, or a boxed future for stores that do I/O.
+#[must_use = "a store future does nothing unless polled or read with `now()`"]
+pub enum StoreFuture<T> {
+    /// The answer, already computed (taken by the first poll).
+    Ready(Option<T>),
+    /// An answer still to come.
+    Pending(Pin<Box<dyn Future<Output = T> + Send>>),
+}
+
+impl<T> StoreFuture<T> {
+    /// An answer computed synchronously.
+    pub fn ready(value: T) -> Self {
+        StoreFuture::Ready(Some(value))
+    }
+
+    /// An answer still to come.
+    pub fn pending(fut: impl Future<Output = T> + Send + 'static) -> Self {
+        StoreFuture::Pending(Box::pin(fut))
+    }
+
+    /// The answer if it is already there, otherwise the future back.
+    pub fn now(self) -> Result<T, Self> {
+        match self {
+            StoreFuture::Ready(Some(v)) => Ok(v),
+            other => Err(other),
+        }
+    }
+}
+
+impl<T> fmt::Debug for StoreFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreFuture::Ready(_) => "StoreFuture::Ready",
+            StoreFuture::Pending(_) => "StoreFuture::Pending",
+        })
+    }
+}
+
+// The ready value is moved out, never pinned; the pending future is boxed.
+impl<T> Unpin for StoreFuture<T> {}
+
+impl<T> Future for StoreFuture<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        // `StoreFuture` is Unpin: the pending variant is already boxed.
+        match self.get_mut() {
+            StoreFuture::Ready(v) => Poll::Ready(v.take().expect("StoreFuture polled after completion")),
+            StoreFuture::Pending(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Shared state for rate limiting. See the [module docs](self) for the contract.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Checks every charge and counts all of them, or none.
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>>;
+
+    /// Corrects earlier charges to their real amounts.
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>>;
+
+    /// A bucket's state under `quota`, charging nothing.
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        (**self).acquire(charges)
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        (**self).settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        (**self).peek(bucket, quota)
+    }
+}
