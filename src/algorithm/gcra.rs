@@ -21,26 +21,34 @@ impl Gcra {
         mul_div_ceil(units, l.window_nanos, l.limit)
     }
 
+    /// Nanoseconds of backlog at `now`: how far the TAT is ahead of the clock.
     #[inline]
-    fn tolerance(l: &Limits) -> u64 {
-        mul_div_floor(l.burst, l.window_nanos, l.limit)
+    fn backlog(&self, now: u64) -> u64 {
+        self.tat.saturating_sub(now)
     }
 
     pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
-        let new_tat = self.tat.max(now).saturating_add(Self::interval(l, cost));
-        let allow_at = now.saturating_add(Self::tolerance(l));
-        if new_tat <= allow_at {
+        // Compared in units x nanoseconds, exactly: backlog x limit + cost x w <= burst x w.
+        // (Equivalent to `max(TAT, now) + cost x T - now <= burst x T` without rounding T.)
+        let backlog = self.backlog(now);
+        let w = l.window_nanos as u128;
+        let used = backlog as u128 * l.limit as u128;
+        let capacity = l.burst as u128 * w;
+        if used + cost as u128 * w <= capacity {
             return Verdict::Allow;
         }
         if cost > l.burst {
             return Verdict::Deny { retry_after: None };
         }
+        // The backlog must shrink to floor((burst - cost) x w / limit).
+        let allowed_backlog = mul_div_floor(l.burst - cost, l.window_nanos, l.limit);
         Verdict::Deny {
-            retry_after: Some((new_tat - allow_at).max(1)),
+            retry_after: Some(backlog.saturating_sub(allowed_backlog).max(1)),
         }
     }
 
     pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
+        // Rounded up: the stored backlog never understates what was charged.
         self.tat = self.tat.max(now).saturating_add(Self::interval(l, cost));
         Placement(0)
     }
@@ -56,12 +64,13 @@ impl Gcra {
     }
 
     pub(super) fn peek(&mut self, l: &Limits, now: u64) -> Snapshot {
-        let start = self.tat.max(now);
-        let slack = now.saturating_add(Self::tolerance(l)).saturating_sub(start);
+        let backlog = self.backlog(now);
+        let w = l.window_nanos as u128;
+        let free = (l.burst as u128 * w).saturating_sub(backlog as u128 * l.limit as u128);
         Snapshot {
             limit: l.burst,
-            remaining: mul_div_floor(slack, l.limit, l.window_nanos).min(l.burst),
-            reset_after_nanos: start - now,
+            remaining: u64::try_from(free / w).unwrap_or(u64::MAX).min(l.burst),
+            reset_after_nanos: backlog,
         }
     }
 

@@ -1,0 +1,194 @@
+//! Reference-model property tests for the three algorithms: random charges, settlements and
+//! clock steps against simple, obviously-correct models.
+
+use proptest::prelude::*;
+use tower_llm_ratelimit::algorithm::{Limits, Placement, State, Verdict};
+use tower_llm_ratelimit::Algorithm;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Advance the clock by `dt`, then try to charge `cost`.
+    Charge { dt: u64, cost: u64 },
+    /// Settle the `nth` earlier admitted charge (mod count) to `actual_pct`% of its amount.
+    Settle { nth: usize, actual_pct: u64 },
+}
+
+fn ops(w: u64, limit: u64) -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        4 => (0..w / 2, 0..=limit + 2).prop_map(|(dt, cost)| Op::Charge { dt, cost }),
+        1 => (0..w * 3, 0..=limit + 2).prop_map(|(dt, cost)| Op::Charge { dt, cost }),
+        1 => (any::<usize>(), 0..=200u64).prop_map(|(nth, actual_pct)| Op::Settle { nth, actual_pct }),
+    ];
+    prop::collection::vec(op, 1..120)
+}
+
+fn params() -> impl Strategy<Value = (u64, u64)> {
+    (1..20u64, prop_oneof![Just(1_000u64), Just(997u64), 10..5_000u64])
+}
+
+/// `retry_after` is exact: the cost fits at `now + retry` and not a nanosecond earlier,
+/// with nothing else charged meanwhile.
+fn check_retry(state: &State, l: &Limits, now: u64, cost: u64, retry: Option<u64>) {
+    let Some(retry) = retry else {
+        assert!(cost > l.limit, "never-fits only when the cost exceeds the limit");
+        return;
+    };
+    assert!(retry >= 1);
+    assert_eq!(state.clone().check(l, now + retry, cost), Verdict::Allow, "fits after retry_after");
+    if retry > 1 {
+        assert!(
+            matches!(state.clone().check(l, now + retry - 1, cost), Verdict::Deny { .. }),
+            "retry_after is not later than needed"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// The log decides exactly like the definition: admit iff the (settled) amounts charged
+    /// in (now - w, now] plus the cost fit the limit.
+    #[test]
+    fn log_matches_the_exact_reference((limit, w) in params(), ops in ops(1_000, 20)) {
+        let l = Limits::new(limit, w, limit);
+        let mut state = State::new(Algorithm::SlidingWindowLog);
+        let mut reference: Vec<(u64, u64)> = Vec::new(); // (time, amount)
+        let mut admitted: Vec<(Placement, u64, usize)> = Vec::new(); // placement, charged, ref index
+        let mut now = 0;
+        for op in ops {
+            match op {
+                Op::Charge { dt, cost } => {
+                    now += dt;
+                    let used: u64 = reference.iter().filter(|(t, _)| t + w > now).map(|e| e.1).sum();
+                    let want = used + cost <= limit;
+                    let got = state.check(&l, now, cost);
+                    prop_assert_eq!(got == Verdict::Allow, want, "used {} cost {} at {}", used, cost, now);
+                    match got {
+                        Verdict::Allow => {
+                            let p = state.charge(&l, now, cost);
+                            reference.push((now, cost));
+                            admitted.push((p, cost, reference.len() - 1));
+                        }
+                        Verdict::Deny { retry_after } => check_retry(&state, &l, now, cost, retry_after),
+                    }
+                    let peek = state.peek(&l, now);
+                    let used: u64 = reference.iter().filter(|(t, _)| t + w > now).map(|e| e.1).sum();
+                    prop_assert_eq!(peek.remaining, limit.saturating_sub(used));
+                }
+                Op::Settle { nth, actual_pct } => {
+                    if admitted.is_empty() { continue; }
+                    let (p, charged, idx) = admitted.swap_remove(nth % admitted.len());
+                    let actual = charged * actual_pct / 100;
+                    state.adjust(&l, now, p, charged, actual);
+                    if actual > charged {
+                        reference.push((now, actual - charged));
+                    } else if reference[idx].0 + w > now {
+                        reference[idx].1 -= charged - actual;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counter: every fixed window admits at most `limit`, any window of length `w` at most
+    /// `2 x limit`; after `2w` of silence any cost <= limit fits.
+    #[test]
+    fn counter_stays_within_its_documented_bound((limit, w) in params(), ops in ops(1_000, 20)) {
+        let l = Limits::new(limit, w, limit);
+        let mut state = State::new(Algorithm::SlidingWindowCounter);
+        let mut log: Vec<(u64, u64)> = Vec::new();
+        let mut now = 0;
+        let mut last = 0;
+        for op in ops {
+            let Op::Charge { dt, cost } = op else { continue };
+            now += dt;
+            if now >= last + 2 * w && cost <= limit {
+                prop_assert_eq!(state.check(&l, now, cost), Verdict::Allow);
+            }
+            match state.check(&l, now, cost) {
+                Verdict::Allow => {
+                    state.charge(&l, now, cost);
+                    log.push((now, cost));
+                    last = now;
+                }
+                Verdict::Deny { retry_after } => check_retry(&state, &l, now, cost, retry_after),
+            }
+            let fixed: u64 = log.iter().filter(|(t, _)| t / w == now / w).map(|e| e.1).sum();
+            prop_assert!(fixed <= limit);
+            let sliding: u64 = log.iter().filter(|(t, _)| t + w > now).map(|e| e.1).sum();
+            prop_assert!(sliding <= 2 * limit, "{} in one window, limit {}", sliding, limit);
+        }
+    }
+
+    /// GCRA: any interval [a, b] admits at most burst + (b - a) x limit / w (rounded up);
+    /// after burst x w / limit of silence any cost <= burst fits.
+    #[test]
+    fn gcra_stays_within_its_bound((limit, w) in params(), burst_extra in 0..5u64, ops in ops(1_000, 25)) {
+        let burst = limit + burst_extra;
+        let l = Limits::new(limit, w, burst);
+        let mut state = State::new(Algorithm::Gcra);
+        let mut log: Vec<(u64, u64)> = Vec::new();
+        let mut now = 0;
+        let mut last = 0;
+        for op in ops {
+            let Op::Charge { dt, cost } = op else { continue };
+            now += dt;
+            if now >= last + (burst * w).div_ceil(limit) && cost <= burst {
+                prop_assert_eq!(state.check(&l, now, cost), Verdict::Allow);
+            }
+            match state.check(&l, now, cost) {
+                Verdict::Allow => {
+                    state.charge(&l, now, cost);
+                    log.push((now, cost));
+                    last = now;
+                }
+                Verdict::Deny { retry_after } => {
+                    prop_assert_eq!(retry_after.is_none(), cost > burst);
+                    if let Some(r) = retry_after {
+                        prop_assert_eq!(state.clone().check(&l, now + r, cost), Verdict::Allow);
+                    }
+                }
+            }
+        }
+        for i in 0..log.len() {
+            let mut sum = 0;
+            for j in i..log.len() {
+                sum += log[j].1;
+                let allowance = burst + ((log[j].0 - log[i].0) * limit).div_ceil(w);
+                prop_assert!(sum <= allowance, "{} admitted over [{}, {}], allowance {}", sum, log[i].0, log[j].0, allowance);
+            }
+        }
+    }
+
+    /// Settlement never panics or wraps, whatever the order and amounts, for every algorithm.
+    #[test]
+    fn settlements_are_total(alg in prop_oneof![
+        Just(Algorithm::SlidingWindowCounter), Just(Algorithm::SlidingWindowLog), Just(Algorithm::Gcra)
+    ], (limit, w) in params(), ops in ops(1_000, 20)) {
+        let l = Limits::new(limit, w, limit);
+        let mut state = State::new(alg);
+        let mut admitted = Vec::new();
+        let mut now = 0;
+        for op in ops {
+            match op {
+                Op::Charge { dt, cost } => {
+                    now += dt;
+                    if state.check(&l, now, cost) == Verdict::Allow {
+                        admitted.push((state.charge(&l, now, cost), cost));
+                    }
+                }
+                Op::Settle { nth, actual_pct } => {
+                    if admitted.is_empty() { continue; }
+                    let (p, charged) = admitted.swap_remove(nth % admitted.len());
+                    state.adjust(&l, now, p, charged, charged * actual_pct / 100);
+                }
+            }
+            let s = state.peek(&l, now);
+            prop_assert!(s.remaining <= s.limit);
+        }
+        // Everything drains: far in the future the bucket is idle and full.
+        let later = now + 10 * w;
+        prop_assert!(state.is_idle(&l, later));
+        prop_assert_eq!(state.peek(&l, later).remaining, limit);
+    }
+}
