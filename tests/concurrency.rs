@@ -1,0 +1,142 @@
+//! Many threads and many tasks on one key, with the clock frozen: exactly the limit is
+//! admitted, never more, for every algorithm and for multi-rule requests.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::{Service, ServiceExt};
+use tower_llm_ratelimit::clock::ManualClock;
+use tower_llm_ratelimit::cost::TokenEstimate;
+use tower_llm_ratelimit::store::{BucketKey, Charge, MemoryStore};
+use tower_llm_ratelimit::{cost, key, Algorithm, Quota, RateLimitLayer, Rule};
+
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::SlidingWindowCounter,
+    Algorithm::SlidingWindowLog,
+    Algorithm::Gcra,
+];
+
+#[test]
+fn threads_on_one_key_admit_exactly_the_limit() {
+    for alg in ALGORITHMS {
+        let store = MemoryStore::builder().clock(ManualClock::new()).build();
+        let quota = Quota::per_minute(5_000).using(alg);
+        let admitted = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                let (store, admitted) = (store.clone(), admitted.clone());
+                s.spawn(move || {
+                    let bucket = BucketKey::new("r", "hot");
+                    for _ in 0..1_000 {
+                        let d = store.try_acquire(&[Charge::new(&bucket, &quota, 1)]).unwrap();
+                        if d.is_admitted() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 5_000, "{alg:?}");
+    }
+}
+
+#[test]
+fn threads_with_weighted_multi_rule_requests_never_overshoot() {
+    for alg in ALGORITHMS {
+        let store = MemoryStore::builder().clock(ManualClock::new()).build();
+        let rpm = Quota::per_minute(300).using(alg);
+        let tpm = Quota::per_minute(10_000).tokens().using(alg);
+        let (req_ok, tok_ok) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (store, req_ok, tok_ok) = (store.clone(), req_ok.clone(), tok_ok.clone());
+                s.spawn(move || {
+                    // Each thread is one user sharing a global TPM bucket with the others.
+                    let user = BucketKey::new("user-rpm", format!("u{t}"));
+                    let model = BucketKey::new("model-tpm", "gpt");
+                    for i in 0..500u64 {
+                        let tokens = 1 + (i * 7 + t) % 97;
+                        let charges = [Charge::new(&user, &rpm, 1), Charge::new(&model, &tpm, tokens)];
+                        if store.try_acquire(&charges).unwrap().is_admitted() {
+                            req_ok.fetch_add(1, Ordering::Relaxed);
+                            tok_ok.fetch_add(tokens, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(tok_ok.load(Ordering::Relaxed) <= 10_000, "{alg:?}");
+        assert!(req_ok.load(Ordering::Relaxed) <= 8 * 300, "{alg:?}");
+        // The token rule was the binding one: it is (nearly) full, not under-used.
+        assert!(tok_ok.load(Ordering::Relaxed) > 10_000 - 97, "{alg:?}");
+    }
+}
+
+async fn ok(_: Request<String>) -> Result<Response<String>, Infallible> {
+    Ok(Response::new(String::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_through_the_layer_admit_exactly_the_limit() {
+    for alg in ALGORITHMS {
+        let layer = RateLimitLayer::builder()
+            .rule(Rule::new("global", key::global(), Quota::per_minute(1_000).using(alg)))
+            .store(MemoryStore::builder().clock(ManualClock::new()).build())
+            .build()
+            .unwrap();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(tower::service_fn(ok));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..40 {
+                    let res = svc.clone().oneshot(Request::new(String::new())).await.unwrap();
+                    if res.status() == StatusCode::OK {
+                        admitted += 1;
+                    }
+                }
+                admitted
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap();
+        }
+        assert_eq!(total, 1_000, "{alg:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_token_requests_fit_ten() {
+    // 50 concurrent requests estimating 1,000 tokens each against 10,000 TPM: 10 admitted.
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("tpm", key::global(), Quota::per_minute(10_000).tokens()))
+        .cost(cost::extension())
+        .store(MemoryStore::builder().clock(ManualClock::new()).build())
+        .build()
+        .unwrap();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(ok));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut req = Request::new(String::new());
+        req.extensions_mut().insert(TokenEstimate(1_000));
+        let fut = svc.ready().await.unwrap().call(req);
+        tasks.push(tokio::spawn(fut));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        let res = tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
+        if res.status() == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10);
+}
