@@ -18,7 +18,11 @@ async fn handler() -> &'static str {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("user-rpm", key::header("x-api-key"), Quota::per_minute(60)))
+        .rule(Rule::new(
+            "user-rpm",
+            key::header("x-api-key"),
+            Quota::per_minute(60),
+        ))
         .rule(Rule::new(
             "user-tpm",
             key::header("x-api-key"),

@@ -139,8 +139,8 @@ where
     F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
 {
     fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError> {
-        (self.0)(req)
-            .map(Cost::tokens_of)
-            .ok_or_else(|| CostError::bad_request("could not estimate the token cost of the request"))
+        (self.0)(req).map(Cost::tokens_of).ok_or_else(|| {
+            CostError::bad_request("could not estimate the token cost of the request")
+        })
     }
 }

@@ -93,7 +93,11 @@ impl fmt::Display for BuildError {
                 write!(f, "two rules are named `{rule}`; rule names must be unique")
             }
             BuildError::ZeroLimit { rule, tier } => {
-                write!(f, "limit must be > 0, got 0 for rule `{rule}`{}", tier_of(tier))
+                write!(
+                    f,
+                    "limit must be > 0, got 0 for rule `{rule}`{}",
+                    tier_of(tier)
+                )
             }
             BuildError::ZeroWindow { rule, tier } => write!(
                 f,
@@ -102,7 +106,11 @@ impl fmt::Display for BuildError {
                 tier_of(tier)
             ),
             BuildError::InvalidBurst { rule, tier, reason } => {
-                write!(f, "invalid burst for rule `{rule}`{}: {reason}", tier_of(tier))
+                write!(
+                    f,
+                    "invalid burst for rule `{rule}`{}: {reason}",
+                    tier_of(tier)
+                )
             }
             BuildError::TierMismatch { rule, tier, reason } => {
                 write!(f, "tier `{tier}` of rule `{rule}`: {reason}")

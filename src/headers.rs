@@ -182,7 +182,10 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
 pub(crate) fn write_retry_after(headers: &mut HeaderMap, retry_after: Duration) {
     headers.insert(RETRY_AFTER, ceil_secs(retry_after).max(1).into());
     let ms = retry_after.as_nanos().div_ceil(1_000_000).max(1);
-    headers.insert(RETRY_AFTER_MS.clone(), HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)));
+    headers.insert(
+        RETRY_AFTER_MS.clone(),
+        HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
+    );
 }
 
 fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
@@ -254,8 +257,16 @@ mod tests {
             reset_after_nanos: reset_s * 1_000_000_000 + 1,
         };
         let rules = [
-            RuleState { rule: "user-rpm", quota: &rpm, snapshot: snap(60, 59, 1) },
-            RuleState { rule: "user-tpm", quota: &tpm, snapshot: snap(100_000, 98_800, 60) },
+            RuleState {
+                rule: "user-rpm",
+                quota: &rpm,
+                snapshot: snap(60, 59, 1),
+            },
+            RuleState {
+                rule: "user-tpm",
+                quota: &tpm,
+                snapshot: snap(100_000, 98_800, 60),
+            },
         ];
         let mut h = HeaderMap::new();
         write(&mut h, HeaderStyle::BOTH, &rules);
@@ -263,7 +274,10 @@ mod tests {
             h["ratelimit-policy"],
             r#""user-rpm";q=60;w=60, "user-tpm";q=100000;w=60;qu="tokens""#
         );
-        assert_eq!(h["ratelimit"], r#""user-rpm";r=59;t=2, "user-tpm";r=98800;t=61"#);
+        assert_eq!(
+            h["ratelimit"],
+            r#""user-rpm";r=59;t=2, "user-tpm";r=98800;t=61"#
+        );
         assert_eq!(h["x-ratelimit-remaining-requests"], "59");
         assert_eq!(h["x-ratelimit-reset-requests"], "1.001s");
         assert_eq!(h["x-ratelimit-limit-tokens"], "100000");

@@ -271,15 +271,21 @@ fn validate_quota(rule: &str, tier: Option<&str>, q: &Quota) -> Result<(), Build
 
 fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
     let name = &*rule.name;
-    if name.is_empty() || !name.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+    {
         return Err(BuildError::InvalidRuleName {
             rule: name.to_owned(),
         });
     }
-    rule.key.validate().map_err(|reason| BuildError::InvalidKey {
-        rule: name.to_owned(),
-        reason,
-    })?;
+    rule.key
+        .validate()
+        .map_err(|reason| BuildError::InvalidKey {
+            rule: name.to_owned(),
+            reason,
+        })?;
     let base = &rule.quota;
     validate_quota(name, None, base)?;
     let mut tiers = HashSet::new();
@@ -292,11 +298,23 @@ fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
             });
         }
         let mismatch = if q.window() != base.window() {
-            Some(format!("window {:?} differs from the rule's {:?}", q.window(), base.window()))
+            Some(format!(
+                "window {:?} differs from the rule's {:?}",
+                q.window(),
+                base.window()
+            ))
         } else if q.unit() != base.unit() {
-            Some(format!("counts {} but the rule counts {}", q.unit(), base.unit()))
+            Some(format!(
+                "counts {} but the rule counts {}",
+                q.unit(),
+                base.unit()
+            ))
         } else if q.algorithm() != base.algorithm() {
-            Some(format!("uses {:?} but the rule uses {:?}", q.algorithm(), base.algorithm()))
+            Some(format!(
+                "uses {:?} but the rule uses {:?}",
+                q.algorithm(),
+                base.algorithm()
+            ))
         } else if q.algorithm() == Algorithm::Gcra && q.limit() != base.limit() {
             // GCRA's state is a time whose scale is window / limit: tiers sharing a bucket
             // must drain it at one rate. They may differ in burst.

@@ -1,4 +1,128 @@
-//! placeholder
+//! Rate limiting for LLM inference services, as [tower] middleware.
+//!
+//! [`RateLimitLayer`] wraps any tower `Service` over [`http::Request`]s (axum routers, tonic
+//! servers, hyper services) and limits callers by API key, bearer token, client IP, model,
+//! any combination, or anything a closure computes; by requests **or LLM tokens**; with a
+//! quota per tier (free / standard / premium); with several rules checked together, all or
+//! nothing.
+//!
+//! # Quick start
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use tower_llm_ratelimit::{cost, key, Quota, RateLimitLayer, Rule};
+//!
+//! # fn main() -> Result<(), tower_llm_ratelimit::BuildError> {
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("user-rpm", key::header("x-api-key"), Quota::per_minute(60)))
+//!     .rule(Rule::new("user-tpm", key::header("x-api-key"), Quota::per_minute(100_000).tokens()))
+//!     .cost(cost::extension()) // tokens per request: a `TokenEstimate` set by an earlier layer
+//!     .build()?;               // a typed error for bad config
+//! let app: Router = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "ok" }))
+//!     .layer(layer);
+//! # Ok(()) }
+//! ```
+//!
+//! # One request's path
+//!
+//! ```text
+//! request ──► RateLimit::call
+//!   1. tier     : TierResolver → the caller's tier, once            (tier)
+//!   2. keys     : each Rule's KeyExtractor → bucket key             (key)
+//!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip
+//!   3. cost     : 1 per request rule; CostEstimator → tokens       (cost)
+//!   4. acquire  : Store::acquire(all charges) → all-or-nothing Decision   (store → algorithm)
+//!   5a. denied  : 429 (gRPC: RESOURCE_EXHAUSTED) + Retry-After + rate-limit headers;
+//!                 the inner service is never called                (reject, headers)
+//!   5b. allowed : inner service called; rate-limit headers added to its response
+//! ```
+//! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
+//!
+//! # The map of the crate
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer.rs`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging |
+//! | [`RateLimit`] (`service.rs`) | the service: plans the charges, asks the store, answers or forwards |
+//! | [`ResponseFuture`], [`ResponseBody`] | the future and body types (any inner body with `Bytes` data) |
+//! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
+//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, global, closure, composite |
+//! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
+//! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure |
+//! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] |
+//! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers |
+//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision |
+//! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
+//!
+//! Arrows point one way: the layer uses keys, costs, stores and headers; stores use the
+//! algorithms; algorithms know nothing of HTTP, locks or time sources.
+//!
+//! # Algorithms
+//!
+//! Every algorithm is weighted (a charge may be 1 request or 3,412 tokens):
+//!
+//! ```
+//! use tower_llm_ratelimit::Quota;
+//!
+//! let counter = Quota::per_minute(60);                     // default: O(1), approximate
+//! let exact = Quota::per_minute(60).sliding_window_log();   // exact, memory per charge
+//! let smooth = Quota::per_second(5).gcra().burst(20);       // GCRA with a burst of 20
+//! # let _ = (counter, exact, smooth);
+//! ```
+//! See [`algorithm`] for their bounds.
+//!
+//! # Rules together, tiers
+//!
+//! All rules of a request are acquired **all or nothing**: if any rule denies, no rule is
+//! charged. A rule may list a quota per tier; callers without a tier (or with one the rule
+//! doesn't list) get its base quota:
+//!
+//! ```
+//! use tower_llm_ratelimit::{cost, key, tier, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("user-rpm", key::bearer_token(), Quota::per_minute(10))
+//!         .tier("pro", Quota::per_minute(600)))
+//!     .rule(Rule::new("user-tpm", key::bearer_token(), Quota::per_minute(2_000).tokens())
+//!         .tier("pro", Quota::per_minute(200_000).tokens()))
+//!     // One bucket per model shared by everyone: free callers may use at most half of it,
+//!     // which keeps the other half for pro callers.
+//!     .rule(Rule::new("model-tpm", key::header("x-model"), Quota::per_minute(500_000).tokens())
+//!         .tier("free", Quota::per_minute(250_000).tokens()))
+//!     .tiers(tier::lookup(key::bearer_token(), [("sk-demo-pro", "pro"), ("sk-demo-free", "free")]))
+//!     .cost(cost::extension())
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(layer.rules().len(), 3);
+//! ```
+//!
+//! # Responses
+//!
+//! A denial is a response, never an error (`Error = S::Error`, no `HandleErrorLayer`): 429
+//! with a JSON body in OpenAI's error shape, `Retry-After` (whole seconds, rounded up, never
+//! 0), `retry-after-ms` and the rate-limit headers; gRPC requests get a trailers-only
+//! `RESOURCE_EXHAUSTED`. See [`headers`] for the header formats.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | no | [`key::client_ip`] reads axum's `ConnectInfo<SocketAddr>` |
+//!
+//! # Integration
+//!
+//! - axum: `Router::layer(layer)`; for [`key::client_ip`], serve with
+//!   `into_make_service_with_connect_info::<SocketAddr>()` and enable `axum`.
+//! - hyper: wrap with `tower::ServiceBuilder` and `hyper_util::service::TowerToHyperService`;
+//!   insert [`key::PeerAddr`] per connection (see `examples/hyper.rs`).
+//! - tonic: `Server::builder().layer(layer)` (see `examples/tonic.rs`).
+//!
+//! [tower]: https://docs.rs/tower
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod algorithm;
 pub mod clock;
 pub mod cost;
@@ -8,15 +132,22 @@ pub mod observe;
 pub mod rule;
 pub mod store;
 pub mod tier;
+
 mod body;
 mod error;
 mod future;
 mod layer;
 mod reject;
 mod service;
+
 pub use body::ResponseBody;
 pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use layer::{FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus};
 pub use rule::{Algorithm, MissingKey, Quota, Rule, Unit};
 pub use service::RateLimit;
+
+// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -30,21 +30,10 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 /// Why a request is turned away.
 #[derive(Debug)]
 pub(crate) enum Rejection {
-    RateLimited {
-        message: String,
-        unit: &'static str,
-    },
-    MissingKey {
-        status: StatusCode,
-        message: String,
-    },
-    Cost {
-        status: StatusCode,
-        message: String,
-    },
-    StoreUnavailable {
-        message: String,
-    },
+    RateLimited { message: String, unit: &'static str },
+    MissingKey { status: StatusCode, message: String },
+    Cost { status: StatusCode, message: String },
+    StoreUnavailable { message: String },
 }
 
 impl Rejection {
@@ -85,7 +74,11 @@ impl Rejection {
             ),
             Rejection::MissingKey { status, message } => (
                 status,
-                if status == StatusCode::UNAUTHORIZED { 16 } else { 3 },
+                if status == StatusCode::UNAUTHORIZED {
+                    16
+                } else {
+                    3
+                },
                 "invalid_request_error",
                 "missing_rate_limit_key",
                 message,
@@ -111,7 +104,12 @@ impl Rejection {
     }
 }
 
-fn json_response(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Full<Bytes>> {
+fn json_response(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> Response<Full<Bytes>> {
     let body = serde_json::json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }
     });

@@ -23,21 +23,34 @@ fn ops(w: u64, limit: u64) -> impl Strategy<Value = Vec<Op>> {
 }
 
 fn params() -> impl Strategy<Value = (u64, u64)> {
-    (1..20u64, prop_oneof![Just(1_000u64), Just(997u64), 10..5_000u64])
+    (
+        1..20u64,
+        prop_oneof![Just(1_000u64), Just(997u64), 10..5_000u64],
+    )
 }
 
 /// `retry_after` is exact: the cost fits at `now + retry` and not a nanosecond earlier,
 /// with nothing else charged meanwhile.
 fn check_retry(state: &State, l: &Limits, now: u64, cost: u64, retry: Option<u64>) {
     let Some(retry) = retry else {
-        assert!(cost > l.limit, "never-fits only when the cost exceeds the limit");
+        assert!(
+            cost > l.limit,
+            "never-fits only when the cost exceeds the limit"
+        );
         return;
     };
     assert!(retry >= 1);
-    assert_eq!(state.clone().check(l, now + retry, cost), Verdict::Allow, "fits after retry_after");
+    assert_eq!(
+        state.clone().check(l, now + retry, cost),
+        Verdict::Allow,
+        "fits after retry_after"
+    );
     if retry > 1 {
         assert!(
-            matches!(state.clone().check(l, now + retry - 1, cost), Verdict::Deny { .. }),
+            matches!(
+                state.clone().check(l, now + retry - 1, cost),
+                Verdict::Deny { .. }
+            ),
             "retry_after is not later than needed"
         );
     }

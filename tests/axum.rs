@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
+use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tower_llm_ratelimit::key::RequestView;
@@ -81,25 +81,39 @@ async fn send(addr: SocketAddr, headers: &[(&str, &str)]) -> Reply {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let res = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        let res = sender
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
         let status = res.status();
         let headers = res.headers().clone();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     })
     .await
     .expect("request timed out")
 }
 
 fn h<'a>(r: &'a Reply, name: &str) -> &'a str {
-    r.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    r.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 #[tokio::test]
 async fn n_plus_k_requests_admit_n() {
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("user-rph", key::header("x-api-key"), Quota::per_hour(5)))
+        .rule(Rule::new(
+            "user-rph",
+            key::header("x-api-key"),
+            Quota::per_hour(5),
+        ))
         .build()
         .unwrap();
     let server = serve(layer).await;
@@ -117,7 +131,10 @@ async fn n_plus_k_requests_admit_n() {
         assert_eq!(r.body["error"]["code"], "rate_limit_exceeded");
         assert_eq!(r.body["error"]["type"], "requests");
         let msg = r.body["error"]["message"].as_str().unwrap();
-        assert!(msg.contains("`user-rph`") && msg.contains("limit 5") && msg.contains("used 5"), "{msg}");
+        assert!(
+            msg.contains("`user-rph`") && msg.contains("limit 5") && msg.contains("used 5"),
+            "{msg}"
+        );
         let retry: u64 = h(&r, "retry-after").parse().unwrap();
         assert!(retry >= 1 && retry <= 7200, "{retry}");
         let retry_ms: u64 = h(&r, "retry-after-ms").parse().unwrap();
@@ -125,9 +142,16 @@ async fn n_plus_k_requests_admit_n() {
         assert_eq!(h(&r, "x-ratelimit-remaining-requests"), "0");
         assert_eq!(h(&r, "content-type"), "application/json");
     }
-    assert_eq!(server.calls.load(Ordering::SeqCst), 5, "denied requests never reach the service");
+    assert_eq!(
+        server.calls.load(Ordering::SeqCst),
+        5,
+        "denied requests never reach the service"
+    );
     // Another key has its own bucket.
-    assert_eq!(send(server.addr, &[("x-api-key", "bob")]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "bob")]).await.status,
+        StatusCode::OK
+    );
 }
 
 fn tokens_from_header() -> impl tower_llm_ratelimit::cost::CostEstimator {
@@ -139,8 +163,16 @@ fn tokens_from_header() -> impl tower_llm_ratelimit::cost::CostEstimator {
 #[tokio::test]
 async fn rules_are_all_or_nothing() {
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("user-rph", key::header("x-api-key"), Quota::per_hour(10)))
-        .rule(Rule::new("user-tph", key::header("x-api-key"), Quota::per_hour(100).tokens()))
+        .rule(Rule::new(
+            "user-rph",
+            key::header("x-api-key"),
+            Quota::per_hour(10),
+        ))
+        .rule(Rule::new(
+            "user-tph",
+            key::header("x-api-key"),
+            Quota::per_hour(100).tokens(),
+        ))
         .cost(tokens_from_header())
         .build()
         .unwrap();
@@ -160,7 +192,10 @@ async fn rules_are_all_or_nothing() {
     // A request that can never fit says so, and still gets a non-zero Retry-After.
     let d = send(server.addr, &[("x-api-key", "v"), ("x-tokens", "101")]).await;
     assert_eq!(d.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(d.body["error"]["message"].as_str().unwrap().contains("can never fit"));
+    assert!(d.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("can never fit"));
     assert_eq!(h(&d, "retry-after"), "3600");
     // No estimate: 400 with a JSON body, nothing charged.
     let e = send(server.addr, &[("x-api-key", "u")]).await;
@@ -172,7 +207,11 @@ async fn rules_are_all_or_nothing() {
 #[tokio::test]
 async fn missing_key_policies() {
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("by-key", key::header("x-api-key"), Quota::per_hour(100)))
+        .rule(Rule::new(
+            "by-key",
+            key::header("x-api-key"),
+            Quota::per_hour(100),
+        ))
         .rule(
             Rule::new("by-team", key::header("x-team"), Quota::per_hour(2))
                 .on_missing_key(MissingKey::Shared),
@@ -187,19 +226,38 @@ async fn missing_key_policies() {
     let r = send(server.addr, &[]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.body["error"]["code"], "missing_rate_limit_key");
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("header `x-api-key`"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("header `x-api-key`"));
     // No team: two different keys share the anonymous team bucket (limit 2); no org: skipped.
-    assert_eq!(send(server.addr, &[("x-api-key", "a")]).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &[("x-api-key", "b")]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "a")]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "b")]).await.status,
+        StatusCode::OK
+    );
     let r = send(server.addr, &[("x-api-key", "c")]).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("`by-team`"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`by-team`"));
     // With a team, its own bucket; an org is limited to 1.
     let with_org = [("x-api-key", "a"), ("x-team", "t1"), ("x-org", "o")];
     assert_eq!(send(server.addr, &with_org).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &with_org).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(server.addr, &with_org).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     let bad = RateLimitLayer::builder()
-        .rule(Rule::new("x", key::header("bad header"), Quota::per_hour(1)))
+        .rule(Rule::new(
+            "x",
+            key::header("bad header"),
+            Quota::per_hour(1),
+        ))
         .build();
     assert!(bad.unwrap_err().to_string().contains("invalid header name"));
 }
@@ -209,17 +267,33 @@ async fn missing_key_policies() {
 async fn client_ip_trusts_forwarded_headers_only_from_proxies() {
     // The test client connects from 127.0.0.1, which is trusted here.
     let trusted = RateLimitLayer::builder()
-        .rule(Rule::new("ip", key::client_ip().trust_proxy("127.0.0.1/32"), Quota::per_hour(1)))
+        .rule(Rule::new(
+            "ip",
+            key::client_ip().trust_proxy("127.0.0.1/32"),
+            Quota::per_hour(1),
+        ))
         .build()
         .unwrap();
     let server = serve(trusted).await;
     let from = |ip: &'static str| [("x-forwarded-for", ip)];
-    assert_eq!(send(server.addr, &from("203.0.113.1")).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &from("203.0.113.2")).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &from("203.0.113.1")).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(server.addr, &from("203.0.113.1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &from("203.0.113.2")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &from("203.0.113.1")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // Forged left entries don't matter: the rightmost untrusted address is the client.
     let forged = [("x-forwarded-for", "6.6.6.6, 203.0.113.2")];
-    assert_eq!(send(server.addr, &forged).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(server.addr, &forged).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 
     // Without trust, the headers are ignored and the peer (127.0.0.1) is the key.
     let untrusted = RateLimitLayer::builder()
@@ -227,8 +301,14 @@ async fn client_ip_trusts_forwarded_headers_only_from_proxies() {
         .build()
         .unwrap();
     let server = serve(untrusted).await;
-    assert_eq!(send(server.addr, &from("203.0.113.1")).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &from("203.0.113.9")).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(server.addr, &from("203.0.113.1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &from("203.0.113.9")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }
 
 #[tokio::test]
@@ -238,7 +318,10 @@ async fn tiers_pick_the_quota() {
             Rule::new("user-rph", key::bearer_token(), Quota::per_hour(1))
                 .tier("pro", Quota::per_hour(3)),
         )
-        .tiers(tier::lookup(key::bearer_token(), [("sk-pro", "pro"), ("sk-free", "free")]))
+        .tiers(tier::lookup(
+            key::bearer_token(),
+            [("sk-pro", "pro"), ("sk-free", "free")],
+        ))
         .build()
         .unwrap();
     let server = serve(layer).await;
@@ -251,10 +334,22 @@ async fn tiers_pick_the_quota() {
     }
     assert_eq!(ok, 3);
     // `free` is not listed by the rule: the base quota (the default for callers without a tier).
-    assert_eq!(send(server.addr, &auth("Bearer sk-free")).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &auth("Bearer sk-free")).await.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(send(server.addr, &auth("Bearer sk-none")).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        send(server.addr, &auth("Bearer sk-free")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &auth("Bearer sk-free")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(server.addr, &auth("Bearer sk-none")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -283,8 +378,14 @@ async fn observer_status_and_failure_policy() {
     assert_eq!(store.len(), 0);
 
     let server = serve(layer.clone()).await;
-    assert_eq!(send(server.addr, &[("x-api-key", "a")]).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &[("x-api-key", "a")]).await.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "a")]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "a")]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     let status = layer.status(RequestView::from_request(&req)).await.unwrap();
     assert_eq!(status[0].snapshot.unwrap().remaining, 0);
     // The store holds 1 key and it is busy: a new key fails closed with 503.
@@ -305,8 +406,14 @@ async fn observer_status_and_failure_policy() {
         .build()
         .unwrap();
     let server = serve(open).await;
-    assert_eq!(send(server.addr, &[("x-api-key", "c")]).await.status, StatusCode::OK);
-    assert_eq!(send(server.addr, &[("x-api-key", "c")]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "c")]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(server.addr, &[("x-api-key", "c")]).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -324,12 +431,19 @@ async fn clones_share_one_budget_across_routes() {
     let mut statuses = Vec::new();
     for path in ["/a", "/b", "/a"] {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
         tokio::spawn(conn);
-        let req = Request::get(path).header("host", "x").body(Empty::<Bytes>::new()).unwrap();
-        let res = tokio::time::timeout(WAIT, s.send_request(req)).await.unwrap().unwrap();
+        let req = Request::get(path)
+            .header("host", "x")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = tokio::time::timeout(WAIT, s.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
         statuses.push(res.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 429]);

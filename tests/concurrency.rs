@@ -31,7 +31,9 @@ fn threads_on_one_key_admit_exactly_the_limit() {
                 s.spawn(move || {
                     let bucket = BucketKey::new("r", "hot");
                     for _ in 0..1_000 {
-                        let d = store.try_acquire(&[Charge::new(&bucket, &quota, 1)]).unwrap();
+                        let d = store
+                            .try_acquire(&[Charge::new(&bucket, &quota, 1)])
+                            .unwrap();
                         if d.is_admitted() {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
@@ -59,7 +61,10 @@ fn threads_with_weighted_multi_rule_requests_never_overshoot() {
                     let model = BucketKey::new("model-tpm", "gpt");
                     for i in 0..500u64 {
                         let tokens = 1 + (i * 7 + t) % 97;
-                        let charges = [Charge::new(&user, &rpm, 1), Charge::new(&model, &tpm, tokens)];
+                        let charges = [
+                            Charge::new(&user, &rpm, 1),
+                            Charge::new(&model, &tpm, tokens),
+                        ];
                         if store.try_acquire(&charges).unwrap().is_admitted() {
                             req_ok.fetch_add(1, Ordering::Relaxed);
                             tok_ok.fetch_add(tokens, Ordering::Relaxed);
@@ -83,7 +88,11 @@ async fn ok(_: Request<String>) -> Result<Response<String>, Infallible> {
 async fn tasks_through_the_layer_admit_exactly_the_limit() {
     for alg in ALGORITHMS {
         let layer = RateLimitLayer::builder()
-            .rule(Rule::new("global", key::global(), Quota::per_minute(1_000).using(alg)))
+            .rule(Rule::new(
+                "global",
+                key::global(),
+                Quota::per_minute(1_000).using(alg),
+            ))
             .store(MemoryStore::builder().clock(ManualClock::new()).build())
             .build()
             .unwrap();
@@ -96,7 +105,11 @@ async fn tasks_through_the_layer_admit_exactly_the_limit() {
             tasks.push(tokio::spawn(async move {
                 let mut admitted = 0;
                 for _ in 0..40 {
-                    let res = svc.clone().oneshot(Request::new(String::new())).await.unwrap();
+                    let res = svc
+                        .clone()
+                        .oneshot(Request::new(String::new()))
+                        .await
+                        .unwrap();
                     if res.status() == StatusCode::OK {
                         admitted += 1;
                     }
@@ -106,7 +119,10 @@ async fn tasks_through_the_layer_admit_exactly_the_limit() {
         }
         let mut total = 0;
         for t in tasks {
-            total += tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap();
+            total += tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .unwrap()
+                .unwrap();
         }
         assert_eq!(total, 1_000, "{alg:?}");
     }
@@ -116,7 +132,11 @@ async fn tasks_through_the_layer_admit_exactly_the_limit() {
 async fn fifty_concurrent_token_requests_fit_ten() {
     // 50 concurrent requests estimating 1,000 tokens each against 10,000 TPM: 10 admitted.
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("tpm", key::global(), Quota::per_minute(10_000).tokens()))
+        .rule(Rule::new(
+            "tpm",
+            key::global(),
+            Quota::per_minute(10_000).tokens(),
+        ))
         .cost(cost::extension())
         .store(MemoryStore::builder().clock(ManualClock::new()).build())
         .build()
@@ -133,7 +153,11 @@ async fn fifty_concurrent_token_requests_fit_ten() {
     }
     let mut admitted = 0;
     for t in tasks {
-        let res = tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if res.status() == StatusCode::OK {
             admitted += 1;
         }

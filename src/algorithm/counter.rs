@@ -89,7 +89,14 @@ impl SlidingWindowCounter {
         Placement(self.window)
     }
 
-    pub(super) fn adjust(&mut self, l: &Limits, now: u64, at: Placement, charged: u64, actual: u64) {
+    pub(super) fn adjust(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        at: Placement,
+        charged: u64,
+        actual: u64,
+    ) {
         self.roll(l.window_nanos, now);
         if actual > charged {
             self.current = self.current.saturating_add(actual - charged);
@@ -148,7 +155,12 @@ mod tests {
             assert_eq!(c.check(&l, S, 1), Verdict::Allow);
             c.charge(&l, S, 1);
         }
-        assert!(matches!(c.check(&l, S, 1), Verdict::Deny { retry_after: Some(_) }));
+        assert!(matches!(
+            c.check(&l, S, 1),
+            Verdict::Deny {
+                retry_after: Some(_)
+            }
+        ));
         assert_eq!(c.peek(&l, S).remaining, 0);
     }
 

@@ -93,8 +93,18 @@ mod tests {
             assert_eq!(g.check(&l, 0, 1), Verdict::Allow);
             g.charge(&l, 0, 1);
         }
-        assert_eq!(g.check(&l, 0, 1), Verdict::Deny { retry_after: Some(S) });
-        assert_eq!(g.check(&l, 0, 3), Verdict::Deny { retry_after: Some(3 * S) });
+        assert_eq!(
+            g.check(&l, 0, 1),
+            Verdict::Deny {
+                retry_after: Some(S)
+            }
+        );
+        assert_eq!(
+            g.check(&l, 0, 3),
+            Verdict::Deny {
+                retry_after: Some(3 * S)
+            }
+        );
         assert_eq!(g.peek(&l, S / 2).remaining, 0);
         assert_eq!(g.peek(&l, S).remaining, 1);
         assert_eq!(g.peek(&l, 0).reset_after_nanos, 10 * S);

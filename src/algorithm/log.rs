@@ -78,7 +78,14 @@ impl SlidingWindowLog {
         self.total = self.total.saturating_add(cost);
     }
 
-    pub(super) fn adjust(&mut self, l: &Limits, now: u64, at: Placement, charged: u64, actual: u64) {
+    pub(super) fn adjust(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        at: Placement,
+        charged: u64,
+        actual: u64,
+    ) {
         self.prune(l.window_nanos, now);
         if actual > charged {
             self.add(now, actual - charged);

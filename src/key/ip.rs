@@ -32,7 +32,9 @@ impl FromStr for IpNet {
             Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
             None => (s, None),
         };
-        let addr = IpAddr::from_str(addr.trim()).map_err(|_| bad())?.to_canonical();
+        let addr = IpAddr::from_str(addr.trim())
+            .map_err(|_| bad())?
+            .to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
         if prefix > max {
@@ -56,12 +58,16 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
             IpAddr::V4((bits & m).into())
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix.min(128))).unwrap_or(0);
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }
@@ -212,7 +218,9 @@ impl ClientIp {
 fn forwarded_for(element: &str) -> Option<IpAddr> {
     element.split(';').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("for").then(|| parse_node(v))?
+        k.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| parse_node(v))?
     })
 }
 
@@ -247,9 +255,11 @@ impl KeyExtractor for ClientIp {
         let peer = self.peer_ip(req.extensions())?;
         let ip = self.client(req, peer);
         Some(match ip {
-            IpAddr::V6(_) if self.ipv6_prefix < 128 => {
-                Key::from(format!("{}/{}", mask(ip, self.ipv6_prefix), self.ipv6_prefix))
-            }
+            IpAddr::V6(_) if self.ipv6_prefix < 128 => Key::from(format!(
+                "{}/{}",
+                mask(ip, self.ipv6_prefix),
+                self.ipv6_prefix
+            )),
             _ => Key::from(ip.to_string()),
         })
     }
@@ -260,7 +270,10 @@ impl KeyExtractor for ClientIp {
 
     fn validate(&self) -> Result<(), String> {
         if self.ipv6_prefix > 128 {
-            return Err(format!("ipv6_prefix must be <= 128, got {}", self.ipv6_prefix));
+            return Err(format!(
+                "ipv6_prefix must be <= 128, got {}",
+                self.ipv6_prefix
+            ));
         }
         match self.errors.first() {
             Some(e) => Err(e.clone()),
@@ -281,7 +294,8 @@ mod tests {
         }
         let mut req = b.body(()).unwrap();
         req.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
-        ip.extract(&RequestView::from_request(&req)).map(|k| k.to_string())
+        ip.extract(&RequestView::from_request(&req))
+            .map(|k| k.to_string())
     }
 
     #[test]
@@ -294,7 +308,10 @@ mod tests {
     #[test]
     fn walks_the_chain_from_the_right() {
         let ip = client_ip().trust_proxies(["10.0.0.0/8", "192.168.1.1"]);
-        let xff = [("x-forwarded-for", "6.6.6.6, 203.0.113.9"), ("x-forwarded-for", "192.168.1.1")];
+        let xff = [
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
+            ("x-forwarded-for", "192.168.1.1"),
+        ];
         // The client forged 6.6.6.6; the first untrusted address from the right wins.
         assert_eq!(key(&ip, "10.0.0.1:1", &xff).as_deref(), Some("203.0.113.9"));
         // All trusted: the leftmost hop.
@@ -309,21 +326,37 @@ mod tests {
     fn forwarded_header_wins_and_ipv6_is_grouped() {
         let ip = client_ip().trust_proxy("::1");
         let fwd = [
-            ("forwarded", r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https, for=unknown"#),
+            (
+                "forwarded",
+                r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https, for=unknown"#,
+            ),
             ("x-forwarded-for", "9.9.9.9"),
         ];
         // `unknown` (rightmost) stops the walk at the peer.
         assert_eq!(key(&ip, "[::1]:1", &fwd).as_deref(), Some("::/64"));
-        let fwd = [("forwarded", r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https"#)];
-        assert_eq!(key(&ip, "[::1]:1", &fwd).as_deref(), Some("2001:db8:cafe:1::/64"));
+        let fwd = [(
+            "forwarded",
+            r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https"#,
+        )];
+        assert_eq!(
+            key(&ip, "[::1]:1", &fwd).as_deref(),
+            Some("2001:db8:cafe:1::/64")
+        );
         let exact = client_ip().trust_proxy("::1").ipv6_prefix(128);
-        assert_eq!(key(&exact, "[::1]:1", &fwd).as_deref(), Some("2001:db8:cafe:1:2:3:4:5"));
+        assert_eq!(
+            key(&exact, "[::1]:1", &fwd).as_deref(),
+            Some("2001:db8:cafe:1:2:3:4:5")
+        );
     }
 
     #[test]
     fn ipv4_mapped_peers_match_v4_cidrs() {
         let ip = client_ip().trust_proxy("127.0.0.1");
-        let got = key(&ip, "[::ffff:127.0.0.1]:1", &[("x-forwarded-for", "8.8.8.8")]);
+        let got = key(
+            &ip,
+            "[::ffff:127.0.0.1]:1",
+            &[("x-forwarded-for", "8.8.8.8")],
+        );
         assert_eq!(got.as_deref(), Some("8.8.8.8"));
     }
 
@@ -332,6 +365,9 @@ mod tests {
         assert!(client_ip().trust_proxy("10.0.0.0/33").validate().is_err());
         assert!(client_ip().trust_proxy("nope").validate().is_err());
         assert!(client_ip().trust_proxy("10.0.0.0/8").validate().is_ok());
-        assert_eq!(key(&client_ip(), "1.2.3.4:5", &[]).as_deref(), Some("1.2.3.4"));
+        assert_eq!(
+            key(&client_ip(), "1.2.3.4:5", &[]).as_deref(),
+            Some("1.2.3.4")
+        );
     }
 }

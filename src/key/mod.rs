@@ -217,7 +217,12 @@ pub trait KeyExtractorExt: KeyExtractor + Sized {
 impl<K: KeyExtractor> KeyExtractorExt for K {}
 
 /// Credential headers whose absence answers 401 rather than 400.
-const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "proxy-authorization", "x-api-key", "api-key"];
+const CREDENTIAL_HEADERS: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+];
 
 /// The value of a request header as the key. See [`header`].
 #[derive(Debug, Clone)]
@@ -414,11 +419,23 @@ mod tests {
 
     #[test]
     fn header_trims_and_treats_empty_as_missing() {
-        let req = Request::builder().header("x-api-key", "  k1 ").body(()).unwrap();
-        assert_eq!(header("X-Api-Key").extract(&view_of(&req)), Some(Key::from("k1")));
-        let req = Request::builder().header("x-api-key", "  ").body(()).unwrap();
+        let req = Request::builder()
+            .header("x-api-key", "  k1 ")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            header("X-Api-Key").extract(&view_of(&req)),
+            Some(Key::from("k1"))
+        );
+        let req = Request::builder()
+            .header("x-api-key", "  ")
+            .body(())
+            .unwrap();
         assert_eq!(header("x-api-key").extract(&view_of(&req)), None);
-        assert_eq!(header("x-api-key").missing_status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            header("x-api-key").missing_status(),
+            StatusCode::UNAUTHORIZED
+        );
         assert_eq!(header("x-model").missing_status(), StatusCode::BAD_REQUEST);
         assert!(header("bad name").validate().is_err());
     }
@@ -434,7 +451,10 @@ mod tests {
             ("Bearerabc", None),
         ];
         for (value, want) in cases {
-            let req = Request::builder().header("authorization", value).body(()).unwrap();
+            let req = Request::builder()
+                .header("authorization", value)
+                .body(())
+                .unwrap();
             let got = bearer_token().extract(&view_of(&req));
             assert_eq!(got, want.map(Key::from), "{value:?}");
         }
@@ -443,7 +463,11 @@ mod tests {
     #[test]
     fn composite_is_injective() {
         let k = |a: &'static str, b: &'static str| {
-            let req = Request::builder().header("a", a).header("b", b).body(()).unwrap();
+            let req = Request::builder()
+                .header("a", a)
+                .header("b", b)
+                .body(())
+                .unwrap();
             header("a").and(header("b")).extract(&view_of(&req))
         };
         assert_ne!(k("ab", "c"), k("a", "bc"));

@@ -442,7 +442,10 @@ mod tests {
         let q = Quota::per_second(5);
         for user in ["a", "b", "c"] {
             let k = BucketKey::new("r", user);
-            assert!(s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap().is_admitted());
+            assert!(s
+                .try_acquire(&[Charge::new(&k, &q, 1)])
+                .unwrap()
+                .is_admitted());
         }
         assert_eq!(s.len(), 3);
         // 61 s later the next request triggers a sweep: the three idle buckets go.
@@ -456,7 +459,11 @@ mod tests {
     fn at_capacity_new_keys_fail_and_existing_keys_work() {
         let (s, clock) = store(2);
         let q = Quota::per_minute(10);
-        let (a, b, c) = (BucketKey::new("r", "a"), BucketKey::new("r", "b"), BucketKey::new("r", "c"));
+        let (a, b, c) = (
+            BucketKey::new("r", "a"),
+            BucketKey::new("r", "b"),
+            BucketKey::new("r", "c"),
+        );
         s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
         s.try_acquire(&[Charge::new(&b, &q, 1)]).unwrap();
         assert_eq!(
@@ -468,7 +475,10 @@ mod tests {
         assert_eq!(d.charges[0].snapshot.remaining, 8);
         // Once a and b are idle, a new key evicts them through a forced sweep.
         clock.advance(Duration::from_secs(121));
-        assert!(s.try_acquire(&[Charge::new(&c, &q, 1)]).unwrap().is_admitted());
+        assert!(s
+            .try_acquire(&[Charge::new(&c, &q, 1)])
+            .unwrap()
+            .is_admitted());
         assert_eq!(s.len(), 1);
     }
 
@@ -488,7 +498,10 @@ mod tests {
             .try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&b, &small, 1)])
             .unwrap();
         assert_eq!(d.denial.map(|d| d.index), Some(1));
-        assert_eq!(d.charges[0].snapshot.remaining, 99, "nothing charged on denial");
+        assert_eq!(
+            d.charges[0].snapshot.remaining, 99,
+            "nothing charged on denial"
+        );
         let dup = s.try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&a, &big, 1)]);
         assert!(matches!(dup, Err(StoreError::DuplicateBucket(_))));
     }

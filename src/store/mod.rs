@@ -243,7 +243,9 @@ impl<T> Future for StoreFuture<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         // `StoreFuture` is Unpin: the pending variant is already boxed.
         match self.get_mut() {
-            StoreFuture::Ready(v) => Poll::Ready(v.take().expect("StoreFuture polled after completion")),
+            StoreFuture::Ready(v) => {
+                Poll::Ready(v.take().expect("StoreFuture polled after completion"))
+            }
             StoreFuture::Pending(f) => f.as_mut().poll(cx),
         }
     }
