@@ -147,7 +147,7 @@ impl Shared {
         plan: &Plan,
         result: Result<Decision, StoreError>,
         grpc: bool,
-    ) -> Result<HeaderMap, Response<Full<Bytes>>> {
+    ) -> Result<HeaderMap, Box<Response<Full<Bytes>>>> {
         let tier = plan.tier.as_ref().map(Tier::as_str);
         let decision = match result {
             Ok(d) => d,
@@ -165,10 +165,12 @@ impl Shared {
                 }
                 let mut h = HeaderMap::new();
                 headers::write_retry_after(&mut h, Duration::from_secs(1));
-                return Err(Rejection::StoreUnavailable {
-                    message: format!("Rate limiting is unavailable: {e}. Please try again."),
-                }
-                .into_response(grpc, h));
+                return Err(Box::new(
+                    Rejection::StoreUnavailable {
+                        message: format!("Rate limiting is unavailable: {e}. Please try again."),
+                    }
+                    .into_response(grpc, h),
+                ));
             }
         };
         let mut h = HeaderMap::new();
@@ -227,16 +229,18 @@ impl Shared {
         );
         // A request that can never fit is told to wait a whole window, never 0.
         headers::write_retry_after(&mut h, denial.retry_after.unwrap_or(p.quota.window()));
-        Err(Rejection::rate_limited(
-            rule,
-            p.quota.unit().as_str(),
-            snapshot.limit,
-            p.quota.window(),
-            snapshot.limit.saturating_sub(snapshot.remaining),
-            p.amount,
-            denial.retry_after,
-        )
-        .into_response(grpc, h))
+        Err(Box::new(
+            Rejection::rate_limited(
+                rule,
+                p.quota.unit().as_str(),
+                snapshot.limit,
+                p.quota.window(),
+                snapshot.limit.saturating_sub(snapshot.remaining),
+                p.amount,
+                denial.retry_after,
+            )
+            .into_response(grpc, h),
+        ))
     }
 }
 
@@ -277,7 +281,7 @@ where
             // A synchronous store (memory): no allocation, no task switch.
             Ok(result) => match shared.conclude(&plan, result, grpc) {
                 Ok(headers) => ResponseFuture::inner(self.inner.call(req), headers),
-                Err(response) => ResponseFuture::rejected(response),
+                Err(response) => ResponseFuture::rejected(*response),
             },
             Err(pending) => {
                 // The inner service is called after the decision: take the instance that
@@ -289,7 +293,7 @@ where
                     let result = pending.await;
                     match shared.conclude(&plan, result, grpc) {
                         Ok(headers) => Next::Call(inner.call(req), headers),
-                        Err(response) => Next::Reject(response),
+                        Err(response) => Next::Reject(*response),
                     }
                 }))
             }

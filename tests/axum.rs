@@ -136,7 +136,7 @@ async fn n_plus_k_requests_admit_n() {
             "{msg}"
         );
         let retry: u64 = h(&r, "retry-after").parse().unwrap();
-        assert!(retry >= 1 && retry <= 7200, "{retry}");
+        assert!((1..=7200).contains(&retry), "{retry}");
         let retry_ms: u64 = h(&r, "retry-after-ms").parse().unwrap();
         assert!(retry_ms.div_ceil(1000) == retry, "{retry_ms} vs {retry}");
         assert_eq!(h(&r, "x-ratelimit-remaining-requests"), "0");
