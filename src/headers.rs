@@ -35,7 +35,16 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_llm_ratelimit::headers::go_duration;
+//! use tower_llm_ratelimit::headers::{go_duration, HeaderStyle};
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! // Only OpenAI-style headers (the default is both styles).
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("rpm", key::global(), Quota::per_minute(60)))
+//!     .headers(HeaderStyle::OPENAI)
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
 //!
 //! assert_eq!(go_duration(Duration::from_secs(360)), "6m0s");
 //! assert_eq!(go_duration(Duration::from_millis(12)), "12ms");

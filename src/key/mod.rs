@@ -40,6 +40,9 @@
 //! assert!(per_user_model.extract(&view).is_some());
 //! assert_eq!(per_user_model.describe(), "bearer token x header `x-model`");
 //!
+//! // One bucket for everyone (a service-wide or per-model global limit).
+//! assert_eq!(key::global().extract(&view).unwrap().as_bytes(), b"*");
+//!
 //! // Any closure over the request.
 //! let by_path = key::from_fn(|req: &RequestView<'_>| Some(req.uri().path().to_owned()));
 //! assert_eq!(by_path.extract(&view).unwrap().as_bytes(), b"/");
