@@ -83,9 +83,13 @@ impl Rejection {
                 "missing_rate_limit_key",
                 message,
             ),
-            Rejection::Cost { status, message } => {
-                (status, 3, "invalid_request_error", "invalid_cost", message)
-            }
+            Rejection::Cost { status, message } => (
+                status,
+                grpc_code(status),
+                "invalid_request_error",
+                "invalid_cost",
+                message,
+            ),
             Rejection::StoreUnavailable { message } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 14,
@@ -101,6 +105,20 @@ impl Rejection {
         };
         response.headers_mut().extend(headers);
         response
+    }
+}
+
+/// The gRPC status for an HTTP status (the gRPC "HTTP to gRPC status code mapping", extended
+/// to the statuses a rejection can carry).
+fn grpc_code(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 5,        // NOT_FOUND
+        413 | 429 => 8,  // RESOURCE_EXHAUSTED
+        503 => 14,       // UNAVAILABLE
+        500..=599 => 13, // INTERNAL
+        _ => 3,          // INVALID_ARGUMENT
     }
 }
 
@@ -183,5 +201,8 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "8");
         assert_eq!(percent_encode("a%b\né"), "a%25b%0A%C3%A9");
+        assert_eq!(grpc_code(StatusCode::UNAUTHORIZED), 16);
+        assert_eq!(grpc_code(StatusCode::FORBIDDEN), 7);
+        assert_eq!(grpc_code(StatusCode::BAD_REQUEST), 3);
     }
 }
