@@ -1,1 +1,321 @@
-fn main(){}
+//! Per-decision cost of [`MemoryStore::try_acquire`] (the synchronous path behind
+//! `Store::acquire` that the layer uses) for each algorithm, next to the peer `governor` keyed
+//! limiter (`DefaultKeyedRateLimiter`: a `DashMap` keyed with std's `RandomState`, like ours).
+//!
+//! ```text
+//! cargo bench --bench algorithms
+//! ```
+//!
+//! Groups (one `BenchmarkId` per variant, `memory_store/<algorithm>` or `governor/<method>`):
+//!
+//! - `hot_key`: one key, cost 1;
+//! - `1m_keys`: 1,000,000 distinct keys, pre-populated, visited round-robin, cost 1;
+//! - `weighted`: one key, a 1,000,000 tokens/minute rule charged 37 tokens per call;
+//! - `multi_charge_3_rules`: one request charging three rules at once (all-or-nothing path);
+//! - `clock`: what reading each clock costs on its own, to read the groups above.
+//!
+//! Every decision measured is admitted: the work timed is the real charge path, never the
+//! cheaper always-deny path (each benchmark asserts it once after warming up).
+//!
+//! Keys: [`BucketKey`] values are built up front. The layer builds one per rule per request
+//! (an `Arc` clone of the rule name and one small allocation for the key), but governor's keys
+//! are pre-built too, so both sides are timed on the decision alone. Governor is keyed by the
+//! same `BucketKey` type so both sides hash the same bytes with the same (keyed) hasher.
+//!
+//! Idle sweeps: the store's amortised sweep is pushed out to one hour (`sweep_interval`). It is
+//! not per-decision work, and governor's equivalent (`retain_recent`) only runs when called.
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
+use governor::clock::{Clock as _, DefaultClock, FakeRelativeClock};
+use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
+use tower_llm_ratelimit::clock::{Clock, ManualClock, SystemClock};
+use tower_llm_ratelimit::store::{BucketKey, Charge, MemoryStore};
+use tower_llm_ratelimit::Quota;
+
+type Group<'a> = BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Distinct keys in the `1m_keys` group.
+const KEYS: usize = 1_000_000;
+
+/// "Unlimited" for cost-1 comparisons with governor: governor's largest burst (`u32::MAX`)
+/// per minute. Governor refills one cell every 13 ns; ours, as GCRA, one unit every 14 ns
+/// (rounded up). With a real clock the run never gets near the bucket's bottom, so every
+/// decision is admitted and does the full charge.
+const HUGE: u32 = u32::MAX;
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).expect("non-zero")
+}
+
+/// Our quota for `algorithm`, cost-1 groups: `HUGE` per minute.
+///
+/// The sliding window log keeps one entry per distinct instant in its window. Driven by the
+/// real clock at tens of millions of decisions a second, a 60 s window would hold ~10^9
+/// entries by the end of the run, so the log gets a 10 ms window instead: its steady state is
+/// the realistic one (each decision pushes one entry and prunes the expired ones), with a
+/// bounded log (hot key) and at most one live entry per key (1M keys, where each key comes
+/// back every ~0.1 s). The limit is still never reached.
+fn huge_quota(algorithm: &str) -> Quota {
+    let per_minute = Quota::per_minute(u64::from(HUGE));
+    match algorithm {
+        "sliding_window_counter" => per_minute.sliding_window_counter(),
+        "sliding_window_log" => {
+            Quota::new(u64::from(HUGE), Duration::from_millis(10)).sliding_window_log()
+        }
+        "gcra" => per_minute.gcra(),
+        other => unreachable!("{other}"),
+    }
+}
+
+const ALGORITHMS: [&str; 3] = ["sliding_window_counter", "sliding_window_log", "gcra"];
+
+/// A store reading `clock`, big enough for the 1M-key group, that never sweeps during a run.
+fn store(clock: impl Clock) -> MemoryStore {
+    MemoryStore::builder()
+        .clock(clock)
+        .max_keys(2 * KEYS)
+        .sweep_interval(Duration::from_secs(3600))
+        .build()
+}
+
+/// One decision through the store, asserting it was admitted (outside the timed loop).
+fn assert_admitted(store: &MemoryStore, charges: &[Charge<'_>]) {
+    let d = store.try_acquire(charges).expect("store error");
+    assert!(d.is_admitted(), "benchmark decision denied: {d:?}");
+}
+
+fn governor_keyed(quota: GovernorQuota) -> DefaultKeyedRateLimiter<BucketKey> {
+    RateLimiter::keyed(quota)
+}
+
+/// (a) One hot key, cost 1. Clocks: our [`SystemClock`] (the store's default, what the layer
+/// runs with) against governor's default clock (quanta); see the `clock` group for what each
+/// read costs.
+fn hot_key(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hot_key");
+    configure(&mut g);
+    let key = BucketKey::new("rpm", "user-42");
+    for algorithm in ALGORITHMS {
+        let s = store(SystemClock::new());
+        let quota = huge_quota(algorithm);
+        let charges = [Charge::new(&key, &quota, 1)];
+        assert_admitted(&s, &charges);
+        g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
+            b.iter(|| s.try_acquire(black_box(&charges)))
+        });
+        assert_admitted(&s, &charges);
+    }
+
+    let gov = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+    assert!(gov.check_key(&key).is_ok());
+    g.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
+        b.iter(|| gov.check_key(black_box(&key)))
+    });
+    let one = nz(1);
+    g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
+        b.iter(|| gov.check_key_n(black_box(&key), black_box(one)))
+    });
+    assert!(gov.check_key(&key).is_ok());
+    g.finish();
+}
+
+/// (b) 1,000,000 distinct keys, pre-populated, visited round-robin (each decision misses the
+/// caches the way a large key space does), cost 1. Same clocks as `hot_key`. Each store is
+/// dropped before the next is built, so at most one 1M-bucket map is alive at a time.
+fn many_keys(c: &mut Criterion) {
+    let mut g = c.benchmark_group("1m_keys");
+    configure(&mut g);
+    let rule: std::sync::Arc<str> = "rpm".into();
+    let keys: Vec<BucketKey> = (0..KEYS)
+        .map(|i| BucketKey::new(rule.clone(), format!("user-{i:07}")))
+        .collect();
+
+    for algorithm in ALGORITHMS {
+        let s = store(SystemClock::new());
+        let quota = huge_quota(algorithm);
+        for k in &keys {
+            assert_admitted(&s, &[Charge::new(k, &quota, 1)]);
+        }
+        assert_eq!(s.len(), KEYS);
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
+            b.iter(|| {
+                let d = s.try_acquire(&[Charge::new(&keys[i], &quota, 1)]);
+                i += 1;
+                if i == KEYS {
+                    i = 0;
+                }
+                d
+            })
+        });
+        assert_admitted(&s, &[Charge::new(&keys[i], &quota, 1)]);
+        assert_eq!(s.len(), KEYS, "no bucket was created or evicted while measuring");
+    }
+
+    {
+        let gov = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+        for k in &keys {
+            assert!(gov.check_key(k).is_ok());
+        }
+        assert_eq!(gov.len(), KEYS);
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
+            b.iter(|| {
+                let d = gov.check_key(&keys[i]);
+                i += 1;
+                if i == KEYS {
+                    i = 0;
+                }
+                d
+            })
+        });
+        let one = nz(1);
+        g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
+            b.iter(|| {
+                let d = gov.check_key_n(&keys[i], black_box(one));
+                i += 1;
+                if i == KEYS {
+                    i = 0;
+                }
+                d
+            })
+        });
+        assert!(gov.check_key(&keys[i]).is_ok());
+    }
+    g.finish();
+}
+
+/// Weighted-cost group: 1,000,000 tokens per minute, 37 tokens per call.
+const TPM: u32 = 1_000_000;
+const COST: u32 = 37;
+/// Simulated time between two calls: twice what 37 tokens take to refill (2.22 ms), so the
+/// rule runs at half its capacity and every decision is admitted.
+const STEP: Duration = Duration::from_micros(4_440);
+
+/// (c) Weighted cost, hot key: a real token rule (1,000,000 tokens/minute, 37 tokens a call),
+/// so the clock must be simulated: ours runs on a [`ManualClock`], governor on its
+/// [`FakeRelativeClock`], each advanced by [`STEP`] inside the timed loop (one atomic
+/// read-modify-write on both sides, ~the cost of a clock read; see the `clock` group).
+fn weighted(c: &mut Criterion) {
+    let mut g = c.benchmark_group("weighted");
+    configure(&mut g);
+    let key = BucketKey::new("tpm", "user-42");
+    for algorithm in ALGORITHMS {
+        let clock = ManualClock::new();
+        let s = store(clock.clone());
+        let quota = Quota::per_minute(u64::from(TPM)).tokens();
+        let quota = match algorithm {
+            "sliding_window_counter" => quota.sliding_window_counter(),
+            "sliding_window_log" => quota.sliding_window_log(),
+            _ => quota.gcra(),
+        };
+        let charges = [Charge::new(&key, &quota, u64::from(COST))];
+        g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
+            b.iter(|| {
+                clock.advance(STEP);
+                s.try_acquire(black_box(&charges))
+            })
+        });
+        clock.advance(STEP);
+        assert_admitted(&s, &charges);
+    }
+
+    let clock = FakeRelativeClock::default();
+    let gov: RateLimiter<BucketKey, _, _, _> =
+        RateLimiter::dashmap_with_clock(GovernorQuota::per_minute(nz(TPM)), clock.clone());
+    let n = nz(COST);
+    g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
+        b.iter(|| {
+            clock.advance(STEP);
+            gov.check_key_n(black_box(&key), black_box(n))
+        })
+    });
+    clock.advance(STEP);
+    assert!(matches!(gov.check_key_n(&key, n), Ok(Ok(_))));
+    g.finish();
+}
+
+/// (d) One request charging three rules of the same algorithm at once (per-user requests,
+/// per-user tokens, per-model tokens): the all-or-nothing multi-bucket path. Real clocks and
+/// huge limits, as in `hot_key`. Governor has no all-or-nothing check; three sequential
+/// `check_key`/`check_key_n` calls on three limiters are shown as a lower bound, not an
+/// equivalent.
+fn multi_charge(c: &mut Criterion) {
+    let mut g = c.benchmark_group("multi_charge_3_rules");
+    configure(&mut g);
+    let user_rpm = BucketKey::new("user-rpm", "user-42");
+    let user_tpm = BucketKey::new("user-tpm", "user-42");
+    let model_tpm = BucketKey::new("model-tpm", "gpt-4o");
+    for algorithm in ALGORITHMS {
+        let s = store(SystemClock::new());
+        let rpm = huge_quota(algorithm);
+        let tpm = rpm.tokens();
+        let charges = [
+            Charge::new(&user_rpm, &rpm, 1),
+            Charge::new(&user_tpm, &tpm, u64::from(COST)),
+            Charge::new(&model_tpm, &tpm, u64::from(COST)),
+        ];
+        assert_admitted(&s, &charges);
+        g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
+            b.iter(|| s.try_acquire(black_box(&charges)))
+        });
+        assert_admitted(&s, &charges);
+    }
+
+    let rpm = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+    let tpm = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+    let model = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+    let n = nz(COST);
+    g.bench_function(BenchmarkId::new("governor", "3_sequential_checks"), |b| {
+        b.iter(|| {
+            rpm.check_key(black_box(&user_rpm)).is_ok()
+                && matches!(tpm.check_key_n(black_box(&user_tpm), n), Ok(Ok(_)))
+                && matches!(model.check_key_n(black_box(&model_tpm), n), Ok(Ok(_)))
+        })
+    });
+    g.finish();
+}
+
+/// What one clock read costs: our clocks, and governor's.
+fn clocks(c: &mut Criterion) {
+    let mut g = c.benchmark_group("clock");
+    configure(&mut g);
+    g.measurement_time(Duration::from_secs(1));
+    let system: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock::new());
+    g.bench_function("system_clock_now", |b| {
+        b.iter(|| black_box(&system).now_nanos())
+    });
+    let manual = ManualClock::new();
+    g.bench_function("manual_clock_advance_and_now", |b| {
+        b.iter(|| {
+            manual.advance(STEP);
+            black_box(&manual).now_nanos()
+        })
+    });
+    let quanta = DefaultClock::default();
+    g.bench_function("governor_default_clock_now", |b| {
+        b.iter(|| black_box(&quanta).now())
+    });
+    let fake = FakeRelativeClock::default();
+    g.bench_function("governor_fake_clock_advance_and_now", |b| {
+        b.iter(|| {
+            fake.advance(STEP);
+            black_box(&fake).now()
+        })
+    });
+    g.finish();
+}
+
+/// Short, stable runs: the whole bench finishes in a few minutes on 2 cores.
+fn configure(g: &mut Group<'_>) {
+    g.warm_up_time(Duration::from_millis(700))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+}
+
+criterion_group!(benches, hot_key, many_keys, weighted, multi_charge, clocks);
+criterion_main!(benches);

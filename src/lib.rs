@@ -117,7 +117,9 @@
 //!   `into_make_service_with_connect_info::<SocketAddr>()` and enable `axum`.
 //! - hyper: wrap with `tower::ServiceBuilder` and `hyper_util::service::TowerToHyperService`;
 //!   insert [`key::PeerAddr`] per connection (see `examples/hyper.rs`).
-//! - tonic: `Server::builder().layer(layer)` (see `examples/tonic.rs`).
+//! - tonic: `Server::builder().layer(layer)` (see `examples/tonic.rs`). tonic puts the peer
+//!   address in its own `TcpConnectInfo` extension; for [`key::client_ip`] read it with
+//!   `client_ip().peer_from(|ext| ext.get::<TcpConnectInfo>()?.remote_addr().map(|a| a.ip()))`.
 //!
 //! [tower]: https://docs.rs/tower
 

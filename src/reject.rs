@@ -3,7 +3,7 @@
 //! | why | HTTP | gRPC (`grpc-status`) | `error.type` / `error.code` |
 //! |---|---|---|---|
 //! | a rule denied | 429 + `Retry-After`, `retry-after-ms` | 8 `RESOURCE_EXHAUSTED` | `requests` or `tokens` / `rate_limit_exceeded` |
-//! | a key is missing | the extractor's status (401 / 400) | 16 `UNAUTHENTICATED` / 3 `INVALID_ARGUMENT` | `invalid_request_error` / `missing_rate_limit_key` |
+//! | a key is missing | the extractor's status (401 / 400) | mapped from the status: 401 → 16 `UNAUTHENTICATED`, 403 → 7, 400 → 3 `INVALID_ARGUMENT`, ... | `invalid_request_error` / `missing_rate_limit_key` |
 //! | the cost can't be estimated | the estimator's status (400) | 3 `INVALID_ARGUMENT` | `invalid_request_error` / `invalid_cost` |
 //! | the store failed (fail-closed) | 503 + `Retry-After: 1` | 14 `UNAVAILABLE` | `server_error` / `rate_limit_unavailable` |
 //!
