@@ -41,22 +41,42 @@ use http::StatusCode;
 
 use crate::key::RequestView;
 
-/// The estimated cost of one request.
+/// The estimated cost of one request, in tokens: what the prompt takes (input) and what the
+/// answer may take (output, usually the reservation `max_tokens x n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Cost {
-    tokens: u64,
+    input_tokens: u64,
+    output_tokens: u64,
 }
 
 impl Cost {
-    /// A cost of `tokens` tokens.
+    /// A cost of `tokens` tokens in all (counted as input).
     pub const fn tokens_of(tokens: u64) -> Self {
-        Self { tokens }
+        Self::new(tokens, 0)
     }
 
-    /// The tokens charged to token rules.
+    /// A cost of `input_tokens` prompt tokens and `output_tokens` reserved for the answer.
+    pub const fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            output_tokens,
+        }
+    }
+
+    /// All tokens: input plus output.
     pub const fn tokens(&self) -> u64 {
-        self.tokens
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
+    /// Prompt tokens.
+    pub const fn input_tokens(&self) -> u64 {
+        self.input_tokens
+    }
+
+    /// Output tokens reserved.
+    pub const fn output_tokens(&self) -> u64 {
+        self.output_tokens
     }
 }
 
@@ -91,6 +111,12 @@ impl std::error::Error for CostError {}
 pub trait CostEstimator: Send + Sync + 'static {
     /// The cost of `req`.
     fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError>;
+
+    /// True when the estimate reads the request body ([`RequestView::json`]): the layer then
+    /// buffers the body (bounded) before deciding.
+    fn needs_body(&self) -> bool {
+        false
+    }
 }
 
 /// A token estimate as a request extension. See [`extension`].

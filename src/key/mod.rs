@@ -55,6 +55,7 @@ pub use self::ip::{client_ip, ClientIp, PeerAddr};
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{HeaderName, AUTHORIZATION};
 use http::{Extensions, HeaderMap, Method, Request, StatusCode, Uri};
 
@@ -121,13 +122,18 @@ impl From<Vec<u8>> for Key {
     }
 }
 
-/// What an extractor may look at: a request's method, URI, headers and extensions, borrowed.
+/// What an extractor may look at: a request's method, URI, headers and extensions, borrowed;
+/// and, when some rule or the cost estimator asked for it ([`KeyExtractor::needs_body`],
+/// [`crate::cost::CostEstimator::needs_body`]), the buffered body and its JSON parse (done
+/// once per request, shared by every rule).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
     method: &'a Method,
     uri: &'a Uri,
     headers: &'a HeaderMap,
     extensions: &'a Extensions,
+    body: Option<&'a Bytes>,
+    json: Option<&'a serde_json::Value>,
 }
 
 impl<'a> RequestView<'a> {
@@ -138,6 +144,8 @@ impl<'a> RequestView<'a> {
             uri: req.uri(),
             headers: req.headers(),
             extensions: req.extensions(),
+            body: None,
+            json: None,
         }
     }
 
@@ -148,7 +156,28 @@ impl<'a> RequestView<'a> {
             uri: &parts.uri,
             headers: &parts.headers,
             extensions: &parts.extensions,
+            body: None,
+            json: None,
         }
+    }
+
+    /// The same view with the buffered body and, if it parsed as JSON, its value.
+    pub fn with_body(self, body: &'a Bytes, json: Option<&'a serde_json::Value>) -> Self {
+        Self {
+            body: Some(body),
+            json,
+            ..self
+        }
+    }
+
+    /// The buffered request body, when the layer inspected it.
+    pub fn body(&self) -> Option<&'a Bytes> {
+        self.body
+    }
+
+    /// The request body parsed as JSON, when the layer inspected it and it is JSON.
+    pub fn json(&self) -> Option<&'a serde_json::Value> {
+        self.json
     }
 
     /// The method.
@@ -191,6 +220,12 @@ pub trait KeyExtractor: Send + Sync + 'static {
     fn validate(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// True when the key comes from the request body ([`RequestView::json`]): the layer then
+    /// buffers the body (bounded) before deciding.
+    fn needs_body(&self) -> bool {
+        false
+    }
 }
 
 impl<K: KeyExtractor + ?Sized> KeyExtractor for Arc<K> {
@@ -205,6 +240,9 @@ impl<K: KeyExtractor + ?Sized> KeyExtractor for Arc<K> {
     }
     fn validate(&self) -> Result<(), String> {
         (**self).validate()
+    }
+    fn needs_body(&self) -> bool {
+        (**self).needs_body()
     }
 }
 
@@ -409,6 +447,10 @@ impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for Composite<A, B> {
 
     fn validate(&self) -> Result<(), String> {
         self.0.validate().and(self.1.validate())
+    }
+
+    fn needs_body(&self) -> bool {
+        self.0.needs_body() || self.1.needs_body()
     }
 }
 
