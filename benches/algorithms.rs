@@ -9,6 +9,7 @@
 //! Groups (one `BenchmarkId` per variant, `memory_store/<algorithm>` or `governor/<method>`):
 //!
 //! - `hot_key`: one key, cost 1;
+//! - `hot_key_fixed_clock`: the same with both clocks standing still (no clock cost);
 //! - `1m_keys`: 1,000,000 distinct keys, pre-populated, visited round-robin, cost 1;
 //! - `weighted`: one key, a 1,000,000 tokens/minute rule charged 37 tokens per call;
 //! - `multi_charge_3_rules`: one request charging three rules at once (all-or-nothing path);
@@ -27,6 +28,7 @@
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
@@ -123,68 +125,106 @@ fn hot_key(c: &mut Criterion) {
     g.finish();
 }
 
+/// (a') `hot_key` with the clocks taken out: ours on a [`ManualClock`], governor on its
+/// [`FakeRelativeClock`], both standing still (a plain atomic load per read on each side), so
+/// what remains is the map, the lock and the algorithm. Still admitted throughout: at a fixed
+/// instant the huge limit takes ~4 x 10^9 decisions to exhaust. The sliding window log is left
+/// out: at one instant all its charges merge into one entry, which is not its real path.
+fn hot_key_fixed_clock(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hot_key_fixed_clock");
+    configure(&mut g);
+    let key = BucketKey::new("rpm", "user-42");
+    for algorithm in ["sliding_window_counter", "gcra"] {
+        let s = store(ManualClock::new());
+        let quota = huge_quota(algorithm);
+        let charges = [Charge::new(&key, &quota, 1)];
+        g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
+            b.iter(|| s.try_acquire(black_box(&charges)))
+        });
+        assert_admitted(&s, &charges);
+    }
+
+    let gov: RateLimiter<BucketKey, _, _, _> = RateLimiter::dashmap_with_clock(
+        GovernorQuota::per_minute(nz(HUGE)),
+        FakeRelativeClock::default(),
+    );
+    g.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
+        b.iter(|| gov.check_key(black_box(&key)))
+    });
+    let one = nz(1);
+    g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
+        b.iter(|| gov.check_key_n(black_box(&key), black_box(one)))
+    });
+    assert!(gov.check_key(&key).is_ok());
+    g.finish();
+}
+
 /// (b) 1,000,000 distinct keys, pre-populated, visited round-robin (each decision misses the
-/// caches the way a large key space does), cost 1. Same clocks as `hot_key`. Each store is
-/// dropped before the next is built, so at most one 1M-bucket map is alive at a time.
+/// caches the way a large key space does), cost 1. Same clocks as `hot_key`. Each limiter is
+/// populated when its benchmark starts (so a filtered run skips it) and dropped when it ends:
+/// at most one 1M-key map is alive at a time.
 fn many_keys(c: &mut Criterion) {
     let mut g = c.benchmark_group("1m_keys");
     configure(&mut g);
-    let rule: std::sync::Arc<str> = "rpm".into();
+    let rule: Arc<str> = "rpm".into();
     let keys: Vec<BucketKey> = (0..KEYS)
         .map(|i| BucketKey::new(rule.clone(), format!("user-{i:07}")))
         .collect();
+    let next = |i: &mut usize| {
+        let k = &keys[*i];
+        *i = if *i + 1 == KEYS { 0 } else { *i + 1 };
+        k
+    };
 
     for algorithm in ALGORITHMS {
-        let s = store(SystemClock::new());
         let quota = huge_quota(algorithm);
-        for k in &keys {
-            assert_admitted(&s, &[Charge::new(k, &quota, 1)]);
-        }
-        assert_eq!(s.len(), KEYS);
+        let mut populated = None;
         let mut i = 0;
         g.bench_function(BenchmarkId::new("memory_store", algorithm), |b| {
-            b.iter(|| {
-                let d = s.try_acquire(&[Charge::new(&keys[i], &quota, 1)]);
-                i += 1;
-                if i == KEYS {
-                    i = 0;
+            let s = populated.get_or_insert_with(|| {
+                let s = store(SystemClock::new());
+                for k in &keys {
+                    assert_admitted(&s, &[Charge::new(k, &quota, 1)]);
                 }
-                d
-            })
+                s
+            });
+            b.iter(|| s.try_acquire(&[Charge::new(next(&mut i), &quota, 1)]))
         });
-        assert_admitted(&s, &[Charge::new(&keys[i], &quota, 1)]);
-        assert_eq!(s.len(), KEYS, "no bucket was created or evicted while measuring");
+        if let Some(s) = populated {
+            assert_admitted(&s, &[Charge::new(next(&mut i), &quota, 1)]);
+            assert_eq!(
+                s.len(),
+                KEYS,
+                "no bucket was created or evicted while measuring"
+            );
+        }
     }
 
-    {
-        let gov = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
-        for k in &keys {
-            assert!(gov.check_key(k).is_ok());
-        }
+    let mut populated = None;
+    let mut populate = || {
+        populated
+            .get_or_insert_with(|| {
+                let gov = governor_keyed(GovernorQuota::per_minute(nz(HUGE)));
+                for k in &keys {
+                    assert!(gov.check_key(k).is_ok());
+                }
+                Arc::new(gov)
+            })
+            .clone()
+    };
+    let mut i = 0;
+    g.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
+        let gov = populate();
+        b.iter(|| gov.check_key(next(&mut i)))
+    });
+    let one = nz(1);
+    g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
+        let gov = populate();
+        b.iter(|| gov.check_key_n(next(&mut i), black_box(one)))
+    });
+    if let Some(gov) = populated {
+        assert!(gov.check_key(next(&mut i)).is_ok());
         assert_eq!(gov.len(), KEYS);
-        let mut i = 0;
-        g.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
-            b.iter(|| {
-                let d = gov.check_key(&keys[i]);
-                i += 1;
-                if i == KEYS {
-                    i = 0;
-                }
-                d
-            })
-        });
-        let one = nz(1);
-        g.bench_function(BenchmarkId::new("governor", "check_key_n"), |b| {
-            b.iter(|| {
-                let d = gov.check_key_n(&keys[i], black_box(one));
-                i += 1;
-                if i == KEYS {
-                    i = 0;
-                }
-                d
-            })
-        });
-        assert!(gov.check_key(&keys[i]).is_ok());
     }
     g.finish();
 }
@@ -285,7 +325,7 @@ fn clocks(c: &mut Criterion) {
     let mut g = c.benchmark_group("clock");
     configure(&mut g);
     g.measurement_time(Duration::from_secs(1));
-    let system: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock::new());
+    let system: Arc<dyn Clock> = Arc::new(SystemClock::new());
     g.bench_function("system_clock_now", |b| {
         b.iter(|| black_box(&system).now_nanos())
     });
@@ -317,5 +357,13 @@ fn configure(g: &mut Group<'_>) {
         .sample_size(30);
 }
 
-criterion_group!(benches, hot_key, many_keys, weighted, multi_charge, clocks);
+criterion_group!(
+    benches,
+    hot_key,
+    hot_key_fixed_clock,
+    many_keys,
+    weighted,
+    multi_charge,
+    clocks
+);
 criterion_main!(benches);

@@ -27,12 +27,12 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_llm_ratelimit::key::{self, PeerAddr};
-use tower_llm_ratelimit::{Quota, RateLimitLayer, Rule};
+use tower_llm_ratelimit::{Quota, RateLimitLayer, RequestBody, Rule};
 
 const DEFAULT_ADDR: &str = "127.0.0.1:3001";
 
 /// The application: what the limiter protects.
-async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn hello(req: Request<RequestBody<Incoming>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let body = format!("hello from {}\n", req.uri().path());
     Ok(Response::new(Full::new(Bytes::from(body))))
 }

@@ -8,9 +8,13 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 
+use crate::settle::Settle;
+
 pin_project! {
-    /// The body of a [`crate::RateLimit`] response: the inner service's body, or the JSON (or
-    /// empty gRPC) body of a rejection. Works with any inner body whose data is [`Bytes`].
+    /// The body of a [`crate::RateLimit`] response: the inner service's body (watched for
+    /// `usage` when the request has token or concurrency charges to settle; see
+    /// [`crate::settle`]), or the JSON (or empty gRPC) body of a rejection. Works with any
+    /// inner body whose data is [`Bytes`]; nothing is buffered or delayed.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -21,6 +25,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
+        Settling { #[pin] body: B, settle: Settle },
         Rejection { #[pin] body: Full<Bytes> },
     }
 }
@@ -29,6 +34,12 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn settling(body: B, settle: Settle) -> Self {
+        Self {
+            kind: Kind::Settling { body, settle },
         }
     }
 
@@ -43,6 +54,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.kind {
             Kind::Inner { .. } => "ResponseBody::Inner",
+            Kind::Settling { .. } => "ResponseBody::Settling",
             Kind::Rejection { .. } => "ResponseBody::Rejection",
         })
     }
@@ -62,6 +74,21 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Settling { body, settle } => {
+                let frame = std::task::ready!(body.poll_frame(cx));
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(data) = f.data_ref() {
+                            settle.on_data(data);
+                        } else if let Some(trailers) = f.trailers_ref() {
+                            settle.on_trailers(trailers);
+                        }
+                    }
+                    // The end, or the upstream broke mid-body: settle with what was seen.
+                    Some(Err(_)) | None => settle.on_end(),
+                }
+                Poll::Ready(frame)
+            }
             KindProj::Rejection { body } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
                 Poll::Ready(Some(Err(never))) => match never {},
@@ -74,7 +101,7 @@ where
     #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner { body } | Kind::Settling { body, .. } => body.is_end_stream(),
             Kind::Rejection { body } => body.is_end_stream(),
         }
     }
@@ -82,7 +109,7 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body } | Kind::Settling { body, .. } => body.size_hint(),
             Kind::Rejection { body } => body.size_hint(),
         }
     }

@@ -10,11 +10,12 @@ use http_body_util::Full;
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
+use crate::settle::Settle;
 
 /// What follows a decision taken asynchronously.
 pub(crate) enum Next<F> {
     Reject(Response<Full<Bytes>>),
-    Call(F, HeaderMap),
+    Call(F, HeaderMap, Option<Settle>),
 }
 
 type Deciding<F> = Pin<Box<dyn Future<Output = Next<F>> + Send>>;
@@ -33,17 +34,18 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Deciding { fut: Deciding<F> },
-        Inner { #[pin] fut: F, headers: Option<HeaderMap> },
+        Inner { #[pin] fut: F, headers: Option<HeaderMap>, settle: Option<Settle> },
         Rejected { response: Option<Response<Full<Bytes>>> },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, headers: HeaderMap) -> Self {
+    pub(crate) fn inner(fut: F, headers: HeaderMap, settle: Option<Settle>) -> Self {
         Self {
             state: State::Inner {
                 fut,
                 headers: Some(headers),
+                settle,
             },
         }
     }
@@ -87,16 +89,34 @@ where
                     Next::Reject(response) => this.state.set(State::Rejected {
                         response: Some(response),
                     }),
-                    Next::Call(fut, headers) => this.state.set(State::Inner {
+                    Next::Call(fut, headers, settle) => this.state.set(State::Inner {
                         fut,
                         headers: Some(headers),
+                        settle,
                     }),
                 },
-                StateProj::Inner { fut, headers } => {
-                    let mut response = ready!(fut.poll(cx))?;
+                StateProj::Inner {
+                    fut,
+                    headers,
+                    settle,
+                } => {
+                    let mut response = match ready!(fut.poll(cx)) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if let Some(mut s) = settle.take() {
+                                s.on_error();
+                            }
+                            return Poll::Ready(Err(e));
+                        }
+                    };
                     if let Some(h) = headers.take() {
                         if !h.is_empty() {
                             response.headers_mut().extend(h);
+                        }
+                    }
+                    if let Some(mut s) = settle.take() {
+                        if s.on_response(response.status(), response.headers()) {
+                            return Poll::Ready(Ok(response.map(|b| ResponseBody::settling(b, s))));
                         }
                     }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));

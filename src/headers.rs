@@ -15,8 +15,8 @@
 //! (the draft's registered units are requests, bytes and concurrent requests; tokens are this
 //! crate's extension, so a client never reads a token quota as requests).
 //!
-//! **OpenAI** (what OpenAI's API and SDKs use), for the most constrained rule of each unit
-//! (lowest remaining):
+//! **OpenAI** (what OpenAI's API and SDKs use), for the most constrained request rule and the
+//! most constrained token rule (tokens, input tokens or output tokens; lowest remaining):
 //!
 //! ```text
 //! x-ratelimit-limit-requests: 60
@@ -27,6 +27,10 @@
 //! x-ratelimit-reset-tokens: 1m1s
 //! ```
 //! Resets are Go duration strings (`6m0s`, `1s`, `12ms`), to the millisecond.
+//!
+//! On admitted responses the values are those right after the request's charge: token rules
+//! show the remaining capacity with the *estimate* reserved, before the real usage settles it
+//! (headers go out before the body; the IETF draft forbids these fields in trailers).
 //!
 //! Denials add `Retry-After` (RFC 9110 section 10.2.3; whole seconds, rounded up, never 0)
 //! and `retry-after-ms` (read first by OpenAI's SDKs).
@@ -151,9 +155,9 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
         insert(headers, RATELIMIT.clone(), state);
     }
     if style.openai {
-        for (unit, names) in [
+        let groups: [(fn(Unit) -> bool, [&'static str; 3]); 2] = [
             (
-                Unit::Requests,
+                |u| u == Unit::Requests,
                 [
                     "x-ratelimit-limit-requests",
                     "x-ratelimit-remaining-requests",
@@ -161,17 +165,18 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
                 ],
             ),
             (
-                Unit::Tokens,
+                |u| matches!(u, Unit::Tokens | Unit::InputTokens | Unit::OutputTokens),
                 [
                     "x-ratelimit-limit-tokens",
                     "x-ratelimit-remaining-tokens",
                     "x-ratelimit-reset-tokens",
                 ],
             ),
-        ] {
+        ];
+        for (in_group, names) in groups {
             let tightest = rules
                 .iter()
-                .filter(|r| r.quota.unit() == unit)
+                .filter(|r| in_group(r.quota.unit()))
                 .min_by_key(|r| r.snapshot.remaining);
             if let Some(r) = tightest {
                 let s = &r.snapshot;

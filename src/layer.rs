@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use crate::cost::CostEstimator;
+use crate::cost::{Cost, CostEstimator, Weights};
 use crate::error::BuildError;
 use crate::headers::HeaderStyle;
+use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::observe::{Observer, ObserverDebug};
 use crate::rule::{Algorithm, MissingKey, Quota, Rule, Unit};
 use crate::service::RateLimit;
+use crate::settle::MissingUsage;
 use crate::store::{BucketKey, MemoryStore, Snapshot, Store, StoreError};
 use crate::tier::TierResolver;
 
@@ -36,7 +38,19 @@ pub(crate) struct Shared {
     pub(crate) headers: HeaderStyle,
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) failure: FailurePolicy,
+    pub(crate) weights: Weights,
+    pub(crate) max_inspect_bytes: usize,
+    pub(crate) body_policy: BodyPolicy,
+    pub(crate) fallback_cost: Cost,
+    pub(crate) missing_usage: MissingUsage,
+    pub(crate) count_failed_requests: bool,
+    pub(crate) request_stream_usage: bool,
+    /// Computed by `build`: some rule's key or the estimate reads the body.
+    pub(crate) needs_body: bool,
 }
+
+/// The default bound on a request body the layer reads: 1 MiB.
+pub const DEFAULT_MAX_INSPECT_BYTES: usize = 1 << 20;
 
 /// Applies rate limiting to a service. Cheap to clone; clones (and every service they build)
 /// share one configuration and one store, so one budget.
@@ -95,6 +109,13 @@ impl RateLimitLayer {
             headers: HeaderStyle::default(),
             observer: None,
             failure: FailurePolicy::default(),
+            weights: Weights::default(),
+            max_inspect_bytes: DEFAULT_MAX_INSPECT_BYTES,
+            body_policy: BodyPolicy::default(),
+            fallback_cost: Cost::default(),
+            missing_usage: MissingUsage::default(),
+            count_failed_requests: true,
+            request_stream_usage: false,
         }
     }
 
@@ -144,6 +165,13 @@ pub struct RateLimitLayerBuilder {
     headers: HeaderStyle,
     observer: Option<Arc<dyn Observer>>,
     failure: FailurePolicy,
+    weights: Weights,
+    max_inspect_bytes: usize,
+    body_policy: BodyPolicy,
+    fallback_cost: Cost,
+    missing_usage: MissingUsage,
+    count_failed_requests: bool,
+    request_stream_usage: bool,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -208,6 +236,57 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// Prices of input and output tokens per model, for rules counting
+    /// [`Unit::Cost`] (default: every token weighs 1).
+    pub fn weights(mut self, weights: Weights) -> Self {
+        self.weights = weights;
+        self
+    }
+
+    /// The largest request body read when a key or the cost estimate needs it (default
+    /// [`DEFAULT_MAX_INSPECT_BYTES`], 1 MiB). The body is never buffered past this.
+    pub fn max_inspect_bytes(mut self, bytes: usize) -> Self {
+        self.max_inspect_bytes = bytes;
+        self
+    }
+
+    /// What to do with a body that is over `max_inspect_bytes`, not JSON, or unreadable when
+    /// the estimate needs it (default [`BodyPolicy::Reject`]: 413 / 400 with a JSON body).
+    pub fn on_unusable_body(mut self, policy: BodyPolicy) -> Self {
+        self.body_policy = policy;
+        self
+    }
+
+    /// The cost charged under [`BodyPolicy::Fallback`] (default: 0 tokens).
+    pub fn fallback_cost(mut self, cost: Cost) -> Self {
+        self.fallback_cost = cost;
+        self
+    }
+
+    /// What to charge when an admitted response reports no `usage` (default
+    /// [`MissingUsage::KeepReservation`]).
+    pub fn on_missing_usage(mut self, policy: MissingUsage) -> Self {
+        self.missing_usage = policy;
+        self
+    }
+
+    /// Whether requests the upstream failed (HTTP >= 400, gRPC error, service error) still
+    /// count against request rules (default `true`). Their token charges are always refunded.
+    pub fn count_failed_requests(mut self, count: bool) -> Self {
+        self.count_failed_requests = count;
+        self
+    }
+
+    /// Adds `"stream_options": {"include_usage": true}` to streaming chat completion
+    /// requests (`"stream": true`), so that OpenAI-compatible upstreams report the usage the
+    /// settlement needs (default off). The client then receives one extra final chunk, whose
+    /// `choices` is empty and which carries `usage`; clients written against the OpenAI SDKs
+    /// handle it, hand-written parsers that index `choices[0]` may not.
+    pub fn request_usage_in_streams(mut self, enable: bool) -> Self {
+        self.request_stream_usage = enable;
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, BuildError> {
         if self.rules.is_empty() {
@@ -224,13 +303,21 @@ impl RateLimitLayerBuilder {
             if self.cost.is_none()
                 && std::iter::once(&rule.quota)
                     .chain(rule.tiers.iter().map(|(_, q)| q))
-                    .any(|q| q.unit() == Unit::Tokens)
+                    .any(|q| q.unit().is_token_based())
             {
                 return Err(BuildError::MissingCostEstimator {
                     rule: rule.name.to_string(),
                 });
             }
         }
+        let counts_tokens = self.rules.iter().any(|r| {
+            std::iter::once(&r.quota)
+                .chain(r.tiers.iter().map(|(_, q)| q))
+                .any(|q| q.unit().is_token_based())
+        });
+        let needs_body = self.request_stream_usage
+            || self.rules.iter().any(|r| r.key.needs_body())
+            || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 rules: self.rules,
@@ -240,6 +327,14 @@ impl RateLimitLayerBuilder {
                 headers: self.headers,
                 observer: self.observer,
                 failure: self.failure,
+                weights: self.weights,
+                max_inspect_bytes: self.max_inspect_bytes,
+                body_policy: self.body_policy,
+                fallback_cost: self.fallback_cost,
+                missing_usage: self.missing_usage,
+                count_failed_requests: self.count_failed_requests,
+                request_stream_usage: self.request_stream_usage,
+                needs_body,
             }),
         })
     }
@@ -315,6 +410,8 @@ fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
                 q.algorithm(),
                 base.algorithm()
             ))
+        } else if q.algorithm() == Algorithm::Concurrency && q.unit() != Unit::Requests {
+            Some("a concurrency quota counts requests".to_owned())
         } else if q.algorithm() == Algorithm::Gcra && q.limit() != base.limit() {
             // GCRA's state is a time whose scale is window / limit: tiers sharing a bucket
             // must drain it at one rate. They may differ in burst.

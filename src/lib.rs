@@ -132,12 +132,14 @@ pub mod headers;
 pub mod key;
 pub mod observe;
 pub mod rule;
+pub mod settle;
 pub mod store;
 pub mod tier;
 
 mod body;
 mod error;
 mod future;
+mod inspect;
 mod layer;
 mod reject;
 mod service;
@@ -145,7 +147,10 @@ mod service;
 pub use body::ResponseBody;
 pub use error::BuildError;
 pub use future::ResponseFuture;
-pub use layer::{FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus};
+pub use inspect::{BodyPolicy, RequestBody};
+pub use layer::{
+    FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus, DEFAULT_MAX_INSPECT_BYTES,
+};
 pub use rule::{Algorithm, MissingKey, Quota, Rule, Unit};
 pub use service::RateLimit;
 

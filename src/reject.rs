@@ -5,6 +5,8 @@
 //! | a rule denied | 429 + `Retry-After`, `retry-after-ms` | 8 `RESOURCE_EXHAUSTED` | `requests` or `tokens` / `rate_limit_exceeded` |
 //! | a key is missing | the extractor's status (401 / 400) | mapped from the status: 401 → 16 `UNAUTHENTICATED`, 403 → 7, 400 → 3 `INVALID_ARGUMENT`, ... | `invalid_request_error` / `missing_rate_limit_key` |
 //! | the cost can't be estimated | the estimator's status (400) | 3 `INVALID_ARGUMENT` | `invalid_request_error` / `invalid_cost` |
+//! | the body is over `max_inspect_bytes` | 413 | 8 `RESOURCE_EXHAUSTED` | `invalid_request_error` / `request_too_large` |
+//! | the body is not JSON, or unreadable | 400 | 3 `INVALID_ARGUMENT` | `invalid_request_error` / `invalid_request_body` |
 //! | the store failed (fail-closed) | 503 + `Retry-After: 1` | 14 `UNAVAILABLE` | `server_error` / `rate_limit_unavailable` |
 //!
 //! A denial's message names the rule, its limit and window, what is used and what was
@@ -30,10 +32,21 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 /// Why a request is turned away.
 #[derive(Debug)]
 pub(crate) enum Rejection {
-    RateLimited { message: String, unit: &'static str },
-    MissingKey { status: StatusCode, message: String },
-    Cost { status: StatusCode, message: String },
-    StoreUnavailable { message: String },
+    RateLimited {
+        message: String,
+        unit: &'static str,
+    },
+    /// A request the layer can't decide on: a missing key (`missing_rate_limit_key`), a cost
+    /// that can't be estimated (`invalid_cost`), a body too large (`request_too_large`) or
+    /// unreadable (`invalid_request_body`).
+    Invalid {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
+    StoreUnavailable {
+        message: String,
+    },
 }
 
 impl Rejection {
@@ -64,7 +77,7 @@ impl Rejection {
 
     /// The response; `headers` (rate-limit and retry headers) are added to it.
     pub(crate) fn into_response(self, grpc: bool, headers: HeaderMap) -> Response<Full<Bytes>> {
-        let (status, grpc_code, kind, code, message) = match self {
+        let (status, grpc_status, kind, code, message) = match self {
             Rejection::RateLimited { message, unit } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 8,
@@ -72,22 +85,15 @@ impl Rejection {
                 "rate_limit_exceeded",
                 message,
             ),
-            Rejection::MissingKey { status, message } => (
+            Rejection::Invalid {
                 status,
-                if status == StatusCode::UNAUTHORIZED {
-                    16
-                } else {
-                    3
-                },
-                "invalid_request_error",
-                "missing_rate_limit_key",
+                code,
                 message,
-            ),
-            Rejection::Cost { status, message } => (
+            } => (
                 status,
                 grpc_code(status),
                 "invalid_request_error",
-                "invalid_cost",
+                code,
                 message,
             ),
             Rejection::StoreUnavailable { message } => (
@@ -99,7 +105,7 @@ impl Rejection {
             ),
         };
         let mut response = if grpc {
-            grpc_response(grpc_code, &message)
+            grpc_response(grpc_status, &message)
         } else {
             json_response(status, kind, code, &message)
         };

@@ -44,17 +44,35 @@ use crate::key::KeyExtractor;
 pub enum Unit {
     /// One per request.
     Requests,
-    /// LLM tokens, as the layer's [`crate::cost::CostEstimator`] estimates them.
+    /// LLM tokens, input plus output: estimated by the layer's
+    /// [`crate::cost::CostEstimator`] before admission, settled to the `usage` the upstream
+    /// reports.
     Tokens,
+    /// Prompt tokens only (like providers' ITPM limits).
+    InputTokens,
+    /// Output tokens only (like providers' OTPM limits); the reservation is `max_tokens x n`.
+    OutputTokens,
+    /// Spend: input and output tokens weighted per model by the layer's
+    /// [`crate::cost::Weights`] (e.g. micro-dollars), rounded up.
+    Cost,
 }
 
 impl Unit {
-    /// `"requests"` or `"tokens"`: the word used in headers and error bodies.
+    /// The word used in headers and error bodies: `requests`, `tokens`, `input_tokens`,
+    /// `output_tokens`, `cost`.
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::Requests => "requests",
             Unit::Tokens => "tokens",
+            Unit::InputTokens => "input_tokens",
+            Unit::OutputTokens => "output_tokens",
+            Unit::Cost => "cost",
         }
+    }
+
+    /// True for the units a [`crate::cost::CostEstimator`] estimates and usage settles.
+    pub fn is_token_based(self) -> bool {
+        !matches!(self, Unit::Requests)
     }
 }
 
@@ -74,6 +92,8 @@ pub enum Algorithm {
     SlidingWindowLog,
     /// Generic cell rate algorithm: O(1), smooth, with an optional burst.
     Gcra,
+    /// At most `limit` requests in flight; see [`Quota::concurrent`].
+    Concurrency,
 }
 
 /// A limit over a window, in a unit, enforced by an algorithm.
@@ -101,6 +121,19 @@ impl Quota {
         }
     }
 
+    /// At most `limit` requests in flight per key. A slot is taken when the request is
+    /// admitted and given back when its response body ends or is dropped, on every path
+    /// (error, cancellation, panic in the inner service). The window is unused.
+    pub const fn concurrent(limit: u64) -> Self {
+        Self {
+            limit,
+            window: Duration::from_secs(1),
+            unit: Unit::Requests,
+            algorithm: Algorithm::Concurrency,
+            burst: None,
+        }
+    }
+
     /// `limit` per second.
     pub const fn per_second(limit: u64) -> Self {
         Self::new(limit, Duration::from_secs(1))
@@ -124,6 +157,21 @@ impl Quota {
     /// Counts tokens instead of requests.
     pub const fn tokens(self) -> Self {
         self.counting(Unit::Tokens)
+    }
+
+    /// Counts prompt tokens only.
+    pub const fn input_tokens(self) -> Self {
+        self.counting(Unit::InputTokens)
+    }
+
+    /// Counts output tokens only.
+    pub const fn output_tokens(self) -> Self {
+        self.counting(Unit::OutputTokens)
+    }
+
+    /// Counts spend: tokens weighted per model (see [`crate::cost::Weights`]).
+    pub const fn cost_units(self) -> Self {
+        self.counting(Unit::Cost)
     }
 
     /// Counts requests (the default).

@@ -12,7 +12,7 @@ use tower::{Service, ServiceExt};
 use tower_llm_ratelimit::store::{
     Adjustment, BucketKey, Charge, Decision, MemoryStore, Snapshot, Store, StoreError, StoreFuture,
 };
-use tower_llm_ratelimit::{key, FailurePolicy, Quota, RateLimitLayer, Rule};
+use tower_llm_ratelimit::{key, FailurePolicy, Quota, RateLimitLayer, RequestBody, Rule};
 
 /// A real `MemoryStore` whose answers arrive after a task switch, or an error.
 #[derive(Debug, Clone)]
@@ -43,9 +43,13 @@ impl Store for Deferred {
 
 fn counting_service(
     calls: Arc<AtomicUsize>,
-) -> impl Service<Request<String>, Response = Response<String>, Error = Infallible, Future = impl Send>
-       + Clone {
-    tower::service_fn(move |_req: Request<String>| {
+) -> impl Service<
+    Request<RequestBody<String>>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_req: Request<RequestBody<String>>| {
         let calls = calls.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);

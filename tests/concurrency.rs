@@ -11,7 +11,7 @@ use tower::{Service, ServiceExt};
 use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::cost::TokenEstimate;
 use tower_llm_ratelimit::store::{BucketKey, Charge, MemoryStore};
-use tower_llm_ratelimit::{cost, key, Algorithm, Quota, RateLimitLayer, Rule};
+use tower_llm_ratelimit::{cost, key, Algorithm, Quota, RateLimitLayer, RequestBody, Rule};
 
 const ALGORITHMS: [Algorithm; 3] = [
     Algorithm::SlidingWindowCounter,
@@ -80,7 +80,7 @@ fn threads_with_weighted_multi_rule_requests_never_overshoot() {
     }
 }
 
-async fn ok(_: Request<String>) -> Result<Response<String>, Infallible> {
+async fn ok(_: Request<RequestBody<String>>) -> Result<Response<String>, Infallible> {
     Ok(Response::new(String::new()))
 }
 

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
 use tower_llm_ratelimit::key::{self, PeerAddr};
-use tower_llm_ratelimit::{Quota, RateLimitLayer, Rule};
+use tower_llm_ratelimit::{Quota, RateLimitLayer, RequestBody, Rule};
 
 use support::{within, Shutdown, TestServer};
 
@@ -49,7 +49,7 @@ async fn serve(
                 req
             })
             .layer(layer.clone())
-            .service_fn(move |_req: Request<Incoming>| {
+            .service_fn(move |_req: Request<RequestBody<Incoming>>| {
                 calls.fetch_add(1, Ordering::SeqCst);
                 async {
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))

@@ -15,7 +15,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tower::util::MapRequestLayer;
 use tower_llm_ratelimit::key;
-use tower_llm_ratelimit::{Quota, RateLimitLayer, Rule};
+use tower_llm_ratelimit::{Quota, RateLimitLayer, RequestBody, Rule};
 
 use support::{within, TestServer};
 
@@ -31,7 +31,7 @@ async fn start(layer: RateLimitLayer) -> (TestServer, Arc<AtomicUsize>) {
             .layer(layer)
             // Inside the limiter: sees admitted calls only.
             .layer(MapRequestLayer::new(
-                move |req: http::Request<tonic::body::Body>| {
+                move |req: http::Request<RequestBody<tonic::body::Body>>| {
                     counter.fetch_add(1, Ordering::SeqCst);
                     req
                 },

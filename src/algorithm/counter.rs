@@ -1,6 +1,6 @@
 //! Sliding window counter: O(1) memory, approximate.
 
-use super::{Limits, Placement, Snapshot, Verdict};
+use super::{mul_div_ceil, Limits, Placement, Snapshot, Verdict};
 
 /// Sliding window counter (the approach Cloudflare described in "How we built rate limiting
 /// capable of scaling to millions of domains", 2017).
@@ -25,6 +25,11 @@ impl SlidingWindowCounter {
     /// Moves the state to the fixed window containing `now`; what it forgets had expired.
     #[inline]
     fn roll(&mut self, w: u64, now: u64) {
+        // Still in the current fixed window (or before it): nothing to do, and no division.
+        // When the window's end overflows, `now / w` can't exceed `window` either.
+        if now < self.window.saturating_add(1).saturating_mul(w) {
+            return;
+        }
         let k = now / w;
         if k <= self.window {
             return;
@@ -114,10 +119,15 @@ impl SlidingWindowCounter {
     pub(super) fn peek(&mut self, l: &Limits, now: u64) -> Snapshot {
         let w = l.window_nanos;
         self.roll(w, now);
-        let capacity = l.limit as u128 * w as u128;
-        let used = self.used_scaled(w, now);
-        let remaining = capacity.saturating_sub(used) / w as u128;
         let e = self.elapsed(w, now);
+        // floor((limit x w - used_scaled) / w), saturated at 0, without a 128-bit division:
+        // (limit - current) - ceil(previous x (w - e) / w).
+        let carried = if self.previous == 0 {
+            0
+        } else {
+            mul_div_ceil(self.previous, w - e, w)
+        };
+        let remaining = l.limit.saturating_sub(self.current).saturating_sub(carried);
         let reset_after_nanos = if self.current > 0 {
             (w - e).saturating_add(w)
         } else if self.previous > 0 {
@@ -127,7 +137,7 @@ impl SlidingWindowCounter {
         };
         Snapshot {
             limit: l.limit,
-            remaining: remaining as u64,
+            remaining,
             reset_after_nanos,
         }
     }
@@ -141,7 +151,60 @@ impl SlidingWindowCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::algorithm::TestRng;
     const S: u64 = 1_000_000_000;
+
+    /// `roll` and `peek` as first written (a division per roll, a 128-bit division per peek):
+    /// the faster versions must agree with them everywhere.
+    #[test]
+    fn fast_roll_and_peek_match_the_plain_arithmetic() {
+        fn roll_plain(c: &mut SlidingWindowCounter, w: u64, now: u64) {
+            let k = now / w;
+            if k <= c.window {
+                return;
+            }
+            c.previous = if k == c.window + 1 { c.current } else { 0 };
+            c.current = 0;
+            c.window = k;
+        }
+        let mut rng = TestRng::new(11);
+        for _ in 0..200_000 {
+            let w = rng.edgy().max(1);
+            let now = rng.edgy();
+            let l = Limits::new(rng.edgy(), w, 0);
+            // A state in the window containing some time near `now` (or anywhere).
+            let window = if rng.below(2) == 0 {
+                (now / w).saturating_sub(rng.below(3))
+            } else {
+                rng.edgy()
+            };
+            let mut c = SlidingWindowCounter {
+                window,
+                current: rng.edgy() >> rng.below(64),
+                previous: rng.edgy() >> rng.below(64),
+            };
+            let mut plain = c.clone();
+            c.roll(w, now);
+            roll_plain(&mut plain, w, now);
+            assert_eq!(c, plain, "w={w} now={now}");
+            if c.window.checked_mul(w).is_none() {
+                continue; // Unreachable through `roll`: the window starts at or before now.
+            }
+            let e = c.elapsed(w, now);
+            // (The plain sum overflows 128 bits for counts and windows near `u64::MAX`.)
+            let Some(used) =
+                (c.previous as u128 * (w - e) as u128).checked_add(c.current as u128 * w as u128)
+            else {
+                continue;
+            };
+            let remaining = (l.limit as u128 * w as u128).saturating_sub(used) / w as u128;
+            assert_eq!(
+                c.peek(&l, now).remaining,
+                remaining as u64,
+                "{c:?} {l:?} now={now}"
+            );
+        }
+    }
 
     fn limits() -> Limits {
         Limits::new(10, 10 * S, 10)

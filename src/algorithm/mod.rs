@@ -17,6 +17,7 @@
 //! | [`SlidingWindowCounter`] (default) | O(1), 24 bytes | approximate | the previous fixed window is weighted by the part of it still inside the sliding window; any window of length `w` admits at most `2 x limit`, each fixed window at most `limit` |
 //! | [`SlidingWindowLog`] | O(charges in the window) | exact | never more than `limit` in any window of length `w` |
 //! | [`Gcra`] | O(1), 8 bytes | exact for its model | a leaky bucket of capacity `burst` draining `limit` per `w`; any interval of length `d` admits at most `burst + d x limit / w` |
+//! | [`Concurrency`] | O(1), 8 bytes | exact | at most `limit` in flight; a charge is released by settling it to 0 |
 //!
 //! Time is nanoseconds on the store's monotonic scale ([`crate::clock`]).
 //!
@@ -40,10 +41,12 @@
 //! assert_eq!(state.peek(&limits, 2 * SEC).remaining, 80);
 //! ```
 
+mod concurrency;
 mod counter;
 mod gcra;
 mod log;
 
+pub use self::concurrency::{Concurrency, CONCURRENCY_RETRY_NANOS};
 pub use self::counter::SlidingWindowCounter;
 pub use self::gcra::Gcra;
 pub use self::log::SlidingWindowLog;
@@ -111,6 +114,8 @@ pub enum State {
     Log(SlidingWindowLog),
     /// See [`Gcra`].
     Gcra(Gcra),
+    /// See [`Concurrency`].
+    Concurrency(Concurrency),
 }
 
 macro_rules! dispatch {
@@ -119,6 +124,7 @@ macro_rules! dispatch {
             State::Counter($s) => $e,
             State::Log($s) => $e,
             State::Gcra($s) => $e,
+            State::Concurrency($s) => $e,
         }
     };
 }
@@ -130,6 +136,7 @@ impl State {
             Algorithm::SlidingWindowCounter => State::Counter(SlidingWindowCounter::default()),
             Algorithm::SlidingWindowLog => State::Log(SlidingWindowLog::default()),
             Algorithm::Gcra => State::Gcra(Gcra::default()),
+            Algorithm::Concurrency => State::Concurrency(Concurrency::default()),
         }
     }
 
@@ -139,7 +146,32 @@ impl State {
             State::Counter(_) => Algorithm::SlidingWindowCounter,
             State::Log(_) => Algorithm::SlidingWindowLog,
             State::Gcra(_) => Algorithm::Gcra,
+            State::Concurrency(_) => Algorithm::Concurrency,
         }
+    }
+
+    /// [`State::check`], then [`State::charge`] if it fits, then [`State::peek`], in one pass:
+    /// the single-charge decision of a store. Returns the verdict, where the charge landed
+    /// ([`Placement::default`] on a denial: nothing was charged) and the snapshot after it.
+    #[inline]
+    pub(crate) fn acquire(
+        &mut self,
+        limits: &Limits,
+        now: u64,
+        cost: u64,
+    ) -> (Verdict, Placement, Snapshot) {
+        if let State::Gcra(s) = self {
+            return s.acquire(limits, now, cost);
+        }
+        // The window algorithms: `check` drops what expired (rolls the counter's window), so
+        // `charge` and `peek` right after it find nothing more to do.
+        let verdict = self.check(limits, now, cost);
+        let placement = if verdict == Verdict::Allow {
+            self.charge(limits, now, cost)
+        } else {
+            Placement::default()
+        };
+        (verdict, placement, self.peek(limits, now))
     }
 
     /// Would `cost` fit at `now`? Only drops what has expired; counts nothing.
@@ -184,14 +216,131 @@ impl State {
 /// `ceil(a * b / c)` in 128 bits, saturated to `u64`.
 #[inline]
 pub(crate) fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    let c = c.max(1);
+    // The usual case fits in 64 bits: one hardware division instead of a 128-bit one.
+    if let Some(p) = a.checked_mul(b) {
+        return p.div_ceil(c);
+    }
     let p = a as u128 * b as u128;
-    let c = c.max(1) as u128;
-    u64::try_from(p.div_ceil(c)).unwrap_or(u64::MAX)
+    u64::try_from(p.div_ceil(c as u128)).unwrap_or(u64::MAX)
 }
 
 /// `floor(a * b / c)` in 128 bits, saturated to `u64`.
 #[inline]
 pub(crate) fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
+    let c = c.max(1);
+    if let Some(p) = a.checked_mul(b) {
+        return p / c;
+    }
     let p = a as u128 * b as u128;
-    u64::try_from(p / c.max(1) as u128).unwrap_or(u64::MAX)
+    u64::try_from(p / c as u128).unwrap_or(u64::MAX)
+}
+
+/// A tiny deterministic generator for the equivalence tests (no dependency, reproducible).
+#[cfg(test)]
+pub(crate) struct TestRng(u64);
+
+#[cfg(test)]
+impl TestRng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// xorshift64*.
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Below `n` (> 0).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A value biased to the edges: small, 32-bit, any 64-bit, or close to `u64::MAX`.
+    pub(crate) fn edgy(&mut self) -> u64 {
+        match self.below(4) {
+            0 => self.below(100),
+            1 => self.below(1 << 32),
+            2 => self.next(),
+            _ => u64::MAX - self.below(100),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mul_div_matches_128_bit_arithmetic() {
+        let mut rng = TestRng::new(7);
+        for _ in 0..100_000 {
+            let (a, b, c) = (rng.edgy(), rng.edgy(), rng.edgy());
+            let p = a as u128 * b as u128;
+            let d = c.max(1) as u128;
+            let floor = u64::try_from(p / d).unwrap_or(u64::MAX);
+            let ceil = u64::try_from(p.div_ceil(d)).unwrap_or(u64::MAX);
+            assert_eq!(mul_div_floor(a, b, c), floor, "{a} {b} {c}");
+            assert_eq!(mul_div_ceil(a, b, c), ceil, "{a} {b} {c}");
+        }
+    }
+
+    /// The fused single-charge decision is exactly `check`, `charge` if allowed, `peek`.
+    #[test]
+    fn acquire_is_check_then_charge_then_peek() {
+        const S: u64 = 1_000_000_000;
+        let algorithms = [
+            Algorithm::SlidingWindowCounter,
+            Algorithm::SlidingWindowLog,
+            Algorithm::Gcra,
+        ];
+        for (seed, algorithm) in (0..600).zip(algorithms.iter().cycle()) {
+            let mut rng = TestRng::new(seed);
+            let limit = match rng.below(3) {
+                0 => 1 + rng.below(20),
+                1 => 1 + rng.below(1_000_000),
+                _ => 1 + rng.below(u64::from(u32::MAX)),
+            };
+            let window = match rng.below(3) {
+                0 => 1 + rng.below(1_000),
+                1 => 1 + rng.below(3_600 * S),
+                _ => 1 + rng.below(u64::MAX / 4),
+            };
+            let burst = if rng.below(2) == 0 {
+                limit
+            } else {
+                1 + rng.below(limit.saturating_mul(2))
+            };
+            let l = Limits::new(limit, window, burst);
+            let (mut fused, mut apart) = (State::new(*algorithm), State::new(*algorithm));
+            let mut now = rng.below(10 * S);
+            for _ in 0..300 {
+                now = now.saturating_add(rng.below(window / 8 + 2));
+                let cost = match rng.below(4) {
+                    0 => 1,
+                    1 => rng.below(limit / 4 + 2),
+                    2 => rng.below(limit.saturating_mul(2)),
+                    _ => 0,
+                };
+                let got = fused.acquire(&l, now, cost);
+                let verdict = apart.check(&l, now, cost);
+                let placement = if verdict == Verdict::Allow {
+                    apart.charge(&l, now, cost)
+                } else {
+                    Placement::default()
+                };
+                let want = (verdict, placement, apart.peek(&l, now));
+                assert_eq!(got, want, "{algorithm:?} {l:?} now={now} cost={cost}");
+                assert_eq!(fused, apart);
+                if rng.below(8) == 0 && verdict == Verdict::Allow {
+                    let actual = rng.below(cost.saturating_mul(2).saturating_add(1));
+                    fused.adjust(&l, now, placement, cost, actual);
+                    apart.adjust(&l, now, placement, cost, actual);
+                }
+            }
+        }
+    }
 }

@@ -35,11 +35,14 @@
 //! assert_eq!(est.estimate(&RequestView::from_request(&req)).unwrap().tokens(), 1_000);
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 
 use http::StatusCode;
 
 use crate::key::RequestView;
+
+pub mod usage;
 
 /// The estimated cost of one request, in tokens: what the prompt takes (input) and what the
 /// answer may take (output, usually the reservation `max_tokens x n`).
@@ -168,5 +171,77 @@ where
         (self.0)(req).map(Cost::tokens_of).ok_or_else(|| {
             CostError::bad_request("could not estimate the token cost of the request")
         })
+    }
+}
+
+/// Per-model prices of input and output tokens, for rules that count [`crate::Unit::Cost`]:
+/// a request's cost units are `ceil(input x input_weight + output x output_weight)` for its
+/// model (the body's `model` field), or the default weights for models not listed.
+///
+/// # Examples
+///
+/// A daily budget of $50 per API key, counted in micro-dollars, with prices per token:
+///
+/// ```
+/// use tower_llm_ratelimit::cost::Weights;
+/// use tower_llm_ratelimit::{key, Quota, Rule};
+///
+/// // $2.50 / $10 per million tokens = 2.5 / 10 micro-dollars per token.
+/// let prices = Weights::new(1.0, 4.0)
+///     .model("gpt-4o", 2.5, 10.0)
+///     .model("gpt-4o-mini", 0.15, 0.6);
+/// assert_eq!(prices.weigh(Some("gpt-4o"), 1_000, 500), 7_500);
+/// assert_eq!(prices.weigh(Some("unknown"), 1_000, 500), 3_000);
+///
+/// let budget = Rule::new("daily-spend", key::bearer_token(), Quota::per_day(50_000_000).cost_units());
+/// # let _ = budget;
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    default: (f64, f64),
+    models: HashMap<String, (f64, f64)>,
+}
+
+impl Default for Weights {
+    /// Every token weighs 1.
+    fn default() -> Self {
+        Self::new(1.0, 1.0)
+    }
+}
+
+impl Weights {
+    /// Weights for models not listed: `input` per input token, `output` per output token.
+    /// Negative or non-finite weights count as 0.
+    pub fn new(input: f64, output: f64) -> Self {
+        Self {
+            default: (sane(input), sane(output)),
+            models: HashMap::new(),
+        }
+    }
+
+    /// Weights for `model`.
+    pub fn model(mut self, model: impl Into<String>, input: f64, output: f64) -> Self {
+        self.models
+            .insert(model.into(), (sane(input), sane(output)));
+        self
+    }
+
+    /// The cost units of `input` and `output` tokens of `model`, rounded up.
+    pub fn weigh(&self, model: Option<&str>, input: u64, output: u64) -> u64 {
+        let (wi, wo) = model
+            .and_then(|m| self.models.get(m))
+            .copied()
+            .unwrap_or(self.default);
+        let units = input as f64 * wi + output as f64 * wo;
+        // `as` saturates for floats: huge values give u64::MAX, never wrap.
+        units.ceil() as u64
+    }
+}
+
+fn sane(w: f64) -> f64 {
+    if w.is_finite() && w > 0.0 {
+        w
+    } else {
+        0.0
     }
 }

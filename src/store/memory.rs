@@ -75,6 +75,19 @@ pub struct MemoryStoreBuilder {
 
 const FORCED_SWEEP_MIN_INTERVAL: u64 = 1_000_000_000;
 
+/// Charges per request whose buckets and locks are held on the stack (more use the heap).
+const INLINE_CHARGES: usize = 8;
+
+/// A placeholder, overwritten for every charge before a decision is returned.
+const UNSET: ChargeState = ChargeState {
+    snapshot: Snapshot {
+        limit: 0,
+        remaining: 0,
+        reset_after_nanos: 0,
+    },
+    placement: Placement(0),
+};
+
 impl MemoryStoreBuilder {
     /// Takes time from `clock` (default [`SystemClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
@@ -247,62 +260,132 @@ impl Inner {
             if let Some(bucket) = self.map.get(c.bucket) {
                 // Holding the shard's read lock: no sweep can evict this bucket meanwhile.
                 let mut slot = lock(&bucket);
-                return Ok(decide(&mut [&mut *slot], &[c], now));
+                fit(&mut slot, c.quota);
+                let limits = slot.limits;
+                let (verdict, placement, snapshot) = slot.state.acquire(&limits, now, c.amount);
+                // Release both locks before allocating the answer.
+                drop(slot);
+                drop(bucket);
+                return Ok(Decision {
+                    denial: match verdict {
+                        Verdict::Allow => None,
+                        Verdict::Deny { retry_after } => Some(Denial {
+                            index: 0,
+                            retry_after: retry_after.map(Duration::from_nanos),
+                        }),
+                    },
+                    charges: vec![ChargeState {
+                        snapshot,
+                        placement,
+                    }],
+                });
             }
             self.insert(c.bucket, c.quota, now)?;
         }
     }
 
     fn acquire_many(&self, charges: &[Charge<'_>], now: u64) -> Result<Decision, StoreError> {
-        'retry: loop {
-            let mut buckets: Vec<(usize, Bucket)> = Vec::with_capacity(charges.len());
-            for (i, c) in charges.iter().enumerate() {
-                let bucket = loop {
-                    if let Some(b) = self.map.get(c.bucket) {
-                        break Arc::clone(&b);
-                    }
-                    self.insert(c.bucket, c.quota, now)?;
-                };
-                buckets.push((i, bucket));
+        let n = charges.len();
+        loop {
+            // Up to `INLINE_CHARGES` charges, the buckets and their guards live on the stack:
+            // the decision's own `Vec` is the only allocation.
+            let decided = if n <= INLINE_CHARGES {
+                let mut buckets: [Option<(usize, Bucket)>; INLINE_CHARGES] = Default::default();
+                let mut guards: [Option<MutexGuard<'_, Slot>>; INLINE_CHARGES] = Default::default();
+                self.decide_many(charges, now, &mut buckets[..n], &mut guards[..n])?
+            } else {
+                let mut buckets = vec![None; n];
+                let mut guards: Vec<_> = std::iter::repeat_with(|| None).take(n).collect();
+                self.decide_many(charges, now, &mut buckets, &mut guards)?
+            };
+            if let Some(decision) = decided {
+                return Ok(decision);
             }
-            // A fixed global order (by address) makes multi-bucket locking deadlock-free.
-            buckets.sort_unstable_by_key(|(_, b)| Arc::as_ptr(b) as usize);
-            if let Some(w) = buckets.windows(2).find(|w| Arc::ptr_eq(&w[0].1, &w[1].1)) {
-                return Err(StoreError::DuplicateBucket(format!(
-                    "{:?}",
-                    charges[w[0].0].bucket
-                )));
-            }
-            let mut guards: Vec<MutexGuard<'_, Slot>> =
-                buckets.iter().map(|(_, b)| lock(b)).collect();
-            if guards.iter().any(|g| g.evicted) {
-                // A sweep removed one of them between lookup and lock: look up again.
-                continue 'retry;
-            }
-            let sorted: Vec<&Charge<'_>> = buckets.iter().map(|(i, _)| &charges[*i]).collect();
-            let mut slots: Vec<&mut Slot> = guards.iter_mut().map(|g| &mut **g).collect();
-            let mut decision = decide(&mut slots, &sorted, now);
-            // Back to the caller's order.
-            let mut states = vec![
-                ChargeState {
-                    snapshot: Snapshot {
-                        limit: 0,
-                        remaining: 0,
-                        reset_after_nanos: 0
-                    },
-                    placement: Placement::default(),
-                };
-                charges.len()
-            ];
-            for (pos, (i, _)) in buckets.iter().enumerate() {
-                states[*i] = decision.charges[pos];
-            }
-            decision.charges = states;
-            if let Some(d) = &mut decision.denial {
-                d.index = buckets[d.index].0;
-            }
-            return Ok(decision);
+            // A sweep removed a bucket between lookup and lock: look up again.
         }
+    }
+
+    /// Looks up every charge's bucket, locks them all in address order, checks every charge
+    /// and charges all of them only if all fit. `None` when a bucket was evicted meanwhile.
+    /// `buckets` and `guards` are scratch space of `charges.len()` entries.
+    fn decide_many<'b>(
+        &self,
+        charges: &[Charge<'_>],
+        now: u64,
+        buckets: &'b mut [Option<(usize, Bucket)>],
+        guards: &mut [Option<MutexGuard<'b, Slot>>],
+    ) -> Result<Option<Decision>, StoreError> {
+        for (entry, (i, c)) in buckets.iter_mut().zip(charges.iter().enumerate()) {
+            let bucket = loop {
+                if let Some(b) = self.map.get(c.bucket) {
+                    break Arc::clone(&b);
+                }
+                self.insert(c.bucket, c.quota, now)?;
+            };
+            *entry = Some((i, bucket));
+        }
+        // A fixed global order (by address) makes multi-bucket locking deadlock-free.
+        buckets.sort_unstable_by_key(|e| e.as_ref().map_or(0, |(_, b)| Arc::as_ptr(b) as usize));
+        let buckets: &'b [Option<(usize, Bucket)>] = buckets;
+        let sorted = || buckets.iter().flatten();
+        if let Some(i) = sorted()
+            .zip(sorted().skip(1))
+            .find(|(a, b)| Arc::ptr_eq(&a.1, &b.1))
+            .map(|(a, _)| a.0)
+        {
+            return Err(StoreError::DuplicateBucket(format!(
+                "{:?}",
+                charges[i].bucket
+            )));
+        }
+        // Allocated before locking, to keep the critical section short.
+        let mut states = vec![UNSET; charges.len()];
+        for (guard, (_, bucket)) in guards.iter_mut().zip(sorted()) {
+            let slot = guard.insert(lock(bucket));
+            if slot.evicted {
+                return Ok(None);
+            }
+        }
+
+        // Checked and charged in address order; a tie between denials goes to the first.
+        let mut denial: Option<(usize, Option<u64>)> = None;
+        for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
+            let (slot, c) = (guard.as_deref_mut().expect("locked above"), &charges[i]);
+            fit(slot, c.quota);
+            let limits = slot.limits;
+            if let Verdict::Deny { retry_after } = slot.state.check(&limits, now, c.amount) {
+                // Report the rule that keeps the request out longest ("never" beats any wait).
+                let worse = match denial {
+                    None => true,
+                    Some((_, None)) => false,
+                    Some((_, Some(prev))) => retry_after.is_none_or(|r| r > prev),
+                };
+                if worse {
+                    denial = Some((i, retry_after));
+                }
+            }
+        }
+        for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
+            let (slot, c) = (guard.as_deref_mut().expect("locked above"), &charges[i]);
+            let limits = slot.limits;
+            let placement = if denial.is_none() {
+                slot.state.charge(&limits, now, c.amount)
+            } else {
+                Placement::default()
+            };
+            // Back to the caller's order.
+            states[i] = ChargeState {
+                snapshot: slot.state.peek(&limits, now),
+                placement,
+            };
+        }
+        Ok(Some(Decision {
+            denial: denial.map(|(index, retry)| Denial {
+                index,
+                retry_after: retry.map(Duration::from_nanos),
+            }),
+            charges: states,
+        }))
     }
 
     fn with_bucket<T>(
@@ -336,49 +419,6 @@ fn fit(slot: &mut Slot, quota: &Quota) {
         slot.state = State::new(quota.algorithm());
     }
     slot.limits = quota.limits();
-}
-
-/// Checks every charge; charges all of them only if all fit.
-fn decide(slots: &mut [&mut Slot], charges: &[&Charge<'_>], now: u64) -> Decision {
-    let mut denial: Option<(usize, Option<u64>)> = None;
-    for (i, (slot, c)) in slots.iter_mut().zip(charges).enumerate() {
-        fit(slot, c.quota);
-        let limits = slot.limits;
-        if let Verdict::Deny { retry_after } = slot.state.check(&limits, now, c.amount) {
-            // Report the rule that keeps the request out longest ("never" beats any wait).
-            let worse = match denial {
-                None => true,
-                Some((_, None)) => false,
-                Some((_, Some(prev))) => retry_after.is_none_or(|r| r > prev),
-            };
-            if worse {
-                denial = Some((i, retry_after));
-            }
-        }
-    }
-    let charges = slots
-        .iter_mut()
-        .zip(charges)
-        .map(|(slot, c)| {
-            let limits = slot.limits;
-            let placement = if denial.is_none() {
-                slot.state.charge(&limits, now, c.amount)
-            } else {
-                Placement::default()
-            };
-            ChargeState {
-                snapshot: slot.state.peek(&limits, now),
-                placement,
-            }
-        })
-        .collect();
-    Decision {
-        denial: denial.map(|(index, retry)| Denial {
-            index,
-            retry_after: retry.map(Duration::from_nanos),
-        }),
-        charges,
-    }
 }
 
 impl Store for MemoryStore {

@@ -1,0 +1,263 @@
+//! Settling an admitted request: correcting token charges to the real usage and releasing
+//! concurrency slots, exactly once, on every path.
+//!
+//! The service hands a [`Settle`] to the response future. When the inner service answers, the
+//! response body is wrapped ([`crate::ResponseBody`]) to watch for `usage` as the bytes stream
+//! past (no buffering of the stream, a few comparisons per chunk); at the end of the body the
+//! token rules are settled to what the upstream reported. The settlement runs once whatever
+//! happens:
+//!
+//! | what happened | token rules | request rules | concurrency slots |
+//! |---|---|---|---|
+//! | body ended with `usage` | charged the reported usage (refund or extra charge, even past the limit: the tokens were spent) | kept | released |
+//! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
+//! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
+//! | request dropped before a response (client gone) | reservation kept | kept | released |
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+
+use crate::cost::usage::{Framing, Usage, UsageParser};
+use crate::cost::Cost;
+use crate::layer::Shared;
+use crate::rule::{Algorithm, Quota, Unit};
+use crate::store::{Adjustment, BucketKey, Placement};
+
+/// What the layer charges when an admitted response carries no `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MissingUsage {
+    /// Keep the estimate charged before admission. The default (the conservative side).
+    #[default]
+    KeepReservation,
+    /// Charge the input estimate plus an estimate of the output from the bytes streamed to
+    /// the client (about 4 bytes per token of SSE/JSON payload, counting its framing, so it
+    /// errs high).
+    EstimateStreamed,
+}
+
+/// Bytes of response payload per output token, for [`MissingUsage::EstimateStreamed`].
+const BYTES_PER_STREAMED_TOKEN: u64 = 4;
+
+/// One charge to settle.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub(crate) bucket: BucketKey,
+    pub(crate) quota: Quota,
+    pub(crate) placement: Placement,
+    pub(crate) charged: u64,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Usage(Usage),
+    NoUsage { streamed: u64 },
+    Failed,
+    Dropped,
+}
+
+/// The settlement of one admitted request. Settles once: explicitly, or when dropped.
+pub(crate) struct Settle {
+    shared: Arc<Shared>,
+    charges: Vec<Pending>,
+    estimate: Cost,
+    model: Option<String>,
+    parser: Option<UsageParser>,
+    streamed: u64,
+    responded: bool,
+    done: bool,
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settle")
+            .field("charges", &self.charges)
+            .field("estimate", &self.estimate)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest JSON response body searched for `usage` (streams are parsed line by line).
+const MAX_USAGE_BUFFER: usize = 4 << 20;
+
+impl Settle {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        charges: Vec<Pending>,
+        estimate: Cost,
+        model: Option<String>,
+    ) -> Self {
+        Self {
+            shared,
+            charges,
+            estimate,
+            model,
+            parser: None,
+            streamed: 0,
+            responded: false,
+            done: false,
+        }
+    }
+
+    fn has_token_charges(&self) -> bool {
+        self.charges.iter().any(|c| c.quota.unit().is_token_based())
+    }
+
+    /// The inner service answered with `status` and `headers`. Returns false when the
+    /// request is already settled (an error status), so the body needs no watching.
+    pub(crate) fn on_response(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.responded = true;
+        let grpc_failed = headers
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() != b"0");
+        if status.is_client_error() || status.is_server_error() || grpc_failed {
+            self.finish(Ending::Failed);
+            return false;
+        }
+        if self.has_token_charges() {
+            self.parser = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(Framing::from_content_type)
+                .map(|f| UsageParser::new(f, MAX_USAGE_BUFFER));
+        }
+        true
+    }
+
+    /// The inner service failed.
+    pub(crate) fn on_error(&mut self) {
+        self.finish(Ending::Failed);
+    }
+
+    /// A chunk of the response body went past.
+    #[inline]
+    pub(crate) fn on_data(&mut self, chunk: &[u8]) {
+        self.streamed = self.streamed.saturating_add(chunk.len() as u64);
+        if let Some(p) = &mut self.parser {
+            p.feed(chunk);
+        }
+    }
+
+    /// Trailers went past (gRPC reports its status there).
+    pub(crate) fn on_trailers(&mut self, trailers: &HeaderMap) {
+        if trailers
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() != b"0")
+        {
+            self.finish(Ending::Failed);
+        }
+    }
+
+    /// The response body ended, or broke, or was dropped.
+    pub(crate) fn on_end(&mut self) {
+        let usage = self.parser.as_mut().and_then(UsageParser::finish);
+        self.finish(match usage {
+            Some(u) => Ending::Usage(u),
+            None => Ending::NoUsage {
+                streamed: self.streamed,
+            },
+        });
+    }
+
+    /// What a token-based unit really cost.
+    fn actual(&self, unit: Unit, charged: u64, ending: Ending) -> u64 {
+        let (input, output) = match ending {
+            Ending::Failed => return 0,
+            Ending::Dropped => return charged,
+            Ending::NoUsage { .. }
+                if self.shared.missing_usage == MissingUsage::KeepReservation =>
+            {
+                return charged
+            }
+            Ending::NoUsage { streamed } => (
+                self.estimate.input_tokens(),
+                streamed.div_ceil(BYTES_PER_STREAMED_TOKEN),
+            ),
+            Ending::Usage(u) => {
+                if unit == Unit::Tokens {
+                    return u.total_tokens;
+                }
+                (u.input_tokens, u.output_tokens)
+            }
+        };
+        match unit {
+            Unit::InputTokens => input,
+            Unit::OutputTokens => output,
+            Unit::Cost => self
+                .shared
+                .weights
+                .weigh(self.model.as_deref(), input, output),
+            _ => input.saturating_add(output),
+        }
+    }
+
+    fn finish(&mut self, ending: Ending) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let adjustments: Vec<Adjustment<'_>> = self
+            .charges
+            .iter()
+            .filter_map(|c| {
+                let actual = if c.quota.algorithm() == Algorithm::Concurrency {
+                    0
+                } else if c.quota.unit().is_token_based() {
+                    self.actual(c.quota.unit(), c.charged, ending)
+                } else if matches!(ending, Ending::Failed) && !self.shared.count_failed_requests {
+                    0
+                } else {
+                    c.charged
+                };
+                (actual != c.charged).then_some(Adjustment {
+                    bucket: &c.bucket,
+                    quota: &c.quota,
+                    placement: c.placement,
+                    charged: c.charged,
+                    actual,
+                })
+            })
+            .collect();
+        if adjustments.is_empty() {
+            return;
+        }
+        let settling = self.shared.store.settle(&adjustments);
+        match settling.now() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log_failure(&e),
+            Err(pending) => {
+                // A store doing I/O: finish in the background (this may run in `Drop`).
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            if let Err(e) = pending.await {
+                                log_failure(&e);
+                            }
+                        });
+                    }
+                    Err(_) => tracing::warn!(
+                        target: "tower_llm_ratelimit",
+                        "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn log_failure(e: &crate::store::StoreError) {
+    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "settling a rate-limit charge failed");
+}
+
+impl Drop for Settle {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.responded {
+            self.on_end();
+        } else {
+            self.finish(Ending::Dropped);
+        }
+    }
+}
