@@ -147,14 +147,29 @@ impl CostEstimator for FromExtension {
 
 /// Tokens computed by a closure. See [`from_fn`].
 #[derive(Clone)]
-pub struct FromFn<F>(F);
+pub struct FromFn<F> {
+    f: F,
+    reads_body: bool,
+}
 
 /// The tokens `f` returns; `None` answers 400 ("could not estimate the token cost").
 pub fn from_fn<F>(f: F) -> FromFn<F>
 where
     F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
 {
-    FromFn(f)
+    FromFn {
+        f,
+        reads_body: false,
+    }
+}
+
+impl<F> FromFn<F> {
+    /// The closure reads the body ([`RequestView::json`], [`RequestView::body`]): the layer
+    /// buffers and parses it before calling the closure.
+    pub fn reading_body(mut self) -> Self {
+        self.reads_body = true;
+        self
+    }
 }
 
 impl<F> fmt::Debug for FromFn<F> {
@@ -168,9 +183,13 @@ where
     F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
 {
     fn estimate(&self, req: &RequestView<'_>) -> Result<Cost, CostError> {
-        (self.0)(req).map(Cost::tokens_of).ok_or_else(|| {
+        (self.f)(req).map(Cost::tokens_of).ok_or_else(|| {
             CostError::bad_request("could not estimate the token cost of the request")
         })
+    }
+
+    fn needs_body(&self) -> bool {
+        self.reads_body
     }
 }
 

@@ -14,6 +14,7 @@
 //! | [`bearer_token`] | the token of `Authorization: Bearer <token>` | 401 |
 //! | [`client_ip`] | the client's IP, from `Forwarded`/`X-Forwarded-For` only when the peer is a trusted proxy; IPv6 grouped by /64 | 400 |
 //! | [`global`] | one constant key | never missing |
+//! | [`json_field`] | a field of the JSON body (`model`), read once per request | 400 |
 //! | [`from_fn`] | what the closure returns | 400 |
 //! | [`KeyExtractorExt::and`] | both keys, length-prefixed so no two pairs collide | the first missing part's |
 //!
@@ -417,6 +418,48 @@ where
     }
 }
 
+/// A field of the JSON request body. See [`json_field`].
+#[derive(Debug, Clone)]
+pub struct JsonField {
+    pointer: String,
+}
+
+/// Keys by a field of the JSON request body, e.g. `json_field("model")` for per-model
+/// limits. `field` is a top-level field name, or a JSON pointer (RFC 6901) when it starts
+/// with `/` (`"/metadata/user_id"`). Strings are used as they are, numbers and booleans as
+/// written; a missing field, `null`, an object or an array is missing. The layer reads and
+/// parses the body once for every rule that needs it (bounded by
+/// [`crate::RateLimitLayerBuilder::max_inspect_bytes`]).
+pub fn json_field(field: &str) -> JsonField {
+    let pointer = if field.starts_with('/') {
+        field.to_owned()
+    } else {
+        // A plain name as a one-step pointer: escape `~` and `/` (RFC 6901 section 3).
+        format!("/{}", field.replace('~', "~0").replace('/', "~1"))
+    };
+    JsonField { pointer }
+}
+
+impl KeyExtractor for JsonField {
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        match req.json()?.pointer(&self.pointer)? {
+            serde_json::Value::String(s) => (!s.is_empty()).then(|| Key::new(s)),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                Some(Key::from(v.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("JSON body field `{}`", self.pointer)
+    }
+
+    fn needs_body(&self) -> bool {
+        true
+    }
+}
+
 /// Two keys combined. See [`KeyExtractorExt::and`].
 #[derive(Debug, Clone)]
 pub struct Composite<A, B>(A, B);
@@ -519,6 +562,22 @@ mod tests {
         assert_eq!(k("ab", "c"), k("ab", "c"));
         let req = Request::builder().header("a", "x").body(()).unwrap();
         assert_eq!(header("a").and(header("b")).extract(&view_of(&req)), None);
+    }
+
+    #[test]
+    fn json_fields() {
+        let req = Request::new(());
+        let body = Bytes::from_static(b"{}");
+        let json = serde_json::json!({"model": "gpt-4o", "n": 2, "meta": {"a/b": "x"}, "e": ""});
+        let view = view_of(&req).with_body(&body, Some(&json));
+        assert_eq!(json_field("model").extract(&view), Some(Key::from("gpt-4o")));
+        assert_eq!(json_field("n").extract(&view), Some(Key::from("2")));
+        assert_eq!(json_field("/meta/a~1b").extract(&view), Some(Key::from("x")));
+        assert_eq!(json_field("meta").extract(&view), None);
+        assert_eq!(json_field("e").extract(&view), None);
+        assert_eq!(json_field("model").extract(&view_of(&req)), None);
+        assert!(json_field("model").needs_body());
+        assert!(header("a").and(json_field("model")).needs_body());
     }
 
     #[test]
