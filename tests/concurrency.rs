@@ -164,3 +164,55 @@ async fn fifty_concurrent_token_requests_fit_ten() {
     }
     assert_eq!(admitted, 10);
 }
+
+/// A concurrency slot comes back on every path: a panic in the inner service, a request
+/// cancelled before its response, a response body dropped unread.
+#[tokio::test]
+async fn concurrency_slots_are_released_on_panic_and_cancellation() {
+    use tower_llm_ratelimit::key::RequestView;
+
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("inflight", key::global(), Quota::concurrent(1)))
+        .build()
+        .unwrap();
+    let in_flight = |layer: RateLimitLayer| async move {
+        let req = Request::new(());
+        let status = layer.status(RequestView::from_request(&req)).await.unwrap();
+        1 - status[0].snapshot.unwrap().remaining
+    };
+
+    // A panic inside the inner service.
+    let panicking = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(|_: Request<RequestBody<String>>| async move {
+            if true {
+                panic!("inner service panicked");
+            }
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    let joined = tokio::spawn(panicking.oneshot(Request::new(String::new()))).await;
+    assert!(joined.unwrap_err().is_panic());
+    assert_eq!(in_flight(layer.clone()).await, 0);
+
+    // A request cancelled while the inner service works.
+    let never = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(|_: Request<RequestBody<String>>| {
+            std::future::pending::<Result<Response<String>, Infallible>>()
+        }));
+    let task = tokio::spawn(never.oneshot(Request::new(String::new())));
+    tokio::task::yield_now().await;
+    assert_eq!(in_flight(layer.clone()).await, 1, "the slot is held meanwhile");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert_eq!(in_flight(layer.clone()).await, 0);
+
+    // A response whose body is dropped without being read.
+    let ok_svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(ok));
+    let res = ok_svc.oneshot(Request::new(String::new())).await.unwrap();
+    assert_eq!(in_flight(layer.clone()).await, 1);
+    drop(res);
+    assert_eq!(in_flight(layer).await, 0);
+}

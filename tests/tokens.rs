@@ -1,0 +1,423 @@
+//! Token rules end to end: estimate before admission, settle to the real usage (JSON and
+//! SSE, with chunk boundaries anywhere), concurrency slots, upstream errors, interrupted
+//! streams, and bounded body inspection. A real upstream (axum) behind the layer, a real TCP
+//! listener and a real HTTP client.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body as AxumBody;
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tower_llm_ratelimit::key::{KeyExtractorExt, RequestView};
+use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
+use tower_llm_ratelimit::settle::MissingUsage;
+use tower_llm_ratelimit::{
+    cost, key, BodyPolicy, Quota, RateLimitLayer, Rule, RuleStatus,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A response body fed by a channel: the upstream decides when each chunk goes out.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// What the test upstream shares with the test.
+#[derive(Clone)]
+struct Upstream {
+    /// Streams in `hold` mode wait for a permit before their final chunk.
+    gate: Arc<Semaphore>,
+}
+
+/// The upstream: answers like an OpenAI-compatible server. The request's test headers pick
+/// the behaviour: `x-mode` (`json`, `sse`, `sse-no-usage`, `error`, `echo`), `x-usage`
+/// (`prompt,completion`), `x-chunk` (bytes per SSE chunk), `x-hold` (wait at the gate).
+async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Response<AxumBody> {
+    let (mode, usage, chunk, hold) = {
+        let h = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        (h("x-mode"), h("x-usage"), h("x-chunk"), h("x-hold"))
+    };
+    let (prompt, completion) = usage
+        .split_once(',')
+        .map(|(p, c)| (p.parse::<u64>().unwrap(), c.parse::<u64>().unwrap()))
+        .unwrap_or((0, 0));
+    let total = prompt + completion;
+    match mode.as_str() {
+        "error" => Response::builder()
+            .status(500)
+            .header("content-type", "application/json")
+            .body(AxumBody::from(r#"{"error":{"message":"boom"}}"#))
+            .unwrap(),
+        "echo" => {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(AxumBody::from(body))
+        }
+        "json" => {
+            let body = format!(
+                r#"{{"id":"x","choices":[{{"message":{{"content":"hi"}}}}],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{total}}}}}"#
+            );
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(AxumBody::from(body))
+                .unwrap()
+        }
+        _ => {
+            let mut sse = String::new();
+            for word in ["Hel", "lo", " wor", "ld"] {
+                sse.push_str(&format!(
+                    "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{word}\"}}}}],\"usage\":null}}\n\n"
+                ));
+            }
+            if mode != "sse-no-usage" {
+                sse.push_str(&format!(
+                    "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{completion},\"total_tokens\":{total}}}}}\r\n\r\n"
+                ));
+            }
+            sse.push_str("data: [DONE]\n\n");
+            let size: usize = chunk.parse().unwrap_or(usize::MAX).max(1);
+            let chunks: VecDeque<Bytes> = sse
+                .as_bytes()
+                .chunks(size.min(sse.len()))
+                .map(Bytes::copy_from_slice)
+                .collect();
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                let n = chunks.len();
+                for (i, c) in chunks.into_iter().enumerate() {
+                    if i + 1 == n && hold == "1" {
+                        let _permit = up.gate.acquire().await.unwrap();
+                    }
+                    if tx.send(c).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(AxumBody::new(ChannelBody(rx)))
+                .unwrap()
+        }
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    layer: RateLimitLayer,
+    gate: Arc<Semaphore>,
+}
+
+async fn serve(layer: RateLimitLayer) -> Server {
+    let gate = Arc::new(Semaphore::new(0));
+    let app = Router::new()
+        .route("/v1/chat/completions", post(upstream))
+        .route("/v1/embeddings", post(upstream))
+        .with_state(Upstream { gate: gate.clone() })
+        .layer(layer.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server { addr, layer, gate }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+async fn open(
+    addr: SocketAddr,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::post("/v1/chat/completions").header("host", "test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response timed out")
+        .unwrap()
+}
+
+async fn send(addr: SocketAddr, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let res = open(addr, headers, body).await;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = tokio::time::timeout(WAIT, res.into_body().collect())
+        .await
+        .expect("body timed out")
+        .unwrap()
+        .to_bytes();
+    Reply { status, headers, body }
+}
+
+fn chat(max_tokens: u64) -> String {
+    format!(r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+/// The estimate: the body's `max_tokens` (a stand-in for `cost::openai()`).
+fn max_tokens_estimate() -> impl tower_llm_ratelimit::cost::CostEstimator {
+    cost::from_fn(|req: &RequestView<'_>| req.json()?.get("max_tokens")?.as_u64()).reading_body()
+}
+
+async fn status(layer: &RateLimitLayer) -> Vec<RuleStatus> {
+    let req = Request::new(());
+    layer.status(RequestView::from_request(&req)).await.unwrap()
+}
+
+/// Remaining of rule `i` for the global key, once the settlement (which runs when the
+/// server finishes the body, just after the client got it) has happened.
+async fn remaining_eventually(layer: &RateLimitLayer, i: usize, want: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = status(layer).await[i].snapshot.unwrap().remaining;
+        if got == want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "remaining {got}, want {want}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn tpm_layer() -> tower_llm_ratelimit::RateLimitLayerBuilder {
+    RateLimitLayer::builder()
+        .rule(Rule::new("tpm", key::global(), Quota::per_hour(10_000).tokens()))
+        .rule(Rule::new("rph", key::global(), Quota::per_hour(1_000)))
+        .cost(max_tokens_estimate())
+}
+
+#[tokio::test]
+async fn json_usage_settles_to_exactly_the_reported_tokens() {
+    let s = serve(tpm_layer().build().unwrap()).await;
+    let r = send(s.addr, &[("x-mode", "json"), ("x-usage", "200,121")], chat(1000)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // The headers show the reservation (pre-settlement).
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "9000");
+    assert!(std::str::from_utf8(&r.body).unwrap().contains("\"total_tokens\":321"));
+    remaining_eventually(&s.layer, 0, 10_000 - 321).await;
+    // Usage above the estimate is charged too (the tokens were spent).
+    send(s.addr, &[("x-mode", "json"), ("x-usage", "900,600")], chat(1000)).await;
+    remaining_eventually(&s.layer, 0, 10_000 - 321 - 1_500).await;
+}
+
+#[tokio::test]
+async fn sse_usage_settles_whatever_the_chunk_boundaries() {
+    for chunk in ["1", "2", "3", "7", "13", "64", "100000"] {
+        let s = serve(tpm_layer().build().unwrap()).await;
+        let r = send(
+            s.addr,
+            &[("x-mode", "sse"), ("x-usage", "40,17"), ("x-chunk", chunk)],
+            chat(2_000),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.ends_with(b"data: [DONE]\n\n"), "streamed through unchanged");
+        remaining_eventually(&s.layer, 0, 10_000 - 57).await;
+    }
+}
+
+#[tokio::test]
+async fn missing_usage_keeps_the_reservation_or_estimates_the_stream() {
+    let s = serve(tpm_layer().build().unwrap()).await;
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], chat(1_000)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    remaining_eventually(&s.layer, 0, 9_000).await;
+
+    let layer = tpm_layer()
+        .on_missing_usage(MissingUsage::EstimateStreamed)
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], chat(1_000)).await;
+    // The estimator gives everything as input (1,000) plus ~1 token per 4 bytes streamed.
+    let streamed = r.body.len() as u64;
+    remaining_eventually(&s.layer, 0, 10_000 - 1_000 - streamed.div_ceil(4)).await;
+}
+
+#[tokio::test]
+async fn upstream_errors_refund_tokens_and_optionally_requests() {
+    let s = serve(tpm_layer().build().unwrap()).await;
+    let r = send(s.addr, &[("x-mode", "error")], chat(1_000)).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    remaining_eventually(&s.layer, 0, 10_000).await;
+    assert_eq!(status(&s.layer).await[1].snapshot.unwrap().remaining, 999, "request still counted");
+
+    let s = serve(tpm_layer().count_failed_requests(false).build().unwrap()).await;
+    send(s.addr, &[("x-mode", "error")], chat(1_000)).await;
+    remaining_eventually(&s.layer, 1, 1_000).await;
+    remaining_eventually(&s.layer, 0, 10_000).await;
+}
+
+#[tokio::test]
+async fn an_interrupted_stream_keeps_the_reservation_and_frees_its_slot() {
+    let layer = tpm_layer()
+        .rule(Rule::new("inflight", key::global(), Quota::concurrent(1)))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let hdrs = [("x-mode", "sse-no-usage"), ("x-chunk", "10"), ("x-hold", "1")];
+    let res = open(s.addr, &hdrs, chat(1_000)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    // Read one chunk, then hang up.
+    tokio::time::timeout(WAIT, body.frame()).await.unwrap().unwrap().unwrap();
+    // The slot is taken while the stream is open.
+    let r = send(s.addr, &[("x-mode", "json")], chat(1)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(std::str::from_utf8(&r.body).unwrap().contains("`inflight`"));
+    drop(body);
+    s.gate.add_permits(1);
+    // The slot comes back and the 1,000-token reservation stays charged (no usage seen).
+    remaining_eventually(&s.layer, 2, 1).await;
+    remaining_eventually(&s.layer, 0, 9_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_reserve_then_return_capacity() {
+    let decided = Arc::new(AtomicUsize::new(0));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let (d, a) = (decided.clone(), admitted.clone());
+    let layer = tpm_layer()
+        .observer(move |e: &DecisionEvent<'_>| {
+            d.fetch_add(1, Ordering::SeqCst);
+            if e.outcome == Outcome::Admitted {
+                a.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let addr = s.addr;
+        tasks.push(tokio::spawn(async move {
+            let hdrs = [("x-mode", "sse"), ("x-usage", "60,40"), ("x-hold", "1")];
+            send(addr, &hdrs, chat(1_000)).await.status
+        }));
+    }
+    // Wait (bounded) until all 50 are decided, with the admitted streams held open.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while decided.load(Ordering::SeqCst) < 50 {
+        assert!(tokio::time::Instant::now() < deadline, "only {decided:?} decided");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // 10 x 1,000 tokens reserved at once: nothing else fits.
+    assert_eq!(admitted.load(Ordering::SeqCst), 10);
+    assert_eq!(status(&s.layer).await[0].snapshot.unwrap().remaining, 0);
+    s.gate.add_permits(50);
+    let (mut ok, mut denied) = (0, 0);
+    for t in tasks {
+        match tokio::time::timeout(WAIT, t).await.unwrap().unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => denied += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!((ok, denied), (10, 40));
+    // Each used 100 tokens: capacity returns as the usage says.
+    remaining_eventually(&s.layer, 0, 10_000 - 10 * 100).await;
+}
+
+#[tokio::test]
+async fn bodies_are_bounded_checked_and_passed_on_byte_identical() {
+    let layer = tpm_layer().max_inspect_bytes(256).build().unwrap();
+    let s = serve(layer).await;
+    // Echo: the upstream gets exactly the bytes sent.
+    let body = chat(5);
+    let r = send(s.addr, &[("x-mode", "echo")], body.clone()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, body.as_bytes());
+    // Over the bound: 413 with a JSON body.
+    let big = format!(r#"{{"max_tokens":5,"pad":"{}"}}"#, "x".repeat(400));
+    let r = send(s.addr, &[("x-mode", "echo")], big.clone()).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    // Not JSON: 400 saying so.
+    let r = send(s.addr, &[("x-mode", "echo"), ("content-type", "text/plain")], "hello").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_request_body");
+    assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+
+    // Fallback: admitted with the fallback cost, the whole body still reaches the upstream.
+    let layer = tpm_layer()
+        .max_inspect_bytes(256)
+        .on_unusable_body(BodyPolicy::Fallback)
+        .fallback_cost(tower_llm_ratelimit::cost::Cost::tokens_of(777))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let r = send(s.addr, &[("x-mode", "echo")], big.clone()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, big.as_bytes());
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "9223");
+}
+
+#[tokio::test]
+async fn per_model_rules_read_the_body_once() {
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("model-rph", key::json_field("model"), Quota::per_hour(1)))
+        .rule(Rule::new("user-model-rph", key::header("x-user").and(key::json_field("model")), Quota::per_hour(5)))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let m = |model: &str| format!(r#"{{"model":"{model}"}}"#);
+    let hdr = [("x-mode", "echo"), ("x-user", "u")];
+    assert_eq!(send(s.addr, &hdr, m("a")).await.status, StatusCode::OK);
+    assert_eq!(send(s.addr, &hdr, m("b")).await.status, StatusCode::OK);
+    let r = send(s.addr, &hdr, m("a")).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(std::str::from_utf8(&r.body).unwrap().contains("`model-rph`"));
+    // No model field: the key is missing (400 naming the field).
+    let r = send(s.addr, &hdr, "{}").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(std::str::from_utf8(&r.body).unwrap().contains("JSON body field `/model`"));
+}
+
+#[tokio::test]
+async fn streaming_requests_can_ask_for_usage() {
+    let layer = tpm_layer().request_usage_in_streams(true).build().unwrap();
+    let s = serve(layer).await;
+    let body = r#"{"max_tokens":5,"stream":true,"messages":[]}"#;
+    let r = send(s.addr, &[("x-mode", "echo")], body).await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["stream_options"]["include_usage"], true);
+    assert_eq!(v["max_tokens"], 5);
+}
