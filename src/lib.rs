@@ -28,14 +28,21 @@
 //!
 //! ```text
 //! request ──► RateLimit::call
-//!   1. tier     : TierResolver → the caller's tier, once            (tier)
-//!   2. keys     : each Rule's KeyExtractor → bucket key             (key)
+//!   0. inspect  : only if a key or the estimate reads the body: read it, bounded by
+//!                 max_inspect_bytes, parse JSON once; 413/400 or fallback  (inspect)
+//!   1. tier     : TierResolver → the caller's tier, once                   (tier)
+//!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
 //!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip
-//!   3. cost     : 1 per request rule; CostEstimator → tokens       (cost)
+//!   3. cost     : 1 per request rule and concurrency slot; CostEstimator → input and
+//!                 output tokens, weighted per model for spend rules        (cost)
 //!   4. acquire  : Store::acquire(all charges) → all-or-nothing Decision   (store → algorithm)
 //!   5a. denied  : 429 (gRPC: RESOURCE_EXHAUSTED) + Retry-After + rate-limit headers;
-//!                 the inner service is never called                (reject, headers)
-//!   5b. allowed : inner service called; rate-limit headers added to its response
+//!                 the inner service is never called                       (reject, headers)
+//!   5b. allowed : inner service called with the body replayed byte for byte; rate-limit
+//!                 headers added to its response; the response body is watched for `usage`
+//!                 (JSON or SSE, incrementally) and at its end, or when dropped, the token
+//!                 charges are settled to the real usage and concurrency slots released
+//!                                                                          (settle, cost::usage)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
 //!
@@ -45,11 +52,13 @@
 //! |---|---|
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer.rs`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging |
 //! | [`RateLimit`] (`service.rs`) | the service: plans the charges, asks the store, answers or forwards |
-//! | [`ResponseFuture`], [`ResponseBody`] | the future and body types (any inner body with `Bytes` data) |
+//! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
+//! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`) | bounded reading of request bodies, replayed unchanged to the inner service |
+//! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`] |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
-//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, global, closure, composite |
+//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
-//! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure |
+//! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::usage`]: the incremental `usage` parser for JSON and SSE responses |
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers |
@@ -71,7 +80,18 @@
 //! let smooth = Quota::per_second(5).gcra().burst(20);       // GCRA with a burst of 20
 //! # let _ = (counter, exact, smooth);
 //! ```
-//! See [`algorithm`] for their bounds.
+//! See [`algorithm`] for their bounds. [`Quota::concurrent`] limits requests in flight
+//! instead of a rate.
+//!
+//! # Tokens: reserve, then settle
+//!
+//! A token rule charges the estimate **before** the request is admitted, so concurrent
+//! requests can't overshoot a tokens-per-minute limit; when the response ends, the charge is
+//! corrected to the `usage` the upstream reported (a refund, or an extra charge past the
+//! limit: the tokens were spent). Rules may count all tokens ([`Quota::tokens`]), prompt
+//! tokens ([`Quota::input_tokens`]), output tokens ([`Quota::output_tokens`]) or spend
+//! ([`Quota::cost_units`] with [`cost::Weights`]). See [`settle`] for what happens on errors,
+//! interrupted streams and responses without usage.
 //!
 //! # Rules together, tiers
 //!

@@ -1,7 +1,7 @@
 //! Settling an admitted request: correcting token charges to the real usage and releasing
 //! concurrency slots, exactly once, on every path.
 //!
-//! The service hands a [`Settle`] to the response future. When the inner service answers, the
+//! The service hands a settlement to the response future. When the inner service answers, the
 //! response body is wrapped ([`crate::ResponseBody`]) to watch for `usage` as the bytes stream
 //! past (no buffering of the stream, a few comparisons per chunk); at the end of the body the
 //! token rules are settled to what the upstream reported. The settlement runs once whatever
