@@ -63,7 +63,7 @@ use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
 
 use crate::algorithm::Snapshot;
-use crate::rule::{Quota, Unit};
+use crate::rule::{Algorithm, Quota, Unit};
 
 /// Which rate-limit headers responses carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,15 +132,15 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
             }
             // Rule names are checked at build time to be printable ASCII without `"` or `\`,
             // so they are valid sf-strings as they are (RFC 9651 section 3.3.3).
-            let _ = write!(
-                policy,
-                "\"{}\";q={};w={}",
-                r.rule,
-                r.snapshot.limit,
-                ceil_secs(r.quota.window()).max(1)
-            );
-            if r.quota.unit() != Unit::Requests {
-                let _ = write!(policy, ";qu=\"{}\"", r.quota.unit());
+            let _ = write!(policy, "\"{}\";q={}", r.rule, r.snapshot.limit);
+            if r.quota.algorithm() == Algorithm::Concurrency {
+                // The draft's unit for in-flight limits; they have no window.
+                policy.push_str(";qu=\"concurrent-requests\"");
+            } else {
+                let _ = write!(policy, ";w={}", ceil_secs(r.quota.window()).max(1));
+                if r.quota.unit() != Unit::Requests {
+                    let _ = write!(policy, ";qu=\"{}\"", r.quota.unit());
+                }
             }
             let reset = Duration::from_nanos(r.snapshot.reset_after_nanos);
             let _ = write!(
@@ -176,7 +176,9 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
         for (in_group, names) in groups {
             let tightest = rules
                 .iter()
-                .filter(|r| in_group(r.quota.unit()))
+                .filter(|r| {
+                    in_group(r.quota.unit()) && r.quota.algorithm() != Algorithm::Concurrency
+                })
                 .min_by_key(|r| r.snapshot.remaining);
             if let Some(r) = tightest {
                 let s = &r.snapshot;

@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) missing_usage: MissingUsage,
     pub(crate) count_failed_requests: bool,
     pub(crate) request_stream_usage: bool,
+    pub(crate) idempotency_header: Option<http::HeaderName>,
     /// Computed by `build`: some rule's key or the estimate reads the body.
     pub(crate) needs_body: bool,
 }
@@ -116,6 +117,7 @@ impl RateLimitLayer {
             missing_usage: MissingUsage::default(),
             count_failed_requests: true,
             request_stream_usage: false,
+            idempotency_header: None,
         }
     }
 
@@ -172,6 +174,7 @@ pub struct RateLimitLayerBuilder {
     missing_usage: MissingUsage,
     count_failed_requests: bool,
     request_stream_usage: bool,
+    idempotency_header: Option<http::HeaderName>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -287,6 +290,19 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// Counts a request carrying header `name` (e.g. `x-request-id`) once per value: a
+    /// client's retry with the same id gets the first decision again instead of being charged
+    /// twice. Needs a store that remembers ids ([`crate::store::Store::acquire_once`]; the
+    /// Redis store does, for its idempotency TTL).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid header name (a programming error).
+    pub fn idempotency_header(mut self, name: &'static str) -> Self {
+        self.idempotency_header = Some(http::HeaderName::from_static(name));
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, BuildError> {
         if self.rules.is_empty() {
@@ -334,6 +350,7 @@ impl RateLimitLayerBuilder {
                 missing_usage: self.missing_usage,
                 count_failed_requests: self.count_failed_requests,
                 request_stream_usage: self.request_stream_usage,
+                idempotency_header: self.idempotency_header,
                 needs_body,
             }),
         })

@@ -123,15 +123,26 @@ impl Quota {
 
     /// At most `limit` requests in flight per key. A slot is taken when the request is
     /// admitted and given back when its response body ends or is dropped, on every path
-    /// (error, cancellation, panic in the inner service). The window is unused.
+    /// (error, cancellation, panic in the inner service).
+    ///
+    /// The window is the slot's lease (default 10 minutes, set with [`Quota::lease`]): a
+    /// shared store (Redis) reclaims the slots of a process that died holding them after
+    /// that long, so it should exceed your longest request. The memory store ignores it.
     pub const fn concurrent(limit: u64) -> Self {
         Self {
             limit,
-            window: Duration::from_secs(1),
+            window: Duration::from_secs(600),
             unit: Unit::Requests,
             algorithm: Algorithm::Concurrency,
             burst: None,
         }
+    }
+
+    /// Sets a concurrency quota's lease (see [`Quota::concurrent`]); for other quotas, the
+    /// window.
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.window = lease;
+        self
     }
 
     /// `limit` per second.
@@ -244,6 +255,17 @@ impl Quota {
             Some(b) => b,
             None => self.limit,
         }
+    }
+
+    /// The same quota with another limit (and, for GCRA, the burst scaled alike).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_limit(mut self, limit: u64) -> Self {
+        if let Some(b) = self.burst {
+            let scaled = (u128::from(b) * u128::from(limit)) / u128::from(self.limit.max(1));
+            self.burst = Some(u64::try_from(scaled).unwrap_or(u64::MAX).max(1));
+        }
+        self.limit = limit;
+        self
     }
 
     /// The numbers the algorithms work with.

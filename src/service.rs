@@ -76,6 +76,7 @@ struct Planned {
 /// A request's plan: its tier and charges.
 struct Plan {
     tier: Option<Tier>,
+    request_id: Option<String>,
     charges: Vec<Planned>,
     estimate: Cost,
     model: Option<String>,
@@ -163,8 +164,13 @@ impl Shared {
                 amount,
             });
         }
+        let request_id = self.idempotency_header.as_ref().and_then(|h| {
+            let v = req.headers().get(h)?.to_str().ok()?.trim();
+            (!v.is_empty()).then(|| v.to_owned())
+        });
         Ok(Plan {
             tier,
+            request_id,
             charges,
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
@@ -215,7 +221,10 @@ impl Shared {
             .iter()
             .map(|p| Charge::new(&p.bucket, &p.quota, p.amount))
             .collect();
-        self.store.acquire(&charges)
+        match &plan.request_id {
+            Some(id) => self.store.acquire_once(&charges, id),
+            None => self.store.acquire(&charges),
+        }
     }
 
     fn observe(&self, tier: Option<&str>, outcome: Outcome<'_>, rules: &[RuleDecision<'_>]) {

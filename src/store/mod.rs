@@ -44,8 +44,14 @@
 //! ```
 
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
 
 pub use self::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisFailure, RedisStats, RedisStore, RedisStoreBuilder};
 
 use std::fmt;
 use std::future::Future;
@@ -256,6 +262,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks every charge and counts all of them, or none.
     fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>>;
 
+    /// Like [`Store::acquire`], but a request carrying the same `request_id` again (a
+    /// client's retry) is counted once and gets the first decision back. Stores that can't
+    /// remember ids (the memory store, where a retry is a new request of the same process)
+    /// just acquire.
+    fn acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        request_id: &str,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        let _ = request_id;
+        self.acquire(charges)
+    }
+
     /// Corrects earlier charges to their real amounts.
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>>;
 
@@ -266,6 +285,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
         (**self).acquire(charges)
+    }
+    fn acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        request_id: &str,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        (**self).acquire_once(charges, request_id)
     }
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
         (**self).settle(adjustments)

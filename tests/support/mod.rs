@@ -102,3 +102,5 @@ where
         task: Some(task),
     }
 }
+
+pub(crate) mod redis;

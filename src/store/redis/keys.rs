@@ -1,0 +1,105 @@
+//! Redis key names and cluster slots.
+
+use std::fmt::Write as _;
+
+use crate::store::BucketKey;
+
+/// `prefix:{hash}:rule`: the caller's key is hashed (SHA-1, first 128 bits, hex), so no input
+/// can reach another namespace, collide on purpose with another caller's bucket, or make a
+/// key longer than 32 bytes; the hash is the cluster hash tag, so every rule keyed by the same
+/// caller lands in one slot and is decided by one script call. The rule name is
+/// percent-escaped for `{`, `}`, `%` and `:`.
+pub(crate) fn bucket_key(prefix: &str, bucket: &BucketKey) -> String {
+    let mut out = String::with_capacity(prefix.len() + bucket.rule().len() + 40);
+    out.push_str(prefix);
+    out.push_str(":{");
+    push_tag(&mut out, bucket.key().as_bytes());
+    out.push_str("}:");
+    for c in bucket.rule().chars() {
+        match c {
+            '{' | '}' | '%' | ':' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The key remembering a request id's decision, in the slot of `tag_of` (a bucket key).
+pub(crate) fn idempotency_key(prefix: &str, tag_of: &str, request_id: &str) -> String {
+    let tag = tag_of
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or("", |(t, _)| t);
+    let mut out = format!("{prefix}:{{{tag}}}:idem:");
+    push_tag(&mut out, request_id.as_bytes());
+    out
+}
+
+fn push_tag(out: &mut String, bytes: &[u8]) {
+    let digest = sha1_smol::Sha1::from(bytes).digest().bytes();
+    for b in &digest[..16] {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
+/// The cluster slot of `key` (Redis Cluster specification, "Keys distribution model"):
+/// CRC16-XMODEM of the hash tag (or the whole key) modulo 16384.
+pub(crate) fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(bytes);
+    crc16(tagged) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in bytes {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_hashed_escaped_and_tagged() {
+        let a = bucket_key("rl", &BucketKey::new("user-rpm", "sk-1"));
+        let b = bucket_key("rl", &BucketKey::new("user-tpm", "sk-1"));
+        assert!(a.starts_with("rl:{") && a.ends_with("}:user-rpm"), "{a}");
+        assert_eq!(slot(&a), slot(&b), "one caller's rules share a slot");
+        assert_eq!(a.len(), "rl:{}:user-rpm".len() + 32);
+        let weird = bucket_key("rl", &BucketKey::new("a:{b}%", "}{:"));
+        assert!(weird.ends_with(":a%3A%7Bb%7D%25"), "{weird}");
+        assert_eq!(weird.matches('{').count(), 1);
+        let idem = idempotency_key("rl", &a, "req-1");
+        assert_eq!(slot(&idem), slot(&a));
+    }
+
+    #[test]
+    fn slots_match_the_cluster_spec() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
+        assert_eq!(slot("{}x"), crc16(b"{}x") % 16384);
+    }
+}

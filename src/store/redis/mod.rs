@@ -1,0 +1,680 @@
+//! The Redis store: one budget shared by many processes (feature `redis`).
+//!
+//! - **One round trip per decision.** Every rule of a request whose keys share a cluster slot
+//!   is checked and charged by one `EVALSHA` of one Lua script (`limiter.lua`), all or
+//!   nothing, writing nothing on a denial. `NOSCRIPT` (after a restart, a failover or a
+//!   `SCRIPT FLUSH`) is answered by loading the script and retrying.
+//! - **Same arithmetic as the memory store**, in microseconds of the server's clock (`TIME`),
+//!   so clients' clock skew can't matter. `tests/store_parity.rs` runs shared vectors
+//!   against both stores. Lua computes in doubles: exact while `limit x window_in_µs` stays
+//!   below 2^53 (e.g. 100 million tokens per day); past that a boundary may move by less
+//!   than one unit.
+//! - **Keys** `prefix:{hash}:rule` (see `keys.rs`): the caller's key is hashed, so no input
+//!   can reach another namespace; one caller's rules share a slot. Every key has a TTL of
+//!   about two windows (the counter), the time to drain (GCRA), the newest entry's expiry
+//!   (log) or the lease (concurrency), so Redis memory is bounded by active keys.
+//! - **Redis Cluster**: rules whose keys fall in different slots (per user vs per model) are
+//!   decided by one script call per slot, sent concurrently; if any denies, the slots that
+//!   admitted are refunded. A brief spurious denial of a concurrent request is possible in
+//!   that window, over-admission is not.
+//! - **Failures**: every call has a timeout (default 50 ms); after 5 consecutive failures a
+//!   circuit breaker fails fast for a cooldown (default 1 s), then lets one probe through.
+//!   While Redis can't answer, [`RedisFailure`] decides: report the error (the layer's
+//!   [`crate::FailurePolicy`] then admits or answers 503), or decide locally with a share of
+//!   each limit ([`RedisFailure::LocalFallback`]). Every such decision is logged (`WARN`) and
+//!   counted ([`RedisStore::stats`]). When Redis answers again the store uses it again.
+//! - **Idempotency**: [`Store::acquire_once`] with a request id (the layer's
+//!   [`crate::RateLimitLayerBuilder::idempotency_header`]) is counted once; a retry gets the
+//!   first decision back.
+
+mod breaker;
+mod keys;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::Script;
+
+use self::breaker::Breaker;
+use super::{
+    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, MemoryStore, Placement,
+    Snapshot, Store, StoreError, StoreFuture,
+};
+use crate::clock::Clock;
+use crate::rule::{Algorithm, Quota};
+
+/// What the store does while Redis can't answer (down, timing out, circuit open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisFailure {
+    /// Return the error; the layer's [`crate::FailurePolicy`] admits or answers 503. The
+    /// default.
+    #[default]
+    Error,
+    /// Decide in this process with `limit / expected_replicas` of each limit (at least 1),
+    /// so that the replicas together stay near the global limit. Decisions and settlements
+    /// made locally stay local.
+    LocalFallback {
+        /// How many processes share the limits.
+        expected_replicas: u64,
+    },
+}
+
+/// Counters of what the store did, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RedisStats {
+    /// Calls that failed (error or timeout) or were refused by the open circuit.
+    pub errors: u64,
+    /// Decisions taken by the local fallback.
+    pub fallback_decisions: u64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Whether the circuit is open now.
+    pub circuit_open: bool,
+}
+
+const SCRIPT: &str = include_str!("limiter.lua");
+/// Bit of a placement made by the local fallback, so its settlement stays local.
+const LOCAL: u64 = 1 << 63;
+/// Lease ids must fit in a Lua double exactly.
+const ID_MASK: u64 = (1 << 53) - 1;
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Configures a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    nodes: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    timeout: Duration,
+    failure: RedisFailure,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    idempotency_ttl: Duration,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+/// Limits shared across processes through Redis or Redis Cluster. See the
+/// [module docs](self). Clones share one connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    cluster: bool,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    failure: RedisFailure,
+    breaker: Breaker,
+    local: MemoryStore,
+    idempotency_ttl_ms: u64,
+    clock: Option<Arc<dyn Clock>>,
+    next_lease: AtomicU64,
+    errors: AtomicU64,
+    fallback_decisions: AtomicU64,
+    breaker_opened: AtomicU64,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.inner.cluster)
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("failure", &self.inner.failure)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store on the single Redis server at `url` (`redis://127.0.0.1:6379`).
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(vec![url.into()], false)
+    }
+
+    /// A store on the Redis Cluster reachable through `seed_nodes`.
+    pub fn cluster<I, S>(seed_nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisStoreBuilder::new(seed_nodes.into_iter().map(Into::into).collect(), true)
+    }
+
+    /// Connects to `url` with the default settings.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// What the store has done so far.
+    pub fn stats(&self) -> RedisStats {
+        let i = &*self.inner;
+        RedisStats {
+            errors: i.errors.load(Ordering::Relaxed),
+            fallback_decisions: i.fallback_decisions.load(Ordering::Relaxed),
+            breaker_opened: i.breaker_opened.load(Ordering::Relaxed),
+            circuit_open: i.breaker.is_open(),
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    fn new(nodes: Vec<String>, cluster: bool) -> Self {
+        Self {
+            nodes,
+            cluster,
+            prefix: "rl".to_owned(),
+            timeout: Duration::from_millis(50),
+            failure: RedisFailure::default(),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            idempotency_ttl: Duration::from_secs(120),
+            clock: None,
+        }
+    }
+
+    /// The namespace of every key (default `rl`). Stores with different prefixes share
+    /// nothing.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a call may take before it counts as a failure (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do while Redis can't answer (default [`RedisFailure::Error`]).
+    pub fn on_failure(mut self, failure: RedisFailure) -> Self {
+        self.failure = failure;
+        self
+    }
+
+    /// Consecutive failures that open the circuit (default 5) and how long it stays open
+    /// before a probe (default 1 s).
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// How long a request id's decision is remembered (default 120 s).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = ttl;
+        self
+    }
+
+    /// Takes `now` from `clock` instead of the server's `TIME`: for deterministic tests
+    /// only (in production, clients' clocks would skew the windows).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Connects (and loads the script on every primary).
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let backend = |e: redis::RedisError| StoreError::Backend(e.to_string());
+        let conn = if self.cluster {
+            let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
+                .connection_timeout(self.timeout.max(Duration::from_millis(200)))
+                .response_timeout(self.timeout)
+                .retries(1)
+                .build()
+                .map_err(backend)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(backend)?)
+        } else {
+            let url = self.nodes.first().cloned().unwrap_or_default();
+            let client = redis::Client::open(url).map_err(backend)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+                .set_response_timeout(Some(self.timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(1));
+            Conn::Single(
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(backend)?,
+            )
+        };
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        };
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                cluster: self.cluster,
+                script: Script::new(SCRIPT),
+                prefix: self.prefix,
+                timeout: self.timeout,
+                failure: self.failure,
+                breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+                local: MemoryStore::new(),
+                idempotency_ttl_ms: u64::try_from(self.idempotency_ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                clock: self.clock,
+                next_lease: AtomicU64::new(seed),
+                errors: AtomicU64::new(0),
+                fallback_decisions: AtomicU64::new(0),
+                breaker_opened: AtomicU64::new(0),
+            }),
+        };
+        Ok(store)
+    }
+}
+
+/// One script call: the keys of one slot and the arguments for them.
+struct Call {
+    /// Indexes of the charges (or adjustments) in this call.
+    members: Vec<usize>,
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+fn algorithm_code(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::SlidingWindowCounter => "0",
+        Algorithm::SlidingWindowLog => "1",
+        Algorithm::Gcra => "2",
+        Algorithm::Concurrency => "3",
+    }
+}
+
+fn window_us(q: &Quota) -> u64 {
+    u64::try_from(q.window().as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Inner {
+    fn now_arg(&self) -> String {
+        match &self.clock {
+            Some(c) => (c.now_nanos() / 1_000).to_string(),
+            None => "-1".to_owned(),
+        }
+    }
+
+    /// Groups per slot (one group on a single node), each with the script's arguments.
+    fn calls<'a>(
+        &self,
+        mode: &str,
+        items: impl Iterator<Item = (&'a BucketKey, &'a Quota, u64, u64, u64)>,
+        request_id: Option<&str>,
+    ) -> Vec<Call> {
+        let now = self.now_arg();
+        let mut calls: Vec<(u16, Call)> = Vec::new();
+        for (i, (bucket, quota, amount, placement, actual)) in items.enumerate() {
+            let key = keys::bucket_key(&self.prefix, bucket);
+            let slot = if self.cluster { keys::slot(&key) } else { 0 };
+            let at = match calls.iter().position(|(s, _)| *s == slot) {
+                Some(at) => at,
+                None => {
+                    let args = vec![mode.to_owned(), now.clone(), String::new(), String::new()];
+                    calls.push((
+                        slot,
+                        Call {
+                            members: Vec::new(),
+                            keys: Vec::new(),
+                            args,
+                        },
+                    ));
+                    calls.len() - 1
+                }
+            };
+            let call = &mut calls[at].1;
+            call.members.push(i);
+            call.keys.push(key);
+            call.args.extend([
+                algorithm_code(quota.algorithm()).to_owned(),
+                quota.limit().to_string(),
+                window_us(quota).to_string(),
+                quota.effective_burst().to_string(),
+                amount.to_string(),
+                placement.to_string(),
+                actual.to_string(),
+            ]);
+        }
+        let mut calls: Vec<Call> = calls.into_iter().map(|(_, c)| c).collect();
+        if let Some(id) = request_id {
+            for call in &mut calls {
+                let idem = keys::idempotency_key(&self.prefix, &call.keys[0], id);
+                call.keys.push(idem);
+                call.args[2] = "1".to_owned();
+                call.args[3] = self.idempotency_ttl_ms.to_string();
+            }
+        }
+        calls
+    }
+
+    async fn run(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
+        if !self.breaker.allow() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Backend("circuit open after repeated Redis failures".into()));
+        }
+        let mut invocation = self.script.prepare_invoke();
+        for k in &call.keys {
+            invocation.key(k);
+        }
+        for a in &call.args {
+            invocation.arg(a);
+        }
+        let result = match self.conn.clone() {
+            Conn::Single(mut c) => {
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c)).await
+            }
+            Conn::Cluster(mut c) => {
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c)).await
+            }
+        };
+        let error = match result {
+            Ok(Ok(reply)) => {
+                self.breaker.success();
+                return Ok(reply);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("Redis did not answer within {:?}", self.timeout),
+        };
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self.breaker.failure() {
+            self.breaker_opened.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "tower_llm_ratelimit", error, "Redis circuit opened");
+        }
+        Err(StoreError::Backend(error))
+    }
+
+    /// Runs every call, concurrently when there are several.
+    async fn run_all(self: &Arc<Self>, calls: Vec<Call>) -> Vec<(Call, Result<Vec<i64>, StoreError>)> {
+        if calls.len() == 1 {
+            let call = calls.into_iter().next().expect("one call");
+            let result = self.run(&call).await;
+            return vec![(call, result)];
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for (i, call) in calls.into_iter().enumerate() {
+            let inner = Arc::clone(self);
+            set.spawn(async move {
+                let result = inner.run(&call).await;
+                (i, call, result)
+            });
+        }
+        let mut out = Vec::with_capacity(set.len());
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(done) => out.push(done),
+                Err(e) => {
+                    // A panicked or cancelled task: report as a failure of an unknown call.
+                    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "Redis call task failed");
+                }
+            }
+        }
+        out.sort_by_key(|(i, _, _)| *i);
+        out.into_iter().map(|(_, c, r)| (c, r)).collect()
+    }
+
+    fn fallback_quota(&self, q: &Quota) -> Option<Quota> {
+        match self.failure {
+            RedisFailure::Error => None,
+            RedisFailure::LocalFallback { expected_replicas } => {
+                let share = (q.limit() / expected_replicas.max(1)).max(1);
+                Some(q.with_limit(share))
+            }
+        }
+    }
+}
+
+/// A snapshot from the script's microseconds.
+fn snapshot(limit: i64, remaining: i64, reset_us: i64) -> Snapshot {
+    Snapshot {
+        limit: limit.max(0) as u64,
+        remaining: remaining.max(0) as u64,
+        reset_after_nanos: (reset_us.max(0) as u64).saturating_mul(1_000),
+    }
+}
+
+impl RedisStore {
+    fn acquire_inner(
+        &self,
+        charges: &[Charge<'_>],
+        request_id: Option<&str>,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let leases: Vec<u64> = charges
+            .iter()
+            .map(|c| {
+                if c.quota.algorithm() == Algorithm::Concurrency {
+                    inner.next_lease.fetch_add(1, Ordering::Relaxed) & ID_MASK
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let calls = inner.calls(
+            "a",
+            charges
+                .iter()
+                .zip(&leases)
+                .map(|(c, &id)| (c.bucket, c.quota, c.amount, id, 0)),
+            request_id,
+        );
+        // Owned copies for the fallback, only when there is one.
+        let owned: Option<Vec<(BucketKey, Quota, u64)>> =
+            matches!(inner.failure, RedisFailure::LocalFallback { .. }).then(|| {
+                charges
+                    .iter()
+                    .map(|c| (c.bucket.clone(), *c.quota, c.amount))
+                    .collect()
+            });
+        let n = charges.len();
+        StoreFuture::pending(async move {
+            let results = inner.run_all(calls).await;
+            if let Some(e) = results.iter().find_map(|(_, r)| r.as_ref().err()).cloned() {
+                // Give back what the slots that did answer admitted, then fall back or fail.
+                refund_admitted(&inner, &results).await;
+                return match owned {
+                    Some(owned) => Ok(decide_locally(&inner, &owned, &e)),
+                    None => Err(e),
+                };
+            }
+            let mut states = vec![
+                ChargeState {
+                    snapshot: snapshot(0, 0, 0),
+                    placement: Placement(0),
+                };
+                n
+            ];
+            let mut denial: Option<(usize, i64)> = None;
+            for (call, reply) in &results {
+                let reply = reply.as_ref().map_err(Clone::clone)?;
+                if reply.len() != 2 + 4 * call.members.len() {
+                    return Err(StoreError::Backend(format!("unexpected script reply of {} values", reply.len())));
+                }
+                for (j, &i) in call.members.iter().enumerate() {
+                    let r = &reply[2 + 4 * j..6 + 4 * j];
+                    states[i] = ChargeState {
+                        snapshot: snapshot(r[0], r[1], r[2]),
+                        placement: Placement(r[3].max(0) as u64),
+                    };
+                }
+                if reply[0] >= 0 {
+                    let index = call.members[reply[0] as usize];
+                    let retry = reply[1];
+                    let worse = match denial {
+                        None => true,
+                        Some((_, -2)) => false,
+                        Some((_, prev)) => retry == -2 || retry > prev,
+                    };
+                    if worse {
+                        denial = Some((index, retry));
+                    }
+                }
+            }
+            if denial.is_some() {
+                refund_admitted(&inner, &results).await;
+            }
+            Ok(Decision {
+                denial: denial.map(|(index, retry)| Denial {
+                    index,
+                    retry_after: (retry >= 0).then(|| Duration::from_micros(retry as u64)),
+                }),
+                charges: states,
+            })
+        })
+    }
+}
+
+/// Refunds the charges of the calls that admitted (their requests were denied elsewhere, or
+/// another slot failed): a settle of each to 0.
+async fn refund_admitted(inner: &Arc<Inner>, results: &[(Call, Result<Vec<i64>, StoreError>)]) {
+    for (call, reply) in results {
+        let Ok(reply) = reply else { continue };
+        if reply.first() != Some(&-1) {
+            continue;
+        }
+        // The same call in settle mode: charged = amount, the placement it got, actual 0.
+        // With a request id, the settle also forgets the remembered decision, so a retry is
+        // decided afresh rather than told "admitted" by a slot that was refunded.
+        let mut args = call.args.clone();
+        args[0] = "s".to_owned();
+        for j in 0..call.members.len() {
+            let b = 4 + 7 * j;
+            args[b + 5] = reply[2 + 4 * j + 3].to_string();
+            args[b + 6] = "0".to_owned();
+        }
+        let refund = Call {
+            members: call.members.clone(),
+            keys: call.keys.clone(),
+            args,
+        };
+        if let Err(e) = inner.run(&refund).await {
+            tracing::warn!(target: "tower_llm_ratelimit", error = %e, "refunding a cross-slot reservation failed");
+        }
+    }
+}
+
+/// The local fallback's decision, with placements marked local.
+fn decide_locally(inner: &Inner, owned: &[(BucketKey, Quota, u64)], error: &StoreError) -> Decision {
+    inner.fallback_decisions.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(target: "tower_llm_ratelimit", %error, "Redis unavailable: deciding with the local fallback");
+    let quotas: Vec<Quota> = owned
+        .iter()
+        .map(|(_, q, _)| inner.fallback_quota(q).unwrap_or(*q))
+        .collect();
+    let charges: Vec<Charge<'_>> = owned
+        .iter()
+        .zip(&quotas)
+        .map(|((b, _, amount), q)| Charge::new(b, q, *amount))
+        .collect();
+    match inner.local.try_acquire(&charges) {
+        Ok(mut d) => {
+            for s in &mut d.charges {
+                s.placement = Placement(s.placement.0 | LOCAL);
+            }
+            d
+        }
+        // The local store is unbounded enough that this only happens at its key cap: deny.
+        Err(_) => Decision {
+            denial: Some(Denial {
+                index: 0,
+                retry_after: Some(Duration::from_secs(1)),
+            }),
+            charges: vec![
+                ChargeState {
+                    snapshot: snapshot(0, 0, 0),
+                    placement: Placement(0),
+                };
+                owned.len()
+            ],
+        },
+    }
+}
+
+impl Store for RedisStore {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        self.acquire_inner(charges, None)
+    }
+
+    fn acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        request_id: &str,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        self.acquire_inner(charges, Some(request_id))
+    }
+
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        // Local placements settle locally, synchronously.
+        let local: Vec<(Adjustment<'_>, Quota)> = adjustments
+            .iter()
+            .filter(|a| a.placement.0 & LOCAL != 0)
+            .map(|a| (*a, inner.fallback_quota(a.quota).unwrap_or(*a.quota)))
+            .collect();
+        if !local.is_empty() {
+            let local: Vec<Adjustment<'_>> = local
+                .iter()
+                .map(|(a, q)| Adjustment {
+                    quota: q,
+                    placement: Placement(a.placement.0 & !LOCAL),
+                    ..*a
+                })
+                .collect();
+            let _ = inner.local.settle(&local).now();
+        }
+        let remote: Vec<&Adjustment<'_>> = adjustments
+            .iter()
+            .filter(|a| a.placement.0 & LOCAL == 0)
+            .collect();
+        if remote.is_empty() {
+            return StoreFuture::ready(Ok(()));
+        }
+        let calls = inner.calls(
+            "s",
+            remote
+                .iter()
+                .map(|a| (a.bucket, a.quota, a.charged, a.placement.0, a.actual)),
+            None,
+        );
+        StoreFuture::pending(async move {
+            for (_, r) in inner.run_all(calls).await {
+                r?;
+            }
+            Ok(())
+        })
+    }
+
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let calls = inner.calls("p", std::iter::once((bucket, quota, 0, 0, 0)), None);
+        let fallback = inner
+            .fallback_quota(quota)
+            .map(|q| (bucket.clone(), q));
+        StoreFuture::pending(async move {
+            let mut results = inner.run_all(calls).await;
+            match results.pop().map(|(_, r)| r) {
+                Some(Ok(reply)) if reply.len() >= 6 => Ok(snapshot(reply[2], reply[3], reply[4])),
+                Some(Ok(reply)) => Err(StoreError::Backend(format!(
+                    "unexpected script reply of {} values",
+                    reply.len()
+                ))),
+                Some(Err(e)) => match fallback {
+                    Some((b, q)) => inner.local.peek(&b, &q).await,
+                    None => Err(e),
+                },
+                None => Err(StoreError::Backend("no reply".into())),
+            }
+        })
+    }
+}
