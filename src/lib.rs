@@ -60,7 +60,7 @@
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::usage`]: the incremental `usage` parser for JSON and SSE responses |
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
-//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`]; `store::RedisStore` (feature `redis`, `store/redis/`: the Lua script, key layout, circuit breaker) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
@@ -130,6 +130,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | no | [`key::client_ip`] reads axum's `ConnectInfo<SocketAddr>` |
+//! | `redis` | no | `store::RedisStore`: limits shared by many processes through Redis or Redis Cluster |
 //!
 //! # Integration
 //!
