@@ -109,6 +109,9 @@ pub(crate) struct RuleState<'a> {
     pub(crate) snapshot: Snapshot,
 }
 
+/// Which units an OpenAI header family reports.
+type UnitGroup = fn(Unit) -> bool;
+
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
@@ -155,7 +158,7 @@ pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleSt
         insert(headers, RATELIMIT.clone(), state);
     }
     if style.openai {
-        let groups: [(fn(Unit) -> bool, [&'static str; 3]); 2] = [
+        let groups: [(UnitGroup, [&'static str; 3]); 2] = [
             (
                 |u| u == Unit::Requests,
                 [

@@ -7,6 +7,7 @@
 //!
 //! | built-in | estimate |
 //! |---|---|
+//! | [`openai`] | OpenAI-compatible request bodies (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`): prompt tokens by a fast heuristic, output reserved as `max_tokens x n` |
 //! | [`extension`] | a [`TokenEstimate`] an earlier layer put in the request extensions |
 //! | [`from_fn`] | a closure over the request |
 //!
@@ -43,6 +44,9 @@ use http::StatusCode;
 use crate::key::RequestView;
 
 pub mod usage;
+
+mod openai;
+pub use self::openai::{estimate_text_tokens, openai, OpenAiTokens};
 
 /// The estimated cost of one request, in tokens: what the prompt takes (input) and what the
 /// answer may take (output, usually the reservation `max_tokens x n`).
