@@ -25,9 +25,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tower_llm_ratelimit::key::{KeyExtractorExt, RequestView};
 use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
 use tower_llm_ratelimit::settle::MissingUsage;
-use tower_llm_ratelimit::{
-    cost, key, BodyPolicy, Quota, RateLimitLayer, Rule, RuleStatus,
-};
+use tower_llm_ratelimit::{cost, key, BodyPolicy, Quota, RateLimitLayer, Rule, RuleStatus};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -160,9 +158,10 @@ async fn open(
     body: impl Into<Bytes>,
 ) -> Response<hyper::body::Incoming> {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let mut req = Request::post("/v1/chat/completions").header("host", "test");
     for (k, v) in headers {
@@ -184,11 +183,17 @@ async fn send(addr: SocketAddr, headers: &[(&str, &str)], body: impl Into<Bytes>
         .expect("body timed out")
         .unwrap()
         .to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn chat(max_tokens: u64) -> String {
-    format!(r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+    format!(
+        r#"{{"model":"m","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
 }
 
 /// The estimate: the body's `max_tokens` (a stand-in for `cost::openai()`).
@@ -210,14 +215,21 @@ async fn remaining_eventually(layer: &RateLimitLayer, i: usize, want: u64) {
         if got == want {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "remaining {got}, want {want}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "remaining {got}, want {want}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 fn tpm_layer() -> tower_llm_ratelimit::RateLimitLayerBuilder {
     RateLimitLayer::builder()
-        .rule(Rule::new("tpm", key::global(), Quota::per_hour(10_000).tokens()))
+        .rule(Rule::new(
+            "tpm",
+            key::global(),
+            Quota::per_hour(10_000).tokens(),
+        ))
         .rule(Rule::new("rph", key::global(), Quota::per_hour(1_000)))
         .cost(max_tokens_estimate())
 }
@@ -225,14 +237,26 @@ fn tpm_layer() -> tower_llm_ratelimit::RateLimitLayerBuilder {
 #[tokio::test]
 async fn json_usage_settles_to_exactly_the_reported_tokens() {
     let s = serve(tpm_layer().build().unwrap()).await;
-    let r = send(s.addr, &[("x-mode", "json"), ("x-usage", "200,121")], chat(1000)).await;
+    let r = send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "200,121")],
+        chat(1000),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     // The headers show the reservation (pre-settlement).
     assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "9000");
-    assert!(std::str::from_utf8(&r.body).unwrap().contains("\"total_tokens\":321"));
+    assert!(std::str::from_utf8(&r.body)
+        .unwrap()
+        .contains("\"total_tokens\":321"));
     remaining_eventually(&s.layer, 0, 10_000 - 321).await;
     // Usage above the estimate is charged too (the tokens were spent).
-    send(s.addr, &[("x-mode", "json"), ("x-usage", "900,600")], chat(1000)).await;
+    send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "900,600")],
+        chat(1000),
+    )
+    .await;
     remaining_eventually(&s.layer, 0, 10_000 - 321 - 1_500).await;
 }
 
@@ -247,7 +271,10 @@ async fn sse_usage_settles_whatever_the_chunk_boundaries() {
         )
         .await;
         assert_eq!(r.status, StatusCode::OK);
-        assert!(r.body.ends_with(b"data: [DONE]\n\n"), "streamed through unchanged");
+        assert!(
+            r.body.ends_with(b"data: [DONE]\n\n"),
+            "streamed through unchanged"
+        );
         remaining_eventually(&s.layer, 0, 10_000 - 57).await;
     }
 }
@@ -276,7 +303,11 @@ async fn upstream_errors_refund_tokens_and_optionally_requests() {
     let r = send(s.addr, &[("x-mode", "error")], chat(1_000)).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     remaining_eventually(&s.layer, 0, 10_000).await;
-    assert_eq!(status(&s.layer).await[1].snapshot.unwrap().remaining, 999, "request still counted");
+    assert_eq!(
+        status(&s.layer).await[1].snapshot.unwrap().remaining,
+        999,
+        "request still counted"
+    );
 
     let s = serve(tpm_layer().count_failed_requests(false).build().unwrap()).await;
     send(s.addr, &[("x-mode", "error")], chat(1_000)).await;
@@ -291,12 +322,20 @@ async fn an_interrupted_stream_keeps_the_reservation_and_frees_its_slot() {
         .build()
         .unwrap();
     let s = serve(layer).await;
-    let hdrs = [("x-mode", "sse-no-usage"), ("x-chunk", "10"), ("x-hold", "1")];
+    let hdrs = [
+        ("x-mode", "sse-no-usage"),
+        ("x-chunk", "10"),
+        ("x-hold", "1"),
+    ];
     let res = open(s.addr, &hdrs, chat(1_000)).await;
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.into_body();
     // Read one chunk, then hang up.
-    tokio::time::timeout(WAIT, body.frame()).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     // The slot is taken while the stream is open.
     let r = send(s.addr, &[("x-mode", "json")], chat(1)).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
@@ -334,7 +373,10 @@ async fn fifty_concurrent_requests_reserve_then_return_capacity() {
     // Wait (bounded) until all 50 are decided, with the admitted streams held open.
     let deadline = tokio::time::Instant::now() + WAIT;
     while decided.load(Ordering::SeqCst) < 50 {
-        assert!(tokio::time::Instant::now() < deadline, "only {decided:?} decided");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {decided:?} decided"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // 10 x 1,000 tokens reserved at once: nothing else fits.
@@ -370,11 +412,19 @@ async fn bodies_are_bounded_checked_and_passed_on_byte_identical() {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], "request_too_large");
     // Not JSON: 400 saying so.
-    let r = send(s.addr, &[("x-mode", "echo"), ("content-type", "text/plain")], "hello").await;
+    let r = send(
+        s.addr,
+        &[("x-mode", "echo"), ("content-type", "text/plain")],
+        "hello",
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], "invalid_request_body");
-    assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
 
     // Fallback: admitted with the fallback cost, the whole body still reaches the upstream.
     let layer = tpm_layer()
@@ -393,8 +443,16 @@ async fn bodies_are_bounded_checked_and_passed_on_byte_identical() {
 #[tokio::test]
 async fn per_model_rules_read_the_body_once() {
     let layer = RateLimitLayer::builder()
-        .rule(Rule::new("model-rph", key::json_field("model"), Quota::per_hour(1)))
-        .rule(Rule::new("user-model-rph", key::header("x-user").and(key::json_field("model")), Quota::per_hour(5)))
+        .rule(Rule::new(
+            "model-rph",
+            key::json_field("model"),
+            Quota::per_hour(1),
+        ))
+        .rule(Rule::new(
+            "user-model-rph",
+            key::header("x-user").and(key::json_field("model")),
+            Quota::per_hour(5),
+        ))
         .build()
         .unwrap();
     let s = serve(layer).await;
@@ -404,11 +462,15 @@ async fn per_model_rules_read_the_body_once() {
     assert_eq!(send(s.addr, &hdr, m("b")).await.status, StatusCode::OK);
     let r = send(s.addr, &hdr, m("a")).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(std::str::from_utf8(&r.body).unwrap().contains("`model-rph`"));
+    assert!(std::str::from_utf8(&r.body)
+        .unwrap()
+        .contains("`model-rph`"));
     // No model field: the key is missing (400 naming the field).
     let r = send(s.addr, &hdr, "{}").await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(std::str::from_utf8(&r.body).unwrap().contains("JSON body field `/model`"));
+    assert!(std::str::from_utf8(&r.body)
+        .unwrap()
+        .contains("JSON body field `/model`"));
 }
 
 #[tokio::test]
@@ -420,4 +482,85 @@ async fn streaming_requests_can_ask_for_usage() {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["stream_options"]["include_usage"], true);
     assert_eq!(v["max_tokens"], 5);
+}
+
+/// `cost::openai()` through the layer: what is reserved is exactly the estimator's answer
+/// for the body the client sent (n > 1, missing max_tokens, embeddings arrays).
+#[tokio::test]
+async fn openai_estimates_are_reserved_over_http() {
+    use tower_llm_ratelimit::cost::CostEstimator;
+
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "tpm",
+            key::global(),
+            Quota::per_hour(1_000_000).tokens(),
+        ))
+        .rule(Rule::new(
+            "otpm",
+            key::global(),
+            Quota::per_hour(1_000_000).output_tokens(),
+        ))
+        .cost(cost::openai().default_output_tokens(512))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","n":2,"max_tokens":100,"messages":[{"role":"user","content":"Say hello to the world, twice."}]}"#,
+            200,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}]}"#,
+            512,
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"e","input":["first text","second, longer text to embed"]}"#,
+            0,
+        ),
+    ];
+    let (mut used, mut used_out) = (0, 0);
+    for (path, body, output) in cases {
+        let req = Request::post(path).body(()).unwrap();
+        let bytes = Bytes::from_static(body.as_bytes());
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let want = cost::openai()
+            .default_output_tokens(512)
+            .estimate(&RequestView::from_request(&req).with_body(&bytes, Some(&json)))
+            .unwrap();
+        assert_eq!(want.output_tokens(), output, "{body}");
+        assert!(want.input_tokens() > 0);
+
+        let stream = TcpStream::connect(s.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post(path)
+            .header("host", "test")
+            .header("x-mode", "echo")
+            .body(Full::new(bytes.clone()))
+            .unwrap();
+        let res = tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        used += want.tokens();
+        used_out += want.output_tokens();
+        // The tightest token rule is `tpm` (it counts input and output).
+        let remaining = (1_000_000 - used).to_string();
+        assert_eq!(
+            res.headers()["x-ratelimit-remaining-tokens"],
+            remaining.as_str()
+        );
+        let echoed = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed, bytes, "the upstream got the body unchanged");
+    }
+    let status = status(&s.layer).await;
+    assert_eq!(status[1].snapshot.unwrap().remaining, 1_000_000 - used_out);
 }
