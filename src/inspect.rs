@@ -5,7 +5,8 @@
 //! the layer buffer it: at most `max_inspect_bytes`
 //! ([`crate::RateLimitLayerBuilder::max_inspect_bytes`], default 1 MiB), parsed as JSON once.
 //! The inner service then receives a [`RequestBody`] that yields exactly the bytes (and
-//! trailers) the client sent. A body over the bound is answered 413, or, under
+//! trailers) the client sent. A request without a body (`GET /v1/models`) costs no tokens. A
+//! body over the bound is answered 413, or, under
 //! [`BodyPolicy::Fallback`], admitted with the fallback cost and streamed on: the part read
 //! is replayed, then the rest follows from the client.
 

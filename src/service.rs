@@ -187,6 +187,10 @@ impl Shared {
         let Some(estimator) = &self.cost else {
             return Ok(Cost::default());
         };
+        if problem.is_none() && estimator.needs_body() && req.body().is_some_and(Bytes::is_empty) {
+            // A request without a body (`GET /v1/models`) runs no inference: no tokens.
+            return Ok(Cost::default());
+        }
         if let (Some(problem), true) = (problem, estimator.needs_body()) {
             if self.body_policy == BodyPolicy::Fallback {
                 return Ok(self.fallback_cost);
@@ -496,6 +500,7 @@ impl<S> RateLimit<S> {
             };
             let (json, problem) = match problem {
                 Some(p) => (None, Some(p)),
+                None if bytes.is_empty() => (None, None),
                 None => match serde_json::from_slice::<serde_json::Value>(&bytes) {
                     Ok(v) => (Some(v), None),
                     Err(e) => (None, Some(BodyProblem::NotJson(e.to_string()))),

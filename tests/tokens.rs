@@ -564,3 +564,12 @@ async fn openai_estimates_are_reserved_over_http() {
     let status = status(&s.layer).await;
     assert_eq!(status[1].snapshot.unwrap().remaining, 1_000_000 - used_out);
 }
+
+/// A layer reading bodies also wraps body-less routes: they cost no tokens.
+#[tokio::test]
+async fn requests_without_a_body_cost_no_tokens() {
+    let s = serve(tpm_layer().build().unwrap()).await;
+    let r = send(s.addr, &[("x-mode", "echo")], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "10000");
+}
