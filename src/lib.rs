@@ -51,7 +51,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer.rs`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging |
-//! | [`RateLimit`] (`service.rs`) | the service: plans the charges, asks the store, answers or forwards |
+//! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`) | bounded reading of request bodies, replayed unchanged to the inner service |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`] |
@@ -162,6 +162,7 @@ mod error;
 mod future;
 mod inspect;
 mod layer;
+mod plan;
 mod reject;
 mod service;
 

@@ -1,0 +1,322 @@
+//! Planning a request's charges, and turning the store's answer into headers and a
+//! settlement, or a rejection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::cost::Cost;
+use crate::headers::{self, RuleState};
+use crate::inspect::BodyPolicy;
+use crate::key::{Key, RequestView};
+use crate::layer::{FailurePolicy, Shared};
+use crate::observe::{DecisionEvent, Outcome, RuleDecision};
+use crate::reject::Rejection;
+use crate::rule::{Algorithm, MissingKey, Quota, Unit};
+use crate::settle::{Pending, Settle};
+use crate::store::{BucketKey, Charge, Decision, StoreError, StoreFuture};
+use crate::tier::Tier;
+
+/// One rule's charge for this request.
+pub(crate) struct Planned {
+    rule: usize,
+    bucket: BucketKey,
+    quota: Quota,
+    amount: u64,
+}
+
+/// A request's plan: its tier and charges.
+pub(crate) struct Plan {
+    tier: Option<Tier>,
+    request_id: Option<String>,
+    charges: Vec<Planned>,
+    estimate: Cost,
+    model: Option<String>,
+}
+
+/// Why the body the estimate needs can't be used.
+pub(crate) enum BodyProblem {
+    TooLarge,
+    NotJson(String),
+}
+
+/// An admitted request's headers and settlement.
+pub(crate) struct Admit {
+    pub(crate) headers: HeaderMap,
+    pub(crate) settle: Option<Settle>,
+}
+
+pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -> Rejection {
+    Rejection::Invalid {
+        status,
+        code,
+        message,
+    }
+}
+
+impl Shared {
+    pub(crate) fn plan(
+        &self,
+        req: &RequestView<'_>,
+        problem: Option<&BodyProblem>,
+    ) -> Result<Plan, Rejection> {
+        let tier = self.tiers.as_ref().and_then(|t| t.resolve(req));
+        let tier_name = tier.as_ref().map(Tier::as_str);
+        let mut estimate: Option<Cost> = None;
+        let mut model = None;
+        let mut charges = Vec::with_capacity(self.rules.len());
+        for (i, rule) in self.rules.iter().enumerate() {
+            let key = match rule.key.extract(req) {
+                Some(k) => k,
+                None => match rule.on_missing {
+                    MissingKey::Skip => continue,
+                    MissingKey::Shared => Key::anonymous(),
+                    MissingKey::Reject => {
+                        self.observe(tier_name, Outcome::MissingKey { rule: &rule.name }, &[]);
+                        return Err(invalid(
+                            rule.key.missing_status(),
+                            "missing_rate_limit_key",
+                            format!(
+                                "Missing rate-limit key: rule `{}` needs the {} of the request.",
+                                rule.name,
+                                rule.key.describe()
+                            ),
+                        ));
+                    }
+                },
+            };
+            let quota = *rule.quota_for(tier_name);
+            let unit = quota.unit();
+            let amount = if quota.algorithm() == Algorithm::Concurrency || unit == Unit::Requests {
+                1
+            } else {
+                let cost = match estimate {
+                    Some(c) => c,
+                    None => *estimate.insert(self.estimate(req, problem, tier_name)?),
+                };
+                match unit {
+                    Unit::InputTokens => cost.input_tokens(),
+                    Unit::OutputTokens => cost.output_tokens(),
+                    Unit::Cost => {
+                        let m = model.get_or_insert_with(|| {
+                            req.json()
+                                .and_then(|j| j.get("model")?.as_str())
+                                .map(str::to_owned)
+                        });
+                        self.weights
+                            .weigh(m.as_deref(), cost.input_tokens(), cost.output_tokens())
+                    }
+                    _ => cost.tokens(),
+                }
+            };
+            charges.push(Planned {
+                rule: i,
+                bucket: BucketKey::new(rule.name.clone(), key),
+                quota,
+                amount,
+            });
+        }
+        let request_id = self.idempotency_header.as_ref().and_then(|h| {
+            let v = req.headers().get(h)?.to_str().ok()?.trim();
+            (!v.is_empty()).then(|| v.to_owned())
+        });
+        Ok(Plan {
+            tier,
+            request_id,
+            charges,
+            estimate: estimate.unwrap_or_default(),
+            model: model.flatten(),
+        })
+    }
+
+    fn estimate(
+        &self,
+        req: &RequestView<'_>,
+        problem: Option<&BodyProblem>,
+        tier: Option<&str>,
+    ) -> Result<Cost, Rejection> {
+        // `build` guarantees an estimator when a rule counts tokens.
+        let Some(estimator) = &self.cost else {
+            return Ok(Cost::default());
+        };
+        if problem.is_none() && estimator.needs_body() && req.body().is_some_and(Bytes::is_empty) {
+            // A request without a body (`GET /v1/models`) runs no inference: no tokens.
+            return Ok(Cost::default());
+        }
+        if let (Some(problem), true) = (problem, estimator.needs_body()) {
+            if self.body_policy == BodyPolicy::Fallback {
+                return Ok(self.fallback_cost);
+            }
+            self.observe(tier, Outcome::CostError, &[]);
+            return Err(match problem {
+                BodyProblem::TooLarge => invalid(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!(
+                        "The request body is larger than the {} bytes the rate limiter reads \
+                         to estimate its cost.",
+                        self.max_inspect_bytes
+                    ),
+                ),
+                BodyProblem::NotJson(e) => invalid(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_body",
+                    format!("The request body is not valid JSON: {e}."),
+                ),
+            });
+        }
+        estimator.estimate(req).map_err(|e| {
+            self.observe(tier, Outcome::CostError, &[]);
+            invalid(e.status, "invalid_cost", e.message)
+        })
+    }
+
+    pub(crate) fn acquire(&self, plan: &Plan) -> StoreFuture<Result<Decision, StoreError>> {
+        let charges: Vec<Charge<'_>> = plan
+            .charges
+            .iter()
+            .map(|p| Charge::new(&p.bucket, &p.quota, p.amount))
+            .collect();
+        match &plan.request_id {
+            Some(id) => self.store.acquire_once(&charges, id),
+            None => self.store.acquire(&charges),
+        }
+    }
+
+    fn observe(&self, tier: Option<&str>, outcome: Outcome<'_>, rules: &[RuleDecision<'_>]) {
+        if let Some(o) = &self.observer {
+            o.on_decision(&DecisionEvent {
+                tier,
+                outcome,
+                rules,
+            });
+        }
+    }
+}
+
+/// Turns the store's answer into the headers and settlement of an admitted request, or a
+/// rejection.
+pub(crate) fn conclude(
+    shared: &Arc<Shared>,
+    plan: Plan,
+    result: Result<Decision, StoreError>,
+    grpc: bool,
+) -> Result<Admit, Box<Response<Full<Bytes>>>> {
+    let tier = plan.tier.as_ref().map(Tier::as_str);
+    let decision = match result {
+        Ok(d) => d,
+        Err(e) => {
+            let admitted = shared.failure == FailurePolicy::Open;
+            tracing::warn!(
+                target: "tower_llm_ratelimit",
+                error = %e,
+                admitted,
+                "rate-limit store failed"
+            );
+            shared.observe(tier, Outcome::StoreError { admitted }, &[]);
+            if admitted {
+                return Ok(Admit {
+                    headers: HeaderMap::new(),
+                    settle: None,
+                });
+            }
+            let mut h = HeaderMap::new();
+            headers::write_retry_after(&mut h, Duration::from_secs(1));
+            return Err(Box::new(
+                Rejection::StoreUnavailable {
+                    message: format!("Rate limiting is unavailable: {e}. Please try again."),
+                }
+                .into_response(grpc, h),
+            ));
+        }
+    };
+    let mut h = HeaderMap::new();
+    let states: Vec<RuleState<'_>> = plan
+        .charges
+        .iter()
+        .zip(&decision.charges)
+        .map(|(p, s)| RuleState {
+            rule: &shared.rules[p.rule].name,
+            quota: &p.quota,
+            snapshot: s.snapshot,
+        })
+        .collect();
+    headers::write(&mut h, shared.headers, &states);
+    if shared.observer.is_some() {
+        let denied = decision.denial.map(|d| d.index);
+        let rules: Vec<RuleDecision<'_>> = plan
+            .charges
+            .iter()
+            .zip(&decision.charges)
+            .enumerate()
+            .map(|(i, (p, s))| RuleDecision {
+                rule: &shared.rules[p.rule].name,
+                key: p.bucket.key(),
+                unit: p.quota.unit(),
+                cost: p.amount,
+                limit: s.snapshot.limit,
+                remaining: s.snapshot.remaining,
+                denied: denied == Some(i),
+            })
+            .collect();
+        let outcome = match decision.denial {
+            None => Outcome::Admitted,
+            Some(d) => Outcome::Denied {
+                rule: &shared.rules[plan.charges[d.index].rule].name,
+                retry_after: d.retry_after,
+            },
+        };
+        shared.observe(tier, outcome, &rules);
+    }
+    let Some(denial) = decision.denial else {
+        let needs_settling = !shared.count_failed_requests
+            || plan.charges.iter().any(|p| {
+                p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
+            });
+        let settle = needs_settling.then(|| {
+            let pending = plan
+                .charges
+                .into_iter()
+                .zip(&decision.charges)
+                .map(|(p, s)| Pending {
+                    bucket: p.bucket,
+                    quota: p.quota,
+                    placement: s.placement,
+                    charged: p.amount,
+                })
+                .collect();
+            Settle::new(Arc::clone(shared), pending, plan.estimate, plan.model)
+        });
+        return Ok(Admit { headers: h, settle });
+    };
+    let p = &plan.charges[denial.index];
+    let snapshot = decision.charges[denial.index].snapshot;
+    let rule = &*shared.rules[p.rule].name;
+    tracing::debug!(
+        target: "tower_llm_ratelimit",
+        rule,
+        key = %p.bucket.key(),
+        tier,
+        cost = p.amount,
+        remaining = snapshot.remaining,
+        retry_after_ms = denial.retry_after.map(|d| d.as_millis() as u64),
+        "request rate limited"
+    );
+    // A request that can never fit is told to wait a whole window, never 0.
+    headers::write_retry_after(&mut h, denial.retry_after.unwrap_or(p.quota.window()));
+    Err(Box::new(
+        Rejection::rate_limited(
+            rule,
+            p.quota.unit().as_str(),
+            snapshot.limit,
+            p.quota.window(),
+            snapshot.limit.saturating_sub(snapshot.remaining),
+            p.amount,
+            denial.retry_after,
+        )
+        .into_response(grpc, h),
+    ))
+}
