@@ -1,34 +1,862 @@
-//! The Redis store against real `redis-server` processes started by the test harness.
+//! The Redis store against real `redis-server` processes started by the test harness (a
+//! single node, or a 3-primary cluster): through the layer, all or nothing, under
+//! concurrency from several store instances, settlement, idempotency, key layout, cluster
+//! slots, failures and recovery.
+//!
+//! Verdicts never depend on wall-clock time: stores take `now` from a frozen [`ManualClock`],
+//! or use the server's clock with windows of an hour. Every wait is bounded.
 #![cfg(feature = "redis")]
 
 mod support;
 
-use std::time::Duration;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use http::{Request, Response, StatusCode};
+use tower::ServiceExt;
 use tower_llm_ratelimit::clock::ManualClock;
-use tower_llm_ratelimit::store::{BucketKey, Charge, RedisStore, Store};
-use tower_llm_ratelimit::{Algorithm, Quota};
+use tower_llm_ratelimit::store::{
+    Adjustment, BucketKey, Charge, Decision, RedisFailure, RedisStore, Snapshot, Store, StoreError,
+};
+use tower_llm_ratelimit::{
+    key, Algorithm, FailurePolicy, Quota, RateLimitLayer, RequestBody, ResponseBody, Rule,
+};
 
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
+use support::within;
+
+const WINDOW_ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::SlidingWindowCounter,
+    Algorithm::SlidingWindowLog,
+    Algorithm::Gcra,
+];
+
+/// A clock frozen at 1,000 s (away from the edge effects of 0).
+fn frozen_clock() -> ManualClock {
+    let clock = ManualClock::new();
+    clock.set(Duration::from_secs(1_000));
+    clock
+}
+
+/// A store on `url` taking `now` from `clock`, with a generous timeout: a loaded test
+/// machine must not turn a slow answer into a failure (the fault test sets its own).
+async fn connect(url: String, prefix: &str, clock: &ManualClock) -> RedisStore {
+    within(
+        "connecting to redis-server",
+        RedisStore::builder(url)
+            .prefix(prefix)
+            .clock(clock.clone())
+            .timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .expect("connecting to the test redis-server")
+}
+
+async fn acquire(store: &impl Store, charges: &[Charge<'_>]) -> Decision {
+    within("acquire", store.acquire(charges))
+        .await
+        .expect("acquire")
+}
+
+async fn peek(store: &impl Store, bucket: &BucketKey, quota: &Quota) -> Snapshot {
+    within("peek", store.peek(bucket, quota))
+        .await
+        .expect("peek")
+}
+
+async fn settle(store: &impl Store, adjustments: &[Adjustment<'_>]) {
+    within("settle", store.settle(adjustments))
+        .await
+        .expect("settle")
+}
+
+async fn ok(_: Request<RequestBody<String>>) -> Result<Response<String>, Infallible> {
+    Ok(Response::new(String::new()))
+}
+
+/// A service answering 200 behind `layer`.
+type App =
+    tower::util::BoxCloneService<Request<String>, Response<ResponseBody<String>>, Infallible>;
+
+fn app(layer: RateLimitLayer) -> App {
+    tower::util::BoxCloneService::new(
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(tower::service_fn(ok)),
+    )
+}
+
+/// Sends `req` and returns the response (its body still held: a concurrency slot is released
+/// when it is dropped).
+fn send(
+    svc: &App,
+    req: Request<String>,
+) -> impl std::future::Future<Output = Response<ResponseBody<String>>> + Send {
+    let call = svc.clone().oneshot(req);
+    async move { within("request through the layer", call).await.unwrap() }
+}
+
+fn request() -> Request<String> {
+    Request::new(String::new())
+}
+
+fn with_id(id: &str) -> Request<String> {
+    Request::builder()
+        .header("x-request-id", id)
+        .body(String::new())
+        .unwrap()
+}
 
 #[tokio::test]
 async fn smoke_every_algorithm() {
-    let Some(server) = RedisServer::start() else { return };
-    let clock = ManualClock::new();
-    clock.set(Duration::from_secs(1_000));
-    let store = RedisStore::builder(server.url()).clock(clock.clone()).connect().await.unwrap();
-    for alg in [Algorithm::SlidingWindowCounter, Algorithm::SlidingWindowLog, Algorithm::Gcra] {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    for alg in WINDOW_ALGORITHMS {
         let q = Quota::per_minute(3).using(alg);
         let b = BucketKey::new(format!("{alg:?}"), "k");
         let mut admitted = 0;
         for _ in 0..5 {
-            let d = store.acquire(&[Charge::new(&b, &q, 1)]).await.unwrap();
-            if d.is_admitted() {
+            if acquire(&store, &[Charge::new(&b, &q, 1)])
+                .await
+                .is_admitted()
+            {
                 admitted += 1;
             }
         }
         assert_eq!(admitted, 3, "{alg:?}");
-        let snap = store.peek(&b, &q).await.unwrap();
-        assert_eq!(snap.remaining, 0, "{alg:?}");
+        assert_eq!(peek(&store, &b, &q).await.remaining, 0, "{alg:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_n_plus_k_requests_admit_n() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // The server's clock, as in production; windows of an hour make the verdicts timeless.
+    let store = within(
+        "connect",
+        RedisStore::builder(server.url())
+            .timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("global", key::global(), Quota::per_hour(5)))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = app(layer);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let res = send(&svc, request()).await;
+        if res.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(res.headers().contains_key("retry-after"), "{res:?}");
+        }
+        statuses.push(res.status());
+    }
+    let admitted = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(admitted, 5, "{statuses:?}");
+    assert!(statuses[5..]
+        .iter()
+        .all(|s| *s == StatusCode::TOO_MANY_REQUESTS));
+
+    // Concurrent requests through the layer: exactly the limit again.
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "global-concurrent",
+            key::global(),
+            Quota::per_hour(10),
+        ))
+        .store(store)
+        .build()
+        .unwrap();
+    let svc = app(layer);
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { send(&svc, request()).await.status() })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        if within("request task", t).await.unwrap() == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10);
+}
+
+#[tokio::test]
+async fn a_denial_charges_no_rule() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let rpm = Quota::per_minute(10);
+    let tpm = Quota::per_minute(1_000).tokens().sliding_window_log();
+    let gcra = Quota::per_minute(100).gcra();
+    let slots = Quota::concurrent(5);
+    let b: Vec<BucketKey> = ["rpm", "tpm", "gcra", "slots"]
+        .iter()
+        .map(|r| BucketKey::new(*r, "alice"))
+        .collect();
+    let charges = |tokens| {
+        [
+            Charge::new(&b[0], &rpm, 1),
+            Charge::new(&b[1], &tpm, tokens),
+            Charge::new(&b[2], &gcra, 1),
+            Charge::new(&b[3], &slots, 1),
+        ]
+    };
+    assert!(acquire(&store, &charges(900)).await.is_admitted());
+    let d = acquire(&store, &charges(200)).await;
+    let denial = d.denial.expect("900 + 200 tokens > 1,000");
+    assert_eq!(denial.index, 1);
+    assert_eq!(denial.retry_after, Some(Duration::from_secs(60)));
+    let remaining = |s: Snapshot| s.remaining;
+    assert_eq!(remaining(peek(&store, &b[0], &rpm).await), 9);
+    assert_eq!(remaining(peek(&store, &b[1], &tpm).await), 100);
+    assert_eq!(remaining(peek(&store, &b[2], &gcra).await), 99);
+    assert_eq!(remaining(peek(&store, &b[3], &slots).await), 4);
+    // The snapshots of the denial show the same: nothing was charged.
+    let got: Vec<u64> = d.charges.iter().map(|c| c.snapshot.remaining).collect();
+    assert_eq!(got, [9, 100, 99, 4]);
+
+    // One request charging one bucket twice is refused, as by the memory store (the script
+    // would read the bucket once per charge and keep only the last write).
+    let twice = [Charge::new(&b[0], &rpm, 1), Charge::new(&b[0], &rpm, 1)];
+    let err = within("acquire", store.acquire(&twice)).await.unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateBucket(_)), "{err:?}");
+    assert_eq!(remaining(peek(&store, &b[0], &rpm).await), 9);
+}
+
+/// Runs `tasks` tasks, task `i` using `stores[i % stores.len()]` for `attempts` requests of
+/// `cost(i, attempt)` units on one bucket; returns the admitted (requests, units).
+async fn hammer(
+    stores: &[RedisStore],
+    bucket: &BucketKey,
+    quota: Quota,
+    tasks: usize,
+    attempts: u64,
+    cost: fn(usize, u64) -> u64,
+) -> (u64, u64) {
+    let handles: Vec<_> = (0..tasks)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            let bucket = bucket.clone();
+            tokio::spawn(async move {
+                let (mut requests, mut units) = (0, 0);
+                for a in 0..attempts {
+                    let amount = cost(i, a);
+                    let d = acquire(&store, &[Charge::new(&bucket, &quota, amount)]).await;
+                    if d.is_admitted() {
+                        requests += 1;
+                        units += amount;
+                    }
+                }
+                (requests, units)
+            })
+        })
+        .collect();
+    let (mut requests, mut units) = (0, 0);
+    for h in handles {
+        let (r, u) = within("hammering task", h).await.unwrap();
+        requests += r;
+        units += u;
+    }
+    (requests, units)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tasks_and_three_replicas_admit_exactly_the_limit() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // Three independent stores (three connections), as three replicas of a service would
+    // have, all at the same frozen instant.
+    let clock = frozen_clock();
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(connect(server.url(), "rl", &clock).await);
+    }
+    for alg in WINDOW_ALGORITHMS {
+        let quota = Quota::per_minute(300).using(alg);
+        let bucket = BucketKey::new(format!("hot-{alg:?}"), "k");
+        let (admitted, _) = hammer(&stores, &bucket, quota, 64, 10, |_, _| 1).await;
+        assert_eq!(admitted, 300, "{alg:?}: 640 attempts on a limit of 300");
+        assert_eq!(peek(&stores[0], &bucket, &quota).await.remaining, 0);
+
+        // Weighted: 1 to 97 tokens per request, far more asked than the 10,000 allowed.
+        let quota = Quota::per_minute(10_000).tokens().using(alg);
+        let bucket = BucketKey::new(format!("tokens-{alg:?}"), "k");
+        let cost = |i: usize, a: u64| 1 + (a * 7 + i as u64 * 13) % 97;
+        let (_, tokens) = hammer(&stores, &bucket, quota, 64, 20, cost).await;
+        assert!(tokens <= 10_000, "{alg:?}: {tokens} tokens admitted");
+        // Once one request was denied, less room was left than its cost: the limit is
+        // (nearly) used, not wasted.
+        assert!(
+            tokens > 10_000 - 97,
+            "{alg:?}: only {tokens} tokens admitted"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_refunds_releases_and_expires_leases() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+
+    // A token charge of 1,000 settled to 250: 750 come back, for every window algorithm.
+    for alg in WINDOW_ALGORITHMS {
+        let q = Quota::per_hour(10_000).tokens().using(alg);
+        let b = BucketKey::new(format!("tpm-{alg:?}"), "alice");
+        let d = acquire(&store, &[Charge::new(&b, &q, 1_000)]).await;
+        assert_eq!(d.charges[0].snapshot.remaining, 9_000, "{alg:?}");
+        clock.advance(Duration::from_secs(5));
+        settle(
+            &store,
+            &[Adjustment {
+                bucket: &b,
+                quota: &q,
+                placement: d.charges[0].placement,
+                charged: 1_000,
+                actual: 250,
+            }],
+        )
+        .await;
+        // (GCRA drains meanwhile: 5 s of 10,000 per hour is 13.9 tokens, rounded down.)
+        let want = if alg == Algorithm::Gcra { 9_763 } else { 9_750 };
+        assert_eq!(peek(&store, &b, &q).await.remaining, want, "{alg:?}");
+    }
+    assert_eq!(store.stats().errors, 0, "a settle is not a failure");
+
+    // A concurrency slot is released by settling it to 0.
+    let q = Quota::concurrent(2);
+    let b = BucketKey::new("inflight", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    let first = acquire(&store, &one).await;
+    assert!(acquire(&store, &one).await.is_admitted());
+    let full = acquire(&store, &one).await;
+    assert_eq!(
+        full.denial.map(|d| d.retry_after),
+        Some(Some(Duration::from_secs(1)))
+    );
+    settle(
+        &store,
+        &[Adjustment {
+            bucket: &b,
+            quota: &q,
+            placement: first.charges[0].placement,
+            charged: 1,
+            actual: 0,
+        }],
+    )
+    .await;
+    assert_eq!(peek(&store, &b, &q).await.remaining, 1);
+
+    // A slot never released (its process died) is reclaimed once its lease is over.
+    let q = Quota::concurrent(1).lease(Duration::from_secs(30));
+    let b = BucketKey::new("leased", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    assert!(acquire(&store, &one).await.is_admitted());
+    clock.advance(Duration::from_secs(29));
+    assert!(
+        !acquire(&store, &one).await.is_admitted(),
+        "lease still held"
+    );
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(peek(&store, &b, &q).await.remaining, 1, "lease expired");
+    assert!(acquire(&store, &one).await.is_admitted());
+
+    // Through the layer: the slot comes back when the response body is dropped.
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("slots", key::global(), Quota::concurrent(1)))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = app(layer);
+    let slots = BucketKey::new("slots", tower_llm_ratelimit::key::Key::new(b"*"));
+    let held = send(&svc, request()).await;
+    assert_eq!(held.status(), StatusCode::OK);
+    assert_eq!(
+        send(&svc, request()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    drop(held);
+    // The release is a Redis call made from a spawned task: wait for it, boundedly.
+    within("the slot to be released", async {
+        while peek(&store, &slots, &Quota::concurrent(1)).await.remaining != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(send(&svc, request()).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn idempotent_acquires_count_once() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let q = Quota::per_hour(2);
+    let b = BucketKey::new("rph", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    let once = |id: &'static str| within("acquire_once", store.acquire_once(&one, id));
+
+    let first = once("req-1").await.unwrap();
+    let retry = once("req-1").await.unwrap();
+    assert!(first.is_admitted());
+    assert_eq!(first, retry, "a retry gets the first decision back");
+    assert_eq!(peek(&store, &b, &q).await.remaining, 1, "counted once");
+    assert!(once("req-2").await.unwrap().is_admitted());
+    let denied = once("req-3").await.unwrap();
+    assert!(!denied.is_admitted());
+    assert_eq!(once("req-3").await.unwrap(), denied);
+    // An earlier id keeps its decision even though the bucket is full now.
+    assert!(once("req-1").await.unwrap().is_admitted());
+    assert_eq!(peek(&store, &b, &q).await.remaining, 0);
+
+    // Through the layer, keyed by the x-request-id header.
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("global", key::global(), Quota::per_hour(1)))
+        .idempotency_header("x-request-id")
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = app(layer);
+    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
+    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
+    assert_eq!(
+        send(&svc, with_id("r2")).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&svc, request()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "without an id, a request is counted as new"
+    );
+    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
+}
+
+fn pttl(server: &RedisServer, key: &str) -> i64 {
+    server
+        .cli(&["PTTL", key])
+        .and_then(|o| o.trim().parse().ok())
+        .unwrap_or_else(|| panic!("PTTL {key}"))
+}
+
+fn memory_usage(server: &RedisServer, key: &str) -> u64 {
+    server
+        .cli(&["MEMORY", "USAGE", key, "SAMPLES", "0"])
+        .and_then(|o| o.trim().parse().ok())
+        .unwrap_or_else(|| panic!("MEMORY USAGE {key}"))
+}
+
+/// `prefix:{<32 hex>}:<rule>`: the tag, or `None` when `key` is not a bucket key of `rule`.
+fn tag_of<'k>(key: &'k str, prefix: &str, rule: &str) -> Option<&'k str> {
+    let rest = key.strip_prefix(prefix)?.strip_prefix(":{")?;
+    let (tag, rule_part) = rest.split_once("}:")?;
+    let hex = tag.len() == 32
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (hex && rule_part == rule).then_some(tag)
+}
+
+#[tokio::test]
+async fn keys_are_hashed_tagged_and_expire() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let minute = Duration::from_secs(60);
+    let counter = Quota::new(100, minute);
+    let log = Quota::new(100, minute).sliding_window_log();
+    let gcra = Quota::new(10, minute).gcra();
+    let slots = Quota::concurrent(2).lease(Duration::from_secs(30));
+    let rules = ["counter", "log", "gcra", "slots"];
+    let b: Vec<BucketKey> = rules.iter().map(|r| BucketKey::new(*r, "alice")).collect();
+    let charges = [
+        Charge::new(&b[0], &counter, 1),
+        Charge::new(&b[1], &log, 1),
+        Charge::new(&b[2], &gcra, 1),
+        Charge::new(&b[3], &slots, 1),
+    ];
+    let d = within("acquire_once", store.acquire_once(&charges, "req-1"))
+        .await
+        .unwrap();
+    assert!(d.is_admitted());
+
+    let keys = server.keys();
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    let find = |rule: &str| -> String {
+        keys.iter()
+            .find(|k| tag_of(k, "rl", rule).is_some())
+            .unwrap_or_else(|| panic!("no key for rule {rule} in {keys:?}"))
+            .clone()
+    };
+    let by_rule: Vec<String> = rules.iter().map(|r| find(r)).collect();
+    // One caller's rules share one tag (one cluster slot, one script call).
+    let tag = tag_of(&by_rule[0], "rl", "counter").unwrap();
+    for (k, r) in by_rule.iter().zip(rules) {
+        assert_eq!(tag_of(k, "rl", r), Some(tag), "{k}");
+    }
+    let idem = keys
+        .iter()
+        .find(|k| k.starts_with(&format!("rl:{{{tag}}}:idem:")))
+        .unwrap_or_else(|| panic!("no idempotency key in {keys:?}"));
+    let idem_hash = idem.rsplit(':').next().unwrap();
+    assert_eq!(idem_hash.len(), 32, "{idem}");
+    // The caller's key never appears in clear.
+    assert!(keys.iter().all(|k| !k.contains("alice")), "{keys:?}");
+
+    // TTLs (real milliseconds left, a little less than what was set): two windows for the
+    // counter, the newest entry's expiry for the log, the backlog for GCRA (one unit of 10
+    // per minute: 6 s), the lease for concurrency, the idempotency TTL (default 120 s).
+    let ttls: Vec<i64> = by_rule.iter().map(|k| pttl(&server, k)).collect();
+    let expected = [120_001, 60_001, 6_001, 30_001];
+    for ((k, ttl), want) in by_rule.iter().zip(&ttls).zip(expected) {
+        assert!(
+            *ttl <= want && *ttl > want - 5_000,
+            "{k}: PTTL {ttl}, expected about {want}"
+        );
+    }
+    let idem_ttl = pttl(&server, idem);
+    assert!(
+        idem_ttl <= 120_000 && idem_ttl > 115_000,
+        "{idem}: {idem_ttl}"
+    );
+
+    // Another caller: another tag.
+    let bob = BucketKey::new("counter", "bob");
+    acquire(&store, &[Charge::new(&bob, &counter, 1)]).await;
+    let bob_key = server
+        .keys()
+        .into_iter()
+        .find(|k| tag_of(k, "rl", "counter").is_some_and(|t| t != tag))
+        .expect("bob's counter key");
+    assert_ne!(bob_key, by_rule[0]);
+
+    // Memory per key, for the README.
+    let usage: Vec<u64> = by_rule.iter().map(|k| memory_usage(&server, k)).collect();
+    eprintln!(
+        "MEMORY USAGE per key: counter {} B, log (1 entry) {} B, gcra {} B, concurrency (1 slot) {} B, idempotency {} B",
+        usage[0],
+        usage[1],
+        usage[2],
+        usage[3],
+        memory_usage(&server, idem)
+    );
+    // The log grows with the distinct instants in its window.
+    for _ in 0..99 {
+        clock.advance(Duration::from_millis(100));
+        assert!(acquire(&store, &[Charge::new(&b[1], &log, 1)])
+            .await
+            .is_admitted());
+    }
+    let log_100 = memory_usage(&server, &by_rule[1]);
+    eprintln!(
+        "MEMORY USAGE: log with 100 entries {log_100} B ({:.1} B per entry)",
+        (log_100 - usage[1]) as f64 / 99.0
+    );
+    assert!(usage[0] < 200 && usage[2] < 200, "{usage:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refunds_across_slots_and_admits_exactly_the_limit() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let connect_cluster = || {
+        within(
+            "connecting to the cluster",
+            RedisStore::cluster(cluster.urls())
+                .clock(clock.clone())
+                .timeout(Duration::from_secs(5))
+                .connect(),
+        )
+    };
+    let store = connect_cluster().await.unwrap();
+    let per_user = Quota::per_hour(100);
+    let global = Quota::per_hour(3);
+    let user = BucketKey::new("user-rph", "alice");
+    let all = BucketKey::new("global-rph", "*");
+    let charges = [
+        Charge::new(&user, &per_user, 1),
+        Charge::new(&all, &global, 1),
+    ];
+    for _ in 0..3 {
+        assert!(acquire(&store, &charges).await.is_admitted());
+    }
+    let d = acquire(&store, &charges).await;
+    assert_eq!(d.denial.map(|d| d.index), Some(1), "{d:?}");
+    // The per-user slot admitted the fourth request, then was refunded.
+    assert_eq!(peek(&store, &user, &per_user).await.remaining, 97);
+    assert_eq!(peek(&store, &all, &global).await.remaining, 0);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+
+    // The two rules' keys are in different slots.
+    let keys: Vec<String> = cluster.nodes.iter().flat_map(|n| n.keys()).collect();
+    let key_of = |rule: &str| {
+        keys.iter()
+            .find(|k| tag_of(k, "rl", rule).is_some())
+            .unwrap_or_else(|| panic!("no key for {rule} in {keys:?}"))
+            .clone()
+    };
+    let slot = |key: &str| -> u16 {
+        cluster.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .and_then(|o| o.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT")
+    };
+    let (user_key, global_key) = (key_of("user-rph"), key_of("global-rph"));
+    assert_ne!(
+        slot(&user_key),
+        slot(&global_key),
+        "{user_key} {global_key}"
+    );
+
+    // Many tasks on two store instances: each request charges its user's rule and a global
+    // rule in another slot. The users' rules never deny, so the global one decides alone:
+    // exactly its limit is admitted, and every denied request's user charge is refunded.
+    let stores = [store.clone(), connect_cluster().await.unwrap()];
+    let per_user = Quota::per_hour(1_000);
+    let global = Quota::per_hour(150);
+    let users: Vec<BucketKey> = (0..8)
+        .map(|u| BucketKey::new("user-rph-2", format!("user{u}")))
+        .collect();
+    let all = BucketKey::new("global-rph-2", "*");
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let store = stores[i % 2].clone();
+            let u = i % users.len();
+            let user = users[u].clone();
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut admitted = 0u64;
+                for _ in 0..10 {
+                    let charges = [
+                        Charge::new(&user, &per_user, 1),
+                        Charge::new(&all, &global, 1),
+                    ];
+                    if acquire(&store, &charges).await.is_admitted() {
+                        admitted += 1;
+                    }
+                }
+                (u, admitted)
+            })
+        })
+        .collect();
+    let mut per_user_admitted = vec![0u64; users.len()];
+    for h in handles {
+        let (u, n) = within("cluster task", h).await.unwrap();
+        per_user_admitted[u] += n;
+    }
+    let total: u64 = per_user_admitted.iter().sum();
+    assert_eq!(total, 150, "640 attempts on a global limit of 150");
+    for (u, bucket) in users.iter().enumerate() {
+        let left = peek(&stores[0], bucket, &per_user).await.remaining;
+        assert_eq!(
+            1_000 - left,
+            per_user_admitted[u],
+            "user{u}: only admitted requests stay charged"
+        );
+    }
+    for s in &stores {
+        assert_eq!(s.stats().errors, 0, "{:?}", s.stats());
+    }
+}
+
+/// A bounded poll: calls `f` until it returns `Some`, for at most 10 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    within(what, async {
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_fail_fast_fall_back_and_recover() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    // The server's clock and windows of an hour; a 50 ms timeout and a breaker opening after
+    // 2 failures for 100 ms.
+    let builder = |prefix: &str| {
+        RedisStore::builder(server.url())
+            .prefix(prefix)
+            .timeout(Duration::from_millis(50))
+            .circuit_breaker(2, Duration::from_millis(100))
+    };
+    let store = within("connect", builder("err").connect()).await.unwrap();
+    let fallback = within(
+        "connect",
+        builder("fb")
+            .on_failure(RedisFailure::LocalFallback {
+                expected_replicas: 2,
+            })
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("global", "*");
+    let one = [Charge::new(&b, &q, 1)];
+    // While Redis is up, calls succeed (retried: on a loaded machine 50 ms can pass).
+    // (`fallback` is not called before the crash, so its local share starts untouched.)
+    let ok_now = || async {
+        tokio::time::timeout(Duration::from_secs(2), store.acquire(&one))
+            .await
+            .ok()?
+            .ok()
+    };
+    assert!(eventually("an acquire", ok_now).await.is_admitted());
+    let layer = |policy| {
+        RateLimitLayer::builder()
+            .rule(Rule::new("global", key::global(), Quota::per_hour(10)))
+            .store(store.clone())
+            .on_store_error(policy)
+            .build()
+            .unwrap()
+    };
+    let closed = app(layer(FailurePolicy::Closed));
+    let open = app(layer(FailurePolicy::Open));
+    let admitted_by = |svc: &App| {
+        let svc = svc.clone();
+        async move { (send(&svc, request()).await.status() == StatusCode::OK).then_some(()) }
+    };
+    eventually("a request admitted through the layer", || {
+        admitted_by(&closed)
+    })
+    .await;
+
+    server.stop();
+
+    // RedisFailure::Error: every call fails, each within a bound (the 50 ms timeout, or at
+    // once while the circuit is open; 2 s leaves room for a loaded machine).
+    for i in 0..6 {
+        let started = Instant::now();
+        let result = within("acquire with Redis down", store.acquire(&one)).await;
+        assert!(
+            matches!(result, Err(StoreError::Backend(_))),
+            "call {i}: {result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "call {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let stats = store.stats();
+    assert!(stats.errors >= 6, "{stats:?}");
+    assert!(stats.breaker_opened >= 1, "{stats:?}");
+    assert_eq!(stats.fallback_decisions, 0, "{stats:?}");
+    assert!(within("peek", store.peek(&b, &q)).await.is_err());
+
+    // Through the layer: FailurePolicy::Closed answers 503, Open admits.
+    assert_eq!(
+        send(&closed, request()).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(send(&open, request()).await.status(), StatusCode::OK);
+
+    // LocalFallback with 2 replicas: half the limit, decided in this process.
+    let mut admitted = 0;
+    for _ in 0..8 {
+        if acquire(&fallback, &one).await.is_admitted() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5, "10 per hour over 2 replicas");
+    let local = peek(&fallback, &b, &q).await;
+    assert_eq!((local.limit, local.remaining), (5, 0), "{local:?}");
+    let stats = fallback.stats();
+    assert_eq!(stats.fallback_decisions, 8, "{stats:?}");
+    assert!(stats.errors >= 8 && stats.breaker_opened >= 1, "{stats:?}");
+
+    // Redis comes back (empty: no persistence): both stores use it again by themselves once
+    // the breaker's cooldown lets a probe through.
+    server.restart();
+    let d = eventually("the store to recover", ok_now).await;
+    // The restarted server is empty (no persistence): the two charges made before the crash
+    // are gone. (A probe that timed out may still have been counted by the server.)
+    assert!(d.charges[0].snapshot.remaining > 7, "a fresh Redis: {d:?}");
+    assert!(!store.stats().circuit_open, "{:?}", store.stats());
+    eventually("the fallback store to use Redis again", || async {
+        let d = tokio::time::timeout(Duration::from_secs(2), fallback.acquire(&one))
+            .await
+            .ok()?
+            .ok()?;
+        // The local fallback answers with its share (5); Redis with the whole limit.
+        (d.charges[0].snapshot.limit == 10).then_some(())
+    })
+    .await;
+    assert!(!fallback.stats().circuit_open, "{:?}", fallback.stats());
+    eventually("the layer to admit again", || admitted_by(&closed)).await;
+}
+
+#[tokio::test]
+async fn script_flush_is_survived() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("rph", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 9);
+    assert_eq!(
+        server
+            .cli(&["SCRIPT", "FLUSH"])
+            .map(|o| o.trim().to_owned()),
+        Some("OK".to_owned())
+    );
+    // NOSCRIPT: the script is loaded again and the call retried.
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 8);
+    server.cli(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    assert_eq!(peek(&store, &b, &q).await.remaining, 8);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+}
+
+/// Clones share one connection; the store is usable behind an `Arc<dyn Store>` too.
+#[tokio::test]
+async fn a_shared_store_behind_a_trait_object() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store: Arc<dyn Store> = Arc::new(connect(server.url(), "rl", &clock).await);
+    let q = Quota::per_hour(1);
+    let b = BucketKey::new("rph", "alice");
+    assert!(acquire(&store, &[Charge::new(&b, &q, 1)])
+        .await
+        .is_admitted());
+    assert!(!acquire(&store, &[Charge::new(&b, &q, 1)])
+        .await
+        .is_admitted());
 }

@@ -13,12 +13,20 @@ use std::time::{Duration, Instant};
 /// How long a server may take to start answering.
 const START: Duration = Duration::from_secs(10);
 
-/// A free loopback port (bound, then released for the server to take).
+/// The port of a Redis the tests must never touch.
+const DEFAULT_REDIS_PORT: u16 = 6379;
+
+/// A free loopback port (bound, then released for the server to take); never 6379.
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free loopback port");
+        if port != DEFAULT_REDIS_PORT {
+            return port;
+        }
+    }
 }
 
 /// True when the binaries exist; otherwise panics under CI, or explains and returns false.
@@ -52,28 +60,49 @@ impl RedisServer {
         Self::start_with(&[])
     }
 
+    /// Starts a server with extra `redis-server` arguments. A free port can be taken by
+    /// another process between finding it and the server binding it: then the server exits
+    /// and the start is retried on another port.
     pub(crate) fn start_with(extra: &[&str]) -> Option<Self> {
         if !available() {
             return None;
         }
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("tlr-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut server = Self {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        server.spawn();
-        Some(server)
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("tlr-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            let mut server = Self {
+                port,
+                child: None,
+                dir,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            if server.try_spawn() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server could not start on a free port in 5 attempts");
     }
 
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the process on `self.port`; panics when it can't (restarts keep their port).
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server could not start again on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the process and waits until it answers; false when it exited (port taken).
+    fn try_spawn(&mut self) -> bool {
+        assert_ne!(
+            self.port, DEFAULT_REDIS_PORT,
+            "never touch the Redis on 6379"
+        );
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -85,18 +114,34 @@ impl RedisServer {
             .spawn()
             .expect("spawning redis-server");
         self.child = Some(child);
-        self.wait_until_ready();
+        self.wait_until_ready()
     }
 
-    fn wait_until_ready(&self) {
+    /// Waits until the server answers, and checks that it is this process answering (not
+    /// another server that took the port first). False when the process exited.
+    fn wait_until_ready(&mut self) -> bool {
         let deadline = Instant::now() + START;
         while Instant::now() < deadline {
-            if self.cli(&["PING"]).is_some_and(|o| o.trim() == "PONG") {
-                return;
+            let child = self.child.as_mut().expect("spawned");
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return false;
+            }
+            let pid = child.id().to_string();
+            // Another server answering means ours will fail to bind and exit: keep waiting.
+            let ours = self.cli(&["INFO", "server"]).is_some_and(|info| {
+                info.lines()
+                    .any(|l| l.trim() == format!("process_id:{pid}"))
+            });
+            if ours {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("redis-server on port {} did not start within {START:?}", self.port);
+        panic!(
+            "redis-server on port {} did not start within {START:?}",
+            self.port
+        );
     }
 
     /// Runs `redis-cli` against this server; its stdout, or `None` if it failed.
@@ -106,7 +151,19 @@ impl RedisServer {
             .args(args)
             .output()
             .ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Every key on this server (`KEYS *`: test servers hold a handful).
+    pub(crate) fn keys(&self) -> Vec<String> {
+        self.cli(&["KEYS", "*"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Kills the server (a crash, for fault tests).
@@ -143,18 +200,29 @@ impl RedisCluster {
         }
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            nodes.push(RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])?);
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+            ])?);
         }
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .expect("redis-cli --cluster create");
-        assert!(out.success(), "redis-cli --cluster create failed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let deadline = Instant::now() + START;
         loop {
             let ok = nodes.iter().all(|n| {
@@ -164,7 +232,10 @@ impl RedisCluster {
             if ok {
                 break;
             }
-            assert!(Instant::now() < deadline, "cluster did not become ready within {START:?}");
+            assert!(
+                Instant::now() < deadline,
+                "cluster did not become ready within {START:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Some(Self { nodes })

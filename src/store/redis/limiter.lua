@@ -12,10 +12,14 @@
 --   algorithm (0 counter, 1 log, 2 gcra, 3 concurrency), limit, window_us, burst,
 --   amount (acquire) or charged (settle), placement (settle; for a concurrency acquire: the
 --   new lease's id, unique, < 2^53), actual (settle)
--- Concurrency buckets are sorted sets of lease ids scored by their expiry (now + window): a
--- process that dies holding slots can't leak them past the window.
+-- Concurrency buckets are sorted sets of slots scored by their expiry (now + window): a
+-- process that dies holding slots can't leak them past the window. A charge of n slots under
+-- lease id L holds the members "L", "L:2", ..., "L:n".
+-- In settle mode, adjustments naming one key several times apply one after the other to one
+-- state, written once.
 -- Reply (acquire/peek): { denied_index (0-based, -1 none), retry_us (-1 none, -2 never),
---   then per key: limit, remaining, reset_us, placement }. Settle replies 0.
+--   then per key: limit, remaining, reset_us, placement }. Settle replies { 0 } (an array,
+--   like every other reply).
 
 local floor = math.floor
 local mode = ARGV[1]
@@ -42,9 +46,16 @@ local function ceil_div(a, b) return floor((a + b - 1) / b) end
 
 -- States -----------------------------------------------------------------------------------
 
+-- A key holding another algorithm's state (two rules of one name with different algorithms,
+-- e.g. two layers sharing a store) starts afresh, as the memory store resets it: the wrong
+-- type of key, or a string that is not this algorithm's. (Not an error: that would fail
+-- every request of the rule and count against the circuit breaker.)
+local function wrong_type(reply) return type(reply) == 'table' and reply.err ~= nil end
+
 local function load(key, alg)
   if alg == 1 then
-    local raw = redis.call('LRANGE', key, 0, -1)
+    local raw = redis.pcall('LRANGE', key, 0, -1)
+    if wrong_type(raw) then redis.call('DEL', key); raw = {} end
     local ts, amts, total = {}, {}, 0
     for i = 1, #raw do
       local t, a = string.match(raw[i], '^(%d+) (%d+)$')
@@ -54,18 +65,29 @@ local function load(key, alg)
              set_last = false, pushed = {} }
   end
   if alg == 3 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    return { count = redis.call('ZCARD', key) }
+    if wrong_type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) then
+      redis.call('DEL', key)
+    end
+    return { count = redis.call('ZCARD', key), add = {}, remove = {} }
   end
-  local v = redis.call('GET', key)
+  local v = redis.pcall('GET', key)
+  if wrong_type(v) then redis.call('DEL', key); v = false end
   if alg == 0 then
     if v then
       local k, c, p = string.match(v, '^(%d+) (%d+) (%d+)$')
-      return { win = tonumber(k), cur = tonumber(c), prev = tonumber(p) }
+      if k then return { win = tonumber(k), cur = tonumber(c), prev = tonumber(p) } end
+      redis.call('DEL', key)
     end
     return { win = 0, cur = 0, prev = 0 }
   end
-  if alg == 2 then return { tat = tonumber(v) or 0 } end
+  if alg == 2 then
+    if v then
+      local tat = string.match(v, '^(%d+)$')
+      if tat then return { tat = tonumber(tat) } end
+      redis.call('DEL', key)
+    end
+    return { tat = 0 }
+  end
   return { count = 0 }
 end
 
@@ -155,6 +177,12 @@ local function check(s, alg, limit, w, burst, cost)
   end
 end
 
+-- concurrency: the member of slot j (1-based) of lease id
+local function slot_member(id, j)
+  if j == 1 then return string.format('%d', id) end
+  return string.format('%d:%d', id, j)
+end
+
 -- Appends (or merges into the newest entry at the same instant); remembers how to write it.
 local function add_log(s, t, amount)
   if amount == 0 then return end
@@ -182,7 +210,7 @@ local function charge(s, alg, limit, w, cost, id)
     return 0
   end
   s.count = s.count + cost
-  s.lease = id
+  for j = 1, cost do s.add[#s.add + 1] = slot_member(id, j) end
   return id
 end
 
@@ -226,7 +254,9 @@ local function adjust(s, alg, limit, w, placement, charged, actual)
       if s.tat < now then s.tat = now end
     end
   elseif actual < charged then
-    s.release = placement
+    for j = actual + 1, charged do s.remove[#s.remove + 1] = slot_member(placement, j) end
+  else
+    for j = charged + 1, actual do s.add[#s.add + 1] = slot_member(placement, j) end
   end
 end
 
@@ -295,17 +325,15 @@ local function store(key, s, alg, w)
     if s.tat <= now then redis.call('DEL', key); return end
     redis.call('SET', key, string.format('%d', s.tat), 'PX', floor((s.tat - now) / 1000) + 1)
   else
-    if s.lease then
-      redis.call('ZADD', key, now + w, string.format('%d', s.lease))
-      redis.call('PEXPIRE', key, floor(w / 1000) + 1)
-    end
-    if s.release then redis.call('ZREM', key, string.format('%d', s.release)) end
+    for _, m in ipairs(s.remove) do redis.call('ZREM', key, m) end
+    for _, m in ipairs(s.add) do redis.call('ZADD', key, now + w, m) end
+    if #s.add > 0 then redis.call('PEXPIRE', key, floor(w / 1000) + 1) end
   end
 end
 
 -- Main ---------------------------------------------------------------------------------------
 
-local states, params = {}, {}
+local states, params, first = {}, {}, {}
 for i = 1, n do
   local b = 4 + (i - 1) * 7
   local p = {
@@ -314,17 +342,26 @@ for i = 1, n do
     placement = tonumber(ARGV[b + 6]), actual = tonumber(ARGV[b + 7]),
   }
   params[i] = p
-  states[i] = load(KEYS[i], p.alg)
+  -- (An acquire never names a key twice: the client rejects that.)
+  local seen = first[KEYS[i]]
+  if seen then
+    states[i] = states[seen]
+  else
+    first[KEYS[i]] = i
+    states[i] = load(KEYS[i], p.alg)
+  end
 end
 
 if mode == 's' then
   for i = 1, n do
     local p, s = params[i], states[i]
     adjust(s, p.alg, p.limit, p.w, p.placement, p.amount, p.actual)
-    store(KEYS[i], s, p.alg, p.w)
+  end
+  for i = 1, n do
+    if first[KEYS[i]] == i then store(KEYS[i], states[i], params[i].alg, params[i].w) end
   end
   if idem then redis.call('DEL', KEYS[#KEYS]) end
-  return 0
+  return { 0 }
 end
 
 local denied, retry = -1, -1
@@ -355,7 +392,7 @@ for i = 1, n do
   out[#out + 1] = remaining
   out[#out + 1] = reset
   out[#out + 1] = placement
-  if mode == 'a' and denied < 0 then
+  if mode == 'a' and denied < 0 and first[KEYS[i]] == i then
     store(KEYS[i], s, p.alg, p.w)
   end
 end

@@ -450,6 +450,18 @@ impl RedisStore {
         charges: &[Charge<'_>],
         request_id: Option<&str>,
     ) -> StoreFuture<Result<Decision, StoreError>> {
+        // As the memory store: one request charges a bucket once (the script would read the
+        // bucket once per charge and count only the last write).
+        if let Some(dup) = charges
+            .iter()
+            .enumerate()
+            .find(|(i, c)| charges[..*i].iter().any(|p| p.bucket == c.bucket))
+        {
+            return StoreFuture::ready(Err(StoreError::DuplicateBucket(format!(
+                "{:?}",
+                dup.1.bucket
+            ))));
+        }
         let inner = Arc::clone(&self.inner);
         let leases: Vec<u64> = charges
             .iter()
