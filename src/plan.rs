@@ -272,10 +272,13 @@ pub(crate) fn conclude(
         shared.observe(tier, outcome, &rules);
     }
     let Some(denial) = decision.denial else {
-        let needs_settling = !shared.count_failed_requests
-            || plan.charges.iter().any(|p| {
-                p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
-            });
+        // A replayed decision (an idempotent retry) charged nothing now: the first request's
+        // settlement owns its charges.
+        let needs_settling = !decision.replayed
+            && (!shared.count_failed_requests
+                || plan.charges.iter().any(|p| {
+                    p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
+                }));
         let settle = needs_settling.then(|| {
             let pending = plan
                 .charges

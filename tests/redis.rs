@@ -419,7 +419,15 @@ async fn idempotent_acquires_count_once() {
     let first = once("req-1").await.unwrap();
     let retry = once("req-1").await.unwrap();
     assert!(first.is_admitted());
-    assert_eq!(first, retry, "a retry gets the first decision back");
+    assert_eq!(
+        (&first.denial, &first.charges),
+        (&retry.denial, &retry.charges),
+        "a retry gets the first decision back"
+    );
+    assert!(
+        retry.replayed && !first.replayed,
+        "and is marked as a replay"
+    );
     assert_eq!(peek(&store, &b, &q).await.remaining, 1, "counted once");
     assert!(once("req-2").await.unwrap().is_admitted());
     let denied = once("req-3").await.unwrap();
@@ -449,6 +457,58 @@ async fn idempotent_acquires_count_once() {
         "without an id, a request is counted as new"
     );
     assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
+
+    // A replayed admission is not settled again: the upstream failed the first attempt
+    // (its 100 tokens were refunded once), and the retry must not refund them a second time.
+    let failing = tower::service_fn(|req: Request<RequestBody<String>>| async move {
+        let status = if req.headers().contains_key("x-fail") {
+            500
+        } else {
+            200
+        };
+        let mut res = Response::new(String::new());
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        Ok::<_, Infallible>(res)
+    });
+    let tpm = Quota::per_hour(1_000).tokens();
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("tph", key::global(), tpm))
+        .cost(tower_llm_ratelimit::cost::from_fn(|_| Some(100)))
+        .idempotency_header("x-request-id")
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(failing);
+    let bucket = BucketKey::new("tph", "*");
+    let ok_req = request();
+    assert_eq!(
+        svc.clone().oneshot(ok_req).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let failed = || {
+        Request::builder()
+            .header("x-request-id", "t1")
+            .header("x-fail", "1")
+            .body(String::new())
+            .unwrap()
+    };
+    let res = svc.clone().oneshot(failed()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    // The refund is sent in the background (a settlement may run in a `Drop`).
+    eventually("the refund of the failed attempt", || async {
+        (peek(&store, &bucket, &tpm).await.remaining == 900).then_some(())
+    })
+    .await;
+    let res = svc.clone().oneshot(failed()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            peek(&store, &bucket, &tpm).await.remaining,
+            900,
+            "refunded twice"
+        );
+    }
 }
 
 fn pttl(server: &RedisServer, key: &str) -> i64 {

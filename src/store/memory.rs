@@ -179,6 +179,7 @@ impl MemoryStore {
             [] => Ok(Decision {
                 denial: None,
                 charges: Vec::new(),
+                replayed: false,
             }),
             [one] => inner.acquire_one(one, now),
             many => inner.acquire_many(many, now),
@@ -278,6 +279,7 @@ impl Inner {
                         snapshot,
                         placement,
                     }],
+                    replayed: false,
                 });
             }
             self.insert(c.bucket, c.quota, now)?;
@@ -385,6 +387,7 @@ impl Inner {
                 retry_after: retry.map(Duration::from_nanos),
             }),
             charges: states,
+            replayed: false,
         }))
     }
 

@@ -146,6 +146,10 @@ pub struct Decision {
     pub denial: Option<Denial>,
     /// One entry per charge, in the order given.
     pub charges: Vec<ChargeState>,
+    /// True when this is the remembered decision of an earlier acquire with the same request
+    /// id ([`Store::acquire_once`]): nothing was charged now, and the caller must not settle
+    /// it again (the first request's settlement owns those charges).
+    pub replayed: bool,
 }
 
 impl Decision {

@@ -21,7 +21,9 @@ impl Breaker {
             failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
             threshold: threshold.max(1),
-            cooldown: u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX).max(1),
+            cooldown: u64::try_from(cooldown.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
         }
     }
 
@@ -40,7 +42,12 @@ impl Breaker {
         now >= until
             && self
                 .open_until
-                .compare_exchange(until, now.saturating_add(self.cooldown), Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    until,
+                    now.saturating_add(self.cooldown),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_ok()
     }
 
@@ -55,7 +62,10 @@ impl Breaker {
 
     /// Records a failure; returns true when it opened the circuit.
     pub(crate) fn failure(&self) -> bool {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         if failures >= self.threshold {
             let until = self.now().saturating_add(self.cooldown).max(1);
             return self.open_until.swap(until, Ordering::AcqRel) == 0;

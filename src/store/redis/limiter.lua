@@ -17,7 +17,8 @@
 -- lease id L holds the members "L", "L:2", ..., "L:n".
 -- In settle mode, adjustments naming one key several times apply one after the other to one
 -- state, written once.
--- Reply (acquire/peek): { denied_index (0-based, -1 none), retry_us (-1 none, -2 never),
+-- Reply (acquire/peek): { denied_index (0-based, -1 none, -3 none and replayed from the
+--   idempotency key), retry_us (-1 none, -2 never),
 --   then per key: limit, remaining, reset_us, placement }. Settle replies { 0 } (an array,
 --   like every other reply).
 
@@ -38,6 +39,8 @@ if mode == 'a' and idem then
   if seen then
     local out = {}
     for v in string.gmatch(seen, '[^,]+') do out[#out + 1] = tonumber(v) end
+    -- A replayed admission says so (-3), so the caller doesn't settle it a second time.
+    if out[1] == -1 then out[1] = -3 end
     return out
   end
 end

@@ -41,8 +41,8 @@ use redis::Script;
 
 use self::breaker::Breaker;
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, MemoryStore, Placement,
-    Snapshot, Store, StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, MemoryStore, Placement, Snapshot,
+    Store, StoreError, StoreFuture,
 };
 use crate::clock::Clock;
 use crate::rule::{Algorithm, Quota};
@@ -252,7 +252,9 @@ impl RedisStoreBuilder {
         };
         let seed = {
             use std::hash::{BuildHasher, Hasher};
-            std::collections::hash_map::RandomState::new().build_hasher().finish()
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
         };
         let store = RedisStore {
             inner: Arc::new(Inner {
@@ -263,7 +265,12 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 failure: self.failure,
                 breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-                local: MemoryStore::new(),
+                local: match &self.clock {
+                    Some(c) => MemoryStore::builder()
+                        .clock(SharedClock(Arc::clone(c)))
+                        .build(),
+                    None => MemoryStore::new(),
+                },
                 idempotency_ttl_ms: u64::try_from(self.idempotency_ttl.as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1),
@@ -275,6 +282,16 @@ impl RedisStoreBuilder {
             }),
         };
         Ok(store)
+    }
+}
+
+/// The test clock, shared with the local fallback store.
+#[derive(Debug)]
+struct SharedClock(Arc<dyn Clock>);
+
+impl Clock for SharedClock {
+    fn now_nanos(&self) -> u64 {
+        self.0.now_nanos()
     }
 }
 
@@ -296,7 +313,9 @@ fn algorithm_code(a: Algorithm) -> &'static str {
 }
 
 fn window_us(q: &Quota) -> u64 {
-    u64::try_from(q.window().as_micros()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(q.window().as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl Inner {
@@ -362,7 +381,9 @@ impl Inner {
     async fn run(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
         if !self.breaker.allow() {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreError::Backend("circuit open after repeated Redis failures".into()));
+            return Err(StoreError::Backend(
+                "circuit open after repeated Redis failures".into(),
+            ));
         }
         let mut invocation = self.script.prepare_invoke();
         for k in &call.keys {
@@ -373,10 +394,12 @@ impl Inner {
         }
         let result = match self.conn.clone() {
             Conn::Single(mut c) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c)).await
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c))
+                    .await
             }
             Conn::Cluster(mut c) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c)).await
+                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c))
+                    .await
             }
         };
         let error = match result {
@@ -396,7 +419,10 @@ impl Inner {
     }
 
     /// Runs every call, concurrently when there are several.
-    async fn run_all(self: &Arc<Self>, calls: Vec<Call>) -> Vec<(Call, Result<Vec<i64>, StoreError>)> {
+    async fn run_all(
+        self: &Arc<Self>,
+        calls: Vec<Call>,
+    ) -> Vec<(Call, Result<Vec<i64>, StoreError>)> {
         if calls.len() == 1 {
             let call = calls.into_iter().next().expect("one call");
             let result = self.run(&call).await;
@@ -491,7 +517,13 @@ impl RedisStore {
             });
         let n = charges.len();
         StoreFuture::pending(async move {
+            let n_calls = calls.len();
             let results = inner.run_all(calls).await;
+            if results.len() != n_calls {
+                // A call's task panicked or was cancelled: its slot's answer is unknown.
+                refund_admitted(&inner, &results).await;
+                return Err(StoreError::Backend("a Redis call task failed".into()));
+            }
             if let Some(e) = results.iter().find_map(|(_, r)| r.as_ref().err()).cloned() {
                 // Give back what the slots that did answer admitted, then fall back or fail.
                 refund_admitted(&inner, &results).await;
@@ -508,10 +540,14 @@ impl RedisStore {
                 n
             ];
             let mut denial: Option<(usize, i64)> = None;
+            let mut replayed = false;
             for (call, reply) in &results {
                 let reply = reply.as_ref().map_err(Clone::clone)?;
                 if reply.len() != 2 + 4 * call.members.len() {
-                    return Err(StoreError::Backend(format!("unexpected script reply of {} values", reply.len())));
+                    return Err(StoreError::Backend(format!(
+                        "unexpected script reply of {} values",
+                        reply.len()
+                    )));
                 }
                 for (j, &i) in call.members.iter().enumerate() {
                     let r = &reply[2 + 4 * j..6 + 4 * j];
@@ -520,6 +556,7 @@ impl RedisStore {
                         placement: Placement(r[3].max(0) as u64),
                     };
                 }
+                replayed |= reply[0] == -3;
                 if reply[0] >= 0 {
                     let index = call.members[reply[0] as usize];
                     let retry = reply[1];
@@ -542,6 +579,7 @@ impl RedisStore {
                     retry_after: (retry >= 0).then(|| Duration::from_micros(retry as u64)),
                 }),
                 charges: states,
+                replayed: replayed && denial.is_none(),
             })
         })
     }
@@ -577,7 +615,11 @@ async fn refund_admitted(inner: &Arc<Inner>, results: &[(Call, Result<Vec<i64>, 
 }
 
 /// The local fallback's decision, with placements marked local.
-fn decide_locally(inner: &Inner, owned: &[(BucketKey, Quota, u64)], error: &StoreError) -> Decision {
+fn decide_locally(
+    inner: &Inner,
+    owned: &[(BucketKey, Quota, u64)],
+    error: &StoreError,
+) -> Decision {
     inner.fallback_decisions.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(target: "tower_llm_ratelimit", %error, "Redis unavailable: deciding with the local fallback");
     let quotas: Vec<Quota> = owned
@@ -609,6 +651,7 @@ fn decide_locally(inner: &Inner, owned: &[(BucketKey, Quota, u64)], error: &Stor
                 };
                 owned.len()
             ],
+            replayed: false,
         },
     }
 }
@@ -670,9 +713,7 @@ impl Store for RedisStore {
     fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
         let inner = Arc::clone(&self.inner);
         let calls = inner.calls("p", std::iter::once((bucket, quota, 0, 0, 0)), None);
-        let fallback = inner
-            .fallback_quota(quota)
-            .map(|q| (bucket.clone(), q));
+        let fallback = inner.fallback_quota(quota).map(|q| (bucket.clone(), q));
         StoreFuture::pending(async move {
             let mut results = inner.run_all(calls).await;
             match results.pop().map(|(_, r)| r) {
