@@ -88,6 +88,55 @@ impl SlidingWindowCounter {
         }
     }
 
+    /// The previous window's share of the sliding window, in units, rounded up:
+    /// `ceil(previous x (w - e) / w)`. With it, `used_scaled <= k x w` is exactly
+    /// `current + carried <= k` (for whole `k`), so no 128-bit arithmetic is needed.
+    #[inline]
+    fn carried(&self, w: u64, now: u64) -> u64 {
+        if self.previous == 0 {
+            return 0;
+        }
+        mul_div_ceil(self.previous, w - self.elapsed(w, now), w)
+    }
+
+    /// `check`, then `charge` if it fits, then `peek`, sharing the work.
+    pub(super) fn acquire(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+    ) -> (Verdict, Placement, Snapshot) {
+        let w = l.window_nanos;
+        self.roll(w, now);
+        let carried = self.carried(w, now);
+        let fits = self
+            .current
+            .checked_add(cost)
+            .and_then(|n| n.checked_add(carried))
+            .is_some_and(|n| n <= l.limit);
+        if !fits {
+            return (
+                self.check(l, now, cost),
+                Placement::default(),
+                self.peek(l, now),
+            );
+        }
+        self.current += cost;
+        let e = self.elapsed(w, now);
+        let snapshot = Snapshot {
+            limit: l.limit,
+            remaining: l.limit - self.current - carried,
+            reset_after_nanos: if self.current > 0 {
+                (w - e).saturating_add(w)
+            } else if self.previous > 0 {
+                w - e
+            } else {
+                0
+            },
+        };
+        (Verdict::Allow, Placement(self.window), snapshot)
+    }
+
     pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
         self.roll(l.window_nanos, now);
         self.current = self.current.saturating_add(cost);
@@ -120,14 +169,11 @@ impl SlidingWindowCounter {
         let w = l.window_nanos;
         self.roll(w, now);
         let e = self.elapsed(w, now);
-        // floor((limit x w - used_scaled) / w), saturated at 0, without a 128-bit division:
-        // (limit - current) - ceil(previous x (w - e) / w).
-        let carried = if self.previous == 0 {
-            0
-        } else {
-            mul_div_ceil(self.previous, w - e, w)
-        };
-        let remaining = l.limit.saturating_sub(self.current).saturating_sub(carried);
+        // floor((limit x w - used_scaled) / w), saturated at 0, without a 128-bit division.
+        let remaining = l
+            .limit
+            .saturating_sub(self.current)
+            .saturating_sub(self.carried(w, now));
         let reset_after_nanos = if self.current > 0 {
             (w - e).saturating_add(w)
         } else if self.previous > 0 {

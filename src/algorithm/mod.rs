@@ -160,11 +160,13 @@ impl State {
         now: u64,
         cost: u64,
     ) -> (Verdict, Placement, Snapshot) {
-        if let State::Gcra(s) = self {
-            return s.acquire(limits, now, cost);
+        match self {
+            State::Counter(s) => return s.acquire(limits, now, cost),
+            State::Gcra(s) => return s.acquire(limits, now, cost),
+            _ => {}
         }
-        // The window algorithms: `check` drops what expired (rolls the counter's window), so
-        // `charge` and `peek` right after it find nothing more to do.
+        // The others: `check` drops what expired, so `charge` and `peek` right after it find
+        // nothing more to do.
         let verdict = self.check(limits, now, cost);
         let placement = if verdict == Verdict::Allow {
             self.charge(limits, now, cost)
