@@ -90,7 +90,7 @@ pub enum Verdict {
 }
 
 /// A bucket's state without charging anything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
     /// The capacity: the limit (window algorithms) or the burst (GCRA).
     pub limit: u64,

@@ -9,8 +9,8 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, Snapshot, Store, StoreError,
-    StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
+    StoreError, StoreFuture,
 };
 use crate::algorithm::{Limits, Placement, State, Verdict};
 use crate::clock::{Clock, SystemClock};
@@ -77,16 +77,6 @@ const FORCED_SWEEP_MIN_INTERVAL: u64 = 1_000_000_000;
 
 /// Charges per request whose buckets and locks are held on the stack (more use the heap).
 const INLINE_CHARGES: usize = 8;
-
-/// A placeholder, overwritten for every charge before a decision is returned.
-const UNSET: ChargeState = ChargeState {
-    snapshot: Snapshot {
-        limit: 0,
-        remaining: 0,
-        reset_after_nanos: 0,
-    },
-    placement: Placement(0),
-};
 
 impl MemoryStoreBuilder {
     /// Takes time from `clock` (default [`SystemClock`]).
@@ -178,7 +168,7 @@ impl MemoryStore {
         match charges {
             [] => Ok(Decision {
                 denial: None,
-                charges: Vec::new(),
+                charges: ChargeStates::filled(0),
                 replayed: false,
             }),
             [one] => inner.acquire_one(one, now),
@@ -275,10 +265,10 @@ impl Inner {
                             retry_after: retry_after.map(Duration::from_nanos),
                         }),
                     },
-                    charges: vec![ChargeState {
+                    charges: ChargeStates::one(ChargeState {
                         snapshot,
                         placement,
-                    }],
+                    }),
                     replayed: false,
                 });
             }
@@ -341,7 +331,7 @@ impl Inner {
             )));
         }
         // Allocated before locking, to keep the critical section short.
-        let mut states = vec![UNSET; charges.len()];
+        let mut states = ChargeStates::filled(charges.len());
         for (guard, (_, bucket)) in guards.iter_mut().zip(sorted()) {
             let slot = guard.insert(lock(bucket));
             if slot.evicted {

@@ -121,7 +121,7 @@ impl<'a> Charge<'a> {
 }
 
 /// The state of one charge's bucket after a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChargeState {
     /// Limit, remaining and time to reset, after the charge if admitted.
     pub snapshot: Snapshot,
@@ -145,7 +145,7 @@ pub struct Decision {
     /// `None` when admitted.
     pub denial: Option<Denial>,
     /// One entry per charge, in the order given.
-    pub charges: Vec<ChargeState>,
+    pub charges: ChargeStates,
     /// True when this is the remembered decision of an earlier acquire with the same request
     /// id ([`Store::acquire_once`]): nothing was charged now, and the caller must not settle
     /// it again (the first request's settlement owns those charges).
@@ -156,6 +156,101 @@ impl Decision {
     /// True when every charge was counted.
     pub fn is_admitted(&self) -> bool {
         self.denial.is_none()
+    }
+}
+
+/// One [`ChargeState`] per charge of a decision: a slice (it derefs to `[ChargeState]`),
+/// stored inline for up to four charges so that deciding allocates nothing in the common
+/// case.
+#[derive(Clone)]
+pub struct ChargeStates(Repr);
+
+const INLINE: usize = 4;
+
+#[derive(Clone)]
+enum Repr {
+    Inline(u8, [ChargeState; INLINE]),
+    Heap(Vec<ChargeState>),
+}
+
+impl ChargeStates {
+    /// `n` default states, to be filled in by index.
+    pub fn filled(n: usize) -> Self {
+        if n <= INLINE {
+            Self(Repr::Inline(n as u8, [ChargeState::default(); INLINE]))
+        } else {
+            Self(Repr::Heap(vec![ChargeState::default(); n]))
+        }
+    }
+
+    /// One state.
+    pub fn one(state: ChargeState) -> Self {
+        let mut items = [ChargeState::default(); INLINE];
+        items[0] = state;
+        Self(Repr::Inline(1, items))
+    }
+}
+
+impl std::ops::Deref for ChargeStates {
+    type Target = [ChargeState];
+
+    #[inline]
+    fn deref(&self) -> &[ChargeState] {
+        match &self.0 {
+            Repr::Inline(n, items) => &items[..usize::from(*n)],
+            Repr::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for ChargeStates {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [ChargeState] {
+        match &mut self.0 {
+            Repr::Inline(n, items) => &mut items[..usize::from(*n)],
+            Repr::Heap(v) => v,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a ChargeStates {
+    type Item = &'a ChargeState;
+    type IntoIter = std::slice::Iter<'a, ChargeState>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<ChargeState>> for ChargeStates {
+    fn from(v: Vec<ChargeState>) -> Self {
+        if v.len() <= INLINE {
+            let mut out = Self::filled(v.len());
+            out.copy_from_slice(&v);
+            out
+        } else {
+            Self(Repr::Heap(v))
+        }
+    }
+}
+
+impl FromIterator<ChargeState> for ChargeStates {
+    fn from_iter<I: IntoIterator<Item = ChargeState>>(iter: I) -> Self {
+        Self::from(iter.into_iter().collect::<Vec<_>>())
+    }
+}
+
+impl PartialEq for ChargeStates {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for ChargeStates {}
+
+impl fmt::Debug for ChargeStates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 

@@ -41,8 +41,8 @@ use redis::Script;
 
 use self::breaker::Breaker;
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, Decision, Denial, MemoryStore, Placement, Snapshot,
-    Store, StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, MemoryStore,
+    Placement, Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::clock::Clock;
 use crate::rule::{Algorithm, Quota};
@@ -532,13 +532,7 @@ impl RedisStore {
                     None => Err(e),
                 };
             }
-            let mut states = vec![
-                ChargeState {
-                    snapshot: snapshot(0, 0, 0),
-                    placement: Placement(0),
-                };
-                n
-            ];
+            let mut states = ChargeStates::filled(n);
             let mut denial: Option<(usize, i64)> = None;
             let mut replayed = false;
             for (call, reply) in &results {
@@ -633,7 +627,7 @@ fn decide_locally(
         .collect();
     match inner.local.try_acquire(&charges) {
         Ok(mut d) => {
-            for s in &mut d.charges {
+            for s in d.charges.iter_mut() {
                 s.placement = Placement(s.placement.0 | LOCAL);
             }
             d
@@ -644,13 +638,7 @@ fn decide_locally(
                 index: 0,
                 retry_after: Some(Duration::from_secs(1)),
             }),
-            charges: vec![
-                ChargeState {
-                    snapshot: snapshot(0, 0, 0),
-                    placement: Placement(0),
-                };
-                owned.len()
-            ],
+            charges: ChargeStates::filled(owned.len()),
             replayed: false,
         },
     }
