@@ -366,7 +366,7 @@ async fn run_sequence(
                     );
                 }
                 if let Some(id) = id {
-                    placed.insert(id, (charges, d.charges));
+                    placed.insert(id, (charges, d.charges.to_vec()));
                 }
             }
             Op::Settle(adjustments) => {
