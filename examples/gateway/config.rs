@@ -1,0 +1,509 @@
+//! The configuration: `gateway.toml`'s schema, its parsing and its validation.
+//!
+//! Parsing (serde + toml) reports unknown keys and wrong types with the field's path;
+//! [`Config::validate`] checks what types can't (limits > 0, tiers that exist, upstream
+//! URLs) and names the field too. Both end the gateway with exit code 2.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+/// The built-in configuration: the commented example file itself, so the two can't drift.
+pub(crate) const DEFAULT_TOML: &str = include_str!("gateway.toml");
+
+/// The name `[store] kind` and `[models.*] upstream` use for the built-in mock model.
+pub(crate) const MOCK: &str = "mock";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    #[serde(default = "default_listen")]
+    pub(crate) listen: String,
+    #[serde(default)]
+    pub(crate) store: StoreConfig,
+    #[serde(default)]
+    pub(crate) limiter: LimiterConfig,
+    #[serde(default)]
+    pub(crate) mock: MockConfig,
+    #[serde(default)]
+    pub(crate) models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    pub(crate) tiers: BTreeMap<String, TierConfig>,
+    #[serde(default)]
+    pub(crate) keys: BTreeMap<String, KeyConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum OnFailure {
+    #[default]
+    Closed,
+    Open,
+    Fallback,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct StoreConfig {
+    pub(crate) kind: StoreKind,
+    pub(crate) url: Option<String>,
+    pub(crate) prefix: String,
+    pub(crate) timeout_ms: u64,
+    pub(crate) on_failure: OnFailure,
+    pub(crate) expected_replicas: u64,
+    pub(crate) max_keys: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Memory,
+            url: None,
+            prefix: "llm-gateway".to_owned(),
+            timeout_ms: 50,
+            on_failure: OnFailure::Closed,
+            expected_replicas: 2,
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Headers {
+    #[default]
+    Both,
+    Ietf,
+    Openai,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum AlgorithmName {
+    #[default]
+    SlidingWindowCounter,
+    SlidingWindowLog,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum UnusableBody {
+    #[default]
+    Reject,
+    Fallback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MissingUsage {
+    #[default]
+    Keep,
+    Estimate,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct LimiterConfig {
+    pub(crate) headers: Headers,
+    pub(crate) algorithm: AlgorithmName,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) max_inspect_bytes: usize,
+    pub(crate) on_unusable_body: UnusableBody,
+    pub(crate) fallback_tokens: u64,
+    pub(crate) default_output_tokens: u64,
+    pub(crate) on_missing_usage: MissingUsage,
+    pub(crate) count_failed_requests: bool,
+    pub(crate) request_usage_in_streams: bool,
+    pub(crate) idempotency_header: Option<String>,
+    pub(crate) shutdown_grace_secs: u64,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        Self {
+            headers: Headers::Both,
+            algorithm: AlgorithmName::SlidingWindowCounter,
+            max_body_bytes: 4 << 20,
+            max_inspect_bytes: 1 << 20,
+            on_unusable_body: UnusableBody::Reject,
+            fallback_tokens: 4_096,
+            default_output_tokens: 256,
+            on_missing_usage: MissingUsage::Keep,
+            count_failed_requests: true,
+            request_usage_in_streams: true,
+            idempotency_header: None,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct MockConfig {
+    pub(crate) token_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ModelConfig {
+    pub(crate) upstream: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) api_key_env: Option<String>,
+    #[serde(default = "default_timeout_secs")]
+    pub(crate) timeout_secs: u64,
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) input_tpm: Option<u64>,
+    pub(crate) output_tpm: Option<u64>,
+    pub(crate) concurrent: Option<u64>,
+    pub(crate) default_output_tokens: Option<u64>,
+    #[serde(default = "one")]
+    pub(crate) input_price: f64,
+    #[serde(default = "one")]
+    pub(crate) output_price: f64,
+}
+
+fn default_timeout_secs() -> u64 {
+    60
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One caller's limits; every one optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TierConfig {
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) input_tpm: Option<u64>,
+    pub(crate) output_tpm: Option<u64>,
+    pub(crate) concurrent: Option<u64>,
+    pub(crate) daily_cost: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KeyConfig {
+    pub(crate) user: String,
+    pub(crate) tier: String,
+}
+
+/// A configuration problem, for the operator: where it is and what is wrong.
+#[derive(Debug)]
+pub(crate) struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An upstream, checked: the built-in mock or a plain-HTTP base URL.
+#[derive(Debug, Clone)]
+pub(crate) enum Upstream {
+    Mock,
+    Http {
+        /// `http://host:port`
+        origin: String,
+        /// The base path without a trailing `/` (e.g. `/v1`).
+        path: String,
+    },
+}
+
+impl Config {
+    /// Parses TOML; `source` names the file in messages.
+    pub(crate) fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError(format!("{source}: {}", e.to_string().trim_end())))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            if path.is_empty() || path == "." {
+                ConfigError(format!("{source}: {inner}"))
+            } else {
+                ConfigError(format!("{source}: field `{path}`: {inner}"))
+            }
+        })
+    }
+
+    /// Checks what the types don't; returns every problem found, one per line.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |field: String, what: String| errors.push(format!("field `{field}`: {what}"));
+
+        if self.listen.parse::<SocketAddr>().is_err() {
+            err(
+                "listen".into(),
+                format!(
+                    "{:?} is not an IP address and port (e.g. \"127.0.0.1:8080\")",
+                    self.listen
+                ),
+            );
+        }
+
+        let s = &self.store;
+        if s.kind == StoreKind::Redis && s.url.as_deref().is_none_or(str::is_empty) {
+            err(
+                "store.url".into(),
+                "is required when store.kind = \"redis\" (or pass --redis URL)".into(),
+            );
+        }
+        if let Some(url) = &s.url {
+            if s.kind == StoreKind::Redis
+                && !url.starts_with("redis://")
+                && !url.starts_with("rediss://")
+                && !url.starts_with("unix://")
+            {
+                err(
+                    "store.url".into(),
+                    format!("{url:?} is not a Redis URL (redis://host:port)"),
+                );
+            }
+        }
+        if s.prefix.is_empty() {
+            err("store.prefix".into(), "must not be empty".into());
+        }
+        if s.timeout_ms == 0 {
+            err("store.timeout_ms".into(), "must be > 0".into());
+        }
+        if s.on_failure == OnFailure::Fallback && s.kind != StoreKind::Redis {
+            err(
+                "store.on_failure".into(),
+                "\"fallback\" only applies to the Redis store (store.kind = \"redis\")".into(),
+            );
+        }
+        if s.expected_replicas == 0 {
+            err("store.expected_replicas".into(), "must be > 0".into());
+        }
+        if s.max_keys == 0 {
+            err("store.max_keys".into(), "must be > 0".into());
+        }
+
+        let l = &self.limiter;
+        if l.max_body_bytes == 0 {
+            err("limiter.max_body_bytes".into(), "must be > 0".into());
+        }
+        if l.max_inspect_bytes == 0 {
+            err("limiter.max_inspect_bytes".into(), "must be > 0".into());
+        }
+        if let Some(h) = &l.idempotency_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                err(
+                    "limiter.idempotency_header".into(),
+                    format!("{h:?} is not a valid header name"),
+                );
+            } else if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                err(
+                    "limiter.idempotency_header".into(),
+                    format!("{h:?}: write header names in lowercase"),
+                );
+            }
+        }
+
+        if self.models.is_empty() {
+            err(
+                "models".into(),
+                "no model is configured: add a [models.NAME] table".into(),
+            );
+        }
+        for (name, m) in &self.models {
+            let at = |f: &str| format!("models.{name}.{f}");
+            if !is_rule_safe(name) {
+                err(
+                    format!("models.{name}"),
+                    "a model name must be printable ASCII without spaces, `\"` or `\\`".into(),
+                );
+            }
+            if let Err(e) = parse_upstream(&m.upstream) {
+                err(at("upstream"), e);
+            }
+            if m.api_key.is_some() && m.api_key_env.is_some() {
+                err(
+                    at("api_key_env"),
+                    "set either api_key or api_key_env, not both".into(),
+                );
+            }
+            if let Some(var) = &m.api_key_env {
+                if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                    err(
+                        at("api_key_env"),
+                        format!("the environment variable `{var}` is not set"),
+                    );
+                }
+            }
+            if m.timeout_secs == 0 {
+                err(at("timeout_secs"), "must be > 0".into());
+            }
+            for (field, v) in [
+                ("rpm", m.rpm),
+                ("tpm", m.tpm),
+                ("input_tpm", m.input_tpm),
+                ("output_tpm", m.output_tpm),
+                ("concurrent", m.concurrent),
+            ] {
+                if v == Some(0) {
+                    err(at(field), "must be > 0 (omit it for no limit)".into());
+                }
+            }
+            for (field, v) in [
+                ("input_price", m.input_price),
+                ("output_price", m.output_price),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    err(at(field), format!("must be a number >= 0, got {v}"));
+                }
+            }
+        }
+
+        if self.tiers.is_empty() {
+            err(
+                "tiers".into(),
+                "no tier is configured: add a [tiers.NAME] table".into(),
+            );
+        }
+        for (name, t) in &self.tiers {
+            if name.trim().is_empty() {
+                err("tiers".into(), "a tier name must not be empty".into());
+            }
+            for (field, v) in [
+                ("rpm", t.rpm),
+                ("tpm", t.tpm),
+                ("input_tpm", t.input_tpm),
+                ("output_tpm", t.output_tpm),
+                ("concurrent", t.concurrent),
+                ("daily_cost", t.daily_cost),
+            ] {
+                if v == Some(0) {
+                    err(
+                        format!("tiers.{name}.{field}"),
+                        "must be > 0 (omit it for no limit)".into(),
+                    );
+                }
+            }
+        }
+
+        if self.keys.is_empty() {
+            err(
+                "keys".into(),
+                "no API key is configured: add one under [keys]".into(),
+            );
+        }
+        for (key, k) in &self.keys {
+            if key.is_empty() || key.bytes().any(|b| !b.is_ascii_graphic()) {
+                err(
+                    format!("keys.{key:?}"),
+                    "an API key must be printable ASCII without spaces".into(),
+                );
+            }
+            if k.user.trim().is_empty() {
+                err(format!("keys.{key}.user"), "must not be empty".into());
+            }
+            if !self.tiers.contains_key(&k.tier) {
+                let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
+                err(
+                    format!("keys.{key}.tier"),
+                    format!(
+                        "unknown tier {:?} (configured tiers: {})",
+                        k.tier,
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errors.join("\n")))
+        }
+    }
+
+    /// The listen address (after `validate`).
+    pub(crate) fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().expect("validated")
+    }
+}
+
+impl ModelConfig {
+    pub(crate) fn upstream(&self) -> Upstream {
+        parse_upstream(&self.upstream).expect("validated")
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// The key sent upstream (after `validate`).
+    pub(crate) fn upstream_key(&self) -> Option<String> {
+        match (&self.api_key, &self.api_key_env) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(var)) => std::env::var(var).ok(),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Names go into rule names, which go into headers as structured-field strings.
+fn is_rule_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if s == MOCK {
+        return Ok(Upstream::Mock);
+    }
+    let uri: Uri = s.parse().map_err(|_| {
+        format!("{s:?} is neither \"mock\" nor a URL (e.g. \"http://127.0.0.1:8000/v1\")")
+    })?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{s:?}: this example speaks plain HTTP only (no TLS client); reach HTTPS \
+                 upstreams through a local TLS proxy"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{s:?} is neither \"mock\" nor an http:// URL (e.g. \"http://127.0.0.1:8000/v1\")"
+            ))
+        }
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("{s:?} has no host"));
+    };
+    if uri.query().is_some() {
+        return Err(format!("{s:?}: a base URL can't have a query"));
+    }
+    Ok(Upstream::Http {
+        origin: format!("http://{authority}"),
+        path: uri.path().trim_end_matches('/').to_owned(),
+    })
+}

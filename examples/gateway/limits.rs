@@ -1,0 +1,283 @@
+//! From the configuration to a `RateLimitLayer`: the API keys, one rule per kind of per-user
+//! limit (with a quota per tier), one rule per per-model limit, the OpenAI token estimator,
+//! prices for the daily budgets, and the store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tower_llm_ratelimit::cost::{self, Cost, Weights};
+use tower_llm_ratelimit::headers::HeaderStyle;
+use tower_llm_ratelimit::key::{self, Key, KeyExtractor, RequestView};
+use tower_llm_ratelimit::settle::MissingUsage;
+use tower_llm_ratelimit::store::MemoryStore;
+use tower_llm_ratelimit::{
+    tier, BodyPolicy, BuildError, FailurePolicy, MissingKey, Quota, RateLimitLayer, Rule,
+};
+
+use crate::config::{self, AlgorithmName, Config, OnFailure};
+use crate::metrics::Metrics;
+
+/// Who an API key belongs to.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    pub(crate) user: Arc<str>,
+    pub(crate) tier: Arc<str>,
+}
+
+/// API key -> caller, shared by the auth check, the rules' keys and the tier lookup.
+pub(crate) type Callers = Arc<HashMap<Key, Caller>>;
+
+pub(crate) fn callers(cfg: &Config) -> Callers {
+    Arc::new(
+        cfg.keys
+            .iter()
+            .map(|(k, c)| {
+                (
+                    Key::from(k.as_str()),
+                    Caller {
+                        user: c.user.as_str().into(),
+                        tier: c.tier.as_str().into(),
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The caller of a request: its bearer token, if it is a configured API key.
+pub(crate) fn caller<'a>(callers: &'a Callers, req: &RequestView<'_>) -> Option<&'a Caller> {
+    callers.get(&key::bearer_token().extract(req)?)
+}
+
+/// Where the counters live.
+pub(crate) enum Store {
+    Memory(MemoryStore),
+    #[cfg(feature = "redis")]
+    Redis(tower_llm_ratelimit::store::RedisStore),
+}
+
+impl Store {
+    pub(crate) fn memory(cfg: &Config) -> Self {
+        Store::Memory(MemoryStore::builder().max_keys(cfg.store.max_keys).build())
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) async fn redis(
+        cfg: &Config,
+    ) -> Result<Self, tower_llm_ratelimit::store::StoreError> {
+        use std::time::Duration;
+        use tower_llm_ratelimit::store::{RedisFailure, RedisStore};
+        let s = &cfg.store;
+        let failure = match s.on_failure {
+            OnFailure::Fallback => RedisFailure::LocalFallback {
+                expected_replicas: s.expected_replicas,
+            },
+            OnFailure::Closed | OnFailure::Open => RedisFailure::Error,
+        };
+        let store = RedisStore::builder(s.url.clone().unwrap_or_default())
+            .prefix(s.prefix.clone())
+            .timeout(Duration::from_millis(s.timeout_ms))
+            .on_failure(failure)
+            .connect()
+            .await?;
+        Ok(Store::Redis(store))
+    }
+}
+
+/// A per-model rule's key: the body's `model` field, for one model only (the other models'
+/// requests skip the rule). A rule has one quota, so models with different limits need a rule
+/// each.
+#[derive(Debug, Clone)]
+struct ModelKey {
+    field: key::JsonField,
+    model: Key,
+    name: String,
+}
+
+impl KeyExtractor for ModelKey {
+    fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
+        self.field.extract(req).filter(|k| *k == self.model)
+    }
+
+    fn describe(&self) -> String {
+        format!("JSON body field `model` = {:?}", self.name)
+    }
+
+    fn needs_body(&self) -> bool {
+        true
+    }
+}
+
+/// A per-user rule's key: the user of the request's API key, for the callers whose tier has
+/// the limit (the others skip the rule: a tier without a limit is not limited).
+fn user_key(callers: &Callers, tiers: HashSet<Arc<str>>) -> impl KeyExtractor {
+    let callers = Arc::clone(callers);
+    key::from_fn(move |req: &RequestView<'_>| {
+        let c = caller(&callers, req)?;
+        tiers.contains(&c.tier).then(|| c.user.to_string())
+    })
+    .describe_as("user of the API key")
+}
+
+/// Which scope a rule applies to, from its name: `user-*` or `model-*:<model>`.
+pub(crate) fn rule_model(rule: &str) -> Option<&str> {
+    rule.strip_prefix("model-")?.split_once(':').map(|(_, m)| m)
+}
+
+type Limit = fn(&config::TierConfig) -> Option<u64>;
+type ModelLimit = fn(&config::ModelConfig) -> Option<u64>;
+/// A kind of limit: its name, where tiers and models set it, its quota.
+type Kind<'a> = (
+    &'static str,
+    Limit,
+    ModelLimit,
+    Box<dyn Fn(u64) -> Quota + 'a>,
+);
+
+/// The rules: per user (quota per tier), then per model.
+pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
+    let rate = |q: Quota| match cfg.limiter.algorithm {
+        AlgorithmName::SlidingWindowCounter => q.sliding_window_counter(),
+        AlgorithmName::SlidingWindowLog => q.sliding_window_log(),
+    };
+    let kinds: [Kind<'_>; 6] = [
+        (
+            "rpm",
+            |t| t.rpm,
+            |m| m.rpm,
+            Box::new(|n| rate(Quota::per_minute(n))),
+        ),
+        (
+            "tpm",
+            |t| t.tpm,
+            |m| m.tpm,
+            Box::new(|n| rate(Quota::per_minute(n).tokens())),
+        ),
+        (
+            "input-tpm",
+            |t| t.input_tpm,
+            |m| m.input_tpm,
+            Box::new(|n| rate(Quota::per_minute(n).input_tokens())),
+        ),
+        (
+            "output-tpm",
+            |t| t.output_tpm,
+            |m| m.output_tpm,
+            Box::new(|n| rate(Quota::per_minute(n).output_tokens())),
+        ),
+        (
+            "concurrent",
+            |t| t.concurrent,
+            |m| m.concurrent,
+            Box::new(Quota::concurrent),
+        ),
+        (
+            // Per day: always the O(1) counter (a log would hold a day of entries per user).
+            "daily-cost",
+            |t| t.daily_cost,
+            |_| None,
+            Box::new(|n| Quota::per_day(n).cost_units()),
+        ),
+    ];
+    let mut rules = Vec::new();
+    for (name, tier_limit, _, quota) in &kinds {
+        let tiers: Vec<(&String, u64)> = cfg
+            .tiers
+            .iter()
+            .filter_map(|(t, c)| Some((t, tier_limit(c)?)))
+            .collect();
+        // The base quota applies to no one (callers whose tier lacks the limit skip the
+        // rule); it is the smallest, the safe side.
+        let Some(base) = tiers.iter().map(|(_, n)| *n).min() else {
+            continue;
+        };
+        let with: HashSet<Arc<str>> = tiers.iter().map(|(t, _)| t.as_str().into()).collect();
+        let mut rule = Rule::new(format!("user-{name}"), user_key(callers, with), quota(base))
+            .on_missing_key(MissingKey::Skip);
+        for (t, n) in tiers {
+            rule = rule.tier(t.as_str(), quota(n));
+        }
+        rules.push(rule);
+    }
+    for (model, m) in &cfg.models {
+        for (name, _, model_limit, quota) in &kinds {
+            let Some(n) = model_limit(m) else { continue };
+            let key = ModelKey {
+                field: key::json_field("model"),
+                model: Key::from(model.as_str()),
+                name: model.clone(),
+            };
+            rules.push(
+                Rule::new(format!("model-{name}:{model}"), key, quota(n))
+                    .on_missing_key(MissingKey::Skip),
+            );
+        }
+    }
+    rules
+}
+
+/// The layer, on `store`.
+pub(crate) fn layer(
+    cfg: &Config,
+    callers: &Callers,
+    store: Store,
+    metrics: &Arc<Metrics>,
+) -> Result<RateLimitLayer, BuildError> {
+    let l = &cfg.limiter;
+    let mut estimator = cost::openai().default_output_tokens(l.default_output_tokens);
+    let mut weights = Weights::new(1.0, 1.0);
+    for (model, m) in &cfg.models {
+        if let Some(n) = m.default_output_tokens {
+            estimator = estimator.model_output_tokens(model.as_str(), n);
+        }
+        weights = weights.model(model.as_str(), m.input_price, m.output_price);
+    }
+    let tiers = tier::lookup(
+        key::bearer_token(),
+        callers
+            .iter()
+            .map(|(k, c)| (k.clone(), Arc::clone(&c.tier)))
+            .collect::<Vec<_>>(),
+    );
+    let mut builder = RateLimitLayer::builder()
+        .rules(rules(cfg, callers))
+        .tiers(tiers)
+        .cost(estimator)
+        .weights(weights)
+        .headers(match l.headers {
+            config::Headers::Both => HeaderStyle::BOTH,
+            config::Headers::Ietf => HeaderStyle::IETF,
+            config::Headers::Openai => HeaderStyle::OPENAI,
+            config::Headers::None => HeaderStyle::NONE,
+        })
+        .max_inspect_bytes(l.max_inspect_bytes)
+        .on_unusable_body(match l.on_unusable_body {
+            config::UnusableBody::Reject => BodyPolicy::Reject,
+            config::UnusableBody::Fallback => BodyPolicy::Fallback,
+        })
+        .fallback_cost(Cost::tokens_of(l.fallback_tokens))
+        .on_missing_usage(match l.on_missing_usage {
+            config::MissingUsage::Keep => MissingUsage::KeepReservation,
+            config::MissingUsage::Estimate => MissingUsage::EstimateStreamed,
+        })
+        .count_failed_requests(l.count_failed_requests)
+        .request_usage_in_streams(l.request_usage_in_streams)
+        .on_store_error(match cfg.store.on_failure {
+            OnFailure::Open => FailurePolicy::Open,
+            OnFailure::Closed | OnFailure::Fallback => FailurePolicy::Closed,
+        })
+        .observer(Metrics::observer(metrics));
+    if let Some(h) = &l.idempotency_header {
+        // The builder takes a `&'static str`; the configuration lives as long as the process.
+        builder = builder.idempotency_header(Box::leak(h.clone().into_boxed_str()));
+    }
+    builder = match store {
+        Store::Memory(s) => builder.store(s),
+        #[cfg(feature = "redis")]
+        Store::Redis(s) => {
+            metrics.watch_redis(s.clone());
+            builder.store(s)
+        }
+    };
+    builder.build()
+}

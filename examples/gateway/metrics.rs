@@ -1,0 +1,364 @@
+//! Prometheus metrics (`GET /metrics`, text format 0.0.4).
+//!
+//! | metric | labels | from |
+//! |---|---|---|
+//! | `gateway_ratelimit_admitted_total` | tier | the limiter's observer |
+//! | `gateway_ratelimit_denied_total` | rule, tier | the limiter's observer |
+//! | `gateway_ratelimit_rejected_total` | reason (`missing_key`, `cost_error`) | the limiter's observer |
+//! | `gateway_ratelimit_store_errors_total` | action (`admitted`, `rejected`): what the failure policy did | the limiter's observer |
+//! | `gateway_ratelimit_decision_seconds` | outcome | the observer, timed from the request's arrival (a task-local set by the auth check) |
+//! | `gateway_tokens_estimated_total` | model | the observer: a token rule's charge on admission |
+//! | `gateway_tokens_settled_total` | model, kind (`input`, `output`) | the `usage` of upstream responses, parsed as they stream past |
+//! | `gateway_upstream_responses_total` | model, status (a code, `unreachable`, `timeout`) | the proxy |
+//! | `gateway_upstream_response_seconds` | model | the proxy: time to the upstream's response headers |
+//! | `gateway_responses_total` | endpoint, status | every answer of the API endpoints |
+//! | `gateway_store_redis_*` | | `RedisStore::stats()` at each scrape (feature `redis`) |
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
+use tower_llm_ratelimit::Unit;
+
+tokio::task_local! {
+    /// The request being decided: set by the auth check around the limiter, read by the
+    /// observer (which the limiter calls on the request's task, during its decision).
+    pub(crate) static REQUEST: RequestContext;
+}
+
+/// What the observer can't see in a `DecisionEvent`.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestContext {
+    pub(crate) start: Instant,
+    pub(crate) model: Arc<str>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleTierLabels {
+    rule: String,
+    tier: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelKindLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelStatusLabels {
+    model: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointStatusLabels {
+    endpoint: String,
+    status: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 20 µs .. ~0.65 s
+    Histogram::new(exponential_buckets(0.000_02, 2.0, 16))
+}
+
+fn upstream_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub(crate) struct Metrics {
+    registry: Mutex<Registry>,
+    admitted: Family<TierLabel, Counter>,
+    denied: Family<RuleTierLabels, Counter>,
+    rejected: Family<ReasonLabel, Counter>,
+    store_errors: Family<ActionLabel, Counter>,
+    decision_seconds: HistogramFamily<OutcomeLabel>,
+    tokens_estimated: Family<ModelLabel, Counter>,
+    tokens_settled: Family<ModelKindLabels, Counter>,
+    upstream: Family<ModelStatusLabels, Counter>,
+    upstream_seconds: HistogramFamily<ModelLabel>,
+    responses: Family<EndpointStatusLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Arc<Self> {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("gateway")),
+            admitted: Family::default(),
+            denied: Family::default(),
+            rejected: Family::default(),
+            store_errors: Family::default(),
+            decision_seconds: Family::new_with_constructor(latency_histogram),
+            tokens_estimated: Family::default(),
+            tokens_settled: Family::default(),
+            upstream: Family::default(),
+            upstream_seconds: Family::new_with_constructor(upstream_histogram),
+            responses: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap();
+            r.register(
+                "ratelimit_admitted",
+                "Requests the rate limiter admitted",
+                m.admitted.clone(),
+            );
+            r.register(
+                "ratelimit_denied",
+                "Requests the rate limiter denied (429), by the rule that denied",
+                m.denied.clone(),
+            );
+            r.register(
+                "ratelimit_rejected",
+                "Requests the rate limiter rejected before deciding",
+                m.rejected.clone(),
+            );
+            r.register(
+                "ratelimit_store_errors",
+                "Decisions the store could not make, by what the failure policy did",
+                m.store_errors.clone(),
+            );
+            r.register(
+                "ratelimit_decision_seconds",
+                "Time from a request's arrival to the limiter's decision (body read included)",
+                m.decision_seconds.clone(),
+            );
+            r.register(
+                "tokens_estimated",
+                "Tokens reserved before admission (the estimate)",
+                m.tokens_estimated.clone(),
+            );
+            r.register(
+                "tokens_settled",
+                "Tokens the upstreams reported in `usage`",
+                m.tokens_settled.clone(),
+            );
+            r.register(
+                "upstream_responses",
+                "Upstream answers by status code, or unreachable / timeout",
+                m.upstream.clone(),
+            );
+            r.register(
+                "upstream_response_seconds",
+                "Time to the upstream's response headers",
+                m.upstream_seconds.clone(),
+            );
+            r.register(
+                "responses",
+                "Answers of the gateway's API endpoints by status",
+                m.responses.clone(),
+            );
+        }
+        Arc::new(m)
+    }
+
+    /// The limiter's observer.
+    pub(crate) fn observer(
+        this: &Arc<Self>,
+    ) -> impl Fn(&DecisionEvent<'_>) + Send + Sync + 'static {
+        let this = Arc::clone(this);
+        move |event: &DecisionEvent<'_>| this.on_decision(event)
+    }
+
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        let tier = event.tier.unwrap_or("").to_owned();
+        let ctx = REQUEST.try_with(Clone::clone).ok();
+        let outcome = match event.outcome {
+            Outcome::Admitted => {
+                self.admitted.get_or_create(&TierLabel { tier }).inc();
+                // Every token rule charges the same estimate; take the first.
+                let estimate = event
+                    .rules
+                    .iter()
+                    .find(|r| r.unit == Unit::Tokens)
+                    .map(|r| r.cost);
+                if let (Some(tokens), Some(ctx)) = (estimate, &ctx) {
+                    self.tokens_estimated
+                        .get_or_create(&ModelLabel {
+                            model: ctx.model.to_string(),
+                        })
+                        .inc_by(tokens);
+                }
+                "admitted"
+            }
+            Outcome::Denied { rule, .. } => {
+                self.denied
+                    .get_or_create(&RuleTierLabels {
+                        rule: rule.to_owned(),
+                        tier,
+                    })
+                    .inc();
+                "denied"
+            }
+            Outcome::MissingKey { .. } => {
+                self.rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: "missing_key",
+                    })
+                    .inc();
+                "rejected"
+            }
+            Outcome::CostError => {
+                self.rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: "cost_error",
+                    })
+                    .inc();
+                "rejected"
+            }
+            Outcome::StoreError { admitted } => {
+                let action = if admitted { "admitted" } else { "rejected" };
+                self.store_errors
+                    .get_or_create(&ActionLabel { action })
+                    .inc();
+                "store_error"
+            }
+            _ => "other",
+        };
+        if let Some(ctx) = ctx {
+            self.decision_seconds
+                .get_or_create(&OutcomeLabel { outcome })
+                .observe(ctx.start.elapsed().as_secs_f64());
+        }
+    }
+
+    pub(crate) fn settled(&self, model: &str, input: u64, output: u64) {
+        for (kind, n) in [("input", input), ("output", output)] {
+            self.tokens_settled
+                .get_or_create(&ModelKindLabels {
+                    model: model.to_owned(),
+                    kind,
+                })
+                .inc_by(n);
+        }
+    }
+
+    pub(crate) fn upstream(&self, model: &str, status: String, seconds: Option<f64>) {
+        self.upstream
+            .get_or_create(&ModelStatusLabels {
+                model: model.to_owned(),
+                status,
+            })
+            .inc();
+        if let Some(s) = seconds {
+            self.upstream_seconds
+                .get_or_create(&ModelLabel {
+                    model: model.to_owned(),
+                })
+                .observe(s);
+        }
+    }
+
+    pub(crate) fn response(&self, endpoint: &str, status: u16) {
+        self.responses
+            .get_or_create(&EndpointStatusLabels {
+                endpoint: endpoint.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Exports the Redis store's counters at each scrape.
+    #[cfg(feature = "redis")]
+    pub(crate) fn watch_redis(&self, store: tower_llm_ratelimit::store::RedisStore) {
+        self.registry
+            .lock()
+            .unwrap()
+            .register_collector(Box::new(redis_stats::RedisCollector(store)));
+    }
+
+    /// The Prometheus text exposition, and its content type.
+    pub(crate) fn encode(&self) -> (String, &'static str) {
+        use prometheus_client::encoding::prometheus_text;
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap();
+        prometheus_text::encode(&mut out, &registry).expect("writing to a String can't fail");
+        (out, prometheus_text::CONTENT_TYPE)
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_stats {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use tower_llm_ratelimit::store::RedisStore;
+
+    #[derive(Debug)]
+    pub(super) struct RedisCollector(pub(super) RedisStore);
+
+    impl Collector for RedisCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+            let s = self.0.stats();
+            let counters = [
+                (
+                    "store_redis_errors",
+                    "Redis calls that failed, timed out or were refused by the open circuit",
+                    s.errors,
+                ),
+                (
+                    "store_redis_fallback_decisions",
+                    "Decisions taken locally while Redis could not answer (on_failure = fallback)",
+                    s.fallback_decisions,
+                ),
+                (
+                    "store_redis_breaker_opened",
+                    "Times the Redis circuit breaker opened",
+                    s.breaker_opened,
+                ),
+            ];
+            for (name, help, value) in counters {
+                let c = ConstCounter::new(value);
+                let e = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+                c.encode(e)?;
+            }
+            let g = ConstGauge::new(i64::from(s.circuit_open));
+            let e = encoder.encode_descriptor(
+                "store_redis_circuit_open",
+                "1 while the Redis circuit breaker is open (the store fails fast or falls back)",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(e)
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The built-in mock model: an OpenAI-compatible server on a loopback port of its own, so the
+//! gateway works with nothing else running.
+//!
+//! Token counts are predictable: `prompt_tokens` is the number of whitespace-separated words
+//! of the prompt (the `content` / `text` strings of chat messages and response items, the
+//! `prompt` of completions, the `input` of embeddings and responses), `completion_tokens` is
+//! `min(max_tokens, 16)` (`max_completion_tokens` / `max_output_tokens` also read; 16 when
+//! unset), one word per token. Streams (`"stream": true`) send one SSE event per token after
+//! `token_delay`, and the usage in a final chunk when `stream_options.include_usage` is set
+//! (chat, completions) or in `response.completed` (responses).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{header, StatusCode};
+use http_body::Frame;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// The most tokens the mock writes.
+const MAX_COMPLETION: u64 = 16;
+
+/// What the mock says, a word per token.
+const WORDS: [&str; 16] = [
+    "Hello",
+    "from",
+    "the",
+    "mock",
+    "model",
+    "behind",
+    "the",
+    "rate-limited",
+    "gateway:",
+    "every",
+    "word",
+    "you",
+    "read",
+    "is",
+    "one",
+    "token.",
+];
+
+#[derive(Debug, Clone)]
+struct Mock {
+    token_delay: Duration,
+}
+
+/// Starts the mock on `127.0.0.1:0`; returns its base URL (`http://127.0.0.1:PORT/v1`).
+pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, SocketAddr)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route(
+            "/v1/models",
+            get(|| async { Json(json!({"object": "list", "data": []})) }),
+        )
+        .with_state(Mock { token_delay });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "mock model server failed");
+        }
+    });
+    Ok((format!("http://{addr}/v1"), addr))
+}
+
+/// The words of every string in `v` that a model reads.
+fn words(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(items) => items.iter().map(words).sum(),
+        Value::Object(o) => ["content", "text"]
+            .iter()
+            .filter_map(|k| o.get(*k))
+            .map(words)
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn completion_tokens(body: &Value) -> u64 {
+    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k)?.as_u64())
+        .unwrap_or(MAX_COMPLETION)
+        .min(MAX_COMPLETION)
+}
+
+fn text(n: u64) -> Vec<String> {
+    (0..n as usize)
+        .map(|i| {
+            let w = WORDS[i % WORDS.len()];
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The body as a JSON object.
+fn parse(body: &Bytes) -> Option<Value> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .filter(Value::is_object)
+}
+
+fn bad_request() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(
+            json!({"error": {"message": "the body must be a JSON object",
+            "type": "invalid_request_error", "param": null, "code": null}}),
+        ),
+    )
+        .into_response()
+}
+
+fn model(body: &Value) -> String {
+    body.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-gpt")
+        .to_owned()
+}
+
+fn streaming(body: &Value) -> bool {
+    body.get("stream") == Some(&Value::Bool(true))
+}
+
+fn include_usage(body: &Value) -> bool {
+    body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true))
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion})
+}
+
+fn finish_reason(body: &Value, n: u64) -> &'static str {
+    if n < MAX_COMPLETION && completion_tokens(body) == n {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
+/// A response body fed by a channel, sent chunk by chunk as the producer writes.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// An SSE response of `events`, sent as they are written; the events at the indexes in
+/// `tokens` are each preceded by `delay`.
+fn sse(
+    events: Vec<(Option<&'static str>, Value)>,
+    tokens: Vec<usize>,
+    delay: Duration,
+    done: bool,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    tokio::spawn(async move {
+        for (i, (event, data)) in events.into_iter().enumerate() {
+            if tokens.contains(&i) && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut frame = String::new();
+            if let Some(e) = event {
+                frame.push_str("event: ");
+                frame.push_str(e);
+                frame.push('\n');
+            }
+            frame.push_str("data: ");
+            frame.push_str(&data.to_string());
+            frame.push_str("\n\n");
+            if tx.send(Bytes::from(frame)).await.is_err() {
+                return; // the client went away
+            }
+        }
+        if done {
+            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::new(ChannelBody(rx)))
+        .expect("valid response")
+}
+
+async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
+    let Some(body) = parse(&body) else {
+        return bad_request();
+    };
+    let prompt = body.get("messages").map_or(0, words);
+    let n = completion_tokens(&body);
+    let model = model(&body);
+    let id = format!("chatcmpl-mock-{}", now());
+    let reason = finish_reason(&body, n);
+    if !streaming(&body) {
+        return Json(json!({
+            "id": id, "object": "chat.completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text(n).concat()},
+                "logprobs": null, "finish_reason": reason}],
+            "usage": usage(prompt, n),
+        }))
+        .into_response();
+    }
+    let with_usage = include_usage(&body);
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": now(),
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": null,
+            "finish_reason": finish}]});
+        if with_usage {
+            c["usage"] = Value::Null;
+        }
+        (None, c)
+    };
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    let mut tokens = Vec::new();
+    for w in text(n) {
+        tokens.push(events.len());
+        events.push(chunk(json!({"content": w}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!(reason)));
+    if with_usage {
+        events.push((
+            None,
+            json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": model,
+                "choices": [], "usage": usage(prompt, n)}),
+        ));
+    }
+    sse(events, tokens, mock.token_delay, true)
+}
+
+async fn completions(State(mock): State<Mock>, body: Bytes) -> Response {
+    let Some(body) = parse(&body) else {
+        return bad_request();
+    };
+    let prompt = body.get("prompt").map_or(0, words);
+    let n = completion_tokens(&body);
+    let model = model(&body);
+    let id = format!("cmpl-mock-{}", now());
+    let reason = finish_reason(&body, n);
+    if !streaming(&body) {
+        return Json(json!({
+            "id": id, "object": "text_completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "text": text(n).concat(), "logprobs": null,
+                "finish_reason": reason}],
+            "usage": usage(prompt, n),
+        }))
+        .into_response();
+    }
+    let chunk = |t: &str, finish: Value| {
+        (
+            None,
+            json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                "choices": [{"index": 0, "text": t, "logprobs": null, "finish_reason": finish}]}),
+        )
+    };
+    let mut events = Vec::new();
+    let mut tokens = Vec::new();
+    for w in text(n) {
+        tokens.push(events.len());
+        events.push(chunk(&w, Value::Null));
+    }
+    events.push(chunk("", json!(reason)));
+    if include_usage(&body) {
+        events.push((
+            None,
+            json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                "choices": [], "usage": usage(prompt, n)}),
+        ));
+    }
+    sse(events, tokens, mock.token_delay, true)
+}
+
+async fn embeddings(body: Bytes) -> Response {
+    let Some(body) = parse(&body) else {
+        return bad_request();
+    };
+    let inputs: Vec<Value> = match body.get("input") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(v) => vec![v.clone()],
+        None => Vec::new(),
+    };
+    let prompt: u64 = inputs.iter().map(words).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            // A small deterministic vector from the input's words.
+            let n = words(v) as f64;
+            let embedding: Vec<f64> = (0..8).map(|d| ((n + d as f64) * 0.37).sin()).collect();
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Json(
+        json!({"object": "list", "data": data, "model": model(&body),
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}),
+    )
+    .into_response()
+}
+
+async fn responses(State(mock): State<Mock>, body: Bytes) -> Response {
+    let Some(body) = parse(&body) else {
+        return bad_request();
+    };
+    let prompt = body.get("input").map_or(0, words);
+    let n = completion_tokens(&body);
+    let model = model(&body);
+    let id = format!("resp_mock_{}", now());
+    let usage = json!({"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n});
+    let response = |status: &str, content: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": now(), "status": status,
+            "model": model, "output": content, "usage": usage})
+    };
+    let output = json!([{"type": "message", "id": "msg_mock", "status": "completed",
+        "role": "assistant", "content": [{"type": "output_text", "text": text(n).concat(),
+        "annotations": []}]}]);
+    if !streaming(&body) {
+        return Json(response("completed", output, usage)).into_response();
+    }
+    let mut events = vec![(
+        Some("response.created"),
+        json!({"type": "response.created",
+            "response": response("in_progress", json!([]), Value::Null)}),
+    )];
+    let mut tokens = Vec::new();
+    for w in text(n) {
+        tokens.push(events.len());
+        events.push((
+            Some("response.output_text.delta"),
+            json!({"type": "response.output_text.delta", "item_id": "msg_mock",
+                "output_index": 0, "content_index": 0, "delta": w}),
+        ));
+    }
+    events.push((
+        Some("response.completed"),
+        json!({"type": "response.completed", "response": response("completed", output, usage)}),
+    ));
+    sse(events, tokens, mock.token_delay, false)
+}

@@ -1,0 +1,210 @@
+//! The gateway's routes and shared state.
+//!
+//! | route | auth | limited | what |
+//! |---|---|---|---|
+//! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` | yes | yes | proxied to the model's upstream |
+//! | `GET /v1/models` | yes | no | the configured models |
+//! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it |
+//! | `GET /metrics` | no | no | Prometheus text format |
+//! | `GET /healthz` | no | no | `{"status":"ok"}` |
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use http::{header, HeaderValue, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tower_llm_ratelimit::headers::go_duration;
+use tower_llm_ratelimit::key::RequestView;
+use tower_llm_ratelimit::{Algorithm, RateLimitLayer};
+
+use crate::config::Config;
+use crate::limits::{self, Callers};
+use crate::metrics::Metrics;
+use crate::proxy::{self, error};
+
+/// Where one model's requests go.
+#[derive(Debug)]
+pub(crate) struct ModelRoute {
+    pub(crate) name: Arc<str>,
+    /// `http://host:port`
+    pub(crate) origin: String,
+    /// The upstream's base path (`/v1`).
+    pub(crate) path: String,
+    /// `Bearer <upstream key>`, if any.
+    pub(crate) api_key: Option<HeaderValue>,
+    pub(crate) timeout: Duration,
+}
+
+pub(crate) struct App {
+    pub(crate) callers: Callers,
+    pub(crate) models: BTreeMap<String, Arc<ModelRoute>>,
+    pub(crate) layer: RateLimitLayer,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) max_body_bytes: usize,
+}
+
+impl App {
+    pub(crate) fn new(
+        cfg: &Config,
+        callers: Callers,
+        routes: BTreeMap<String, Arc<ModelRoute>>,
+        layer: RateLimitLayer,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            callers,
+            models: routes,
+            layer,
+            metrics,
+            client,
+            max_body_bytes: cfg.limiter.max_body_bytes,
+        }
+    }
+}
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    // The limiter wraps only the model endpoints; the gate (auth, model) runs before it.
+    let api = Router::new()
+        .route("/v1/chat/completions", post(proxy::proxy))
+        .route("/v1/completions", post(proxy::proxy))
+        .route("/v1/embeddings", post(proxy::proxy))
+        .route("/v1/responses", post(proxy::proxy))
+        .with_state(Arc::clone(&app))
+        .layer(app.layer.clone())
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            proxy::gate,
+        ));
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/ratelimit", get(ratelimit))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .with_state(app)
+        .merge(api)
+        .fallback(|req: Request| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+                None,
+                format!(
+                    "Unknown request URL: {} {}.",
+                    req.method(),
+                    req.uri().path()
+                ),
+            )
+        })
+}
+
+async fn models(State(app): State<Arc<App>>, req: Request) -> Response {
+    if limits::caller(&app.callers, &RequestView::from_request(&req)).is_none() {
+        return proxy::unauthorized(req.headers());
+    }
+    let data: Vec<Value> = app
+        .models
+        .keys()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "gateway"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The caller's state under every rule that applies to it, charging nothing.
+async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    let view = RequestView::from_parts(&parts);
+    let Some(caller) = limits::caller(&app.callers, &view).cloned() else {
+        return proxy::unauthorized(&parts.headers);
+    };
+    let models: Vec<&str> = match query_param(parts.uri.query(), "model") {
+        Some(m) if app.models.contains_key(m) => vec![m],
+        Some(m) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model"),
+                format!("The model `{m}` does not exist or you do not have access to it."),
+            )
+        }
+        None => app.models.keys().map(String::as_str).collect(),
+    };
+    let mut seen = HashSet::new();
+    let mut rules = Vec::new();
+    // The per-model rules read the body's `model`: ask once per model with a body naming it.
+    for model in models {
+        let json = json!({ "model": model });
+        let bytes = Bytes::from(json.to_string());
+        let statuses = match app.layer.status(view.with_body(&bytes, Some(&json))).await {
+            Ok(s) => s,
+            Err(e) => {
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    Some("rate_limit_unavailable"),
+                    None,
+                    format!("Rate limiting is unavailable: {e}."),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return r;
+            }
+        };
+        for s in statuses {
+            // No key: the rule doesn't apply to this caller (its tier has no such limit, or
+            // it is another model's).
+            let Some(snapshot) = s.snapshot else { continue };
+            if !seen.insert(s.rule.clone()) {
+                continue;
+            }
+            let concurrency = s.quota.algorithm() == Algorithm::Concurrency;
+            let reset = Duration::from_nanos(snapshot.reset_after_nanos);
+            rules.push(json!({
+                "rule": s.rule,
+                "scope": if limits::rule_model(&s.rule).is_some() { "model" } else { "user" },
+                "model": limits::rule_model(&s.rule),
+                "unit": s.unit.as_str(),
+                "kind": if concurrency { "concurrency" } else { "window" },
+                "window_seconds": (!concurrency).then(|| s.quota.window().as_secs_f64()),
+                "limit": snapshot.limit,
+                "remaining": snapshot.remaining,
+                "reset": go_duration(reset),
+                "reset_ms": reset.as_millis() as u64,
+            }));
+        }
+    }
+    Json(json!({
+        "user": &*caller.user,
+        "tier": &*caller.tier,
+        "rules": rules,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (text, content_type) = app.metrics.encode();
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
