@@ -67,6 +67,11 @@ pub enum BuildError {
         /// What the extractor reported.
         reason: String,
     },
+    /// A header name given to the layer (e.g. the idempotency header) is not valid.
+    InvalidHeaderName {
+        /// The name given.
+        name: String,
+    },
     /// A token rule, but no [`crate::cost::CostEstimator`] to estimate tokens with.
     MissingCostEstimator {
         /// The rule.
@@ -120,6 +125,9 @@ impl fmt::Display for BuildError {
             }
             BuildError::InvalidKey { rule, reason } => {
                 write!(f, "key of rule `{rule}`: {reason}")
+            }
+            BuildError::InvalidHeaderName { name } => {
+                write!(f, "{name:?} is not a valid header name")
             }
             BuildError::MissingCostEstimator { rule } => write!(
                 f,

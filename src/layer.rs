@@ -174,7 +174,7 @@ pub struct RateLimitLayerBuilder {
     missing_usage: MissingUsage,
     count_failed_requests: bool,
     request_stream_usage: bool,
-    idempotency_header: Option<http::HeaderName>,
+    idempotency_header: Option<Result<http::HeaderName, String>>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -295,11 +295,10 @@ impl RateLimitLayerBuilder {
     /// twice. Needs a store that remembers ids ([`crate::store::Store::acquire_once`]; the
     /// Redis store does, for its idempotency TTL).
     ///
-    /// # Panics
-    ///
-    /// If `name` is not a valid header name (a programming error).
-    pub fn idempotency_header(mut self, name: &'static str) -> Self {
-        self.idempotency_header = Some(http::HeaderName::from_static(name));
+    /// A name that is not a valid header name is reported by [`build`](Self::build).
+    pub fn idempotency_header(mut self, name: &str) -> Self {
+        self.idempotency_header =
+            Some(http::HeaderName::try_from(name).map_err(|_| name.to_owned()));
         self
     }
 
@@ -326,6 +325,11 @@ impl RateLimitLayerBuilder {
                 });
             }
         }
+        let idempotency_header = match self.idempotency_header {
+            Some(Err(name)) => return Err(BuildError::InvalidHeaderName { name }),
+            Some(Ok(h)) => Some(h),
+            None => None,
+        };
         let counts_tokens = self.rules.iter().any(|r| {
             std::iter::once(&r.quota)
                 .chain(r.tiers.iter().map(|(_, q)| q))
@@ -350,7 +354,7 @@ impl RateLimitLayerBuilder {
                 missing_usage: self.missing_usage,
                 count_failed_requests: self.count_failed_requests,
                 request_stream_usage: self.request_stream_usage,
-                idempotency_header: self.idempotency_header,
+                idempotency_header,
                 needs_body,
             }),
         })
@@ -537,6 +541,12 @@ mod tests {
             let err = build(rules).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
         }
+        let bad_header = RateLimitLayer::builder()
+            .rule(Rule::new("r", k(), Quota::per_minute(1)))
+            .idempotency_header("x request id")
+            .build()
+            .unwrap_err();
+        assert!(bad_header.to_string().contains("not a valid header name"));
         // GCRA tiers may differ in burst.
         let ok = Rule::new("g", k(), Quota::per_minute(5).gcra())
             .tier("pro", Quota::per_minute(5).gcra().burst(50));

@@ -60,8 +60,8 @@ impl<S> RateLimit<S> {
 /// Adds `stream_options.include_usage = true` to a streaming chat request. Returns the new
 /// body, or `None` to keep the original.
 fn request_stream_usage(path: &str, json: &serde_json::Value) -> Option<Bytes> {
-    if !path.ends_with("/chat/completions")
-        || json.get("stream") != Some(&serde_json::Value::Bool(true))
+    // Chat and legacy completions both accept `stream_options` (OpenAI, vLLM).
+    if !path.ends_with("/completions") || json.get("stream") != Some(&serde_json::Value::Bool(true))
     {
         return None;
     }
@@ -241,6 +241,7 @@ mod tests {
         let not_streaming = serde_json::json!({"model": "m", "messages": []});
         assert!(request_stream_usage("/v1/chat/completions", &not_streaming).is_none());
         assert!(request_stream_usage("/v1/embeddings", &chat).is_none());
+        assert!(request_stream_usage("/v1/completions", &chat).is_some());
         let already =
             serde_json::json!({"stream": true, "stream_options": {"include_usage": true}});
         assert!(request_stream_usage("/v1/chat/completions", &already).is_none());

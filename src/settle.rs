@@ -13,6 +13,10 @@
 //! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
 //! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
 //! | request dropped before a response (client gone) | reservation kept | kept | released |
+//!
+//! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
+//! as a response without `usage`. A gateway in front of upstreams should not forward
+//! `accept-encoding` to them (the example gateway strips it).
 
 use std::sync::Arc;
 
@@ -116,7 +120,12 @@ impl Settle {
             self.finish(Ending::Failed);
             return false;
         }
-        if self.has_token_charges() {
+        // A compressed body can't be read as it streams past: no usage will be found (the
+        // missing-usage policy applies). Gateways should ask upstreams for identity encoding.
+        let compressed = headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if self.has_token_charges() && !compressed {
             self.parser = headers
                 .get(http::header::CONTENT_TYPE)
                 .and_then(Framing::from_content_type)

@@ -79,14 +79,16 @@ async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Respons
             let body = req.into_body().collect().await.unwrap().to_bytes();
             Response::new(AxumBody::from(body))
         }
-        "json" => {
+        "json" | "json-gzip" => {
             let body = format!(
                 r#"{{"id":"x","choices":[{{"message":{{"content":"hi"}}}}],"usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{total}}}}}"#
             );
-            Response::builder()
-                .header("content-type", "application/json")
-                .body(AxumBody::from(body))
-                .unwrap()
+            let mut res = Response::builder().header("content-type", "application/json");
+            if mode == "json-gzip" {
+                // (Not really compressed: the layer must not try to read it either way.)
+                res = res.header("content-encoding", "gzip");
+            }
+            res.body(AxumBody::from(body)).unwrap()
         }
         _ => {
             let mut sse = String::new();
@@ -572,4 +574,26 @@ async fn requests_without_a_body_cost_no_tokens() {
     let r = send(s.addr, &[("x-mode", "echo")], Bytes::new()).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "10000");
+}
+
+/// A compressed response can't be read as it streams: it counts as one without usage.
+#[tokio::test]
+async fn compressed_responses_keep_the_reservation() {
+    let s = serve(tpm_layer().build().unwrap()).await;
+    let r = send(
+        s.addr,
+        &[("x-mode", "json-gzip"), ("x-usage", "1,1")],
+        chat(1_000),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Settled when the body ended: the reservation stays, and a request without usage
+    // next to it shows the settlement has run.
+    send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "3,4")],
+        chat(1_000),
+    )
+    .await;
+    remaining_eventually(&s.layer, 0, 10_000 - 1_000 - 7).await;
 }
