@@ -3,7 +3,9 @@
 //! An [`Observer`] set with [`crate::RateLimitLayerBuilder::observer`] is called once per
 //! request that reaches a decision, with a [`DecisionEvent`]: the caller's tier, the outcome
 //! and, per rule, the cost charged (or that would have been), the limit and what remains.
-//! It runs on the request's path: keep it cheap (increment counters, don't do I/O).
+//! [`Observer::on_settle`] then sees each admitted request's settlement ([`SettleEvent`]):
+//! the estimate charged per rule and what it really cost, for "tokens estimated vs settled"
+//! metrics. It runs on the request's path: keep it cheap (increment counters, don't do I/O).
 //!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
 //! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
@@ -94,10 +96,56 @@ pub struct DecisionEvent<'a> {
     pub rules: &'a [RuleDecision<'a>],
 }
 
-/// Sees every decision. Closures `Fn(&DecisionEvent)` are observers.
+/// How an admitted request ended, as its settlement saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettleOutcome {
+    /// The response reported this usage.
+    Usage(crate::cost::usage::Usage),
+    /// The response ended (or was cut off) without usage; `streamed` bytes went out.
+    NoUsage {
+        /// Bytes of response body seen.
+        streamed: u64,
+    },
+    /// The upstream failed (HTTP >= 400, gRPC error, service error).
+    Failed,
+    /// The request was dropped before any response (client gone).
+    Dropped,
+}
+
+/// One rule's settlement: what was charged before admission and what it really cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettledRule<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// What the rule counts.
+    pub unit: Unit,
+    /// Units charged at admission (the estimate).
+    pub charged: u64,
+    /// Units after settlement (equal to `charged` when nothing changed).
+    pub actual: u64,
+}
+
+/// One admitted request's settlement.
+#[derive(Debug, Clone, Copy)]
+pub struct SettleEvent<'a> {
+    /// How the request ended.
+    pub outcome: SettleOutcome,
+    /// Every charge of the request, settled.
+    pub rules: &'a [SettledRule<'a>],
+}
+
+/// Sees every decision, and every settlement. Closures `Fn(&DecisionEvent)` are observers
+/// (of decisions only).
 pub trait Observer: Send + Sync + 'static {
     /// Called once per decided request.
     fn on_decision(&self, event: &DecisionEvent<'_>);
+
+    /// Called once per admitted request that had something to settle (token or concurrency
+    /// rules), when its response ended or was dropped: estimated vs real tokens for metrics.
+    fn on_settle(&self, event: &SettleEvent<'_>) {
+        let _ = event;
+    }
 }
 
 impl<F> Observer for F

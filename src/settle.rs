@@ -25,6 +25,7 @@ use http::{HeaderMap, StatusCode};
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::layer::Shared;
+use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::rule::{Algorithm, Quota, Unit};
 use crate::store::{Adjustment, BucketKey, Placement};
 
@@ -227,6 +228,31 @@ impl Settle {
                 })
             })
             .collect();
+        if let Some(observer) = &self.shared.observer {
+            let rules: Vec<SettledRule<'_>> = self
+                .charges
+                .iter()
+                .map(|c| SettledRule {
+                    rule: c.bucket.rule(),
+                    unit: c.quota.unit(),
+                    charged: c.charged,
+                    actual: adjustments
+                        .iter()
+                        .find(|a| std::ptr::eq(a.bucket, &c.bucket))
+                        .map_or(c.charged, |a| a.actual),
+                })
+                .collect();
+            let outcome = match ending {
+                Ending::Usage(u) => SettleOutcome::Usage(u),
+                Ending::NoUsage { streamed } => SettleOutcome::NoUsage { streamed },
+                Ending::Failed => SettleOutcome::Failed,
+                Ending::Dropped => SettleOutcome::Dropped,
+            };
+            observer.on_settle(&SettleEvent {
+                outcome,
+                rules: &rules,
+            });
+        }
         if adjustments.is_empty() {
             return;
         }

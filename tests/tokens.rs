@@ -597,3 +597,38 @@ async fn compressed_responses_keep_the_reservation() {
     .await;
     remaining_eventually(&s.layer, 0, 10_000 - 1_000 - 7).await;
 }
+
+/// The observer sees each settlement: the estimate charged and the real cost.
+#[tokio::test]
+async fn observers_see_settlements() {
+    use tower_llm_ratelimit::observe::{Observer, SettleEvent, SettleOutcome};
+
+    type Log = Arc<std::sync::Mutex<Vec<(String, u64, u64, bool)>>>;
+    struct Probe(Log);
+    impl Observer for Probe {
+        fn on_decision(&self, _: &DecisionEvent<'_>) {}
+        fn on_settle(&self, e: &SettleEvent<'_>) {
+            let usage = matches!(e.outcome, SettleOutcome::Usage(_));
+            let mut seen = self.0.lock().unwrap();
+            for r in e.rules {
+                seen.push((r.rule.to_owned(), r.charged, r.actual, usage));
+            }
+        }
+    }
+    let seen: Log = Arc::default();
+    let s = serve(tpm_layer().observer(Probe(seen.clone())).build().unwrap()).await;
+    send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "200,121")],
+        chat(1000),
+    )
+    .await;
+    remaining_eventually(&s.layer, 0, 10_000 - 321).await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            ("tpm".to_owned(), 1000, 321, true),
+            ("rph".to_owned(), 1, 1, true)
+        ]
+    );
+}
