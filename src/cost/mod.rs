@@ -7,7 +7,7 @@
 //!
 //! | built-in | estimate |
 //! |---|---|
-//! | [`openai`] | OpenAI-compatible request bodies (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`): prompt tokens by a fast heuristic, output reserved as `max_tokens x n` |
+//! | [`openai()`] | OpenAI-compatible request bodies (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`): prompt tokens by a fast heuristic, output reserved as `max_tokens x n` |
 //! | [`extension`] | a [`TokenEstimate`] an earlier layer put in the request extensions |
 //! | [`from_fn`] | a closure over the request |
 //!

@@ -407,7 +407,7 @@ impl SseState {
                         }
                     }
                     let rest = &chunk[i..];
-                    let eol = rest.iter().position(|&b| b == b'\n' || b == b'\r');
+                    let eol = memchr::memchr2(b'\n', b'\r', rest);
                     let value = &rest[..eol.unwrap_or(rest.len())];
                     if !self.poisoned && !push_bounded(&mut self.data, value, max) {
                         self.poison();
@@ -420,7 +420,7 @@ impl SseState {
                 }
                 Line::Skip => {
                     let rest = &chunk[i..];
-                    match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                    match memchr::memchr2(b'\n', b'\r', rest) {
                         Some(eol) => {
                             i += eol;
                             self.end_line(chunk[i], max, usage, done);
@@ -558,21 +558,12 @@ fn has_usage_object(hay: &[u8]) -> bool {
     false
 }
 
-/// The first position of `needle` (non-empty) in `hay`.
+/// The first position of `needle` (non-empty) in `hay` (SIMD where the CPU has it).
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    let (&first, tail) = needle.split_first()?;
-    let mut from = 0;
-    while from + needle.len() <= hay.len() {
-        let at = from
-            + hay[from..=hay.len() - needle.len()]
-                .iter()
-                .position(|&b| b == first)?;
-        if hay[at + 1..at + needle.len()] == *tail {
-            return Some(at);
-        }
-        from = at + 1;
+    if needle.is_empty() {
+        return None;
     }
-    None
+    memchr::memmem::find(hay, needle)
 }
 
 /// The usage of a complete JSON body, if it has a valid one.

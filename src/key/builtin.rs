@@ -210,7 +210,7 @@ impl KeyExtractor for JsonField {
     }
 }
 
-/// Two keys combined. See [`KeyExtractorExt::and`].
+/// Two keys combined. See [`KeyExtractorExt::and`](super::KeyExtractorExt::and).
 #[derive(Debug, Clone)]
 pub struct Composite<A, B>(A, B);
 

@@ -102,8 +102,10 @@ pub struct RedisStoreBuilder {
     clock: Option<Arc<dyn Clock>>,
 }
 
-/// Limits shared across processes through Redis or Redis Cluster. See the
-/// [module docs](self). Clones share one connection.
+/// Limits shared across processes through Redis or Redis Cluster: one atomic Lua call per
+/// decision (per cluster slot), server time, hashed and hash-tagged keys with TTLs, a call
+/// timeout and circuit breaker, a [`RedisFailure`] policy, idempotent acquires. Clones share
+/// one connection.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
