@@ -131,6 +131,7 @@
 //! |---|---|---|
 //! | `axum` | no | [`key::client_ip`] reads axum's `ConnectInfo<SocketAddr>` |
 //! | `redis` | no | `store::RedisStore`: limits shared by many processes through Redis or Redis Cluster |
+//! | `tokenizer` | no | exact prompt token counts in [`cost::openai`] with OpenAI's tokenizers (o200k_base, cl100k_base, compiled in) for known models |
 //!
 //! # Integration
 //!
