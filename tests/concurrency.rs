@@ -184,12 +184,14 @@ async fn concurrency_slots_are_released_on_panic_and_cancellation() {
     // A panic inside the inner service.
     let panicking = tower::ServiceBuilder::new()
         .layer(layer.clone())
-        .service(tower::service_fn(|_: Request<RequestBody<String>>| async move {
-            if true {
-                panic!("inner service panicked");
-            }
-            Ok::<_, Infallible>(Response::new(String::new()))
-        }));
+        .service(tower::service_fn(
+            |_: Request<RequestBody<String>>| async move {
+                if true {
+                    panic!("inner service panicked");
+                }
+                Ok::<_, Infallible>(Response::new(String::new()))
+            },
+        ));
     let joined = tokio::spawn(panicking.oneshot(Request::new(String::new()))).await;
     assert!(joined.unwrap_err().is_panic());
     assert_eq!(in_flight(layer.clone()).await, 0);
@@ -202,7 +204,11 @@ async fn concurrency_slots_are_released_on_panic_and_cancellation() {
         }));
     let task = tokio::spawn(never.oneshot(Request::new(String::new())));
     tokio::task::yield_now().await;
-    assert_eq!(in_flight(layer.clone()).await, 1, "the slot is held meanwhile");
+    assert_eq!(
+        in_flight(layer.clone()).await,
+        1,
+        "the slot is held meanwhile"
+    );
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
     assert_eq!(in_flight(layer.clone()).await, 0);
