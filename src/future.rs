@@ -5,17 +5,18 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderMap, Response};
+use http::Response;
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
+use crate::headers::RateHeaders;
 use crate::settle::Settle;
 
 /// What follows a decision taken asynchronously.
 pub(crate) enum Next<F> {
     Reject(Response<Full<Bytes>>),
-    Call(F, HeaderMap, Option<Settle>),
+    Call(F, RateHeaders, Option<Settle>),
 }
 
 type Deciding<F> = Pin<Box<dyn Future<Output = Next<F>> + Send>>;
@@ -34,13 +35,13 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Deciding { fut: Deciding<F> },
-        Inner { #[pin] fut: F, headers: Option<HeaderMap>, settle: Option<Settle> },
+        Inner { #[pin] fut: F, headers: Option<RateHeaders>, settle: Option<Settle> },
         Rejected { response: Option<Response<Full<Bytes>>> },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, headers: HeaderMap, settle: Option<Settle>) -> Self {
+    pub(crate) fn inner(fut: F, headers: RateHeaders, settle: Option<Settle>) -> Self {
         Self {
             state: State::Inner {
                 fut,
@@ -110,9 +111,7 @@ where
                         }
                     };
                     if let Some(h) = headers.take() {
-                        if !h.is_empty() {
-                            response.headers_mut().extend(h);
-                        }
+                        h.write_to(response.headers_mut());
                     }
                     if let Some(mut s) = settle.take() {
                         if s.on_response(response.status(), response.headers()) {

@@ -56,10 +56,10 @@
 //! assert_eq!(go_duration(Duration::from_secs(7322)), "2h2m2s");
 //! ```
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use bytes::Bytes;
 use http::HeaderMap;
 
 use crate::algorithm::Snapshot;
@@ -102,102 +102,209 @@ impl Default for HeaderStyle {
 }
 
 /// One rule's state, as the headers report it.
+/// What one quota (a rule's base quota, or one of its tiers') says in the headers, computed
+/// once when the layer is built: the `RateLimit-Policy` item and the limit, which don't change
+/// from request to request.
+#[derive(Debug)]
+pub(crate) struct QuotaHeaders {
+    /// The capacity a snapshot of this quota reports (the burst for GCRA).
+    limit: u64,
+    /// `"name";q=..;w=..` (and `;qu=..`): this rule's `RateLimit-Policy` item.
+    policy_item: Box<[u8]>,
+    /// The item alone as a header value: the whole `RateLimit-Policy` of a one-rule request.
+    policy: Option<HeaderValue>,
+    /// The limit as a header value (`x-ratelimit-limit-*`).
+    limit_value: HeaderValue,
+}
+
+impl QuotaHeaders {
+    pub(crate) fn new(rule: &str, quota: &Quota) -> Self {
+        let limit = match quota.algorithm() {
+            Algorithm::Gcra => quota.limits().burst,
+            _ => quota.limit(),
+        };
+        let mut item = Vec::with_capacity(rule.len() + 48);
+        policy_item(&mut item, rule, quota, limit);
+        Self {
+            limit,
+            policy: HeaderValue::from_bytes(&item).ok(),
+            policy_item: item.into_boxed_slice(),
+            limit_value: HeaderValue::from(limit),
+        }
+    }
+}
+
+/// One rule's state after a decision, for the headers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RuleState<'a> {
     pub(crate) rule: &'a str,
     pub(crate) quota: &'a Quota,
     pub(crate) snapshot: Snapshot,
+    /// The precomputed parts of this rule's quota.
+    pub(crate) cached: &'a QuotaHeaders,
 }
 
-/// Which units an OpenAI header family reports.
+/// The rate-limit headers of one response, ready to be added to it: built when the request
+/// is decided, written into the response's own header map when it comes (no intermediate
+/// map, no rehashing).
+#[derive(Debug, Default)]
+pub(crate) struct RateHeaders(Vec<(HeaderName, HeaderValue)>);
+
+impl RateHeaders {
+    /// Adds the headers to `map`, replacing any of the same names.
+    pub(crate) fn write_to(self, map: &mut HeaderMap) {
+        if self.0.is_empty() {
+            return;
+        }
+        map.reserve(self.0.len());
+        for (name, value) in self.0 {
+            map.insert(name, value);
+        }
+    }
+
+    /// The headers as a map of their own.
+    pub(crate) fn into_map(self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.0.len() + 2);
+        self.write_to(&mut map);
+        map
+    }
+}
+
 type UnitGroup = fn(Unit) -> bool;
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+static REQUESTS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+static TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
 
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Writes the headers for `rules` into `headers`.
-pub(crate) fn write(headers: &mut HeaderMap, style: HeaderStyle, rules: &[RuleState<'_>]) {
-    if rules.is_empty() {
-        return;
+fn ceil_secs_nanos(nanos: u64) -> u64 {
+    nanos.div_ceil(1_000_000_000)
+}
+
+fn push_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `"name";q=limit;w=window` (and the unit) into `out`.
+fn policy_item(out: &mut Vec<u8>, rule: &str, quota: &Quota, limit: u64) {
+    out.push(b'"');
+    out.extend_from_slice(rule.as_bytes());
+    out.extend_from_slice(b"\";q=");
+    push_u64(out, limit);
+    if quota.algorithm() == Algorithm::Concurrency {
+        out.extend_from_slice(b";qu=\"concurrent-requests\"");
+    } else {
+        out.extend_from_slice(b";w=");
+        push_u64(out, ceil_secs(quota.window()).max(1));
+        if quota.unit() != Unit::Requests {
+            out.extend_from_slice(b";qu=\"");
+            out.extend_from_slice(quota.unit().as_str().as_bytes());
+            out.push(b'"');
+        }
     }
+}
+
+/// The headers of the rules applied to a request, in `style`. `rules` is walked more than
+/// once (it is an iterator so callers don't collect one).
+pub(crate) fn write<'a, I>(style: HeaderStyle, rules: I) -> RateHeaders
+where
+    I: Iterator<Item = RuleState<'a>> + Clone,
+{
+    let count = rules.clone().count();
+    if count == 0 || (!style.ietf && !style.openai) {
+        return RateHeaders::default();
+    }
+    let mut out = Vec::with_capacity(usize::from(style.ietf) * 2 + usize::from(style.openai) * 6);
     if style.ietf {
-        let mut policy = String::with_capacity(48 * rules.len());
-        let mut state = String::with_capacity(32 * rules.len());
-        for (i, r) in rules.iter().enumerate() {
-            if i > 0 {
-                policy.push_str(", ");
-                state.push_str(", ");
+        let mut policy = None;
+        if count == 1 {
+            let r = rules.clone().next().expect("one rule");
+            if r.cached.limit == r.snapshot.limit {
+                policy = r.cached.policy.clone();
             }
-            // Rule names are checked at build time to be printable ASCII without `"` or `\`,
-            // so they are valid sf-strings as they are (RFC 9651 section 3.3.3).
-            let _ = write!(policy, "\"{}\";q={}", r.rule, r.snapshot.limit);
-            if r.quota.algorithm() == Algorithm::Concurrency {
-                // The draft's unit for in-flight limits; they have no window.
-                policy.push_str(";qu=\"concurrent-requests\"");
-            } else {
-                let _ = write!(policy, ";w={}", ceil_secs(r.quota.window()).max(1));
-                if r.quota.unit() != Unit::Requests {
-                    let _ = write!(policy, ";qu=\"{}\"", r.quota.unit());
+        }
+        let policy = policy.or_else(|| {
+            let mut p = Vec::with_capacity(rules.clone().map(|r| r.cached.policy_item.len() + 2).sum());
+            for (i, r) in rules.clone().enumerate() {
+                if i > 0 {
+                    p.extend_from_slice(b", ");
+                }
+                if r.cached.limit == r.snapshot.limit {
+                    p.extend_from_slice(&r.cached.policy_item);
+                } else {
+                    // A limit other than the quota's (a store's local fallback share).
+                    policy_item(&mut p, r.rule, r.quota, r.snapshot.limit);
                 }
             }
-            let reset = Duration::from_nanos(r.snapshot.reset_after_nanos);
-            let _ = write!(
-                state,
-                "\"{}\";r={};t={}",
-                r.rule,
-                r.snapshot.remaining,
-                ceil_secs(reset)
-            );
+            HeaderValue::from_maybe_shared(Bytes::from(p)).ok()
+        });
+        let mut state = Vec::with_capacity(count * 40);
+        for (i, r) in rules.clone().enumerate() {
+            if i > 0 {
+                state.extend_from_slice(b", ");
+            }
+            state.push(b'"');
+            state.extend_from_slice(r.rule.as_bytes());
+            state.extend_from_slice(b"\";r=");
+            push_u64(&mut state, r.snapshot.remaining);
+            state.extend_from_slice(b";t=");
+            push_u64(&mut state, ceil_secs_nanos(r.snapshot.reset_after_nanos));
         }
-        insert(headers, RATELIMIT_POLICY.clone(), policy);
-        insert(headers, RATELIMIT.clone(), state);
+        if let Some(policy) = policy {
+            out.push((RATELIMIT_POLICY.clone(), policy));
+        }
+        if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
+            out.push((RATELIMIT.clone(), state));
+        }
     }
     if style.openai {
-        let groups: [(UnitGroup, [&'static str; 3]); 2] = [
-            (
-                |u| u == Unit::Requests,
-                [
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ],
-            ),
+        let groups: [(UnitGroup, &[HeaderName; 3]); 2] = [
+            (|u| u == Unit::Requests, &REQUESTS),
             (
                 |u| matches!(u, Unit::Tokens | Unit::InputTokens | Unit::OutputTokens),
-                [
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ],
+                &TOKENS,
             ),
         ];
         for (in_group, names) in groups {
             let tightest = rules
-                .iter()
+                .clone()
                 .filter(|r| {
                     in_group(r.quota.unit()) && r.quota.algorithm() != Algorithm::Concurrency
                 })
                 .min_by_key(|r| r.snapshot.remaining);
             if let Some(r) = tightest {
                 let s = &r.snapshot;
-                headers.insert(HeaderName::from_static(names[0]), s.limit.into());
-                headers.insert(HeaderName::from_static(names[1]), s.remaining.into());
-                insert(
-                    headers,
-                    HeaderName::from_static(names[2]),
-                    go_duration(Duration::from_nanos(s.reset_after_nanos)),
-                );
+                let limit = if r.cached.limit == s.limit {
+                    r.cached.limit_value.clone()
+                } else {
+                    HeaderValue::from(s.limit)
+                };
+                out.push((names[0].clone(), limit));
+                out.push((names[1].clone(), HeaderValue::from(s.remaining)));
+                let mut reset = GoDuration::default();
+                let reset = reset.format(Duration::from_nanos(s.reset_after_nanos));
+                if let Ok(v) = HeaderValue::from_str(reset) {
+                    out.push((names[2].clone(), v));
+                }
             }
         }
     }
+    RateHeaders(out)
 }
 
-/// Writes `Retry-After` and `retry-after-ms` for a denial.
 pub(crate) fn write_retry_after(headers: &mut HeaderMap, retry_after: Duration) {
     headers.insert(RETRY_AFTER, ceil_secs(retry_after).max(1).into());
     let ms = retry_after.as_nanos().div_ceil(1_000_000).max(1);
@@ -207,40 +314,82 @@ pub(crate) fn write_retry_after(headers: &mut HeaderMap, retry_after: Duration) 
     );
 }
 
-fn insert(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    // Every value built here is ASCII digits, letters and sf punctuation.
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(name, v);
-    }
-}
-
 /// A duration as Go's `time.Duration.String()` prints it, rounded to the millisecond (up,
 /// so a client waiting that long is never early): `6m0s`, `1.5s`, `12ms`, `0s`.
 pub fn go_duration(d: Duration) -> String {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    if ms == 0 {
-        return "0s".to_owned();
+    GoDuration::default().format(d).to_owned()
+}
+
+/// [`go_duration`] into a buffer on the stack.
+pub(crate) struct GoDuration {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Default for GoDuration {
+    fn default() -> Self {
+        Self {
+            buf: [0; 48],
+            len: 0,
+        }
     }
-    if ms < 1000 {
-        return format!("{ms}ms");
+}
+
+impl GoDuration {
+    fn push(&mut self, bytes: &[u8]) {
+        // 48 bytes hold the longest duration (`u64::MAX` seconds is 20 digits of hours).
+        let end = (self.len + bytes.len()).min(self.buf.len());
+        self.buf[self.len..end].copy_from_slice(&bytes[..end - self.len]);
+        self.len = end;
     }
-    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let (s, frac) = (rest / 1000, rest % 1000);
-    let mut out = String::with_capacity(16);
-    if h > 0 {
-        let _ = write!(out, "{h}h");
+
+    fn push_u64(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
     }
-    if h > 0 || m > 0 {
-        let _ = write!(out, "{m}m");
+
+    pub(crate) fn format(&mut self, d: Duration) -> &str {
+        self.len = 0;
+        // u64 arithmetic (u128 division is a library call); 2^64 ms is 584 million years.
+        let ms = u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        if ms == 0 {
+            self.push(b"0s");
+        } else if ms < 1000 {
+            self.push_u64(ms);
+            self.push(b"ms");
+        } else {
+            let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+            let (m, rest) = (rest / 60_000, rest % 60_000);
+            let (s, frac) = (rest / 1000, rest % 1000);
+            if h > 0 {
+                self.push_u64(h);
+                self.push(b"h");
+            }
+            if h > 0 || m > 0 {
+                self.push_u64(m);
+                self.push(b"m");
+            }
+            self.push_u64(s);
+            if frac > 0 {
+                let digits = [
+                    b'0' + (frac / 100) as u8,
+                    b'0' + (frac / 10 % 10) as u8,
+                    b'0' + (frac % 10) as u8,
+                ];
+                let keep = if frac % 100 == 0 {
+                    1
+                } else if frac % 10 == 0 {
+                    2
+                } else {
+                    3
+                };
+                self.push(b".");
+                self.push(&digits[..keep]);
+            }
+            self.push(b"s");
+        }
+        // Only ASCII digits and unit letters were pushed.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("0s")
     }
-    let _ = write!(out, "{s}");
-    if frac > 0 {
-        let f = format!("{frac:03}");
-        let _ = write!(out, ".{}", f.trim_end_matches('0'));
-    }
-    out.push('s');
-    out
 }
 
 #[cfg(test)]

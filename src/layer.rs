@@ -8,7 +8,7 @@ use tower_layer::Layer;
 
 use crate::cost::{Cost, CostEstimator, Weights};
 use crate::error::BuildError;
-use crate::headers::HeaderStyle;
+use crate::headers::{HeaderStyle, QuotaHeaders};
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::observe::{Observer, ObserverDebug};
@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) idempotency_header: Option<http::HeaderName>,
     /// Computed by `build`: some rule's key or the estimate reads the body.
     pub(crate) needs_body: bool,
+    /// Computed by `build`: the fixed header parts of each rule's quotas, `[rule][variant]`.
+    pub(crate) quota_headers: Vec<Vec<QuotaHeaders>>,
 }
 
 /// The default bound on a request body the layer reads: 1 MiB.
@@ -330,11 +332,15 @@ impl RateLimitLayerBuilder {
             Some(Ok(h)) => Some(h),
             None => None,
         };
-        let counts_tokens = self.rules.iter().any(|r| {
-            std::iter::once(&r.quota)
-                .chain(r.tiers.iter().map(|(_, q)| q))
-                .any(|q| q.unit().is_token_based())
-        });
+        let counts_tokens = self
+            .rules
+            .iter()
+            .any(|r| r.variants().any(|q| q.unit().is_token_based()));
+        let quota_headers = self
+            .rules
+            .iter()
+            .map(|r| r.variants().map(|q| QuotaHeaders::new(&r.name, q)).collect())
+            .collect();
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
@@ -356,6 +362,7 @@ impl RateLimitLayerBuilder {
                 request_stream_usage: self.request_stream_usage,
                 idempotency_header,
                 needs_body,
+                quota_headers,
             }),
         })
     }

@@ -9,7 +9,7 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::cost::Cost;
-use crate::headers::{self, RuleState};
+use crate::headers::{self, RateHeaders, RuleState};
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::layer::{FailurePolicy, Shared};
@@ -23,6 +23,8 @@ use crate::tier::Tier;
 /// One rule's charge for this request.
 pub(crate) struct Planned {
     rule: usize,
+    /// Which of the rule's quotas (see `Rule::variant_for`).
+    variant: usize,
     bucket: BucketKey,
     quota: Quota,
     amount: u64,
@@ -45,7 +47,7 @@ pub(crate) enum BodyProblem {
 
 /// An admitted request's headers and settlement.
 pub(crate) struct Admit {
-    pub(crate) headers: HeaderMap,
+    pub(crate) headers: RateHeaders,
     pub(crate) settle: Option<Settle>,
 }
 
@@ -88,7 +90,8 @@ impl Shared {
                     }
                 },
             };
-            let quota = *rule.quota_for(tier_name);
+            let (variant, quota) = rule.variant_for(tier_name);
+            let quota = *quota;
             let unit = quota.unit();
             let amount = if quota.algorithm() == Algorithm::Concurrency || unit == Unit::Requests {
                 1
@@ -114,6 +117,7 @@ impl Shared {
             };
             charges.push(Planned {
                 rule: i,
+                variant,
                 bucket: BucketKey::new(rule.name.clone(), key),
                 quota,
                 amount,
@@ -174,15 +178,23 @@ impl Shared {
         })
     }
 
-    pub(crate) fn acquire(&self, plan: &Plan) -> StoreFuture<Result<Decision, StoreError>> {
-        let charges: Vec<Charge<'_>> = plan
-            .charges
-            .iter()
-            .map(|p| Charge::new(&p.bucket, &p.quota, p.amount))
-            .collect();
-        match &plan.request_id {
-            Some(id) => self.store.acquire_once(&charges, id),
-            None => self.store.acquire(&charges),
+    pub(crate) fn acquire<'a>(&'a self, plan: &'a Plan) -> StoreFuture<Result<Decision, StoreError>> {
+        let charge = |p: &'a Planned| Charge::new(&p.bucket, &p.quota, p.amount);
+        let ask = |charges: &[Charge<'_>]| match &plan.request_id {
+            Some(id) => self.store.acquire_once(charges, id),
+            None => self.store.acquire(charges),
+        };
+        // Up to 8 charges (every realistic request) without a heap allocation.
+        match plan.charges.first() {
+            None => ask(&[]),
+            Some(first) if plan.charges.len() <= 8 => {
+                let mut buf = [charge(first); 8];
+                for (slot, p) in buf.iter_mut().zip(&plan.charges).skip(1) {
+                    *slot = charge(p);
+                }
+                ask(&buf[..plan.charges.len()])
+            }
+            Some(_) => ask(&plan.charges.iter().map(charge).collect::<Vec<_>>()),
         }
     }
 
@@ -219,7 +231,7 @@ pub(crate) fn conclude(
             shared.observe(tier, Outcome::StoreError { admitted }, &[]);
             if admitted {
                 return Ok(Admit {
-                    headers: HeaderMap::new(),
+                    headers: RateHeaders::default(),
                     settle: None,
                 });
             }
@@ -233,8 +245,7 @@ pub(crate) fn conclude(
             ));
         }
     };
-    let mut h = HeaderMap::new();
-    let states: Vec<RuleState<'_>> = plan
+    let states = plan
         .charges
         .iter()
         .zip(&decision.charges)
@@ -242,9 +253,9 @@ pub(crate) fn conclude(
             rule: &shared.rules[p.rule].name,
             quota: &p.quota,
             snapshot: s.snapshot,
-        })
-        .collect();
-    headers::write(&mut h, shared.headers, &states);
+            cached: &shared.quota_headers[p.rule][p.variant],
+        });
+    let h = headers::write(shared.headers, states);
     if shared.observer.is_some() {
         let denied = decision.denial.map(|d| d.index);
         let rules: Vec<RuleDecision<'_>> = plan
@@ -309,6 +320,7 @@ pub(crate) fn conclude(
         "request rate limited"
     );
     // A request that can never fit is told to wait a whole window, never 0.
+    let mut h = h.into_map();
     headers::write_retry_after(&mut h, denial.retry_after.unwrap_or(p.quota.window()));
     Err(Box::new(
         Rejection::rate_limited(

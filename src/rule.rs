@@ -346,14 +346,24 @@ impl Rule {
     /// The quota applied to a caller of `tier`.
     #[inline]
     pub fn quota_for(&self, tier: Option<&str>) -> &Quota {
+        self.variant_for(tier).1
+    }
+
+    /// The quota for `tier` and its index: 0 for the base quota, `i + 1` for `tiers[i]`.
+    pub(crate) fn variant_for(&self, tier: Option<&str>) -> (usize, &Quota) {
         if let Some(tier) = tier {
-            for (name, quota) in &self.tiers {
+            for (i, (name, quota)) in self.tiers.iter().enumerate() {
                 if &**name == tier {
-                    return quota;
+                    return (i + 1, quota);
                 }
             }
         }
-        &self.quota
+        (0, &self.quota)
+    }
+
+    /// Every quota of the rule, in variant order (base first, then the tiers').
+    pub(crate) fn variants(&self) -> impl Iterator<Item = &Quota> {
+        std::iter::once(&self.quota).chain(self.tiers.iter().map(|(_, q)| q))
     }
 
     /// The key extractor.
