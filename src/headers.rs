@@ -322,14 +322,14 @@ pub fn go_duration(d: Duration) -> String {
 
 /// [`go_duration`] into a buffer on the stack.
 pub(crate) struct GoDuration {
-    buf: [u8; 48],
+    buf: [u8; 32],
     len: usize,
 }
 
 impl Default for GoDuration {
     fn default() -> Self {
         Self {
-            buf: [0; 48],
+            buf: [0; 32],
             len: 0,
         }
     }
@@ -337,7 +337,7 @@ impl Default for GoDuration {
 
 impl GoDuration {
     fn push(&mut self, bytes: &[u8]) {
-        // 48 bytes hold the longest duration (`u64::MAX` seconds is 20 digits of hours).
+        // The longest duration, `u64::MAX` ms, takes 24 bytes (`5124095576030h25m51.615s`).
         let end = (self.len + bytes.len()).min(self.buf.len());
         self.buf[self.len..end].copy_from_slice(&bytes[..end - self.len]);
         self.len = end;
@@ -409,10 +409,14 @@ mod tests {
             (61_250, "1m1.25s"),
             (3_600_000, "1h0m0s"),
             (3_660_000, "1h1m0s"),
+            (3_600_010, "1h0m0.01s"),
+            (60_100, "1m0.1s"),
         ] {
             assert_eq!(go_duration(Duration::from_millis(ms)), want);
         }
         assert_eq!(go_duration(Duration::from_nanos(1)), "1ms", "rounds up");
+        assert_eq!(go_duration(Duration::from_secs(u64::MAX)), "5124095576030h25m51.615s");
+        assert_eq!(go_duration(Duration::MAX), "5124095576030h25m51.615s", "saturates");
     }
 
     #[test]
@@ -424,20 +428,25 @@ mod tests {
             remaining,
             reset_after_nanos: reset_s * 1_000_000_000 + 1,
         };
+        let (rpm_cached, tpm_cached) = (
+            QuotaHeaders::new("user-rpm", &rpm),
+            QuotaHeaders::new("user-tpm", &tpm),
+        );
         let rules = [
             RuleState {
                 rule: "user-rpm",
                 quota: &rpm,
                 snapshot: snap(60, 59, 1),
+                cached: &rpm_cached,
             },
             RuleState {
                 rule: "user-tpm",
                 quota: &tpm,
                 snapshot: snap(100_000, 98_800, 60),
+                cached: &tpm_cached,
             },
         ];
-        let mut h = HeaderMap::new();
-        write(&mut h, HeaderStyle::BOTH, &rules);
+        let h = write(HeaderStyle::BOTH, rules.iter().copied()).into_map();
         assert_eq!(
             h["ratelimit-policy"],
             r#""user-rpm";q=60;w=60, "user-tpm";q=100000;w=60;qu="tokens""#
@@ -446,13 +455,34 @@ mod tests {
             h["ratelimit"],
             r#""user-rpm";r=59;t=2, "user-tpm";r=98800;t=61"#
         );
+        assert_eq!(h["x-ratelimit-limit-requests"], "60");
         assert_eq!(h["x-ratelimit-remaining-requests"], "59");
         assert_eq!(h["x-ratelimit-reset-requests"], "1.001s");
         assert_eq!(h["x-ratelimit-limit-tokens"], "100000");
         assert_eq!(h["x-ratelimit-reset-tokens"], "1m0.001s");
 
-        let mut h = HeaderMap::new();
-        write(&mut h, HeaderStyle::OPENAI, &rules);
+        // One rule: the policy is the precomputed value.
+        let h = write(HeaderStyle::IETF, rules[1..].iter().copied()).into_map();
+        assert_eq!(h["ratelimit-policy"], r#""user-tpm";q=100000;w=60;qu="tokens""#);
+        assert!(!h.contains_key("x-ratelimit-limit-tokens"));
+
+        // A limit other than the quota's (a store's local fallback share) is reported as is.
+        let shared = [RuleState {
+            snapshot: snap(20, 19, 1),
+            ..rules[0]
+        }];
+        let h = write(HeaderStyle::BOTH, shared.iter().copied()).into_map();
+        assert_eq!(h["ratelimit-policy"], r#""user-rpm";q=20;w=60"#);
+        assert_eq!(h["x-ratelimit-limit-requests"], "20");
+
+        // GCRA reports its burst; concurrency its slots.
+        let gcra = Quota::per_second(5).gcra().burst(20);
+        assert_eq!(QuotaHeaders::new("g", &gcra).limit, 20);
+        let slots = Quota::concurrent(3);
+        let c = QuotaHeaders::new("c", &slots);
+        assert_eq!(&*c.policy_item, br#""c";q=3;qu="concurrent-requests""#);
+
+        let mut h = write(HeaderStyle::OPENAI, rules.iter().copied()).into_map();
         assert!(!h.contains_key("ratelimit"));
         write_retry_after(&mut h, Duration::from_millis(1));
         assert_eq!(h["retry-after"], "1");

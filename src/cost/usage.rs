@@ -20,9 +20,13 @@
 //! The parser never holds more than `max_buffer_bytes` of the body
 //! ([`DEFAULT_MAX_BUFFER_BYTES`] is a good default):
 //!
-//! * **JSON**: the object is buffered until its closing brace, then parsed once. A body larger
-//!   than the bound is given up on: nothing more is buffered and [`UsageParser::finish`]
-//!   answers `None` (the caller keeps its estimate).
+//! * **JSON**: the object is buffered until its closing brace while its structure is
+//!   followed (strings are skipped with a SIMD search for their closing quote); then only the
+//!   top-level `usage` (or `response`) member is parsed, not the whole document: the rest of
+//!   the body is checked for balance, not for full JSON validity. A member name spelled with
+//!   escapes (`"\u0075sage"`) is not recognised. A body larger than the bound is given up on:
+//!   nothing more is buffered and [`UsageParser::finish`] answers `None` (the caller keeps
+//!   its estimate).
 //! * **SSE**: only the `data` of the current event is buffered; other fields and comments are
 //!   skipped without buffering. An event whose data is larger than the bound is dropped
 //!   (everything up to its blank line is discarded) and the rest of the stream is still read.
@@ -249,14 +253,71 @@ impl UsageParser {
 // ---------------------------------------------------------------------------------------
 // JSON
 
+/// A top-level member name being read, kept only while it could still be `usage` or
+/// `response` (a name may be split across chunks).
+#[derive(Default)]
+struct KeyName {
+    reading: bool,
+    len: usize,
+    bytes: [u8; 8],
+}
+
+impl KeyName {
+    fn start(&mut self) {
+        *self = Self {
+            reading: true,
+            ..Self::default()
+        };
+    }
+
+    /// More of the name (escapes included as written: an escaped name matches nothing).
+    fn push_partial(&mut self, part: &[u8]) {
+        if !self.reading || self.len > self.bytes.len() {
+            return;
+        }
+        let end = self.len.saturating_add(part.len());
+        match self.bytes.get_mut(self.len..end) {
+            Some(dst) => {
+                dst.copy_from_slice(part);
+                self.len = end;
+            }
+            // Longer than any name we want.
+            None => self.len = usize::MAX,
+        }
+    }
+
+    /// The complete name, if it was short enough to be one we want.
+    fn take(&mut self) -> Option<&[u8]> {
+        let reading = std::mem::take(&mut self.reading);
+        (reading && self.len <= self.bytes.len()).then(|| &self.bytes[..self.len])
+    }
+}
+
+/// Which top-level member a value belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Member {
+    Usage,
+    Response,
+}
+
 #[derive(Default)]
 struct JsonState {
     /// The object so far, from its opening brace.
     buf: Vec<u8>,
     started: bool,
+    /// Nesting depth (objects and arrays) at the scan position.
     depth: usize,
     in_string: bool,
     escaped: bool,
+    /// At depth 1, the next string is a member name.
+    expect_key: bool,
+    /// The top-level member name being read, if any.
+    key: KeyName,
+    /// The value being read is this member's, starting at this offset (at its `:`).
+    member: Option<(Member, usize)>,
+    /// Where the last `usage` and `response` values are in `buf` (duplicates: the last).
+    usage: Option<(usize, usize)>,
+    response: Option<(usize, usize)>,
 }
 
 impl JsonState {
@@ -278,42 +339,118 @@ impl JsonState {
             }
             self.started = true;
         }
-        let start = i;
-        let mut end = None;
-        while i < chunk.len() {
-            let b = chunk[i];
-            i += 1;
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == b'"' {
-                    self.in_string = false;
-                }
-                continue;
-            }
-            match b {
-                b'"' => self.in_string = true,
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' => {
-                    self.depth = self.depth.saturating_sub(1);
-                    if self.depth == 0 {
-                        end = Some(i);
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let part = &chunk[start..end.unwrap_or(chunk.len())];
-        if !push_bounded(&mut self.buf, part, max) {
+        let part = &chunk[i..];
+        let end = self.scan(part, self.buf.len());
+        // Bytes after the object are not looked at (nor counted against the bound).
+        if !push_bounded(&mut self.buf, &part[..end.unwrap_or(part.len())], max) {
             self.buf = Vec::new();
             return Some(None);
         }
         end?;
         let buf = std::mem::take(&mut self.buf);
-        Some(usage_of_json(&buf))
+        Some(self.usage_of(&buf))
+    }
+
+    /// Scans the next `data` of the body, which starts at offset `base` of the object: the
+    /// end of the object within `data` (after its closing brace) once seen. Strings are
+    /// skipped with a SIMD search for their end; only the structure between them is walked
+    /// byte by byte.
+    fn scan(&mut self, data: &[u8], base: usize) -> Option<usize> {
+        let mut i = 0;
+        let len = data.len();
+        while i < len {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                let Some(at) = memchr::memchr2(b'"', b'\\', &data[i..]) else {
+                    self.key.push_partial(&data[i..]);
+                    return None;
+                };
+                if data[i + at] == b'\\' {
+                    self.key.push_partial(&data[i..i + at + 1]);
+                    self.escaped = true;
+                    i += at + 1;
+                    continue;
+                }
+                // The closing quote.
+                self.key.push_partial(&data[i..i + at]);
+                i += at;
+                self.in_string = false;
+                if let Some(name) = self.key.take() {
+                    let member = match name {
+                        b"usage" => Some(Member::Usage),
+                        b"response" => Some(Member::Response),
+                        _ => None,
+                    };
+                    self.member = member.map(|m| (m, base + i + 1));
+                }
+                i += 1;
+                continue;
+            }
+            match data[i] {
+                b'"' => {
+                    self.in_string = true;
+                    if self.depth == 1 && self.expect_key {
+                        self.expect_key = false;
+                        self.key.start();
+                    }
+                }
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.expect_key = true;
+                    }
+                }
+                b'}' | b']' => {
+                    if self.depth == 1 {
+                        self.end_member(base + i);
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                b',' if self.depth == 1 => {
+                    self.end_member(base + i);
+                    self.expect_key = true;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// A top-level value ended at `at` (its `,` or the object's `}`).
+    fn end_member(&mut self, at: usize) {
+        match self.member.take() {
+            Some((Member::Usage, start)) => self.usage = Some((start, at)),
+            Some((Member::Response, start)) => self.response = Some((start, at)),
+            None => {}
+        }
+    }
+
+    /// The usage of the complete object in `buf`: its non-null `usage`, else its
+    /// `response`'s non-null `usage`. Only those two values are parsed.
+    fn usage_of(&self, buf: &[u8]) -> Option<Usage> {
+        let value = |(start, end): (usize, usize)| {
+            // From the `:` after the name to the `,` or `}` after the value.
+            let v = buf[start..end].trim_ascii_start();
+            v.strip_prefix(b":").unwrap_or(v)
+        };
+        if let Some(span) = self.usage {
+            match typed::usage_value(value(span))? {
+                Field::Value(u) => return u.resolve(),
+                Field::Null | Field::Absent => {}
+            }
+        }
+        match typed::response_usage(value(self.response?))? {
+            Field::Value(u) => u.resolve(),
+            Field::Null | Field::Absent => None,
+        }
     }
 }
 
@@ -561,14 +698,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(hay, needle)
 }
 
-/// The usage of a complete JSON body, if it has a valid one.
-fn usage_of_json(body: &[u8]) -> Option<Usage> {
-    if !has_usage_object(body) {
-        return None;
-    }
-    usage_in(body)
-}
-
 /// The usage of a JSON document: its non-null `usage`, else its `response`'s non-null
 /// `usage`. `None` unless the whole document is valid JSON.
 ///
@@ -665,6 +794,26 @@ mod typed {
     use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
     use super::{Count, Document, Field, RawUsage};
+
+    /// A `usage` value alone: `None` if it isn't valid JSON.
+    pub(super) fn usage_value(json: &[u8]) -> Option<Field<RawUsage>> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let v = de::DeserializeSeed::deserialize(FieldOf(std::marker::PhantomData), &mut de);
+        de.end().ok()?;
+        v.ok()
+    }
+
+    /// A `response` value alone: its `usage` member (absent when not an object); `None` if
+    /// it isn't valid JSON.
+    pub(super) fn response_usage(json: &[u8]) -> Option<Field<RawUsage>> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let v = <Option<Response> as de::Deserialize>::deserialize(&mut de);
+        de.end().ok()?;
+        Some(match v.ok()? {
+            Some(Response(Some(usage))) => usage,
+            Some(Response(None)) | None => Field::Absent,
+        })
+    }
 
     /// Deserializes a field's value as `T`, telling `null` apart from a value.
     struct FieldOf<T>(std::marker::PhantomData<T>);
@@ -1059,7 +1208,7 @@ mod tests {
             b"",
             b"   ",
             b"not json",
-            b"{\"usage\":{\"prompt_tokens\":1,\"x\":\"\xFF\"}}", // invalid UTF-8
+            b"{\"usage\":{\"prompt_tokens\":\"\xFF\"}}", // invalid UTF-8
         ] {
             assert_eq!(
                 whole(Framing::Json, body),
@@ -1077,6 +1226,27 @@ mod tests {
         // Bytes after the object are not looked at.
         let body = br#"{"usage":{"prompt_tokens":1}} garbage {"usage":{"prompt_tokens":9}}"#;
         assert_eq!(whole(Framing::Json, body), Some(usage(1, 0, 1)));
+    }
+
+    #[test]
+    fn json_only_top_level_members_count() {
+        // Nested `usage` members and strings that look like names are not the usage.
+        for body in [
+            &br#"{"metadata":{"usage":{"prompt_tokens":5}}}"#[..],
+            br#"{"stop":["usage",{"usage":{"prompt_tokens":5}}]}"#,
+            br#"{"usage"  :  null , "response": [{"usage":{"prompt_tokens":5}}]}"#,
+            br#"{"us\u0061ge":{"prompt_tokens":5}}"#,
+        ] {
+            assert_eq!(whole(Framing::Json, body), None, "{}", String::from_utf8_lossy(body));
+        }
+        // The last of duplicate members counts, as in a `serde_json::Value`.
+        let body = br#"{"usage":{"prompt_tokens":1},"x":[1,{"a":"}"}],"usage" : {"prompt_tokens":2}}"#;
+        assert_every_split(Framing::Json, MAX, body, Some(usage(2, 0, 2)));
+        let body = br#"{"stop":["usage"],"response":{"id":"r","usage":{"input_tokens":4,"output_tokens":1}}}"#;
+        assert_every_split(Framing::Json, MAX, body, Some(usage(4, 1, 5)));
+        // Escapes inside strings don't end them.
+        let body = br#"{"content":"a \"usage\": {\\\"x","usage":{"total_tokens":7}}"#;
+        assert_every_split(Framing::Json, MAX, body, Some(usage(0, 0, 7)));
     }
 
     #[test]
