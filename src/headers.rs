@@ -58,8 +58,8 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
 
 use crate::algorithm::Snapshot;
@@ -237,7 +237,8 @@ where
             }
         }
         let policy = policy.or_else(|| {
-            let mut p = Vec::with_capacity(rules.clone().map(|r| r.cached.policy_item.len() + 2).sum());
+            let mut p =
+                Vec::with_capacity(rules.clone().map(|r| r.cached.policy_item.len() + 2).sum());
             for (i, r) in rules.clone().enumerate() {
                 if i > 0 {
                     p.extend_from_slice(b", ");
@@ -415,8 +416,15 @@ mod tests {
             assert_eq!(go_duration(Duration::from_millis(ms)), want);
         }
         assert_eq!(go_duration(Duration::from_nanos(1)), "1ms", "rounds up");
-        assert_eq!(go_duration(Duration::from_secs(u64::MAX)), "5124095576030h25m51.615s");
-        assert_eq!(go_duration(Duration::MAX), "5124095576030h25m51.615s", "saturates");
+        assert_eq!(
+            go_duration(Duration::from_secs(u64::MAX)),
+            "5124095576030h25m51.615s"
+        );
+        assert_eq!(
+            go_duration(Duration::MAX),
+            "5124095576030h25m51.615s",
+            "saturates"
+        );
     }
 
     #[test]
@@ -463,7 +471,10 @@ mod tests {
 
         // One rule: the policy is the precomputed value.
         let h = write(HeaderStyle::IETF, rules[1..].iter().copied()).into_map();
-        assert_eq!(h["ratelimit-policy"], r#""user-tpm";q=100000;w=60;qu="tokens""#);
+        assert_eq!(
+            h["ratelimit-policy"],
+            r#""user-tpm";q=100000;w=60;qu="tokens""#
+        );
         assert!(!h.contains_key("x-ratelimit-limit-tokens"));
 
         // A limit other than the quota's (a store's local fallback share) is reported as is.

@@ -339,7 +339,11 @@ impl RateLimitLayerBuilder {
         let quota_headers = self
             .rules
             .iter()
-            .map(|r| r.variants().map(|q| QuotaHeaders::new(&r.name, q)).collect())
+            .map(|r| {
+                r.variants()
+                    .map(|q| QuotaHeaders::new(&r.name, q))
+                    .collect()
+            })
             .collect();
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())

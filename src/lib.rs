@@ -162,6 +162,7 @@ mod body;
 mod error;
 mod future;
 mod inspect;
+mod json;
 mod layer;
 mod plan;
 mod reject;

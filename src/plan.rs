@@ -105,9 +105,8 @@ impl Shared {
                     Unit::OutputTokens => cost.output_tokens(),
                     Unit::Cost => {
                         let m = model.get_or_insert_with(|| {
-                            req.json()
-                                .and_then(|j| j.get("model")?.as_str())
-                                .map(str::to_owned)
+                            req.doc()
+                                .and_then(|j| j.get("model")?.as_str().map(str::to_owned))
                         });
                         self.weights
                             .weigh(m.as_deref(), cost.input_tokens(), cost.output_tokens())
@@ -178,7 +177,10 @@ impl Shared {
         })
     }
 
-    pub(crate) fn acquire<'a>(&'a self, plan: &'a Plan) -> StoreFuture<Result<Decision, StoreError>> {
+    pub(crate) fn acquire<'a>(
+        &'a self,
+        plan: &'a Plan,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
         let charge = |p: &'a Planned| Charge::new(&p.bucket, &p.quota, p.amount);
         let ask = |charges: &[Charge<'_>]| match &plan.request_id {
             Some(id) => self.store.acquire_once(charges, id),

@@ -1,6 +1,7 @@
 //! [`RateLimit`]: the service that decides per request.
 
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use tower_service::Service;
 use crate::body::ResponseBody;
 use crate::future::{Next, ResponseFuture};
 use crate::inspect::{self, Read, RequestBody};
+use crate::json::Json;
 use crate::key::RequestView;
 use crate::layer::RateLimitLayer;
 use crate::plan::{conclude, invalid, BodyProblem};
@@ -57,24 +59,36 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// Adds `stream_options.include_usage = true` to a streaming chat request. Returns the new
-/// body, or `None` to keep the original.
-fn request_stream_usage(path: &str, json: &serde_json::Value) -> Option<Bytes> {
-    // Chat and legacy completions both accept `stream_options` (OpenAI, vLLM).
-    if !path.ends_with("/completions") || json.get("stream") != Some(&serde_json::Value::Bool(true))
-    {
-        return None;
-    }
+/// Whether a request needs `stream_options.include_usage = true` added: a streaming chat or
+/// legacy completions request (both accept `stream_options`: OpenAI, vLLM) that doesn't
+/// already ask for usage.
+fn wants_stream_usage(path: &str, doc: &Json<'_>) -> bool {
+    path.ends_with("/completions")
+        && matches!(doc.get("stream"), Some(Json::Bool(true)))
+        && !matches!(
+            doc.get("stream_options")
+                .and_then(|o| o.get("include_usage")),
+            Some(Json::Bool(true))
+        )
+        && doc
+            .get("stream_options")
+            .is_none_or(|o| matches!(o, Json::Object(_) | Json::Null))
+}
+
+/// The body of a request [`wants_stream_usage`] with `include_usage` set. `None` to keep the
+/// original.
+fn request_stream_usage(json: &serde_json::Value) -> Option<Bytes> {
     let mut json = json.clone();
-    let options = json
-        .as_object_mut()?
+    let fields = json.as_object_mut()?;
+    let options = fields
         .entry("stream_options")
         .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    let options = options.as_object_mut()?;
-    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
-        return None;
+    if options.is_null() {
+        *options = serde_json::Value::Object(Default::default());
     }
-    options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    options
+        .as_object_mut()?
+        .insert("include_usage".to_owned(), serde_json::Value::Bool(true));
     serde_json::to_vec(&json).ok().map(Bytes::from)
 }
 
@@ -189,17 +203,32 @@ impl<S> RateLimit<S> {
                     }
                 }
             };
-            let (json, problem) = match problem {
-                Some(p) => (None, Some(p)),
-                None if bytes.is_empty() => (None, None),
-                None => match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    Ok(v) => (Some(v), None),
-                    Err(e) => (None, Some(BodyProblem::NotJson(e.to_string()))),
-                },
-            };
-            let plan = {
-                let view = RequestView::from_parts(&parts).with_body(&bytes, json.as_ref());
-                shared.plan(&view, problem.as_ref())
+            // Parsed once, borrowing the bytes, for every rule and the estimate; the
+            // `serde_json::Value` of `RequestView::json` only if something asks for it.
+            let lazy_json = OnceLock::new();
+            let (plan, stream_usage) = {
+                let mut problem = problem;
+                let doc = match problem {
+                    Some(_) => None,
+                    None if bytes.is_empty() => None,
+                    None => match Json::parse(&bytes) {
+                        Ok(doc) => Some(doc),
+                        Err(e) => {
+                            problem = Some(BodyProblem::NotJson(e.to_string()));
+                            None
+                        }
+                    },
+                };
+                let view = RequestView::from_parts(&parts).with_parsed_body(
+                    &bytes,
+                    doc.as_ref(),
+                    &lazy_json,
+                );
+                let stream_usage = shared.request_stream_usage
+                    && doc
+                        .as_ref()
+                        .is_some_and(|d| wants_stream_usage(parts.uri.path(), d));
+                (shared.plan(&view, problem.as_ref()), stream_usage)
             };
             let plan = match plan {
                 Ok(plan) => plan,
@@ -210,11 +239,9 @@ impl<S> RateLimit<S> {
                 Ok(a) => a,
                 Err(response) => return Next::Reject(*response),
             };
-            if shared.request_stream_usage {
-                if let Some(new) = json
-                    .as_ref()
-                    .and_then(|j| request_stream_usage(parts.uri.path(), j))
-                {
+            if stream_usage {
+                let json = lazy_json.get_or_init(|| serde_json::from_slice(&bytes).ok());
+                if let Some(new) = json.as_ref().and_then(request_stream_usage) {
                     parts
                         .headers
                         .insert(http::header::CONTENT_LENGTH, HeaderValue::from(new.len()));
@@ -233,17 +260,38 @@ mod tests {
 
     #[test]
     fn stream_usage_is_requested_only_for_streaming_chat() {
+        let wants = |path: &str, v: serde_json::Value| {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            wants_stream_usage(path, &Json::parse(&bytes).unwrap())
+        };
         let chat = serde_json::json!({"model": "m", "stream": true, "messages": []});
-        let new = request_stream_usage("/v1/chat/completions", &chat).unwrap();
+        assert!(wants("/v1/chat/completions", chat.clone()));
+        let new = request_stream_usage(&chat).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&new).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "m");
         let not_streaming = serde_json::json!({"model": "m", "messages": []});
-        assert!(request_stream_usage("/v1/chat/completions", &not_streaming).is_none());
-        assert!(request_stream_usage("/v1/embeddings", &chat).is_none());
-        assert!(request_stream_usage("/v1/completions", &chat).is_some());
+        assert!(!wants("/v1/chat/completions", not_streaming));
+        assert!(!wants("/v1/embeddings", chat.clone()));
+        assert!(wants("/v1/completions", chat));
         let already =
             serde_json::json!({"stream": true, "stream_options": {"include_usage": true}});
-        assert!(request_stream_usage("/v1/chat/completions", &already).is_none());
+        assert!(!wants("/v1/chat/completions", already));
+        let other_options = serde_json::json!({"stream": true, "stream_options": {"x": 1}});
+        assert!(wants("/v1/chat/completions", other_options.clone()));
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_stream_usage(&other_options).unwrap()).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+        let null_options = serde_json::json!({"stream": true, "stream_options": null});
+        assert!(wants("/v1/chat/completions", null_options.clone()));
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_stream_usage(&null_options).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // Not an object: left alone.
+        let odd = serde_json::json!({"stream": true, "stream_options": 3});
+        assert!(!wants("/v1/chat/completions", odd));
     }
 }

@@ -66,7 +66,6 @@
 
 use std::fmt;
 
-
 /// A suggested bound for [`UsageParser::new`]: 4 MiB.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -1237,10 +1236,16 @@ mod tests {
             br#"{"usage"  :  null , "response": [{"usage":{"prompt_tokens":5}}]}"#,
             br#"{"us\u0061ge":{"prompt_tokens":5}}"#,
         ] {
-            assert_eq!(whole(Framing::Json, body), None, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                whole(Framing::Json, body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         // The last of duplicate members counts, as in a `serde_json::Value`.
-        let body = br#"{"usage":{"prompt_tokens":1},"x":[1,{"a":"}"}],"usage" : {"prompt_tokens":2}}"#;
+        let body =
+            br#"{"usage":{"prompt_tokens":1},"x":[1,{"a":"}"}],"usage" : {"prompt_tokens":2}}"#;
         assert_every_split(Framing::Json, MAX, body, Some(usage(2, 0, 2)));
         let body = br#"{"stop":["usage"],"response":{"id":"r","usage":{"input_tokens":4,"output_tokens":1}}}"#;
         assert_every_split(Framing::Json, MAX, body, Some(usage(4, 1, 5)));

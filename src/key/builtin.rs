@@ -7,6 +7,7 @@ use http::header::{HeaderName, AUTHORIZATION};
 use http::StatusCode;
 
 use super::{Key, KeyExtractor, RequestView};
+use crate::json::Json;
 
 /// Credential headers whose absence answers 401 rather than 400.
 const CREDENTIAL_HEADERS: [&str; 4] = [
@@ -192,11 +193,10 @@ pub fn json_field(field: &str) -> JsonField {
 
 impl KeyExtractor for JsonField {
     fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
-        match req.json()?.pointer(&self.pointer)? {
-            serde_json::Value::String(s) => (!s.is_empty()).then(|| Key::new(s)),
-            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
-                Some(Key::from(v.to_string()))
-            }
+        match req.doc()?.pointer(&self.pointer)? {
+            Json::String(s) => (!s.is_empty()).then(|| Key::new(s.as_bytes())),
+            Json::Number(n) => Some(Key::from(n.to_string())),
+            Json::Bool(b) => Some(Key::from(b.to_string())),
             _ => None,
         }
     }

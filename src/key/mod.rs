@@ -58,11 +58,15 @@ pub use self::builtin::{
 };
 pub use self::ip::{client_ip, ClientIp, PeerAddr};
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, Method, Request, StatusCode, Uri};
+
+use crate::json::Json;
 
 /// The part of a bucket's identity that comes from the request. Empty means "anonymous"
 /// (see [`crate::MissingKey::Shared`]); extractors never return an empty key.
@@ -139,6 +143,10 @@ pub struct RequestView<'a> {
     extensions: &'a Extensions,
     body: Option<&'a Bytes>,
     json: Option<&'a serde_json::Value>,
+    /// The layer's parse of the body (when it read one).
+    doc: Option<&'a Json<'a>>,
+    /// The body as a `serde_json::Value`, parsed the first time [`Self::json`] asks.
+    lazy_json: Option<&'a OnceLock<Option<serde_json::Value>>>,
 }
 
 impl<'a> RequestView<'a> {
@@ -151,6 +159,8 @@ impl<'a> RequestView<'a> {
             extensions: req.extensions(),
             body: None,
             json: None,
+            doc: None,
+            lazy_json: None,
         }
     }
 
@@ -163,6 +173,8 @@ impl<'a> RequestView<'a> {
             extensions: &parts.extensions,
             body: None,
             json: None,
+            doc: None,
+            lazy_json: None,
         }
     }
 
@@ -175,14 +187,47 @@ impl<'a> RequestView<'a> {
         }
     }
 
+    /// The view of a body the layer parsed into `doc` (`None`: not JSON).
+    pub(crate) fn with_parsed_body(
+        self,
+        body: &'a Bytes,
+        doc: Option<&'a Json<'a>>,
+        lazy_json: &'a OnceLock<Option<serde_json::Value>>,
+    ) -> Self {
+        Self {
+            body: Some(body),
+            doc,
+            lazy_json: doc.is_some().then_some(lazy_json),
+            ..self
+        }
+    }
+
+    /// The parsed body, borrowed: the layer's parse, else the `serde_json::Value` given to
+    /// [`Self::with_body`], viewed as one.
+    pub(crate) fn doc(&self) -> Option<Cow<'a, Json<'a>>> {
+        if let Some(doc) = self.doc {
+            return Some(Cow::Borrowed(doc));
+        }
+        self.json.map(|v| Cow::Owned(Json::from_value(v)))
+    }
+
     /// The buffered request body, when the layer inspected it.
     pub fn body(&self) -> Option<&'a Bytes> {
         self.body
     }
 
     /// The request body parsed as JSON, when the layer inspected it and it is JSON.
+    ///
+    /// The layer parses the body into its own borrowed form for the built-in estimators and
+    /// extractors; this `serde_json::Value` is built the first time it is asked for (once per
+    /// request), so only what reads it pays for it.
     pub fn json(&self) -> Option<&'a serde_json::Value> {
-        self.json
+        if self.json.is_some() {
+            return self.json;
+        }
+        let (cell, body) = (self.lazy_json?, self.body?);
+        cell.get_or_init(|| serde_json::from_slice(body).ok())
+            .as_ref()
     }
 
     /// The method.
@@ -261,3 +306,9 @@ pub trait KeyExtractorExt: KeyExtractor + Sized {
 }
 
 impl<K: KeyExtractor> KeyExtractorExt for K {}
+
+/// A view can be held across an `.await` in a `Send` future (a status endpoint does).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<RequestView<'static>>();
+};
