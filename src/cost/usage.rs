@@ -65,6 +65,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::LazyLock;
 
 /// A suggested bound for [`UsageParser::new`]: 4 MiB.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -479,6 +480,11 @@ struct SseState {
     data: Vec<u8>,
     /// The current event's data went over the bound: drop the event at its dispatch.
     poisoned: bool,
+    /// The event's only data line so far, left in place in the chunk being read (offsets
+    /// into it) instead of copied to `data`: a one-line event dispatched within its chunk,
+    /// the usual case, is never copied. Copied to `data` when a second line comes, or when
+    /// the chunk ends first.
+    pending: Option<(usize, usize)>,
 }
 
 impl Default for SseState {
@@ -489,6 +495,7 @@ impl Default for SseState {
             line: Line::Start,
             data: Vec::new(),
             poisoned: false,
+            pending: None,
         }
     }
 }
@@ -544,12 +551,21 @@ impl SseState {
                     let rest = &chunk[i..];
                     let eol = memchr::memchr2(b'\n', b'\r', rest);
                     let value = &rest[..eol.unwrap_or(rest.len())];
-                    if !self.poisoned && !push_bounded(&mut self.data, value, max) {
+                    // A second data line: the first one joins the buffer.
+                    self.materialize(chunk, max);
+                    if eol.is_some() && self.data.is_empty() && !self.poisoned {
+                        // The line and its newline, as `data` would hold them.
+                        if value.len() < max {
+                            self.pending = Some((i, i + value.len()));
+                        } else {
+                            self.poison();
+                        }
+                    } else if !self.poisoned && !push_bounded(&mut self.data, value, max) {
                         self.poison();
                     }
                     i += value.len();
                     if eol.is_some() {
-                        self.end_line(chunk[i], max, usage, done);
+                        self.end_line(chunk, chunk[i], max, usage, done);
                         i += 1;
                     }
                 }
@@ -558,7 +574,7 @@ impl SseState {
                     match memchr::memchr2(b'\n', b'\r', rest) {
                         Some(eol) => {
                             i += eol;
-                            self.end_line(chunk[i], max, usage, done);
+                            self.end_line(chunk, chunk[i], max, usage, done);
                             i += 1;
                         }
                         None => i = chunk.len(),
@@ -568,7 +584,7 @@ impl SseState {
                     let b = chunk[i];
                     i += 1;
                     if b == b'\n' || b == b'\r' {
-                        self.end_line(b, max, usage, done);
+                        self.end_line(chunk, b, max, usage, done);
                         continue;
                     }
                     let matched = match self.line {
@@ -597,17 +613,41 @@ impl SseState {
                 }
             }
         }
+        // The chunk ends before the event: keep its line.
+        self.materialize(chunk, max);
     }
 
     /// The line ended with `eol` (`\n` or `\r`).
-    fn end_line(&mut self, eol: u8, max: usize, usage: &mut Option<Usage>, done: &mut bool) {
+    fn end_line(
+        &mut self,
+        chunk: &[u8],
+        eol: u8,
+        max: usize,
+        usage: &mut Option<Usage>,
+        done: &mut bool,
+    ) {
         self.after_cr = eol == b'\r';
         match std::mem::replace(&mut self.line, Line::Start) {
-            Line::Start => self.dispatch(usage, done),
+            Line::Start => self.dispatch(chunk, usage, done),
             // `data` alone on its line is a data field with an empty value.
-            Line::Name { matched } if matched == DATA.len() => self.push_newline(max),
+            Line::Name { matched } if matched == DATA.len() => {
+                self.materialize(chunk, max);
+                self.push_newline(max);
+            }
+            // A pending line's newline is implied.
+            Line::Data { .. } if self.pending.is_some() => {}
             Line::Data { .. } => self.push_newline(max),
             Line::Name { .. } | Line::Skip => {}
+        }
+    }
+
+    /// Copies the pending line (and its newline) of `chunk` to `data`.
+    fn materialize(&mut self, chunk: &[u8], max: usize) {
+        if let Some((start, end)) = self.pending.take() {
+            if !push_bounded(&mut self.data, &chunk[start..end], max) {
+                self.poison();
+            }
+            self.push_newline(max);
         }
     }
 
@@ -619,20 +659,24 @@ impl SseState {
 
     fn poison(&mut self) {
         self.poisoned = true;
+        self.pending = None;
         self.data = Vec::new();
     }
 
     /// A blank line: the event is complete.
-    fn dispatch(&mut self, usage: &mut Option<Usage>, done: &mut bool) {
+    fn dispatch(&mut self, chunk: &[u8], usage: &mut Option<Usage>, done: &mut bool) {
         if self.poisoned {
             self.poisoned = false;
             return;
         }
-        if self.data.is_empty() {
-            return;
-        }
-        self.data.pop(); // the `\n` every data line ends with
-        let data = &self.data[..];
+        let data = match self.pending.take() {
+            Some((start, end)) => &chunk[start..end],
+            None if self.data.is_empty() => return,
+            None => {
+                self.data.pop(); // the `\n` every data line ends with
+                &self.data[..]
+            }
+        };
         if data.trim_ascii() == b"[DONE]" {
             *done = true;
             self.data = Vec::new();
@@ -675,8 +719,11 @@ fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], max: usize) -> bool {
 /// a JSON parse. (A key spelled with escapes, `"\u0075sage"`, is missed.)
 fn has_usage_object(hay: &[u8]) -> bool {
     const KEY: &[u8] = b"\"usage\"";
+    // Built once: building a SIMD searcher costs more than searching a typical event.
+    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(KEY));
     let mut from = 0;
-    while let Some(at) = find(&hay[from..], KEY) {
+    while let Some(at) = FINDER.find(&hay[from..]) {
         let mut rest = &hay[from + at + KEY.len()..];
         rest = rest.trim_ascii_start();
         if let Some((&b':', after)) = rest.split_first() {
@@ -687,14 +734,6 @@ fn has_usage_object(hay: &[u8]) -> bool {
         from += at + 1;
     }
     false
-}
-
-/// The first position of `needle` (non-empty) in `hay` (SIMD where the CPU has it).
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
-        return None;
-    }
-    memchr::memmem::find(hay, needle)
 }
 
 /// The usage of a JSON document: its non-null `usage`, else its `response`'s non-null
@@ -1532,11 +1571,6 @@ mod tests {
 
     #[test]
     fn substring_search() {
-        assert_eq!(find(b"abc", b"abc"), Some(0));
-        assert_eq!(find(b"xxabcabc", b"abc"), Some(2));
-        assert_eq!(find(b"ab", b"abc"), None);
-        assert_eq!(find(b"", b"a"), None);
-        assert_eq!(find(b"aaab", b"aab"), Some(1));
         assert!(has_usage_object(b"{\"usage\" :\n {}"));
         assert!(has_usage_object(b"\"usage\":null,\"usage\":{"));
         assert!(!has_usage_object(b"{\"usage\":null}"));

@@ -178,7 +178,9 @@ impl<'a> RequestView<'a> {
         }
     }
 
-    /// The same view with the buffered body and, if it parsed as JSON, its value.
+    /// The same view with the buffered body and, if it parsed as JSON, its value. With
+    /// `json` `None`, the built-in estimators and extractors parse `body` themselves (what
+    /// the layer does once per request).
     pub fn with_body(self, body: &'a Bytes, json: Option<&'a serde_json::Value>) -> Self {
         Self {
             body: Some(body),
@@ -208,7 +210,15 @@ impl<'a> RequestView<'a> {
         if let Some(doc) = self.doc {
             return Some(Cow::Borrowed(doc));
         }
-        self.json.map(|v| Cow::Owned(Json::from_value(v)))
+        if let Some(v) = self.json {
+            return Some(Cow::Owned(Json::from_value(v)));
+        }
+        if self.lazy_json.is_some() {
+            // The layer found the body isn't JSON.
+            return None;
+        }
+        // A view built with `with_body(bytes, None)`: parse the bytes here.
+        Json::parse(self.body?).ok().map(Cow::Owned)
     }
 
     /// The buffered request body, when the layer inspected it.
