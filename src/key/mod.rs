@@ -199,7 +199,7 @@ impl<'a> RequestView<'a> {
         Self {
             body: Some(body),
             doc,
-            lazy_json: doc.is_some().then_some(lazy_json),
+            lazy_json: Some(lazy_json),
             ..self
         }
     }
@@ -236,6 +236,8 @@ impl<'a> RequestView<'a> {
             return self.json;
         }
         let (cell, body) = (self.lazy_json?, self.body?);
+        // The layer's parse said whether the body is JSON.
+        self.doc?;
         cell.get_or_init(|| serde_json::from_slice(body).ok())
             .as_ref()
     }
