@@ -45,6 +45,51 @@ fn threads_on_one_key_admit_exactly_the_limit() {
     }
 }
 
+/// GCRA buckets are updated without a lock by single-rule requests and held by multi-rule
+/// ones: both kinds on one hot key, with sweeps running, still admit exactly the burst.
+#[test]
+fn lock_free_and_held_gcra_charges_on_one_key_admit_exactly_the_limit() {
+    let store = MemoryStore::builder().clock(ManualClock::new()).build();
+    let hot = Quota::per_minute(5_000).gcra();
+    let per_thread = Quota::per_minute(1_000_000);
+    let admitted = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let (store, admitted) = (store.clone(), admitted.clone());
+            s.spawn(move || {
+                let bucket = BucketKey::new("hot", "k");
+                let own = BucketKey::new("own", format!("t{t}"));
+                for i in 0..1_000u64 {
+                    let d = if (t + i) % 2 == 0 {
+                        store.try_acquire(&[Charge::new(&bucket, &hot, 1)])
+                    } else {
+                        // Both orders, so the bucket is held first or second.
+                        let (a, b) = (
+                            Charge::new(&own, &per_thread, 1),
+                            Charge::new(&bucket, &hot, 1),
+                        );
+                        if t % 4 < 2 {
+                            store.try_acquire(&[a, b])
+                        } else {
+                            store.try_acquire(&[b, a])
+                        }
+                    };
+                    if d.unwrap().is_admitted() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let store = store.clone();
+        s.spawn(move || {
+            for _ in 0..2_000 {
+                store.sweep();
+            }
+        });
+    });
+    assert_eq!(admitted.load(Ordering::Relaxed), 5_000);
+}
+
 #[test]
 fn threads_with_weighted_multi_rule_requests_never_overshoot() {
     for alg in ALGORITHMS {

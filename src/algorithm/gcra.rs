@@ -16,6 +16,19 @@ pub struct Gcra {
 }
 
 impl Gcra {
+    /// The state whose theoretical arrival time is `tat` (for stores keeping it in an
+    /// atomic).
+    #[inline]
+    pub(crate) const fn from_tat(tat: u64) -> Self {
+        Self { tat }
+    }
+
+    /// The theoretical arrival time: when the bucket is back to full.
+    #[inline]
+    pub(crate) const fn tat(&self) -> u64 {
+        self.tat
+    }
+
     #[inline]
     fn interval(l: &Limits, units: u64) -> u64 {
         mul_div_ceil(units, l.window_nanos, l.limit)

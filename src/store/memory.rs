@@ -16,12 +16,12 @@ use super::{
     Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
     StoreError, StoreFuture,
 };
-use crate::algorithm::{Limits, Placement, State, Verdict};
+use crate::algorithm::{Gcra, Limits, Placement, State, Verdict};
 use crate::clock::{Clock, SystemClock};
-use crate::rule::Quota;
+use crate::rule::{Algorithm, Quota};
 
-/// One bucket: its algorithm state, the limits it was last charged under (for idle checks),
-/// and whether a sweep removed it from the map.
+/// A locked bucket's state: its algorithm state, the limits it was last charged under (for
+/// idle checks), and whether a sweep removed it from the map.
 #[derive(Debug)]
 struct Slot {
     state: State,
@@ -29,20 +29,165 @@ struct Slot {
     evicted: bool,
 }
 
-type Bucket = Arc<Mutex<Slot>>;
-
-fn lock(b: &Bucket) -> MutexGuard<'_, Slot> {
-    // The algorithms don't panic while holding the lock; if something did, the state is still
-    // a valid value, so keep using it rather than poisoning every later request.
-    b.lock().unwrap_or_else(PoisonError::into_inner)
+/// One bucket. GCRA's whole state is one number, its theoretical arrival time, kept in an
+/// atomic and updated by compare-and-swap without a lock (as governor does); the other
+/// algorithms' states sit behind a small mutex.
+#[derive(Debug)]
+enum Cell {
+    Locked(Mutex<Slot>),
+    Gcra(AtomicU64),
 }
 
-/// The in-memory store: a sharded concurrent map ([`DashMap`]) from bucket to algorithm
-/// state, each bucket behind its own small mutex.
+type Bucket = Arc<Cell>;
+
+/// A GCRA cell's value once a sweep has removed it: charges seeing it look the bucket up
+/// again. (A real TAT is kept below it.)
+const EVICTED: u64 = u64::MAX;
+
+impl Cell {
+    fn new(quota: &Quota) -> Self {
+        match quota.algorithm() {
+            Algorithm::Gcra => Self::Gcra(AtomicU64::new(0)),
+            a => Self::Locked(Mutex::new(Slot {
+                state: State::new(a),
+                limits: quota.limits(),
+                evicted: false,
+            })),
+        }
+    }
+
+    /// Whether this cell can hold `quota`'s state (a GCRA cell only GCRA, a locked cell any
+    /// other algorithm: [`fit`] resets it to the quota's).
+    fn suits(&self, quota: &Quota) -> bool {
+        matches!(self, Self::Gcra(_)) == (quota.algorithm() == Algorithm::Gcra)
+    }
+}
+
+fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    // The algorithms don't panic while holding the lock; if something did, the state is still
+    // a valid value, so keep using it rather than poisoning every later request.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A GCRA cell's value while a multi-rule decision holds it (the cell's lock bit).
+const HELD: u64 = u64::MAX - 1;
+
+/// The largest real TAT a GCRA cell stores (584 years of nanoseconds: never reached).
+const MAX_TAT: u64 = u64::MAX - 2;
+
+/// Waits a little for a GCRA cell a multi-rule decision holds (for a few dozen
+/// nanoseconds: it holds nothing else it could wait for).
+fn backoff(spins: &mut u32) {
+    if *spins < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+    *spins += 1;
+}
+
+/// Runs `f` on a GCRA cell's state and stores the result by compare-and-swap, retrying if
+/// another charge got there first. `None` if the cell was evicted. `f` may run several
+/// times, each time on the latest state.
+fn update_gcra<T>(
+    cell: &AtomicU64,
+    limits: &Limits,
+    mut f: impl FnMut(&mut State, &Limits) -> T,
+) -> Option<T> {
+    let mut spins = 0;
+    let mut cur = cell.load(Ordering::Acquire);
+    loop {
+        match cur {
+            EVICTED => return None,
+            HELD => {
+                backoff(&mut spins);
+                cur = cell.load(Ordering::Acquire);
+                continue;
+            }
+            _ => {}
+        }
+        let mut state = State::Gcra(Gcra::from_tat(cur));
+        let out = f(&mut state, limits);
+        let new = gcra_tat(&state);
+        if new == cur {
+            return Some(out);
+        }
+        match cell.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(out),
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// The TAT of a GCRA state, as a cell stores it.
+fn gcra_tat(state: &State) -> u64 {
+    match state {
+        State::Gcra(g) => g.tat().min(MAX_TAT),
+        // Cells hold GCRA states only.
+        _ => 0,
+    }
+}
+
+/// A bucket held by a multi-rule decision: a locked slot, or a GCRA cell whose value is
+/// [`HELD`] until the decision ends (its state then stored back, charged or not).
+enum Held<'b> {
+    Locked(MutexGuard<'b, Slot>),
+    Gcra { cell: &'b AtomicU64, slot: Slot },
+}
+
+impl Held<'_> {
+    fn slot(&mut self) -> &mut Slot {
+        match self {
+            Held::Locked(guard) => guard,
+            Held::Gcra { slot, .. } => slot,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Held::Gcra { cell, slot } = self {
+            cell.store(gcra_tat(&slot.state), Ordering::Release);
+        }
+    }
+}
+
+/// Holds `cell` for a multi-rule decision; `None` if it was evicted.
+fn hold_gcra<'b>(cell: &'b AtomicU64, quota: &Quota) -> Option<Held<'b>> {
+    let mut spins = 0;
+    loop {
+        let cur = cell.load(Ordering::Acquire);
+        match cur {
+            EVICTED => return None,
+            HELD => backoff(&mut spins),
+            _ => {
+                if cell
+                    .compare_exchange_weak(cur, HELD, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some(Held::Gcra {
+                        cell,
+                        slot: Slot {
+                            state: State::Gcra(Gcra::from_tat(cur)),
+                            limits: quota.limits(),
+                            evicted: false,
+                        },
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
+/// per store) from bucket to algorithm state.
 ///
-/// - **Concurrency**: a single-rule decision holds its shard's read lock and the bucket's
-///   mutex; a multi-rule decision locks every bucket in address order, so two requests can't
-///   deadlock, checks them all, then charges them all.
+/// - **Concurrency**: a GCRA bucket is one atomic number (its theoretical arrival time),
+///   which a single-rule decision updates by compare-and-swap under its shard's read lock,
+///   without a lock of its own (as governor does); the other algorithms' buckets each sit
+///   behind a small mutex. A multi-rule decision holds every bucket in address order (locks
+///   the mutexes, marks the GCRA numbers held so that lock-free charges wait for it), so two
+///   requests can't deadlock, checks them all, then charges them all.
 /// - **Idle eviction**: no cleanup task to run. At most once per
 ///   [`sweep_interval`](MemoryStoreBuilder::sweep_interval) (default 10 s), the request that
 ///   notices removes every bucket whose state equals a fresh one (its charges have all
@@ -197,20 +342,47 @@ impl Inner {
     fn sweep(&self, now: u64) {
         let mut removed = 0;
         self.map.retain(|_, bucket| {
-            // A bucket locked by a request in flight is busy, not idle.
-            let Ok(mut slot) = bucket.try_lock() else {
-                return true;
+            let idle = match &**bucket {
+                Cell::Locked(m) => {
+                    // A bucket locked by a request in flight is busy, not idle.
+                    let Ok(mut slot) = m.try_lock() else {
+                        return true;
+                    };
+                    let limits = slot.limits;
+                    let idle = slot.state.is_idle(&limits, now);
+                    if idle {
+                        slot.evicted = true;
+                    }
+                    idle
+                }
+                // Idle when its TAT has passed (a held cell's value never has); charges
+                // that still hold the cell (a multi-rule decision's clone) see EVICTED.
+                Cell::Gcra(cell) => {
+                    let cur = cell.load(Ordering::Acquire);
+                    cur <= now
+                        && cell
+                            .compare_exchange(cur, EVICTED, Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok()
+                }
             };
-            let limits = slot.limits;
-            if slot.state.is_idle(&limits, now) {
-                slot.evicted = true;
+            if idle {
                 removed += 1;
-                false
-            } else {
-                true
             }
+            !idle
         });
         self.len.fetch_sub(removed, Ordering::Relaxed);
+    }
+
+    /// Removes `key`'s bucket if it can't hold `quota`'s state (another algorithm's cell:
+    /// two layers sharing a rule name with different algorithms reset each other's state).
+    fn evict_unsuited(&self, key: &BucketKey, quota: &Quota) {
+        if let Some((_, bucket)) = self.map.remove_if(key, |_, b| !b.suits(quota)) {
+            match &*bucket {
+                Cell::Locked(m) => lock(m).evicted = true,
+                Cell::Gcra(cell) => cell.store(EVICTED, Ordering::Release),
+            }
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Adds a fresh bucket for `key` unless one exists; fails at capacity.
@@ -240,11 +412,7 @@ impl Inner {
                 self.len.fetch_sub(1, Ordering::AcqRel);
             }
             Entry::Vacant(v) => {
-                v.insert(Arc::new(Mutex::new(Slot {
-                    state: State::new(quota.algorithm()),
-                    limits: quota.limits(),
-                    evicted: false,
-                })));
+                v.insert(Arc::new(Cell::new(quota)));
             }
         }
         Ok(())
@@ -252,31 +420,43 @@ impl Inner {
 
     fn acquire_one(&self, c: &Charge<'_>, now: u64) -> Result<Decision, StoreError> {
         loop {
-            if let Some(bucket) = self.map.get(c.bucket) {
-                // Holding the shard's read lock: no sweep can evict this bucket meanwhile.
-                let mut slot = lock(&bucket);
-                fit(&mut slot, c.quota);
-                let limits = slot.limits;
-                let (verdict, placement, snapshot) = slot.state.acquire(&limits, now, c.amount);
-                // Release both locks before allocating the answer.
-                drop(slot);
-                drop(bucket);
-                return Ok(Decision {
-                    denial: match verdict {
-                        Verdict::Allow => None,
-                        Verdict::Deny { retry_after } => Some(Denial {
-                            index: 0,
-                            retry_after: retry_after.map(Duration::from_nanos),
-                        }),
-                    },
-                    charges: ChargeStates::one(ChargeState {
-                        snapshot,
-                        placement,
+            let Some(bucket) = self.map.get(c.bucket) else {
+                self.insert(c.bucket, c.quota, now)?;
+                continue;
+            };
+            // Holding the shard's read lock: no sweep can evict this bucket meanwhile.
+            let decided = match &**bucket {
+                _ if !bucket.suits(c.quota) => None,
+                Cell::Gcra(cell) => update_gcra(cell, &c.quota.limits(), |state, limits| {
+                    state.acquire(limits, now, c.amount)
+                }),
+                Cell::Locked(m) => {
+                    let mut slot = lock(m);
+                    fit(&mut slot, c.quota);
+                    let limits = slot.limits;
+                    Some(slot.state.acquire(&limits, now, c.amount))
+                }
+            };
+            // Release the map before building the answer.
+            drop(bucket);
+            let Some((verdict, placement, snapshot)) = decided else {
+                self.evict_unsuited(c.bucket, c.quota);
+                continue;
+            };
+            return Ok(Decision {
+                denial: match verdict {
+                    Verdict::Allow => None,
+                    Verdict::Deny { retry_after } => Some(Denial {
+                        index: 0,
+                        retry_after: retry_after.map(Duration::from_nanos),
                     }),
-                    replayed: false,
-                });
-            }
-            self.insert(c.bucket, c.quota, now)?;
+                },
+                charges: ChargeStates::one(ChargeState {
+                    snapshot,
+                    placement,
+                }),
+                replayed: false,
+            });
         }
     }
 
@@ -287,7 +467,7 @@ impl Inner {
             // the decision's own `Vec` is the only allocation.
             let decided = if n <= INLINE_CHARGES {
                 let mut buckets: [Option<(usize, Bucket)>; INLINE_CHARGES] = Default::default();
-                let mut guards: [Option<MutexGuard<'_, Slot>>; INLINE_CHARGES] = Default::default();
+                let mut guards: [Option<Held<'_>>; INLINE_CHARGES] = Default::default();
                 self.decide_many(charges, now, &mut buckets[..n], &mut guards[..n])?
             } else {
                 let mut buckets = vec![None; n];
@@ -301,26 +481,31 @@ impl Inner {
         }
     }
 
-    /// Looks up every charge's bucket, locks them all in address order, checks every charge
-    /// and charges all of them only if all fit. `None` when a bucket was evicted meanwhile.
-    /// `buckets` and `guards` are scratch space of `charges.len()` entries.
+    /// Looks up every charge's bucket, holds them all in address order (locking the
+    /// mutexes, marking the GCRA cells held), checks every charge and charges all of them
+    /// only if all fit. `None` when a bucket was evicted meanwhile. `buckets` and `guards`
+    /// are scratch space of `charges.len()` entries.
     fn decide_many<'b>(
         &self,
         charges: &[Charge<'_>],
         now: u64,
         buckets: &'b mut [Option<(usize, Bucket)>],
-        guards: &mut [Option<MutexGuard<'b, Slot>>],
+        guards: &mut [Option<Held<'b>>],
     ) -> Result<Option<Decision>, StoreError> {
         for (entry, (i, c)) in buckets.iter_mut().zip(charges.iter().enumerate()) {
             let bucket = loop {
-                if let Some(b) = self.map.get(c.bucket) {
-                    break Arc::clone(&b);
+                match self.map.get(c.bucket) {
+                    Some(b) if b.suits(c.quota) => break Arc::clone(&b),
+                    Some(b) => {
+                        drop(b);
+                        self.evict_unsuited(c.bucket, c.quota);
+                    }
+                    None => self.insert(c.bucket, c.quota, now)?,
                 }
-                self.insert(c.bucket, c.quota, now)?;
             };
             *entry = Some((i, bucket));
         }
-        // A fixed global order (by address) makes multi-bucket locking deadlock-free.
+        // A fixed global order (by address) makes multi-bucket holding deadlock-free.
         buckets.sort_unstable_by_key(|e| e.as_ref().map_or(0, |(_, b)| Arc::as_ptr(b) as usize));
         let buckets: &'b [Option<(usize, Bucket)>] = buckets;
         let sorted = || buckets.iter().flatten();
@@ -334,11 +519,17 @@ impl Inner {
                 charges[i].bucket
             )));
         }
-        // Allocated before locking, to keep the critical section short.
+        // Allocated before holding anything, to keep the critical section short.
         let mut states = ChargeStates::filled(charges.len());
-        for (guard, (_, bucket)) in guards.iter_mut().zip(sorted()) {
-            let slot = guard.insert(lock(bucket));
-            if slot.evicted {
+        for (guard, (i, bucket)) in guards.iter_mut().zip(sorted()) {
+            let held = match &**bucket {
+                Cell::Locked(m) => Held::Locked(lock(m)),
+                Cell::Gcra(cell) => match hold_gcra(cell, charges[*i].quota) {
+                    Some(held) => held,
+                    None => return Ok(None),
+                },
+            };
+            if guard.insert(held).slot().evicted {
                 return Ok(None);
             }
         }
@@ -346,7 +537,7 @@ impl Inner {
         // Checked and charged in address order; a tie between denials goes to the first.
         let mut denial: Option<(usize, Option<u64>)> = None;
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
-            let (slot, c) = (guard.as_deref_mut().expect("locked above"), &charges[i]);
+            let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             fit(slot, c.quota);
             let limits = slot.limits;
             if let Verdict::Deny { retry_after } = slot.state.check(&limits, now, c.amount) {
@@ -362,7 +553,7 @@ impl Inner {
             }
         }
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
-            let (slot, c) = (guard.as_deref_mut().expect("locked above"), &charges[i]);
+            let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             let limits = slot.limits;
             let placement = if denial.is_none() {
                 slot.state.charge(&limits, now, c.amount)
@@ -385,19 +576,37 @@ impl Inner {
         }))
     }
 
+    /// Runs `f` on `key`'s state (creating the bucket if `create`); `None` if there is no
+    /// bucket and `create` is false. `f` may run more than once (a GCRA cell retries when
+    /// another charge got there first), each time on the latest state.
     fn with_bucket<T>(
         &self,
         key: &BucketKey,
         quota: &Quota,
         now: u64,
         create: bool,
-        f: impl FnOnce(&mut Slot) -> T,
+        mut f: impl FnMut(&mut State, &Limits) -> T,
     ) -> Result<Option<T>, StoreError> {
         loop {
             if let Some(bucket) = self.map.get(key) {
-                let mut slot = lock(&bucket);
-                fit(&mut slot, quota);
-                return Ok(Some(f(&mut slot)));
+                let out = match &**bucket {
+                    _ if !bucket.suits(quota) => None,
+                    Cell::Gcra(cell) => update_gcra(cell, &quota.limits(), &mut f),
+                    Cell::Locked(m) => {
+                        let mut slot = lock(m);
+                        fit(&mut slot, quota);
+                        let limits = slot.limits;
+                        Some(f(&mut slot.state, &limits))
+                    }
+                };
+                drop(bucket);
+                match out {
+                    Some(out) => return Ok(Some(out)),
+                    None => {
+                        self.evict_unsuited(key, quota);
+                        continue;
+                    }
+                }
             }
             if !create {
                 return Ok(None);
@@ -431,10 +640,8 @@ impl Store for MemoryStore {
             // creates the bucket again.
             let create = a.actual > a.charged;
             inner
-                .with_bucket(a.bucket, a.quota, now, create, |slot| {
-                    let limits = slot.limits;
-                    slot.state
-                        .adjust(&limits, now, a.placement, a.charged, a.actual);
+                .with_bucket(a.bucket, a.quota, now, create, |state, limits| {
+                    state.adjust(limits, now, a.placement, a.charged, a.actual);
                 })
                 .map(drop)
         });
@@ -449,9 +656,8 @@ impl Store for MemoryStore {
             State::new(quota.algorithm()).peek(&limits, now)
         };
         let result = inner
-            .with_bucket(bucket, quota, now, false, |slot| {
-                let limits = slot.limits;
-                slot.state.peek(&limits, now)
+            .with_bucket(bucket, quota, now, false, |state, limits| {
+                state.peek(limits, now)
             })
             .map(|s| s.unwrap_or_else(fresh));
         StoreFuture::ready(result)
@@ -564,5 +770,49 @@ mod tests {
         let other = BucketKey::new("tpm", "nobody");
         assert_eq!(s.peek(&other, &q).now().unwrap().unwrap().remaining, 1000);
         assert_eq!(s.len(), 1, "peek creates nothing");
+    }
+
+    #[test]
+    fn a_bucket_switching_algorithms_starts_afresh() {
+        let (s, clock) = store(100);
+        let k = BucketKey::new("r", "u");
+        let counter = Quota::per_minute(10);
+        let gcra = Quota::per_minute(10).gcra();
+        let remaining = |q: &Quota| {
+            s.try_acquire(&[Charge::new(&k, q, 1)]).unwrap().charges[0]
+                .snapshot
+                .remaining
+        };
+        assert_eq!(remaining(&counter), 9);
+        assert_eq!(remaining(&counter), 8);
+        assert_eq!(remaining(&gcra), 9, "a GCRA cell replaces the counter's");
+        assert_eq!(s.len(), 1);
+        assert_eq!(remaining(&gcra), 8);
+        assert_eq!(remaining(&counter), 9, "and the counter's replaces it");
+        assert_eq!(s.len(), 1);
+        // GCRA cells settle, peek and get swept like the others.
+        let tpm = Quota::per_minute(1000).tokens().gcra();
+        let t = BucketKey::new("tpm", "u");
+        let d = s.try_acquire(&[Charge::new(&t, &tpm, 600)]).unwrap();
+        s.settle(&[Adjustment {
+            bucket: &t,
+            quota: &tpm,
+            placement: d.charges[0].placement,
+            charged: 600,
+            actual: 100,
+        }])
+        .now()
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.peek(&t, &tpm).now().unwrap().unwrap().remaining, 900);
+        let both = s
+            .try_acquire(&[Charge::new(&t, &tpm, 950), Charge::new(&k, &counter, 1)])
+            .unwrap();
+        assert_eq!(both.denial.map(|d| d.index), Some(0), "all or nothing");
+        assert_eq!(s.peek(&k, &counter).now().unwrap().unwrap().remaining, 9);
+        clock.advance(Duration::from_secs(121));
+        s.sweep();
+        assert_eq!(s.len(), 0);
+        assert_eq!(remaining(&gcra), 9);
     }
 }

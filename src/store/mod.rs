@@ -169,7 +169,7 @@ const INLINE: usize = 4;
 
 #[derive(Clone)]
 enum Repr {
-    Inline(u8, [ChargeState; INLINE]),
+    Inline(usize, [ChargeState; INLINE]),
     Heap(Vec<ChargeState>),
 }
 
@@ -177,7 +177,7 @@ impl ChargeStates {
     /// `n` default states, to be filled in by index.
     pub fn filled(n: usize) -> Self {
         if n <= INLINE {
-            Self(Repr::Inline(n as u8, [ChargeState::default(); INLINE]))
+            Self(Repr::Inline(n, [ChargeState::default(); INLINE]))
         } else {
             Self(Repr::Heap(vec![ChargeState::default(); n]))
         }
@@ -197,7 +197,7 @@ impl std::ops::Deref for ChargeStates {
     #[inline]
     fn deref(&self) -> &[ChargeState] {
         match &self.0 {
-            Repr::Inline(n, items) => &items[..usize::from(*n)],
+            Repr::Inline(n, items) => &items[..*n],
             Repr::Heap(v) => v,
         }
     }
@@ -207,7 +207,7 @@ impl std::ops::DerefMut for ChargeStates {
     #[inline]
     fn deref_mut(&mut self) -> &mut [ChargeState] {
         match &mut self.0 {
-            Repr::Inline(n, items) => &mut items[..usize::from(*n)],
+            Repr::Inline(n, items) => &mut items[..*n],
             Repr::Heap(v) => v,
         }
     }
