@@ -636,6 +636,100 @@ async fn keys_are_hashed_tagged_and_expire() {
     assert!(usage[0] < 200 && usage[2] < 200, "{usage:?}");
 }
 
+/// States written by an older version (text values, a log kept as a list, an idempotency
+/// record as text) or keys of another type: the bucket starts afresh, without an error, and
+/// an old idempotency record is still replayed.
+#[tokio::test]
+async fn old_and_foreign_states_start_afresh() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let minute = Duration::from_secs(60);
+    let quotas = [
+        Quota::new(5, minute),
+        Quota::new(5, minute).sliding_window_log(),
+        Quota::new(5, minute).gcra().burst(5),
+        Quota::concurrent(5),
+    ];
+    let rules = ["counter", "log", "gcra", "slots"];
+    let b: Vec<BucketKey> = rules.iter().map(|r| BucketKey::new(*r, "alice")).collect();
+    let charges = |n: u64| -> Vec<Charge<'_>> {
+        b.iter()
+            .zip(&quotas)
+            .map(|(b, q)| Charge::new(b, q, n))
+            .collect()
+    };
+    assert!(acquire(&store, &charges(1)).await.is_admitted());
+    let keys = server.keys();
+    let key = |rule: &str| -> String {
+        keys.iter()
+            .find(|k| tag_of(k, "rl", rule).is_some())
+            .unwrap_or_else(|| panic!("no key for rule {rule} in {keys:?}"))
+            .clone()
+    };
+    let (counter, log, gcra, slots) = (key("counter"), key("log"), key("gcra"), key("slots"));
+    let cli = |args: &[&str]| server.cli(args).expect("redis-cli");
+    // The text states of older versions, each claiming the bucket is full or nearly.
+    cli(&["SET", &counter, "16 5 5", "PX", "100000"]);
+    cli(&["DEL", &log]);
+    cli(&["RPUSH", &log, "999000000 4", "999500000 1"]);
+    cli(&["PEXPIRE", &log, "100000"]);
+    cli(&["SET", &gcra, "1060000000", "PX", "100000"]);
+    cli(&["DEL", &slots]);
+    cli(&["SET", &slots, "a string", "PX", "100000"]);
+    let d = acquire(&store, &charges(5)).await;
+    assert!(d.is_admitted(), "{d:?}");
+    let remaining: Vec<u64> = d.charges.iter().map(|c| c.snapshot.remaining).collect();
+    assert_eq!(remaining, [0, 0, 0, 0]);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+
+    // Keys of another type (a list where a string state belongs, a string state of another
+    // algorithm).
+    clock.advance(Duration::from_secs(600));
+    cli(&["DEL", &counter, &gcra]);
+    cli(&["RPUSH", &counter, "x"]);
+    cli(&["PEXPIRE", &counter, "100000"]);
+    let log_state = cli(&["GET", &log]);
+    assert!(!log_state.trim().is_empty(), "the log is a string now");
+    let three = [
+        Charge::new(&b[0], &quotas[0], 5),
+        Charge::new(&b[2], &quotas[2], 5),
+    ];
+    let gcra_as_counter = BucketKey::new("gcra", "alice");
+    assert!(acquire(&store, &three).await.is_admitted());
+    let counter_quota = Quota::new(5, minute);
+    assert_eq!(
+        peek(&store, &gcra_as_counter, &counter_quota)
+            .await
+            .remaining,
+        5,
+        "a GCRA state read by a counter rule is another algorithm's"
+    );
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+
+    // An idempotency record in the old text format is replayed.
+    let one = [Charge::new(&b[0], &quotas[0], 1)];
+    clock.advance(Duration::from_secs(600));
+    let first = within("acquire_once", store.acquire_once(&one, "req-old"))
+        .await
+        .unwrap();
+    assert!(first.is_admitted() && !first.replayed);
+    let idem = server
+        .keys()
+        .into_iter()
+        .find(|k| k.contains(":idem:"))
+        .expect("the idempotency key");
+    cli(&["SET", &idem, "-1,-1,5,2,60000000,30", "PX", "100000"]);
+    let again = within("acquire_once", store.acquire_once(&one, "req-old"))
+        .await
+        .unwrap();
+    assert!(again.is_admitted() && again.replayed, "{again:?}");
+    assert_eq!(again.charges[0].snapshot.remaining, 2);
+    assert_eq!(again.charges[0].placement.0, 30);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_refunds_across_slots_and_admits_exactly_the_limit() {
     let Some(cluster) = RedisCluster::start() else {

@@ -38,9 +38,11 @@ pub(crate) fn idempotency_key(prefix: &str, tag_of: &str, request_id: &str) -> S
 }
 
 fn push_tag(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = sha1_smol::Sha1::from(bytes).digest().bytes();
     for b in &digest[..16] {
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
     }
 }
 

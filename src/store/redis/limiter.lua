@@ -3,95 +3,86 @@
 -- The arithmetic mirrors src/algorithm/*.rs (the in-memory store), in microseconds instead
 -- of nanoseconds; tests/store_parity.rs runs shared vectors against both.
 --
--- ARGV[1] mode: "a" acquire (all or nothing), "s" settle, "p" peek
--- ARGV[2] now in microseconds, or "-1" to use the server's TIME (the default: clients' clocks
---         can't skew it)
--- ARGV[3] idempotency: "" or "1" when KEYS[#KEYS] is the request's idempotency key
--- ARGV[4] idempotency TTL in milliseconds
--- then, per bucket key i (KEYS[i]), 7 values:
---   algorithm (0 counter, 1 log, 2 gcra, 3 concurrency), limit, window_us, burst,
---   amount (acquire) or charged (settle), placement (settle; for a concurrency acquire: the
---   new lease's id, unique, < 2^53), actual (settle)
+-- Cost model: on Redis 7 every redis.call costs about as much as all of this script's
+-- arithmetic (a fake client, command lookup, RESP reply parsed back into Lua), so the script
+-- makes as few as it can: one MGET reads every string state (and the idempotency key), one
+-- SET (with its TTL) writes each state that changed, nothing is written on a denial.
+--
+-- Arguments are one binary blob, ARGV[1], packed little-endian (struct.pack formats):
+--   '<Bdd'     mode ('a' acquire, all or nothing; 's' settle; 'p' peek), now in microseconds
+--              (negative: use the server's TIME, the default: clients' clocks can't skew it),
+--              idempotency TTL in milliseconds (0: none; else KEYS[#KEYS] is the request's
+--              idempotency key)
+--   then per bucket key i (KEYS[i]) '<Bdddddd':
+--              algorithm (0 counter, 1 log, 2 gcra, 3 concurrency), limit, window_us, burst,
+--              amount (acquire) or charged (settle), placement (settle; for a concurrency
+--              acquire: the new lease's id, unique, < 2^53), actual (settle)
+-- Every number is a double: exact below 2^53 (the client's values are; see mod.rs).
+--
+-- States are binary strings beginning with a tag byte (older versions stored text, which
+-- begins with a digit: such a value, or a key of the wrong type, is another algorithm's state
+-- and the bucket starts afresh, as the memory store resets it):
+--   counter      '<Bddd' 1, window index, current count, previous count
+--   log          '<Bd'   2, total, then '<dd' (time, amount) per entry, oldest first;
+--                entries at one instant are merged, entries refunded to 0 are removed
+--   gcra         '<Bd'   3, theoretical arrival time
+--   idempotency  '<B'    4, then the reply (text, comma-separated, in older versions)
 -- Concurrency buckets are sorted sets of slots scored by their expiry (now + window): a
 -- process that dies holding slots can't leak them past the window. A charge of n slots under
 -- lease id L holds the members "L", "L:2", ..., "L:n".
 -- In settle mode, adjustments naming one key several times apply one after the other to one
 -- state, written once.
--- Reply (acquire/peek): { denied_index (0-based, -1 none, -3 none and replayed from the
---   idempotency key), retry_us (-1 none, -2 never),
---   then per key: limit, remaining, reset_us, placement }. Settle replies { 0 } (an array,
---   like every other reply).
+-- Reply (acquire/peek): one string of doubles, '<' .. 'd' x (2 + 4 x keys) (one bulk reply
+--   costs the server less than an array of integers): denied_index (0-based, -1 none, -3
+--   none and replayed from the idempotency key), retry_us (-1 none, -2 never), then per key:
+--   limit, remaining, reset_us, placement. Settle replies { 0 }.
 
-local floor = math.floor
-local mode = ARGV[1]
-local now = tonumber(ARGV[2])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Bound on the first call: a function library is loaded in an environment without them.
+local floor, min, spack, sunpack, byte, sub, format, call, pcall_
+local function bind()
+  floor, min = math.floor, math.min
+  spack, sunpack = struct.pack, struct.unpack
+  byte, sub, format = string.byte, string.sub, string.format
+  call, pcall_ = redis.call, redis.pcall
 end
-local idem = ARGV[3] == '1'
-local idem_ttl = tonumber(ARGV[4])
-local n = #KEYS
-if idem then n = n - 1 end
 
-if mode == 'a' and idem then
-  local seen = redis.call('GET', KEYS[#KEYS])
-  if seen then
-    local out = {}
-    for v in string.gmatch(seen, '[^,]+') do out[#out + 1] = tonumber(v) end
-    -- A replayed admission says so (-3), so the caller doesn't settle it a second time.
-    if out[1] == -1 then out[1] = -3 end
-    return out
-  end
-end
+local ACQUIRE, SETTLE = 97, 115 -- 'a', 's' ('p' peek)
+-- State tags (literals below, to keep closures small): counter 1, log 2, gcra 3, idempotency 4.
+
+-- Per call (set by main; the helpers below read it).
+local now
+
 
 local function ceil_div(a, b) return floor((a + b - 1) / b) end
 
 -- States -----------------------------------------------------------------------------------
+-- s.raw: the value read (false: none, or a key of another type), to skip unchanged writes.
 
--- A key holding another algorithm's state (two rules of one name with different algorithms,
--- e.g. two layers sharing a store) starts afresh, as the memory store resets it: the wrong
--- type of key, or a string that is not this algorithm's. (Not an error: that would fail
--- every request of the rule and count against the circuit breaker.)
-local function wrong_type(reply) return type(reply) == 'table' and reply.err ~= nil end
-
-local function load(key, alg)
-  if alg == 1 then
-    local raw = redis.pcall('LRANGE', key, 0, -1)
-    if wrong_type(raw) then redis.call('DEL', key); raw = {} end
-    local ts, amts, total = {}, {}, 0
-    for i = 1, #raw do
-      local t, a = string.match(raw[i], '^(%d+) (%d+)$')
-      ts[i] = tonumber(t); amts[i] = tonumber(a); total = total + amts[i]
-    end
-    return { ts = ts, amts = amts, total = total, head = 1, dirty = false, loaded = #raw,
-             set_last = false, pushed = {} }
-  end
+local function load(k, alg, v)
   if alg == 3 then
-    if wrong_type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)) then
-      redis.call('DEL', key)
-    end
-    return { count = redis.call('ZCARD', key), add = {}, remove = {} }
+    -- Live slots only (expired ones are removed when the set is written).
+    local c = pcall_('ZCOUNT', k, format('(%d', now), '+inf')
+    if type(c) == 'table' then call('DEL', k); c = 0 end
+    return { count = c, add = {}, remove = {} }
   end
-  local v = redis.pcall('GET', key)
-  if wrong_type(v) then redis.call('DEL', key); v = false end
   if alg == 0 then
-    if v then
-      local k, c, p = string.match(v, '^(%d+) (%d+) (%d+)$')
-      if k then return { win = tonumber(k), cur = tonumber(c), prev = tonumber(p) } end
-      redis.call('DEL', key)
+    if v and #v == 25 and byte(v, 1) == 1 then
+      local _, win, cur, prev = sunpack('<Bddd', v)
+      return { win = win, cur = cur, prev = prev, raw = v }
     end
-    return { win = 0, cur = 0, prev = 0 }
-  end
-  if alg == 2 then
-    if v then
-      local tat = string.match(v, '^(%d+)$')
-      if tat then return { tat = tonumber(tat) } end
-      redis.call('DEL', key)
+    return { win = 0, cur = 0, prev = 0, raw = v }
+  elseif alg == 1 then
+    if v and #v >= 9 and (#v - 9) % 16 == 0 and byte(v, 1) == 2 then
+      local _, total = sunpack('<Bd', v)
+      return { body = sub(v, 10), total = total, raw = v, changed = false }
     end
-    return { tat = 0 }
+    return { body = '', total = 0, raw = v, changed = false }
   end
-  return { count = 0 }
+  if v and #v == 9 and byte(v, 1) == 3 then
+    local _, tat = sunpack('<Bd', v)
+    return { tat = tat, raw = v }
+  end
+  return { tat = 0, raw = v }
 end
 
 -- counter
@@ -114,12 +105,34 @@ local function carried(s, w)
   return ceil_div(s.prev * (w - elapsed(s, w)), w)
 end
 
--- log
+-- log: s.body holds the entries, 16 bytes each, oldest first.
 local function prune(s, w)
-  while s.head <= #s.ts and s.ts[s.head] + w <= now do
-    s.total = s.total - s.amts[s.head]
-    s.head = s.head + 1
+  local body, p = s.body, 1
+  while p <= #body - 15 do
+    local t, a = sunpack('<dd', body, p)
+    if t + w > now then break end
+    s.total = s.total - a
+    p = p + 16
   end
+  if p > 1 then s.body = sub(body, p); s.changed = true end
+end
+-- Appends (or merges into the newest entry at the same instant or later).
+local function add_log(s, t, amount)
+  if amount == 0 then return end
+  local body = s.body
+  local last = #body - 15
+  if last >= 1 then
+    local lt, la = sunpack('<dd', body, last)
+    if lt >= t then
+      s.body = sub(body, 1, last - 1) .. spack('<dd', lt, la + amount)
+      s.total = s.total + amount
+      s.changed = true
+      return
+    end
+  end
+  s.body = body .. spack('<dd', t, amount)
+  s.total = s.total + amount
+  s.changed = true
 end
 
 -- GCRA
@@ -156,11 +169,12 @@ local function check(s, alg, limit, w, burst, cost)
     prune(s, w)
     if s.total + cost <= limit then return nil end
     if cost > limit then return -2 end
-    local total = s.total
-    for i = s.head, #s.ts do
-      total = total - s.amts[i]
+    local total, body = s.total, s.body
+    for p = 1, #body - 15, 16 do
+      local t, a = sunpack('<dd', body, p)
+      total = total - a
       if total + cost <= limit then
-        local wait = s.ts[i] + w - now
+        local wait = t + w - now
         if wait < 1 then wait = 1 end
         return wait
       end
@@ -182,22 +196,8 @@ end
 
 -- concurrency: the member of slot j (1-based) of lease id
 local function slot_member(id, j)
-  if j == 1 then return string.format('%d', id) end
-  return string.format('%d:%d', id, j)
-end
-
--- Appends (or merges into the newest entry at the same instant); remembers how to write it.
-local function add_log(s, t, amount)
-  if amount == 0 then return end
-  local last = #s.ts
-  if last >= s.head and s.ts[last] >= t then
-    s.amts[last] = s.amts[last] + amount
-    if last <= s.loaded then s.set_last = true else s.pushed[#s.pushed] = last end
-  else
-    s.ts[last + 1] = t; s.amts[last + 1] = amount
-    s.pushed[#s.pushed + 1] = last + 1
-  end
-  s.total = s.total + amount
+  if j == 1 then return format('%d', id) end
+  return format('%d:%d', id, j)
 end
 
 -- charge: returns the placement
@@ -225,9 +225,9 @@ local function adjust(s, alg, limit, w, placement, charged, actual)
     else
       local refund = charged - actual
       if placement == s.win then
-        s.cur = s.cur - math.min(refund, s.cur)
+        s.cur = s.cur - min(refund, s.cur)
       elseif placement + 1 == s.win then
-        s.prev = s.prev - math.min(refund, s.prev)
+        s.prev = s.prev - min(refund, s.prev)
       end
     end
   elseif alg == 1 then
@@ -235,15 +235,21 @@ local function adjust(s, alg, limit, w, placement, charged, actual)
     if actual > charged then
       add_log(s, now, actual - charged)
     else
-      local refund = charged - actual
-      for i = s.head, #s.ts do
-        if s.ts[i] == placement then
-          local taken = math.min(refund, s.amts[i])
-          s.amts[i] = s.amts[i] - taken
+      -- Entries at one instant were merged and expire together: the refund is exact. An
+      -- entry refunded to 0 is removed, as by the memory store.
+      local refund, body = charged - actual, s.body
+      for p = 1, #body - 15, 16 do
+        local t, a = sunpack('<dd', body, p)
+        if t == placement then
+          local taken = min(refund, a)
+          local rest = ''
+          if a > taken then rest = spack('<dd', t, a - taken) end
+          s.body = sub(body, 1, p - 1) .. rest .. sub(body, p + 16)
           s.total = s.total - taken
-          s.dirty = true
+          s.changed = true
           break
         end
+        if t > placement then break end
       end
     end
   elseif alg == 2 then
@@ -278,10 +284,12 @@ local function peek(s, alg, limit, w, burst)
     local remaining = limit - s.total
     if remaining < 0 then remaining = 0 end
     local reset = 0
-    for i = #s.ts, s.head, -1 do
-      if s.amts[i] > 0 then reset = s.ts[i] + w - now; break end
+    local body = s.body
+    if #body >= 16 then
+      local t = sunpack('<d', body, #body - 15)
+      reset = t + w - now
+      if reset < 0 then reset = 0 end
     end
-    if reset < 0 then reset = 0 end
     return limit, remaining, reset
   elseif alg == 2 then
     local b = backlog(s)
@@ -296,113 +304,143 @@ local function peek(s, alg, limit, w, burst)
   return limit, remaining, 0
 end
 
-local function store(key, s, alg, w)
-  if alg == 0 then
-    if s.cur == 0 and s.prev == 0 then redis.call('DEL', key); return end
-    redis.call('SET', key, string.format('%d %d %d', s.win, s.cur, s.prev), 'PX', floor(2 * w / 1000) + 1)
-  elseif alg == 1 then
-    if s.dirty then
-      -- A refund: rewrite what is left in the window.
-      redis.call('DEL', key)
-      local items = {}
-      for i = s.head, #s.ts do
-        if s.amts[i] > 0 then items[#items + 1] = string.format('%d %d', s.ts[i], s.amts[i]) end
-      end
-      if #items > 0 then redis.call('RPUSH', key, unpack(items)) end
-    else
-      -- The common case touches only the ends: trim what expired, update or push the newest.
-      if s.head > 1 then redis.call('LTRIM', key, s.head - 1, -1) end
-      if s.set_last then
-        local i = s.loaded
-        redis.call('LSET', key, -1, string.format('%d %d', s.ts[i], s.amts[i]))
-      end
-      for _, i in ipairs(s.pushed) do
-        redis.call('RPUSH', key, string.format('%d %d', s.ts[i], s.amts[i]))
-      end
-    end
-    local newest = s.ts[#s.ts]
-    if newest and #s.ts >= s.head then
-      redis.call('PEXPIRE', key, floor((newest + w - now) / 1000) + 1)
-    end
-  elseif alg == 2 then
-    if s.tat <= now then redis.call('DEL', key); return end
-    redis.call('SET', key, string.format('%d', s.tat), 'PX', floor((s.tat - now) / 1000) + 1)
-  else
-    for _, m in ipairs(s.remove) do redis.call('ZREM', key, m) end
-    for _, m in ipairs(s.add) do redis.call('ZADD', key, now + w, m) end
-    if #s.add > 0 then redis.call('PEXPIRE', key, floor(w / 1000) + 1) end
+-- Writes a string state: deletes it when idle, skips it when unchanged (its TTL still
+-- covers it: a state only needs to outlive the windows it counts).
+local function put(key, s, value, ttl_ms)
+  if value == nil then
+    if s.raw then call('DEL', key) end
+  elseif value ~= s.raw then
+    call('SET', key, value, 'PX', format('%d', ttl_ms))
   end
 end
+
+local function store(key, s, alg, w)
+  if alg == 0 then
+    if s.cur == 0 and s.prev == 0 then put(key, s, nil); return end
+    put(key, s, spack('<Bddd', 1, s.win, s.cur, s.prev), floor(2 * w / 1000) + 1)
+  elseif alg == 1 then
+    if not s.changed then return end
+    local body = s.body
+    if #body < 16 then put(key, s, nil); return end
+    local newest = sunpack('<d', body, #body - 15)
+    put(key, s, spack('<Bd', 2, s.total) .. body, floor((newest + w - now) / 1000) + 1)
+  elseif alg == 2 then
+    if s.tat <= now then put(key, s, nil); return end
+    put(key, s, spack('<Bd', 3, s.tat), floor((s.tat - now) / 1000) + 1)
+  else
+    if #s.remove == 0 and #s.add == 0 then return end
+    call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if #s.remove > 0 then call('ZREM', key, unpack(s.remove)) end
+    if #s.add > 0 then
+      local args = {}
+      for j, m in ipairs(s.add) do args[2 * j - 1] = now + w; args[2 * j] = m end
+      call('ZADD', key, unpack(args))
+      call('PEXPIRE', key, floor(w / 1000) + 1)
+    end
+  end
+end
+
 
 -- Main ---------------------------------------------------------------------------------------
 
-local states, params, first = {}, {}, {}
-for i = 1, n do
-  local b = 4 + (i - 1) * 7
-  local p = {
-    alg = tonumber(ARGV[b + 1]), limit = tonumber(ARGV[b + 2]), w = tonumber(ARGV[b + 3]),
-    burst = tonumber(ARGV[b + 4]), amount = tonumber(ARGV[b + 5]),
-    placement = tonumber(ARGV[b + 6]), actual = tonumber(ARGV[b + 7]),
-  }
-  params[i] = p
-  -- (An acquire never names a key twice: the client rejects that.)
-  local seen = first[KEYS[i]]
-  if seen then
-    states[i] = states[seen]
-  else
-    first[KEYS[i]] = i
-    states[i] = load(KEYS[i], p.alg)
-  end
-end
+local function main(KEYS, ARGV)
+  if not call then bind() end
+  local nkeys = #KEYS
+  -- The rules' count is the keys' (minus the idempotency key): read the header's flag first.
+  local n = nkeys
+  if sunpack('<d', ARGV[1], 10) > 0 then n = n - 1 end
+  -- Every value in one table of the right size, in one call (tables that grow cost more than
+  -- the arithmetic): P[1..3] the header, then 7 per rule from P[4].
+  local P = { sunpack('<Bdd' .. string.rep('Bdddddd', n), ARGV[1]) }
+  local mode, idem_ttl = P[1], P[3]
+  now = P[2]
+  local idem = idem_ttl > 0
+  local acquire = mode == ACQUIRE
 
-if mode == 's' then
-  for i = 1, n do
-    local p, s = params[i], states[i]
-    adjust(s, p.alg, p.limit, p.w, p.placement, p.amount, p.actual)
-  end
-  for i = 1, n do
-    if first[KEYS[i]] == i then store(KEYS[i], states[i], params[i].alg, params[i].w) end
-  end
-  if idem then redis.call('DEL', KEYS[#KEYS]) end
-  return { 0 }
-end
+  -- One MGET reads every string state and the idempotency key (a sorted set or any key of
+  -- another type reads as nil: a fresh state, and the SET that writes it replaces the key).
+  local vals
+  if acquire and idem then vals = call('MGET', unpack(KEYS)) else vals = call('MGET', unpack(KEYS, 1, n)) end
 
-local denied, retry = -1, -1
-if mode == 'a' then
-  for i = 1, n do
-    local p = params[i]
-    local r = check(states[i], p.alg, p.limit, p.w, p.burst, p.amount)
-    if r then
-      local worse
-      if denied < 0 then worse = true
-      elseif retry == -2 then worse = false
-      elseif r == -2 then worse = true
-      else worse = r > retry end
-      if worse then denied = i - 1; retry = r end
+  if acquire and idem then
+    local seen = vals[nkeys]
+    if seen then
+      local reply
+      if byte(seen, 1) == 4 and (#seen - 1) % 8 == 0 then
+        reply = sub(seen, 2)
+      else
+        -- Text, from an older version.
+        local out = {}
+        for v in string.gmatch(seen, '[^,]+') do out[#out + 1] = tonumber(v) end
+        reply = spack('<' .. string.rep('d', #out), unpack(out))
+      end
+      -- A replayed admission says so (-3), so the caller doesn't settle it a second time.
+      if sunpack('<d', reply) == -1 then reply = spack('<d', -3) .. sub(reply, 9) end
+      return reply
     end
   end
+
+  if now < 0 then
+    local t = call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+
+  local states = { nil, nil, nil, nil, nil, nil, nil, nil }
+
+  if mode == SETTLE then
+    -- Adjustments naming one key several times apply one after the other to one state.
+    local first = {}
+    for i = 1, n do
+      local k, b = KEYS[i], 3 + 7 * (i - 1)
+      local f = first[k]
+      if f then states[i] = states[f] else first[k] = i; states[i] = load(k, P[b + 1], vals[i]) end
+      -- alg, limit, window, placement, charged, actual
+      adjust(states[i], P[b + 1], P[b + 2], P[b + 3], P[b + 6], P[b + 5], P[b + 7])
+    end
+    for i = 1, n do
+      local k = KEYS[i]
+      if first[k] == i then store(k, states[i], P[3 + 7 * (i - 1) + 1], P[3 + 7 * (i - 1) + 3]) end
+    end
+    if idem then call('DEL', KEYS[nkeys]) end
+    return { 0 }
+  end
+
+  -- (An acquire never names a key twice: the client rejects that; a peek names one.)
+  local denied, retry = -1, -1
+  for i = 1, n do
+    local b = 3 + 7 * (i - 1)
+    local s = load(KEYS[i], P[b + 1], vals[i])
+    states[i] = s
+    if acquire then
+      local r = check(s, P[b + 1], P[b + 2], P[b + 3], P[b + 4], P[b + 5])
+      if r then
+        local worse
+        if denied < 0 then worse = true
+        elseif retry == -2 then worse = false
+        elseif r == -2 then worse = true
+        else worse = r > retry end
+        if worse then denied = i - 1; retry = r end
+      end
+    end
+  end
+
+  local out = { denied, retry, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil,
+                nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil }
+  local charging = acquire and denied < 0
+  for i = 1, n do
+    local s, b, o = states[i], 3 + 7 * (i - 1), 4 * i - 1
+    local alg, w = P[b + 1], P[b + 3]
+    local placement = 0
+    if charging then placement = charge(s, alg, P[b + 2], w, P[b + 5], P[b + 6]) end
+    out[o], out[o + 1], out[o + 2] = peek(s, alg, P[b + 2], w, P[b + 4])
+    out[o + 3] = placement
+    if charging then store(KEYS[i], s, alg, w) end
+  end
+
+  local m = 2 + 4 * n
+  local reply = spack('<' .. string.rep('d', m), unpack(out, 1, m))
+  if acquire and idem then call('SET', KEYS[nkeys], '\4' .. reply, 'PX', format('%d', idem_ttl)) end
+  return reply
 end
 
-local out = { denied, retry }
-for i = 1, n do
-  local p, s = params[i], states[i]
-  local placement = 0
-  if mode == 'a' and denied < 0 then
-    placement = charge(s, p.alg, p.limit, p.w, p.amount, p.placement)
-  end
-  local limit, remaining, reset = peek(s, p.alg, p.limit, p.w, p.burst)
-  out[#out + 1] = limit
-  out[#out + 1] = remaining
-  out[#out + 1] = reset
-  out[#out + 1] = placement
-  if mode == 'a' and denied < 0 and first[KEYS[i]] == i then
-    store(KEYS[i], s, p.alg, p.w)
-  end
-end
-
-if mode == 'a' and idem then
-  local parts = {}
-  for i = 1, #out do parts[i] = string.format('%d', out[i]) end
-  redis.call('SET', KEYS[#KEYS], table.concat(parts, ','), 'PX', idem_ttl)
-end
-return out
+return main(KEYS, ARGV)

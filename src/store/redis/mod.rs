@@ -302,15 +302,31 @@ struct Call {
     /// Indexes of the charges (or adjustments) in this call.
     members: Vec<usize>,
     keys: Vec<String>,
-    args: Vec<String>,
+    /// The script's one argument (see `limiter.lua`): a header, then one record per key.
+    args: Vec<u8>,
 }
 
-fn algorithm_code(a: Algorithm) -> &'static str {
+/// The argument blob's layout (little-endian, as the script's `struct.unpack` reads it):
+/// header `<Bdd` mode, now (µs, or -1: the server's `TIME`), idempotency TTL (ms, 0 none),
+/// then per key `<Bdddddd` algorithm, limit, window (µs), burst, amount (charged), placement,
+/// actual. Every number travels as an `f64`: exact below 2^53, as the script's arithmetic
+/// (see the module documentation).
+const HEADER: usize = 17;
+const RECORD: usize = 49;
+const IDEM_TTL_AT: usize = 9;
+const PLACEMENT_AT: usize = 33;
+const ACTUAL_AT: usize = 41;
+
+fn put_f64(buf: &mut [u8], at: usize, v: f64) {
+    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn algorithm_code(a: Algorithm) -> u8 {
     match a {
-        Algorithm::SlidingWindowCounter => "0",
-        Algorithm::SlidingWindowLog => "1",
-        Algorithm::Gcra => "2",
-        Algorithm::Concurrency => "3",
+        Algorithm::SlidingWindowCounter => 0,
+        Algorithm::SlidingWindowLog => 1,
+        Algorithm::Gcra => 2,
+        Algorithm::Concurrency => 3,
     }
 }
 
@@ -321,29 +337,32 @@ fn window_us(q: &Quota) -> u64 {
 }
 
 impl Inner {
-    fn now_arg(&self) -> String {
+    fn now_arg(&self) -> f64 {
         match &self.clock {
-            Some(c) => (c.now_nanos() / 1_000).to_string(),
-            None => "-1".to_owned(),
+            Some(c) => (c.now_nanos() / 1_000) as f64,
+            None => -1.0,
         }
     }
 
     /// Groups per slot (one group on a single node), each with the script's arguments.
     fn calls<'a>(
         &self,
-        mode: &str,
+        mode: u8,
         items: impl Iterator<Item = (&'a BucketKey, &'a Quota, u64, u64, u64)>,
         request_id: Option<&str>,
     ) -> Vec<Call> {
         let now = self.now_arg();
-        let mut calls: Vec<(u16, Call)> = Vec::new();
+        let mut calls: Vec<(u16, Call)> = Vec::with_capacity(1);
         for (i, (bucket, quota, amount, placement, actual)) in items.enumerate() {
             let key = keys::bucket_key(&self.prefix, bucket);
             let slot = if self.cluster { keys::slot(&key) } else { 0 };
             let at = match calls.iter().position(|(s, _)| *s == slot) {
                 Some(at) => at,
                 None => {
-                    let args = vec![mode.to_owned(), now.clone(), String::new(), String::new()];
+                    let mut args = Vec::with_capacity(HEADER + 3 * RECORD);
+                    args.push(mode);
+                    args.extend_from_slice(&now.to_le_bytes());
+                    args.extend_from_slice(&0f64.to_le_bytes());
                     calls.push((
                         slot,
                         Call {
@@ -358,23 +377,24 @@ impl Inner {
             let call = &mut calls[at].1;
             call.members.push(i);
             call.keys.push(key);
-            call.args.extend([
-                algorithm_code(quota.algorithm()).to_owned(),
-                quota.limit().to_string(),
-                window_us(quota).to_string(),
-                quota.effective_burst().to_string(),
-                amount.to_string(),
-                placement.to_string(),
-                actual.to_string(),
-            ]);
+            call.args.push(algorithm_code(quota.algorithm()));
+            for v in [
+                quota.limit(),
+                window_us(quota),
+                quota.effective_burst(),
+                amount,
+                placement,
+                actual,
+            ] {
+                call.args.extend_from_slice(&(v as f64).to_le_bytes());
+            }
         }
         let mut calls: Vec<Call> = calls.into_iter().map(|(_, c)| c).collect();
         if let Some(id) = request_id {
             for call in &mut calls {
                 let idem = keys::idempotency_key(&self.prefix, &call.keys[0], id);
                 call.keys.push(idem);
-                call.args[2] = "1".to_owned();
-                call.args[3] = self.idempotency_ttl_ms.to_string();
+                put_f64(&mut call.args, IDEM_TTL_AT, self.idempotency_ttl_ms as f64);
             }
         }
         calls
@@ -387,29 +407,25 @@ impl Inner {
                 "circuit open after repeated Redis failures".into(),
             ));
         }
-        let mut invocation = self.script.prepare_invoke();
-        for k in &call.keys {
-            invocation.key(k);
-        }
-        for a in &call.args {
-            invocation.arg(a);
-        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(call.keys.len())
+            .arg(&call.keys)
+            .arg(&call.args[..]);
         let result = match self.conn.clone() {
             Conn::Single(mut c) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c))
-                    .await
+                tokio::time::timeout(self.timeout, self.evalsha(&cmd, &mut c)).await
             }
             Conn::Cluster(mut c) => {
-                tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<i64>>(&mut c))
-                    .await
+                tokio::time::timeout(self.timeout, self.evalsha(&cmd, &mut c)).await
             }
         };
-        let error = match result {
-            Ok(Ok(reply)) => {
+        let error = match result.map(|r| r.map(|v| decode_reply(&v))) {
+            Ok(Ok(Ok(reply))) => {
                 self.breaker.success();
                 return Ok(reply);
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(Err(e))) | Ok(Err(e)) => e.to_string(),
             Err(_) => format!("Redis did not answer within {:?}", self.timeout),
         };
         self.errors.fetch_add(1, Ordering::Relaxed);
@@ -418,6 +434,22 @@ impl Inner {
             tracing::warn!(target: "tower_llm_ratelimit", error, "Redis circuit opened");
         }
         Err(StoreError::Backend(error))
+    }
+
+    /// `EVALSHA`; on `NOSCRIPT` (a restart, a failover, `SCRIPT FLUSH`) loads the script
+    /// and retries once.
+    async fn evalsha(
+        &self,
+        cmd: &redis::Cmd,
+        con: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<redis::Value> {
+        match cmd.query_async(con).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.script.prepare_invoke().load_async(con).await?;
+                cmd.query_async(con).await
+            }
+            other => other,
+        }
     }
 
     /// Runs every call, concurrently when there are several.
@@ -463,6 +495,31 @@ impl Inner {
     }
 }
 
+/// The script's reply as integers: a string of little-endian doubles (acquire, peek), or an
+/// array of integers (settle).
+fn decode_reply(v: &redis::Value) -> redis::RedisResult<Vec<i64>> {
+    match v {
+        redis::Value::BulkString(bytes) if bytes.len() % 8 == 0 => Ok(bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64)
+            .collect()),
+        redis::Value::Array(items) if items.iter().all(|i| matches!(i, redis::Value::Int(_))) => {
+            Ok(items
+                .iter()
+                .map(|i| match i {
+                    redis::Value::Int(n) => *n,
+                    _ => 0,
+                })
+                .collect())
+        }
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "unexpected script reply",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
 /// A snapshot from the script's microseconds.
 fn snapshot(limit: i64, remaining: i64, reset_us: i64) -> Snapshot {
     Snapshot {
@@ -502,7 +559,7 @@ impl RedisStore {
             })
             .collect();
         let calls = inner.calls(
-            "a",
+            b'a',
             charges
                 .iter()
                 .zip(&leases)
@@ -593,11 +650,11 @@ async fn refund_admitted(inner: &Arc<Inner>, results: &[(Call, Result<Vec<i64>, 
         // With a request id, the settle also forgets the remembered decision, so a retry is
         // decided afresh rather than told "admitted" by a slot that was refunded.
         let mut args = call.args.clone();
-        args[0] = "s".to_owned();
+        args[0] = b's';
         for j in 0..call.members.len() {
-            let b = 4 + 7 * j;
-            args[b + 5] = reply[2 + 4 * j + 3].to_string();
-            args[b + 6] = "0".to_owned();
+            let b = HEADER + RECORD * j;
+            put_f64(&mut args, b + PLACEMENT_AT, reply[2 + 4 * j + 3] as f64);
+            put_f64(&mut args, b + ACTUAL_AT, 0.0);
         }
         let refund = Call {
             members: call.members.clone(),
@@ -686,7 +743,7 @@ impl Store for RedisStore {
             return StoreFuture::ready(Ok(()));
         }
         let calls = inner.calls(
-            "s",
+            b's',
             remote
                 .iter()
                 .map(|a| (a.bucket, a.quota, a.charged, a.placement.0, a.actual)),
@@ -702,7 +759,7 @@ impl Store for RedisStore {
 
     fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
         let inner = Arc::clone(&self.inner);
-        let calls = inner.calls("p", std::iter::once((bucket, quota, 0, 0, 0)), None);
+        let calls = inner.calls(b'p', std::iter::once((bucket, quota, 0, 0, 0)), None);
         let fallback = inner.fallback_quota(quota).map(|q| (bucket.clone(), q));
         StoreFuture::pending(async move {
             let mut results = inner.run_all(calls).await;
