@@ -15,9 +15,11 @@
 //!
 //! - `redis-benchmark EVALSHA "return 1"`: the server's ceiling for a trivial script,
 //!   unpipelined, 64 clients (a reference, not our code);
-//! - `redis-benchmark EVALSHA limiter.lua, 3 keys`: our script with fixed arguments on three
-//!   hot keys, driven by redis-benchmark: the server-side ceiling of our script without our
-//!   client;
+//! - `redis-benchmark EVALSHA "return 1" with the same 3 keys + 1 argument`: what passing
+//!   our keys and argument blob costs (the blob replaced by as many bytes of text);
+//! - `EVALSHA limiter.lua, 3 hot keys`: our script with fixed arguments on three hot keys,
+//!   driven through one plain redis-rs connection by the same tasks (redis-benchmark can't
+//!   send its binary argument): the server-side cost of our script without the store;
 //! - `ours, 1 rule` / `ours, 3 rules`: `RedisStore::acquire` (one `EVALSHA` per decision over
 //!   the store's multiplexed connection), sliding window counter; 3 rules = per-user requests,
 //!   per-user tokens and per-model tokens (one model: a hot key), all in one script call;
@@ -395,31 +397,25 @@ fn main() {
         vec!["EVALSHA".into(), trivial.clone(), "0".into()],
         "evalsha",
     );
-    let mut args: Vec<String> = vec!["EVALSHA".into(), ours_sha, "3".into()];
-    args.extend(["rb:{u}:user-rpm", "rb:{u}:user-tpm", "rb:{m}:model-tpm"].map(String::from));
-    args.extend(["a", "-1", "", ""].map(String::from));
+    // The script's one argument (see limiter.lua): header, then 3 counter rules.
+    let mut blob: Vec<u8> = vec![b'a'];
+    blob.extend_from_slice(&(-1f64).to_le_bytes());
+    blob.extend_from_slice(&0f64.to_le_bytes());
     for amount in [1, TOKENS, TOKENS] {
         // algorithm, limit, window_us, burst, amount, placement, actual
-        args.extend([
-            "0".to_owned(),
-            (LIMIT * 100).to_string(),
-            WINDOW_US.to_string(),
-            (LIMIT * 100).to_string(),
-            amount.to_string(),
-            "0".to_owned(),
-            "0".to_owned(),
-        ]);
+        blob.push(0);
+        for v in [LIMIT * 100, WINDOW_US, LIMIT * 100, amount, 0, 0] {
+            blob.extend_from_slice(&(v as f64).to_le_bytes());
+        }
     }
-    // The same arguments to a script that ignores them: what passing them costs.
-    let mut trivial_args = args.clone();
-    trivial_args[1] = trivial.clone();
+    let hot_keys = ["rb:{u}:user-rpm", "rb:{u}:user-tpm", "rb:{m}:model-tpm"];
+    // A script that ignores its arguments, given as many bytes (redis-benchmark can't pass
+    // binary arguments; the trivial script doesn't read them): what passing them costs.
+    let mut trivial_args: Vec<String> = vec!["EVALSHA".into(), trivial.clone(), "3".into()];
+    trivial_args.extend(hot_keys.map(String::from));
+    trivial_args.push("x".repeat(blob.len()));
     reference(
-        "redis-benchmark EVALSHA limiter.lua, 3 hot keys (reference)",
-        args,
-        "evalsha",
-    );
-    reference(
-        "redis-benchmark EVALSHA \"return 1\" with the same 3 keys + 25 args (reference)",
+        "redis-benchmark EVALSHA \"return 1\" with the same 3 keys + 1 argument of 164 bytes (reference)",
         trivial_args,
         "evalsha",
     );
@@ -450,6 +446,39 @@ fn main() {
         let rpm = Quota::per_minute(LIMIT);
         let tpm = Quota::per_minute(LIMIT).tokens();
         let users_n = cfg.users;
+
+        // Our script with fixed arguments on three hot keys, driven through a plain redis-rs
+        // connection (redis-benchmark can't send its binary argument): the server-side cost
+        // of the script without the store's client code.
+        let plain = redis::Client::open(url.as_str())
+            .expect("client")
+            .get_connection_manager()
+            .await
+            .expect("connection manager");
+        let decide = {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&ours_sha).arg(3).arg(&hot_keys[..]).arg(&blob[..]);
+            let cmd = Arc::new(cmd);
+            move |_: usize| {
+                let mut conn = plain.clone();
+                let cmd = Arc::clone(&cmd);
+                async move {
+                    let reply: Vec<u8> = cmd.query_async(&mut conn).await.map_err(|e| e.to_string())?;
+                    // The first double is the denied index: -1 when admitted.
+                    Ok(reply.get(..8) == Some(&(-1f64).to_le_bytes()[..]))
+                }
+            }
+        };
+        let row = measure(
+            &server,
+            &cfg,
+            "EVALSHA limiter.lua, 3 hot keys, fixed arguments over one redis-rs connection (reference)",
+            &["evalsha"],
+            decide,
+        )
+        .await;
+        rows.push(row);
+        let _ = server.cli(&["FLUSHALL"]);
 
         // Ours, 1 rule.
         let decide = {
