@@ -834,6 +834,23 @@ async fn cluster_refunds_across_slots_and_admits_exactly_the_limit() {
     for s in &stores {
         assert_eq!(s.stats().errors, 0, "{:?}", s.stats());
     }
+
+    // `FUNCTION FLUSH` on every primary: the library is loaded on all of them again.
+    for n in &cluster.nodes {
+        n.cli(&["FUNCTION", "FLUSH"]).expect("FUNCTION FLUSH");
+    }
+    let fresh = BucketKey::new("user-rph", "carol");
+    let d = acquire(&stores[1], &[Charge::new(&fresh, &per_user, 1)]).await;
+    assert!(d.is_admitted(), "{d:?}");
+    for n in &cluster.nodes {
+        let libraries = n.cli(&["FUNCTION", "LIST"]).unwrap_or_default();
+        assert!(
+            libraries.contains("tower_llm_ratelimit_"),
+            "port {}: {libraries}",
+            n.port
+        );
+    }
+    assert_eq!(stores[1].stats().errors, 0, "{:?}", stores[1].stats());
 }
 
 /// A bounded poll: calls `f` until it returns `Some`, for at most 10 s.
@@ -995,6 +1012,84 @@ async fn script_flush_is_survived() {
     server.cli(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
     assert_eq!(peek(&store, &b, &q).await.remaining, 8);
     assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+}
+
+/// `calls` of `command` (lowercase) in `INFO commandstats`, 0 when never called.
+fn calls_of(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]).unwrap_or_default();
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `FUNCTION FLUSH` (or a restart that lost the functions) mid-run: the library is loaded
+/// again and the call retried, as `NOSCRIPT` is answered for `EVALSHA`.
+#[tokio::test]
+async fn function_flush_is_survived() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("rph", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 9);
+    let libraries = server.cli(&["FUNCTION", "LIST"]).unwrap_or_default();
+    assert!(
+        libraries.contains("tower_llm_ratelimit_"),
+        "the library is loaded: {libraries}"
+    );
+    assert!(calls_of(&server, "fcall") >= 1, "decided by FCALL");
+    assert_eq!(
+        server
+            .cli(&["FUNCTION", "FLUSH"])
+            .map(|o| o.trim().to_owned()),
+        Some("OK".to_owned())
+    );
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 8);
+    server.cli(&["FUNCTION", "FLUSH"]).expect("FUNCTION FLUSH");
+    assert_eq!(peek(&store, &b, &q).await.remaining, 8);
+    // Functions and scripts are independent: flushing scripts changes nothing.
+    server.cli(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 7);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+    assert_eq!(
+        calls_of(&server, "evalsha"),
+        0,
+        "never fell back to EVALSHA"
+    );
+}
+
+/// A server without functions (Redis 6; here Redis 7 with `FCALL` and `FUNCTION` renamed
+/// away): the store falls back to `EVALSHA` for good, without an error, and still survives
+/// `SCRIPT FLUSH`.
+#[tokio::test]
+async fn a_server_without_functions_is_served_by_evalsha() {
+    let Some(server) = RedisServer::start_with(&[
+        "--rename-command",
+        "FCALL",
+        "",
+        "--rename-command",
+        "FUNCTION",
+        "",
+    ]) else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("rph", "alice");
+    let one = [Charge::new(&b, &q, 1)];
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 9);
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 8);
+    server.cli(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
+    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 7);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+    let evalsha = calls_of(&server, "evalsha");
+    assert!(evalsha >= 3, "decided by EVALSHA: {evalsha} calls");
 }
 
 /// Clones share one connection; the store is usable behind an `Arc<dyn Store>` too.
