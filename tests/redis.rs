@@ -525,9 +525,9 @@ fn memory_usage(server: &RedisServer, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("MEMORY USAGE {key}"))
 }
 
-/// `prefix:{<32 hex>}:<rule>`: the tag, or `None` when `key` is not a bucket key of `rule`.
+/// `prefix:v2:{<32 hex>}:<rule>`: the tag, or `None` when `key` is not a bucket key of `rule`.
 fn tag_of<'k>(key: &'k str, prefix: &str, rule: &str) -> Option<&'k str> {
-    let rest = key.strip_prefix(prefix)?.strip_prefix(":{")?;
+    let rest = key.strip_prefix(prefix)?.strip_prefix(":v2:{")?;
     let (tag, rule_part) = rest.split_once("}:")?;
     let hex = tag.len() == 32
         && tag
@@ -577,7 +577,7 @@ async fn keys_are_hashed_tagged_and_expire() {
     }
     let idem = keys
         .iter()
-        .find(|k| k.starts_with(&format!("rl:{{{tag}}}:idem:")))
+        .find(|k| k.starts_with(&format!("rl:v2:{{{tag}}}:idem:")))
         .unwrap_or_else(|| panic!("no idempotency key in {keys:?}"));
     let idem_hash = idem.rsplit(':').next().unwrap();
     assert_eq!(idem_hash.len(), 32, "{idem}");
@@ -636,9 +636,10 @@ async fn keys_are_hashed_tagged_and_expire() {
     assert!(usage[0] < 200 && usage[2] < 200, "{usage:?}");
 }
 
-/// States written by an older version (text values, a log kept as a list, an idempotency
-/// record as text) or keys of another type: the bucket starts afresh, without an error, and
-/// an old idempotency record is still replayed.
+/// Values not in this version's format where its states belong (text values, a log kept as a
+/// list, an idempotency record as text) or keys of another type: the bucket starts afresh,
+/// without an error, and a foreign idempotency record is ignored and replaced. (Older
+/// versions' states use other keys: `versions_use_separate_keys`.)
 #[tokio::test]
 async fn old_and_foreign_states_start_afresh() {
     let Some(server) = RedisServer::start() else {
@@ -725,9 +726,67 @@ async fn old_and_foreign_states_start_afresh() {
     let again = within("acquire_once", store.acquire_once(&one, "req-old"))
         .await
         .unwrap();
-    assert!(again.is_admitted() && again.replayed, "{again:?}");
-    assert_eq!(again.charges[0].snapshot.remaining, 2);
-    assert_eq!(again.charges[0].placement.0, 30);
+    assert!(again.is_admitted() && !again.replayed, "{again:?}");
+    assert_eq!(again.charges[0].snapshot.remaining, 3, "decided afresh");
+    let third = within("acquire_once", store.acquire_once(&one, "req-old"))
+        .await
+        .unwrap();
+    assert!(third.is_admitted() && third.replayed, "{third:?}");
+    assert_eq!(third.charges[0].snapshot.remaining, 3);
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+}
+
+/// Versions that store states differently use different keys (the format's version is part
+/// of every key): during a rolling upgrade the old and the new version each keep their own
+/// states under one prefix, and neither reads, resets or replays the other's.
+#[tokio::test]
+async fn versions_use_separate_keys() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    let q = Quota::per_minute(5);
+    let b = BucketKey::new("counter", "alice");
+    let d = within(
+        "acquire_once",
+        store.acquire_once(&[Charge::new(&b, &q, 1)], "req-1"),
+    )
+    .await
+    .unwrap();
+    assert!(d.is_admitted());
+    let keys = server.keys();
+    let counter = keys
+        .iter()
+        .find(|k| tag_of(k, "rl", "counter").is_some())
+        .unwrap_or_else(|| panic!("no counter key in {keys:?}"))
+        .clone();
+    let idem = keys
+        .iter()
+        .find(|k| k.contains(":idem:"))
+        .unwrap_or_else(|| panic!("no idempotency key in {keys:?}"))
+        .clone();
+    // The previous version's layout: the same names without the version.
+    let old_counter = counter.replacen(":v2:", ":", 1);
+    let old_idem = idem.replacen(":v2:", ":", 1);
+    assert_ne!(old_counter, counter);
+    let cli = |args: &[&str]| server.cli(args).expect("redis-cli");
+    // An old replica's full counter and its record of another request.
+    cli(&["SET", &old_counter, "16 5 0", "PX", "100000"]);
+    cli(&["SET", &old_idem, "-1,-1,5,0,60000000,16", "PX", "100000"]);
+    for left in [3, 2, 1, 0] {
+        let d = acquire(&store, &[Charge::new(&b, &q, 1)]).await;
+        assert!(d.is_admitted(), "{d:?}");
+        assert_eq!(d.charges[0].snapshot.remaining, left);
+    }
+    assert!(!acquire(&store, &[Charge::new(&b, &q, 1)])
+        .await
+        .is_admitted());
+    // The old replica's states are untouched.
+    assert_eq!(cli(&["GET", &old_counter]).trim(), "16 5 0");
+    assert_eq!(cli(&["GET", &old_idem]).trim(), "-1,-1,5,0,60000000,16");
+    assert_eq!(server.keys().len(), 4, "{:?}", server.keys());
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

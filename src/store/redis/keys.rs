@@ -4,14 +4,22 @@ use std::fmt::Write as _;
 
 use crate::store::BucketKey;
 
-/// `prefix:{hash}:rule`: the caller's key is hashed (SHA-1, first 128 bits, hex), so no input
-/// can reach another namespace, collide on purpose with another caller's bucket, or make a
-/// key longer than 32 bytes; the hash is the cluster hash tag, so every rule keyed by the same
-/// caller lands in one slot and is decided by one script call. The rule name is
-/// percent-escaped for `{`, `}`, `%` and `:`.
+/// The version of the states' format (see `limiter.lua`), part of every key: versions that
+/// store states differently use different keys, so that during a rolling upgrade neither
+/// reads (and resets) the other's states. Bump it with any incompatible change of a state or
+/// of the idempotency record.
+pub(crate) const FORMAT: &str = "v2";
+
+/// `prefix:v2:{hash}:rule` (`v2`: [`FORMAT`]): the caller's key is hashed (SHA-1, first 128
+/// bits, hex), so no input can reach another namespace, collide on purpose with another
+/// caller's bucket, or make a key longer than 32 bytes; the hash is the cluster hash tag, so
+/// every rule keyed by the same caller lands in one slot and is decided by one script call.
+/// The rule name is percent-escaped for `{`, `}`, `%` and `:`.
 pub(crate) fn bucket_key(prefix: &str, bucket: &BucketKey) -> String {
-    let mut out = String::with_capacity(prefix.len() + bucket.rule().len() + 40);
+    let mut out = String::with_capacity(prefix.len() + bucket.rule().len() + 44);
     out.push_str(prefix);
+    out.push(':');
+    out.push_str(FORMAT);
     out.push_str(":{");
     push_tag(&mut out, bucket.key().as_bytes());
     out.push_str("}:");
@@ -26,13 +34,14 @@ pub(crate) fn bucket_key(prefix: &str, bucket: &BucketKey) -> String {
     out
 }
 
-/// The key remembering a request id's decision, in the slot of `tag_of` (a bucket key).
+/// `prefix:v2:{tag}:idem:hash`: the key remembering a request id's decision, in the slot of
+/// `tag_of` (a bucket key: `tag` is its hash tag).
 pub(crate) fn idempotency_key(prefix: &str, tag_of: &str, request_id: &str) -> String {
     let tag = tag_of
         .split_once('{')
         .and_then(|(_, rest)| rest.split_once('}'))
         .map_or("", |(t, _)| t);
-    let mut out = format!("{prefix}:{{{tag}}}:idem:");
+    let mut out = format!("{prefix}:{FORMAT}:{{{tag}}}:idem:");
     push_tag(&mut out, request_id.as_bytes());
     out
 }
@@ -85,14 +94,23 @@ mod tests {
     fn keys_are_hashed_escaped_and_tagged() {
         let a = bucket_key("rl", &BucketKey::new("user-rpm", "sk-1"));
         let b = bucket_key("rl", &BucketKey::new("user-tpm", "sk-1"));
-        assert!(a.starts_with("rl:{") && a.ends_with("}:user-rpm"), "{a}");
+        assert!(a.starts_with("rl:v2:{") && a.ends_with("}:user-rpm"), "{a}");
         assert_eq!(slot(&a), slot(&b), "one caller's rules share a slot");
-        assert_eq!(a.len(), "rl:{}:user-rpm".len() + 32);
+        assert_eq!(a.len(), "rl:v2:{}:user-rpm".len() + 32);
         let weird = bucket_key("rl", &BucketKey::new("a:{b}%", "}{:"));
         assert!(weird.ends_with(":a%3A%7Bb%7D%25"), "{weird}");
         assert_eq!(weird.matches('{').count(), 1);
         let idem = idempotency_key("rl", &a, "req-1");
+        assert!(idem.starts_with(&a[..a.len() - "user-rpm".len()]), "{idem}");
+        assert!(idem.contains("}:idem:"), "{idem}");
         assert_eq!(slot(&idem), slot(&a));
+        // The slot is the hash tag's alone: the prefix and the format's version don't move it.
+        let tag = &a[a.find('{').unwrap() + 1..a.find('}').unwrap()];
+        assert_eq!(slot(&a), crc16(tag.as_bytes()) % 16384);
+        assert_eq!(
+            slot(&a),
+            slot(&bucket_key("other", &BucketKey::new("x", "sk-1")))
+        );
     }
 
     #[test]

@@ -19,14 +19,16 @@
 --              acquire: the new lease's id, unique, < 2^53), actual (settle)
 -- Every number is a double: exact below 2^53 (the client's values are; see mod.rs).
 --
--- States are binary strings beginning with a tag byte (older versions stored text, which
--- begins with a digit: such a value, or a key of the wrong type, is another algorithm's state
--- and the bucket starts afresh, as the memory store resets it):
+-- Every key names the states' format version (keys.rs, FORMAT): older versions' states (text)
+-- live under other keys and are never read here. States are binary strings beginning with a
+-- tag byte; a value with another tag (a rule that changed algorithm) or of another shape, or
+-- a key of the wrong type, is another algorithm's state and the bucket starts afresh, as the
+-- memory store resets it:
 --   counter      '<Bddd' 1, window index, current count, previous count
 --   log          '<Bd'   2, total, then '<dd' (time, amount) per entry, oldest first;
 --                entries at one instant are merged, entries refunded to 0 are removed
 --   gcra         '<Bd'   3, theoretical arrival time
---   idempotency  '<B'    4, then the reply (text, comma-separated, in older versions)
+--   idempotency  '<B'    4, then the reply (any other value is ignored and replaced)
 -- Concurrency buckets are sorted sets of slots scored by their expiry (now + window): a
 -- process that dies holding slots can't leak them past the window. A charge of n slots under
 -- lease id L holds the members "L", "L:2", ..., "L:n".
@@ -364,16 +366,8 @@ local function main(KEYS, ARGV)
 
   if acquire and idem then
     local seen = vals[nkeys]
-    if seen then
-      local reply
-      if byte(seen, 1) == 4 and (#seen - 1) % 8 == 0 then
-        reply = sub(seen, 2)
-      else
-        -- Text, from an older version.
-        local out = {}
-        for v in string.gmatch(seen, '[^,]+') do out[#out + 1] = tonumber(v) end
-        reply = spack('<' .. string.rep('d', #out), unpack(out))
-      end
+    if seen and byte(seen, 1) == 4 and (#seen - 1) % 8 == 0 and #seen > 8 then
+      local reply = sub(seen, 2)
       -- A replayed admission says so (-3), so the caller doesn't settle it a second time.
       if sunpack('<d', reply) == -1 then reply = spack('<d', -3) .. sub(reply, 9) end
       return reply

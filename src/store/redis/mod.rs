@@ -17,8 +17,9 @@
 //!   against both stores. Lua computes in doubles: exact while `limit x window_in_µs` stays
 //!   below 2^53 (e.g. 100 million tokens per day); past that a boundary may move by less
 //!   than one unit.
-//! - **Keys** `prefix:{hash}:rule` (see `keys.rs`): the caller's key is hashed, so no input
-//!   can reach another namespace; one caller's rules share a slot. Every key has a TTL of
+//! - **Keys** `prefix:v2:{hash}:rule` (see `keys.rs`; `v2` is the version of the states'
+//!   format, see "Upgrades" below): the caller's key is hashed, so no input can reach another
+//!   namespace; the hash is the cluster hash tag, so one caller's rules share a slot. Every key has a TTL of
 //!   about two windows (the counter), the time to drain (GCRA), the newest entry's expiry
 //!   (log) or the lease (concurrency), so Redis memory is bounded by active keys.
 //! - **Redis Cluster**: rules whose keys fall in different slots (per user vs per model) are
@@ -34,6 +35,21 @@
 //! - **Idempotency**: [`Store::acquire_once`] with a request id (the layer's
 //!   [`crate::RateLimitLayerBuilder::idempotency_header`]) is counted once; a retry gets the
 //!   first decision back.
+//!
+//! # Upgrades
+//!
+//! Every key names the version of the format its state is stored in (`v2` since the binary
+//! states; the keys of earlier versions had none: `prefix:{hash}:rule`). Versions that store
+//! states differently therefore use different keys, and during a rolling upgrade old and new
+//! replicas sharing one Redis and one prefix neither read, reset nor fail on each other's
+//! states: each version enforces its limits on its own keys. The consequence: while both
+//! versions run, each admits up to the whole limit, so up to the old plus the new budget can
+//! be admitted in one window (at most twice the limit with two versions); idempotency
+//! records are not shared either (a retry that reaches the other version is decided afresh);
+//! no bucket is reset and no request fails. Once the old version is gone its keys expire
+//! with their TTLs (at most about two windows, or the idempotency TTL). The script itself is
+//! versioned the same way (`tower_llm_ratelimit_<hash>`, a script SHA), so versions never run
+//! each other's code either.
 
 mod breaker;
 mod keys;
