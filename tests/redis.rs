@@ -584,17 +584,29 @@ async fn keys_are_hashed_tagged_and_expire() {
     // The caller's key never appears in clear.
     assert!(keys.iter().all(|k| !k.contains("alice")), "{keys:?}");
 
-    // TTLs (real milliseconds left, a little less than what was set): two windows for the
-    // counter, the newest entry's expiry for the log, the backlog for GCRA (one unit of 10
+    // TTLs (real milliseconds left, a little less than what was set): the end of the next
+    // window for the counter (the clock is at 1,000 s: window 16 of 60 s, the next ends at
+    // 1,080 s), the newest entry's expiry for the log, the backlog for GCRA (one unit of 10
     // per minute: 6 s), the lease for concurrency, the idempotency TTL (default 120 s).
     let ttls: Vec<i64> = by_rule.iter().map(|k| pttl(&server, k)).collect();
-    let expected = [120_001, 60_001, 6_001, 30_001];
+    let expected = [80_001, 60_001, 6_001, 30_001];
     for ((k, ttl), want) in by_rule.iter().zip(&ttls).zip(expected) {
         assert!(
             *ttl <= want && *ttl > want - 5_000,
             "{k}: PTTL {ttl}, expected about {want}"
         );
     }
+    // A write within the window keeps the counter's expiry; one in the next window moves it.
+    std::thread::sleep(Duration::from_millis(50));
+    acquire(&store, &[Charge::new(&b[0], &counter, 1)]).await;
+    let kept = pttl(&server, &by_rule[0]);
+    assert!(kept <= ttls[0] - 40, "{kept} vs {}", ttls[0]);
+    // 1,050 s: window 17, the next ends at 1,140 s.
+    clock.advance(Duration::from_secs(50));
+    acquire(&store, &[Charge::new(&b[0], &counter, 1)]).await;
+    let moved = pttl(&server, &by_rule[0]);
+    assert!(moved > 85_000 && moved <= 90_001, "{moved}");
+    clock.set(Duration::from_secs(1_000));
     let idem_ttl = pttl(&server, idem);
     assert!(
         idem_ttl <= 120_000 && idem_ttl > 115_000,

@@ -6,7 +6,8 @@
 -- Cost model: on Redis 7 every redis.call costs about as much as all of this script's
 -- arithmetic (a fake client, command lookup, RESP reply parsed back into Lua), so the script
 -- makes as few as it can: one MGET reads every string state (and the idempotency key), one
--- SET (with its TTL) writes each state that changed, nothing is written on a denial.
+-- SET writes each state that changed (a counter keeps its TTL within a window), nothing is
+-- written on a denial.
 --
 -- Arguments are one binary blob, ARGV[1], packed little-endian (struct.pack formats):
 --   '<Bdd'     mode ('a' acquire, all or nothing; 's' settle; 'p' peek), now in microseconds
@@ -70,7 +71,7 @@ local function load(k, alg, v)
   if alg == 0 then
     if v and #v == 25 and byte(v, 1) == 1 then
       local _, win, cur, prev = sunpack('<Bddd', v)
-      return { win = win, cur = cur, prev = prev, raw = v }
+      return { win = win, cur = cur, prev = prev, raw = v, win0 = win }
     end
     return { win = 0, cur = 0, prev = 0, raw = v }
   elseif alg == 1 then
@@ -319,7 +320,16 @@ end
 local function store(key, s, alg, w)
   if alg == 0 then
     if s.cur == 0 and s.prev == 0 then put(key, s, nil); return end
-    put(key, s, spack('<Bddd', 1, s.win, s.cur, s.prev), floor(2 * w / 1000) + 1)
+    -- A counter only matters until its next window ends: that is its expiry, set when the
+    -- window moves (or the key is new) and kept by the writes within a window (a SET that
+    -- keeps the TTL costs Redis less than one that sets it).
+    local value = spack('<Bddd', 1, s.win, s.cur, s.prev)
+    if value == s.raw then return end
+    if s.win0 == s.win then
+      call('SET', key, value, 'KEEPTTL')
+    else
+      call('SET', key, value, 'PX', format('%d', floor(((s.win + 2) * w - now) / 1000) + 1))
+    end
   elseif alg == 1 then
     if not s.changed then return end
     local body = s.body

@@ -19,9 +19,11 @@
 //!   than one unit.
 //! - **Keys** `prefix:v2:{hash}:rule` (see `keys.rs`; `v2` is the version of the states'
 //!   format, see "Upgrades" below): the caller's key is hashed, so no input can reach another
-//!   namespace; the hash is the cluster hash tag, so one caller's rules share a slot. Every key has a TTL of
-//!   about two windows (the counter), the time to drain (GCRA), the newest entry's expiry
-//!   (log) or the lease (concurrency), so Redis memory is bounded by active keys.
+//!   namespace; the hash is the cluster hash tag, so one caller's rules share a slot. Every
+//!   key has a TTL: the end of the next window (the counter, at most two windows; set when
+//!   its window moves, kept by writes within a window), the time to drain (GCRA), the newest
+//!   entry's expiry (log) or the lease (concurrency), so Redis memory is bounded by active
+//!   keys. Needs Redis >= 6.0 (`SET ... KEEPTTL`).
 //! - **Redis Cluster**: rules whose keys fall in different slots (per user vs per model) are
 //!   decided by one script call per slot, sent concurrently; if any denies, the slots that
 //!   admitted are refunded. A brief spurious denial of a concurrent request is possible in
