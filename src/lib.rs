@@ -29,7 +29,8 @@
 //! ```text
 //! request ──► RateLimit::call
 //!   0. inspect  : only if a key or the estimate reads the body: read it, bounded by
-//!                 max_inspect_bytes, parse JSON once; 413/400 or fallback  (inspect)
+//!                 max_inspect_bytes, parse JSON once (borrowed); 413/400 or fallback
+//!                                                                          (inspect, json)
 //!   1. tier     : TierResolver → the caller's tier, once                   (tier)
 //!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
 //!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip
@@ -53,15 +54,15 @@
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer.rs`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging |
 //! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
-//! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`) | bounded reading of request bodies, replayed unchanged to the inner service |
+//! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`] |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::usage`]: the incremental `usage` parser for JSON and SSE responses |
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
-//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`]; `store::RedisStore` (feature `redis`, `store/redis/`: the Lua script, key layout, circuit breaker) |
-//! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`]; `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker) |
+//! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
 //!
