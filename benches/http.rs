@@ -17,6 +17,8 @@
 //! 6. ours, one `tokens()` rule with `cost::openai()` over the 2 KB body (the layer reads and
 //!    parses it, estimates, reserves, replays it, and settles to the response's `usage`);
 //! 7. and 8. = 4. and 6. with `HeaderStyle::NONE`: what the rate-limit headers cost.
+//! 9. = 2. with `use_headers()`: tower_governor adding its `x-ratelimit-limit` and
+//!    `x-ratelimit-remaining` headers, the peer's nearest equivalent of (4).
 //!
 //! Nothing is ever denied (every response is checked for 200). Load: `HTTP_BENCH_CONNECTIONS`
 //! (32) HTTP/1.1 keep-alive connections, each sending requests back to back,
@@ -155,6 +157,23 @@ fn governor_header(
         .per_nanosecond(1)
         .burst_size(u32::MAX)
         .key_extractor(ApiKeyHeader)
+        .finish()
+        .expect("governor config");
+    GovernorLayer::new(config)
+}
+
+/// (2) with `use_headers()`: `x-ratelimit-limit` and `x-ratelimit-remaining` on every
+/// response, as this layer adds its own (two headers against our five).
+fn governor_header_with_headers() -> GovernorLayer<
+    ApiKeyHeader,
+    governor::middleware::StateInformationMiddleware,
+    axum::body::Body,
+> {
+    let config = GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .key_extractor(ApiKeyHeader)
+        .use_headers()
         .finish()
         .expect("governor config");
     GovernorLayer::new(config)
@@ -652,6 +671,12 @@ fn main() {
             bare().layer(ours_token_rule(HeaderStyle::NONE)),
             &big,
             4,
+        ),
+        (
+            "tower_governor (header), with its headers",
+            bare().layer(governor_header_with_headers()),
+            &small,
+            0,
         ),
     ];
     // `HTTP_BENCH_ONLY=4,7` runs only those servers (for profiling one of them).

@@ -223,8 +223,11 @@ pub(crate) fn write<'a, I>(style: HeaderStyle, rules: I) -> RateHeaders
 where
     I: Iterator<Item = RuleState<'a>> + Clone,
 {
+    if !style.ietf && !style.openai {
+        return RateHeaders::default();
+    }
     let count = rules.clone().count();
-    if count == 0 || (!style.ietf && !style.openai) {
+    if count == 0 {
         return RateHeaders::default();
     }
     let mut out = Vec::with_capacity(usize::from(style.ietf) * 2 + usize::from(style.openai) * 6);
