@@ -164,11 +164,9 @@ fn governor_header(
 
 /// (2) with `use_headers()`: `x-ratelimit-limit` and `x-ratelimit-remaining` on every
 /// response, as this layer adds its own (two headers against our five).
-fn governor_header_with_headers() -> GovernorLayer<
-    ApiKeyHeader,
-    governor::middleware::StateInformationMiddleware,
-    axum::body::Body,
-> {
+fn governor_header_with_headers(
+) -> GovernorLayer<ApiKeyHeader, governor::middleware::StateInformationMiddleware, axum::body::Body>
+{
     let config = GovernorConfigBuilder::default()
         .per_nanosecond(1)
         .burst_size(u32::MAX)

@@ -1083,7 +1083,11 @@ mod tests {
     fn run(est: &OpenAiTokens, path: &str, body: &Value) -> Result<Cost, CostError> {
         let req = Request::post(path).body(()).unwrap();
         let bytes = Bytes::from(body.to_string());
-        est.estimate(&RequestView::from_request(&req).with_body(&bytes, Some(body)))
+        let given = est.estimate(&RequestView::from_request(&req).with_body(&bytes, Some(body)));
+        // The layer's path: the estimator parses the bytes itself (a borrowed document).
+        let parsed = est.estimate(&RequestView::from_request(&req).with_body(&bytes, None));
+        assert_eq!(given, parsed, "{body}");
+        given
     }
 
     fn cost(path: &str, body: Value) -> Cost {
