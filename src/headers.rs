@@ -325,18 +325,10 @@ pub fn go_duration(d: Duration) -> String {
 }
 
 /// [`go_duration`] into a buffer on the stack.
+#[derive(Default)]
 pub(crate) struct GoDuration {
     buf: [u8; 32],
     len: usize,
-}
-
-impl Default for GoDuration {
-    fn default() -> Self {
-        Self {
-            buf: [0; 32],
-            len: 0,
-        }
-    }
 }
 
 impl GoDuration {
