@@ -4,13 +4,16 @@
 //! Strings without escapes borrow the body's bytes instead of being copied, and objects are
 //! flat lists of members instead of trees of nodes, so a 2 KB chat request parses with a
 //! handful of allocations where a [`serde_json::Value`] makes one per key and per string.
+//! The parser is this module's own: strings (most of an LLM request's bytes) are skipped with
+//! a SIMD search for their end and validated as UTF-8 in one pass. It accepts exactly what
+//! `serde_json::from_slice` accepts, with the same values and nesting limit (tested against
+//! it with generated inputs).
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
 //! parsed from the same bytes the first time it is asked for.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Number, Value};
 
 /// A JSON value whose strings may borrow from the parsed bytes.
@@ -54,9 +57,20 @@ impl<'a> Object<'a> {
 }
 
 impl<'a> Json<'a> {
-    /// Parses `bytes` (one JSON value, whitespace around it allowed).
-    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Parses `bytes` (one JSON value, whitespace around it allowed): what
+    /// `serde_json::from_slice` accepts, into the same value.
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, JsonError> {
+        let mut p = Parser {
+            bytes,
+            at: 0,
+            depth: 0,
+        };
+        let v = p.value()?;
+        p.skip_ws();
+        if p.at < bytes.len() {
+            return Err(p.error("trailing characters"));
+        }
+        Ok(v)
     }
 
     /// The same document, borrowing the strings of a `serde_json::Value`.
@@ -129,96 +143,324 @@ impl<'a> Json<'a> {
     }
 }
 
-impl<'de> de::Deserialize<'de> for Json<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(JsonVisitor)
+/// Why a body is not JSON: what was expected, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JsonError {
+    what: &'static str,
+    line: usize,
+    column: usize,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at line {} column {}",
+            self.what, self.line, self.column
+        )
     }
 }
 
-struct JsonVisitor;
+impl std::error::Error for JsonError {}
 
-impl<'de> Visitor<'de> for JsonVisitor {
-    type Value = Json<'de>;
+/// Nesting deeper than this is refused (as serde_json does), so parsing can't exhaust the
+/// stack.
+const MAX_DEPTH: usize = 127;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Json<'de>, E> {
-        Ok(Json::Bool(b))
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Json<'de>, E> {
-        Ok(Json::Number(n.into()))
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Json<'de>, E> {
-        Ok(Json::Number(n.into()))
-    }
-
-    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Json<'de>, E> {
-        Ok(Number::from_f64(n).map_or(Json::Null, Json::Number))
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Json<'de>, E> {
-        Ok(Json::String(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<Json<'de>, E> {
-        Ok(Json::String(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_string<E: de::Error>(self, s: String) -> Result<Json<'de>, E> {
-        Ok(Json::String(Cow::Owned(s)))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Json<'de>, E> {
-        Ok(Json::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Json<'de>, E> {
-        Ok(Json::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(Json::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            members.push((key.0, map.next_value()?));
-        }
-        Ok(Json::Object(Object(members)))
-    }
+/// A JSON parser (RFC 8259) into [`Json`], borrowing every string without escapes. Strings,
+/// most of an LLM request's bytes, are skipped with a SIMD search for their closing quote
+/// and validated as UTF-8 in one pass.
+struct Parser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    depth: usize,
 }
 
-/// A member name, borrowed when it has no escapes.
-struct Key<'a>(Cow<'a, str>);
+impl<'a> Parser<'a> {
+    fn error(&self, what: &'static str) -> JsonError {
+        let at = self.at.min(self.bytes.len());
+        let before = &self.bytes[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        JsonError { what, line, column }
+    }
 
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a member name")
+    #[inline]
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn value(&mut self) -> Result<Json<'a>, JsonError> {
+        self.skip_ws();
+        match self.peek() {
+            None => Err(self.error("EOF while parsing a value")),
+            Some(b'"') => {
+                self.at += 1;
+                self.string().map(Json::String)
             }
-            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(s)))
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(s.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(s)))
+            Some(b'{') => self.nested(Self::object),
+            Some(b'[') => self.nested(Self::array),
+            Some(b't') => self.literal(b"true", Json::Bool(true)),
+            Some(b'f') => self.literal(b"false", Json::Bool(false)),
+            Some(b'n') => self.literal(b"null", Json::Null),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(_) => Err(self.error("expected value")),
+        }
+    }
+
+    fn nested(
+        &mut self,
+        f: fn(&mut Self) -> Result<Json<'a>, JsonError>,
+    ) -> Result<Json<'a>, JsonError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.error("recursion limit exceeded"));
+        }
+        self.at += 1;
+        let v = f(self);
+        self.depth -= 1;
+        v
+    }
+
+    fn literal(&mut self, word: &[u8], v: Json<'a>) -> Result<Json<'a>, JsonError> {
+        if self.bytes[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(v)
+        } else {
+            Err(self.error("expected value"))
+        }
+    }
+
+    fn array(&mut self) -> Result<Json<'a>, JsonError> {
+        let mut items = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Ok(Json::Array(items));
+        }
+        loop {
+            items.push(self.value()?);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b']') => {
+                    self.at += 1;
+                    return Ok(Json::Array(items));
+                }
+                None => return Err(self.error("EOF while parsing a list")),
+                Some(_) => return Err(self.error("expected `,` or `]`")),
             }
         }
-        d.deserialize_str(V)
+    }
+
+    fn object(&mut self) -> Result<Json<'a>, JsonError> {
+        let mut members = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            return Ok(Json::Object(Object(members)));
+        }
+        loop {
+            self.skip_ws();
+            match self.peek() {
+                Some(b'"') => self.at += 1,
+                None => return Err(self.error("EOF while parsing an object")),
+                Some(_) => return Err(self.error("key must be a string")),
+            }
+            let key = self.string()?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b':') => self.at += 1,
+                None => return Err(self.error("EOF while parsing an object")),
+                Some(_) => return Err(self.error("expected `:`")),
+            }
+            members.push((key, self.value()?));
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    return Ok(Json::Object(Object(members)));
+                }
+                None => return Err(self.error("EOF while parsing an object")),
+                Some(_) => return Err(self.error("expected `,` or `}`")),
+            }
+        }
+    }
+
+    /// The rest of a string whose opening quote was consumed.
+    fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        let start = self.at;
+        let mut owned: Option<String> = None;
+        let mut run = start;
+        loop {
+            let Some(found) = memchr::memchr2(b'"', b'\\', &self.bytes[self.at..]) else {
+                self.at = self.bytes.len();
+                return Err(self.error("EOF while parsing a string"));
+            };
+            let end = self.at + found;
+            let text = self.text(run, end)?;
+            if self.bytes[end] == b'"' {
+                self.at = end + 1;
+                return Ok(match owned {
+                    None => Cow::Borrowed(text),
+                    Some(mut s) => {
+                        s.push_str(text);
+                        Cow::Owned(s)
+                    }
+                });
+            }
+            let s = owned.get_or_insert_with(|| String::with_capacity(end - start + 16));
+            s.push_str(text);
+            self.at = end + 1;
+            self.escape(s)?;
+            run = self.at;
+        }
+    }
+
+    /// `bytes[from..to]`, which holds no quote or backslash, as string text: valid UTF-8
+    /// without control characters.
+    #[inline]
+    fn text(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
+        let bytes: &'a [u8] = &self.bytes[from..to];
+        if let Some(bad) = bytes.iter().position(|&b| b < 0x20) {
+            self.at = from + bad;
+            return Err(
+                self.error("control character (\\u0000-\\u001F) found while parsing a string")
+            );
+        }
+        std::str::from_utf8(bytes).map_err(|e| {
+            self.at = from + e.valid_up_to();
+            self.error("invalid unicode code point")
+        })
+    }
+
+    /// One escape, its backslash consumed, decoded onto `s`.
+    fn escape(&mut self, s: &mut String) -> Result<(), JsonError> {
+        let Some(b) = self.peek() else {
+            return Err(self.error("EOF while parsing a string"));
+        };
+        self.at += 1;
+        let c = match b {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                let code = if (0xD800..0xDC00).contains(&hi) {
+                    // A surrogate pair: `\uD83D\uDE00`.
+                    if !self.bytes[self.at..].starts_with(b"\\u") {
+                        return Err(self.error("lone leading surrogate in hex escape"));
+                    }
+                    self.at += 2;
+                    let lo = self.hex4()?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return Err(self.error("lone leading surrogate in hex escape"));
+                    }
+                    0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                } else {
+                    hi
+                };
+                char::from_u32(code).ok_or_else(|| self.error("invalid unicode code point"))?
+            }
+            _ => {
+                self.at -= 1;
+                return Err(self.error("invalid escape"));
+            }
+        };
+        s.push(c);
+        Ok(())
+    }
+
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let digits = self
+            .bytes
+            .get(self.at..self.at + 4)
+            .ok_or_else(|| self.error("EOF while parsing a string"))?;
+        let mut n = 0;
+        for &d in digits {
+            let v = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return Err(self.error("invalid escape")),
+            };
+            n = n * 16 + u32::from(v);
+        }
+        self.at += 4;
+        Ok(n)
+    }
+
+    fn number(&mut self) -> Result<Json<'a>, JsonError> {
+        let start = self.at;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.at += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(self.error("invalid number")),
+        }
+        let mut integer = true;
+        if self.peek() == Some(b'.') {
+            integer = false;
+            self.at += 1;
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.error("invalid number"));
+            }
+            self.digits();
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            integer = false;
+            self.at += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.at += 1;
+            }
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
+                return Err(self.error("invalid number"));
+            }
+            self.digits();
+        }
+        // Only ASCII digits, signs, dots and exponents were consumed.
+        let text = std::str::from_utf8(&self.bytes[start..self.at]).unwrap_or("");
+        if integer {
+            // Like serde_json: a u64 if it fits, else an i64, else a float.
+            if let Ok(n) = text.parse::<u64>() {
+                return Ok(Json::Number(n.into()));
+            }
+            if let Ok(n) = text.parse::<i64>() {
+                return Ok(Json::Number(n.into()));
+            }
+        }
+        match text.parse::<f64>().ok().and_then(Number::from_f64) {
+            Some(n) => Ok(Json::Number(n)),
+            None => Err(self.error("number out of range")),
+        }
+    }
+
+    #[inline]
+    fn digits(&mut self) {
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.at += 1;
+        }
     }
 }
 
@@ -261,5 +503,176 @@ mod tests {
         // serde_json's recursion limit holds.
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(Json::parse(deep.as_bytes()).is_err());
+    }
+
+    /// The value as a `serde_json::Value` (members inserted in order: the last duplicate
+    /// wins, as when serde_json builds its map).
+    fn to_value(j: &Json<'_>) -> Value {
+        match j {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(*b),
+            Json::Number(n) => Value::Number(n.clone()),
+            Json::String(s) => Value::String(s.to_string()),
+            Json::Array(items) => Value::Array(items.iter().map(to_value).collect()),
+            Json::Object(o) => {
+                let mut m = serde_json::Map::new();
+                for (k, v) in &o.0 {
+                    m.insert(k.to_string(), to_value(v));
+                }
+                Value::Object(m)
+            }
+        }
+    }
+
+    /// Equal, floats within a relative 1e-15 (serde_json's float parsing may round the last
+    /// bit differently from the standard library's, which is exact).
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                x == y || (x - y).abs() <= x.abs().max(y.abs()) * 1e-15
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            _ => a == b,
+        }
+    }
+
+    fn agree(bytes: &[u8]) {
+        let ours = Json::parse(bytes);
+        let theirs = serde_json::from_slice::<Value>(bytes);
+        match (&ours, &theirs) {
+            (Ok(o), Ok(t)) => assert!(
+                same(&to_value(o), t),
+                "{:?}: {o:?} vs {t:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+            (Err(_), Err(_)) => {}
+            _ => panic!(
+                "{:?}: ours {ours:?}, serde_json {theirs:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+
+    #[test]
+    fn accepts_and_rejects_what_serde_json_does() {
+        for text in [
+            &b"0"[..],
+            b"-0",
+            b"01",
+            b"1.",
+            b".5",
+            b"1.5e3",
+            b"1E+2",
+            b"1e-2",
+            b"-",
+            b"1e",
+            b"18446744073709551615",
+            b"18446744073709551616",
+            b"-9223372036854775808",
+            b"-9223372036854775809",
+            b"1e400",
+            b"-1e400",
+            b"123456789012345678901234567890",
+            b"0.1",
+            b"2.5e-308",
+            b"true",
+            b"tru",
+            b"nul",
+            b"null ",
+            b" \t\r\n[]",
+            b"[1,]",
+            b"[,1]",
+            b"{}",
+            b"{\"a\":1,}",
+            b"{\"a\" 1}",
+            b"{1:2}",
+            b"{\"a\":1}x",
+            b"\"\\u00e9\\ud83d\\ude00\"",
+            b"\"\\ud83d\"",
+            b"\"\\ude00\"",
+            b"\"\\ud83d\\u0041\"",
+            b"\"\\x\"",
+            b"\"\\u12\"",
+            b"\"a\tb\"",
+            b"\"\xff\"",
+            b"\"\xc3\xa9\"",
+            b"\"unterminated",
+            b"\"\\",
+            b"[\"\\/\\b\\f\"]",
+            b"",
+            b"  ",
+            b"{\"a\":{\"b\":[true,false,null,\"\\\"x\\\"\"]}}",
+        ] {
+            agree(text);
+        }
+        for depth in [127, 128, 129] {
+            agree(("[".repeat(depth) + &"]".repeat(depth)).as_bytes());
+            agree(("{\"a\":".repeat(depth) + "1" + &"}".repeat(depth)).as_bytes());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_json_like_bytes_parse_as_serde_json_does(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("{".to_owned()),
+                    proptest::strategy::Just("}".to_owned()),
+                    proptest::strategy::Just("[".to_owned()),
+                    proptest::strategy::Just("]".to_owned()),
+                    proptest::strategy::Just(",".to_owned()),
+                    proptest::strategy::Just(":".to_owned()),
+                    proptest::strategy::Just(" ".to_owned()),
+                    proptest::strategy::Just("true".to_owned()),
+                    proptest::strategy::Just("null".to_owned()),
+                    proptest::strategy::Just("\"k\"".to_owned()),
+                    "-?[0-9]{1,3}(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,3})?",
+                    "\"([a-z\\\\\"/é]|\\\\u[0-9a-fA-F]{4}){0,6}\"",
+                ],
+                0..24,
+            ),
+        ) {
+            agree(parts.concat().as_bytes());
+        }
+
+        #[test]
+        fn values_round_trip(v in arb_value()) {
+            let text = serde_json::to_vec(&v).unwrap();
+            let parsed = Json::parse(&text).unwrap();
+            proptest::prop_assert!(same(&to_value(&parsed), &v));
+            let pretty = serde_json::to_vec_pretty(&v).unwrap();
+            proptest::prop_assert!(same(&to_value(&Json::parse(&pretty).unwrap()), &v));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            agree(&bytes);
+        }
+    }
+
+    fn arb_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e300f64..1e300)
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((any::<String>(), inner), 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 }
