@@ -163,6 +163,22 @@ impl fmt::Display for JsonError {
 
 impl std::error::Error for JsonError {}
 
+/// The error for a raw control character in a string.
+const CONTROL: &str = "control character (\\u0000-\\u001F) found while parsing a string";
+
+/// The bytes that interrupt a run of string text: a quote, a backslash, a control character.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 /// Nesting deeper than this is refused (as serde_json does), so parsing can't exhaust the
 /// stack.
 const MAX_DEPTH: usize = 127;
@@ -300,55 +316,77 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// The rest of a string whose opening quote was consumed.
+    /// The rest of a string whose opening quote was consumed. A SIMD search finds its first
+    /// quote or backslash: a string without escapes (the usual case, and the long ones) is
+    /// checked in one pass (no control characters, valid UTF-8) and borrowed; one with
+    /// escapes is decoded into a copy by a byte loop, which suits dense escapes (JSON or code
+    /// pasted into a prompt) better than a search per escape.
     fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
         let start = self.at;
-        let mut owned: Option<String> = None;
-        let mut run = start;
-        loop {
-            let Some(found) = memchr::memchr2(b'"', b'\\', &self.bytes[self.at..]) else {
-                self.at = self.bytes.len();
-                return Err(self.error("EOF while parsing a string"));
-            };
-            let end = self.at + found;
-            let text = self.text(run, end)?;
-            if self.bytes[end] == b'"' {
-                self.at = end + 1;
-                return Ok(match owned {
-                    None => Cow::Borrowed(text),
-                    Some(mut s) => {
-                        s.push_str(text);
-                        Cow::Owned(s)
-                    }
-                });
-            }
-            let s = owned.get_or_insert_with(|| String::with_capacity(end - start + 16));
-            s.push_str(text);
-            self.at = end + 1;
-            self.escape(s)?;
-            run = self.at;
+        let Some(found) = memchr::memchr2(b'"', b'\\', &self.bytes[start..]) else {
+            self.at = self.bytes.len();
+            return Err(self.error("EOF while parsing a string"));
+        };
+        let first = start + found;
+        let plain = self.check_plain(start, first)?;
+        if self.bytes[first] == b'"' {
+            self.at = first + 1;
+            return Ok(Cow::Borrowed(plain));
         }
+        let bytes: &'a [u8] = self.bytes;
+        let mut out = Vec::with_capacity(first - start + 64);
+        out.extend_from_slice(&bytes[start..first]);
+        // A local position (not `self.at`) so the loop keeps it in a register.
+        let mut i = first;
+        loop {
+            match bytes.get(i) {
+                None => {
+                    self.at = i;
+                    return Err(self.error("EOF while parsing a string"));
+                }
+                Some(b'"') => break,
+                Some(b'\\') => {
+                    self.at = i + 1;
+                    self.escape(&mut out)?;
+                    i = self.at;
+                }
+                Some(&b) if b < 0x20 => {
+                    self.at = i;
+                    return Err(self.error(CONTROL));
+                }
+                Some(_) => {
+                    let run = i;
+                    while i < bytes.len() && !SPECIAL[usize::from(bytes[i])] {
+                        i += 1;
+                    }
+                    out.extend_from_slice(&bytes[run..i]);
+                }
+            }
+        }
+        self.at = i + 1;
+        String::from_utf8(out)
+            .map(Cow::Owned)
+            .map_err(|_| self.error("invalid unicode code point"))
     }
 
-    /// `bytes[from..to]`, which holds no quote or backslash, as string text: valid UTF-8
-    /// without control characters.
+    /// `bytes[from..to]`, which holds no quote or backslash, is string text: no control
+    /// characters, valid UTF-8.
     #[inline]
-    fn text(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
-        let bytes: &'a [u8] = &self.bytes[from..to];
-        if let Some(bad) = bytes.iter().position(|&b| b < 0x20) {
-            self.at = from + bad;
-            return Err(
-                self.error("control character (\\u0000-\\u001F) found while parsing a string")
-            );
+    fn check_plain(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
+        let text: &'a [u8] = &self.bytes[from..to];
+        // Without an early exit, so that it compiles to vector compares.
+        if text.iter().fold(false, |bad, &b| bad | (b < 0x20)) {
+            self.at = from + text.iter().position(|&b| b < 0x20).unwrap_or(0);
+            return Err(self.error(CONTROL));
         }
-        std::str::from_utf8(bytes).map_err(|e| {
+        std::str::from_utf8(text).map_err(|e| {
             self.at = from + e.valid_up_to();
             self.error("invalid unicode code point")
         })
     }
 
     /// One escape, its backslash consumed, decoded onto `s`.
-    fn escape(&mut self, s: &mut String) -> Result<(), JsonError> {
+    fn escape(&mut self, out: &mut Vec<u8>) -> Result<(), JsonError> {
         let Some(b) = self.peek() else {
             return Err(self.error("EOF while parsing a string"));
         };
@@ -385,7 +423,7 @@ impl<'a> Parser<'a> {
                 return Err(self.error("invalid escape"));
             }
         };
-        s.push(c);
+        out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
         Ok(())
     }
 
