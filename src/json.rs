@@ -22,7 +22,7 @@ pub(crate) enum Json<'a> {
     Null,
     Bool(bool),
     Number(Number),
-    String(Cow<'a, str>),
+    String(Str<'a>),
     Array(Vec<Json<'a>>),
     Object(Object<'a>),
 }
@@ -56,6 +56,121 @@ impl<'a> Object<'a> {
     }
 }
 
+/// A string value as written in the body: borrowed, checked (valid UTF-8, no control
+/// characters, valid escapes), and decoded only when asked. Prompts are most of a request's
+/// bytes and often full of escapes (`\n`, `\"` in pasted code or JSON); the estimate reads
+/// them through [`Str::feed`] without a decoded copy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Str<'a> {
+    /// The text between the quotes, escapes as written when `escaped`.
+    text: &'a str,
+    escaped: bool,
+}
+
+impl<'a> Str<'a> {
+    /// A string without escapes.
+    pub(crate) const fn plain(text: &'a str) -> Self {
+        Self {
+            text,
+            escaped: false,
+        }
+    }
+
+    /// The decoded text (a copy only when the string has escapes).
+    pub(crate) fn decoded(&self) -> Cow<'a, str> {
+        if !self.escaped {
+            return Cow::Borrowed(self.text);
+        }
+        let mut out = String::with_capacity(self.text.len());
+        self.feed(|piece| out.push_str(piece));
+        Cow::Owned(out)
+    }
+
+    /// Hands the decoded text to `f` in pieces: the runs between escapes, and each escape's
+    /// character.
+    pub(crate) fn feed(&self, mut f: impl FnMut(&str)) {
+        if !self.escaped {
+            f(self.text);
+            return;
+        }
+        let mut rest = self.text;
+        while let Some(slash) = memchr::memchr(b'\\', rest.as_bytes()) {
+            // Escapes are ASCII: these are character boundaries.
+            if slash > 0 {
+                f(&rest[..slash]);
+            }
+            let (c, len) = decode_escape(&rest.as_bytes()[slash + 1..]).unwrap_or(('\u{fffd}', 1));
+            f(c.encode_utf8(&mut [0; 4]));
+            rest = &rest[slash + 1 + len..];
+        }
+        if !rest.is_empty() {
+            f(rest);
+        }
+    }
+
+    /// Whether the decoded text is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// The text as written (escapes included when `escaped`), and whether it has escapes.
+    pub(crate) fn written(&self) -> (&'a str, bool) {
+        (self.text, self.escaped)
+    }
+
+    /// The length as written, escapes included: at least the decoded length.
+    pub(crate) fn written_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+impl PartialEq for Str<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.decoded() == other.decoded()
+    }
+}
+
+/// The character of the escape whose backslash precedes `rest`, and how many bytes of
+/// `rest` it takes; `None` if it isn't a valid escape (a lone surrogate included).
+pub(crate) fn decode_escape(rest: &[u8]) -> Option<(char, usize)> {
+    let hex4 = |b: &[u8]| -> Option<u32> {
+        let digits = b.get(..4)?;
+        digits
+            .iter()
+            .try_fold(0u32, |n, &d| Some(n * 16 + char::from(d).to_digit(16)?))
+    };
+    Some(match rest.first()? {
+        b'"' => ('"', 1),
+        b'\\' => ('\\', 1),
+        b'/' => ('/', 1),
+        b'b' => ('\u{8}', 1),
+        b'f' => ('\u{c}', 1),
+        b'n' => ('\n', 1),
+        b'r' => ('\r', 1),
+        b't' => ('\t', 1),
+        b'u' => {
+            let hi = hex4(&rest[1..])?;
+            if (0xD800..0xDC00).contains(&hi) {
+                // A surrogate pair: `\uD83D\uDE00`.
+                if rest.get(5..7)? != b"\\u" {
+                    return None;
+                }
+                let lo = hex4(&rest[7..])?;
+                if !(0xDC00..0xE000).contains(&lo) {
+                    return None;
+                }
+                (
+                    char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))?,
+                    11,
+                )
+            } else {
+                (char::from_u32(hi)?, 5)
+            }
+        }
+        _ => return None,
+    })
+}
+
 impl<'a> Json<'a> {
     /// Parses `bytes` (one JSON value, whitespace around it allowed): what
     /// `serde_json::from_slice` accepts, into the same value.
@@ -79,7 +194,7 @@ impl<'a> Json<'a> {
             Value::Null => Self::Null,
             Value::Bool(b) => Self::Bool(*b),
             Value::Number(n) => Self::Number(n.clone()),
-            Value::String(s) => Self::String(Cow::Borrowed(s)),
+            Value::String(s) => Self::String(Str::plain(s)),
             Value::Array(items) => Self::Array(items.iter().map(Self::from_value).collect()),
             Value::Object(fields) => Self::Object(Object(
                 fields
@@ -102,9 +217,10 @@ impl<'a> Json<'a> {
         }
     }
 
-    pub(crate) fn as_str(&self) -> Option<&str> {
+    /// The decoded text of a string (a copy only if it has escapes).
+    pub(crate) fn as_str(&self) -> Option<Cow<'a, str>> {
         match self {
-            Self::String(s) => Some(s),
+            Self::String(s) => Some(s.decoded()),
             _ => None,
         }
     }
@@ -165,47 +281,6 @@ impl std::error::Error for JsonError {}
 
 /// The error for a raw control character in a string.
 const CONTROL: &str = "control character (\\u0000-\\u001F) found while parsing a string";
-
-/// The bytes that interrupt a run of string text: a quote, a backslash, a control character.
-static SPECIAL: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 0x20 {
-        t[b] = true;
-        b += 1;
-    }
-    t[b'"' as usize] = true;
-    t[b'\\' as usize] = true;
-    t
-};
-
-/// The end of the run of string text starting at `i`: the position of the next quote,
-/// backslash or control character (or the end of `bytes`). Eight bytes at a time (SWAR), then
-/// byte by byte.
-#[inline]
-fn run_end(bytes: &[u8], mut i: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    while let Some(chunk) = bytes.get(i..i + 8) {
-        let x = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
-        // A high bit for each byte that is zero after the XOR, or below 0x20: exact for the
-        // lowest such byte (a borrow only disturbs the bytes above it).
-        let quote = x ^ (ONES * u64::from(b'"'));
-        let slash = x ^ (ONES * u64::from(b'\\'));
-        let found = (quote.wrapping_sub(ONES) & !quote
-            | slash.wrapping_sub(ONES) & !slash
-            | x.wrapping_sub(ONES * 0x20) & !x)
-            & HIGH;
-        if found != 0 {
-            return i + (found.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    while i < bytes.len() && !SPECIAL[usize::from(bytes[i])] {
-        i += 1;
-    }
-    i
-}
 
 /// Nesting deeper than this is refused (as serde_json does), so parsing can't exhaust the
 /// stack.
@@ -323,7 +398,7 @@ impl<'a> Parser<'a> {
                 None => return Err(self.error("EOF while parsing an object")),
                 Some(_) => return Err(self.error("key must be a string")),
             }
-            let key = self.string()?;
+            let key = self.key()?;
             self.skip_ws();
             match self.peek() {
                 Some(b':') => self.at += 1,
@@ -344,59 +419,48 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// The rest of a string whose opening quote was consumed. A SIMD search finds its first
-    /// quote or backslash: a string without escapes (the usual case, and the long ones) is
-    /// checked in one pass (no control characters, valid UTF-8) and borrowed; one with
-    /// escapes is decoded into a copy by a byte loop, which suits dense escapes (JSON or code
-    /// pasted into a prompt) better than a search per escape.
-    fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
-        let start = self.at;
-        let Some(found) = memchr::memchr2(b'"', b'\\', &self.bytes[start..]) else {
-            self.at = self.bytes.len();
-            return Err(self.error("EOF while parsing a string"));
-        };
-        let first = start + found;
-        let plain = self.check_plain(start, first)?;
-        if self.bytes[first] == b'"' {
-            self.at = first + 1;
-            return Ok(Cow::Borrowed(plain));
-        }
+    /// The rest of a string value whose opening quote was consumed, checked but not
+    /// decoded: a SIMD search hops from escape to escape to the closing quote, each escape
+    /// is checked, and the whole string is checked in one pass (no control characters, valid
+    /// UTF-8).
+    fn string(&mut self) -> Result<Str<'a>, JsonError> {
         let bytes: &'a [u8] = self.bytes;
-        let mut out = Vec::with_capacity(first - start + 64);
-        out.extend_from_slice(&bytes[start..first]);
-        // A local position (not `self.at`) so the loop keeps it in a register.
-        let mut i = first;
-        loop {
-            match bytes.get(i) {
+        let start = self.at;
+        let mut escaped = false;
+        let mut i = start;
+        let end = loop {
+            let Some(found) = memchr::memchr2(b'"', b'\\', &bytes[i..]) else {
+                self.at = bytes.len();
+                return Err(self.error("EOF while parsing a string"));
+            };
+            let at = i + found;
+            if bytes[at] == b'"' {
+                break at;
+            }
+            escaped = true;
+            match decode_escape(&bytes[at + 1..]) {
+                Some((_, len)) => i = at + 1 + len,
                 None => {
-                    self.at = i;
-                    return Err(self.error("EOF while parsing a string"));
-                }
-                Some(b'"') => break,
-                Some(b'\\') => {
-                    self.at = i + 1;
-                    self.escape(&mut out)?;
-                    i = self.at;
-                }
-                Some(&b) if b < 0x20 => {
-                    self.at = i;
-                    return Err(self.error(CONTROL));
-                }
-                Some(_) => {
-                    let run = i;
-                    i = run_end(bytes, i);
-                    out.extend_from_slice(&bytes[run..i]);
+                    self.at = at + 1;
+                    return Err(self.error(if at + 1 >= bytes.len() {
+                        "EOF while parsing a string"
+                    } else {
+                        "invalid escape"
+                    }));
                 }
             }
-        }
-        self.at = i + 1;
-        String::from_utf8(out)
-            .map(Cow::Owned)
-            .map_err(|_| self.error("invalid unicode code point"))
+        };
+        let text = self.check_plain(start, end)?;
+        self.at = end + 1;
+        Ok(Str { text, escaped })
     }
 
-    /// `bytes[from..to]`, which holds no quote or backslash, is string text: no control
-    /// characters, valid UTF-8.
+    /// A member name, decoded (names are short; lookups compare decoded names).
+    fn key(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        Ok(self.string()?.decoded())
+    }
+
+    /// `bytes[from..to]` is string text: no control characters, valid UTF-8.
     #[inline]
     fn check_plain(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
         let text: &'a [u8] = &self.bytes[from..to];
@@ -409,74 +473,6 @@ impl<'a> Parser<'a> {
             self.at = from + e.valid_up_to();
             self.error("invalid unicode code point")
         })
-    }
-
-    /// One escape, its backslash consumed, decoded onto `s`.
-    fn escape(&mut self, out: &mut Vec<u8>) -> Result<(), JsonError> {
-        let Some(b) = self.peek() else {
-            return Err(self.error("EOF while parsing a string"));
-        };
-        self.at += 1;
-        let byte = match b {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'b' => 8,
-            b'f' => 12,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            _ => 0,
-        };
-        if byte != 0 {
-            out.push(byte);
-            return Ok(());
-        }
-        let c = match b {
-            b'u' => {
-                let hi = self.hex4()?;
-                let code = if (0xD800..0xDC00).contains(&hi) {
-                    // A surrogate pair: `\uD83D\uDE00`.
-                    if !self.bytes[self.at..].starts_with(b"\\u") {
-                        return Err(self.error("lone leading surrogate in hex escape"));
-                    }
-                    self.at += 2;
-                    let lo = self.hex4()?;
-                    if !(0xDC00..0xE000).contains(&lo) {
-                        return Err(self.error("lone leading surrogate in hex escape"));
-                    }
-                    0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                } else {
-                    hi
-                };
-                char::from_u32(code).ok_or_else(|| self.error("invalid unicode code point"))?
-            }
-            _ => {
-                self.at -= 1;
-                return Err(self.error("invalid escape"));
-            }
-        };
-        out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-        Ok(())
-    }
-
-    fn hex4(&mut self) -> Result<u32, JsonError> {
-        let digits = self
-            .bytes
-            .get(self.at..self.at + 4)
-            .ok_or_else(|| self.error("EOF while parsing a string"))?;
-        let mut n = 0;
-        for &d in digits {
-            let v = match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                b'A'..=b'F' => d - b'A' + 10,
-                _ => return Err(self.error("invalid escape")),
-            };
-            n = n * 16 + u32::from(v);
-        }
-        self.at += 4;
-        Ok(n)
     }
 
     fn number(&mut self) -> Result<Json<'a>, JsonError> {
@@ -544,11 +540,22 @@ mod tests {
         let text = br#"{"a":"x","b":[1,-2,3.5,true,null],"c":{"d":"e\"scaped"},"a":"last"}"#;
         let doc = Json::parse(text).unwrap();
         let value: Value = serde_json::from_slice(text).unwrap();
-        assert_eq!(doc.get("a").and_then(Json::as_str), Some("last"));
-        assert!(
-            matches!(doc.get("c").unwrap().get("d"), Some(Json::String(Cow::Owned(s))) if s == "e\"scaped")
-        );
-        assert!(matches!(doc.get("a"), Some(Json::String(Cow::Borrowed(_)))));
+        assert_eq!(doc.get("a").and_then(Json::as_str).as_deref(), Some("last"));
+        // Escaped strings are kept as written and decoded on demand; plain ones borrowed.
+        let Some(Json::String(d)) = doc.get("c").unwrap().get("d") else {
+            panic!("a string")
+        };
+        assert!(d.escaped);
+        assert_eq!(d.decoded(), "e\"scaped");
+        let mut pieces = Vec::new();
+        d.feed(|p| pieces.push(p.to_owned()));
+        assert_eq!(pieces, ["e", "\"", "scaped"]);
+        assert!(matches!(
+            doc.get("a").and_then(Json::as_str),
+            Some(Cow::Borrowed("last"))
+        ));
+        let emoji = Json::parse(br#""\u00e9t\u00e9 \ud83d\ude00 a\/b\\""#).unwrap();
+        assert_eq!(emoji.as_str().as_deref(), Some("été 😀 a/b\\"));
         assert_eq!(Json::from_value(&value).get("b"), doc.get("b"));
         let keys: Vec<_> = doc.as_object().unwrap().iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["b", "c", "a"]);
@@ -563,11 +570,8 @@ mod tests {
         for p in [
             "/a", "/b/0", "/b/2", "/b/01", "/b/+1", "/b/9", "/c/d", "/x", "a",
         ] {
-            let ours = doc.pointer(p).map(|j| format!("{j:?}"));
-            let theirs = value
-                .pointer(p)
-                .map(|v| format!("{:?}", Json::from_value(v)));
-            assert_eq!(ours, theirs, "pointer {p}");
+            let ours = doc.pointer(p).map(to_value);
+            assert_eq!(ours.as_ref(), value.pointer(p), "pointer {p}");
         }
         assert!(Json::parse(b"{\"a\":}").is_err());
         assert!(Json::parse(b"[1] x").is_err());
@@ -583,7 +587,7 @@ mod tests {
             Json::Null => Value::Null,
             Json::Bool(b) => Value::Bool(*b),
             Json::Number(n) => Value::Number(n.clone()),
-            Json::String(s) => Value::String(s.to_string()),
+            Json::String(s) => Value::String(s.decoded().into_owned()),
             Json::Array(items) => Value::Array(items.iter().map(to_value).collect()),
             Json::Object(o) => {
                 let mut m = serde_json::Map::new();
@@ -685,35 +689,6 @@ mod tests {
         for depth in [127, 128, 129] {
             agree(("[".repeat(depth) + &"]".repeat(depth)).as_bytes());
             agree(("{\"a\":".repeat(depth) + "1" + &"}".repeat(depth)).as_bytes());
-        }
-    }
-
-    #[test]
-    fn runs_end_at_the_first_special_byte() {
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..20_000 {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let len = (rng % 40) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|k| {
-                    let r = rng.rotate_left(k as u32 * 5);
-                    // Mostly text; sometimes a quote, a backslash, a control or a high byte.
-                    match r % 23 {
-                        0 => b'"',
-                        1 => b'\\',
-                        2 => (r >> 8) as u8 % 0x20,
-                        3 => 0x80 | (r >> 8) as u8,
-                        _ => b'a' + (r >> 8) as u8 % 26,
-                    }
-                })
-                .collect();
-            let start = (rng >> 40) as usize % (len + 1);
-            let naive = (start..len)
-                .find(|&k| SPECIAL[usize::from(bytes[k])])
-                .unwrap_or(len);
-            assert_eq!(run_end(&bytes, start), naive, "{bytes:?} from {start}");
         }
     }
 

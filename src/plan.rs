@@ -1,6 +1,7 @@
 //! Planning a request's charges, and turning the store's answer into headers and a
 //! settlement, or a rejection.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,7 +107,7 @@ impl Shared {
                     Unit::Cost => {
                         let m = model.get_or_insert_with(|| {
                             req.doc()
-                                .and_then(|j| j.get("model")?.as_str().map(str::to_owned))
+                                .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
                         });
                         self.weights
                             .weigh(m.as_deref(), cost.input_tokens(), cost.output_tokens())

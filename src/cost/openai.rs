@@ -98,9 +98,10 @@
 //! assert_eq!(est.estimate(&view).unwrap().output_tokens(), 16_384);
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
-use crate::json::{Json, Object};
+use crate::json::{decode_escape, Json, Object, Str};
 
 use super::{Cost, CostError, CostEstimator};
 use crate::key::RequestView;
@@ -301,7 +302,7 @@ impl OpenAiTokens {
             if let Some(bpe) = body
                 .get("model")
                 .and_then(Json::as_str)
-                .and_then(tokenizer::for_model)
+                .and_then(|m| tokenizer::for_model(&m))
             {
                 return Counter::Exact(bpe);
             }
@@ -415,7 +416,7 @@ impl OpenAiTokens {
         let Some(p) = part.as_object() else {
             return Err(bad_field(at(), "a content part object"));
         };
-        match p.get("type").and_then(Json::as_str) {
+        match p.get("type").and_then(Json::as_str).as_deref() {
             Some("text" | "input_text" | "output_text") => match p.get("text") {
                 Some(Json::String(s)) => Ok(c.text(s)),
                 _ => Err(bad_field(format_args!("{}.text", at()), "a string")),
@@ -426,7 +427,7 @@ impl OpenAiTokens {
                     .and_then(|u| u.get("detail"))
                     .or_else(|| p.get("detail"))
                     .and_then(Json::as_str);
-                Ok(if detail == Some("low") {
+                Ok(if detail.as_deref() == Some("low") {
                     self.image_low
                 } else {
                     self.image_high
@@ -451,7 +452,7 @@ impl OpenAiTokens {
         let per_choice = completion
             .or(max_tokens)
             .or(max_output)
-            .unwrap_or_else(|| self.default_for(model));
+            .unwrap_or_else(|| self.default_for(model.as_deref()));
         Ok(per_choice.saturating_mul(n))
     }
 
@@ -507,7 +508,8 @@ impl OpenAiTokens {
             }
         }
         let model = model(body)?;
-        let output = opt_u64(body, "max_output_tokens")?.unwrap_or_else(|| self.default_for(model));
+        let output = opt_u64(body, "max_output_tokens")?
+            .unwrap_or_else(|| self.default_for(model.as_deref()));
         Ok(Cost::new(input, output))
     }
 
@@ -612,13 +614,21 @@ enum Counter {
 }
 
 impl Counter {
-    /// The tokens of `text`.
+    /// The tokens of a string of the body, read without decoding it (the heuristic) or
+    /// decoded (a tokenizer).
     #[inline(always)]
-    fn text(self, text: &str) -> u64 {
+    fn text(self, text: &Str<'_>) -> u64 {
         match self {
-            Self::Heuristic => estimate_text_tokens(text),
+            Self::Heuristic => {
+                let mut counter = TextCounter::new();
+                match text.written() {
+                    (plain, false) => counter.feed(plain),
+                    (written, true) => counter.feed_escaped(written.as_bytes()),
+                }
+                counter.finish()
+            }
             #[cfg(feature = "tokenizer")]
-            Self::Exact(bpe) => tokenizer::count(bpe, text),
+            Self::Exact(bpe) => tokenizer::count(bpe, &text.decoded()),
         }
     }
 
@@ -691,10 +701,10 @@ fn choices(body: &Object<'_>, field: &str) -> Result<u64, CostError> {
 }
 
 /// The body's `model`, if a string.
-fn model<'a>(body: &'a Object<'_>) -> Result<Option<&'a str>, CostError> {
+fn model<'a>(body: &Object<'a>) -> Result<Option<Cow<'a, str>>, CostError> {
     match body.get("model") {
         None | Some(Json::Null) => Ok(None),
-        Some(Json::String(m)) => Ok(Some(m)),
+        Some(Json::String(m)) => Ok(Some(m.decoded())),
         Some(_) => Err(bad_field("model", "a string")),
     }
 }
@@ -745,7 +755,12 @@ fn len_u64(len: usize) -> u64 {
 }
 
 /// A `data:` URL or a base64 string, long enough to be a file rather than text.
-fn is_blob(s: &str) -> bool {
+fn is_blob(s: &Str<'_>) -> bool {
+    // Escapes only shorten the text, so a short written string is a short decoded one.
+    if s.written_len() < BLOB_MIN_LEN {
+        return false;
+    }
+    let s = s.decoded();
     s.len() >= BLOB_MIN_LEN
         && (s.starts_with("data:")
             || s.bytes().all(|b| {
@@ -774,7 +789,7 @@ fn feed_json<W: fmt::Write>(w: &mut W, v: &Json<'_>, depth: usize) {
         }
         Json::String(s) => {
             put(w, "\"");
-            put(w, s);
+            s.feed(|piece| put(w, piece));
             put(w, "\"");
         }
         Json::Array(items) => {
@@ -908,6 +923,33 @@ impl TextCounter {
             }
             self.units = self.units.saturating_add(units);
         }
+        self.prev = prev;
+    }
+
+    /// Feeds a JSON string as written: its escapes are decoded on the way (one pass, no
+    /// copy). The same as feeding the decoded text.
+    fn feed_escaped(&mut self, written: &[u8]) {
+        let mut prev = self.prev;
+        // At most 76 units a byte: a request body (bounded by `max_inspect_bytes`) can't
+        // overflow this.
+        let mut units = 0u64;
+        let mut rest = written.iter();
+        while let Some(&b) = rest.next() {
+            if b == b'\\' {
+                // The parser checked every escape.
+                if let Some((c, len)) = decode_escape(rest.as_slice()) {
+                    for &d in c.encode_utf8(&mut [0; 4]).as_bytes() {
+                        units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(d)]);
+                        prev = d;
+                    }
+                    rest = rest.as_slice()[len..].iter();
+                }
+                continue;
+            }
+            units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(b)]);
+            prev = b;
+        }
+        self.units = self.units.saturating_add(units);
         self.prev = prev;
     }
 
@@ -1131,7 +1173,7 @@ mod tests {
     fn tm(model: &str, s: &str) -> u64 {
         openai()
             .counter(&Json::from_value(&json!({ "model": model })))
-            .text(s)
+            .text(&Str::plain(s))
     }
 
     /// The estimator that always uses the heuristic.

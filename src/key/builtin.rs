@@ -194,7 +194,7 @@ pub fn json_field(field: &str) -> JsonField {
 impl KeyExtractor for JsonField {
     fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
         match req.doc()?.pointer(&self.pointer)? {
-            Json::String(s) => (!s.is_empty()).then(|| Key::new(s.as_bytes())),
+            Json::String(s) => (!s.is_empty()).then(|| Key::new(s.decoded().as_bytes())),
             Json::Number(n) => Some(Key::from(n.to_string())),
             Json::Bool(b) => Some(Key::from(b.to_string())),
             _ => None,
