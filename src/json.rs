@@ -1,13 +1,13 @@
 //! A JSON document borrowed from the request body: what the layer parses a body into, once
 //! per request, for the estimators and extractors that read it.
 //!
-//! Strings without escapes borrow the body's bytes instead of being copied, and objects are
-//! flat lists of members instead of trees of nodes, so a 2 KB chat request parses with a
-//! handful of allocations where a [`serde_json::Value`] makes one per key and per string.
-//! The parser is this module's own: strings (most of an LLM request's bytes) are skipped with
-//! a SIMD search for their end and validated as UTF-8 in one pass. It accepts exactly what
-//! `serde_json::from_slice` accepts, with the same values and nesting limit (tested against
-//! it with generated inputs).
+//! Nothing is copied that needn't be: string values stay in the body's bytes as written
+//! ([`Str`], decoded only when asked; the token heuristic reads escapes on the fly), member
+//! names are decoded (they are short), and objects are flat lists of members instead of trees
+//! of nodes. The parser is this module's own: strings (most of an LLM request's bytes) are
+//! crossed with a SIMD search from escape to escape and checked in one pass (no control
+//! characters, valid UTF-8). It accepts exactly what `serde_json::from_slice` accepts, with
+//! the same values and nesting limit (tested against it on generated inputs).
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
 //! parsed from the same bytes the first time it is asked for.
 
