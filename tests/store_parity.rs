@@ -572,12 +572,43 @@ mod redis {
         }
     }
 
+    /// Counters only, of several sizes: every acquire runs the script's inline counter path
+    /// (and hands over to its general path on a denial).
+    fn random_counter_quotas() -> Vec<(BucketKey, Quota)> {
+        vec![
+            (
+                BucketKey::new("counter", "k"),
+                Quota::new(20, Duration::from_secs(10)),
+            ),
+            (
+                BucketKey::new("counter-tokens", "k"),
+                Quota::new(1_000, Duration::from_secs(60)).tokens(),
+            ),
+            (
+                BucketKey::new("counter-short", "k"),
+                Quota::new(5, Duration::from_secs(3)),
+            ),
+            (
+                BucketKey::new("counter-model", "m"),
+                Quota::new(300, Duration::from_secs(20)).tokens(),
+            ),
+        ]
+    }
+
     #[tokio::test]
     async fn random_sequences_agree_between_stores() {
+        random_sequences("random", random_quotas()).await;
+    }
+
+    #[tokio::test]
+    async fn random_counter_sequences_agree_between_stores() {
+        random_sequences("counters", random_counter_quotas()).await;
+    }
+
+    async fn random_sequences(name: &str, quotas: Vec<(BucketKey, Quota)>) {
         let Some(server) = RedisServer::start() else {
             return;
         };
-        let quotas = random_quotas();
         // admitted, denied, settled, peeked
         let mut counts = [0u32; 4];
         for seed in 1..=12u64 {
@@ -585,7 +616,7 @@ mod redis {
             let clock = ManualClock::new();
             clock.set(Duration::from_secs(1_000));
             let memory = MemoryStore::builder().clock(clock.clone()).build();
-            let redis = connect(&server, &format!("random{seed}"), &clock).await;
+            let redis = connect(&server, &format!("{name}{seed}"), &clock).await;
             // Admitted charges not yet settled: (quota index, amount, memory and Redis placement).
             let mut open: Vec<(usize, u64, ChargeState, ChargeState)> = Vec::new();
             let mut history: Vec<String> = Vec::new();
@@ -597,7 +628,7 @@ mod redis {
                 }));
                 let fail = |what: String, history: &[String]| -> ! {
                     panic!(
-                        "seed {seed}, op {op}: {what}\nhistory (newest last):\n  {}",
+                        "{name}: seed {seed}, op {op}: {what}\nhistory (newest last):\n  {}",
                         history.join("\n  ")
                     )
                 };
@@ -696,7 +727,7 @@ mod redis {
         }
         let [admitted, denied, settled, peeked] = counts;
         eprintln!(
-            "random sequences: {admitted} admitted and {denied} denied acquires, \
+            "{name} sequences: {admitted} admitted and {denied} denied acquires, \
              {settled} settlements, {peeked} peeks, identical in both stores"
         );
         assert!(
