@@ -12,6 +12,9 @@
 //!   `NOSCRIPT` (after a restart, a failover or a `SCRIPT FLUSH`) by loading the script and
 //!   retrying. Each version leaves its library on the server: `FUNCTION DELETE` old ones
 //!   after an upgrade if you care about a few tens of KB.
+//!   An acquire whose rules are all sliding window counters (the default algorithm) runs
+//!   a path of the script without helper calls or per-call tables; any other call runs the
+//!   general one, with the same arithmetic (`tests/store_parity.rs` covers both).
 //! - **Same arithmetic as the memory store**, in microseconds of the server's clock (`TIME`),
 //!   so clients' clock skew can't matter. `tests/store_parity.rs` runs shared vectors
 //!   against both stores. Lua computes in doubles: exact while `limit x window_in_µs` stays
