@@ -9,8 +9,9 @@
 //! Groups (one `BenchmarkId` per variant and size):
 //!
 //! - `estimate`: a chat completions body of 1 KB, 16 KB and 256 KB (`gpt-4o`, English prose,
-//!   code and JSON in alternating user and assistant messages), reported per call and as
-//!   bytes of body per second:
+//!   code and JSON in alternating user and assistant messages: escapes every few bytes in
+//!   the JSON parts), and `16KB_prose` (prose paragraphs only: an escape per paragraph),
+//!   reported per call and as bytes of body per second:
 //!   - `parse+heuristic` is the layer's real per-request cost: `OpenAiTokens::estimate` with
 //!     [`estimate_text_tokens`](tower_llm_ratelimit::cost::estimate_text_tokens) on a view
 //!     built with `RequestView::with_body(&bytes, None)` inside the timed closure, so the
@@ -110,7 +111,11 @@ const DATA: &str = r#"{"id":"ord_8Hk2","status":"shipped","items":[{"sku":"A-104
 
 /// A chat completions body of about `size` bytes.
 fn chat_body(size: usize) -> Bytes {
-    let pieces = [PROSE, CODE, DATA];
+    chat_body_of(size, &[PROSE, CODE, DATA])
+}
+
+/// A chat completions body of about `size` bytes whose messages cycle through `pieces`.
+fn chat_body_of(size: usize, pieces: &[&str]) -> Bytes {
     let mut messages = vec![json!({"role": "system", "content": "You are a concise assistant."})];
     let mut len = 0;
     let mut i = 0;
@@ -121,7 +126,7 @@ fn chat_body(size: usize) -> Bytes {
             if len + content.len() + 200 >= size {
                 break;
             }
-            content.push_str(pieces[(i + k) % 3]);
+            content.push_str(pieces[(i + k) % pieces.len()]);
             content.push_str("\n\n");
         }
         if content.is_empty() {
@@ -167,8 +172,17 @@ fn estimate(c: &mut Criterion) {
         );
         est
     };
-    for (label, size) in [("1KB", 1 << 10), ("16KB", 16 << 10), ("256KB", 256 << 10)] {
-        let bytes = chat_body(size);
+    for (label, size, prose_only) in [
+        ("1KB", 1 << 10, false),
+        ("16KB", 16 << 10, false),
+        ("16KB_prose", 16 << 10, true),
+        ("256KB", 256 << 10, false),
+    ] {
+        let bytes = if prose_only {
+            chat_body_of(size, &[PROSE])
+        } else {
+            chat_body(size)
+        };
         assert!(
             bytes.len().abs_diff(size) < size / 10 + 100,
             "{label}: {} bytes",

@@ -913,9 +913,14 @@ impl TextCounter {
     }
 
     fn feed(&mut self, text: &str) {
+        self.feed_bytes(text.as_bytes());
+    }
+
+    #[inline]
+    fn feed_bytes(&mut self, text: &[u8]) {
         let mut prev = self.prev;
         // Chunks keep the sum far from overflowing (at most 76 per byte).
-        for chunk in text.as_bytes().chunks(1 << 32) {
+        for chunk in text.chunks(1 << 32) {
             let mut units = 0u64;
             for &b in chunk {
                 units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(b)]);
@@ -926,9 +931,41 @@ impl TextCounter {
         self.prev = prev;
     }
 
-    /// Feeds a JSON string as written: its escapes are decoded on the way (one pass, no
-    /// copy). The same as feeding the decoded text.
+    /// Feeds a JSON string as written: its escapes are decoded on the way (no copy). The
+    /// same as feeding the decoded text. Runs between escapes go through the byte loop after
+    /// a SIMD search for the next escape; once escapes come close together (JSON or code
+    /// pasted into a prompt), one loop checks every byte instead.
     fn feed_escaped(&mut self, written: &[u8]) {
+        let mut rest = written;
+        let mut close = 0;
+        while let Some(slash) = memchr::memchr(b'\\', rest) {
+            self.feed_bytes(&rest[..slash]);
+            rest = self.feed_escape(&rest[slash + 1..]);
+            // Four escapes in a row each within 24 bytes of the last: dense from here.
+            close = if slash < 24 { close + 1 } else { 0 };
+            if close >= 4 {
+                self.feed_dense(rest);
+                return;
+            }
+        }
+        self.feed_bytes(rest);
+    }
+
+    /// The escape whose backslash preceded `rest`: its character fed, the rest returned.
+    #[inline]
+    fn feed_escape<'t>(&mut self, rest: &'t [u8]) -> &'t [u8] {
+        // The parser checked every escape.
+        match decode_escape(rest) {
+            Some((c, len)) => {
+                self.feed_bytes(c.encode_utf8(&mut [0; 4]).as_bytes());
+                &rest[len..]
+            }
+            None => rest,
+        }
+    }
+
+    /// [`Self::feed_escaped`] byte by byte.
+    fn feed_dense(&mut self, written: &[u8]) {
         let mut prev = self.prev;
         // At most 76 units a byte: a request body (bounded by `max_inspect_bytes`) can't
         // overflow this.
@@ -936,14 +973,11 @@ impl TextCounter {
         let mut rest = written.iter();
         while let Some(&b) = rest.next() {
             if b == b'\\' {
-                // The parser checked every escape.
-                if let Some((c, len)) = decode_escape(rest.as_slice()) {
-                    for &d in c.encode_utf8(&mut [0; 4]).as_bytes() {
-                        units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(d)]);
-                        prev = d;
-                    }
-                    rest = rest.as_slice()[len..].iter();
-                }
+                self.units = self.units.saturating_add(units);
+                units = 0;
+                self.prev = prev;
+                rest = self.feed_escape(rest.as_slice()).iter();
+                prev = self.prev;
                 continue;
             }
             units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(b)]);
