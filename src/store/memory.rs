@@ -1,7 +1,7 @@
 //! The in-memory store: one process, no I/O.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -190,8 +190,12 @@ fn hold_gcra<'b>(cell: &'b AtomicU64, quota: &Quota) -> Option<Held<'b>> {
 ///   requests can't deadlock, checks them all, then charges them all.
 /// - **Idle eviction**: no cleanup task to run. At most once per
 ///   [`sweep_interval`](MemoryStoreBuilder::sweep_interval) (default 10 s), the request that
-///   notices removes every bucket whose state equals a fresh one (its charges have all
-///   expired), so eviction never changes a decision.
+///   notices starts a sweep that removes every bucket whose state equals a fresh one (its
+///   charges have all expired), so eviction never changes a decision. Inside a tokio runtime
+///   the sweep runs on its blocking pool, not on the request (a million keys take ~0.1 s to
+///   scan); it reads the map under shard read locks (lookups go on; new keys wait for the
+///   shard) and removes each idle bucket under a write lock held for that key alone, at most
+///   65,536 a sweep (the next request starts another).
 /// - **Bounded memory**: at most [`max_keys`](MemoryStoreBuilder::max_keys) buckets (default
 ///   1,000,000). A charge to a new bucket when the map is full first sweeps idle buckets (at
 ///   most once a second); if none can go, the charge fails with
@@ -212,6 +216,8 @@ struct Inner {
     max_keys: usize,
     sweep_interval: u64,
     last_sweep: AtomicU64,
+    /// A sweep is under way (on another thread).
+    sweeping: AtomicBool,
 }
 
 /// Configures a [`MemoryStore`].
@@ -223,6 +229,38 @@ pub struct MemoryStoreBuilder {
 }
 
 const FORCED_SWEEP_MIN_INTERVAL: u64 = 1_000_000_000;
+
+/// Idle keys a sweep removes at most (a bounded list of keys to remove).
+const SWEEP_BATCH: usize = 1 << 16;
+
+/// Whether a bucket is idle at `now`: its state equals a fresh one (every charge expired) and
+/// nobody is using it. With `evict`, an idle bucket is also marked evicted (locked slots) or
+/// set to [`EVICTED`] (GCRA cells), so that a decision holding a clone of it looks again.
+fn is_idle(bucket: &Cell, now: u64, evict: bool) -> bool {
+    match bucket {
+        Cell::Locked(m) => {
+            // A bucket locked by a request in flight is busy, not idle.
+            let Ok(mut slot) = m.try_lock() else {
+                return false;
+            };
+            let limits = slot.limits;
+            let idle = slot.state.is_idle(&limits, now);
+            if idle && evict {
+                slot.evicted = true;
+            }
+            idle
+        }
+        // Idle when its TAT has passed (a held cell's value never has).
+        Cell::Gcra(cell) => {
+            let cur = cell.load(Ordering::Acquire);
+            cur <= now
+                && (!evict
+                    || cell
+                        .compare_exchange(cur, EVICTED, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok())
+        }
+    }
+}
 
 /// Charges per request whose buckets and locks are held on the stack (more use the heap).
 const INLINE_CHARGES: usize = 8;
@@ -256,6 +294,7 @@ impl MemoryStoreBuilder {
                 max_keys: self.max_keys,
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
                 last_sweep: AtomicU64::new(0),
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -313,7 +352,7 @@ impl MemoryStore {
     pub fn try_acquire(&self, charges: &[Charge<'_>]) -> Result<Decision, StoreError> {
         let inner = &*self.inner;
         let now = inner.clock.now_nanos();
-        inner.maybe_sweep(now);
+        self.inner.maybe_sweep(now);
         match charges {
             [] => Ok(Decision {
                 denial: None,
@@ -327,49 +366,58 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn maybe_sweep(&self, now: u64) {
+    /// Sweeps when the interval has passed: on a blocking thread of the tokio runtime the
+    /// request runs on, if there is one (the request doesn't wait for it), else right here.
+    fn maybe_sweep(self: &Arc<Self>, now: u64) {
         let last = self.last_sweep.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= self.sweep_interval
-            && self
+        if now.saturating_sub(last) < self.sweep_interval
+            || self
                 .last_sweep
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+                .is_err()
+            || self.sweeping.swap(true, Ordering::AcqRel)
         {
-            self.sweep(now);
+            return;
+        }
+        /// Ends the sweep, also when a runtime shutting down drops it before it runs.
+        struct Done(Arc<Inner>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.sweeping.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(Arc::clone(self));
+        let run = move || done.0.sweep(now);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(run)),
+            Err(_) => run(),
         }
     }
 
+    /// Removes idle buckets, in two passes so that no shard is write-locked for long: the
+    /// map is read (shard read locks: lookups go on, only new keys wait) for up to
+    /// [`SWEEP_BATCH`] idle keys, then each is removed under its shard's write lock if it is
+    /// still idle. A bucket in use (locked, or held by a decision) is not idle.
     fn sweep(&self, now: u64) {
-        let mut removed = 0;
-        self.map.retain(|_, bucket| {
-            let idle = match &**bucket {
-                Cell::Locked(m) => {
-                    // A bucket locked by a request in flight is busy, not idle.
-                    let Ok(mut slot) = m.try_lock() else {
-                        return true;
-                    };
-                    let limits = slot.limits;
-                    let idle = slot.state.is_idle(&limits, now);
-                    if idle {
-                        slot.evicted = true;
-                    }
-                    idle
-                }
-                // Idle when its TAT has passed (a held cell's value never has); charges
-                // that still hold the cell (a multi-rule decision's clone) see EVICTED.
-                Cell::Gcra(cell) => {
-                    let cur = cell.load(Ordering::Acquire);
-                    cur <= now
-                        && cell
-                            .compare_exchange(cur, EVICTED, Ordering::AcqRel, Ordering::Relaxed)
-                            .is_ok()
-                }
-            };
-            if idle {
-                removed += 1;
+        let mut idle = Vec::new();
+        for entry in self.map.iter() {
+            if idle.len() == SWEEP_BATCH {
+                // More next time: the next request may sweep again.
+                self.last_sweep.store(0, Ordering::Relaxed);
+                break;
             }
-            !idle
-        });
+            if is_idle(entry.value(), now, false) {
+                idle.push(entry.key().clone());
+            }
+        }
+        let removed = idle
+            .iter()
+            .filter(|key| {
+                self.map
+                    .remove_if(key, |_, bucket| is_idle(bucket, now, true))
+                    .is_some()
+            })
+            .count();
         self.len.fetch_sub(removed, Ordering::Relaxed);
     }
 
@@ -814,5 +862,50 @@ mod tests {
         s.sweep();
         assert_eq!(s.len(), 0);
         assert_eq!(remaining(&gcra), 9);
+    }
+
+    #[test]
+    fn inside_a_runtime_the_sweep_runs_off_the_request_path() {
+        let (s, clock) = store(100);
+        let q = Quota::per_second(5);
+        for user in ["a", "b", "c"] {
+            let k = BucketKey::new("r", user);
+            s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+        }
+        clock.advance(Duration::from_secs(61));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let k = BucketKey::new("r", "d");
+            assert!(s
+                .try_acquire(&[Charge::new(&k, &q, 1)])
+                .unwrap()
+                .is_admitted());
+        });
+        // The sweep ran on the runtime's blocking pool; wait for it (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.len() != 1 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(s.len(), 1, "the three idle buckets were swept");
+        drop(runtime);
+    }
+
+    #[test]
+    fn a_sweep_removes_a_bounded_batch_and_the_next_one_goes_on() {
+        let (s, clock) = store(SWEEP_BATCH * 2);
+        let q = Quota::per_second(5);
+        for i in 0..SWEEP_BATCH + 10 {
+            let k = BucketKey::new("r", i.to_string());
+            s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+        }
+        clock.advance(Duration::from_secs(61));
+        s.sweep();
+        assert_eq!(s.len(), 10);
+        // The sweep asked for another one at the next request.
+        let k = BucketKey::new("r", "new");
+        s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+        assert_eq!(s.len(), 1);
     }
 }
