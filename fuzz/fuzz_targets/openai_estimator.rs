@@ -1,4 +1,5 @@
-//! The OpenAI body estimator on arbitrary bodies and paths: never panics.
+//! The OpenAI body estimator on arbitrary bodies and paths: never panics, and the layer's
+//! own parse of the bytes estimates exactly what a `serde_json::Value` of them does.
 #![no_main]
 
 use bytes::Bytes;
@@ -22,8 +23,15 @@ fuzz_target!(|data: &[u8]| {
     let req = http::Request::post(path).body(()).expect("static request");
     let bytes = Bytes::copy_from_slice(body);
     let json = serde_json::from_slice::<serde_json::Value>(body).ok();
-    let view = RequestView::from_request(&req).with_body(&bytes, json.as_ref());
-    let _ = cost::openai().estimate(&view);
+    let est = cost::openai();
+    let given = est.estimate(&RequestView::from_request(&req).with_body(&bytes, json.as_ref()));
+    // With no `Value`, the estimator parses the bytes itself, as the layer does.
+    let parsed = est.estimate(&RequestView::from_request(&req).with_body(&bytes, None));
+    if json.is_some() {
+        assert_eq!(given, parsed, "the two parses disagree");
+    } else {
+        assert!(parsed.is_err(), "not JSON to serde_json, yet estimated");
+    }
     if let Ok(text) = std::str::from_utf8(body) {
         let _ = cost::estimate_text_tokens(text);
     }
