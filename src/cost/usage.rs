@@ -580,6 +580,11 @@ impl SseState {
                         None => i = chunk.len(),
                     }
                 }
+                // The usual line, `data:` whole in this chunk: straight to its value.
+                Line::Start if chunk[i..].starts_with(b"data:") => {
+                    self.line = Line::Data { at_start: true };
+                    i += DATA.len() + 1;
+                }
                 Line::Start | Line::Name { .. } => {
                     let b = chunk[i];
                     i += 1;
