@@ -1283,6 +1283,10 @@ fn each_bad_config_field_is_named() {
             vec!["`store.kind`", "unknown variant `sqlite`"],
         ),
         (
+            format!("[store]\nprefix = \"app{{1}}\"\n{good}"),
+            vec!["`store.prefix`", "must not contain"],
+        ),
+        (
             "[tiers.free]\nrpm = 1\n[keys]\nk = { user = \"u\", tier = \"free\" }\n".to_owned(),
             vec!["`models`", "no model is configured"],
         ),

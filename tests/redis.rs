@@ -537,6 +537,17 @@ fn tag_of<'k>(key: &'k str, prefix: &str, rule: &str) -> Option<&'k str> {
 }
 
 #[tokio::test]
+async fn a_prefix_with_braces_is_refused() {
+    // Checked before connecting: no server needed.
+    let err = RedisStore::builder("redis://127.0.0.1:1")
+        .prefix("app{1}")
+        .connect()
+        .await
+        .expect_err("a brace in the prefix");
+    assert!(err.to_string().contains("must not contain"), "{err}");
+}
+
+#[tokio::test]
 async fn keys_are_hashed_tagged_and_expire() {
     let Some(server) = RedisServer::start() else {
         return;

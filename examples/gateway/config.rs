@@ -283,6 +283,12 @@ impl Config {
         if s.prefix.is_empty() {
             err("store.prefix".into(), "must not be empty".into());
         }
+        if s.prefix.contains(['{', '}']) {
+            err(
+                "store.prefix".into(),
+                "must not contain `{` or `}` (they would put every key in one cluster slot)".into(),
+            );
+        }
         if s.timeout_ms == 0 {
             err("store.timeout_ms".into(), "must be > 0".into());
         }

@@ -224,7 +224,8 @@ impl RedisStoreBuilder {
     }
 
     /// The namespace of every key (default `rl`). Stores with different prefixes share
-    /// nothing.
+    /// nothing. It must not contain `{` or `}` ([`connect`](Self::connect) refuses it): in a
+    /// cluster a brace would make it every key's hash tag.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -265,6 +266,15 @@ impl RedisStoreBuilder {
 
     /// Connects. The script is loaded lazily, by the first call that finds it missing.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        if self.prefix.contains(['{', '}']) {
+            // A brace in the prefix would become every key's cluster hash tag: one slot for
+            // the whole store.
+            return Err(StoreError::Backend(format!(
+                "the key prefix `{}` must not contain `{{` or `}}` (they would put every key \
+                 in one cluster slot)",
+                self.prefix
+            )));
+        }
         let backend = |e: redis::RedisError| StoreError::Backend(e.to_string());
         let conn = if self.cluster {
             let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
