@@ -67,6 +67,8 @@
 use std::fmt;
 use std::sync::LazyLock;
 
+use crate::json::Json;
+
 /// A suggested bound for [`UsageParser::new`]: 4 MiB.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -439,17 +441,17 @@ impl JsonState {
         let value = |(start, end): (usize, usize)| {
             // From the `:` after the name to the `,` or `}` after the value.
             let v = buf[start..end].trim_ascii_start();
-            v.strip_prefix(b":").unwrap_or(v)
+            Json::parse(v.strip_prefix(b":").unwrap_or(v)).ok()
         };
         if let Some(span) = self.usage {
-            match typed::usage_value(value(span))? {
-                Field::Value(u) => return u.resolve(),
-                Field::Null | Field::Absent => {}
+            match value(span)? {
+                Json::Null => {}
+                usage => return usage_of(&usage),
             }
         }
-        match typed::response_usage(value(self.response?))? {
-            Field::Value(u) => u.resolve(),
-            Field::Null | Field::Absent => None,
+        match value(self.response?)?.get("usage") {
+            None | Some(Json::Null) => None,
+            Some(usage) => usage_of(usage),
         }
     }
 }
@@ -742,348 +744,55 @@ fn has_usage_object(hay: &[u8]) -> bool {
 }
 
 /// The usage of a JSON document: its non-null `usage`, else its `response`'s non-null
-/// `usage`. `None` unless the whole document is valid JSON.
-///
-/// Read by a typed pass that skips every other value without building it (no allocation per
-/// field, as a `serde_json::Value` would make): the same answer as reading the document into
-/// a `Value` and looking up the two paths (duplicate keys: the last one counts).
+/// `usage`. `None` unless the whole document is valid JSON (duplicate keys: the last one
+/// counts, as in a `serde_json::Value`).
 fn usage_in(body: &[u8]) -> Option<Usage> {
-    let doc: Document = serde_json::from_slice(body).ok()?;
-    match doc.usage {
-        Field::Absent | Field::Null => match doc.response_usage {
-            Field::Value(usage) => usage.resolve(),
-            Field::Absent | Field::Null => None,
+    let doc = Json::parse(body).ok()?;
+    match doc.get("usage") {
+        None | Some(Json::Null) => match doc.get("response")?.get("usage") {
+            None | Some(Json::Null) => None,
+            Some(usage) => usage_of(usage),
         },
-        Field::Value(usage) => usage.resolve(),
+        Some(usage) => usage_of(usage),
     }
 }
 
-/// A field of interest: absent, `null`, or a value.
-#[derive(Debug, Default)]
-enum Field<T> {
-    #[default]
-    Absent,
-    Null,
-    Value(T),
-}
-
-/// The two places a usage can be: `usage` and `response.usage`.
-#[derive(Debug, Default)]
-struct Document {
-    usage: Field<RawUsage>,
-    response_usage: Field<RawUsage>,
-}
-
-/// One count of a usage object as written: absent, `null`, a non-negative integer, or
-/// anything else (which makes the whole usage invalid).
-#[derive(Debug, Default, Clone, Copy)]
-enum Count {
-    #[default]
-    Absent,
-    Null,
-    Valid(u64),
-    Invalid,
-}
-
-/// A `usage` value as written: an object's counts, or not an object at all.
-#[derive(Debug, Default)]
-struct RawUsage {
-    not_an_object: bool,
-    prompt: Count,
-    input: Count,
-    completion: Count,
-    output: Count,
-    total: Count,
-}
-
-impl RawUsage {
-    fn resolve(&self) -> Option<Usage> {
-        if self.not_an_object {
+/// The usage a `usage` value says, if it is a valid one (see [`Usage`]).
+fn usage_of(usage: &Json<'_>) -> Option<Usage> {
+    let usage = usage.as_object()?;
+    // The value of the first of `names` present and non-null: `Some(None)` if none is,
+    // `None` if it isn't a non-negative integer.
+    let count = |names: &[&str]| -> Option<Option<u64>> {
+        let Some(value) = names
+            .iter()
+            .find_map(|name| usage.get(name).filter(|v| !matches!(v, Json::Null)))
+        else {
+            return Some(None);
+        };
+        let Json::Number(n) = value else {
             return None;
+        };
+        if let Some(n) = n.as_u64() {
+            return Some(Some(n));
         }
-        /// The first of two names present and non-null: `Some(None)` if neither is, `None`
-        /// if its value isn't a count.
-        fn first(a: Count, b: Count) -> Option<Option<u64>> {
-            match a {
-                Count::Valid(n) => Some(Some(n)),
-                Count::Invalid => None,
-                Count::Absent | Count::Null => match b {
-                    Count::Valid(n) => Some(Some(n)),
-                    Count::Invalid => None,
-                    Count::Absent | Count::Null => Some(None),
-                },
-            }
-        }
-        let input = first(self.prompt, self.input)?;
-        let output = first(self.completion, self.output)?;
-        let total = first(self.total, Count::Absent)?;
-        if input.is_none() && output.is_none() && total.is_none() {
-            return None;
-        }
-        let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
-        Some(Usage {
-            input_tokens: input,
-            output_tokens: output,
-            total_tokens: total.unwrap_or(input.saturating_add(output)),
-        })
+        // `12.0` is a count too; `-1`, `1.5` and `1e30` are not. (`u64::MAX as f64` rounds
+        // up to 2^64, the first value out of range.)
+        let f = n.as_f64()?;
+        (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64)
+            .then_some(Some(f as u64))
+    };
+    let input = count(&["prompt_tokens", "input_tokens"])?;
+    let output = count(&["completion_tokens", "output_tokens"])?;
+    let total = count(&["total_tokens"])?;
+    if input.is_none() && output.is_none() && total.is_none() {
+        return None;
     }
-}
-
-mod typed {
-    //! Hand-written `Deserialize`s for the few shapes read (no derive macro in the build).
-
-    use std::fmt;
-
-    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-
-    use super::{Count, Document, Field, RawUsage};
-
-    /// A `usage` value alone: `None` if it isn't valid JSON.
-    pub(super) fn usage_value(json: &[u8]) -> Option<Field<RawUsage>> {
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let v = de::DeserializeSeed::deserialize(FieldOf(std::marker::PhantomData), &mut de);
-        de.end().ok()?;
-        v.ok()
-    }
-
-    /// A `response` value alone: its `usage` member (absent when not an object); `None` if
-    /// it isn't valid JSON.
-    pub(super) fn response_usage(json: &[u8]) -> Option<Field<RawUsage>> {
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let v = <Option<Response> as de::Deserialize>::deserialize(&mut de);
-        de.end().ok()?;
-        Some(match v.ok()? {
-            Some(Response(Some(usage))) => usage,
-            Some(Response(None)) | None => Field::Absent,
-        })
-    }
-
-    /// Deserializes a field's value as `T`, telling `null` apart from a value.
-    struct FieldOf<T>(std::marker::PhantomData<T>);
-
-    impl<'de, T: de::Deserialize<'de>> de::DeserializeSeed<'de> for FieldOf<T> {
-        type Value = Field<T>;
-
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field<T>, D::Error> {
-            Ok(match <Option<T> as de::Deserialize>::deserialize(d)? {
-                None => Field::Null,
-                Some(v) => Field::Value(v),
-            })
-        }
-    }
-
-    fn field<'de, A: MapAccess<'de>, T: de::Deserialize<'de>>(
-        map: &mut A,
-    ) -> Result<Field<T>, A::Error> {
-        map.next_value_seed(FieldOf(std::marker::PhantomData))
-    }
-
-    /// Reads an object's keys without allocating when they have no escapes.
-    fn next_key<'de, A: MapAccess<'de>>(
-        map: &mut A,
-    ) -> Result<Option<std::borrow::Cow<'de, str>>, A::Error> {
-        map.next_key::<CowStr<'de>>().map(|k| k.map(|k| k.0))
-    }
-
-    struct CowStr<'de>(std::borrow::Cow<'de, str>);
-
-    impl<'de> de::Deserialize<'de> for CowStr<'de> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = CowStr<'de>;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string")
-                }
-                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                    Ok(CowStr(v.into()))
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                    Ok(CowStr(v.to_owned().into()))
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-
-    impl<'de> de::Deserialize<'de> for Document {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Document;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
-                    let mut doc = Document::default();
-                    while let Some(key) = next_key(&mut map)? {
-                        match &*key {
-                            "usage" => doc.usage = field(&mut map)?,
-                            "response" => {
-                                doc.response_usage = match field::<_, Response>(&mut map)? {
-                                    Field::Value(Response(Some(u))) => u,
-                                    _ => Field::Absent,
-                                }
-                            }
-                            _ => {
-                                map.next_value::<IgnoredAny>()?;
-                            }
-                        }
-                    }
-                    Ok(doc)
-                }
-            }
-            // Any other top-level value is valid JSON without a usage.
-            Ok(d.deserialize_any(Any(V))?.unwrap_or_default())
-        }
-    }
-
-    /// The `response` member: `Some(its usage field)` when it is an object.
-    struct Response(Option<Field<RawUsage>>);
-
-    impl<'de> de::Deserialize<'de> for Response {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Response;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON value")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Response, A::Error> {
-                    let mut usage = Field::Absent;
-                    while let Some(key) = next_key(&mut map)? {
-                        if key == "usage" {
-                            usage = field(&mut map)?;
-                        } else {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                    Ok(Response(Some(usage)))
-                }
-            }
-            Ok(d.deserialize_any(Any(V))?.unwrap_or(Response(None)))
-        }
-    }
-
-    impl<'de> de::Deserialize<'de> for RawUsage {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = RawUsage;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON value")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawUsage, A::Error> {
-                    let mut u = RawUsage::default();
-                    while let Some(key) = next_key(&mut map)? {
-                        let slot = match &*key {
-                            "prompt_tokens" => &mut u.prompt,
-                            "input_tokens" => &mut u.input,
-                            "completion_tokens" => &mut u.completion,
-                            "output_tokens" => &mut u.output,
-                            "total_tokens" => &mut u.total,
-                            _ => {
-                                map.next_value::<IgnoredAny>()?;
-                                continue;
-                            }
-                        };
-                        *slot = map.next_value::<Count>()?;
-                    }
-                    Ok(u)
-                }
-            }
-            Ok(d.deserialize_any(Any(V))?.unwrap_or(RawUsage {
-                not_an_object: true,
-                ..RawUsage::default()
-            }))
-        }
-    }
-
-    impl<'de> de::Deserialize<'de> for Count {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Count;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON value")
-                }
-                fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
-                    Ok(Count::Valid(n))
-                }
-                fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
-                    Ok(u64::try_from(n).map_or(Count::Invalid, Count::Valid))
-                }
-                fn visit_f64<E: de::Error>(self, f: f64) -> Result<Count, E> {
-                    // `12.0` is a count too; `-1`, `1.5` and `1e30` are not. (`u64::MAX as
-                    // f64` rounds up to 2^64, the first value out of range.)
-                    Ok(
-                        if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 {
-                            Count::Valid(f as u64)
-                        } else {
-                            Count::Invalid
-                        },
-                    )
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                    Ok(Count::Null)
-                }
-                fn visit_none<E: de::Error>(self) -> Result<Count, E> {
-                    Ok(Count::Null)
-                }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                    Ok(Count::Invalid)
-                }
-                fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-                    Ok(Count::Invalid)
-                }
-                fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                    while seq.next_element::<IgnoredAny>()?.is_some() {}
-                    Ok(Count::Invalid)
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    Ok(Count::Invalid)
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
-
-    /// Wraps an object visitor so that any other JSON value is accepted (and skipped) as
-    /// `None`: valid JSON, just not an object.
-    struct Any<V>(V);
-
-    impl<'de, V: Visitor<'de>> Visitor<'de> for Any<V> {
-        type Value = Option<V::Value>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a JSON value")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            self.0.visit_map(map).map(Some)
-        }
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-    }
+    let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
+    Some(Usage {
+        input_tokens: input,
+        output_tokens: output,
+        total_tokens: total.unwrap_or(input.saturating_add(output)),
+    })
 }
 
 #[cfg(test)]
