@@ -49,6 +49,10 @@
 //! `HTTP_BENCH_ONLY=4,7` runs only those servers (for profiling); `HTTP_BENCH_SHOW=1` prints
 //! one raw response of each server first.
 
+#[allow(dead_code)]
+#[path = "support/cpu.rs"]
+mod cpu;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -229,26 +233,6 @@ async fn serve(app: Router) -> SocketAddr {
         axum::serve(listener, app).await.expect("serve");
     });
     addr
-}
-
-/// CPU time (ns) of this process's threads named `name` (`/proc/self/task/*/schedstat`);
-/// 0 where /proc is not available.
-fn thread_cpu_ns(name: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .filter_map(|t| {
-            std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 /// The app's CPU cost per request without any network: `oneshot` on a current-thread
@@ -553,14 +537,17 @@ async fn load(target: &Target, total: usize, connections: usize) -> Pass {
 }
 
 fn load_bounded(client: &Runtime, target: &Target, total: usize, connections: usize) -> Pass {
-    let (server0, client0) = (thread_cpu_ns(SERVER), thread_cpu_ns(CLIENT));
+    let (server0, client0) = (
+        cpu::threads_cpu_ns("self", Some(SERVER)),
+        cpu::threads_cpu_ns("self", Some(CLIENT)),
+    );
     let mut pass = client.block_on(async {
         tokio::time::timeout(PASS_LIMIT, load(target, total, connections))
             .await
             .unwrap_or_else(|_| panic!("a pass against {} took over {PASS_LIMIT:?}", target.addr))
     });
-    pass.server_cpu = thread_cpu_ns(SERVER).saturating_sub(server0);
-    pass.client_cpu = thread_cpu_ns(CLIENT).saturating_sub(client0);
+    pass.server_cpu = cpu::threads_cpu_ns("self", Some(SERVER)).saturating_sub(server0);
+    pass.client_cpu = cpu::threads_cpu_ns("self", Some(CLIENT)).saturating_sub(client0);
     pass
 }
 
@@ -983,24 +970,6 @@ bench-key = {{ user = "bench-user", tier = "bench" }}
     Some(gw)
 }
 
-/// CPU time of every thread of process `pid` so far, nanoseconds (0 without /proc).
-fn process_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// A bare reverse proxy (axum + hyper-util's pooled client, nothing else) in front of
 /// `upstream`: what a second hop costs by itself, to read the gateway's numbers against.
 async fn bare_proxy(upstream: SocketAddr) -> SocketAddr {
@@ -1062,12 +1031,14 @@ fn gateway(client: &Runtime, upstream: &Target, total: usize, connections: usize
         (
             "through a bare axum + hyper-util proxy",
             proxied,
-            Some(Box::new(|| thread_cpu_ns(PROXY))),
+            Some(Box::new(|| cpu::threads_cpu_ns("self", Some(PROXY)))),
         ),
         (
             "through the gateway",
             via,
-            Some(Box::new(move || process_cpu_ns(gw_pid))),
+            Some(Box::new(move || {
+                cpu::threads_cpu_ns(&gw_pid.to_string(), None)
+            })),
         ),
     ];
     let measure = |i: usize, n: usize, conns: usize| -> (Pass, u64) {

@@ -43,6 +43,9 @@
 //! The reference rows use `redis-benchmark` (64 clients), which shares the machine's cores
 //! with the server like our client does.
 
+#[allow(dead_code)]
+#[path = "support/cpu.rs"]
+mod cpu;
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
@@ -243,12 +246,12 @@ where
         .cli(&["CONFIG", "RESETSTAT"])
         .expect("CONFIG RESETSTAT");
     let cpu0 = cpu_seconds(server);
-    let own0 = own_cpu_ns();
+    let own0 = cpu::threads_cpu_ns("self", None);
     let (elapsed, latencies) =
         tokio::time::timeout(ROW_LIMIT, drive(cfg.decisions, cfg.tasks, decide))
             .await
             .unwrap_or_else(|_| panic!("{name}: took over {ROW_LIMIT:?}"));
-    let own1 = own_cpu_ns();
+    let own1 = cpu::threads_cpu_ns("self", None);
     let cpu1 = cpu_seconds(server);
     let stats = commandstats(server);
     let n = cfg.decisions as f64;
@@ -280,24 +283,6 @@ where
         client_us: (own1 > own0).then(|| (own1 - own0) as f64 / 1e3 / n),
         bytes: String::new(),
     }
-}
-
-/// CPU time of this whole process so far (all threads), nanoseconds; 0 without /proc.
-fn own_cpu_ns() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 fn now_us() -> u64 {

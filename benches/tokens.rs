@@ -66,6 +66,10 @@
 //! server's CPU per fetch is that one thread's. A multi-thread runtime would add a third
 //! busy thread (the bench thread's `block_on`) or share one pool between both sides.
 
+#[allow(dead_code)]
+#[path = "support/cpu.rs"]
+mod cpu;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
@@ -653,30 +657,6 @@ fn dechunked_len(head: &[u8], mut body: &[u8]) -> usize {
     }
 }
 
-/// CPU time (ns) of this process's threads named `name`, or of the calling thread with
-/// `None` (`/proc/.../schedstat`); 0 where /proc is not available.
-fn thread_cpu_ns(name: Option<&str>) -> u64 {
-    let read = |path: std::path::PathBuf| -> Option<u64> {
-        std::fs::read_to_string(path)
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    };
-    let Some(name) = name else {
-        return read("/proc/thread-self/schedstat".into()).unwrap_or(0);
-    };
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .filter_map(|t| read(t.path().join("schedstat")))
-        .sum()
-}
-
 /// One variant's pass of back-to-back fetches in the summary.
 #[derive(Clone, Copy, Default)]
 struct Pass {
@@ -739,7 +719,10 @@ fn sse_socket(c: &mut Criterion) {
         let mut row = Round::default();
         for k in 0..3 {
             let i = (round + k) % 3;
-            let (server, client) = (thread_cpu_ns(Some(SERVER_THREAD)), thread_cpu_ns(None));
+            let (server, client) = (
+                cpu::threads_cpu_ns("self", Some(SERVER_THREAD)),
+                cpu::this_thread_cpu_ns(),
+            );
             let start = std::time::Instant::now();
             for _ in 0..FETCHES {
                 black_box(rt.block_on(clients[i].fetch()));
@@ -748,8 +731,8 @@ fn sse_socket(c: &mut Criterion) {
             let per_fetch_us = |ns: u64| ns as f64 / FETCHES as f64 / 1e3;
             row[i] = Pass {
                 mib_per_s: (total * FETCHES) as f64 / secs / f64::from(1 << 20),
-                server_us: per_fetch_us(thread_cpu_ns(Some(SERVER_THREAD)) - server),
-                client_us: per_fetch_us(thread_cpu_ns(None) - client),
+                server_us: per_fetch_us(cpu::threads_cpu_ns("self", Some(SERVER_THREAD)) - server),
+                client_us: per_fetch_us(cpu::this_thread_cpu_ns() - client),
             };
         }
         rounds.push(row);
