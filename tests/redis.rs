@@ -1072,30 +1072,6 @@ async fn faults_fail_fast_fall_back_and_recover() {
     eventually("the layer to admit again", || admitted_by(&closed)).await;
 }
 
-#[tokio::test]
-async fn script_flush_is_survived() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
-    let q = Quota::per_hour(10);
-    let b = BucketKey::new("rph", "alice");
-    let one = [Charge::new(&b, &q, 1)];
-    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 9);
-    assert_eq!(
-        server
-            .cli(&["SCRIPT", "FLUSH"])
-            .map(|o| o.trim().to_owned()),
-        Some("OK".to_owned())
-    );
-    // NOSCRIPT: the script is loaded again and the call retried.
-    assert_eq!(acquire(&store, &one).await.charges[0].snapshot.remaining, 8);
-    server.cli(&["SCRIPT", "FLUSH"]).expect("SCRIPT FLUSH");
-    assert_eq!(peek(&store, &b, &q).await.remaining, 8);
-    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
-}
-
 /// `calls` of `command` (lowercase) in `INFO commandstats`, 0 when never called.
 fn calls_of(server: &RedisServer, command: &str) -> u64 {
     let stats = server.cli(&["INFO", "commandstats"]).unwrap_or_default();
