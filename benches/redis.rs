@@ -223,6 +223,21 @@ where
 }
 
 /// Warm-up, reset the stats, measure, read the stats.
+/// A one-rule decision: `quota` charged 1 on the key of user `i % keys.len()`.
+async fn one_rule(
+    store: RedisStore,
+    keys: Arc<Vec<BucketKey>>,
+    quota: Quota,
+    i: usize,
+) -> Result<bool, String> {
+    let k = &keys[i % keys.len()];
+    let d = store
+        .acquire(&[Charge::new(k, &quota, 1)])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(d.is_admitted())
+}
+
 async fn measure<F, Fut>(
     server: &RedisServer,
     cfg: &Config,
@@ -468,20 +483,8 @@ fn main() {
 
         // Ours, 1 rule.
         let decide = {
-            let store = store.clone();
-            let rpm_keys = Arc::clone(&rpm_keys);
-            move |i: usize| {
-                let store = store.clone();
-                let rpm_keys = Arc::clone(&rpm_keys);
-                async move {
-                    let k = &rpm_keys[i % users_n];
-                    let d = store
-                        .acquire(&[Charge::new(k, &rpm, 1)])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(d.is_admitted())
-                }
-            }
+            let (store, keys) = (store.clone(), Arc::clone(&rpm_keys));
+            move |i| one_rule(store.clone(), Arc::clone(&keys), rpm, i)
         };
         let mut row = measure(
             &server,
@@ -555,20 +558,8 @@ fn main() {
             .expect("connect");
         let log = Quota::per_minute(LIMIT).sliding_window_log();
         let decide = {
-            let store = store_log.clone();
-            let rpm_keys = Arc::clone(&rpm_keys);
-            move |i: usize| {
-                let store = store.clone();
-                let rpm_keys = Arc::clone(&rpm_keys);
-                async move {
-                    let k = &rpm_keys[i % users_n];
-                    let d = store
-                        .acquire(&[Charge::new(k, &log, 1)])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    Ok(d.is_admitted())
-                }
-            }
+            let (store, keys) = (store_log.clone(), Arc::clone(&rpm_keys));
+            move |i| one_rule(store.clone(), Arc::clone(&keys), log, i)
         };
         let mut row = measure(
             &server,
