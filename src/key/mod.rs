@@ -70,40 +70,96 @@ use crate::json::Json;
 
 /// The part of a bucket's identity that comes from the request. Empty means "anonymous"
 /// (see [`crate::MissingKey::Shared`]); extractors never return an empty key.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(Box<[u8]>);
+///
+/// Keys of up to 22 bytes (IP addresses, user ids, model names, short API keys, the global
+/// key) are stored inline: extracting one allocates nothing. Longer keys live on the heap.
+/// Equality, hashing and ordering are those of the bytes, whatever the storage.
+#[derive(Clone)]
+pub struct Key(Repr);
+
+/// Bytes a [`Key`] holds without a heap allocation (the enum stays 24 bytes).
+const INLINE_KEY: usize = 22;
+
+#[derive(Clone)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Box<[u8]>),
+}
 
 impl Key {
     /// A key from raw bytes.
+    #[inline]
     pub fn new(bytes: impl AsRef<[u8]>) -> Self {
-        Self(bytes.as_ref().into())
+        let b = bytes.as_ref();
+        if b.len() <= INLINE_KEY {
+            let mut bytes = [0; INLINE_KEY];
+            bytes[..b.len()].copy_from_slice(b);
+            Self(Repr::Inline {
+                len: b.len() as u8,
+                bytes,
+            })
+        } else {
+            Self(Repr::Heap(b.into()))
+        }
     }
 
     /// The key of the shared anonymous bucket.
     pub fn anonymous() -> Self {
-        Self(Box::default())
+        Self::new([])
     }
 
     /// True for the anonymous key.
     pub fn is_anonymous(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
     }
 
     /// The raw bytes.
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Heap(b) => b,
+        }
+    }
+}
+
+impl PartialEq for Key {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({:?})", String::from_utf8_lossy(&self.0))
+        write!(f, "Key({:?})", String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.0))
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
@@ -115,7 +171,7 @@ impl From<&str> for Key {
 
 impl From<String> for Key {
     fn from(s: String) -> Self {
-        Self(s.into_bytes().into_boxed_slice())
+        s.into_bytes().into()
     }
 }
 
@@ -127,7 +183,11 @@ impl From<&[u8]> for Key {
 
 impl From<Vec<u8>> for Key {
     fn from(b: Vec<u8>) -> Self {
-        Self(b.into_boxed_slice())
+        if b.len() <= INLINE_KEY {
+            Self::new(b)
+        } else {
+            Self(Repr::Heap(b.into_boxed_slice()))
+        }
     }
 }
 
@@ -324,3 +384,40 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<RequestView<'static>>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Inline or on the heap, a key is its bytes: equality, order and hash agree with
+        /// them, and every constructor gives the same key.
+        #[test]
+        fn a_key_is_its_bytes(a in proptest::collection::vec(any::<u8>(), 0..48),
+                              b in proptest::collection::vec(any::<u8>(), 0..48)) {
+            use std::hash::BuildHasher;
+            let (ka, kb) = (Key::new(&a), Key::new(&b));
+            prop_assert_eq!(ka.as_bytes(), &a[..]);
+            prop_assert_eq!(ka.is_anonymous(), a.is_empty());
+            prop_assert_eq!(&Key::from(a.clone()), &ka);
+            prop_assert_eq!(&Key::from(&a[..]), &ka);
+            prop_assert_eq!(ka == kb, a == b);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            let s = std::hash::RandomState::new();
+            prop_assert_eq!(s.hash_one(&ka), s.hash_one(&a[..]));
+        }
+    }
+
+    #[test]
+    fn short_keys_are_inline_and_long_ones_on_the_heap() {
+        assert!(matches!(Key::new([7; INLINE_KEY]).0, Repr::Inline { .. }));
+        assert!(matches!(Key::new([7; INLINE_KEY + 1]).0, Repr::Heap(_)));
+        assert!(matches!(
+            Key::from(vec![7; INLINE_KEY]).0,
+            Repr::Inline { .. }
+        ));
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+        assert_eq!(Key::anonymous(), Key::new(""));
+    }
+}
