@@ -25,7 +25,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Settling { #[pin] body: B, settle: Settle },
+        Settling { #[pin] body: B, settle: Box<Settle> },
         Rejection { #[pin] body: Full<Bytes> },
     }
 }
@@ -37,7 +37,7 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn settling(body: B, settle: Settle) -> Self {
+    pub(crate) fn settling(body: B, settle: Box<Settle>) -> Self {
         Self {
             kind: Kind::Settling { body, settle },
         }

@@ -16,7 +16,7 @@ use crate::settle::Settle;
 /// What follows a decision taken asynchronously.
 pub(crate) enum Next<F> {
     Reject(Response<Full<Bytes>>),
-    Call(F, RateHeaders, Option<Settle>),
+    Call(F, RateHeaders, Option<Box<Settle>>),
 }
 
 type Deciding<F> = Pin<Box<dyn Future<Output = Next<F>> + Send>>;
@@ -35,13 +35,13 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Deciding { fut: Deciding<F> },
-        Inner { #[pin] fut: F, headers: Option<RateHeaders>, settle: Option<Settle> },
+        Inner { #[pin] fut: F, headers: Option<RateHeaders>, settle: Option<Box<Settle>> },
         Rejected { response: Option<Response<Full<Bytes>>> },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, headers: RateHeaders, settle: Option<Settle>) -> Self {
+    pub(crate) fn inner(fut: F, headers: RateHeaders, settle: Option<Box<Settle>>) -> Self {
         Self {
             state: State::Inner {
                 fut,

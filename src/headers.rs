@@ -101,7 +101,6 @@ impl Default for HeaderStyle {
     }
 }
 
-/// One rule's state, as the headers report it.
 /// What one quota (a rule's base quota, or one of its tiers') says in the headers, computed
 /// once when the layer is built: the `RateLimit-Policy` item and the limit, which don't change
 /// from request to request.
@@ -134,11 +133,56 @@ impl QuotaHeaders {
     }
 }
 
+/// The joined `RateLimit-Policy` of requests that apply every rule of the layer, computed
+/// once per combination of the rules' quotas a tier selects (the base quotas, and each
+/// tier's), when the layer is built.
+#[derive(Debug, Default)]
+pub(crate) struct JoinedPolicies(Vec<(Box<[usize]>, HeaderValue)>);
+
+impl JoinedPolicies {
+    /// `quotas[rule][variant]`; `variants` lists, per tier (and for no tier), the variant of
+    /// each rule.
+    pub(crate) fn new(
+        quotas: &[Vec<QuotaHeaders>],
+        variants: impl Iterator<Item = Vec<usize>>,
+    ) -> Self {
+        let mut joined: Vec<(Box<[usize]>, HeaderValue)> = Vec::new();
+        if quotas.len() < 2 {
+            return Self(joined);
+        }
+        for v in variants {
+            if joined.iter().any(|(have, _)| **have == *v) {
+                continue;
+            }
+            let mut p = Vec::new();
+            for (i, (rule, &variant)) in quotas.iter().zip(&v).enumerate() {
+                if i > 0 {
+                    p.extend_from_slice(b", ");
+                }
+                p.extend_from_slice(&rule[variant].policy_item);
+            }
+            if let Ok(value) = HeaderValue::from_bytes(&p) {
+                joined.push((v.into_boxed_slice(), value));
+            }
+        }
+        Self(joined)
+    }
+
+    fn get(&self, variants: impl Iterator<Item = usize> + Clone) -> Option<&HeaderValue> {
+        self.0
+            .iter()
+            .find(|(v, _)| v.iter().copied().eq(variants.clone()))
+            .map(|(_, value)| value)
+    }
+}
+
 /// One rule's state after a decision, for the headers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RuleState<'a> {
     pub(crate) rule: &'a str,
     pub(crate) quota: &'a Quota,
+    /// Which of the rule's quotas (see `Rule::variant_for`).
+    pub(crate) variant: usize,
     pub(crate) snapshot: Snapshot,
     /// The precomputed parts of this rule's quota.
     pub(crate) cached: &'a QuotaHeaders,
@@ -147,26 +191,119 @@ pub(crate) struct RuleState<'a> {
 /// The rate-limit headers of one response, ready to be added to it: built when the request
 /// is decided, written into the response's own header map when it comes (no intermediate
 /// map, no rehashing).
+///
+/// The values that don't change between requests are clones of the layer's precomputed
+/// ones; the rest are written into one buffer (one allocation for all of them) and handed
+/// out as slices of it.
 #[derive(Debug, Default)]
-pub(crate) struct RateHeaders(Vec<(HeaderName, HeaderValue)>);
+pub(crate) struct RateHeaders {
+    /// `RateLimit-Policy`, `x-ratelimit-limit-requests`, `x-ratelimit-limit-tokens`.
+    fixed: [Option<HeaderValue>; 3],
+    /// `RateLimit`, then remaining and reset of requests, then of tokens.
+    values: Bytes,
+    /// Each value's range in `values`; empty: not sent.
+    spans: [(u16, u16); 5],
+}
+
+static FIXED_NAMES: [&HeaderName; 3] = [&RATELIMIT_POLICY, &REQUESTS[0], &TOKENS[0]];
+static VALUE_NAMES: [&HeaderName; 5] = [
+    &RATELIMIT,
+    &REQUESTS[1],
+    &REQUESTS[2],
+    &TOKENS[1],
+    &TOKENS[2],
+];
 
 impl RateHeaders {
     /// Adds the headers to `map`, replacing any of the same names.
     pub(crate) fn write_to(self, map: &mut HeaderMap) {
-        if self.0.is_empty() {
+        let fixed = self.fixed.iter().filter(|v| v.is_some()).count();
+        let values = self.spans.iter().filter(|(a, b)| a < b).count();
+        if fixed + values == 0 {
             return;
         }
-        map.reserve(self.0.len());
-        for (name, value) in self.0 {
-            map.insert(name, value);
+        map.reserve(fixed + values);
+        for (name, value) in FIXED_NAMES.iter().zip(self.fixed) {
+            if let Some(value) = value {
+                map.insert(*name, value);
+            }
+        }
+        for (name, &(a, b)) in VALUE_NAMES.iter().zip(&self.spans) {
+            if a < b {
+                // Rule names are checked at build (printable ASCII without `"` or `\`), the
+                // rest is digits and Go duration letters: always valid, checked all the same.
+                let v = self.values.slice(usize::from(a)..usize::from(b));
+                if let Ok(v) = HeaderValue::from_maybe_shared(v) {
+                    map.insert(*name, v);
+                }
+            }
         }
     }
 
     /// The headers as a map of their own.
     pub(crate) fn into_map(self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.0.len() + 2);
+        let mut map = HeaderMap::with_capacity(10);
         self.write_to(&mut map);
         map
+    }
+}
+
+/// Where [`write`] puts the values it computes: on the stack, then into one allocation.
+struct ValueBuf {
+    stack: [u8; VALUE_BUF],
+    len: usize,
+    /// Used instead once the values outgrow the stack buffer (many or long rule names).
+    heap: Option<Vec<u8>>,
+}
+
+const VALUE_BUF: usize = 128;
+
+/// The stack buffer, moved into the response's `Bytes` as its owner.
+struct StackOwner([u8; VALUE_BUF], usize);
+
+impl AsRef<[u8]> for StackOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+impl ValueBuf {
+    fn new() -> Self {
+        Self {
+            stack: [0; VALUE_BUF],
+            len: 0,
+            heap: None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.heap.as_ref().map_or(self.len, Vec::len)
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if let Some(heap) = &mut self.heap {
+            heap.extend_from_slice(bytes);
+        } else if let Some(room) = self.stack.get_mut(self.len..self.len + bytes.len()) {
+            room.copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            let mut heap = Vec::with_capacity(2 * VALUE_BUF + bytes.len());
+            heap.extend_from_slice(&self.stack[..self.len]);
+            heap.extend_from_slice(bytes);
+            self.heap = Some(heap);
+        }
+    }
+
+    fn push_u64(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn freeze(self) -> Bytes {
+        match self.heap {
+            Some(heap) => Bytes::from(heap),
+            None if self.len == 0 => Bytes::new(),
+            None => Bytes::from_owner(StackOwner(self.stack, self.len)),
+        }
     }
 }
 
@@ -218,28 +355,42 @@ fn policy_item(out: &mut Vec<u8>, rule: &str, quota: &Quota, limit: u64) {
 }
 
 /// The headers of the rules applied to a request, in `style`. `rules` is walked more than
-/// once (it is an iterator so callers don't collect one).
-pub(crate) fn write<'a, I>(style: HeaderStyle, rules: I) -> RateHeaders
+/// once (it is an iterator so callers don't collect one). `joined` answers for requests that
+/// apply all `rule_count` rules of the layer.
+pub(crate) fn write<'a, I>(
+    style: HeaderStyle,
+    joined: &JoinedPolicies,
+    rule_count: usize,
+    rules: I,
+) -> RateHeaders
 where
     I: Iterator<Item = RuleState<'a>> + Clone,
 {
+    let mut out = RateHeaders::default();
     if !style.ietf && !style.openai {
-        return RateHeaders::default();
+        return out;
     }
     let count = rules.clone().count();
     if count == 0 {
-        return RateHeaders::default();
+        return out;
     }
-    let mut out = Vec::with_capacity(usize::from(style.ietf) * 2 + usize::from(style.openai) * 6);
-    if style.ietf {
-        let mut policy = None;
-        if count == 1 {
-            let r = rules.clone().next().expect("one rule");
-            if r.cached.limit == r.snapshot.limit {
-                policy = r.cached.policy.clone();
-            }
+    let mut buf = ValueBuf::new();
+    let mut span = |buf: &mut ValueBuf, i: usize, start: usize| {
+        // Longer than `u16::MAX` bytes (thousands of long rule names): not sent.
+        if let (Ok(a), Ok(b)) = (u16::try_from(start), u16::try_from(buf.len())) {
+            out.spans[i] = (a, b);
         }
-        let policy = policy.or_else(|| {
+    };
+    if style.ietf {
+        let as_built = rules.clone().all(|r| r.cached.limit == r.snapshot.limit);
+        let policy = match rules.clone().next() {
+            Some(r) if count == 1 && as_built => r.cached.policy.clone(),
+            _ if count == rule_count && as_built => {
+                joined.get(rules.clone().map(|r| r.variant)).cloned()
+            }
+            _ => None,
+        };
+        out.fixed[0] = policy.or_else(|| {
             let mut p =
                 Vec::with_capacity(rules.clone().map(|r| r.cached.policy_item.len() + 2).sum());
             for (i, r) in rules.clone().enumerate() {
@@ -255,34 +406,26 @@ where
             }
             HeaderValue::from_maybe_shared(Bytes::from(p)).ok()
         });
-        let mut state = Vec::with_capacity(count * 40);
+        let start = buf.len();
         for (i, r) in rules.clone().enumerate() {
             if i > 0 {
-                state.extend_from_slice(b", ");
+                buf.push(b", ");
             }
-            state.push(b'"');
-            state.extend_from_slice(r.rule.as_bytes());
-            state.extend_from_slice(b"\";r=");
-            push_u64(&mut state, r.snapshot.remaining);
-            state.extend_from_slice(b";t=");
-            push_u64(&mut state, ceil_secs_nanos(r.snapshot.reset_after_nanos));
+            buf.push(b"\"");
+            buf.push(r.rule.as_bytes());
+            buf.push(b"\";r=");
+            buf.push_u64(r.snapshot.remaining);
+            buf.push(b";t=");
+            buf.push_u64(ceil_secs_nanos(r.snapshot.reset_after_nanos));
         }
-        if let Some(policy) = policy {
-            out.push((RATELIMIT_POLICY.clone(), policy));
-        }
-        if let Ok(state) = HeaderValue::from_maybe_shared(Bytes::from(state)) {
-            out.push((RATELIMIT.clone(), state));
-        }
+        span(&mut buf, 0, start);
     }
     if style.openai {
-        let groups: [(UnitGroup, &[HeaderName; 3]); 2] = [
-            (|u| u == Unit::Requests, &REQUESTS),
-            (
-                |u| matches!(u, Unit::Tokens | Unit::InputTokens | Unit::OutputTokens),
-                &TOKENS,
-            ),
+        let groups: [UnitGroup; 2] = [
+            |u| u == Unit::Requests,
+            |u| matches!(u, Unit::Tokens | Unit::InputTokens | Unit::OutputTokens),
         ];
-        for (in_group, names) in groups {
+        for (g, in_group) in groups.into_iter().enumerate() {
             let tightest = rules
                 .clone()
                 .filter(|r| {
@@ -291,22 +434,27 @@ where
                 .min_by_key(|r| r.snapshot.remaining);
             if let Some(r) = tightest {
                 let s = &r.snapshot;
-                let limit = if r.cached.limit == s.limit {
+                out.fixed[1 + g] = Some(if r.cached.limit == s.limit {
                     r.cached.limit_value.clone()
                 } else {
                     HeaderValue::from(s.limit)
-                };
-                out.push((names[0].clone(), limit));
-                out.push((names[1].clone(), HeaderValue::from(s.remaining)));
+                });
+                let start = buf.len();
+                buf.push_u64(s.remaining);
+                span(&mut buf, 1 + 2 * g, start);
+                let start = buf.len();
                 let mut reset = GoDuration::default();
-                let reset = reset.format(Duration::from_nanos(s.reset_after_nanos));
-                if let Ok(v) = HeaderValue::from_str(reset) {
-                    out.push((names[2].clone(), v));
-                }
+                buf.push(
+                    reset
+                        .format(Duration::from_nanos(s.reset_after_nanos))
+                        .as_bytes(),
+                );
+                span(&mut buf, 2 + 2 * g, start);
             }
         }
     }
-    RateHeaders(out)
+    out.values = buf.freeze();
+    out
 }
 
 pub(crate) fn write_retry_after(headers: &mut HeaderMap, retry_after: Duration) {
@@ -435,21 +583,24 @@ mod tests {
             QuotaHeaders::new("user-rpm", &rpm),
             QuotaHeaders::new("user-tpm", &tpm),
         );
+        let none = JoinedPolicies::default();
         let rules = [
             RuleState {
                 rule: "user-rpm",
                 quota: &rpm,
+                variant: 0,
                 snapshot: snap(60, 59, 1),
                 cached: &rpm_cached,
             },
             RuleState {
                 rule: "user-tpm",
                 quota: &tpm,
+                variant: 0,
                 snapshot: snap(100_000, 98_800, 60),
                 cached: &tpm_cached,
             },
         ];
-        let h = write(HeaderStyle::BOTH, rules.iter().copied()).into_map();
+        let h = write(HeaderStyle::BOTH, &none, 2, rules.iter().copied()).into_map();
         assert_eq!(
             h["ratelimit-policy"],
             r#""user-rpm";q=60;w=60, "user-tpm";q=100000;w=60;qu="tokens""#
@@ -465,7 +616,7 @@ mod tests {
         assert_eq!(h["x-ratelimit-reset-tokens"], "1m0.001s");
 
         // One rule: the policy is the precomputed value.
-        let h = write(HeaderStyle::IETF, rules[1..].iter().copied()).into_map();
+        let h = write(HeaderStyle::IETF, &none, 2, rules[1..].iter().copied()).into_map();
         assert_eq!(
             h["ratelimit-policy"],
             r#""user-tpm";q=100000;w=60;qu="tokens""#
@@ -477,7 +628,7 @@ mod tests {
             snapshot: snap(20, 19, 1),
             ..rules[0]
         }];
-        let h = write(HeaderStyle::BOTH, shared.iter().copied()).into_map();
+        let h = write(HeaderStyle::BOTH, &none, 2, shared.iter().copied()).into_map();
         assert_eq!(h["ratelimit-policy"], r#""user-rpm";q=20;w=60"#);
         assert_eq!(h["x-ratelimit-limit-requests"], "20");
 
@@ -488,10 +639,96 @@ mod tests {
         let c = QuotaHeaders::new("c", &slots);
         assert_eq!(&*c.policy_item, br#""c";q=3;qu="concurrent-requests""#);
 
-        let mut h = write(HeaderStyle::OPENAI, rules.iter().copied()).into_map();
+        let mut h = write(HeaderStyle::OPENAI, &none, 2, rules.iter().copied()).into_map();
         assert!(!h.contains_key("ratelimit"));
         write_retry_after(&mut h, Duration::from_millis(1));
         assert_eq!(h["retry-after"], "1");
         assert_eq!(h["retry-after-ms"], "1");
+    }
+
+    #[test]
+    fn joined_policies_are_the_joined_items() {
+        let (free, pro) = (Quota::per_minute(10), Quota::per_minute(600));
+        let tpm = Quota::per_minute(2_000).tokens();
+        let quotas = vec![
+            vec![
+                QuotaHeaders::new("rpm", &free),
+                QuotaHeaders::new("rpm", &pro),
+            ],
+            vec![QuotaHeaders::new("tpm", &tpm)],
+        ];
+        let joined = JoinedPolicies::new(&quotas, [vec![0, 0], vec![1, 0], vec![0, 0]].into_iter());
+        assert_eq!(joined.0.len(), 2, "one per distinct combination");
+        let snap = |limit| Snapshot {
+            limit,
+            remaining: 1,
+            reset_after_nanos: 1,
+        };
+        let state = |rule, quota, variant, limit| RuleState {
+            rule,
+            quota,
+            variant,
+            snapshot: snap(limit),
+            cached: &quotas[usize::from(rule == "tpm")][variant],
+        };
+        let pro_request = [state("rpm", &pro, 1, 600), state("tpm", &tpm, 0, 2_000)];
+        let h = write(HeaderStyle::IETF, &joined, 2, pro_request.iter().copied()).into_map();
+        assert_eq!(
+            h["ratelimit-policy"],
+            r#""rpm";q=600;w=60, "tpm";q=2000;w=60;qu="tokens""#
+        );
+        // The same as joining the items per request.
+        let dynamic = write(
+            HeaderStyle::IETF,
+            &JoinedPolicies::default(),
+            2,
+            pro_request.iter().copied(),
+        )
+        .into_map();
+        assert_eq!(h, dynamic);
+        // A limit other than the quota's is never answered from the cache.
+        let shared = [state("rpm", &pro, 1, 300), state("tpm", &tpm, 0, 2_000)];
+        let h = write(HeaderStyle::IETF, &joined, 2, shared.iter().copied()).into_map();
+        assert_eq!(
+            h["ratelimit-policy"],
+            r#""rpm";q=300;w=60, "tpm";q=2000;w=60;qu="tokens""#
+        );
+    }
+
+    #[test]
+    fn many_long_rule_names_spill_to_the_heap() {
+        let names: Vec<String> = (0..20)
+            .map(|i| format!("rule-with-a-long-name-{i}"))
+            .collect();
+        let quota = Quota::per_minute(1_000_000);
+        let cached: Vec<_> = names.iter().map(|n| QuotaHeaders::new(n, &quota)).collect();
+        let states: Vec<_> = names
+            .iter()
+            .zip(&cached)
+            .map(|(rule, cached)| RuleState {
+                rule,
+                quota: &quota,
+                variant: 0,
+                snapshot: Snapshot {
+                    limit: 1_000_000,
+                    remaining: 999_999,
+                    reset_after_nanos: 60_000_000_000,
+                },
+                cached,
+            })
+            .collect();
+        let h = write(
+            HeaderStyle::BOTH,
+            &JoinedPolicies::default(),
+            20,
+            states.iter().copied(),
+        )
+        .into_map();
+        let state = h["ratelimit"].to_str().unwrap();
+        assert!(state.len() > VALUE_BUF, "{}", state.len());
+        assert!(state.starts_with(r#""rule-with-a-long-name-0";r=999999;t=60, "#));
+        assert!(state.ends_with(r#""rule-with-a-long-name-19";r=999999;t=60"#));
+        assert_eq!(h["x-ratelimit-remaining-requests"], "999999");
+        assert_eq!(h["x-ratelimit-reset-requests"], "1m0s");
     }
 }

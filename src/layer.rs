@@ -8,7 +8,7 @@ use tower_layer::Layer;
 
 use crate::cost::{Cost, CostEstimator, Weights};
 use crate::error::BuildError;
-use crate::headers::{HeaderStyle, QuotaHeaders};
+use crate::headers::{HeaderStyle, JoinedPolicies, QuotaHeaders};
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::observe::{Observer, ObserverDebug};
@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) needs_body: bool,
     /// Computed by `build`: the fixed header parts of each rule's quotas, `[rule][variant]`.
     pub(crate) quota_headers: Vec<Vec<QuotaHeaders>>,
+    /// `RateLimit-Policy` of the requests every rule applies to, per tier.
+    pub(crate) joined_policies: JoinedPolicies,
 }
 
 /// The default bound on a request body the layer reads: 1 MiB.
@@ -336,7 +338,7 @@ impl RateLimitLayerBuilder {
             .rules
             .iter()
             .any(|r| r.variants().any(|q| q.unit().is_token_based()));
-        let quota_headers = self
+        let quota_headers: Vec<Vec<QuotaHeaders>> = self
             .rules
             .iter()
             .map(|r| {
@@ -345,6 +347,15 @@ impl RateLimitLayerBuilder {
                     .collect()
             })
             .collect();
+        // Every tier a rule names, and no tier: the quota combinations requests can meet.
+        let mut tiers: Vec<Option<&str>> = vec![None];
+        tiers.extend(self.rules.iter().flat_map(|r| r.tier_names().map(Some)));
+        let joined_policies = JoinedPolicies::new(
+            &quota_headers,
+            tiers
+                .into_iter()
+                .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
+        );
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
@@ -367,6 +378,7 @@ impl RateLimitLayerBuilder {
                 idempotency_header,
                 needs_body,
                 quota_headers,
+                joined_policies,
             }),
         })
     }

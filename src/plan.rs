@@ -49,7 +49,7 @@ pub(crate) enum BodyProblem {
 /// An admitted request's headers and settlement.
 pub(crate) struct Admit {
     pub(crate) headers: RateHeaders,
-    pub(crate) settle: Option<Settle>,
+    pub(crate) settle: Option<Box<Settle>>,
 }
 
 pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -> Rejection {
@@ -255,10 +255,16 @@ pub(crate) fn conclude(
         .map(|(p, s)| RuleState {
             rule: &shared.rules[p.rule].name,
             quota: &p.quota,
+            variant: p.variant,
             snapshot: s.snapshot,
             cached: &shared.quota_headers[p.rule][p.variant],
         });
-    let h = headers::write(shared.headers, states);
+    let h = headers::write(
+        shared.headers,
+        &shared.joined_policies,
+        shared.rules.len(),
+        states,
+    );
     if shared.observer.is_some() {
         let denied = decision.denial.map(|d| d.index);
         let rules: Vec<RuleDecision<'_>> = plan
@@ -305,7 +311,12 @@ pub(crate) fn conclude(
                     charged: p.amount,
                 })
                 .collect();
-            Settle::new(Arc::clone(shared), pending, plan.estimate, plan.model)
+            Box::new(Settle::new(
+                Arc::clone(shared),
+                pending,
+                plan.estimate,
+                plan.model,
+            ))
         });
         return Ok(Admit { headers: h, settle });
     };

@@ -361,6 +361,11 @@ impl Rule {
         (0, &self.quota)
     }
 
+    /// The names of the tiers the rule has a quota of its own for.
+    pub(crate) fn tier_names(&self) -> impl Iterator<Item = &str> {
+        self.tiers.iter().map(|(name, _)| &**name)
+    }
+
     /// Every quota of the rule, in variant order (base first, then the tiers').
     pub(crate) fn variants(&self) -> impl Iterator<Item = &Quota> {
         std::iter::once(&self.quota).chain(self.tiers.iter().map(|(_, q)| q))
