@@ -300,17 +300,20 @@ pub(crate) fn conclude(
                     p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
                 }));
         let settle = needs_settling.then(|| {
-            let pending = plan
-                .charges
-                .into_iter()
-                .zip(&decision.charges)
-                .map(|(p, s)| Pending {
-                    bucket: p.bucket,
-                    quota: p.quota,
-                    placement: s.placement,
-                    charged: p.amount,
-                })
-                .collect();
+            // A new vector, not `collect` (which would reuse the plan's and shrink it: a
+            // reallocation).
+            let mut pending = Vec::with_capacity(plan.charges.len());
+            pending.extend(
+                plan.charges
+                    .into_iter()
+                    .zip(&decision.charges)
+                    .map(|(p, s)| Pending {
+                        bucket: p.bucket,
+                        quota: p.quota,
+                        placement: s.placement,
+                        charged: p.amount,
+                    }),
+            );
             Box::new(Settle::new(
                 Arc::clone(shared),
                 pending,

@@ -16,13 +16,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::headers::go_duration;
 
 /// Whether a request is gRPC (`content-type: application/grpc*`).
+/// `grpc-status`: a gRPC call's outcome (trailers, or the headers of a trailers-only response).
+pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
@@ -151,7 +154,7 @@ fn grpc_response(code: u8, message: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    h.insert(&GRPC_STATUS, HeaderValue::from(u16::from(code)));
     if let Ok(v) = HeaderValue::try_from(percent_encode(message)) {
         h.insert("grpc-message", v);
     }

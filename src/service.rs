@@ -134,7 +134,7 @@ where
             Err(r) => return ResponseFuture::rejected(r.into_response(grpc, HeaderMap::new())),
         };
         let req = req.map(RequestBody::original);
-        match shared.acquire(&plan).now() {
+        match shared.acquire(&plan).into_result() {
             // A synchronous store (memory): no allocation, no task switch.
             Ok(result) => match conclude(shared, plan, result, grpc) {
                 Ok(a) => ResponseFuture::inner(self.inner.call(req), a.headers, a.settle),
@@ -173,8 +173,11 @@ impl<S> RateLimit<S> {
     {
         let shared = Arc::clone(&self.layer.shared);
         let mut inner = self.take_ready();
+        // Split before the future captures them: a captured request would keep its own
+        // place in the future next to its parts (the future is boxed, and over 1 KiB the
+        // allocation leaves the allocator's fast path).
+        let (mut parts, body) = req.into_parts();
         ResponseFuture::deciding(Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
             let max = shared.max_inspect_bytes;
             let declared_too_large = parts
                 .headers
@@ -234,7 +237,12 @@ impl<S> RateLimit<S> {
                 Ok(plan) => plan,
                 Err(r) => return Next::Reject(r.into_response(grpc, HeaderMap::new())),
             };
-            let result = shared.acquire(&plan).await;
+            // A synchronous store answers at once; only a pending answer (already boxed) is
+            // awaited.
+            let result = match shared.acquire(&plan).into_result() {
+                Ok(result) => result,
+                Err(pending) => pending.await,
+            };
             let admit = match conclude(&shared, plan, result, grpc) {
                 Ok(a) => a,
                 Err(response) => return Next::Reject(*response),

@@ -26,6 +26,7 @@ use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::layer::Shared;
 use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
+use crate::reject::GRPC_STATUS;
 use crate::rule::{Algorithm, Quota, Unit};
 use crate::store::{Adjustment, BucketKey, Placement};
 
@@ -115,7 +116,7 @@ impl Settle {
     pub(crate) fn on_response(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
         self.responded = true;
         let grpc_failed = headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
             self.finish(Ending::Failed);
@@ -152,7 +153,7 @@ impl Settle {
     /// Trailers went past (gRPC reports its status there).
     pub(crate) fn on_trailers(&mut self, trailers: &HeaderMap) {
         if trailers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0")
         {
             self.finish(Ending::Failed);

@@ -321,6 +321,20 @@ impl<T> StoreFuture<T> {
         StoreFuture::Pending(Box::pin(fut))
     }
 
+    /// The answer if it is already there, otherwise a future of it (boxed already when the
+    /// store's answer is pending: nothing is allocated).
+    pub(crate) fn into_result(self) -> Result<T, Pin<Box<dyn Future<Output = T> + Send>>>
+    where
+        T: Send + 'static,
+    {
+        match self {
+            StoreFuture::Ready(Some(v)) => Ok(v),
+            StoreFuture::Pending(fut) => Err(fut),
+            // Taken already: polling it says so, as polling `self` would.
+            taken => Err(Box::pin(taken)),
+        }
+    }
+
     /// The answer if it is already there, otherwise the future back.
     pub fn now(self) -> Result<T, Self> {
         match self {
