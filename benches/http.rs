@@ -41,8 +41,8 @@
 //! `HTTP_BENCH_INPROC_REQUESTS`, 100,000), the layer's own CPU cost without network noise.
 //!
 //! Then the example gateway (`examples/gateway`, built with `cargo build --release --example
-//! gateway` if needed, run as its own process, every rule of a tier and a model, limits
-//! huge) in front of server (5), against calling (5) directly and through a bare axum +
+//! gateway` if needed, run as its own process with one tokio worker thread like the bare
+//! proxy's runtime, every rule of a tier and a model, limits huge) in front of server (5), against calling (5) directly and through a bare axum +
 //! hyper-util proxy: latency with one connection (unloaded), throughput with the full load,
 //! and the middle hop's CPU per request. `HTTP_BENCH_GATEWAY=0` skips it.
 //!
@@ -944,6 +944,10 @@ bench-key = {{ user = "bench-user", tier = "bench" }}
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
+        // One worker thread, as the bare proxy it is compared with has: with one per core
+        // (tokio's default), hyper-util's connection tasks and the request hop between
+        // threads, and the measured difference would be the runtime's, not the gateway's.
+        .env("TOKIO_WORKER_THREADS", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1073,7 +1077,7 @@ fn gateway(client: &Runtime, upstream: &Target, total: usize, connections: usize
         }
     }
     println!(
-        "\ngateway (examples/gateway in its own process, 8 rules: per user rpm, tpm, input tpm, \
+        "\ngateway (examples/gateway in its own process, 1 worker thread, 8 rules: per user rpm, tpm, input tpm, \
          output tpm, concurrency, daily cost; per model rpm, tpm; limits huge; 2 KB body; \
          hyper client) in front of server (5):"
     );
