@@ -5,8 +5,8 @@
 //! ([`Str`], decoded only when asked; the token heuristic reads escapes on the fly), member
 //! names are decoded (they are short), and objects are flat lists of members instead of trees
 //! of nodes. The parser is this module's own: strings (most of an LLM request's bytes) are
-//! crossed with a SIMD search from escape to escape and checked in one pass (no control
-//! characters, valid UTF-8). It accepts exactly what `serde_json::from_slice` accepts, with
+//! crossed with a search from escape to escape and checked in one pass for control
+//! characters; the body is checked as UTF-8 once, as a whole. It accepts exactly what `serde_json::from_slice` accepts, with
 //! the same values and nesting limit (tested against it on generated inputs).
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
 //! parsed from the same bytes the first time it is asked for.
@@ -177,6 +177,10 @@ impl<'a> Json<'a> {
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, JsonError> {
         let mut p = Parser {
             bytes,
+            // Checked once for the whole body (a fast loop on ASCII), instead of string by
+            // string; a body that isn't UTF-8 (an error, or one in a string) is checked
+            // string by string, to report the same error at the same place.
+            text: std::str::from_utf8(bytes).ok(),
             at: 0,
             depth: 0,
         };
@@ -287,10 +291,12 @@ const CONTROL: &str = "control character (\\u0000-\\u001F) found while parsing a
 const MAX_DEPTH: usize = 127;
 
 /// A JSON parser (RFC 8259) into [`Json`], borrowing every string without escapes. Strings,
-/// most of an LLM request's bytes, are skipped with a SIMD search for their closing quote
-/// and validated as UTF-8 in one pass.
+/// most of an LLM request's bytes, are skipped with a search for their closing quote and
+/// checked for control characters in one pass; the body is validated as UTF-8 once.
 struct Parser<'a> {
     bytes: &'a [u8],
+    /// `bytes`, when they are UTF-8.
+    text: Option<&'a str>,
     at: usize,
     depth: usize,
 }
@@ -420,16 +426,16 @@ impl<'a> Parser<'a> {
     }
 
     /// The rest of a string value whose opening quote was consumed, checked but not
-    /// decoded: a SIMD search hops from escape to escape to the closing quote, each escape
-    /// is checked, and the whole string is checked in one pass (no control characters, valid
-    /// UTF-8).
+    /// decoded: a search hops from escape to escape to the closing quote (in registers over
+    /// the next 16 bytes, then SIMD), each escape is checked, and the whole string is checked
+    /// in one pass (no control characters; valid UTF-8 if the body as a whole isn't).
     fn string(&mut self) -> Result<Str<'a>, JsonError> {
         let bytes: &'a [u8] = self.bytes;
         let start = self.at;
         let mut escaped = false;
         let mut i = start;
         let end = loop {
-            let Some(found) = memchr::memchr2(b'"', b'\\', &bytes[i..]) else {
+            let Some(found) = find_quote_or_backslash(&bytes[i..]) else {
                 self.at = bytes.len();
                 return Err(self.error("EOF while parsing a string"));
             };
@@ -438,11 +444,16 @@ impl<'a> Parser<'a> {
                 break at;
             }
             escaped = true;
-            match decode_escape(&bytes[at + 1..]) {
-                Some((_, len)) => i = at + 1 + len,
+            let rest = &bytes[at + 1..];
+            let len = match rest.first() {
+                Some(&e) if ONE_CHAR_ESCAPES[usize::from(e)] => Some(1),
+                _ => decode_escape(rest).map(|(_, len)| len),
+            };
+            match len {
+                Some(len) => i = at + 1 + len,
                 None => {
                     self.at = at + 1;
-                    return Err(self.error(if at + 1 >= bytes.len() {
+                    return Err(self.error(if rest.is_empty() {
                         "EOF while parsing a string"
                     } else {
                         "invalid escape"
@@ -460,14 +471,19 @@ impl<'a> Parser<'a> {
         Ok(self.string()?.decoded())
     }
 
-    /// `bytes[from..to]` is string text: no control characters, valid UTF-8.
+    /// `bytes[from..to]` is string text: no control characters, valid UTF-8 (known when the
+    /// whole body is).
     #[inline]
     fn check_plain(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
         let text: &'a [u8] = &self.bytes[from..to];
         // Without an early exit, so that it compiles to vector compares.
-        if text.iter().fold(false, |bad, &b| bad | (b < 0x20)) {
+        if text.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20 {
             self.at = from + text.iter().position(|&b| b < 0x20).unwrap_or(0);
             return Err(self.error(CONTROL));
+        }
+        // Between two quotes: on character boundaries.
+        if let Some(text) = self.text.and_then(|t| t.get(from..to)) {
+            return Ok(text);
         }
         std::str::from_utf8(text).map_err(|e| {
             self.at = from + e.valid_up_to();
@@ -529,6 +545,42 @@ impl<'a> Parser<'a> {
             self.at += 1;
         }
     }
+}
+
+/// Whether a backslash then this byte is a one-character escape (`\n`, `\"`, ...).
+static ONE_CHAR_ESCAPES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 8 {
+        table[b"\"\\/bfnrt"[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+/// The position of the first quote or backslash in `text`. Escapes come every few bytes in pasted
+/// code and JSON: the next 16 bytes are tested 8 at a time in registers, and only a longer
+/// run goes to the SIMD search (a call, worth it on long runs).
+#[inline]
+fn find_quote_or_backslash(text: &[u8]) -> Option<usize> {
+    const LO: u64 = u64::from_le_bytes([0x01; 8]);
+    const HI: u64 = u64::from_le_bytes([0x80; 8]);
+    let mut at = 0;
+    while at < 16 {
+        let Some(word) = text.get(at..at + 8) else {
+            break;
+        };
+        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let (quote, slash) = (word ^ (LO * 0x22), word ^ (LO * 0x5c));
+        // The high bit of each quote or backslash, and maybe of bytes after one (a borrow):
+        // the lowest is exact.
+        let found = (quote.wrapping_sub(LO) | slash.wrapping_sub(LO)) & !word & HI;
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    memchr::memchr2(b'"', b'\\', &text[at..]).map(|p| at + p)
 }
 
 #[cfg(test)]

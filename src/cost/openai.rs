@@ -918,27 +918,22 @@ impl TextCounter {
 
     #[inline]
     fn feed_bytes(&mut self, text: &[u8]) {
-        let mut prev = self.prev;
-        // Chunks keep the sum far from overflowing (at most 76 per byte).
-        for chunk in text.chunks(1 << 32) {
-            let mut units = 0u64;
-            for &b in chunk {
-                units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(b)]);
-                prev = b;
-            }
-            self.units = self.units.saturating_add(units);
-        }
-        self.prev = prev;
+        let Some(&last) = text.last() else {
+            return;
+        };
+        self.units = self.units.saturating_add(pairs(self.prev, text));
+        self.prev = last;
     }
 
     /// Feeds a JSON string as written: its escapes are decoded on the way (no copy). The
     /// same as feeding the decoded text. Runs between escapes go through the byte loop after
-    /// a SIMD search for the next escape; once escapes come close together (JSON or code
-    /// pasted into a prompt), one loop checks every byte instead.
+    /// a search for the next escape; once escapes come close together (JSON or code pasted
+    /// into a prompt), the rest is decoded 8 bytes at a time into a buffer, and the buffer
+    /// counted (see [`Self::feed_dense`]).
     fn feed_escaped(&mut self, written: &[u8]) {
         let mut rest = written;
         let mut close = 0;
-        while let Some(slash) = memchr::memchr(b'\\', rest) {
+        while let Some(slash) = find_backslash(rest) {
             self.feed_bytes(&rest[..slash]);
             rest = self.feed_escape(&rest[slash + 1..]);
             // Four escapes in a row each within 24 bytes of the last: dense from here.
@@ -954,6 +949,15 @@ impl TextCounter {
     /// The escape whose backslash preceded `rest`: its character fed, the rest returned.
     #[inline]
     fn feed_escape<'t>(&mut self, rest: &'t [u8]) -> &'t [u8] {
+        match SIMPLE_ESCAPES[usize::from(rest.first().copied().unwrap_or(0))] {
+            // `\n`, `\"`...: the common case.
+            0 => {}
+            decoded => {
+                self.units = self.units.saturating_add(cost(self.prev, decoded));
+                self.prev = decoded;
+                return &rest[1..];
+            }
+        }
         // The parser checked every escape.
         match decode_escape(rest) {
             Some((c, len)) => {
@@ -964,27 +968,59 @@ impl TextCounter {
         }
     }
 
-    /// [`Self::feed_escaped`] byte by byte.
+    /// [`Self::feed_escaped`] for text with an escape every few bytes: decoded 8 bytes at a
+    /// time into a buffer (a word copied, then its first backslash searched in registers),
+    /// and the buffer counted by the byte loop when full.
     fn feed_dense(&mut self, written: &[u8]) {
-        let mut prev = self.prev;
-        // At most 76 units a byte: a request body (bounded by `max_inspect_bytes`) can't
-        // overflow this.
-        let mut units = 0u64;
-        let mut rest = written.iter();
-        while let Some(&b) = rest.next() {
-            if b == b'\\' {
-                self.units = self.units.saturating_add(units);
-                units = 0;
-                self.prev = prev;
-                rest = self.feed_escape(rest.as_slice()).iter();
-                prev = self.prev;
-                continue;
+        const LO: u64 = u64::from_le_bytes([0x01; 8]);
+        const HI: u64 = u64::from_le_bytes([0x80; 8]);
+        const FULL: usize = 64;
+        let mut buf = [0u8; FULL + 8];
+        let mut len = 0;
+        let mut at = 0;
+        while let Some(word) = written.get(at..at + 8) {
+            let word: [u8; 8] = word.try_into().unwrap_or_default();
+            buf[len..len + 8].copy_from_slice(&word);
+            let slash = u64::from_le_bytes(word) ^ (LO * u64::from(b'\\'));
+            // The high bit of each backslash, and maybe of bytes after one: the lowest is
+            // exact.
+            let found = slash.wrapping_sub(LO) & !slash & HI;
+            if found == 0 {
+                len += 8;
+                at += 8;
+            } else {
+                let k = (found.trailing_zeros() / 8) as usize;
+                len += k;
+                at += k + 1;
+                let rest = &written[at..];
+                match SIMPLE_ESCAPES[usize::from(rest.first().copied().unwrap_or(0))] {
+                    0 => {
+                        // `\u`: through the counter, which then goes on from its character.
+                        self.feed_bytes(&buf[..len]);
+                        len = 0;
+                        let rest = self.feed_escape(rest);
+                        at = written.len() - rest.len();
+                    }
+                    decoded => {
+                        buf[len] = decoded;
+                        len += 1;
+                        at += 1;
+                    }
+                }
             }
-            units += u64::from(PAIR_COSTS[usize::from(prev) << 8 | usize::from(b)]);
-            prev = b;
+            if len >= FULL {
+                self.feed_bytes(&buf[..len]);
+                len = 0;
+            }
         }
-        self.units = self.units.saturating_add(units);
-        self.prev = prev;
+        self.feed_bytes(&buf[..len]);
+        // The last few bytes.
+        let mut rest = &written[at.min(written.len())..];
+        while let Some(slash) = memchr::memchr(b'\\', rest) {
+            self.feed_bytes(&rest[..slash]);
+            rest = self.feed_escape(&rest[slash + 1..]);
+        }
+        self.feed_bytes(rest);
     }
 
     fn finish(self) -> u64 {
@@ -1130,14 +1166,86 @@ const fn pair_costs() -> [u8; 65536] {
     let mut table = [0; 65536];
     let mut i = 0;
     while i < 65536 {
-        table[i] = pair_cost((i >> 8) as u8, i as u8);
+        table[i] = pair_cost(i as u8, (i >> 8) as u8);
         i += 1;
     }
     table
 }
 
-/// [`pair_cost`] of every (previous, current) byte pair, indexed by `previous << 8 | current`.
+/// [`pair_cost`] of every (previous, current) byte pair, indexed by `current << 8 |
+/// previous`: two adjacent bytes of a text read as a little-endian `u16`.
 static PAIR_COSTS: [u8; 65536] = pair_costs();
+
+/// [`pair_cost`] from [`PAIR_COSTS`].
+#[inline(always)]
+fn cost(prev: u8, cur: u8) -> u64 {
+    u64::from(PAIR_COSTS[usize::from(u16::from_le_bytes([prev, cur]))])
+}
+
+/// The cost of `text` after byte `prev`, in units: one table lookup a byte, indexed by the
+/// byte and the one before it read together. At most 76 units a byte: no slice can
+/// overflow the sum.
+#[inline]
+fn pairs(prev: u8, text: &[u8]) -> u64 {
+    let Some(&first) = text.first() else {
+        return 0;
+    };
+    // One 16-bit load a byte: the pair is the index.
+    let at = |w: &[u8], k: usize| {
+        let pair: [u8; 2] = w[k..k + 2].try_into().unwrap_or_default();
+        u64::from(PAIR_COSTS[usize::from(u16::from_le_bytes(pair))])
+    };
+    let mut units = cost(prev, first);
+    let mut rest = text;
+    // Eight pairs a round (the compiler doesn't unroll this loop itself).
+    while let Some((block, _)) = rest.split_first_chunk::<9>() {
+        units += (0..8).map(|k| at(block, k)).sum::<u64>();
+        rest = &rest[8..];
+    }
+    units
+        + (0..rest.len().saturating_sub(1))
+            .map(|k| at(rest, k))
+            .sum::<u64>()
+}
+
+/// The character of each one-character escape (`\n` gives a line feed), by the byte after
+/// the backslash; 0 for `\u` and the bytes that don't make an escape.
+static SIMPLE_ESCAPES: [u8; 256] = {
+    let mut table = [0; 256];
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table[b'/' as usize] = b'/';
+    table[b'b' as usize] = 0x08;
+    table[b'f' as usize] = 0x0c;
+    table[b'n' as usize] = b'\n';
+    table[b'r' as usize] = b'\r';
+    table[b't' as usize] = b'\t';
+    table
+};
+
+/// The position of the first backslash of `text`. Escapes come every few bytes in pasted
+/// code and JSON: the next 16 bytes are tested 8 at a time in registers, and only a longer
+/// run goes to the SIMD search (a call, worth it on long runs).
+#[inline]
+fn find_backslash(text: &[u8]) -> Option<usize> {
+    const LO: u64 = u64::from_le_bytes([0x01; 8]);
+    const HI: u64 = u64::from_le_bytes([0x80; 8]);
+    let mut at = 0;
+    while at < 16 {
+        let Some(word) = text.get(at..at + 8) else {
+            break;
+        };
+        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        let slash = word ^ (LO * u64::from(b'\\'));
+        // The high bit of each backslash, and maybe of bytes after one: the lowest is exact.
+        let found = slash.wrapping_sub(LO) & !slash & HI;
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    memchr::memchr(b'\\', &text[at..]).map(|p| at + p)
+}
 
 impl fmt::Write for TextCounter {
     #[inline]
@@ -1895,6 +2003,60 @@ mod tests {
                     prop_assert!(!e.message.is_empty());
                 }
             }
+        }
+
+        /// A string counted as written in the body, escapes and all (the parser's path),
+        /// counts what its decoded text does, whichever characters are escaped and however
+        /// close together: `\"`, `\n`, `\uXXXX` and surrogate pairs, after any text.
+        #[test]
+        fn escaped_text_counts_as_its_decoded_text(
+            before in arb_text(),
+            chars in prop::collection::vec(
+                (
+                    prop_oneof![
+                        any::<char>(),
+                        prop::sample::select(vec![
+                            '"', '\\', '/', '\n', '\t', '\u{8}', 'a', 'Z', ' ', '{', ':', '1', 'é',
+                            '😀', '\u{1f}',
+                        ]),
+                    ],
+                    0u8..3,
+                ),
+                0..160,
+            ),
+        ) {
+            // As serde_json writes it (only what must be escaped, short forms first).
+            let json = |c: char| {
+                let s = serde_json::to_string(&c.to_string()).unwrap();
+                s[1..s.len() - 1].to_owned()
+            };
+            let mut written = String::new();
+            let mut decoded = String::new();
+            for (c, how) in chars {
+                decoded.push(c);
+                match how {
+                    1 => {
+                        for unit in c.encode_utf16(&mut [0; 2]) {
+                            written.push_str(&format!("\\u{unit:04X}"));
+                        }
+                    }
+                    2 if c == '/' => written.push_str("\\/"),
+                    _ => written.push_str(&json(c)),
+                }
+            }
+            let body = format!("\"{written}\"");
+            let Ok(Json::String(s)) = Json::parse(body.as_bytes()) else {
+                panic!("{body}")
+            };
+            prop_assert_eq!(s.decoded(), decoded.as_str());
+            let mut counter = TextCounter::new();
+            counter.feed(&before);
+            counter.feed_escaped(written.as_bytes());
+            let mut expected = TextCounter::new();
+            expected.feed(&before);
+            expected.feed(&decoded);
+            prop_assert_eq!(counter.units, expected.units, "{:?}", written);
+            prop_assert_eq!(counter.prev, expected.prev);
         }
 
         /// Appending never lowers the estimate, and joining two texts adds at most one token
