@@ -181,6 +181,9 @@ impl<'a> Json<'a> {
             // string; a body that isn't UTF-8 (an error, or one in a string) is checked
             // string by string, to report the same error at the same place.
             text: std::str::from_utf8(bytes).ok(),
+            // Compact JSON has no control characters at all (not even line breaks): its
+            // strings needn't be checked one by one.
+            controls: bytes.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20,
             at: 0,
             depth: 0,
         };
@@ -297,6 +300,8 @@ struct Parser<'a> {
     bytes: &'a [u8],
     /// `bytes`, when they are UTF-8.
     text: Option<&'a str>,
+    /// Whether `bytes` has a control character (a line break, say) anywhere.
+    controls: bool,
     at: usize,
     depth: usize,
 }
@@ -477,7 +482,7 @@ impl<'a> Parser<'a> {
     fn check_plain(&mut self, from: usize, to: usize) -> Result<&'a str, JsonError> {
         let text: &'a [u8] = &self.bytes[from..to];
         // Without an early exit, so that it compiles to vector compares.
-        if text.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20 {
+        if self.controls && text.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20 {
             self.at = from + text.iter().position(|&b| b < 0x20).unwrap_or(0);
             return Err(self.error(CONTROL));
         }
