@@ -936,9 +936,10 @@ impl TextCounter {
         while let Some(slash) = find_backslash(rest) {
             self.feed_bytes(&rest[..slash]);
             rest = self.feed_escape(&rest[slash + 1..]);
-            // Four escapes in a row each within 24 bytes of the last: dense from here.
-            close = if slash < 24 { close + 1 } else { 0 };
-            if close >= 4 {
+            // Two escapes in a row each within 64 bytes of the last: dense from here (the word
+            // loop costs less than a search and a call per escape).
+            close = if slash < 64 { close + 1 } else { 0 };
+            if close >= 2 {
                 self.feed_dense(rest);
                 return;
             }
@@ -974,7 +975,7 @@ impl TextCounter {
     fn feed_dense(&mut self, written: &[u8]) {
         const LO: u64 = u64::from_le_bytes([0x01; 8]);
         const HI: u64 = u64::from_le_bytes([0x80; 8]);
-        const FULL: usize = 64;
+        const FULL: usize = 256;
         let mut buf = [0u8; FULL + 8];
         let mut len = 0;
         let mut at = 0;
