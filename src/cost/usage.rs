@@ -32,7 +32,9 @@
 //!   (everything up to its blank line is discarded) and the rest of the stream is still read.
 //!   An event is JSON-parsed only when its data contains a `"usage"` key followed by an object
 //!   (`"usage": {`), so the `"usage": null` of ordinary streaming chunks costs a byte search,
-//!   not a parse.
+//!   not a parse. The usual event, one `data:` line and its blank line whole within a chunk,
+//!   is read straight from the chunk: a SIMD search for its line end and one for `"usage"`,
+//!   no copy and no byte-by-byte walk; other lines go through the general line parser.
 //!
 //! The parser never panics, whatever the bytes (invalid UTF-8 included) and wherever the chunk
 //! boundaries fall; the result doesn't depend on how the body is split into chunks.
@@ -528,7 +530,29 @@ impl SseState {
                 }
             }
         }
-        self.lines(chunk, max, usage, done);
+        if self.after_cr {
+            // The `\n` of a `\r\n` split between chunks.
+            self.after_cr = false;
+            if chunk.first() == Some(&b'\n') {
+                chunk = &chunk[1..];
+            }
+        }
+        // The usual chunk: whole one-line events, from an event's start.
+        if self.line == Line::Start
+            && self.pending.is_none()
+            && self.data.is_empty()
+            && !self.poisoned
+        {
+            while let Some(len) = self.whole_event(chunk, max, usage, done) {
+                chunk = &chunk[len..];
+                if chunk.is_empty() || *done || self.after_cr {
+                    return;
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            self.lines(chunk, max, usage, done);
+        }
     }
 
     fn lines(&mut self, chunk: &[u8], max: usize, usage: &mut Option<Usage>, done: &mut bool) {
@@ -551,7 +575,7 @@ impl SseState {
                         }
                     }
                     let rest = &chunk[i..];
-                    let eol = memchr::memchr2(b'\n', b'\r', rest);
+                    let eol = SEARCH.eol(rest);
                     let value = &rest[..eol.unwrap_or(rest.len())];
                     // A second data line: the first one joins the buffer.
                     self.materialize(chunk, max);
@@ -573,7 +597,7 @@ impl SseState {
                 }
                 Line::Skip => {
                     let rest = &chunk[i..];
-                    match memchr::memchr2(b'\n', b'\r', rest) {
+                    match SEARCH.eol(rest) {
                         Some(eol) => {
                             i += eol;
                             self.end_line(chunk, chunk[i], max, usage, done);
@@ -584,6 +608,12 @@ impl SseState {
                 }
                 // The usual line, `data:` whole in this chunk: straight to its value.
                 Line::Start if chunk[i..].starts_with(b"data:") => {
+                    if self.pending.is_none() && self.data.is_empty() && !self.poisoned {
+                        if let Some(len) = self.whole_event(&chunk[i..], max, usage, done) {
+                            i += len;
+                            continue;
+                        }
+                    }
                     self.line = Line::Data { at_start: true };
                     i += DATA.len() + 1;
                 }
@@ -622,6 +652,46 @@ impl SseState {
         }
         // The chunk ends before the event: keep its line.
         self.materialize(chunk, max);
+    }
+
+    /// The usual event, one `data:` line then a blank line, whole at the start of `chunk`
+    /// (an event's start: nothing of it read yet): dispatched straight from the chunk, with
+    /// no line-by-line walk. The bytes it took, or `None` (nothing done) if the event isn't
+    /// that simple or doesn't end within the chunk.
+    #[inline(always)]
+    fn whole_event(
+        &mut self,
+        chunk: &[u8],
+        max: usize,
+        usage: &mut Option<Usage>,
+        done: &mut bool,
+    ) -> Option<usize> {
+        let rest = chunk.strip_prefix(b"data:")?;
+        let (skipped, rest) = match rest.split_first() {
+            Some((&b' ', value)) => (DATA.len() + 2, value),
+            _ => (DATA.len() + 1, rest),
+        };
+        let eol = SEARCH.eol(rest)?;
+        // The data line's end (`\r\n` is one), then a blank line.
+        let mut next = eol + 1;
+        if rest[eol] == b'\r' && *rest.get(next)? == b'\n' {
+            next += 1;
+        }
+        match *rest.get(next)? {
+            b'\n' => {}
+            b'\r' => match rest.get(next + 1) {
+                Some(&b'\n') => next += 1,
+                Some(_) => {}
+                None => self.after_cr = true,
+            },
+            _ => return None,
+        }
+        let value = &rest[..eol];
+        // As `data` would hold it, with its newline: over the bound, the event is dropped.
+        if value.len() < max {
+            Self::dispatch_data(value, usage, done);
+        }
+        Some(skipped + next + 1)
     }
 
     /// The line ended with `eol` (`\n` or `\r`).
@@ -684,20 +754,26 @@ impl SseState {
                 &self.data[..]
             }
         };
-        if data.trim_ascii() == b"[DONE]" {
-            *done = true;
+        Self::dispatch_data(data, usage, done);
+        if *done || self.data.capacity() > RETAINED_CAPACITY {
             self.data = Vec::new();
+        } else {
+            self.data.clear();
+        }
+    }
+
+    /// An event's data (without its last newline).
+    #[inline(always)]
+    fn dispatch_data(data: &[u8], usage: &mut Option<Usage>, done: &mut bool) {
+        // (A JSON object starts with `{`: no need to trim it.)
+        if data.first() != Some(&b'{') && data.trim_ascii() == b"[DONE]" {
+            *done = true;
             return;
         }
         if has_usage_object(data) {
             if let Some(found) = usage_in(data) {
                 *usage = Some(found);
             }
-        }
-        if self.data.capacity() > RETAINED_CAPACITY {
-            self.data = Vec::new();
-        } else {
-            self.data.clear();
         }
     }
 }
@@ -722,23 +798,80 @@ fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], max: usize) -> bool {
     true
 }
 
-/// Whether `hay` has a `"usage"` key whose value starts as an object: the only bodies worth
-/// a JSON parse. (A key spelled with escapes, `"\u0075sage"`, is missed.)
-fn has_usage_object(hay: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"usage\"";
-    // Built once: building a SIMD searcher costs more than searching a typical event.
-    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(KEY));
-    let mut from = 0;
-    while let Some(at) = FINDER.find(&hay[from..]) {
-        let mut rest = &hay[from + at + KEY.len()..];
-        rest = rest.trim_ascii_start();
-        if let Some((&b':', after)) = rest.split_first() {
-            if after.trim_ascii_start().first() == Some(&b'{') {
-                return true;
+const KEY: &[u8] = b"\"usage\"";
+
+/// The SIMD searches of the SSE path, built once: building a searcher costs more than
+/// searching a typical event. On x86-64 with AVX2 the searchers are called directly,
+/// without the run-time dispatch of `memchr::memchr2` and `memmem` on every call (a
+/// noticeable part of the cost of searching an event of a few hundred bytes).
+struct Search {
+    #[cfg(target_arch = "x86_64")]
+    eol: Option<memchr::arch::x86_64::avx2::memchr::Two>,
+    #[cfg(target_arch = "x86_64")]
+    key: Option<memchr::arch::x86_64::avx2::packedpair::Finder>,
+    /// For haystacks too short for `key`, and other targets.
+    any_key: memchr::memmem::Finder<'static>,
+}
+
+static SEARCH: LazyLock<Search> = LazyLock::new(|| Search {
+    #[cfg(target_arch = "x86_64")]
+    eol: memchr::arch::x86_64::avx2::memchr::Two::new(b'\n', b'\r'),
+    #[cfg(target_arch = "x86_64")]
+    key: memchr::arch::x86_64::avx2::packedpair::Finder::new(KEY),
+    any_key: memchr::memmem::Finder::new(KEY),
+});
+
+impl Search {
+    /// The first `\n` or `\r`.
+    #[inline]
+    fn eol(&self, hay: &[u8]) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(two) = &self.eol {
+            return two.find(hay);
+        }
+        memchr::memchr2(b'\n', b'\r', hay)
+    }
+
+    /// The first `"usage"`.
+    #[inline]
+    fn key(&self, hay: &[u8]) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(finder) = &self.key {
+            if hay.len() >= finder.min_haystack_len() {
+                return finder.find(hay, KEY);
             }
         }
-        from += at + 1;
+        self.any_key.find(hay)
+    }
+}
+
+/// Whether `hay` has a `"usage"` key whose value starts as an object: the only bodies worth
+/// a JSON parse. (A key spelled with escapes, `"\u0075sage"`, is missed.)
+#[inline(always)]
+fn has_usage_object(hay: &[u8]) -> bool {
+    let search = &*SEARCH;
+    let mut from = 0;
+    // (The usual `"usage":null}` leaves too little after it for another key.)
+    while hay.len() - from >= KEY.len() {
+        let Some(at) = search.key(&hay[from..]) else {
+            break;
+        };
+        let key_end = from + at + KEY.len();
+        let rest = hay[key_end..].trim_ascii_start();
+        let rest = match rest.split_first() {
+            Some((&b':', after)) => after.trim_ascii_start(),
+            _ => rest,
+        };
+        match rest.first() {
+            Some(&b'{') => return true,
+            None => return false,
+            Some(_) => {}
+        }
+        // The next key can't start in the whitespace and `:` just skipped, only at the byte
+        // that broke the pattern, or at the key's closing quote when that byte came right
+        // after it (`"usage"usage"`).
+        let broke = hay.len() - rest.len();
+        from = if broke == key_end { key_end - 1 } else { broke };
     }
     false
 }
@@ -746,6 +879,8 @@ fn has_usage_object(hay: &[u8]) -> bool {
 /// The usage of a JSON document: its non-null `usage`, else its `response`'s non-null
 /// `usage`. `None` unless the whole document is valid JSON (duplicate keys: the last one
 /// counts, as in a `serde_json::Value`).
+#[cold]
+#[inline(never)]
 fn usage_in(body: &[u8]) -> Option<Usage> {
     let doc = Json::parse(body).ok()?;
     match doc.get("usage") {
@@ -1293,7 +1428,114 @@ mod tests {
         assert!(!has_usage_object(b"\"usages\":{"));
     }
 
+    #[test]
+    fn sse_one_line_events_with_every_line_end() {
+        // The whole-event path: each line end, the blank line's `\r` at the chunk's end, an
+        // event over the bound, `[DONE]` with spaces, and a stream going on after each.
+        let usage_event = "data: {\"usage\":{\"prompt_tokens\":3}}";
+        for eol in ["\n", "\r\n", "\r"] {
+            for blank in ["\n", "\r\n", "\r"] {
+                if eol == "\r" && blank == "\n" {
+                    continue; // one `\r\n`, not a blank line
+                }
+                let body = format!(
+                    "data: {{\"usage\":null}}{eol}{blank}{usage_event}{eol}{blank}data: {{\"x\":1}}{eol}{blank}"
+                );
+                assert_every_split(Framing::Sse, MAX, body.as_bytes(), Some(usage(3, 0, 3)));
+                let body = format!("{usage_event}{eol}{blank}data:  [DONE] {eol}{blank}");
+                assert_every_split(Framing::Sse, MAX, body.as_bytes(), Some(usage(3, 0, 3)));
+                assert!(run(Framing::Sse, MAX, [body.as_bytes()]).1);
+                // Over the bound (the data and its newline): dropped, and the next is read.
+                let max = usage_event.len() - "data: ".len() + 1;
+                let big = "data: {\"usage\":{\"prompt_tokens\":30}}";
+                let body = format!("{big}{eol}{blank}{usage_event}{eol}{blank}");
+                assert_every_split(Framing::Sse, max, body.as_bytes(), Some(usage(3, 0, 3)));
+                assert_every_split(Framing::Sse, max - 1, body.as_bytes(), None);
+            }
+        }
+        // One chunk, many events; a `\n` of a `\r\n` left for the next chunk.
+        let mut p = UsageParser::new(Framing::Sse, MAX);
+        p.feed(b"data: {\"usage\":null}\n\ndata: {\"usage\":{\"prompt_tokens\":1}}\r\n\r");
+        p.feed(b"\ndata: {\"usage\":null}\n\n: c\n\ndata: {\"usage\":{\"prompt_tokens\":2}}\n\n");
+        assert_eq!(p.finish(), Some(usage(2, 0, 2)));
+        // A line over the bound drops its event, even when the next line starts a chunk.
+        let mut p = UsageParser::new(Framing::Sse, 40);
+        p.feed(b"data: 0123456789012345678901234567890123456789\n");
+        p.feed(b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n");
+        assert_eq!(p.finish(), None);
+        // A data line then another line (not blank): not a one-line event.
+        let body = "data: {\"usage\":\ndata: {\"prompt_tokens\":4}}\n\n";
+        assert_every_split(Framing::Sse, MAX, body.as_bytes(), Some(usage(4, 0, 4)));
+        let body = "data: {\"usage\":{\"prompt_tokens\":4}}\nevent: x\n\n";
+        assert_every_split(Framing::Sse, MAX, body.as_bytes(), Some(usage(4, 0, 4)));
+    }
+
     // ----- properties
+
+    /// The SSE rules written plainly, line by line, for the parser to be checked against.
+    fn sse_reference(body: &[u8], max: usize) -> (Option<Usage>, bool) {
+        let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+        let mut lines = Vec::new();
+        let mut start = 0;
+        let mut i = 0;
+        while i < body.len() {
+            match body[i] {
+                b'\n' => {}
+                b'\r' if body.get(i + 1) == Some(&b'\n') => {
+                    lines.push(&body[start..i]);
+                    i += 2;
+                    start = i;
+                    continue;
+                }
+                b'\r' => {}
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            }
+            lines.push(&body[start..i]);
+            i += 1;
+            start = i;
+        }
+        // (An unterminated last line, or a `\r` waiting for its `\n`, ends nothing.)
+        let (mut found, mut data) = (None, Vec::new());
+        for line in lines {
+            if line.is_empty() {
+                if !data.is_empty() && data.len() <= max {
+                    data.pop();
+                    if data.trim_ascii() == b"[DONE]" {
+                        return (found, true);
+                    }
+                    found = usage_in(&data).or(found);
+                }
+                data.clear();
+                continue;
+            }
+            let (name, value) = match line.iter().position(|&b| b == b':') {
+                Some(colon) => {
+                    let value = &line[colon + 1..];
+                    (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                }
+                None => (line, &b""[..]),
+            };
+            if name == b"data" {
+                data.extend_from_slice(value);
+                data.push(b'\n');
+            }
+        }
+        (found, false)
+    }
+
+    /// `has_usage_object` without the SIMD search or the skipping.
+    fn has_usage_object_naive(hay: &[u8]) -> bool {
+        (0..hay.len()).any(|i| {
+            hay[i..].starts_with(KEY) && {
+                let rest = hay[i + KEY.len()..].trim_ascii_start();
+                rest.strip_prefix(b":")
+                    .is_some_and(|r| r.trim_ascii_start().first() == Some(&b'{'))
+            }
+        })
+    }
 
     /// Splits `body` at the given points (taken modulo its length).
     fn chunked<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
@@ -1330,6 +1572,12 @@ mod tests {
             1 => Just(b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}".to_vec()),
             1 => Just(b"{\"response\":{\"usage\":{\"input_tokens\":3}}}".to_vec()),
             1 => Just(b"null".to_vec()),
+            1 => Just(b"\n\n".to_vec()),
+            1 => Just(b"\r\n\r\n".to_vec()),
+            1 => Just(b" ".to_vec()),
+            1 => Just(b"data: [DONE]\n\n".to_vec()),
+            1 => Just(b"data: {\"usage\":null}\n\n".to_vec()),
+            1 => Just(b"\"usage\"usage\": {}".to_vec()),
         ];
         prop::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat())
     }
@@ -1427,6 +1675,31 @@ mod tests {
             let whole = run(framing, max, [&body[..]]);
             prop_assert_eq!(run(framing, max, chunked(&body, &cuts)), whole);
             prop_assert_eq!(run(framing, max, body.chunks(1)), whole);
+        }
+
+        #[test]
+        fn sse_matches_the_reference(
+            body in noisy_body(),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+            max in prop_oneof![0usize..64, Just(MAX)],
+        ) {
+            let expected = sse_reference(&body, max);
+            prop_assert_eq!(run(Framing::Sse, max, [&body[..]]), expected);
+            prop_assert_eq!(run(Framing::Sse, max, chunked(&body, &cuts)), expected);
+        }
+
+        #[test]
+        fn sse_streams_match_the_reference(
+            (body, _) in sse_stream(),
+            cuts in prop::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let expected = sse_reference(&body, MAX);
+            prop_assert_eq!(run(Framing::Sse, MAX, chunked(&body, &cuts)), expected);
+        }
+
+        #[test]
+        fn usage_object_search_matches_the_naive_one(body in noisy_body()) {
+            prop_assert_eq!(has_usage_object(&body), has_usage_object_naive(&body));
         }
 
         #[test]
