@@ -857,10 +857,16 @@ fn has_usage_object(hay: &[u8]) -> bool {
             break;
         };
         let key_end = from + at + KEY.len();
-        let rest = hay[key_end..].trim_ascii_start();
-        let rest = match rest.split_first() {
-            Some((&b':', after)) => after.trim_ascii_start(),
-            _ => rest,
+        let rest = match hay.get(key_end..key_end + 2) {
+            // The compact `"usage":x` of most encoders.
+            Some(&[b':', next]) if !next.is_ascii_whitespace() => &hay[key_end + 1..],
+            _ => {
+                let rest = hay[key_end..].trim_ascii_start();
+                match rest.split_first() {
+                    Some((&b':', after)) => after.trim_ascii_start(),
+                    _ => rest,
+                }
+            }
         };
         match rest.first() {
             Some(&b'{') => return true,
