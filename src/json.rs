@@ -567,7 +567,7 @@ static ONE_CHAR_ESCAPES: [bool; 256] = {
 /// code and JSON: the next 16 bytes are tested 8 at a time in registers, and only a longer
 /// run goes to the SIMD search (a call, worth it on long runs).
 #[inline]
-fn find_quote_or_backslash(text: &[u8]) -> Option<usize> {
+pub(crate) fn find_quote_or_backslash(text: &[u8]) -> Option<usize> {
     const LO: u64 = u64::from_le_bytes([0x01; 8]);
     const HI: u64 = u64::from_le_bytes([0x80; 8]);
     let mut at = 0;

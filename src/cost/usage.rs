@@ -345,6 +345,10 @@ impl JsonState {
         }
         let part = &chunk[i..];
         let end = self.scan(part, self.buf.len());
+        if let (Some(end), true) = (end, self.buf.is_empty()) {
+            // The whole object in one chunk (the usual JSON answer): read in place, no copy.
+            return Some((end <= max).then(|| self.usage_of(&part[..end])).flatten());
+        }
         // Bytes after the object are not looked at (nor counted against the bound).
         if !push_bounded(&mut self.buf, &part[..end.unwrap_or(part.len())], max) {
             self.buf = Vec::new();
@@ -369,7 +373,7 @@ impl JsonState {
                     i += 1;
                     continue;
                 }
-                let Some(at) = memchr::memchr2(b'"', b'\\', &data[i..]) else {
+                let Some(at) = crate::json::find_quote_or_backslash(&data[i..]) else {
                     self.key.push_partial(&data[i..]);
                     return None;
                 };
