@@ -527,8 +527,16 @@ impl<'a> Parser<'a> {
             }
             self.digits();
         }
+        let written = &self.bytes[start..self.at];
+        if integer && !negative && written.len() <= 19 {
+            // Up to 19 digits always fit a u64 (the usual case: counts, limits, ids).
+            let n = written
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            return Ok(Json::Number(n.into()));
+        }
         // Only ASCII digits, signs, dots and exponents were consumed.
-        let text = std::str::from_utf8(&self.bytes[start..self.at]).unwrap_or("");
+        let text = std::str::from_utf8(written).unwrap_or("");
         if integer {
             // Like serde_json: a u64 if it fits, else an i64, else a float.
             if let Ok(n) = text.parse::<u64>() {
@@ -689,6 +697,29 @@ mod tests {
                 String::from_utf8_lossy(bytes)
             ),
         }
+    }
+
+    #[test]
+    fn integers_at_the_u64_boundary() {
+        for text in [
+            "0",
+            "-0",
+            "7",
+            "1000000000000000000",
+            "9999999999999999999",
+            "10000000000000000000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "[412, 9, 421]",
+            "00",
+            "01",
+        ] {
+            agree(text.as_bytes());
+        }
+        let n = Json::parse(b"9999999999999999999").unwrap();
+        assert_eq!(n.as_u64(), Some(9_999_999_999_999_999_999));
     }
 
     #[test]
