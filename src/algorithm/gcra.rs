@@ -1,6 +1,6 @@
 //! GCRA: the generic cell rate algorithm, weighted.
 
-use super::{mul_div_ceil, mul_div_floor, Limits, Placement, Snapshot, Verdict};
+use super::{mul_div_ceil, mul_div_floor, Divisor, Limits, Placement, Snapshot, Verdict};
 
 /// GCRA (ITU-T I.371's virtual scheduling algorithm; the algorithm behind `governor`),
 /// weighted: one unit advances the theoretical arrival time (TAT) by the emission interval
@@ -127,6 +127,106 @@ impl Gcra {
     }
 }
 
+/// [`Gcra::acquire`] on a bare TAT, for a store that charges a bucket under the same limits
+/// decision after decision: what depends on the limits alone is computed once, here, so that
+/// admitting one unit divides nothing (the interval and the largest backlog that still admits
+/// a unit are known) and the snapshot's division by the window is two multiplications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PreparedGcra {
+    limits: Limits,
+    /// The interval of one unit: `ceil(w / limit)`.
+    unit: u64,
+    /// The largest backlog one unit fits in: `floor((burst - 1) x w / limit)`.
+    unit_room: u64,
+    by_limit: Divisor,
+    by_window: Divisor,
+}
+
+impl PreparedGcra {
+    /// `None` for limits this shortcut does not cover (a zero limit, window or burst): charge
+    /// those with [`Gcra::acquire`].
+    pub(crate) fn new(limits: Limits) -> Option<Self> {
+        let Limits {
+            limit,
+            window_nanos: w,
+            burst,
+        } = limits;
+        if limit == 0 || w == 0 || burst == 0 {
+            return None;
+        }
+        Some(Self {
+            limits,
+            unit: mul_div_ceil(1, w, limit),
+            unit_room: mul_div_floor(burst - 1, w, limit),
+            by_limit: Divisor::new(limit),
+            by_window: Divisor::new(w),
+        })
+    }
+
+    /// The limits this was prepared for.
+    #[inline]
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The admitted half of [`Gcra::acquire`] on the state whose TAT is `tat`, under
+    /// [`Self::limits`]: the TAT after charging `cost` if it fits. `None` when it does not
+    /// (or a product overflows 64 bits): ask [`Gcra::acquire`]. The snapshot after it is
+    /// [`Self::snapshot`] of the TAT returned.
+    #[inline]
+    pub(crate) fn admit(&self, tat: u64, now: u64, cost: u64) -> Option<u64> {
+        let backlog = tat.saturating_sub(now);
+        // `cost` fits when backlog x limit + cost x w <= burst x w, that is when the backlog
+        // is at most floor((burst - cost) x w / limit).
+        let (room, interval) = if cost == 1 {
+            (self.unit_room, self.unit)
+        } else {
+            self.weighted(cost)?
+        };
+        (backlog <= room).then(|| tat.max(now).saturating_add(interval))
+    }
+
+    /// [`Gcra::acquire`] through [`Self::admit`] and [`Self::snapshot`].
+    #[cfg(test)]
+    fn acquire(&self, tat: u64, now: u64, cost: u64) -> (u64, Verdict, Snapshot) {
+        match self.admit(tat, now, cost) {
+            Some(tat) => (tat, Verdict::Allow, self.snapshot(tat, now)),
+            None => {
+                let mut g = Gcra { tat };
+                let (verdict, _, snapshot) = g.acquire(&self.limits, now, cost);
+                (g.tat, verdict, snapshot)
+            }
+        }
+    }
+
+    /// The room and interval of a charge of `cost` units; `None` when it can never fit or
+    /// a product overflows 64 bits.
+    #[inline]
+    fn weighted(&self, cost: u64) -> Option<(u64, u64)> {
+        let l = &self.limits;
+        let room = l.burst.checked_sub(cost)?.checked_mul(l.window_nanos)?;
+        let interval = cost.checked_mul(l.window_nanos)?;
+        Some((self.by_limit.div(room), self.by_limit.div_ceil(interval)))
+    }
+
+    /// [`Gcra::peek`] of the state whose TAT is `tat`, dividing by the window with
+    /// [`Divisor`].
+    #[inline]
+    pub(crate) fn snapshot(&self, tat: u64, now: u64) -> Snapshot {
+        let backlog = tat.saturating_sub(now);
+        let l = &self.limits;
+        let used = match backlog.checked_mul(l.limit) {
+            Some(p) => self.by_window.div_ceil(p),
+            None => mul_div_ceil(backlog, l.limit, l.window_nanos),
+        };
+        Snapshot {
+            limit: l.burst,
+            remaining: l.burst.saturating_sub(used),
+            reset_after_nanos: backlog,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +299,46 @@ mod tests {
         g.adjust(&l, 500 * S, Placement(0), 150, 0);
         assert_eq!(g.peek(&l, 500 * S).remaining, 100);
         assert!(g.is_idle(&l, 500 * S));
+    }
+
+    /// The prepared shortcut decides exactly as the general code, admitted or denied.
+    #[test]
+    fn prepared_acquire_matches_acquire() {
+        let mut rng = TestRng::new(17);
+        for case in 0..3_000 {
+            // Products of the admission test stay below 2^127 (the general code's u128
+            // arithmetic); the shortcut must also cover the 64-bit overflows in between.
+            let limit = 1 + rng.below(if case % 2 == 0 { 1_000 } else { 1 << 40 });
+            let window = 1 + rng.below(if case % 3 == 0 { 1 << 20 } else { 1 << 62 });
+            let burst = match rng.below(3) {
+                0 => limit,
+                1 => 1 + rng.below(limit.saturating_mul(2)),
+                _ => 1 + rng.below(1 << 40),
+            };
+            let l = Limits::new(limit, window, burst);
+            let p = PreparedGcra::new(l).expect("non-zero limits");
+            let mut g = Gcra::default();
+            let mut now = rng.below(1 << 40);
+            for _ in 0..100 {
+                now = now.saturating_add(rng.below(window / 4 + 2));
+                let cost = match rng.below(5) {
+                    0 | 1 => 1,
+                    2 => rng.below(burst / 4 + 2),
+                    3 => rng.below(burst.saturating_mul(2) + 1),
+                    _ => 0,
+                };
+                let tat = g.tat;
+                let want = g.acquire(&l, now, cost);
+                let got = p.acquire(tat, now, cost);
+                assert_eq!(
+                    (got.0, got.1, got.2),
+                    (g.tat, want.0, want.2),
+                    "{l:?} tat={tat} now={now} cost={cost}"
+                );
+            }
+        }
+        assert_eq!(PreparedGcra::new(Limits::new(0, S, 1)), None);
+        assert_eq!(PreparedGcra::new(Limits::new(1, 0, 1)), None);
+        assert_eq!(PreparedGcra::new(Limits::new(1, S, 0)), None);
     }
 }

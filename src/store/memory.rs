@@ -16,8 +16,8 @@ use super::{
     Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
     StoreError, StoreFuture,
 };
-use crate::algorithm::{Gcra, Limits, Placement, State, Verdict};
-use crate::clock::{Clock, SystemClock};
+use crate::algorithm::{Gcra, Limits, Placement, PreparedGcra, State, Verdict};
+use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
 /// A locked bucket's state: its algorithm state, the limits it was last charged under (for
@@ -35,7 +35,41 @@ struct Slot {
 #[derive(Debug)]
 enum Cell {
     Locked(Mutex<Slot>),
-    Gcra(AtomicU64),
+    Gcra(GcraCell),
+}
+
+/// A GCRA bucket: its TAT, and the limits it was created under prepared for fast decisions
+/// (charges under other limits take the general path).
+#[derive(Debug)]
+struct GcraCell {
+    tat: AtomicU64,
+    prepared: Option<Prepared>,
+}
+
+/// A GCRA cell's prepared limits, and the quota window they come from (compared as is,
+/// cheaper than converting the quota's window to nanoseconds on every decision).
+#[derive(Debug)]
+struct Prepared {
+    window: Duration,
+    gcra: PreparedGcra,
+}
+
+impl Prepared {
+    fn new(quota: &Quota) -> Option<Self> {
+        Some(Self {
+            window: quota.window(),
+            gcra: PreparedGcra::new(quota.limits())?,
+        })
+    }
+
+    /// Whether these are `quota`'s limits.
+    #[inline]
+    fn of(&self, quota: &Quota) -> bool {
+        let l = self.gcra.limits();
+        quota.limit() == l.limit
+            && quota.window() == self.window
+            && quota.effective_burst() == l.burst
+    }
 }
 
 type Bucket = Arc<Cell>;
@@ -47,7 +81,10 @@ const EVICTED: u64 = u64::MAX;
 impl Cell {
     fn new(quota: &Quota) -> Self {
         match quota.algorithm() {
-            Algorithm::Gcra => Self::Gcra(AtomicU64::new(0)),
+            Algorithm::Gcra => Self::Gcra(GcraCell {
+                tat: AtomicU64::new(0),
+                prepared: Prepared::new(quota),
+            }),
             a => Self::Locked(Mutex::new(Slot {
                 state: State::new(a),
                 limits: quota.limits(),
@@ -116,6 +153,76 @@ fn update_gcra<T>(
             Ok(_) => return Some(out),
             Err(actual) => cur = actual,
         }
+    }
+}
+
+/// How [`GcraCell::admit`] went.
+enum Admission<'c> {
+    /// Charged: the cell's prepared limits, and the TAT the charge left (not clamped).
+    Admitted(&'c PreparedGcra, u64),
+    /// Denied, or other limits than the prepared ones: ask [`GcraCell::acquire_general`].
+    General,
+    /// The cell was evicted.
+    Evicted,
+}
+
+impl GcraCell {
+    /// A single-rule charge under the cell's prepared limits, by compare-and-swap. Only the
+    /// admitted case is decided here; the answer is built by the caller from the TAT (the
+    /// snapshot is computed once the charge is in, and nothing is carried through retries).
+    #[inline]
+    fn admit(&self, quota: &Quota, now: u64, cost: u64) -> Admission<'_> {
+        let prepared = match &self.prepared {
+            Some(p) if p.of(quota) => &p.gcra,
+            _ => return Admission::General,
+        };
+        let mut cur = self.tat.load(Ordering::Acquire);
+        loop {
+            if cur > MAX_TAT {
+                match self.wait(cur) {
+                    Some(c) => cur = c,
+                    None => return Admission::Evicted,
+                }
+                continue;
+            }
+            // `None`: denied, or a product past 64 bits.
+            let Some(tat) = prepared.admit(cur, now, cost) else {
+                return Admission::General;
+            };
+            let new = tat.min(MAX_TAT);
+            if new != cur {
+                if let Err(actual) =
+                    self.tat
+                        .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    cur = actual;
+                    continue;
+                }
+            }
+            return Admission::Admitted(prepared, tat);
+        }
+    }
+
+    /// A single-rule decision through the general code: denials, and limits other than the
+    /// prepared ones. `None` if the cell was evicted.
+    #[cold]
+    #[inline(never)]
+    fn acquire_general(&self, quota: &Quota, now: u64, cost: u64) -> Option<Decided> {
+        update_gcra(&self.tat, &quota.limits(), |state, limits| {
+            state.acquire(limits, now, cost)
+        })
+    }
+
+    /// The cell's value once a multi-rule decision no longer holds it; `None` if it was
+    /// evicted.
+    #[cold]
+    fn wait(&self, mut cur: u64) -> Option<u64> {
+        let mut spins = 0;
+        while cur == HELD {
+            backoff(&mut spins);
+            cur = self.tat.load(Ordering::Acquire);
+        }
+        (cur != EVICTED).then_some(cur)
     }
 }
 
@@ -211,7 +318,7 @@ pub struct MemoryStore {
 
 struct Inner {
     map: DashMap<BucketKey, Bucket, RandomState>,
-    clock: Arc<dyn Clock>,
+    clock: StoreClock,
     len: AtomicUsize,
     max_keys: usize,
     sweep_interval: u64,
@@ -220,10 +327,50 @@ struct Inner {
     sweeping: AtomicBool,
 }
 
+/// The store's clock: the crate's own clocks are read without a virtual call (one per
+/// decision), any other through `dyn Clock`.
+enum StoreClock {
+    System(SystemClock),
+    Manual(ManualClock),
+    Other(Box<dyn Clock>),
+}
+
+impl fmt::Debug for StoreClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::System(c) => c.fmt(f),
+            Self::Manual(c) => c.fmt(f),
+            Self::Other(c) => c.fmt(f),
+        }
+    }
+}
+
+impl StoreClock {
+    fn new<C: Clock>(clock: C) -> Self {
+        let any: &dyn std::any::Any = &clock;
+        if let Some(c) = any.downcast_ref::<SystemClock>() {
+            Self::System(c.clone())
+        } else if let Some(c) = any.downcast_ref::<ManualClock>() {
+            Self::Manual(c.clone())
+        } else {
+            Self::Other(Box::new(clock))
+        }
+    }
+
+    #[inline]
+    fn now_nanos(&self) -> u64 {
+        match self {
+            Self::System(c) => c.now_nanos(),
+            Self::Manual(c) => c.now_nanos(),
+            Self::Other(c) => c.now_nanos(),
+        }
+    }
+}
+
 /// Configures a [`MemoryStore`].
 #[derive(Debug)]
 pub struct MemoryStoreBuilder {
-    clock: Option<Arc<dyn Clock>>,
+    clock: Option<StoreClock>,
     max_keys: usize,
     sweep_interval: Duration,
 }
@@ -252,10 +399,11 @@ fn is_idle(bucket: &Cell, now: u64, evict: bool) -> bool {
         }
         // Idle when its TAT has passed (a held cell's value never has).
         Cell::Gcra(cell) => {
-            let cur = cell.load(Ordering::Acquire);
+            let cur = cell.tat.load(Ordering::Acquire);
             cur <= now
                 && (!evict
                     || cell
+                        .tat
                         .compare_exchange(cur, EVICTED, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok())
         }
@@ -268,7 +416,7 @@ const INLINE_CHARGES: usize = 8;
 impl MemoryStoreBuilder {
     /// Takes time from `clock` (default [`SystemClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Some(Arc::new(clock));
+        self.clock = Some(StoreClock::new(clock));
         self
     }
 
@@ -289,7 +437,9 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(RandomState::default()),
-                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
+                clock: self
+                    .clock
+                    .unwrap_or_else(|| StoreClock::System(SystemClock::new())),
                 len: AtomicUsize::new(0),
                 max_keys: self.max_keys,
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
@@ -354,12 +504,12 @@ impl MemoryStore {
         let now = inner.clock.now_nanos();
         self.inner.maybe_sweep(now);
         match charges {
+            [one] => inner.acquire_one(one, now),
             [] => Ok(Decision {
                 denial: None,
                 charges: ChargeStates::filled(0),
                 replayed: false,
             }),
-            [one] => inner.acquire_one(one, now),
             many => inner.acquire_many(many, now),
         }
     }
@@ -368,13 +518,23 @@ impl MemoryStore {
 impl Inner {
     /// Sweeps when the interval has passed: on a blocking thread of the tokio runtime the
     /// request runs on, if there is one (the request doesn't wait for it), else right here.
+    #[inline]
     fn maybe_sweep(self: &Arc<Self>, now: u64) {
         let last = self.last_sweep.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < self.sweep_interval
-            || self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
+        if now.saturating_sub(last) >= self.sweep_interval {
+            self.start_sweep(last, now);
+        }
+    }
+
+    /// [`Inner::maybe_sweep`] once the interval has passed: starts the sweep unless another
+    /// request did.
+    #[cold]
+    #[inline(never)]
+    fn start_sweep(self: &Arc<Self>, last: u64, now: u64) {
+        if self
+            .last_sweep
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
             || self.sweeping.swap(true, Ordering::AcqRel)
         {
             return;
@@ -423,17 +583,21 @@ impl Inner {
 
     /// Removes `key`'s bucket if it can't hold `quota`'s state (another algorithm's cell:
     /// two layers sharing a rule name with different algorithms reset each other's state).
+    #[cold]
+    #[inline(never)]
     fn evict_unsuited(&self, key: &BucketKey, quota: &Quota) {
         if let Some((_, bucket)) = self.map.remove_if(key, |_, b| !b.suits(quota)) {
             match &*bucket {
                 Cell::Locked(m) => lock(m).evicted = true,
-                Cell::Gcra(cell) => cell.store(EVICTED, Ordering::Release),
+                Cell::Gcra(cell) => cell.tat.store(EVICTED, Ordering::Release),
             }
             self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// Adds a fresh bucket for `key` unless one exists; fails at capacity.
+    #[cold]
+    #[inline(never)]
     fn insert(&self, key: &BucketKey, quota: &Quota, now: u64) -> Result<(), StoreError> {
         if self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
             self.len.fetch_sub(1, Ordering::AcqRel);
@@ -466,48 +630,50 @@ impl Inner {
         Ok(())
     }
 
+    /// A single charge's decision.
+    #[inline]
     fn acquire_one(&self, c: &Charge<'_>, now: u64) -> Result<Decision, StoreError> {
         loop {
             let Some(bucket) = self.map.get(c.bucket) else {
                 self.insert(c.bucket, c.quota, now)?;
                 continue;
             };
-            // Holding the shard's read lock: no sweep can evict this bucket meanwhile.
-            let decided = match &**bucket {
-                _ if !bucket.suits(c.quota) => None,
-                Cell::Gcra(cell) => update_gcra(cell, &c.quota.limits(), |state, limits| {
-                    state.acquire(limits, now, c.amount)
-                }),
+            // Holding the shard's read lock: no sweep can evict this bucket meanwhile. Each
+            // answer is built where it is decided, straight into the caller's: a value merged
+            // from several paths first would be moved through the stack (reading back 8-byte
+            // stores with 16-byte loads, which stalls).
+            match &**bucket {
+                _ if !bucket.suits(c.quota) => {}
+                Cell::Gcra(cell) => match cell.admit(c.quota, now, c.amount) {
+                    Admission::Admitted(prepared, tat) => {
+                        let snapshot = prepared.snapshot(tat, now);
+                        return Ok(one_decision((
+                            Verdict::Allow,
+                            Placement::default(),
+                            snapshot,
+                        )));
+                    }
+                    Admission::General => {
+                        if let Some(decided) = cell.acquire_general(c.quota, now, c.amount) {
+                            return Ok(one_decision(decided));
+                        }
+                    }
+                    Admission::Evicted => {}
+                },
                 Cell::Locked(m) => {
                     let mut slot = lock(m);
                     fit(&mut slot, c.quota);
                     let limits = slot.limits;
-                    Some(slot.state.acquire(&limits, now, c.amount))
+                    return Ok(one_decision(slot.state.acquire(&limits, now, c.amount)));
                 }
-            };
-            // Release the map before building the answer.
+            }
+            // Another algorithm's bucket, or evicted meanwhile.
             drop(bucket);
-            let Some((verdict, placement, snapshot)) = decided else {
-                self.evict_unsuited(c.bucket, c.quota);
-                continue;
-            };
-            return Ok(Decision {
-                denial: match verdict {
-                    Verdict::Allow => None,
-                    Verdict::Deny { retry_after } => Some(Denial {
-                        index: 0,
-                        retry_after: retry_after.map(Duration::from_nanos),
-                    }),
-                },
-                charges: ChargeStates::one(ChargeState {
-                    snapshot,
-                    placement,
-                }),
-                replayed: false,
-            });
+            self.evict_unsuited(c.bucket, c.quota);
         }
     }
 
+    #[inline(never)]
     fn acquire_many(&self, charges: &[Charge<'_>], now: u64) -> Result<Decision, StoreError> {
         let n = charges.len();
         loop {
@@ -572,7 +738,7 @@ impl Inner {
         for (guard, (i, bucket)) in guards.iter_mut().zip(sorted()) {
             let held = match &**bucket {
                 Cell::Locked(m) => Held::Locked(lock(m)),
-                Cell::Gcra(cell) => match hold_gcra(cell, charges[*i].quota) {
+                Cell::Gcra(cell) => match hold_gcra(&cell.tat, charges[*i].quota) {
                     Some(held) => held,
                     None => return Ok(None),
                 },
@@ -639,7 +805,7 @@ impl Inner {
             if let Some(bucket) = self.map.get(key) {
                 let out = match &**bucket {
                     _ if !bucket.suits(quota) => None,
-                    Cell::Gcra(cell) => update_gcra(cell, &quota.limits(), &mut f),
+                    Cell::Gcra(cell) => update_gcra(&cell.tat, &quota.limits(), &mut f),
                     Cell::Locked(m) => {
                         let mut slot = lock(m);
                         fit(&mut slot, quota);
@@ -661,6 +827,28 @@ impl Inner {
             }
             self.insert(key, quota, now)?;
         }
+    }
+}
+
+/// What a single charge's decision is made of.
+type Decided = (Verdict, Placement, Snapshot);
+
+/// The decision of a single charge.
+#[inline]
+fn one_decision((verdict, placement, snapshot): Decided) -> Decision {
+    Decision {
+        denial: match verdict {
+            Verdict::Allow => None,
+            Verdict::Deny { retry_after } => Some(Denial {
+                index: 0,
+                retry_after: retry_after.map(Duration::from_nanos),
+            }),
+        },
+        charges: ChargeStates::one(ChargeState {
+            snapshot,
+            placement,
+        }),
+        replayed: false,
     }
 }
 
@@ -715,7 +903,6 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
 
     fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
         let clock = ManualClock::new();
@@ -862,6 +1049,57 @@ mod tests {
         s.sweep();
         assert_eq!(s.len(), 0);
         assert_eq!(remaining(&gcra), 9);
+    }
+
+    /// A GCRA bucket decides through its prepared limits, or through the general code when
+    /// charged under other limits (another tier's quota on the same key): either way exactly
+    /// as the algorithm on its own.
+    #[test]
+    fn gcra_cells_decide_as_the_algorithm_under_any_limits() {
+        use crate::algorithm::TestRng;
+        let quotas = [
+            Quota::per_minute(10).gcra(),
+            Quota::per_minute(10).gcra().burst(3),
+            Quota::per_second(1_000).tokens().gcra(),
+            Quota::new(7, Duration::from_millis(1_500)).gcra().burst(20),
+        ];
+        for seed in 0..20 {
+            let mut rng = TestRng::new(seed);
+            let (s, clock) = store(100);
+            let k = BucketKey::new("r", "u");
+            let mut model = State::new(Algorithm::Gcra);
+            for _ in 0..400 {
+                clock.advance(Duration::from_nanos(rng.below(200_000_000)));
+                let now = clock.now_nanos();
+                // Mostly the bucket's own quota, sometimes another one.
+                let q = if rng.below(4) == 0 {
+                    &quotas[rng.below(4) as usize]
+                } else {
+                    &quotas[seed as usize % 4]
+                };
+                let cost = match rng.below(4) {
+                    0 => rng.below(30),
+                    _ => 1,
+                };
+                let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
+                let (verdict, placement, snapshot) = model.acquire(&q.limits(), now, cost);
+                let want = Decision {
+                    denial: match verdict {
+                        Verdict::Allow => None,
+                        Verdict::Deny { retry_after } => Some(Denial {
+                            index: 0,
+                            retry_after: retry_after.map(Duration::from_nanos),
+                        }),
+                    },
+                    charges: ChargeStates::one(ChargeState {
+                        snapshot,
+                        placement,
+                    }),
+                    replayed: false,
+                };
+                assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
+            }
+        }
     }
 
     #[test]

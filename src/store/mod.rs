@@ -169,6 +169,8 @@ const INLINE: usize = 4;
 
 #[derive(Clone)]
 enum Repr {
+    /// The single-rule case, written without the unused slots.
+    One(ChargeState),
     Inline(usize, [ChargeState; INLINE]),
     Heap(Vec<ChargeState>),
 }
@@ -185,9 +187,7 @@ impl ChargeStates {
 
     /// One state.
     pub fn one(state: ChargeState) -> Self {
-        let mut items = [ChargeState::default(); INLINE];
-        items[0] = state;
-        Self(Repr::Inline(1, items))
+        Self(Repr::One(state))
     }
 }
 
@@ -197,6 +197,7 @@ impl std::ops::Deref for ChargeStates {
     #[inline]
     fn deref(&self) -> &[ChargeState] {
         match &self.0 {
+            Repr::One(one) => std::slice::from_ref(one),
             Repr::Inline(n, items) => &items[..*n],
             Repr::Heap(v) => v,
         }
@@ -207,6 +208,7 @@ impl std::ops::DerefMut for ChargeStates {
     #[inline]
     fn deref_mut(&mut self) -> &mut [ChargeState] {
         match &mut self.0 {
+            Repr::One(one) => std::slice::from_mut(one),
             Repr::Inline(n, items) => &mut items[..*n],
             Repr::Heap(v) => v,
         }
