@@ -202,7 +202,7 @@ pub(crate) struct RateHeaders {
     /// `RateLimit`, then remaining and reset of requests, then of tokens.
     values: Bytes,
     /// Each value's range in `values`; empty: not sent.
-    spans: [(u16, u16); 5],
+    spans: [(u32, u32); 5],
 }
 
 static FIXED_NAMES: [&HeaderName; 3] = [&RATELIMIT_POLICY, &REQUESTS[0], &TOKENS[0]];
@@ -232,7 +232,7 @@ impl RateHeaders {
             if a < b {
                 // Rule names are checked at build (printable ASCII without `"` or `\`), the
                 // rest is digits and Go duration letters: always valid, checked all the same.
-                let v = self.values.slice(usize::from(a)..usize::from(b));
+                let v = self.values.slice(a as usize..b as usize);
                 if let Ok(v) = HeaderValue::from_maybe_shared(v) {
                     map.insert(*name, v);
                 }
@@ -376,8 +376,8 @@ where
     }
     let mut buf = ValueBuf::new();
     let mut span = |buf: &mut ValueBuf, i: usize, start: usize| {
-        // Longer than `u16::MAX` bytes (thousands of long rule names): not sent.
-        if let (Ok(a), Ok(b)) = (u16::try_from(start), u16::try_from(buf.len())) {
+        // Never over 4 GiB in practice (a value that were would not be sent).
+        if let (Ok(a), Ok(b)) = (u32::try_from(start), u32::try_from(buf.len())) {
             out.spans[i] = (a, b);
         }
     };
@@ -659,6 +659,9 @@ mod tests {
         ];
         let joined = JoinedPolicies::new(&quotas, [vec![0, 0], vec![1, 0], vec![0, 0]].into_iter());
         assert_eq!(joined.0.len(), 2, "one per distinct combination");
+        assert!(joined.get([1, 0].into_iter()).is_some());
+        assert!(joined.get([0, 0].into_iter()).is_some());
+        assert!(joined.get([1, 1].into_iter()).is_none(), "no such variant");
         let snap = |limit| Snapshot {
             limit,
             remaining: 1,

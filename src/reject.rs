@@ -22,10 +22,10 @@ use http_body_util::Full;
 
 use crate::headers::go_duration;
 
-/// Whether a request is gRPC (`content-type: application/grpc*`).
 /// `grpc-status`: a gRPC call's outcome (trailers, or the headers of a trailers-only response).
 pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
+/// Whether a request is gRPC (`content-type: application/grpc*`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)

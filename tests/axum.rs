@@ -352,6 +352,65 @@ async fn tiers_pick_the_quota() {
     );
 }
 
+/// The `RateLimit-Policy` of several rules names each rule's quota for the caller's tier
+/// (the layer precomputes the joined value per tier; a skipped rule is left out).
+#[tokio::test]
+async fn policy_header_follows_tiers_and_skipped_rules() {
+    let layer = RateLimitLayer::builder()
+        .tiers(tier::header("x-tier"))
+        .rule(
+            Rule::new("a", key::header("x-user"), Quota::per_minute(10))
+                .tier("pro", Quota::per_minute(100)),
+        )
+        .rule(
+            Rule::new("b", key::header("x-org"), Quota::per_minute(20))
+                .on_missing_key(MissingKey::Skip)
+                .tier("ent", Quota::per_minute(2000)),
+        )
+        .rule(
+            Rule::new("c", key::header("x-user"), Quota::per_hour(30))
+                .tier("pro", Quota::per_hour(300))
+                .tier("ent", Quota::per_hour(3000)),
+        )
+        .build()
+        .unwrap();
+    let server = serve(layer).await;
+    for (tier, org, want) in [
+        (
+            None,
+            true,
+            r#""a";q=10;w=60, "b";q=20;w=60, "c";q=30;w=3600"#,
+        ),
+        (
+            Some("pro"),
+            true,
+            r#""a";q=100;w=60, "b";q=20;w=60, "c";q=300;w=3600"#,
+        ),
+        (
+            Some("ent"),
+            true,
+            r#""a";q=10;w=60, "b";q=2000;w=60, "c";q=3000;w=3600"#,
+        ),
+        (
+            Some("other"),
+            true,
+            r#""a";q=10;w=60, "b";q=20;w=60, "c";q=30;w=3600"#,
+        ),
+        (Some("pro"), false, r#""a";q=100;w=60, "c";q=300;w=3600"#),
+    ] {
+        let mut headers = vec![("x-user", "u1")];
+        if org {
+            headers.push(("x-org", "o1"));
+        }
+        if let Some(t) = tier {
+            headers.push(("x-tier", t));
+        }
+        let r = send(server.addr, &headers).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(h(&r, "ratelimit-policy"), want, "{tier:?}, org: {org}");
+    }
+}
+
 #[tokio::test]
 async fn observer_status_and_failure_policy() {
     let events: Arc<Mutex<Vec<String>>> = Arc::default();
