@@ -47,7 +47,10 @@
 //! and the middle hop's CPU per request. `HTTP_BENCH_GATEWAY=0` skips it.
 //!
 //! `HTTP_BENCH_ONLY=4,7` runs only those servers (for profiling); `HTTP_BENCH_SHOW=1` prints
-//! one raw response of each server first.
+//! one raw response of each server first. `HTTP_BENCH_INPROC_ONLY=1` stops after the
+//! in-process pass (3 x `HTTP_BENCH_INPROC_REQUESTS` requests per server): under callgrind,
+//! two runs with different counts give the instructions per request (README, "What the
+//! layer costs in a real server").
 
 #[allow(dead_code)]
 #[path = "support/cpu.rs"]
@@ -686,6 +689,13 @@ fn main() {
             in_process_ns(app.clone(), (*body).clone(), &api_keys, inproc_n)
         })
         .collect();
+    if std::env::var("HTTP_BENCH_INPROC_ONLY").is_ok_and(|v| v == "1") {
+        // No sockets, no load: for counting instructions per request under callgrind.
+        for ((number, name, ..), ns) in apps.iter().zip(&inproc) {
+            println!("({number}) {name}: in-process {ns:.0} ns/req (3 x {inproc_n} requests)");
+        }
+        return;
+    }
     let mut scenarios: Vec<Scenario> = apps
         .into_iter()
         .map(|(number, name, app, body, baseline)| {

@@ -5,7 +5,7 @@
 //! picks the endpoint from the end of the URI path, walks the fields that reach the model
 //! (messages, prompts, inputs, tool definitions) and counts their text: with
 //! [`estimate_text_tokens`] (a table of what each byte costs after the byte before it, fitted
-//! to slightly over-estimate OpenAI's `o200k_base` tokenizer; 8-12 µs for a 16 KB body),
+//! to slightly over-estimate OpenAI's `o200k_base` tokenizer; 7-9 µs for a 16 KB body),
 //! or, with the `tokenizer` feature, exactly, with the tokenizer of the body's `model` (below).
 //! The output reservation is the request's own limit (`max_tokens` and friends, times `n`), or
 //! a configurable default. [`OpenAiTokens`] documents every rule.
@@ -26,8 +26,8 @@
 //! The vocabularies come with `tiktoken-rs`, compiled in (5 MB of text; no network, no
 //! files), and are loaded once per process, on first use: `o200k_base` in about 250 ms and
 //! 45 MB, `cl100k_base` in 130 ms and 23 MB. Exact counting costs 45-80 ns a byte of text, on
-//! the request's task: a 16 KB body takes 0.8-1.5 ms, against 8-12 µs for the heuristic and
-//! 25-50 µs for the JSON parse the layer does anyway; 256 KB, 12-36 ms (`benches/tokens.rs`).
+//! the request's task: a 16 KB body takes 0.6-1.4 ms, against 7-9 µs for the heuristic and
+//! 6-14 µs for the JSON parse the layer does anyway; 256 KB, 10-36 ms (`benches/tokens.rs`).
 //! Bound bodies with `max_inspect_bytes`. Texts are tokenized in segments of at most 8 KiB,
 //! cut where the tokenizers split anyway: counts stay exact, and pathological texts
 //! (megabytes of one character) can't make the tokenizer fail. `exact_tokens(false)` on the
@@ -183,7 +183,7 @@ const TOKEN_INPUT_SHAPES: &str =
 /// without a `model`, get the heuristic. Every text above is counted so, tool definitions and
 /// schemas as their JSON; the framing constants and image and attachment sizes stay
 /// estimates. Each vocabulary is loaded on first use (`o200k_base`: about 250 ms, 45 MB), and
-/// exact counting costs 45-80 ns a byte (a 16 KB body: 0.8-1.5 ms, against 8-12 µs for the
+/// exact counting costs 45-80 ns a byte (a 16 KB body: 0.6-1.4 ms, against 7-9 µs for the
 /// heuristic), so bound bodies with `max_inspect_bytes`. `exact_tokens(false)` counts with
 /// the heuristic whatever the model.
 ///
