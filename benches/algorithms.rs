@@ -22,9 +22,10 @@
 //! admitted decision outside the timed loop).
 //!
 //! Keys: [`BucketKey`] values are built up front. The layer builds one per rule per request
-//! (an `Arc` clone of the rule name and one small allocation for the key), but governor's keys
-//! are pre-built too, so both sides are timed on the decision alone. Governor is keyed by the
-//! same `BucketKey` type so both sides hash the same bytes with the same (keyed) hasher.
+//! (an `Arc` clone of the rule name; a key of up to 22 bytes is stored inline, a longer one
+//! takes one small allocation), but governor's keys are pre-built too, so both sides are
+//! timed on the decision alone. Governor is keyed by the same `BucketKey` type so both sides
+//! hash the same bytes with the same (keyed) hasher.
 //!
 //! Answers: ours returns a `Decision` (the verdict and each rule's remaining and reset, for
 //! the rate-limit headers); governor's `check_key` a `Result<(), NotUntil>`.
