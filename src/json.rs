@@ -571,29 +571,48 @@ static ONE_CHAR_ESCAPES: [bool; 256] = {
     table
 };
 
-/// The position of the first quote or backslash in `text`. Escapes come every few bytes in pasted
-/// code and JSON: the next 16 bytes are tested 8 at a time in registers, and only a longer
-/// run goes to the SIMD search (a call, worth it on long runs).
+/// The position of the first quote or backslash in `text`.
 #[inline]
 pub(crate) fn find_quote_or_backslash(text: &[u8]) -> Option<usize> {
+    find_near(
+        text,
+        |word| has_byte(word, b'"') | has_byte(word, b'\\'),
+        |rest| memchr::memchr2(b'"', b'\\', rest),
+    )
+}
+
+/// The high bit of each byte of `word` equal to `byte`, and maybe of bytes above one (a
+/// borrow): the lowest set bit is exact. For bytes below 0x80 only.
+#[inline]
+pub(crate) fn has_byte(word: u64, byte: u8) -> u64 {
     const LO: u64 = u64::from_le_bytes([0x01; 8]);
     const HI: u64 = u64::from_le_bytes([0x80; 8]);
+    let x = word ^ (LO * u64::from(byte));
+    x.wrapping_sub(LO) & !word & HI
+}
+
+/// The position of the first byte `hits` marks in `text` (see [`has_byte`]). Escapes come
+/// every few bytes in pasted code and JSON: the next 16 bytes are tested 8 at a time in
+/// registers, and only a longer run goes to `search`, a SIMD search (a call, worth it on long
+/// runs).
+#[inline]
+pub(crate) fn find_near(
+    text: &[u8],
+    hits: impl Fn(u64) -> u64,
+    search: impl FnOnce(&[u8]) -> Option<usize>,
+) -> Option<usize> {
     let mut at = 0;
     while at < 16 {
         let Some(word) = text.get(at..at + 8) else {
             break;
         };
-        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let (quote, slash) = (word ^ (LO * 0x22), word ^ (LO * 0x5c));
-        // The high bit of each quote or backslash, and maybe of bytes after one (a borrow):
-        // the lowest is exact.
-        let found = (quote.wrapping_sub(LO) | slash.wrapping_sub(LO)) & !word & HI;
+        let found = hits(u64::from_le_bytes(word.try_into().unwrap_or_default()));
         if found != 0 {
             return Some(at + (found.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
-    memchr::memchr2(b'"', b'\\', &text[at..]).map(|p| at + p)
+    search(&text[at..]).map(|p| at + p)
 }
 
 #[cfg(test)]

@@ -1224,28 +1224,14 @@ static SIMPLE_ESCAPES: [u8; 256] = {
     table
 };
 
-/// The position of the first backslash of `text`. Escapes come every few bytes in pasted
-/// code and JSON: the next 16 bytes are tested 8 at a time in registers, and only a longer
-/// run goes to the SIMD search (a call, worth it on long runs).
+/// The position of the first backslash of `text` (see [`crate::json::find_near`]).
 #[inline]
 fn find_backslash(text: &[u8]) -> Option<usize> {
-    const LO: u64 = u64::from_le_bytes([0x01; 8]);
-    const HI: u64 = u64::from_le_bytes([0x80; 8]);
-    let mut at = 0;
-    while at < 16 {
-        let Some(word) = text.get(at..at + 8) else {
-            break;
-        };
-        let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let slash = word ^ (LO * u64::from(b'\\'));
-        // The high bit of each backslash, and maybe of bytes after one: the lowest is exact.
-        let found = slash.wrapping_sub(LO) & !slash & HI;
-        if found != 0 {
-            return Some(at + (found.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    memchr::memchr(b'\\', &text[at..]).map(|p| at + p)
+    crate::json::find_near(
+        text,
+        |word| crate::json::has_byte(word, b'\\'),
+        |rest| memchr::memchr(b'\\', rest),
+    )
 }
 
 impl fmt::Write for TextCounter {

@@ -1082,21 +1082,7 @@ mod tests {
                     _ => 1,
                 };
                 let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
-                let (verdict, placement, snapshot) = model.acquire(&q.limits(), now, cost);
-                let want = Decision {
-                    denial: match verdict {
-                        Verdict::Allow => None,
-                        Verdict::Deny { retry_after } => Some(Denial {
-                            index: 0,
-                            retry_after: retry_after.map(Duration::from_nanos),
-                        }),
-                    },
-                    charges: ChargeStates::one(ChargeState {
-                        snapshot,
-                        placement,
-                    }),
-                    replayed: false,
-                };
+                let want = one_decision(model.acquire(&q.limits(), now, cost));
                 assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
             }
         }
