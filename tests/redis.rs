@@ -39,6 +39,15 @@ fn frozen_clock() -> ManualClock {
     clock
 }
 
+/// A fresh redis-server, a frozen clock and a store on it (prefix `rl`); `None` when no
+/// `redis-server` binary is installed (the test then returns).
+async fn started() -> Option<(RedisServer, ManualClock, RedisStore)> {
+    let server = RedisServer::start()?;
+    let clock = frozen_clock();
+    let store = connect(server.url(), "rl", &clock).await;
+    Some((server, clock, store))
+}
+
 /// A store on `url` taking `now` from `clock`, with a generous timeout: a loaded test
 /// machine must not turn a slow answer into a failure (the fault test sets its own).
 async fn connect(url: String, prefix: &str, clock: &ManualClock) -> RedisStore {
@@ -111,11 +120,9 @@ fn with_id(id: &str) -> Request<String> {
 
 #[tokio::test]
 async fn smoke_every_algorithm() {
-    let Some(server) = RedisServer::start() else {
+    let Some((_server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     for alg in WINDOW_ALGORITHMS {
         let q = Quota::per_minute(3).using(alg);
         let b = BucketKey::new(format!("{alg:?}"), "k");
@@ -195,11 +202,9 @@ async fn through_the_layer_n_plus_k_requests_admit_n() {
 
 #[tokio::test]
 async fn a_denial_charges_no_rule() {
-    let Some(server) = RedisServer::start() else {
+    let Some((_server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let rpm = Quota::per_minute(10);
     let tpm = Quota::per_minute(1_000).tokens().sliding_window_log();
     let gcra = Quota::per_minute(100).gcra();
@@ -311,11 +316,9 @@ async fn many_tasks_and_three_replicas_admit_exactly_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_refunds_releases_and_expires_leases() {
-    let Some(server) = RedisServer::start() else {
+    let Some((_server, clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
 
     // A token charge of 1,000 settled to 250: 750 come back, for every window algorithm.
     for alg in WINDOW_ALGORITHMS {
@@ -406,11 +409,9 @@ async fn settlement_refunds_releases_and_expires_leases() {
 
 #[tokio::test]
 async fn idempotent_acquires_count_once() {
-    let Some(server) = RedisServer::start() else {
+    let Some((_server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let q = Quota::per_hour(2);
     let b = BucketKey::new("rph", "alice");
     let one = [Charge::new(&b, &q, 1)];
@@ -549,11 +550,9 @@ async fn a_prefix_with_braces_is_refused() {
 
 #[tokio::test]
 async fn keys_are_hashed_tagged_and_expire() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let minute = Duration::from_secs(60);
     let counter = Quota::new(100, minute);
     let log = Quota::new(100, minute).sliding_window_log();
@@ -665,11 +664,9 @@ async fn keys_are_hashed_tagged_and_expire() {
 /// versions' states use other keys: `versions_use_separate_keys`.)
 #[tokio::test]
 async fn old_and_foreign_states_start_afresh() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let minute = Duration::from_secs(60);
     let quotas = [
         Quota::new(5, minute),
@@ -764,11 +761,9 @@ async fn old_and_foreign_states_start_afresh() {
 /// states under one prefix, and neither reads, resets or replays the other's.
 #[tokio::test]
 async fn versions_use_separate_keys() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let q = Quota::per_minute(5);
     let b = BucketKey::new("counter", "alice");
     let d = within(
@@ -1086,11 +1081,9 @@ fn calls_of(server: &RedisServer, command: &str) -> u64 {
 /// again and the call retried, as `NOSCRIPT` is answered for `EVALSHA`.
 #[tokio::test]
 async fn function_flush_is_survived() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store = connect(server.url(), "rl", &clock).await;
     let q = Quota::per_hour(10);
     let b = BucketKey::new("rph", "alice");
     let one = [Charge::new(&b, &q, 1)];
@@ -1153,11 +1146,10 @@ async fn a_server_without_functions_is_served_by_evalsha() {
 /// Clones share one connection; the store is usable behind an `Arc<dyn Store>` too.
 #[tokio::test]
 async fn a_shared_store_behind_a_trait_object() {
-    let Some(server) = RedisServer::start() else {
+    let Some((_server, _clock, store)) = started().await else {
         return;
     };
-    let clock = frozen_clock();
-    let store: Arc<dyn Store> = Arc::new(connect(server.url(), "rl", &clock).await);
+    let store: Arc<dyn Store> = Arc::new(store);
     let q = Quota::per_hour(1);
     let b = BucketKey::new("rph", "alice");
     assert!(acquire(&store, &[Charge::new(&b, &q, 1)])
