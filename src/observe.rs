@@ -5,7 +5,8 @@
 //! and, per rule, the cost charged (or that would have been), the limit and what remains.
 //! [`Observer::on_settle`] then sees each admitted request's settlement ([`SettleEvent`]):
 //! the estimate charged per rule and what it really cost, for "tokens estimated vs settled"
-//! metrics. It runs on the request's path: keep it cheap (increment counters, don't do I/O).
+//! metrics, labelled with the caller's tier, the request body's `model` and each bucket's
+//! key (so "tokens by model" needs no second parse of the request or the response). It runs on the request's path: keep it cheap (increment counters, don't do I/O).
 //!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
 //! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
@@ -115,9 +116,12 @@ pub enum SettleOutcome {
 
 /// One rule's settlement: what was charged before admission and what it really cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SettledRule<'a> {
     /// The rule's name.
     pub rule: &'a str,
+    /// The bucket's key (whose request it was: the user, the model, ...).
+    pub key: &'a Key,
     /// What the rule counts.
     pub unit: Unit,
     /// Units charged at admission (the estimate).
@@ -128,7 +132,14 @@ pub struct SettledRule<'a> {
 
 /// One admitted request's settlement.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct SettleEvent<'a> {
+    /// The caller's tier, if any (as in its [`DecisionEvent`]).
+    pub tier: Option<&'a str>,
+    /// The `model` of the request's JSON body, when the layer read the body for a token
+    /// estimate: a label for "tokens by model" metrics with no second parse of the request
+    /// or of the response.
+    pub model: Option<&'a str>,
     /// How the request ended.
     pub outcome: SettleOutcome,
     /// Every charge of the request, settled.

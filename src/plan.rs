@@ -123,6 +123,14 @@ impl Shared {
                 amount,
             });
         }
+        if self.observer.is_some() && estimate.is_some() {
+            // The settlement's observer labels its event with the model (the body is parsed
+            // already: a token estimate read it).
+            model.get_or_insert_with(|| {
+                req.doc()
+                    .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
+            });
+        }
         let request_id = self.idempotency_header.as_ref().and_then(|h| {
             let v = req.headers().get(h)?.to_str().ok()?.trim();
             (!v.is_empty()).then(|| v.to_owned())
@@ -319,6 +327,11 @@ pub(crate) fn conclude(
                 pending,
                 plan.estimate,
                 plan.model,
+                shared
+                    .observer
+                    .is_some()
+                    .then(|| plan.tier.clone())
+                    .flatten(),
             ))
         });
         return Ok(Admit { headers: h, settle });

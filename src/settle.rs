@@ -29,6 +29,7 @@ use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::{Algorithm, Quota, Unit};
 use crate::store::{Adjustment, BucketKey, Placement};
+use crate::tier::Tier;
 
 /// What the layer charges when an admitted response carries no `usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,6 +70,8 @@ pub(crate) struct Settle {
     charges: Vec<Pending>,
     estimate: Cost,
     model: Option<String>,
+    /// The caller's tier, kept for the observer only.
+    tier: Option<Tier>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -94,12 +97,14 @@ impl Settle {
         charges: Vec<Pending>,
         estimate: Cost,
         model: Option<String>,
+        tier: Option<Tier>,
     ) -> Self {
         Self {
             shared,
             charges,
             estimate,
             model,
+            tier,
             parser: None,
             streamed: 0,
             responded: false,
@@ -235,6 +240,7 @@ impl Settle {
                 .iter()
                 .map(|c| SettledRule {
                     rule: c.bucket.rule(),
+                    key: c.bucket.key(),
                     unit: c.quota.unit(),
                     charged: c.charged,
                     actual: adjustments
@@ -250,6 +256,8 @@ impl Settle {
                 Ending::Dropped => SettleOutcome::Dropped,
             };
             observer.on_settle(&SettleEvent {
+                tier: self.tier.as_ref().map(Tier::as_str),
+                model: self.model.as_deref(),
                 outcome,
                 rules: &rules,
             });

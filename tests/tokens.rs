@@ -598,37 +598,70 @@ async fn compressed_responses_keep_the_reservation() {
     remaining_eventually(&s.layer, 0, 10_000 - 1_000 - 7).await;
 }
 
-/// The observer sees each settlement: the estimate charged and the real cost.
+/// The observer sees each settlement: the estimate charged and the real cost, with the
+/// caller's tier, the body's model and each bucket's key as labels.
 #[tokio::test]
 async fn observers_see_settlements() {
     use tower_llm_ratelimit::observe::{Observer, SettleEvent, SettleOutcome};
 
-    type Log = Arc<std::sync::Mutex<Vec<(String, u64, u64, bool)>>>;
+    type Seen = (
+        Option<String>,
+        Option<String>,
+        Vec<(String, String, u64, u64, bool)>,
+    );
+    type Log = Arc<std::sync::Mutex<Vec<Seen>>>;
     struct Probe(Log);
     impl Observer for Probe {
         fn on_decision(&self, _: &DecisionEvent<'_>) {}
         fn on_settle(&self, e: &SettleEvent<'_>) {
             let usage = matches!(e.outcome, SettleOutcome::Usage(_));
-            let mut seen = self.0.lock().unwrap();
-            for r in e.rules {
-                seen.push((r.rule.to_owned(), r.charged, r.actual, usage));
-            }
+            let rules = e
+                .rules
+                .iter()
+                .map(|r| {
+                    let key = r.key.to_string();
+                    (r.rule.to_owned(), key, r.charged, r.actual, usage)
+                })
+                .collect();
+            let labels = (e.tier.map(str::to_owned), e.model.map(str::to_owned));
+            self.0.lock().unwrap().push((labels.0, labels.1, rules));
         }
     }
     let seen: Log = Arc::default();
-    let s = serve(tpm_layer().observer(Probe(seen.clone())).build().unwrap()).await;
+    let layer = tpm_layer()
+        .rule(Rule::new(
+            "user-rph",
+            key::header("x-user"),
+            Quota::per_hour(1_000),
+        ))
+        .tiers(tower_llm_ratelimit::tier::header("x-tier"))
+        .observer(Probe(seen.clone()))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
     send(
         s.addr,
-        &[("x-mode", "json"), ("x-usage", "200,121")],
+        &[
+            ("x-mode", "json"),
+            ("x-usage", "200,121"),
+            ("x-user", "alice"),
+            ("x-tier", "pro"),
+        ],
         chat(1000),
     )
     .await;
     remaining_eventually(&s.layer, 0, 10_000 - 321).await;
+    let global = "*".to_owned(); // the global key
     assert_eq!(
         *seen.lock().unwrap(),
-        [
-            ("tpm".to_owned(), 1000, 321, true),
-            ("rph".to_owned(), 1, 1, true)
-        ]
+        [(
+            Some("pro".to_owned()),
+            Some("m".to_owned()),
+            vec![
+                ("tpm".to_owned(), global.clone(), 1000, 321, true),
+                ("rph".to_owned(), global, 1, 1, true),
+                ("user-rph".to_owned(), "alice".to_owned(), 1, 1, true),
+            ]
+        )]
     );
 }
