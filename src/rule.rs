@@ -104,6 +104,9 @@ pub enum Algorithm {
 pub struct Quota {
     limit: u64,
     window: Duration,
+    /// `window` in nanoseconds (saturated), kept so that [`Quota::limits`] converts nothing
+    /// on every decision.
+    window_nanos: u64,
     unit: Unit,
     algorithm: Algorithm,
     burst: Option<u64>,
@@ -115,6 +118,7 @@ impl Quota {
         Self {
             limit,
             window,
+            window_nanos: nanos(window),
             unit: Unit::Requests,
             algorithm: Algorithm::SlidingWindowCounter,
             burst: None,
@@ -132,6 +136,7 @@ impl Quota {
         Self {
             limit,
             window: Duration::from_secs(600),
+            window_nanos: nanos(Duration::from_secs(600)),
             unit: Unit::Requests,
             algorithm: Algorithm::Concurrency,
             burst: None,
@@ -142,6 +147,7 @@ impl Quota {
     /// window.
     pub const fn lease(mut self, lease: Duration) -> Self {
         self.window = lease;
+        self.window_nanos = nanos(lease);
         self
     }
 
@@ -269,12 +275,19 @@ impl Quota {
     }
 
     /// The numbers the algorithms work with.
+    #[inline]
     pub fn limits(&self) -> Limits {
-        Limits::new(
-            self.limit,
-            u64::try_from(self.window.as_nanos()).unwrap_or(u64::MAX),
-            self.effective_burst(),
-        )
+        Limits::new(self.limit, self.window_nanos, self.effective_burst())
+    }
+}
+
+/// `d` in nanoseconds, saturated to `u64`.
+const fn nanos(d: Duration) -> u64 {
+    let n = d.as_nanos();
+    if n > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        n as u64
     }
 }
 

@@ -135,7 +135,8 @@ where
         };
         let req = req.map(RequestBody::original);
         match shared.acquire(&plan).into_result() {
-            // A synchronous store (memory): no allocation, no task switch.
+            // A synchronous store (memory): no task switch, and no allocation for up to two
+            // rules (the decision's states are inline).
             Ok(result) => match conclude(shared, plan, result, grpc) {
                 Ok(a) => ResponseFuture::inner(self.inner.call(req), a.headers, a.settle),
                 Err(response) => ResponseFuture::rejected(*response),

@@ -43,6 +43,21 @@ impl SlidingWindowCounter {
         self.window = k;
     }
 
+    /// [`Self::roll`], then [`Self::elapsed`]: in the usual case (`now` still in the current
+    /// fixed window) one multiplication.
+    #[inline]
+    fn roll_elapsed(&mut self, w: u64, now: u64) -> u64 {
+        match now.checked_sub(self.window.saturating_mul(w)) {
+            Some(e) if e < w => e,
+            // Before the current window: nothing to roll, nothing elapsed.
+            None => 0,
+            _ => {
+                self.roll(w, now);
+                self.elapsed(w, now)
+            }
+        }
+    }
+
     /// Nanoseconds elapsed in the current fixed window.
     #[inline]
     fn elapsed(&self, w: u64, now: u64) -> u64 {
@@ -90,16 +105,22 @@ impl SlidingWindowCounter {
 
     /// The previous window's share of the sliding window, in units, rounded up:
     /// `ceil(previous x (w - e) / w)`. With it, `used_scaled <= k x w` is exactly
-    /// `current + carried <= k` (for whole `k`), so no 128-bit arithmetic is needed.
+    /// `current + carried <= k` (for whole `k`), so no 128-bit arithmetic is needed. `e` is
+    /// [`Self::elapsed`], `div_ceil_w(p)` is `ceil(p / w)`.
     #[inline]
-    fn carried(&self, w: u64, now: u64) -> u64 {
+    fn carried(&self, w: u64, e: u64, div_ceil_w: impl Fn(u64) -> u64) -> u64 {
         if self.previous == 0 {
             return 0;
         }
-        mul_div_ceil(self.previous, w - self.elapsed(w, now), w)
+        let left = w - e;
+        match self.previous.checked_mul(left) {
+            Some(p) => div_ceil_w(p),
+            None => mul_div_ceil(self.previous, left, w),
+        }
     }
 
     /// `check`, then `charge` if it fits, then `peek`, sharing the work.
+    #[inline]
     pub(super) fn acquire(
         &mut self,
         l: &Limits,
@@ -107,22 +128,49 @@ impl SlidingWindowCounter {
         cost: u64,
     ) -> (Verdict, Placement, Snapshot) {
         let w = l.window_nanos;
-        self.roll(w, now);
-        let carried = self.carried(w, now);
+        self.acquire_with(l, now, cost, |p| p.div_ceil(w))
+    }
+
+    /// [`Self::acquire`], dividing by the window with `div_ceil_w(p) = ceil(p / w)` (a
+    /// store keeps a [`Divisor`](super::Divisor) of its bucket's window: no hardware
+    /// division per decision).
+    #[inline]
+    pub(crate) fn acquire_with(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+        div_ceil_w: impl Fn(u64) -> u64,
+    ) -> (Verdict, Placement, Snapshot) {
+        match self.admit_with(l, now, cost, div_ceil_w) {
+            Some((placement, snapshot)) => (Verdict::Allow, placement, snapshot),
+            None => self.deny(l, now, cost),
+        }
+    }
+
+    /// The admitted half of [`Self::acquire_with`]: charges `cost` if it fits and returns
+    /// where it landed and the snapshot after it; `None` (nothing charged) when it does not
+    /// fit: ask [`Self::deny`]. Always inlined: it is the store's hot path.
+    #[inline(always)]
+    pub(crate) fn admit_with(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+        div_ceil_w: impl Fn(u64) -> u64,
+    ) -> Option<(Placement, Snapshot)> {
+        let w = l.window_nanos;
+        let e = self.roll_elapsed(w, now);
+        let carried = self.carried(w, e, div_ceil_w);
         let fits = self
             .current
             .checked_add(cost)
             .and_then(|n| n.checked_add(carried))
             .is_some_and(|n| n <= l.limit);
         if !fits {
-            return (
-                self.check(l, now, cost),
-                Placement::default(),
-                self.peek(l, now),
-            );
+            return None;
         }
         self.current += cost;
-        let e = self.elapsed(w, now);
         let snapshot = Snapshot {
             limit: l.limit,
             remaining: l.limit - self.current - carried,
@@ -134,7 +182,24 @@ impl SlidingWindowCounter {
                 0
             },
         };
-        (Verdict::Allow, Placement(self.window), snapshot)
+        Some((Placement(self.window), snapshot))
+    }
+
+    /// The part of [`Self::acquire`] where `cost` does not fit: the wait, and the snapshot
+    /// (nothing charged).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn deny(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+    ) -> (Verdict, Placement, Snapshot) {
+        (
+            self.check(l, now, cost),
+            Placement::default(),
+            self.peek(l, now),
+        )
     }
 
     pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
@@ -173,7 +238,7 @@ impl SlidingWindowCounter {
         let remaining = l
             .limit
             .saturating_sub(self.current)
-            .saturating_sub(self.carried(w, now));
+            .saturating_sub(self.carried(w, e, |p| p.div_ceil(w)));
         let reset_after_nanos = if self.current > 0 {
             (w - e).saturating_add(w)
         } else if self.previous > 0 {
@@ -230,9 +295,13 @@ mod tests {
                 previous: rng.edgy() >> rng.below(64),
             };
             let mut plain = c.clone();
+            let mut fused = c.clone();
             c.roll(w, now);
             roll_plain(&mut plain, w, now);
             assert_eq!(c, plain, "w={w} now={now}");
+            let e = fused.roll_elapsed(w, now);
+            assert_eq!(fused, plain, "roll_elapsed w={w} now={now}");
+            assert_eq!(e, plain.elapsed(w, now), "roll_elapsed w={w} now={now}");
             if c.window.checked_mul(w).is_none() {
                 continue; // Unreachable through `roll`: the window starts at or before now.
             }
@@ -249,6 +318,41 @@ mod tests {
                 remaining as u64,
                 "{c:?} {l:?} now={now}"
             );
+        }
+    }
+
+    /// The store's path (a prepared divisor of the window) decides exactly as `acquire`.
+    #[test]
+    fn acquire_with_a_divisor_matches_acquire() {
+        use crate::algorithm::Divisor;
+        let mut rng = TestRng::new(19);
+        for _ in 0..3_000 {
+            // Products of `check` stay below 2^127 (its u128 arithmetic); the fast path must
+            // also cover the 64-bit overflows in between.
+            let w = match rng.below(3) {
+                0 => 1 + rng.below(1_000),
+                1 => 1 + rng.below(3_600 * S),
+                _ => 1 + rng.below(1 << 62),
+            };
+            let bits = rng.below(41);
+            let l = Limits::new(1 + rng.below(1 << bits), w, 0);
+            let by_window = Divisor::new(w);
+            let (mut fast, mut plain) = (
+                SlidingWindowCounter::default(),
+                SlidingWindowCounter::default(),
+            );
+            let mut now = rng.below(10 * S);
+            for _ in 0..100 {
+                now = now.saturating_add(rng.below(w / 3 + 2));
+                let cost = match rng.below(3) {
+                    0 => 1,
+                    1 => rng.below(l.limit / 3 + 2),
+                    _ => rng.below(2 * l.limit + 1),
+                };
+                let got = fast.acquire_with(&l, now, cost, |p| by_window.div_ceil(p));
+                assert_eq!(got, plain.acquire(&l, now, cost), "{l:?} now={now}");
+                assert_eq!(fast, plain);
+            }
         }
     }
 

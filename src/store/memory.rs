@@ -16,17 +16,30 @@ use super::{
     Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
     StoreError, StoreFuture,
 };
-use crate::algorithm::{Gcra, Limits, Placement, PreparedGcra, State, Verdict};
+use crate::algorithm::{Divisor, Gcra, Limits, Placement, PreparedGcra, State, Verdict};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
 /// A locked bucket's state: its algorithm state, the limits it was last charged under (for
-/// idle checks), and whether a sweep removed it from the map.
+/// idle checks) with their window prepared for division, and whether a sweep removed it
+/// from the map.
 #[derive(Debug)]
 struct Slot {
     state: State,
     limits: Limits,
+    by_window: Divisor,
     evicted: bool,
+}
+
+impl Slot {
+    fn new(state: State, limits: Limits) -> Self {
+        Self {
+            state,
+            limits,
+            by_window: Divisor::new(limits.window_nanos),
+            evicted: false,
+        }
+    }
 }
 
 /// One bucket. GCRA's whole state is one number, its theoretical arrival time, kept in an
@@ -43,33 +56,7 @@ enum Cell {
 #[derive(Debug)]
 struct GcraCell {
     tat: AtomicU64,
-    prepared: Option<Prepared>,
-}
-
-/// A GCRA cell's prepared limits, and the quota window they come from (compared as is,
-/// cheaper than converting the quota's window to nanoseconds on every decision).
-#[derive(Debug)]
-struct Prepared {
-    window: Duration,
-    gcra: PreparedGcra,
-}
-
-impl Prepared {
-    fn new(quota: &Quota) -> Option<Self> {
-        Some(Self {
-            window: quota.window(),
-            gcra: PreparedGcra::new(quota.limits())?,
-        })
-    }
-
-    /// Whether these are `quota`'s limits.
-    #[inline]
-    fn of(&self, quota: &Quota) -> bool {
-        let l = self.gcra.limits();
-        quota.limit() == l.limit
-            && quota.window() == self.window
-            && quota.effective_burst() == l.burst
-    }
+    prepared: Option<PreparedGcra>,
 }
 
 type Bucket = Arc<Cell>;
@@ -83,13 +70,9 @@ impl Cell {
         match quota.algorithm() {
             Algorithm::Gcra => Self::Gcra(GcraCell {
                 tat: AtomicU64::new(0),
-                prepared: Prepared::new(quota),
+                prepared: PreparedGcra::new(quota.limits()),
             }),
-            a => Self::Locked(Mutex::new(Slot {
-                state: State::new(a),
-                limits: quota.limits(),
-                evicted: false,
-            })),
+            a => Self::Locked(Mutex::new(Slot::new(State::new(a), quota.limits()))),
         }
     }
 
@@ -173,7 +156,7 @@ impl GcraCell {
     #[inline]
     fn admit(&self, quota: &Quota, now: u64, cost: u64) -> Admission<'_> {
         let prepared = match &self.prepared {
-            Some(p) if p.of(quota) => &p.gcra,
+            Some(p) if *p.limits() == quota.limits() => p,
             _ => return Admission::General,
         };
         let mut cur = self.tat.load(Ordering::Acquire);
@@ -277,6 +260,8 @@ fn hold_gcra<'b>(cell: &'b AtomicU64, quota: &Quota) -> Option<Held<'b>> {
                         slot: Slot {
                             state: State::Gcra(Gcra::from_tat(cur)),
                             limits: quota.limits(),
+                            // Read by the counter's path only: not worth a division here.
+                            by_window: Divisor::new(1),
                             evicted: false,
                         },
                     });
@@ -642,9 +627,8 @@ impl Inner {
             // answer is built where it is decided, straight into the caller's: a value merged
             // from several paths first would be moved through the stack (reading back 8-byte
             // stores with 16-byte loads, which stalls).
-            match &**bucket {
-                _ if !bucket.suits(c.quota) => {}
-                Cell::Gcra(cell) => match cell.admit(c.quota, now, c.amount) {
+            match (&**bucket, c.quota.algorithm()) {
+                (Cell::Gcra(cell), Algorithm::Gcra) => match cell.admit(c.quota, now, c.amount) {
                     Admission::Admitted(prepared, tat) => {
                         let snapshot = prepared.snapshot(tat, now);
                         return Ok(one_decision((
@@ -660,12 +644,31 @@ impl Inner {
                     }
                     Admission::Evicted => {}
                 },
-                Cell::Locked(m) => {
-                    let mut slot = lock(m);
-                    fit(&mut slot, c.quota);
-                    let limits = slot.limits;
-                    return Ok(one_decision(slot.state.acquire(&limits, now, c.amount)));
+                (Cell::Locked(m), algorithm) if algorithm != Algorithm::Gcra => {
+                    let mut guard = lock(m);
+                    let slot = &mut *guard;
+                    let limits = c.quota.limits();
+                    let decided = match (&mut slot.state, algorithm) {
+                        // A counter charged under the limits it was last charged under.
+                        (State::Counter(s), Algorithm::SlidingWindowCounter)
+                            if slot.limits == limits =>
+                        {
+                            let by_window = slot.by_window;
+                            match s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
+                                Some((placement, snapshot)) => {
+                                    drop(guard);
+                                    return Ok(one_decision((Verdict::Allow, placement, snapshot)));
+                                }
+                                None => s.deny(&limits, now, c.amount),
+                            }
+                        }
+                        _ => acquire_slot(slot, c.quota, now, c.amount),
+                    };
+                    drop(guard);
+                    return Ok(one_decision(decided));
                 }
+                // Another algorithm's cell.
+                _ => {}
             }
             // Another algorithm's bucket, or evicted meanwhile.
             drop(bucket);
@@ -852,15 +855,41 @@ fn one_decision((verdict, placement, snapshot): Decided) -> Decision {
     }
 }
 
-/// Makes a slot's state match the quota's algorithm. Two rules of the same name with
-/// different algorithms (two layers sharing one store) reset each other's state rather than
-/// misread it.
+/// A single-charge decision of a locked slot, through [`fit`]: every algorithm but a counter
+/// charged under its last limits (whose path is inlined in [`Inner::acquire_one`]).
+#[inline(never)]
+fn acquire_slot(slot: &mut Slot, quota: &Quota, now: u64, cost: u64) -> Decided {
+    fit(slot, quota);
+    let limits = slot.limits;
+    match &mut slot.state {
+        State::Counter(s) => {
+            let by_window = slot.by_window;
+            s.acquire_with(&limits, now, cost, |p| by_window.div_ceil(p))
+        }
+        state => state.acquire(&limits, now, cost),
+    }
+}
+
+/// Makes a slot's state match the quota's algorithm and limits. Two rules of the same name
+/// with different algorithms (two layers sharing one store) reset each other's state rather
+/// than misread it.
 #[inline]
 fn fit(slot: &mut Slot, quota: &Quota) {
     if slot.state.algorithm() != quota.algorithm() {
         slot.state = State::new(quota.algorithm());
     }
-    slot.limits = quota.limits();
+    let limits = quota.limits();
+    if slot.limits != limits {
+        refit(slot, limits);
+    }
+}
+
+/// A slot charged under other limits than last time: its divisor follows.
+#[cold]
+#[inline(never)]
+fn refit(slot: &mut Slot, limits: Limits) {
+    slot.limits = limits;
+    slot.by_window = Divisor::new(limits.window_nanos);
 }
 
 impl Store for MemoryStore {
@@ -1079,6 +1108,49 @@ mod tests {
                 };
                 let cost = match rng.below(4) {
                     0 => rng.below(30),
+                    _ => 1,
+                };
+                let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
+                let want = one_decision(model.acquire(&q.limits(), now, cost));
+                assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
+            }
+        }
+    }
+
+    /// A counter bucket decides through its prepared window divisor, prepared again when
+    /// charged under other limits (another tier's quota, another window): either way
+    /// exactly as the algorithm on its own.
+    #[test]
+    fn counter_cells_decide_as_the_algorithm_under_any_limits() {
+        use crate::algorithm::TestRng;
+        let quotas = [
+            Quota::per_minute(10),
+            Quota::per_second(1_000).tokens(),
+            Quota::new(7, Duration::from_millis(1_500)),
+            Quota::new(u64::MAX / 3, Duration::from_nanos(u64::MAX / 5)),
+        ];
+        for seed in 0..20 {
+            let mut rng = TestRng::new(seed);
+            // No sweep: a counter left idle under one window and charged under another
+            // would start afresh where the model carries its old window index.
+            let clock = ManualClock::new();
+            let s = MemoryStore::builder()
+                .clock(clock.clone())
+                .sweep_interval(Duration::from_secs(3_600))
+                .build();
+            let k = BucketKey::new("r", "u");
+            let mut model = State::new(Algorithm::SlidingWindowCounter);
+            for _ in 0..400 {
+                clock.advance(Duration::from_nanos(rng.below(400_000_000)));
+                let now = clock.now_nanos();
+                let q = if rng.below(4) == 0 {
+                    &quotas[rng.below(4) as usize]
+                } else {
+                    &quotas[seed as usize % 4]
+                };
+                let cost = match rng.below(4) {
+                    0 => rng.below(30),
+                    1 => rng.edgy(),
                     _ => 1,
                 };
                 let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
