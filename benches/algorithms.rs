@@ -28,7 +28,9 @@
 //! hash the same bytes with the same (keyed) hasher.
 //!
 //! Answers: ours returns a `Decision` (the verdict and each rule's remaining and reset, for
-//! the rate-limit headers); governor's `check_key` a `Result<(), NotUntil>`.
+//! the rate-limit headers); governor's `check_key` a `Result<(), NotUntil>`. `hot_key` also
+//! times governor with its `StateInformationMiddleware` (`check_key_with_state`, the
+//! remaining capacity read from its snapshot): what governor does to answer with headers.
 //!
 //! Idle sweeps: the store's amortised sweep is pushed out to one hour (`sweep_interval`). It is
 //! not per-decision work, and governor's equivalent (`retain_recent`) only runs when called.
@@ -41,6 +43,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use foldhash::quality::RandomState;
 use governor::clock::{Clock as _, DefaultClock, FakeRelativeClock};
+use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
 use tower_llm_ratelimit::clock::{Clock, ManualClock, SystemClock};
@@ -139,6 +142,18 @@ fn hot_key(c: &mut Criterion) {
         b.iter(|| gov.check_key_n(black_box(&key), black_box(one)))
     });
     assert!(gov.check_key(&key).is_ok());
+    // With the state a `RateLimit`/`x-ratelimit-remaining` header needs (what tower_governor
+    // runs with its headers on): the peer of our answer, which carries remaining and reset.
+    let with_state = governor_keyed(GovernorQuota::per_minute(nz(HUGE)))
+        .with_middleware::<StateInformationMiddleware>();
+    g.bench_function(BenchmarkId::new("governor", "check_key_with_state"), |b| {
+        b.iter(|| {
+            with_state
+                .check_key(black_box(&key))
+                .map(|s| s.remaining_burst_capacity())
+        })
+    });
+    assert!(with_state.check_key(&key).is_ok());
     let siphash: DefaultKeyedRateLimiter<BucketKey> =
         RateLimiter::keyed(GovernorQuota::per_minute(nz(HUGE)));
     g.bench_function(BenchmarkId::new("governor_siphash", "check_key"), |b| {

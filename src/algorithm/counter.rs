@@ -68,7 +68,9 @@ impl SlidingWindowCounter {
     #[inline]
     fn used_scaled(&self, w: u64, now: u64) -> u128 {
         let e = self.elapsed(w, now);
-        self.previous as u128 * (w - e) as u128 + self.current as u128 * w as u128
+        // Each product fits in 128 bits, their sum may not (counts near 2^64 under a window
+        // of centuries): saturated, it reads as over any limit.
+        (self.previous as u128 * (w - e) as u128).saturating_add(self.current as u128 * w as u128)
     }
 
     pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
@@ -76,7 +78,7 @@ impl SlidingWindowCounter {
         self.roll(w, now);
         let capacity = l.limit as u128 * w as u128;
         let used = self.used_scaled(w, now);
-        if used + cost as u128 * w as u128 <= capacity {
+        if used.saturating_add(cost as u128 * w as u128) <= capacity {
             return Verdict::Allow;
         }
         if cost > l.limit {
@@ -319,6 +321,22 @@ mod tests {
                 "{c:?} {l:?} now={now}"
             );
         }
+    }
+
+    /// Counts near 2^64 under a window of centuries: the denial's 128-bit sums saturate
+    /// (a deny), never overflow (a panic in debug builds, a wrong answer in release ones).
+    #[test]
+    fn extreme_counts_and_windows_never_overflow() {
+        let l = Limits::new(u64::MAX, u64::MAX, 0);
+        let mut c = SlidingWindowCounter {
+            window: 0,
+            current: u64::MAX,
+            previous: u64::MAX,
+        };
+        let (verdict, _, snapshot) = c.acquire(&l, 1, u64::MAX);
+        assert!(matches!(verdict, Verdict::Deny { .. }), "{verdict:?}");
+        assert_eq!(snapshot.remaining, 0);
+        assert_eq!(c.current, u64::MAX, "a denial charges nothing");
     }
 
     /// The store's path (a prepared divisor of the window) decides exactly as `acquire`.
