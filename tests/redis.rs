@@ -1159,3 +1159,116 @@ async fn a_shared_store_behind_a_trait_object() {
         .await
         .is_admitted());
 }
+
+/// `connect_lazy` starts while Redis is down: calls fail within their timeout (and the
+/// failure policy decides: here the local fallback) until Redis comes up, then go to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_store_starts_while_redis_is_down_and_uses_it_once_up() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    server.stop();
+    let clock = frozen_clock();
+    let lazy = |failure| {
+        RedisStore::builder(server.url())
+            .prefix("lazy")
+            .clock(clock.clone())
+            .timeout(Duration::from_millis(200))
+            .circuit_breaker(2, Duration::from_millis(50))
+            .on_failure(failure)
+            .connect_lazy()
+            .expect("connect_lazy needs no server")
+    };
+    let plain = lazy(RedisFailure::Error);
+    let fallback = lazy(RedisFailure::LocalFallback {
+        expected_replicas: 2,
+    });
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("global", "*");
+    let one = [Charge::new(&b, &q, 1)];
+
+    // Redis down: errors (each within a bound), or the local share of the limit.
+    for i in 0..3 {
+        let started = Instant::now();
+        let result = within("acquire with Redis down", plain.acquire(&one)).await;
+        assert!(
+            matches!(result, Err(StoreError::Backend(_))),
+            "call {i}: {result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "call {i}");
+    }
+    let d = acquire(&fallback, &one).await;
+    assert!(d.is_admitted());
+    assert_eq!(
+        d.charges[0].snapshot.limit, 5,
+        "half of 10 over 2 replicas: {d:?}"
+    );
+    assert!(fallback.stats().fallback_decisions >= 1);
+
+    // Redis comes up: both stores use it, and share its count.
+    server.restart();
+    let from_redis = |store: RedisStore| async move {
+        let d = tokio::time::timeout(Duration::from_secs(2), store.acquire(&one))
+            .await
+            .ok()?
+            .ok()?;
+        (d.charges[0].snapshot.limit == 10).then_some(d)
+    };
+    let first = eventually("the lazy store to reach Redis", || {
+        from_redis(plain.clone())
+    })
+    .await;
+    let second = eventually("the fallback store to reach Redis", || {
+        from_redis(fallback.clone())
+    })
+    .await;
+    assert!(
+        second.charges[0].snapshot.remaining < first.charges[0].snapshot.remaining,
+        "one count in Redis: {first:?} then {second:?}"
+    );
+    assert!(server.keys().iter().any(|k| k.starts_with("lazy:")));
+}
+
+/// A lazy cluster store connects on its first call; an unreachable one fails each call
+/// within its timeout instead of at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_cluster_store_connects_on_first_use() {
+    let unreachable =
+        RedisStore::cluster([format!("redis://127.0.0.1:{}", support::redis::free_port())])
+            .timeout(Duration::from_millis(200))
+            .connect_lazy()
+            .expect("connect_lazy needs no server");
+    let q = Quota::per_hour(10);
+    let b = BucketKey::new("global", "*");
+    let one = [Charge::new(&b, &q, 1)];
+    let started = Instant::now();
+    let result = within("acquire on no cluster", unreachable.acquire(&one)).await;
+    assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let clock = frozen_clock();
+    let lazy = RedisStore::cluster(cluster.urls())
+        .clock(clock.clone())
+        .timeout(Duration::from_secs(5))
+        .connect_lazy()
+        .expect("connect_lazy");
+    let d = acquire(&lazy, &one).await;
+    assert!(d.is_admitted());
+    assert_eq!(d.charges[0].snapshot.remaining, 9, "{d:?}");
+}
+
+/// Outside a tokio runtime `connect_lazy` answers an error, never a panic.
+#[test]
+fn connect_lazy_outside_a_runtime_is_an_error() {
+    let result = RedisStore::builder("redis://127.0.0.1:1").connect_lazy();
+    assert!(
+        matches!(&result, Err(StoreError::Backend(m)) if m.contains("tokio runtime")),
+        "{:?}",
+        result.err()
+    );
+    let result = RedisStore::builder("not a url").connect_lazy();
+    assert!(result.is_err());
+}

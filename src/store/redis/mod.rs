@@ -37,6 +37,8 @@
 //!   [`crate::FailurePolicy`] then admits or answers 503), or decide locally with a share of
 //!   each limit ([`RedisFailure::LocalFallback`]). Every such decision is logged (`WARN`) and
 //!   counted ([`RedisStore::stats`]). When Redis answers again the store uses it again.
+//!   [`RedisStoreBuilder::connect_lazy`] starts a store before Redis answers at all (the
+//!   first call that reaches it connects); [`RedisStoreBuilder::connect`] needs it at once.
 //! - **Idempotency**: [`Store::acquire_once`] with a request id (the layer's
 //!   [`crate::RateLimitLayerBuilder::idempotency_header`]) is counted once; a retry gets the
 //!   first decision back.
@@ -119,6 +121,15 @@ const ID_MASK: u64 = (1 << 53) - 1;
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// A cluster not reached yet ([`RedisStoreBuilder::connect_lazy`]): the first call that
+    /// can reach it connects, within that call's timeout; until then calls fail (and
+    /// [`RedisFailure`] decides).
+    LazyCluster(Arc<LazyCluster>),
+}
+
+struct LazyCluster {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
 }
 
 /// Configures a [`RedisStore`].
@@ -265,7 +276,66 @@ impl RedisStoreBuilder {
     }
 
     /// Connects. The script is loaded lazily, by the first call that finds it missing.
+    ///
+    /// Fails when Redis can't be reached now; [`connect_lazy`](Self::connect_lazy) starts
+    /// without it.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        self.check()?;
+        let conn = if self.cluster {
+            Conn::Cluster(
+                self.cluster_client()?
+                    .get_async_connection()
+                    .await
+                    .map_err(backend)?,
+            )
+        } else {
+            let (client, config) = self.single_client()?;
+            Conn::Single(
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(backend)?,
+            )
+        };
+        Ok(self.build(conn))
+    }
+
+    /// A store that connects on its first call instead of now, so that a process can start
+    /// while Redis is down (or not yet up): until Redis answers, every call fails within its
+    /// timeout and [`on_failure`](Self::on_failure) decides (the layer's
+    /// [`crate::FailurePolicy`], or the local fallback); from the first call that reaches it,
+    /// the store runs as if [`connect`](Self::connect)ed. Only bad configuration fails here
+    /// (a malformed URL, a prefix with braces). Must be called within a tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_llm_ratelimit::store::{RedisFailure, RedisStore};
+    ///
+    /// let store = RedisStore::builder("redis://redis:6379")
+    ///     .on_failure(RedisFailure::LocalFallback { expected_replicas: 3 })
+    ///     .connect_lazy()?; // no round trip: starts even while Redis is down
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        self.check()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::Backend(
+                "RedisStoreBuilder::connect_lazy must be called within a tokio runtime".into(),
+            ));
+        }
+        let conn = if self.cluster {
+            Conn::LazyCluster(Arc::new(LazyCluster {
+                client: self.cluster_client()?,
+                conn: tokio::sync::OnceCell::new(),
+            }))
+        } else {
+            let (client, config) = self.single_client()?;
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)
+        };
+        Ok(self.build(conn))
+    }
+
+    /// Refuses what no connection can fix.
+    fn check(&self) -> Result<(), StoreError> {
         if self.prefix.contains(['{', '}']) {
             // A brace in the prefix would become every key's cluster hash tag: one slot for
             // the whole store.
@@ -275,36 +345,39 @@ impl RedisStoreBuilder {
                 self.prefix
             )));
         }
-        let backend = |e: redis::RedisError| StoreError::Backend(e.to_string());
-        let conn = if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
-                .connection_timeout(self.timeout.max(Duration::from_millis(200)))
-                .response_timeout(self.timeout)
-                .retries(1)
-                .build()
-                .map_err(backend)?;
-            Conn::Cluster(client.get_async_connection().await.map_err(backend)?)
-        } else {
-            let url = self.nodes.first().cloned().unwrap_or_default();
-            let client = redis::Client::open(url).map_err(backend)?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
-                .set_response_timeout(Some(self.timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_secs(1));
-            Conn::Single(
-                ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(backend)?,
-            )
-        };
+        Ok(())
+    }
+
+    fn cluster_client(&self) -> Result<redis::cluster::ClusterClient, StoreError> {
+        redis::cluster::ClusterClient::builder(self.nodes.clone())
+            .connection_timeout(self.timeout.max(Duration::from_millis(200)))
+            .response_timeout(self.timeout)
+            .retries(1)
+            .build()
+            .map_err(backend)
+    }
+
+    fn single_client(
+        &self,
+    ) -> Result<(redis::Client, redis::aio::ConnectionManagerConfig), StoreError> {
+        let url = self.nodes.first().cloned().unwrap_or_default();
+        let client = redis::Client::open(url).map_err(backend)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        Ok((client, config))
+    }
+
+    fn build(self, conn: Conn) -> RedisStore {
         let seed = {
             use std::hash::{BuildHasher, Hasher};
             std::collections::hash_map::RandomState::new()
                 .build_hasher()
                 .finish()
         };
-        let store = RedisStore {
+        RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 cluster: self.cluster,
@@ -329,9 +402,12 @@ impl RedisStoreBuilder {
                 fallback_decisions: AtomicU64::new(0),
                 breaker_opened: AtomicU64::new(0),
             }),
-        };
-        Ok(store)
+        }
     }
+}
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
 }
 
 /// The test clock, shared with the local fallback store.
@@ -460,6 +536,17 @@ impl Inner {
             }
             Conn::Cluster(mut c) => {
                 tokio::time::timeout(self.timeout, self.invoke(call, &mut c)).await
+            }
+            Conn::LazyCluster(lazy) => {
+                tokio::time::timeout(self.timeout, async {
+                    let mut c = lazy
+                        .conn
+                        .get_or_try_init(|| lazy.client.get_async_connection())
+                        .await?
+                        .clone();
+                    self.invoke(call, &mut c).await
+                })
+                .await
             }
         };
         let error = match result.map(|r| r.map(|v| decode_reply(&v))) {
