@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tower_layer::Layer;
@@ -52,6 +53,36 @@ pub(crate) struct Shared {
     pub(crate) quota_headers: Vec<Vec<QuotaHeaders>>,
     /// `RateLimit-Policy` of the requests every rule applies to, per tier.
     pub(crate) joined_policies: JoinedPolicies,
+    /// Settlements running in the background (stores doing I/O), for [`RateLimitLayer::flush`].
+    pub(crate) settling: Settling,
+}
+
+/// Counts the settlements running in background tasks and wakes [`RateLimitLayer::flush`]
+/// when none is left.
+#[derive(Debug, Default)]
+pub(crate) struct Settling {
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Settling {
+    /// One more settlement in the background, until the guard is dropped.
+    pub(crate) fn start(shared: &Arc<Shared>) -> SettlingGuard {
+        shared.settling.running.fetch_add(1, Ordering::AcqRel);
+        SettlingGuard(Arc::clone(shared))
+    }
+}
+
+/// A background settlement in progress (see [`Settling`]).
+pub(crate) struct SettlingGuard(Arc<Shared>);
+
+impl Drop for SettlingGuard {
+    fn drop(&mut self) {
+        let s = &self.0.settling;
+        if s.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            s.idle.notify_waiters();
+        }
+    }
 }
 
 /// The default bound on a request body the layer reads: 1 MiB.
@@ -128,6 +159,41 @@ impl RateLimitLayer {
     /// The rules, in the order they were added.
     pub fn rules(&self) -> &[Rule] {
         &self.shared.rules
+    }
+
+    /// Waits until every settlement this layer (and its clones) started in the background
+    /// has reached the store. A store that does I/O ([`crate::store::RedisStore`]) settles
+    /// a response's real usage in a task of its own once the response ends; at shutdown,
+    /// after the server has stopped taking requests and drained the ones in flight, await
+    /// this (under a timeout of your own) before the runtime goes, or the last corrections
+    /// (refunds, and extra tokens charged past the estimate) are lost with it. Returns at
+    /// once when nothing is running; a synchronous store (the [`MemoryStore`]) never leaves
+    /// anything running.
+    ///
+    /// ```
+    /// # async fn run() {
+    /// # use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+    /// # let layer = RateLimitLayer::builder()
+    /// #     .rule(Rule::new("rpm", key::global(), Quota::per_minute(60)))
+    /// #     .build()
+    /// #     .unwrap();
+    /// // ... the server stopped and drained its requests:
+    /// let flushed = tokio::time::timeout(std::time::Duration::from_secs(5), layer.flush()).await;
+    /// assert!(flushed.is_ok());
+    /// # }
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(run());
+    /// ```
+    pub async fn flush(&self) {
+        let s = &self.shared.settling;
+        loop {
+            // Registered before the check, so a wake-up between the two isn't lost.
+            let mut idle = std::pin::pin!(s.idle.notified());
+            idle.as_mut().enable();
+            if s.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// The caller's current state under every rule, charging nothing: for status endpoints
@@ -361,6 +427,7 @@ impl RateLimitLayerBuilder {
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
+                settling: Settling::default(),
                 rules: self.rules,
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
                 tiers: self.tiers,

@@ -17,6 +17,10 @@
 //! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
 //! as a response without `usage`. A gateway in front of upstreams should not forward
 //! `accept-encoding` to them (the example gateway strips it).
+//!
+//! A synchronous store (the memory store) settles on the spot. A store doing I/O (Redis)
+//! settles in a task of its own; [`crate::RateLimitLayer::flush`] waits for those, which a
+//! server does at shutdown so that the last corrections are not lost with the runtime.
 
 use std::sync::Arc;
 
@@ -24,7 +28,7 @@ use http::{HeaderMap, StatusCode};
 
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
-use crate::layer::Shared;
+use crate::layer::{Settling, Shared};
 use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::{Algorithm, Quota, Unit};
@@ -273,10 +277,12 @@ impl Settle {
                 // A store doing I/O: finish in the background (this may run in `Drop`).
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
+                        let running = Settling::start(&self.shared);
                         rt.spawn(async move {
                             if let Err(e) = pending.await {
                                 log_failure(&e);
                             }
+                            drop(running);
                         });
                     }
                     Err(_) => tracing::warn!(

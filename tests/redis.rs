@@ -1272,3 +1272,44 @@ fn connect_lazy_outside_a_runtime_is_an_error() {
     let result = RedisStore::builder("not a url").connect_lazy();
     assert!(result.is_err());
 }
+
+/// With Redis a response's settlement runs in a background task once the response ends;
+/// `RateLimitLayer::flush` waits for it (what a server does at shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_background_settlements() {
+    let Some((_server, _clock, store)) = started().await else {
+        return;
+    };
+    let tph = Quota::per_hour(1_000).tokens();
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("tph", key::global(), tph))
+        .cost(tower_llm_ratelimit::cost::from_fn(|_| Some(300)))
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let upstream = tower::service_fn(|_: Request<RequestBody<String>>| async {
+        let usage = r#"{"usage":{"prompt_tokens":20,"completion_tokens":22,"total_tokens":42}}"#;
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(usage.to_owned())
+                .unwrap(),
+        )
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream);
+    within("flush with nothing running", layer.flush()).await;
+    for round in 1..=3u64 {
+        let response = within("request", svc.clone().oneshot(request()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // Reading the body to its end starts the settlement (300 estimated, 42 used).
+        let body = http_body_util::BodyExt::collect(response.into_body());
+        within("the response body", body).await.unwrap();
+        within("flush", layer.flush()).await;
+        let s = peek(&store, &BucketKey::new("tph", "*"), &tph).await;
+        assert_eq!(s.remaining, 1_000 - 42 * round, "round {round}: {s:?}");
+    }
+}

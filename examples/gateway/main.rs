@@ -288,6 +288,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
         )
     );
 
+    let limiter = layer.clone();
     let app = Arc::new(App::new(&cfg, callers, routes, layer, metrics));
     let router = server::router(app);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -314,9 +315,10 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
                     tracing::warn!(?grace, "requests still in flight after the grace period; exiting")
                 }
             }
-            // Settlements with a store that does I/O (Redis) finish in background tasks.
-            if cfg.store.kind == StoreKind::Redis {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // Settlements with a store that does I/O (Redis) finish in background tasks:
+            // let them reach the store before the runtime goes.
+            if tokio::time::timeout(grace, limiter.flush()).await.is_err() {
+                tracing::warn!(?grace, "rate-limit settlements still running after the grace period");
             }
             Ok(())
         }
