@@ -1080,36 +1080,34 @@ mod tests {
         assert_eq!(remaining(&gcra), 9);
     }
 
-    /// A GCRA bucket decides through its prepared limits, or through the general code when
-    /// charged under other limits (another tier's quota on the same key): either way exactly
-    /// as the algorithm on its own.
-    #[test]
-    fn gcra_cells_decide_as_the_algorithm_under_any_limits() {
-        use crate::algorithm::TestRng;
-        let quotas = [
-            Quota::per_minute(10).gcra(),
-            Quota::per_minute(10).gcra().burst(3),
-            Quota::per_second(1_000).tokens().gcra(),
-            Quota::new(7, Duration::from_millis(1_500)).gcra().burst(20),
-        ];
+    /// Drives one key of a store through random charges under `quotas` (mostly the seed's
+    /// own, sometimes another one: another tier's quota on the same key) and checks every
+    /// decision against `algorithm` on its own, the store sweeping every `sweep`.
+    fn decides_as_the_model(
+        algorithm: Algorithm,
+        quotas: &[Quota; 4],
+        sweep: Duration,
+        max_step_nanos: u64,
+        cost: impl Fn(&mut crate::algorithm::TestRng) -> u64,
+    ) {
         for seed in 0..20 {
-            let mut rng = TestRng::new(seed);
-            let (s, clock) = store(100);
+            let mut rng = crate::algorithm::TestRng::new(seed);
+            let clock = ManualClock::new();
+            let s = MemoryStore::builder()
+                .clock(clock.clone())
+                .sweep_interval(sweep)
+                .build();
             let k = BucketKey::new("r", "u");
-            let mut model = State::new(Algorithm::Gcra);
+            let mut model = State::new(algorithm);
             for _ in 0..400 {
-                clock.advance(Duration::from_nanos(rng.below(200_000_000)));
+                clock.advance(Duration::from_nanos(rng.below(max_step_nanos)));
                 let now = clock.now_nanos();
-                // Mostly the bucket's own quota, sometimes another one.
                 let q = if rng.below(4) == 0 {
                     &quotas[rng.below(4) as usize]
                 } else {
                     &quotas[seed as usize % 4]
                 };
-                let cost = match rng.below(4) {
-                    0 => rng.below(30),
-                    _ => 1,
-                };
+                let cost = cost(&mut rng);
                 let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
                 let want = one_decision(model.acquire(&q.limits(), now, cost));
                 assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
@@ -1117,47 +1115,52 @@ mod tests {
         }
     }
 
+    /// A GCRA bucket decides through its prepared limits, or through the general code when
+    /// charged under other limits: either way exactly as the algorithm on its own.
+    #[test]
+    fn gcra_cells_decide_as_the_algorithm_under_any_limits() {
+        let quotas = [
+            Quota::per_minute(10).gcra(),
+            Quota::per_minute(10).gcra().burst(3),
+            Quota::per_second(1_000).tokens().gcra(),
+            Quota::new(7, Duration::from_millis(1_500)).gcra().burst(20),
+        ];
+        let sweep = Duration::from_secs(60);
+        decides_as_the_model(
+            Algorithm::Gcra,
+            &quotas,
+            sweep,
+            200_000_000,
+            |rng| match rng.below(4) {
+                0 => rng.below(30),
+                _ => 1,
+            },
+        );
+    }
+
     /// A counter bucket decides through its prepared window divisor, prepared again when
-    /// charged under other limits (another tier's quota, another window): either way
-    /// exactly as the algorithm on its own.
+    /// charged under other limits (another window): either way exactly as the algorithm on
+    /// its own. No sweep: a counter left idle under one window and charged under another
+    /// would start afresh where the model carries its old window index.
     #[test]
     fn counter_cells_decide_as_the_algorithm_under_any_limits() {
-        use crate::algorithm::TestRng;
         let quotas = [
             Quota::per_minute(10),
             Quota::per_second(1_000).tokens(),
             Quota::new(7, Duration::from_millis(1_500)),
             Quota::new(u64::MAX / 3, Duration::from_nanos(u64::MAX / 5)),
         ];
-        for seed in 0..20 {
-            let mut rng = TestRng::new(seed);
-            // No sweep: a counter left idle under one window and charged under another
-            // would start afresh where the model carries its old window index.
-            let clock = ManualClock::new();
-            let s = MemoryStore::builder()
-                .clock(clock.clone())
-                .sweep_interval(Duration::from_secs(3_600))
-                .build();
-            let k = BucketKey::new("r", "u");
-            let mut model = State::new(Algorithm::SlidingWindowCounter);
-            for _ in 0..400 {
-                clock.advance(Duration::from_nanos(rng.below(400_000_000)));
-                let now = clock.now_nanos();
-                let q = if rng.below(4) == 0 {
-                    &quotas[rng.below(4) as usize]
-                } else {
-                    &quotas[seed as usize % 4]
-                };
-                let cost = match rng.below(4) {
-                    0 => rng.below(30),
-                    1 => rng.edgy(),
-                    _ => 1,
-                };
-                let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
-                let want = one_decision(model.acquire(&q.limits(), now, cost));
-                assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
-            }
-        }
+        decides_as_the_model(
+            Algorithm::SlidingWindowCounter,
+            &quotas,
+            Duration::from_secs(3_600),
+            400_000_000,
+            |rng| match rng.below(4) {
+                0 => rng.below(30),
+                1 => rng.edgy(),
+                _ => 1,
+            },
+        );
     }
 
     #[test]
