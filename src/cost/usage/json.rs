@@ -1,0 +1,225 @@
+//! The JSON framing: the `usage` member of one top-level object, read as it streams past.
+
+use super::{push_bounded, usage_of, Usage};
+use crate::json::Json;
+
+/// A top-level member name being read, kept only while it could still be `usage` or
+/// `response` (a name may be split across chunks).
+#[derive(Default)]
+struct KeyName {
+    reading: bool,
+    len: usize,
+    bytes: [u8; 8],
+}
+
+impl KeyName {
+    fn start(&mut self) {
+        *self = Self {
+            reading: true,
+            ..Self::default()
+        };
+    }
+
+    /// More of the name (escapes included as written: an escaped name matches nothing).
+    fn push_partial(&mut self, part: &[u8]) {
+        if !self.reading || self.len > self.bytes.len() {
+            return;
+        }
+        let end = self.len.saturating_add(part.len());
+        match self.bytes.get_mut(self.len..end) {
+            Some(dst) => {
+                dst.copy_from_slice(part);
+                self.len = end;
+            }
+            // Longer than any name we want.
+            None => self.len = usize::MAX,
+        }
+    }
+
+    /// The complete name, if it was short enough to be one we want.
+    fn take(&mut self) -> Option<&[u8]> {
+        let reading = std::mem::take(&mut self.reading);
+        (reading && self.len <= self.bytes.len()).then(|| &self.bytes[..self.len])
+    }
+}
+
+/// Which top-level member a value belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Member {
+    Usage,
+    Response,
+}
+
+#[derive(Default)]
+pub(super) struct JsonState {
+    /// The object so far, from its opening brace.
+    buf: Vec<u8>,
+    started: bool,
+    /// Nesting depth (objects and arrays) at the scan position.
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// At depth 1, the next string is a member name.
+    expect_key: bool,
+    /// The top-level member name being read, if any.
+    key: KeyName,
+    /// The value being read is this member's, starting at this offset (at its `:`).
+    member: Option<(Member, usize)>,
+    /// Where the last `usage` and `response` values are in `buf` (duplicates: the last).
+    usage: Option<(usize, usize)>,
+    response: Option<(usize, usize)>,
+}
+
+impl JsonState {
+    /// `Some(outcome)` once the parser is done: the object ended (parsed) or was given up on.
+    /// Bytes held for the object being read.
+    pub(super) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The buffer's capacity: the memory held.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Frees the buffer (the body ended).
+    pub(super) fn release(&mut self) {
+        self.buf = Vec::new();
+    }
+
+    pub(super) fn feed(&mut self, chunk: &[u8], max: usize) -> Option<Option<Usage>> {
+        let mut i = 0;
+        if !self.started {
+            // Leading whitespace (and a byte-order mark's bytes) before the object.
+            while i < chunk.len()
+                && matches!(chunk[i], b' ' | b'\t' | b'\n' | b'\r' | 0xEF | 0xBB | 0xBF)
+            {
+                i += 1;
+            }
+            if i == chunk.len() {
+                return None;
+            }
+            if chunk[i] != b'{' {
+                return Some(None);
+            }
+            self.started = true;
+        }
+        let part = &chunk[i..];
+        let end = self.scan(part, self.buf.len());
+        if let (Some(end), true) = (end, self.buf.is_empty()) {
+            // The whole object in one chunk (the usual JSON answer): read in place, no copy.
+            return Some((end <= max).then(|| self.usage_of(&part[..end])).flatten());
+        }
+        // Bytes after the object are not looked at (nor counted against the bound).
+        if !push_bounded(&mut self.buf, &part[..end.unwrap_or(part.len())], max) {
+            self.buf = Vec::new();
+            return Some(None);
+        }
+        end?;
+        let buf = std::mem::take(&mut self.buf);
+        Some(self.usage_of(&buf))
+    }
+
+    /// Scans the next `data` of the body, which starts at offset `base` of the object: the
+    /// end of the object within `data` (after its closing brace) once seen. Strings are
+    /// skipped with a SIMD search for their end; only the structure between them is walked
+    /// byte by byte.
+    fn scan(&mut self, data: &[u8], base: usize) -> Option<usize> {
+        let mut i = 0;
+        let len = data.len();
+        while i < len {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                let Some(at) = crate::json::find_quote_or_backslash(&data[i..]) else {
+                    self.key.push_partial(&data[i..]);
+                    return None;
+                };
+                if data[i + at] == b'\\' {
+                    self.key.push_partial(&data[i..i + at + 1]);
+                    self.escaped = true;
+                    i += at + 1;
+                    continue;
+                }
+                // The closing quote.
+                self.key.push_partial(&data[i..i + at]);
+                i += at;
+                self.in_string = false;
+                if let Some(name) = self.key.take() {
+                    let member = match name {
+                        b"usage" => Some(Member::Usage),
+                        b"response" => Some(Member::Response),
+                        _ => None,
+                    };
+                    self.member = member.map(|m| (m, base + i + 1));
+                }
+                i += 1;
+                continue;
+            }
+            match data[i] {
+                b'"' => {
+                    self.in_string = true;
+                    if self.depth == 1 && self.expect_key {
+                        self.expect_key = false;
+                        self.key.start();
+                    }
+                }
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth == 1 {
+                        self.expect_key = true;
+                    }
+                }
+                b'}' | b']' => {
+                    if self.depth == 1 {
+                        self.end_member(base + i);
+                    }
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(i + 1);
+                    }
+                }
+                b',' if self.depth == 1 => {
+                    self.end_member(base + i);
+                    self.expect_key = true;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// A top-level value ended at `at` (its `,` or the object's `}`).
+    fn end_member(&mut self, at: usize) {
+        match self.member.take() {
+            Some((Member::Usage, start)) => self.usage = Some((start, at)),
+            Some((Member::Response, start)) => self.response = Some((start, at)),
+            None => {}
+        }
+    }
+
+    /// The usage of the complete object in `buf`: its non-null `usage`, else its
+    /// `response`'s non-null `usage`. Only those two values are parsed.
+    fn usage_of(&self, buf: &[u8]) -> Option<Usage> {
+        let value = |(start, end): (usize, usize)| {
+            // From the `:` after the name to the `,` or `}` after the value.
+            let v = buf[start..end].trim_ascii_start();
+            Json::parse(v.strip_prefix(b":").unwrap_or(v)).ok()
+        };
+        if let Some(span) = self.usage {
+            match value(span)? {
+                Json::Null => {}
+                usage => return usage_of(&usage),
+            }
+        }
+        match value(self.response?)?.get("usage") {
+            None | Some(Json::Null) => None,
+            Some(usage) => usage_of(usage),
+        }
+    }
+}
