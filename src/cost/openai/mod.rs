@@ -40,7 +40,7 @@
 //! texts of 100 B to 8 KB per kind, prose in eight languages from small lists of common words
 //! (with punctuation, numbers and paragraphs), Rust and Python functions with random
 //! identifiers, JSON documents, random base64 and hex (the test
-//! `heuristic_error_against_the_tokenizers` in `cost/tokenizer.rs` generates them, prints this
+//! `heuristic_error_against_the_tokenizers` in `cost/openai/tokenizer.rs` generates them, prints this
 //! table and asserts its bounds):
 //!
 //! | text | o200k min | median | max | cl100k min | median | max |
