@@ -1,0 +1,276 @@
+use super::*;
+
+fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
+    let clock = ManualClock::new();
+    let s = MemoryStore::builder()
+        .clock(clock.clone())
+        .max_keys(max_keys)
+        .sweep_interval(Duration::from_secs(60))
+        .build();
+    (s, clock)
+}
+
+#[test]
+fn idle_buckets_are_swept_automatically() {
+    let (s, clock) = store(100);
+    let q = Quota::per_second(5);
+    for user in ["a", "b", "c"] {
+        let k = BucketKey::new("r", user);
+        assert!(s
+            .try_acquire(&[Charge::new(&k, &q, 1)])
+            .unwrap()
+            .is_admitted());
+    }
+    assert_eq!(s.len(), 3);
+    // 61 s later the next request triggers a sweep: the three idle buckets go.
+    clock.advance(Duration::from_secs(61));
+    let k = BucketKey::new("r", "d");
+    s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn at_capacity_new_keys_fail_and_existing_keys_work() {
+    let (s, clock) = store(2);
+    let q = Quota::per_minute(10);
+    let (a, b, c) = (
+        BucketKey::new("r", "a"),
+        BucketKey::new("r", "b"),
+        BucketKey::new("r", "c"),
+    );
+    s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
+    s.try_acquire(&[Charge::new(&b, &q, 1)]).unwrap();
+    assert_eq!(
+        s.try_acquire(&[Charge::new(&c, &q, 1)]),
+        Err(StoreError::AtCapacity { max_keys: 2 })
+    );
+    // Existing keys still decide, and still count.
+    let d = s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
+    assert_eq!(d.charges[0].snapshot.remaining, 8);
+    // Once a and b are idle, a new key evicts them through a forced sweep.
+    clock.advance(Duration::from_secs(121));
+    assert!(s
+        .try_acquire(&[Charge::new(&c, &q, 1)])
+        .unwrap()
+        .is_admitted());
+    assert_eq!(s.len(), 1);
+}
+
+#[test]
+fn multi_charge_is_all_or_nothing_and_ordered() {
+    let (s, _) = store(100);
+    let small = Quota::per_minute(1);
+    let big = Quota::per_minute(100);
+    let (a, b) = (BucketKey::new("big", "u"), BucketKey::new("small", "u"));
+    let d = s
+        .try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&b, &small, 1)])
+        .unwrap();
+    assert!(d.is_admitted());
+    assert_eq!(d.charges[0].snapshot.remaining, 99);
+    assert_eq!(d.charges[1].snapshot.remaining, 0);
+    let d = s
+        .try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&b, &small, 1)])
+        .unwrap();
+    assert_eq!(d.denial.map(|d| d.index), Some(1));
+    assert_eq!(
+        d.charges[0].snapshot.remaining, 99,
+        "nothing charged on denial"
+    );
+    let dup = s.try_acquire(&[Charge::new(&a, &big, 1), Charge::new(&a, &big, 1)]);
+    assert!(matches!(dup, Err(StoreError::DuplicateBucket(_))));
+}
+
+#[test]
+fn settle_and_peek() {
+    let (s, _) = store(100);
+    let q = Quota::per_minute(1000).tokens();
+    let k = BucketKey::new("tpm", "u");
+    let d = s.try_acquire(&[Charge::new(&k, &q, 600)]).unwrap();
+    assert_eq!(d.charges[0].snapshot.remaining, 400);
+    s.settle(&[Adjustment {
+        bucket: &k,
+        quota: &q,
+        placement: d.charges[0].placement,
+        charged: 600,
+        actual: 250,
+    }])
+    .now()
+    .unwrap()
+    .unwrap();
+    assert_eq!(s.peek(&k, &q).now().unwrap().unwrap().remaining, 750);
+    let other = BucketKey::new("tpm", "nobody");
+    assert_eq!(s.peek(&other, &q).now().unwrap().unwrap().remaining, 1000);
+    assert_eq!(s.len(), 1, "peek creates nothing");
+}
+
+#[test]
+fn a_bucket_switching_algorithms_starts_afresh() {
+    let (s, clock) = store(100);
+    let k = BucketKey::new("r", "u");
+    let counter = Quota::per_minute(10);
+    let gcra = Quota::per_minute(10).gcra();
+    let remaining = |q: &Quota| {
+        s.try_acquire(&[Charge::new(&k, q, 1)]).unwrap().charges[0]
+            .snapshot
+            .remaining
+    };
+    assert_eq!(remaining(&counter), 9);
+    assert_eq!(remaining(&counter), 8);
+    assert_eq!(remaining(&gcra), 9, "a GCRA cell replaces the counter's");
+    assert_eq!(s.len(), 1);
+    assert_eq!(remaining(&gcra), 8);
+    assert_eq!(remaining(&counter), 9, "and the counter's replaces it");
+    assert_eq!(s.len(), 1);
+    // GCRA cells settle, peek and get swept like the others.
+    let tpm = Quota::per_minute(1000).tokens().gcra();
+    let t = BucketKey::new("tpm", "u");
+    let d = s.try_acquire(&[Charge::new(&t, &tpm, 600)]).unwrap();
+    s.settle(&[Adjustment {
+        bucket: &t,
+        quota: &tpm,
+        placement: d.charges[0].placement,
+        charged: 600,
+        actual: 100,
+    }])
+    .now()
+    .unwrap()
+    .unwrap();
+    assert_eq!(s.peek(&t, &tpm).now().unwrap().unwrap().remaining, 900);
+    let both = s
+        .try_acquire(&[Charge::new(&t, &tpm, 950), Charge::new(&k, &counter, 1)])
+        .unwrap();
+    assert_eq!(both.denial.map(|d| d.index), Some(0), "all or nothing");
+    assert_eq!(s.peek(&k, &counter).now().unwrap().unwrap().remaining, 9);
+    clock.advance(Duration::from_secs(121));
+    s.sweep();
+    assert_eq!(s.len(), 0);
+    assert_eq!(remaining(&gcra), 9);
+}
+
+/// Drives one key of a store through random charges under `quotas` (mostly the seed's
+/// own, sometimes another one: another tier's quota on the same key) and checks every
+/// decision against `algorithm` on its own, the store sweeping every `sweep`.
+fn decides_as_the_model(
+    algorithm: Algorithm,
+    quotas: &[Quota; 4],
+    sweep: Duration,
+    max_step_nanos: u64,
+    cost: impl Fn(&mut crate::algorithm::TestRng) -> u64,
+) {
+    for seed in 0..20 {
+        let mut rng = crate::algorithm::TestRng::new(seed);
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .sweep_interval(sweep)
+            .build();
+        let k = BucketKey::new("r", "u");
+        let mut model = State::new(algorithm);
+        for _ in 0..400 {
+            clock.advance(Duration::from_nanos(rng.below(max_step_nanos)));
+            let now = clock.now_nanos();
+            let q = if rng.below(4) == 0 {
+                &quotas[rng.below(4) as usize]
+            } else {
+                &quotas[seed as usize % 4]
+            };
+            let cost = cost(&mut rng);
+            let d = s.try_acquire(&[Charge::new(&k, q, cost)]).unwrap();
+            let want = one_decision(model.acquire(&q.limits(), now, cost));
+            assert_eq!(d, want, "seed {seed} {q:?} cost {cost} at {now}");
+        }
+    }
+}
+
+/// A GCRA bucket decides through its prepared limits, or through the general code when
+/// charged under other limits: either way exactly as the algorithm on its own.
+#[test]
+fn gcra_cells_decide_as_the_algorithm_under_any_limits() {
+    let quotas = [
+        Quota::per_minute(10).gcra(),
+        Quota::per_minute(10).gcra().burst(3),
+        Quota::per_second(1_000).tokens().gcra(),
+        Quota::new(7, Duration::from_millis(1_500)).gcra().burst(20),
+    ];
+    let sweep = Duration::from_secs(60);
+    decides_as_the_model(
+        Algorithm::Gcra,
+        &quotas,
+        sweep,
+        200_000_000,
+        |rng| match rng.below(4) {
+            0 => rng.below(30),
+            _ => 1,
+        },
+    );
+}
+
+/// A counter bucket decides through its prepared window divisor, prepared again when
+/// charged under other limits (another window): either way exactly as the algorithm on
+/// its own. No sweep: a counter left idle under one window and charged under another
+/// would start afresh where the model carries its old window index.
+#[test]
+fn counter_cells_decide_as_the_algorithm_under_any_limits() {
+    let quotas = [
+        Quota::per_minute(10),
+        Quota::per_second(1_000).tokens(),
+        Quota::new(7, Duration::from_millis(1_500)),
+        Quota::new(u64::MAX / 3, Duration::from_nanos(u64::MAX / 5)),
+    ];
+    decides_as_the_model(
+        Algorithm::SlidingWindowCounter,
+        &quotas,
+        Duration::from_secs(3_600),
+        400_000_000,
+        |rng| match rng.below(4) {
+            0 => rng.below(30),
+            1 => rng.edgy(),
+            _ => 1,
+        },
+    );
+}
+
+#[test]
+fn inside_a_runtime_the_sweep_runs_off_the_request_path() {
+    let (s, clock) = store(100);
+    let q = Quota::per_second(5);
+    for user in ["a", "b", "c"] {
+        let k = BucketKey::new("r", user);
+        s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+    }
+    clock.advance(Duration::from_secs(61));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let k = BucketKey::new("r", "d");
+        assert!(s
+            .try_acquire(&[Charge::new(&k, &q, 1)])
+            .unwrap()
+            .is_admitted());
+    });
+    // The sweep ran on the runtime's blocking pool; wait for it (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.len() != 1 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(s.len(), 1, "the three idle buckets were swept");
+    drop(runtime);
+}
+
+#[test]
+fn a_sweep_removes_a_bounded_batch_and_the_next_one_goes_on() {
+    let (s, clock) = store(SWEEP_BATCH * 2);
+    let q = Quota::per_second(5);
+    for i in 0..SWEEP_BATCH + 10 {
+        let k = BucketKey::new("r", i.to_string());
+        s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+    }
+    clock.advance(Duration::from_secs(61));
+    s.sweep();
+    assert_eq!(s.len(), 10);
+    // The sweep asked for another one at the next request.
+    let k = BucketKey::new("r", "new");
+    s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
+    assert_eq!(s.len(), 1);
+}
