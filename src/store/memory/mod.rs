@@ -527,6 +527,22 @@ impl Inner {
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
             let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             let limits = slot.limits;
+            if denial.is_none() {
+                if let State::Counter(s) = &mut slot.state {
+                    // Every charge fits (checked above): the counter's admitted path charges
+                    // and answers in one pass, dividing by its prepared window.
+                    let by_window = slot.by_window;
+                    if let Some((placement, snapshot)) =
+                        s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p))
+                    {
+                        states[i] = ChargeState {
+                            snapshot,
+                            placement,
+                        };
+                        continue;
+                    }
+                }
+            }
             let placement = if denial.is_none() {
                 slot.state.charge(&limits, now, c.amount)
             } else {

@@ -274,3 +274,99 @@ fn a_sweep_removes_a_bounded_batch_and_the_next_one_goes_on() {
     s.try_acquire(&[Charge::new(&k, &q, 1)]).unwrap();
     assert_eq!(s.len(), 1);
 }
+
+/// Multi-rule decisions against a model: every charge checked on its own bucket's state,
+/// all charged only if all fit (then each answers its snapshot after the charge), none
+/// otherwise (each answers its snapshot as it is), the denial reported by a charge that
+/// needs the longest wait. Counters (the one-pass admitted path), a log and GCRA cells, with
+/// random subsets, costs and clock steps.
+#[test]
+fn multi_rule_decisions_match_the_model() {
+    use crate::algorithm::TestRng;
+    let quotas = [
+        Quota::per_second(20).tokens(),
+        Quota::new(7, Duration::from_millis(700)),
+        Quota::per_second(50).sliding_window_log(),
+        Quota::per_second(30).gcra().burst(10),
+        Quota::new(u64::MAX / 3, Duration::from_nanos(u64::MAX / 5)),
+    ];
+    let keys: Vec<BucketKey> = (0..quotas.len())
+        .map(|i| BucketKey::new(format!("r{i}"), "u"))
+        .collect();
+    for seed in 0..30 {
+        let mut rng = TestRng::new(seed);
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .sweep_interval(Duration::from_secs(3_600))
+            .build();
+        let mut model: Vec<State> = quotas.iter().map(|q| State::new(q.algorithm())).collect();
+        for step in 0..300 {
+            clock.advance(Duration::from_nanos(rng.below(80_000_000)));
+            let now = clock.now_nanos();
+            // 2-4 distinct buckets, in a random order.
+            let mut picked: Vec<usize> = (0..quotas.len()).collect();
+            for i in (1..picked.len()).rev() {
+                picked.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            picked.truncate(2 + rng.below(3) as usize);
+            let costs: Vec<u64> = picked
+                .iter()
+                .map(|_| match rng.below(5) {
+                    0 => 0,
+                    1 => rng.below(12),
+                    _ => 1,
+                })
+                .collect();
+            let charges: Vec<Charge<'_>> = picked
+                .iter()
+                .zip(&costs)
+                .map(|(&b, &cost)| Charge::new(&keys[b], &quotas[b], cost))
+                .collect();
+            let d = s.try_acquire(&charges).unwrap();
+
+            let verdicts: Vec<Verdict> = picked
+                .iter()
+                .zip(&costs)
+                .map(|(&b, &cost)| model[b].check(&quotas[b].limits(), now, cost))
+                .collect();
+            let admitted = verdicts.iter().all(|v| *v == Verdict::Allow);
+            let why = format!("seed {seed} step {step} buckets {picked:?} costs {costs:?}");
+            assert_eq!(d.is_admitted(), admitted, "{why}: {d:?}");
+            for (j, (&b, &cost)) in picked.iter().zip(&costs).enumerate() {
+                let l = quotas[b].limits();
+                let placement = if admitted {
+                    model[b].charge(&l, now, cost)
+                } else {
+                    Placement::default()
+                };
+                let snapshot = model[b].peek(&l, now);
+                assert_eq!(d.charges[j].snapshot, snapshot, "{why}: charge {j}");
+                if admitted {
+                    assert_eq!(d.charges[j].placement, placement, "{why}: charge {j}");
+                }
+            }
+            if let Some(denial) = d.denial {
+                let wait = |v: &Verdict| match v {
+                    Verdict::Deny { retry_after } => Some(*retry_after),
+                    Verdict::Allow => None,
+                };
+                let longest = verdicts
+                    .iter()
+                    .filter_map(wait)
+                    .max_by_key(|r| r.map_or(u64::MAX, |n| n.saturating_add(0)))
+                    .expect("a denial has a denying charge");
+                assert_eq!(
+                    wait(&verdicts[denial.index]),
+                    Some(longest),
+                    "{why}: the denial names a charge with the longest wait"
+                );
+                assert_eq!(
+                    denial.retry_after,
+                    longest.map(Duration::from_nanos),
+                    "{why}"
+                );
+            }
+        }
+    }
+}
