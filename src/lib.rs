@@ -63,7 +63,7 @@
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
-//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and every settlement |
+//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
 //!
 //! Arrows point one way: the layer uses keys, costs, stores and headers; stores use the

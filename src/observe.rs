@@ -3,10 +3,15 @@
 //! An [`Observer`] set with [`crate::RateLimitLayerBuilder::observer`] is called once per
 //! request that reaches a decision, with a [`DecisionEvent`]: the caller's tier, the outcome
 //! and, per rule, the cost charged (or that would have been), the limit and what remains.
-//! [`Observer::on_settle`] then sees each admitted request's settlement ([`SettleEvent`]):
-//! the estimate charged per rule and what it really cost, for "tokens estimated vs settled"
-//! metrics, labelled with the caller's tier, the request body's `model` and each bucket's
-//! key (so "tokens by model" needs no second parse of the request or the response). It runs on the request's path: keep it cheap (increment counters, don't do I/O).
+//! [`Observer::on_settle`] then sees the settlement ([`SettleEvent`]) of each admitted
+//! request the layer settles: the estimate charged per rule and what it really cost, for
+//! "tokens estimated vs settled" metrics, labelled with the caller's tier, the request
+//! body's `model` (when the layer read the body for a token estimate) and each bucket's key.
+//! The layer settles requests with token or concurrency charges (or all of them under
+//! `count_failed_requests(false)`); it does not settle a request admitted by the store
+//! failure policy ([`crate::FailurePolicy::Open`]) nor a replayed idempotent retry, so
+//! `on_settle` is not a count of every upstream answer. Both hooks run on the request's
+//! path: keep them cheap (increment counters, don't do I/O).
 //!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
 //! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
@@ -146,14 +151,15 @@ pub struct SettleEvent<'a> {
     pub rules: &'a [SettledRule<'a>],
 }
 
-/// Sees every decision, and every settlement. Closures `Fn(&DecisionEvent)` are observers
-/// (of decisions only).
+/// Sees every decision, and the settlements (see the [module docs](self) for which requests
+/// are settled). Closures `Fn(&DecisionEvent)` are observers (of decisions only).
 pub trait Observer: Send + Sync + 'static {
     /// Called once per decided request.
     fn on_decision(&self, event: &DecisionEvent<'_>);
 
     /// Called once per admitted request that had something to settle (token or concurrency
-    /// rules), when its response ended or was dropped: estimated vs real tokens for metrics.
+    /// rules; not a store-failure admission, not a replayed retry), when its response ended
+    /// or was dropped: estimated vs real tokens for metrics.
     fn on_settle(&self, event: &SettleEvent<'_>) {
         let _ = event;
     }

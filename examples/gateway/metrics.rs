@@ -8,7 +8,7 @@
 //! | `gateway_ratelimit_store_errors_total` | action (`admitted`, `rejected`): what the failure policy did | the limiter's observer |
 //! | `gateway_ratelimit_decision_seconds` | outcome | the observer, timed from the request's arrival (a task-local set by the auth check) |
 //! | `gateway_tokens_estimated_total` | model | the observer: a token rule's charge on admission |
-//! | `gateway_tokens_settled_total` | model, kind (`input`, `output`) | the `usage` of upstream responses, from the limiter's observer (its settlement of requests under a token or concurrency limit) |
+//! | `gateway_tokens_settled_total` | model, kind (`input`, `output`) | the `usage` of upstream responses, parsed as they stream past |
 //! | `gateway_upstream_responses_total` | model, status (a code, `unreachable`, `timeout`) | the proxy |
 //! | `gateway_upstream_response_seconds` | model | the proxy: time to the upstream's response headers |
 //! | `gateway_responses_total` | endpoint, status | every answer of the API endpoints |
@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tower_llm_ratelimit::observe::{DecisionEvent, Observer, Outcome, SettleEvent, SettleOutcome};
+use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
 use tower_llm_ratelimit::Unit;
 
 tokio::task_local! {
@@ -191,11 +191,14 @@ impl Metrics {
     }
 
     /// The limiter's observer.
-    pub(crate) fn observer(this: &Arc<Self>) -> impl Observer {
-        LimiterObserver(Arc::clone(this))
+    pub(crate) fn observer(
+        this: &Arc<Self>,
+    ) -> impl Fn(&DecisionEvent<'_>) + Send + Sync + 'static {
+        let this = Arc::clone(this);
+        move |event: &DecisionEvent<'_>| this.on_decision(event)
     }
 
-    fn decided(&self, event: &DecisionEvent<'_>) {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
         let tier = event.tier.unwrap_or("").to_owned();
         let ctx = REQUEST.try_with(Clone::clone).ok();
         let outcome = match event.outcome {
@@ -257,7 +260,7 @@ impl Metrics {
         }
     }
 
-    fn settled(&self, model: &str, input: u64, output: u64) {
+    pub(crate) fn settled(&self, model: &str, input: u64, output: u64) {
         for (kind, n) in [("input", input), ("output", output)] {
             self.tokens_settled
                 .get_or_create(&ModelKindLabels {
@@ -356,22 +359,6 @@ mod redis_stats {
                 g.metric_type(),
             )?;
             g.encode(e)
-        }
-    }
-}
-
-/// Feeds the metrics from the limiter: its decisions and its settlements (the `usage` it
-/// read from the upstream's answer, labelled with the request's model).
-struct LimiterObserver(Arc<Metrics>);
-
-impl Observer for LimiterObserver {
-    fn on_decision(&self, event: &DecisionEvent<'_>) {
-        self.0.decided(event);
-    }
-
-    fn on_settle(&self, event: &SettleEvent<'_>) {
-        if let (SettleOutcome::Usage(u), Some(model)) = (event.outcome, event.model) {
-            self.0.settled(model, u.input_tokens, u.output_tokens);
         }
     }
 }

@@ -6,29 +6,33 @@
 //!
 //! The gate runs before the limiter, so unknown keys and models never reach it (nothing is
 //! counted for them). The proxy swaps the client's key for the upstream's, sends the request
-//! on, and streams the answer back frame by frame (never buffered). The limiter watches it
-//! for `usage` and settles the tokens; the metrics get the usage from the limiter's
-//! observer, so the answer is read once. An unreachable upstream is a 502, a slow one a 504;
-//! the limiter refunds the tokens of every answer >= 400.
+//! on, and streams the answer back frame by frame (never buffered), watching for `usage` on
+//! the way for the metrics. An unreachable upstream is a 502, a slow one a 504; the limiter
+//! refunds the tokens of every answer >= 400.
 
 use std::borrow::Cow;
 use std::error::Error as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
+use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
+use tower_llm_ratelimit::cost::usage::{Framing, UsageParser, DEFAULT_MAX_BUFFER_BYTES};
 use tower_llm_ratelimit::key::RequestView;
 
 use crate::limits;
-use crate::metrics::{RequestContext, REQUEST};
+use crate::metrics::{Metrics, RequestContext, REQUEST};
 use crate::server::{App, ModelRoute};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -347,5 +351,79 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
     for n in upstream_limits {
         parts.headers.remove(n);
     }
+    let parser = parts.status.is_success().then(|| {
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(Framing::from_content_type)
+            .map(|f| UsageParser::new(f, DEFAULT_MAX_BUFFER_BYTES))
+    });
+    let body = Metered {
+        inner: body,
+        parser: parser.flatten(),
+        model: Arc::clone(&route.name),
+        metrics: Arc::clone(&app.metrics),
+    };
     Response::from_parts(parts, Body::new(body))
+}
+
+/// The upstream's body, passed through frame by frame; its `usage` goes to the metrics.
+///
+/// The limiter reads the same `usage` to settle token charges, and its observer sees the
+/// settlement (`Observer::on_settle`, labelled with the model), but only for requests it
+/// settles: not those admitted by the failure policy while the store is down, not replayed
+/// idempotent retries, not callers without a token limit. The metric must count every
+/// answer, so the gateway reads it itself (a few microseconds per answer).
+struct Metered {
+    inner: Incoming,
+    parser: Option<UsageParser>,
+    model: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    fn finish(&mut self) {
+        if let Some(usage) = self.parser.take().and_then(|mut p| p.finish()) {
+            self.metrics
+                .settled(&self.model, usage.input_tokens, usage.output_tokens);
+        }
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(p), Some(data)) = (&mut this.parser, frame.data_ref()) {
+                    p.feed(data);
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.parser = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
