@@ -110,8 +110,12 @@ impl RedisStoreBuilder {
     /// while Redis is down (or not yet up): until Redis answers, every call fails within its
     /// timeout and [`on_failure`](Self::on_failure) decides (the layer's
     /// [`crate::FailurePolicy`], or the local fallback); from the first call that reaches it,
-    /// the store runs as if [`connect`](Self::connect)ed. Only bad configuration fails here
-    /// (a malformed URL, a prefix with braces). Must be called within a tokio runtime.
+    /// the store runs as if [`connect`](Self::connect)ed. A single node connects within the
+    /// calls (the redis crate's lazy connection manager, retried with backoff); a cluster
+    /// connects in a background task that the first call starts (one attempt at a time,
+    /// each bounded by the connection timeout, the next call retrying a failed one), while
+    /// calls fail at once. Only bad configuration fails here (a malformed URL, a prefix with
+    /// braces). Must be called within a tokio runtime.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -130,10 +134,7 @@ impl RedisStoreBuilder {
             ));
         }
         let conn = if self.cluster {
-            Conn::LazyCluster(Arc::new(LazyCluster {
-                client: self.cluster_client()?,
-                conn: tokio::sync::OnceCell::new(),
-            }))
+            Conn::LazyCluster(Arc::new(LazyCluster::new(self.cluster_client()?)))
         } else {
             let (client, config) = self.single_client()?;
             Conn::Single(ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?)

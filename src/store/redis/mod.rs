@@ -121,15 +121,57 @@ const ID_MASK: u64 = (1 << 53) - 1;
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
-    /// A cluster not reached yet ([`RedisStoreBuilder::connect_lazy`]): the first call that
-    /// can reach it connects, within that call's timeout; until then calls fail (and
-    /// [`RedisFailure`] decides).
+    /// A cluster not reached yet ([`RedisStoreBuilder::connect_lazy`]).
     LazyCluster(Arc<LazyCluster>),
 }
 
+/// A cluster connection made in the background: a call that finds none starts an attempt
+/// (one at a time) and fails at once, so that no call waits for the slot map and the
+/// connections to every primary (more round trips than one call's timeout may allow);
+/// [`RedisFailure`] decides until the attempt succeeds. A failed attempt is retried by the
+/// next call.
 struct LazyCluster {
     client: redis::cluster::ClusterClient,
-    conn: tokio::sync::OnceCell<ClusterConnection>,
+    conn: std::sync::OnceLock<ClusterConnection>,
+    connecting: AtomicBool,
+}
+
+impl LazyCluster {
+    pub(super) fn new(client: redis::cluster::ClusterClient) -> Self {
+        Self {
+            client,
+            conn: std::sync::OnceLock::new(),
+            connecting: AtomicBool::new(false),
+        }
+    }
+
+    /// The connection once made; `None` while there is none (an attempt is then running).
+    fn connection(self: &Arc<Self>) -> Option<ClusterConnection> {
+        if let Some(c) = self.conn.get() {
+            return Some(c.clone());
+        }
+        if !self.connecting.swap(true, Ordering::AcqRel) {
+            let this = Arc::clone(self);
+            let attempt = async move {
+                match this.client.get_async_connection().await {
+                    Ok(c) => {
+                        let _ = this.conn.set(c);
+                    }
+                    Err(e) => tracing::warn!(
+                        target: "tower_llm_ratelimit",
+                        error = %e,
+                        "connecting to the Redis cluster failed; the next call tries again"
+                    ),
+                }
+                this.connecting.store(false, Ordering::Release);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(attempt)),
+                Err(_) => self.connecting.store(false, Ordering::Release),
+            }
+        }
+        None
+    }
 }
 
 /// Limits shared across processes through Redis or Redis Cluster: one atomic Lua call per

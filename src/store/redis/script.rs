@@ -130,17 +130,13 @@ impl Inner {
             Conn::Cluster(mut c) => {
                 tokio::time::timeout(self.timeout, self.invoke(call, &mut c)).await
             }
-            Conn::LazyCluster(lazy) => {
-                tokio::time::timeout(self.timeout, async {
-                    let mut c = lazy
-                        .conn
-                        .get_or_try_init(|| lazy.client.get_async_connection())
-                        .await?
-                        .clone();
-                    self.invoke(call, &mut c).await
-                })
-                .await
-            }
+            Conn::LazyCluster(lazy) => match lazy.connection() {
+                Some(mut c) => tokio::time::timeout(self.timeout, self.invoke(call, &mut c)).await,
+                None => Ok(Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "not connected to the Redis cluster yet (connecting in the background)",
+                )))),
+            },
         };
         let error = match result.map(|r| r.map(|v| decode_reply(&v))) {
             Ok(Ok(Ok(reply))) => {
