@@ -66,11 +66,13 @@ impl Cell {
 
     /// Whether this cell can hold `quota`'s state (a GCRA cell only GCRA, a locked cell any
     /// other algorithm: [`fit`] resets it to the quota's).
+    #[inline]
     pub(super) fn suits(&self, quota: &Quota) -> bool {
         matches!(self, Self::Gcra(_)) == (quota.algorithm() == Algorithm::Gcra)
     }
 }
 
+#[inline]
 pub(super) fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     // The algorithms don't panic while holding the lock; if something did, the state is still
     // a valid value, so keep using it rather than poisoning every later request.
@@ -198,6 +200,7 @@ impl GcraCell {
 }
 
 /// The TAT of a GCRA state, as a cell stores it.
+#[inline]
 pub(super) fn gcra_tat(state: &State) -> u64 {
     match state {
         State::Gcra(g) => g.tat().min(MAX_TAT),
@@ -214,6 +217,7 @@ pub(super) enum Held<'b> {
 }
 
 impl Held<'_> {
+    #[inline]
     pub(super) fn slot(&mut self) -> &mut Slot {
         match self {
             Held::Locked(guard) => guard,
