@@ -250,7 +250,12 @@ impl<'a> Json<'a> {
         }
         let rest = pointer.strip_prefix('/')?;
         rest.split('/').try_fold(self, |target, token| {
-            let token = token.replace("~1", "/").replace("~0", "~");
+            // Unescaped only when it has an escape: a lookup allocates nothing in the usual case.
+            let token: Cow<'_, str> = if token.contains('~') {
+                Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+            } else {
+                Cow::Borrowed(token)
+            };
             match target {
                 Self::Object(o) => o.get(&token),
                 Self::Array(items) => {
