@@ -401,7 +401,13 @@ impl<'a> Parser<'a> {
     }
 
     fn object(&mut self) -> Result<Json<'a>, JsonError> {
-        let mut members = Vec::new();
+        // A request's top-level object usually has 4-10 members (model, messages, limits,
+        // options): room for 8 at once saves the reallocation at the fifth.
+        let mut members = if self.depth == 1 {
+            Vec::with_capacity(8)
+        } else {
+            Vec::new()
+        };
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.at += 1;
