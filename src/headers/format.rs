@@ -25,6 +25,7 @@ impl AsRef<[u8]> for StackOwner {
 }
 
 impl ValueBuf {
+    #[inline]
     pub(super) fn new() -> Self {
         Self {
             stack: [0; VALUE_BUF],
@@ -33,10 +34,12 @@ impl ValueBuf {
         }
     }
 
+    #[inline]
     pub(super) fn len(&self) -> usize {
         self.heap.as_ref().map_or(self.len, Vec::len)
     }
 
+    #[inline]
     pub(super) fn push(&mut self, bytes: &[u8]) {
         if let Some(heap) = &mut self.heap {
             heap.extend_from_slice(bytes);
@@ -51,6 +54,7 @@ impl ValueBuf {
         }
     }
 
+    #[inline]
     pub(super) fn push_u64(&mut self, n: u64) {
         self.push(itoa::Buffer::new().format(n).as_bytes());
     }
@@ -78,6 +82,7 @@ pub(crate) struct GoDuration {
 }
 
 impl GoDuration {
+    #[inline]
     pub(super) fn push(&mut self, bytes: &[u8]) {
         // The longest duration, `u64::MAX` ms, takes 24 bytes (`5124095576030h25m51.615s`).
         let end = (self.len + bytes.len()).min(self.buf.len());
@@ -85,10 +90,12 @@ impl GoDuration {
         self.len = end;
     }
 
+    #[inline]
     pub(super) fn push_u64(&mut self, n: u64) {
         self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
+    #[inline]
     pub(crate) fn format(&mut self, d: Duration) -> &str {
         self.len = 0;
         // u64 arithmetic (u128 division is a library call); 2^64 ms is 584 million years.
