@@ -51,7 +51,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer.rs`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
+//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
 //! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json/`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |

@@ -155,8 +155,8 @@ impl RateLimitLayer {
     /// after the server has stopped taking requests and drained the ones in flight, await
     /// this (under a timeout of your own) before the runtime goes, or the last corrections
     /// (refunds, and extra tokens charged past the estimate) are lost with it. Returns at
-    /// once when nothing is running; a synchronous store (the [`MemoryStore`](crate::store::MemoryStore)) never leaves
-    /// anything running.
+    /// once when nothing is running; a synchronous store (the
+    /// [`MemoryStore`](crate::store::MemoryStore)) never leaves anything running.
     ///
     /// ```
     /// # async fn run() {
