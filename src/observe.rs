@@ -163,6 +163,13 @@ pub trait Observer: Send + Sync + 'static {
     fn on_settle(&self, event: &SettleEvent<'_>) {
         let _ = event;
     }
+
+    /// Whether this observer wants [`on_settle`](Self::on_settle) called (default `true`).
+    /// The layer builds no settlement event (nor keeps its labels) for one that doesn't:
+    /// closures, which observe decisions only, answer `false`.
+    fn observes_settlements(&self) -> bool {
+        true
+    }
 }
 
 impl<F> Observer for F
@@ -172,6 +179,10 @@ where
     fn on_decision(&self, event: &DecisionEvent<'_>) {
         self(event)
     }
+
+    fn observes_settlements(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) struct ObserverDebug<'a>(pub(crate) &'a Option<std::sync::Arc<dyn Observer>>);
@@ -179,5 +190,23 @@ pub(crate) struct ObserverDebug<'a>(pub(crate) &'a Option<std::sync::Arc<dyn Obs
 impl fmt::Debug for ObserverDebug<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A closure observes decisions only, so the layer builds it no settlement events; an
+    /// `Observer` gets them unless it says otherwise.
+    #[test]
+    fn closures_observe_decisions_only() {
+        struct Both;
+        impl Observer for Both {
+            fn on_decision(&self, _: &DecisionEvent<'_>) {}
+        }
+        let closure = |_: &DecisionEvent<'_>| {};
+        assert!(!Observer::observes_settlements(&closure));
+        assert!(Both.observes_settlements());
     }
 }

@@ -52,6 +52,12 @@ pub(crate) struct Admit {
     pub(crate) settle: Option<Box<Settle>>,
 }
 
+/// The `model` of the request's JSON body, if the layer read it.
+fn body_model(req: &RequestView<'_>) -> Option<String> {
+    req.doc()
+        .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
+}
+
 pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -> Rejection {
     Rejection::Invalid {
         status,
@@ -105,10 +111,7 @@ impl Shared {
                     Unit::InputTokens => cost.input_tokens(),
                     Unit::OutputTokens => cost.output_tokens(),
                     Unit::Cost => {
-                        let m = model.get_or_insert_with(|| {
-                            req.doc()
-                                .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
-                        });
+                        let m = model.get_or_insert_with(|| body_model(req));
                         self.weights
                             .weigh(m.as_deref(), cost.input_tokens(), cost.output_tokens())
                     }
@@ -123,13 +126,10 @@ impl Shared {
                 amount,
             });
         }
-        if self.observer.is_some() && estimate.is_some() {
+        if self.observes_settlements && estimate.is_some() {
             // The settlement's observer labels its event with the model (the body is parsed
             // already: a token estimate read it).
-            model.get_or_insert_with(|| {
-                req.doc()
-                    .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
-            });
+            model.get_or_insert_with(|| body_model(req));
         }
         let request_id = self.idempotency_header.as_ref().and_then(|h| {
             let v = req.headers().get(h)?.to_str().ok()?.trim();
@@ -328,8 +328,7 @@ pub(crate) fn conclude(
                 plan.estimate,
                 plan.model,
                 shared
-                    .observer
-                    .is_some()
+                    .observes_settlements
                     .then(|| plan.tier.clone())
                     .flatten(),
             ))

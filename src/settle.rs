@@ -238,7 +238,12 @@ impl Settle {
                 })
             })
             .collect();
-        if let Some(observer) = &self.shared.observer {
+        if let Some(observer) = self
+            .shared
+            .observer
+            .as_ref()
+            .filter(|_| self.shared.observes_settlements)
+        {
             let rules: Vec<SettledRule<'_>> = self
                 .charges
                 .iter()

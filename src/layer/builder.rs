@@ -240,6 +240,10 @@ impl RateLimitLayerBuilder {
                 tiers: self.tiers,
                 cost: self.cost,
                 headers: self.headers,
+                observes_settlements: self
+                    .observer
+                    .as_ref()
+                    .is_some_and(|o| o.observes_settlements()),
                 observer: self.observer,
                 failure: self.failure,
                 weights: self.weights,

@@ -42,6 +42,9 @@ pub(crate) struct Shared {
     pub(crate) cost: Option<Box<dyn CostEstimator>>,
     pub(crate) headers: HeaderStyle,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    /// The observer wants settlement events (`Observer::observes_settlements`): only then
+    /// does a settlement keep its labels (tier, model) and build an event.
+    pub(crate) observes_settlements: bool,
     pub(crate) failure: FailurePolicy,
     pub(crate) weights: Weights,
     pub(crate) max_inspect_bytes: usize,

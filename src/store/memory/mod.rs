@@ -526,32 +526,32 @@ impl Inner {
         }
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
             let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
-            let limits = slot.limits;
-            if denial.is_none() {
-                if let State::Counter(s) = &mut slot.state {
-                    // Every charge fits (checked above): the counter's admitted path charges
-                    // and answers in one pass, dividing by its prepared window.
-                    let by_window = slot.by_window;
-                    if let Some((placement, snapshot)) =
-                        s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p))
-                    {
-                        states[i] = ChargeState {
-                            snapshot,
-                            placement,
-                        };
-                        continue;
-                    }
+            let (limits, by_window) = (slot.limits, slot.by_window);
+            // Every charge fits (checked above): a counter's admitted path charges and
+            // answers in one pass, dividing by its prepared window.
+            let admitted = match (&mut slot.state, denial) {
+                (State::Counter(s), None) => {
+                    s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p))
                 }
-            }
-            let placement = if denial.is_none() {
-                slot.state.charge(&limits, now, c.amount)
-            } else {
-                Placement::default()
+                _ => None,
             };
             // Back to the caller's order.
-            states[i] = ChargeState {
-                snapshot: slot.state.peek(&limits, now),
-                placement,
+            states[i] = match admitted {
+                Some((placement, snapshot)) => ChargeState {
+                    snapshot,
+                    placement,
+                },
+                None => {
+                    let placement = if denial.is_none() {
+                        slot.state.charge(&limits, now, c.amount)
+                    } else {
+                        Placement::default()
+                    };
+                    ChargeState {
+                        snapshot: slot.state.peek(&limits, now),
+                        placement,
+                    }
+                }
             };
         }
         Ok(Some(Decision {

@@ -137,7 +137,7 @@ struct LazyCluster {
 }
 
 impl LazyCluster {
-    pub(super) fn new(client: redis::cluster::ClusterClient) -> Self {
+    fn new(client: redis::cluster::ClusterClient) -> Self {
         Self {
             client,
             conn: std::sync::OnceLock::new(),
