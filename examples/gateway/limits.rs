@@ -49,6 +49,15 @@ pub(crate) fn caller<'a>(callers: &'a Callers, req: &RequestView<'_>) -> Option<
     callers.get(&key::bearer_token().extract(req)?)
 }
 
+/// The caller the gate found (it stores it as a request extension), else [`caller`]: the
+/// rules' keys and the tier read it once per request, not once per rule.
+fn resolved<'a>(callers: &'a Callers, req: &RequestView<'a>) -> Option<&'a Caller> {
+    match req.extensions().get::<Caller>() {
+        Some(c) => Some(c),
+        None => caller(callers, req),
+    }
+}
+
 /// Where the counters live.
 pub(crate) enum Store {
     Memory(MemoryStore),
@@ -113,8 +122,8 @@ impl KeyExtractor for ModelKey {
 fn user_key(callers: &Callers, tiers: HashSet<Arc<str>>) -> impl KeyExtractor {
     let callers = Arc::clone(callers);
     key::from_fn(move |req: &RequestView<'_>| {
-        let c = caller(&callers, req)?;
-        tiers.contains(&c.tier).then(|| c.user.to_string())
+        let c = resolved(&callers, req)?;
+        tiers.contains(&c.tier).then(|| Key::from(&*c.user))
     })
     .describe_as("user of the API key")
 }
@@ -232,13 +241,12 @@ pub(crate) fn layer(
         }
         weights = weights.model(model.as_str(), m.input_price, m.output_price);
     }
-    let tiers = tier::lookup(
-        key::bearer_token(),
-        callers
-            .iter()
-            .map(|(k, c)| (k.clone(), Arc::clone(&c.tier)))
-            .collect::<Vec<_>>(),
-    );
+    let tiers = {
+        let callers = Arc::clone(callers);
+        tier::from_fn(move |req| {
+            resolved(&callers, req).map(|c| tier::Tier::new(Arc::clone(&c.tier)))
+        })
+    };
     let mut builder = RateLimitLayer::builder()
         .rules(rules(cfg, callers))
         .tiers(tiers)

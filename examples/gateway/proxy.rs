@@ -203,6 +203,8 @@ async fn gate_inner(
         model: Arc::clone(&route.name),
     };
     parts.extensions.insert(Routed { model: route });
+    // The limiter's keys and tier read the caller from here instead of looking it up again.
+    parts.extensions.insert(caller);
     let req = Request::from_parts(parts, Body::from(bytes));
     // The limiter decides while this future is polled, on this task: its observer reads
     // the context.
@@ -225,6 +227,11 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and each removal
+    // by name is a lookup of its own.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(&n.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
