@@ -267,3 +267,85 @@ async fn concurrency_slots_are_released_on_panic_and_cancellation() {
     drop(res);
     assert_eq!(in_flight(layer).await, 0);
 }
+
+/// Multi-rule requests hold their buckets in their shards' read locks while other threads
+/// write to the map: new keys inserted, idle buckets swept (by the store itself and by hand)
+/// as the clock moves, a rule name switching algorithms (its bucket replaced). Nothing
+/// deadlocks (the run is bounded), and the shared bucket admits exactly its limit.
+#[test]
+fn multi_rule_decisions_with_concurrent_inserts_sweeps_and_evictions() {
+    const LIMIT: u64 = 3_000;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        // A day: the clock moves minutes, so this window never rolls over.
+        let global = Quota::per_day(LIMIT);
+        let global_log = Quota::per_day(1_000_000).sliding_window_log();
+        let admitted = Arc::new(AtomicU64::new(0));
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (store, admitted) = (store.clone(), admitted.clone());
+                s.spawn(move || {
+                    let user_quota =
+                        Quota::per_minute(1_000_000_000).using(ALGORITHMS[t as usize % 3]);
+                    let flip_quota = Quota::per_minute(1_000_000_000).using(if t % 2 == 0 {
+                        Algorithm::Gcra
+                    } else {
+                        Algorithm::SlidingWindowCounter
+                    });
+                    let g = BucketKey::new("global", "all");
+                    let gl = BucketKey::new("global-log", "all");
+                    let flip = BucketKey::new("flip", "k");
+                    for i in 0..1_000u64 {
+                        // A new key every few requests: inserts under the other threads' reads.
+                        let user = BucketKey::new("user", format!("u{t}-{}", i / 4));
+                        let u = Charge::new(&user, &user_quota, 1);
+                        let charges: Vec<Charge<'_>> = match i % 4 {
+                            0 => vec![u, Charge::new(&g, &global, 1)],
+                            1 => vec![
+                                Charge::new(&g, &global, 1),
+                                u,
+                                Charge::new(&gl, &global_log, 1),
+                            ],
+                            2 => vec![
+                                u,
+                                Charge::new(&flip, &flip_quota, 1),
+                                Charge::new(&g, &global, 1),
+                            ],
+                            _ => vec![
+                                Charge::new(&flip, &flip_quota, 1),
+                                Charge::new(&g, &global, 1),
+                            ],
+                        };
+                        if store.try_acquire(&charges).unwrap().is_admitted() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            let sweeper = store.clone();
+            s.spawn(move || {
+                for _ in 0..500 {
+                    sweeper.sweep();
+                }
+            });
+            s.spawn(move || {
+                // Past a minute, the user buckets go idle and sweeps remove them.
+                for _ in 0..600 {
+                    clock.advance(Duration::from_millis(500));
+                    std::thread::yield_now();
+                }
+            });
+        });
+        done_tx.send(admitted.load(Ordering::Relaxed)).unwrap();
+    });
+    let admitted = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("multi-rule decisions deadlocked (no answer within 120 s)");
+    worker.join().unwrap();
+    assert_eq!(admitted, LIMIT);
+}
