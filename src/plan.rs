@@ -15,7 +15,7 @@ use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::layer::{FailurePolicy, Shared};
 use crate::observe::{DecisionEvent, Outcome, RuleDecision};
-use crate::reject::Rejection;
+use crate::reject::{is_grpc, Rejection};
 use crate::rule::{Algorithm, MissingKey, Quota, Unit};
 use crate::settle::{Pending, Settle};
 use crate::store::{BucketKey, Charge, Decision, StoreError, StoreFuture};
@@ -221,12 +221,13 @@ impl Shared {
 }
 
 /// Turns the store's answer into the headers and settlement of an admitted request, or a
-/// rejection.
+/// rejection (in gRPC's form when `request`, the request's headers, say it is a gRPC call:
+/// read only then).
 pub(crate) fn conclude(
     shared: &Arc<Shared>,
     plan: Plan,
     result: Result<Decision, StoreError>,
-    grpc: bool,
+    request: &HeaderMap,
 ) -> Result<Admit, Box<Response<Full<Bytes>>>> {
     let tier = plan.tier.as_ref().map(Tier::as_str);
     let decision = match result {
@@ -252,7 +253,7 @@ pub(crate) fn conclude(
                 Rejection::StoreUnavailable {
                     message: format!("Rate limiting is unavailable: {e}. Please try again."),
                 }
-                .into_response(grpc, h),
+                .into_response(is_grpc(request), h),
             ));
         }
     };
@@ -361,6 +362,6 @@ pub(crate) fn conclude(
             p.amount,
             denial.retry_after,
         )
-        .into_response(grpc, h),
+        .into_response(is_grpc(request), h),
     ))
 }

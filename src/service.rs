@@ -125,19 +125,21 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &self.layer.shared;
-        let grpc = is_grpc(req.headers());
         if shared.needs_body {
-            return self.call_with_body(req, grpc);
+            return self.call_with_body(req);
         }
         let plan = match shared.plan(&RequestView::from_request(&req), None) {
             Ok(plan) => plan,
-            Err(r) => return ResponseFuture::rejected(r.into_response(grpc, HeaderMap::new())),
+            Err(r) => {
+                let grpc = is_grpc(req.headers());
+                return ResponseFuture::rejected(r.into_response(grpc, HeaderMap::new()));
+            }
         };
         let req = req.map(RequestBody::original);
         match shared.acquire(&plan).into_result() {
             // A synchronous store (memory): no task switch, and no allocation for up to two
             // rules (the decision's states are inline).
-            Ok(result) => match conclude(shared, plan, result, grpc) {
+            Ok(result) => match conclude(shared, plan, result, req.headers()) {
                 Ok(a) => ResponseFuture::inner(self.inner.call(req), a.headers, a.settle),
                 Err(response) => ResponseFuture::rejected(*response),
             },
@@ -145,7 +147,7 @@ where
                 let shared = Arc::clone(shared);
                 let mut inner = self.take_ready();
                 ResponseFuture::deciding(Box::pin(async move {
-                    match conclude(&shared, plan, pending.await, grpc) {
+                    match conclude(&shared, plan, pending.await, req.headers()) {
                         Ok(a) => Next::Call(inner.call(req), a.headers, a.settle),
                         Err(response) => Next::Reject(*response),
                     }
@@ -161,7 +163,6 @@ impl<S> RateLimit<S> {
     fn call_with_body<ReqBody, ResBody>(
         &mut self,
         req: Request<ReqBody>,
-        grpc: bool,
     ) -> ResponseFuture<S::Future>
     where
         S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
@@ -203,6 +204,7 @@ impl<S> RateLimit<S> {
                             "invalid_request_body",
                             format!("The request body could not be read: {e}."),
                         );
+                        let grpc = is_grpc(&parts.headers);
                         return Next::Reject(r.into_response(grpc, HeaderMap::new()));
                     }
                 }
@@ -236,7 +238,10 @@ impl<S> RateLimit<S> {
             };
             let plan = match plan {
                 Ok(plan) => plan,
-                Err(r) => return Next::Reject(r.into_response(grpc, HeaderMap::new())),
+                Err(r) => {
+                    let grpc = is_grpc(&parts.headers);
+                    return Next::Reject(r.into_response(grpc, HeaderMap::new()));
+                }
             };
             // A synchronous store answers at once; only a pending answer (already boxed) is
             // awaited.
@@ -244,7 +249,7 @@ impl<S> RateLimit<S> {
                 Ok(result) => result,
                 Err(pending) => pending.await,
             };
-            let admit = match conclude(&shared, plan, result, grpc) {
+            let admit = match conclude(&shared, plan, result, &parts.headers) {
                 Ok(a) => a,
                 Err(response) => return Next::Reject(*response),
             };

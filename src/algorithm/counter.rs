@@ -73,7 +73,7 @@ impl SlidingWindowCounter {
         (self.previous as u128 * (w - e) as u128).saturating_add(self.current as u128 * w as u128)
     }
 
-    pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
+    pub(crate) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
         let w = l.window_nanos;
         self.roll(w, now);
         let capacity = l.limit as u128 * w as u128;
@@ -148,6 +148,25 @@ impl SlidingWindowCounter {
             Some((placement, snapshot)) => (Verdict::Allow, placement, snapshot),
             None => self.deny(l, now, cost),
         }
+    }
+
+    /// Whether `cost` fits now: [`Self::check`] answering `Allow`, without its 128-bit
+    /// arithmetic (the test of [`Self::admit_with`], charging nothing).
+    #[inline]
+    pub(crate) fn fits_with(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+        div_ceil_w: impl Fn(u64) -> u64,
+    ) -> bool {
+        let w = l.window_nanos;
+        let e = self.roll_elapsed(w, now);
+        let carried = self.carried(w, e, div_ceil_w);
+        self.current
+            .checked_add(cost)
+            .and_then(|n| n.checked_add(carried))
+            .is_some_and(|n| n <= l.limit)
     }
 
     /// The admitted half of [`Self::acquire_with`]: charges `cost` if it fits and returns
@@ -342,6 +361,7 @@ mod tests {
     /// The store's path (a prepared divisor of the window) decides exactly as `acquire`.
     #[test]
     fn acquire_with_a_divisor_matches_acquire() {
+        // Also: `fits_with` is `check` answering `Allow`.
         use crate::algorithm::Divisor;
         let mut rng = TestRng::new(19);
         for _ in 0..3_000 {
@@ -367,6 +387,15 @@ mod tests {
                     1 => rng.below(l.limit / 3 + 2),
                     _ => rng.below(2 * l.limit + 1),
                 };
+                // The fit test alone agrees with the general check, and changes nothing but
+                // the window's roll (which `check` does too).
+                let (mut probe, mut checked) = (fast.clone(), fast.clone());
+                assert_eq!(
+                    probe.fits_with(&l, now, cost, |p| by_window.div_ceil(p)),
+                    checked.check(&l, now, cost) == Verdict::Allow,
+                    "{l:?} now={now} cost={cost}"
+                );
+                assert_eq!(probe, checked);
                 let got = fast.acquire_with(&l, now, cost, |p| by_window.div_ceil(p));
                 assert_eq!(got, plain.acquire(&l, now, cost), "{l:?} now={now}");
                 assert_eq!(fast, plain);

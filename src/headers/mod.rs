@@ -124,6 +124,8 @@ pub(crate) struct QuotaHeaders {
     policy: Option<HeaderValue>,
     /// The limit as a header value (`x-ratelimit-limit-*`).
     limit_value: HeaderValue,
+    /// `"name";r=`: how this rule's `RateLimit` item starts.
+    state_prefix: Box<[u8]>,
 }
 
 impl QuotaHeaders {
@@ -134,11 +136,16 @@ impl QuotaHeaders {
         };
         let mut item = Vec::with_capacity(rule.len() + 48);
         policy_item(&mut item, rule, quota, limit);
+        let mut state_prefix = Vec::with_capacity(rule.len() + 5);
+        state_prefix.push(b'"');
+        state_prefix.extend_from_slice(rule.as_bytes());
+        state_prefix.extend_from_slice(b"\";r=");
         Self {
             limit,
             policy: HeaderValue::from_bytes(&item).ok(),
             policy_item: item.into_boxed_slice(),
             limit_value: HeaderValue::from(limit),
+            state_prefix: state_prefix.into_boxed_slice(),
         }
     }
 }
@@ -360,9 +367,7 @@ where
             if i > 0 {
                 buf.push(b", ");
             }
-            buf.push(b"\"");
-            buf.push(r.rule.as_bytes());
-            buf.push(b"\";r=");
+            buf.push(&r.cached.state_prefix);
             buf.push_u64(r.snapshot.remaining);
             buf.push(b";t=");
             buf.push_u64(ceil_secs_nanos(r.snapshot.reset_after_nanos));

@@ -511,8 +511,19 @@ impl Inner {
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
             let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             fit(slot, c.quota);
-            let limits = slot.limits;
-            if let Verdict::Deny { retry_after } = slot.state.check(&limits, now, c.amount) {
+            let (limits, by_window) = (slot.limits, slot.by_window);
+            let verdict = match &mut slot.state {
+                // A counter that fits says so without the general check's 128-bit arithmetic.
+                State::Counter(s) => {
+                    if s.fits_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
+                        Verdict::Allow
+                    } else {
+                        s.check(&limits, now, c.amount)
+                    }
+                }
+                state => state.check(&limits, now, c.amount),
+            };
+            if let Verdict::Deny { retry_after } = verdict {
                 // Report the rule that keeps the request out longest ("never" beats any wait).
                 let worse = match denial {
                     None => true,
