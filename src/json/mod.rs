@@ -183,6 +183,17 @@ impl<'a> Json<'a> {
         parser::parse(bytes)
     }
 
+    /// Parses `bytes` as [`parse`](Self::parse) does (accepting and refusing the same
+    /// documents), without building a top-level object: its members are handed to `member`
+    /// in document order, duplicates included, and the answer is `None`. Any other value is
+    /// the answer.
+    pub(crate) fn parse_members(
+        bytes: &'a [u8],
+        member: impl FnMut(Cow<'a, str>, Json<'a>),
+    ) -> Result<Option<Self>, JsonError> {
+        parser::parse_members(bytes, member)
+    }
+
     /// The same document, borrowing the strings of a `serde_json::Value`.
     pub(crate) fn from_value(v: &'a Value) -> Self {
         match v {

@@ -145,10 +145,18 @@ impl<'a> Parser<'a> {
         } else {
             Vec::new()
         };
+        self.members(|key, value| members.push((key, value)))?;
+        Ok(Json::Object(Object(members)))
+    }
+
+    /// The members of an object whose opening brace was consumed, handed to `member` in
+    /// document order (duplicates included), through its closing brace.
+    #[inline(always)]
+    fn members(&mut self, mut member: impl FnMut(Cow<'a, str>, Json<'a>)) -> Result<(), JsonError> {
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.at += 1;
-            return Ok(Json::Object(Object(members)));
+            return Ok(());
         }
         loop {
             self.skip_ws();
@@ -164,13 +172,13 @@ impl<'a> Parser<'a> {
                 None => return Err(self.error("EOF while parsing an object")),
                 Some(_) => return Err(self.error("expected `:`")),
             }
-            members.push((key, self.value()?));
+            member(key, self.value()?);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
-                    return Ok(Json::Object(Object(members)));
+                    return Ok(());
                 }
                 None => return Err(self.error("EOF while parsing an object")),
                 Some(_) => return Err(self.error("expected `,` or `}`")),
@@ -366,22 +374,58 @@ pub(crate) fn find_near(
 /// [`Json::parse`].
 #[inline]
 pub(super) fn parse(bytes: &[u8]) -> Result<Json<'_>, JsonError> {
-    let mut p = Parser {
-        bytes,
-        // Checked once for the whole body (a fast loop on ASCII), instead of string by
-        // string; a body that isn't UTF-8 (an error, or one in a string) is checked
-        // string by string, to report the same error at the same place.
-        text: std::str::from_utf8(bytes).ok(),
-        // Compact JSON has no control characters at all (not even line breaks): its
-        // strings needn't be checked one by one.
-        controls: bytes.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20,
-        at: 0,
-        depth: 0,
-    };
+    let mut p = Parser::new(bytes);
     let v = p.value()?;
-    p.skip_ws();
-    if p.at < bytes.len() {
-        return Err(p.error("trailing characters"));
-    }
+    p.end()?;
     Ok(v)
+}
+
+/// [`Json::parse_members`].
+#[inline]
+pub(super) fn parse_members<'a>(
+    bytes: &'a [u8],
+    member: impl FnMut(Cow<'a, str>, Json<'a>),
+) -> Result<Option<Json<'a>>, JsonError> {
+    let mut p = Parser::new(bytes);
+    p.skip_ws();
+    let v = if p.peek() == Some(b'{') {
+        // As `nested` would: the object is at depth 1.
+        p.depth = 1;
+        p.at += 1;
+        p.members(member)?;
+        p.depth = 0;
+        None
+    } else {
+        Some(p.value()?)
+    };
+    p.end()?;
+    Ok(v)
+}
+
+impl<'a> Parser<'a> {
+    #[inline]
+    fn new(bytes: &'a [u8]) -> Self {
+        Parser {
+            bytes,
+            // Checked once for the whole body (a fast loop on ASCII), instead of string by
+            // string; a body that isn't UTF-8 (an error, or one in a string) is checked
+            // string by string, to report the same error at the same place.
+            text: std::str::from_utf8(bytes).ok(),
+            // Compact JSON has no control characters at all (not even line breaks): its
+            // strings needn't be checked one by one.
+            controls: bytes.iter().fold(u8::MAX, |min, &b| min.min(b)) < 0x20,
+            at: 0,
+            depth: 0,
+        }
+    }
+
+    /// Nothing but whitespace is left after the value.
+    #[inline]
+    fn end(&mut self) -> Result<(), JsonError> {
+        self.skip_ws();
+        if self.at < self.bytes.len() {
+            return Err(self.error("trailing characters"));
+        }
+        Ok(())
+    }
 }

@@ -1,6 +1,6 @@
 //! The JSON framing: the `usage` member of one top-level object, read as it streams past.
 
-use super::{push_bounded, usage_of, Usage};
+use super::{push_bounded, usage_of, usage_value, Usage};
 use crate::json::Json;
 
 /// A top-level member name being read, kept only while it could still be `usage` or
@@ -49,6 +49,37 @@ enum Member {
     Usage,
     Response,
 }
+
+impl Member {
+    /// The member of this name (as written, between its quotes), if it is one we want.
+    #[inline]
+    fn named(name: &[u8]) -> Option<Self> {
+        match name {
+            b"usage" => Some(Self::Usage),
+            b"response" => Some(Self::Response),
+            _ => None,
+        }
+    }
+}
+
+/// What a byte is to [`JsonState::skip_nested`] (outside strings).
+#[derive(Clone, Copy)]
+enum Nested {
+    Other,
+    Quote,
+    Open,
+    Close,
+}
+
+static NESTED: [Nested; 256] = {
+    let mut table = [Nested::Other; 256];
+    table[b'"' as usize] = Nested::Quote;
+    table[b'{' as usize] = Nested::Open;
+    table[b'[' as usize] = Nested::Open;
+    table[b'}' as usize] = Nested::Close;
+    table[b']' as usize] = Nested::Close;
+    table
+};
 
 #[derive(Default)]
 pub(super) struct JsonState {
@@ -122,74 +153,167 @@ impl JsonState {
     }
 
     /// Scans the next `data` of the body, which starts at offset `base` of the object: the
-    /// end of the object within `data` (after its closing brace) once seen. Strings are
-    /// skipped with a SIMD search for their end; only the structure between them is walked
-    /// byte by byte.
+    /// end of the object within `data` (after its closing brace) once seen.
+    ///
+    /// Only the top level is followed member by member (names, `,`); a nested value is
+    /// crossed to its matching close by [`skip_nested`](Self::skip_nested), which looks at
+    /// brackets and quotes only. Strings are skipped with a search for their end (a quote or
+    /// a backslash), in registers for short ones; the structure between them is walked byte
+    /// by byte.
     fn scan(&mut self, data: &[u8], base: usize) -> Option<usize> {
         let mut i = 0;
-        let len = data.len();
-        while i < len {
-            if self.in_string {
-                if self.escaped {
-                    self.escaped = false;
-                    i += 1;
-                    continue;
-                }
-                let Some(at) = crate::json::find_quote_or_backslash(&data[i..]) else {
-                    self.key.push_partial(&data[i..]);
-                    return None;
-                };
-                if data[i + at] == b'\\' {
-                    self.key.push_partial(&data[i..i + at + 1]);
-                    self.escaped = true;
-                    i += at + 1;
-                    continue;
-                }
-                // The closing quote.
-                self.key.push_partial(&data[i..i + at]);
-                i += at;
-                self.in_string = false;
-                if let Some(name) = self.key.take() {
-                    let member = match name {
-                        b"usage" => Some(Member::Usage),
-                        b"response" => Some(Member::Response),
-                        _ => None,
-                    };
-                    self.member = member.map(|m| (m, base + i + 1));
-                }
-                i += 1;
-                continue;
-            }
-            match data[i] {
+        if self.in_string {
+            // A string (a member name, maybe) went on past the last chunk.
+            i = self.string_rest(data, 0, base)?;
+        }
+        if self.depth > 1 {
+            i = self.skip_nested(data, i)?;
+        }
+        // The top level: depth 1 (0 only before the opening brace).
+        loop {
+            let &byte = data.get(i)?;
+            i += 1;
+            match byte {
                 b'"' => {
-                    self.in_string = true;
-                    if self.depth == 1 && self.expect_key {
+                    i = if self.depth == 1 && self.expect_key {
                         self.expect_key = false;
-                        self.key.start();
-                    }
+                        self.name(data, i, base)?
+                    } else {
+                        self.skip_string(data, i)?
+                    };
                 }
                 b'{' | b'[' => {
                     self.depth += 1;
                     if self.depth == 1 {
                         self.expect_key = true;
+                    } else {
+                        i = self.skip_nested(data, i)?;
                     }
                 }
                 b'}' | b']' => {
                     if self.depth == 1 {
-                        self.end_member(base + i);
+                        self.end_member(base + i - 1);
                     }
                     self.depth = self.depth.saturating_sub(1);
                     if self.depth == 0 {
-                        return Some(i + 1);
+                        return Some(i);
                     }
                 }
                 b',' if self.depth == 1 => {
-                    self.end_member(base + i);
+                    self.end_member(base + i - 1);
                     self.expect_key = true;
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Crosses nested values from `data[i..]` (at depth 2 or more, outside strings): the
+    /// offset after the close that brings the depth back to 1, or `None` at the end of
+    /// `data` (the depth, and whether it ended in a string, kept for the next chunk).
+    #[inline]
+    fn skip_nested(&mut self, data: &[u8], mut i: usize) -> Option<usize> {
+        let mut depth = self.depth;
+        loop {
+            let Some(&byte) = data.get(i) else {
+                self.depth = depth;
+                return None;
+            };
             i += 1;
+            match NESTED[usize::from(byte)] {
+                Nested::Other => {}
+                Nested::Quote => match self.skip_string(data, i) {
+                    Some(end) => i = end,
+                    None => {
+                        self.depth = depth;
+                        return None;
+                    }
+                },
+                Nested::Open => depth += 1,
+                Nested::Close => {
+                    depth -= 1;
+                    if depth == 1 {
+                        self.depth = 1;
+                        return Some(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Skips the string (not a member name) whose opening quote is before `data[i]`: the
+    /// offset after its closing quote, or `None` at the end of `data` (then inside the
+    /// string, maybe right after a backslash).
+    #[inline]
+    fn skip_string(&mut self, data: &[u8], mut i: usize) -> Option<usize> {
+        loop {
+            let rest = data.get(i..).unwrap_or_default();
+            let Some(at) = crate::json::find_quote_or_backslash(rest) else {
+                self.in_string = true;
+                return None;
+            };
+            i += at;
+            if rest[at] == b'"' {
+                return Some(i + 1);
+            }
+            // A backslash: it and the byte it escapes.
+            i += 2;
+            if i > data.len() {
+                self.in_string = true;
+                self.escaped = true;
+                return None;
+            }
+        }
+    }
+
+    /// Reads the top-level member name whose opening quote is before `data[i]`: the offset
+    /// after its closing quote, or `None` at the end of `data` (the name so far kept).
+    #[inline]
+    fn name(&mut self, data: &[u8], i: usize, base: usize) -> Option<usize> {
+        let rest = &data[i..];
+        match crate::json::find_quote_or_backslash(rest) {
+            // The usual name: whole in this chunk, without escapes.
+            Some(at) if rest[at] == b'"' => {
+                self.member = Member::named(&rest[..at]).map(|m| (m, base + i + at + 1));
+                Some(i + at + 1)
+            }
+            _ => {
+                self.in_string = true;
+                self.key.start();
+                self.string_rest(data, i, base)
+            }
+        }
+    }
+
+    /// Goes on with the string `data[i..]` is in (a member name's pieces kept while it
+    /// could still be one we want): the offset after its closing quote, or `None` at the end
+    /// of `data`.
+    fn string_rest(&mut self, data: &[u8], mut i: usize, base: usize) -> Option<usize> {
+        let len = data.len();
+        while i < len {
+            if self.escaped {
+                self.escaped = false;
+                i += 1;
+                continue;
+            }
+            let Some(at) = crate::json::find_quote_or_backslash(&data[i..]) else {
+                self.key.push_partial(&data[i..]);
+                return None;
+            };
+            if data[i + at] == b'\\' {
+                self.key.push_partial(&data[i..i + at + 1]);
+                self.escaped = true;
+                i += at + 1;
+                continue;
+            }
+            // The closing quote.
+            self.key.push_partial(&data[i..i + at]);
+            i += at;
+            self.in_string = false;
+            if let Some(name) = self.key.take() {
+                self.member = Member::named(name).map(|m| (m, base + i + 1));
+            }
+            return Some(i + 1);
         }
         None
     }
@@ -204,20 +328,20 @@ impl JsonState {
     }
 
     /// The usage of the complete object in `buf`: its non-null `usage`, else its
-    /// `response`'s non-null `usage`. Only those two values are parsed.
+    /// `response`'s non-null `usage`. Only those two values are parsed (and the `usage`
+    /// object is not built).
     fn usage_of(&self, buf: &[u8]) -> Option<Usage> {
-        let value = |(start, end): (usize, usize)| {
-            // From the `:` after the name to the `,` or `}` after the value.
-            let v = buf[start..end].trim_ascii_start();
-            Json::parse(v.strip_prefix(b":").unwrap_or(v)).ok()
+        // From the `:` after the name to the `,` or `}` after the value.
+        let text = |(start, end): (usize, usize)| {
+            let v: &[u8] = buf[start..end].trim_ascii_start();
+            v.strip_prefix(b":").unwrap_or(v)
         };
         if let Some(span) = self.usage {
-            match value(span)? {
-                Json::Null => {}
-                usage => return usage_of(&usage),
+            if let Some(answer) = usage_value(text(span)) {
+                return answer;
             }
         }
-        match value(self.response?)?.get("usage") {
+        match Json::parse(text(self.response?)).ok()?.get("usage") {
             None | Some(Json::Null) => None,
             Some(usage) => usage_of(usage),
         }

@@ -21,9 +21,12 @@
 //! ([`DEFAULT_MAX_BUFFER_BYTES`] is a good default):
 //!
 //! * **JSON**: the object is buffered until its closing brace while its structure is
-//!   followed (strings are skipped with a SIMD search for their closing quote); then only the
-//!   top-level `usage` (or `response`) member is parsed, not the whole document: the rest of
-//!   the body is checked for balance, not for full JSON validity. A member name spelled with
+//!   followed: member names at the top level only, a nested value crossed to its matching
+//!   close by its brackets alone, strings skipped with a search for their closing quote (in
+//!   registers for short ones, SIMD for long ones). Then only the top-level `usage` (or
+//!   `response`) member is parsed, not the whole document: the rest of the body is checked
+//!   for balance, not for full JSON validity. A `usage` object of the usual shape (plain
+//!   names, integer counts) is read without building it. A member name spelled with
 //!   escapes (`"\u0075sage"`) is not recognised. A body larger than the bound is given up on:
 //!   nothing more is buffered and [`UsageParser::finish`] answers `None` (the caller keeps
 //!   its estimate).
@@ -382,30 +385,218 @@ fn usage_in(body: &[u8]) -> Option<Usage> {
 /// The usage a `usage` value says, if it is a valid one (see [`Usage`]).
 fn usage_of(usage: &Json<'_>) -> Option<Usage> {
     let usage = usage.as_object()?;
-    // The value of the first of `names` present and non-null: `Some(None)` if none is,
-    // `None` if it isn't a non-negative integer.
-    let count = |names: &[&str]| -> Option<Option<u64>> {
-        let Some(value) = names
-            .iter()
-            .find_map(|name| usage.get(name).filter(|v| !matches!(v, Json::Null)))
-        else {
-            return Some(None);
-        };
-        let Json::Number(n) = value else {
-            return None;
+    usage_from(|field| Count::of(usage.get(field.name())))
+}
+
+/// The answer for a `usage` value written in `text` (whitespace around it allowed): `None`
+/// if it is `null`; else the usage it says if it is valid JSON and a valid usage (as
+/// [`Json::parse`] then [`usage_of`] would say), without building the object: only its
+/// count fields are kept (duplicates: the last counts, as in a `serde_json::Value`).
+fn usage_value(text: &[u8]) -> Option<Option<Usage>> {
+    if let Some(counts) = plain_counts(text) {
+        return Some(usage_from(|field| counts[field as usize]));
+    }
+    let mut counts = [Count::Absent; Field::ALL.len()];
+    let parsed = Json::parse_members(text, |name, value| {
+        if let Some(field) = Field::of(name.as_bytes()) {
+            counts[field as usize] = Count::of(Some(&value));
+        }
+    });
+    match parsed {
+        Ok(None) => Some(usage_from(|field| counts[field as usize])),
+        Ok(Some(Json::Null)) => None,
+        // Not JSON, or not an object.
+        Err(_) | Ok(Some(_)) => Some(None),
+    }
+}
+
+/// The counts of the usual `usage` object, read without the general parser: an object whose
+/// names are printable ASCII without escapes and whose values are unsigned integers of up to
+/// 19 digits (no fraction or exponent) or `null`, whitespace allowed between tokens. `None`
+/// for anything else (the general parser decides then): when it answers, [`Json::parse`]
+/// would accept `text` and give these counts.
+fn plain_counts(text: &[u8]) -> Option<[Count; Field::ALL.len()]> {
+    let mut counts = [Count::Absent; Field::ALL.len()];
+    let mut at = 0;
+    let skip_ws = |at: &mut usize| {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = text.get(*at) {
+            *at += 1;
+        }
+    };
+    skip_ws(&mut at);
+    if text.get(at) != Some(&b'{') {
+        return None;
+    }
+    at += 1;
+    skip_ws(&mut at);
+    if text.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            if text.get(at) != Some(&b'"') {
+                return None;
+            }
+            at += 1;
+            let rest = &text[at..];
+            let end = crate::json::find_quote_or_backslash(rest)?;
+            if rest[end] != b'"' {
+                return None;
+            }
+            let name = &rest[..end];
+            let field = Field::of(name);
+            // (Without an early exit, so that it compiles to vector compares.)
+            if field.is_none()
+                && !name
+                    .iter()
+                    .fold(true, |ok, &b| ok & matches!(b, 0x20..=0x7E))
+            {
+                return None;
+            }
+            at += end + 1;
+            skip_ws(&mut at);
+            if text.get(at) != Some(&b':') {
+                return None;
+            }
+            at += 1;
+            skip_ws(&mut at);
+            let count = match *text.get(at)? {
+                b'n' if text[at..].starts_with(b"null") => {
+                    at += 4;
+                    Count::Absent
+                }
+                b'0' => {
+                    at += 1;
+                    Count::Is(0)
+                }
+                b'1'..=b'9' => {
+                    let start = at;
+                    let mut n = 0u64;
+                    while let Some(&digit @ b'0'..=b'9') = text.get(at) {
+                        n = n.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
+                        at += 1;
+                    }
+                    // Up to 19 digits always fit.
+                    if at - start > 19 {
+                        return None;
+                    }
+                    Count::Is(n)
+                }
+                _ => return None,
+            };
+            // A fraction, an exponent or more digits (after a `0`) are the parser's to judge.
+            skip_ws(&mut at);
+            if let Some(field) = field {
+                counts[field as usize] = count;
+            }
+            match *text.get(at)? {
+                b',' => {
+                    at += 1;
+                    skip_ws(&mut at);
+                }
+                b'}' => {
+                    at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    skip_ws(&mut at);
+    (at == text.len()).then_some(counts)
+}
+
+/// The members of a `usage` object that are read.
+#[derive(Clone, Copy)]
+enum Field {
+    Prompt,
+    Input,
+    Completion,
+    Output,
+    Total,
+}
+
+impl Field {
+    const ALL: [Self; 5] = [
+        Self::Prompt,
+        Self::Input,
+        Self::Completion,
+        Self::Output,
+        Self::Total,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Prompt => "prompt_tokens",
+            Self::Input => "input_tokens",
+            Self::Completion => "completion_tokens",
+            Self::Output => "output_tokens",
+            Self::Total => "total_tokens",
+        }
+    }
+
+    /// The field of this (decoded) member name, if it is one that is read.
+    fn of(name: &[u8]) -> Option<Self> {
+        Some(match name {
+            b"prompt_tokens" => Self::Prompt,
+            b"input_tokens" => Self::Input,
+            b"completion_tokens" => Self::Completion,
+            b"output_tokens" => Self::Output,
+            b"total_tokens" => Self::Total,
+            _ => return None,
+        })
+    }
+}
+
+/// What a member of a `usage` object says as a count.
+#[derive(Clone, Copy)]
+enum Count {
+    /// Missing, or `null`.
+    Absent,
+    Is(u64),
+    /// Not a non-negative integer.
+    Invalid,
+}
+
+impl Count {
+    fn of(value: Option<&Json<'_>>) -> Self {
+        let n = match value {
+            None | Some(Json::Null) => return Self::Absent,
+            Some(Json::Number(n)) => n,
+            Some(_) => return Self::Invalid,
         };
         if let Some(n) = n.as_u64() {
-            return Some(Some(n));
+            return Self::Is(n);
         }
         // `12.0` is a count too; `-1`, `1.5` and `1e30` are not. (`u64::MAX as f64` rounds
         // up to 2^64, the first value out of range.)
-        let f = n.as_f64()?;
-        (f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64)
-            .then_some(Some(f as u64))
+        match n.as_f64() {
+            Some(f) if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => {
+                Self::Is(f as u64)
+            }
+            _ => Self::Invalid,
+        }
+    }
+}
+
+/// The usage of a `usage` object whose member `field` (the last of that name) says
+/// `count(field)`, if it is a valid one (see [`Usage`]).
+#[inline]
+fn usage_from(count: impl Fn(Field) -> Count) -> Option<Usage> {
+    // The count of the first of `fields` present and non-null: `Some(None)` if none is,
+    // `None` if it isn't a non-negative integer.
+    let first = |fields: &[Field]| -> Option<Option<u64>> {
+        for &field in fields {
+            match count(field) {
+                Count::Absent => {}
+                Count::Is(n) => return Some(Some(n)),
+                Count::Invalid => return None,
+            }
+        }
+        Some(None)
     };
-    let input = count(&["prompt_tokens", "input_tokens"])?;
-    let output = count(&["completion_tokens", "output_tokens"])?;
-    let total = count(&["total_tokens"])?;
+    let input = first(&[Field::Prompt, Field::Input])?;
+    let output = first(&[Field::Completion, Field::Output])?;
+    let total = first(&[Field::Total])?;
     if input.is_none() && output.is_none() && total.is_none() {
         return None;
     }

@@ -233,6 +233,149 @@ fn json_is_done_at_closing_brace() {
     assert_eq!(p.finish(), Some(usage(4, 1, 5)));
 }
 
+#[test]
+fn json_nested_values_split_anywhere() {
+    // Brackets, quotes and backslashes inside nested strings; escapes at every split point;
+    // nested values of every kind before and after the usage.
+    let body = br#"{"a":[{"s":"x]}\"\\","t":["[",{"u":"{"}]}],"b":{"c":"\\","d":[[],{}],"usage":{"prompt_tokens":9}},"usage":{"prompt_tokens":1,"completion_tokens":2,"details":{"x":"}\""}},"e":["\"usage\":{"]}"#;
+    assert_every_split(Framing::Json, MAX, body, Some(usage(1, 2, 3)));
+    // A member name split anywhere, with an escape.
+    let body =
+        br#"{"us\u0061ge":{"prompt_tokens":5},"x\"":1,"response":{"usage":{"input_tokens":2}}}"#;
+    assert_every_split(Framing::Json, MAX, body, Some(usage(2, 0, 2)));
+    // Long names and strings (past the in-register search).
+    let body = br#"{"a_rather_long_member_name_indeed":"and a rather long string value, with a \" and a \\ in it","usage":{"completion_tokens":4,"a_long_name_that_is_not_a_count":"0123456789abcdef0123456789"}}"#;
+    assert_every_split(Framing::Json, MAX, body, Some(usage(0, 4, 4)));
+}
+
+#[test]
+fn json_usage_duplicates_nulls_and_response() {
+    let cases: &[(&[u8], Option<Usage>)] = &[
+        // Duplicate members inside `usage`: the last counts, `null` included.
+        (
+            br#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
+            Some(usage(2, 0, 2)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":1,"prompt_tokens":null,"input_tokens":3}}"#,
+            Some(usage(3, 0, 3)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":"x","prompt_tokens":4}}"#,
+            Some(usage(4, 0, 4)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":4,"prompt_tokens":"x"}}"#,
+            None,
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":null,"completion_tokens":null}}"#,
+            None,
+        ),
+        // Names with escapes are decoded inside `usage`.
+        (
+            br#"{"usage":{"prompt\u005ftokens":6}}"#,
+            Some(usage(6, 0, 6)),
+        ),
+        // Whitespace everywhere, and numbers the plain reader leaves to the parser.
+        (
+            b"{\"usage\" \n: \t{ \"prompt_tokens\" : 7 ,\r\n\"total_tokens\":8 } \n}",
+            Some(usage(7, 0, 8)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":7.0,"completion_tokens":0}}"#,
+            Some(usage(7, 0, 7)),
+        ),
+        (br#"{"usage":{"prompt_tokens":07}}"#, None),
+        (
+            br#"{"usage":{"prompt_tokens":1e2}}"#,
+            Some(usage(100, 0, 100)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":12345678901234567890}}"#,
+            Some(usage(12345678901234567890, 0, 12345678901234567890)),
+        ),
+        (
+            br#"{"usage":{"prompt_tokens":123456789012345678901}}"#,
+            None,
+        ),
+        (br#"{"usage":{"prompt_tokens":nul}}"#, None),
+        (br#"{"usage":{"prompt_tokens":1,}}"#, None),
+        (br#"{"usage":{"prompt_tokens":1} x}"#, None),
+        (
+            b"{\"usage\":{\"pr\xC3\xA9\":1,\"prompt_tokens\":1}}",
+            Some(usage(1, 0, 1)),
+        ),
+        (b"{\"usage\":{\"pr\xFF\":1,\"prompt_tokens\":1}}", None),
+        (b"{\"usage\":{\"p\x01\":1,\"prompt_tokens\":1}}", None),
+        // `usage: null` falls back to `response.usage`; a broken `usage` doesn't.
+        (
+            br#"{"usage":null,"response":{"usage":{"input_tokens":1},"usage":{"input_tokens":2}}}"#,
+            Some(usage(2, 0, 2)),
+        ),
+        (
+            br#"{"usage":{"input_tokens":1},"response":{"usage":{"input_tokens":2}}}"#,
+            Some(usage(1, 0, 1)),
+        ),
+        (
+            br#"{"usage":nul,"response":{"usage":{"input_tokens":2}}}"#,
+            None,
+        ),
+        (
+            br#"{"usage":{},"response":{"usage":{"input_tokens":2}}}"#,
+            None,
+        ),
+        (
+            br#"{"response":{"usage":{"input_tokens":2}},"response":{"id":1}}"#,
+            None,
+        ),
+        // Top-level duplicates: the last counts.
+        (
+            br#"{"usage":{"input_tokens":1},"usage":null,"response":{"usage":{"input_tokens":3}}}"#,
+            Some(usage(3, 0, 3)),
+        ),
+    ];
+    for &(body, expected) in cases {
+        assert_every_split(Framing::Json, MAX, body, expected);
+        assert_eq!(
+            json_reference(body, MAX),
+            (expected, true),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn plain_usage_objects_match_the_parser() {
+    for text in [
+        &br#"{"prompt_tokens":412,"completion_tokens":9,"total_tokens":421}"#[..],
+        br#" { } "#,
+        br#"{"a":null,"b":0,"c":9999999999999999999}"#,
+        br#"{"a":00}"#,
+        br#"{"a":0.5}"#,
+        br#"{"a":1E1}"#,
+        br#"{"a":-1}"#,
+        br#"{"a":1"#,
+        br#"{"a":1}}"#,
+        br#"{"a" 1}"#,
+        br#"{"a":1 "b":2}"#,
+        br#"{"a":nulll}"#,
+        b"{\"\x7F\":1}",
+        b"{\"\t\":1}",
+        br#"null"#,
+        br#"[]"#,
+        br#""#,
+    ] {
+        assert_eq!(
+            usage_value(text),
+            usage_value_reference(text),
+            "{}",
+            String::from_utf8_lossy(text)
+        );
+    }
+}
+
 // ----- SSE
 
 #[test]
@@ -593,6 +736,200 @@ fn sse_reference(body: &[u8], max: usize) -> (Option<Usage>, bool) {
     (found, false)
 }
 
+/// The JSON framing's rules written plainly, byte by byte over the whole body, with the
+/// `usage` value read through a built object.
+fn json_reference(body: &[u8], max: usize) -> (Option<Usage>, bool) {
+    let Some(start) = body
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0xEF | 0xBB | 0xBF))
+    else {
+        return (None, false);
+    };
+    if body[start] != b'{' {
+        return (None, true);
+    }
+    let body = &body[start..];
+    let (mut depth, mut in_string, mut escaped, mut expect_key) = (0usize, false, false, false);
+    let mut name_start = None;
+    let mut member: Option<(&[u8], usize)> = None;
+    let (mut usage, mut response) = (None, None);
+    let mut end = None;
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+                if let Some(from) = name_start.take() {
+                    member = Some((&body[from..i], i + 1));
+                }
+            }
+            continue;
+        }
+        let mut end_member = |at: usize| match member.take() {
+            Some((b"usage", from)) => usage = Some((from, at)),
+            Some((b"response", from)) => response = Some((from, at)),
+            _ => {}
+        };
+        match b {
+            b'"' => {
+                in_string = true;
+                if depth == 1 && expect_key {
+                    expect_key = false;
+                    name_start = Some(i + 1);
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key |= depth == 1;
+            }
+            b'}' | b']' => {
+                if depth == 1 {
+                    end_member(i);
+                }
+                depth -= 1;
+                if depth == 0 {
+                    end = Some(i + 1);
+                    break;
+                }
+            }
+            b',' if depth == 1 => {
+                end_member(i);
+                expect_key = true;
+            }
+            _ => {}
+        }
+    }
+    let Some(end) = end else {
+        return (None, body.len() > max);
+    };
+    if end > max {
+        return (None, true);
+    }
+    let value = |(from, to): (usize, usize)| {
+        let v = body[from..to].trim_ascii_start();
+        Json::parse(v.strip_prefix(b":").unwrap_or(v)).ok()
+    };
+    let found = (|| {
+        if let Some(span) = usage {
+            match value(span)? {
+                Json::Null => {}
+                usage => return usage_of(&usage),
+            }
+        }
+        match value(response?)?.get("usage") {
+            None | Some(Json::Null) => None,
+            Some(usage) => usage_of(usage),
+        }
+    })();
+    (found, true)
+}
+
+/// [`usage_value`] through a built object.
+fn usage_value_reference(text: &[u8]) -> Option<Option<Usage>> {
+    match Json::parse(text) {
+        Ok(Json::Null) => None,
+        Ok(usage) => Some(usage_of(&usage)),
+        Err(_) => Some(None),
+    }
+}
+
+/// Bytes likely to exercise the JSON framing: member names that matter, nested values,
+/// strings with escapes, numbers of every kind, noise.
+fn json_noise() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        2 => prop::collection::vec(any::<u8>(), 0..4),
+        2 => Just(b"{".to_vec()),
+        2 => Just(b"}".to_vec()),
+        1 => Just(b"[".to_vec()),
+        1 => Just(b"]".to_vec()),
+        2 => Just(b"\"".to_vec()),
+        1 => Just(b"\\".to_vec()),
+        2 => Just(b",".to_vec()),
+        2 => Just(b":".to_vec()),
+        1 => Just(b" ".to_vec()),
+        1 => Just(b"\n".to_vec()),
+        3 => Just(b"\"usage\":".to_vec()),
+        2 => Just(b"\"response\":".to_vec()),
+        1 => Just(b"\"usage\"".to_vec()),
+        1 => Just(b"\"us\\u0061ge\":".to_vec()),
+        1 => Just(b"\"x\\\"\":".to_vec()),
+        2 => Just(b"\"prompt_tokens\":".to_vec()),
+        1 => Just(b"\"input_tokens\":".to_vec()),
+        2 => Just(b"\"completion_tokens\":".to_vec()),
+        1 => Just(b"\"output_tokens\":".to_vec()),
+        2 => Just(b"\"total_tokens\":".to_vec()),
+        1 => Just(b"\"a long string that goes past sixteen bytes\"".to_vec()),
+        1 => Just(b"\"s]}\\\"{[\"".to_vec()),
+        3 => Just(b"{\"prompt_tokens\":1,\"completion_tokens\":2}".to_vec()),
+        1 => Just(b"{\"input_tokens\":3,\"total_tokens\":null}".to_vec()),
+        1 => Just(b"null".to_vec()),
+        1 => Just(b"0".to_vec()),
+        2 => Just(b"12".to_vec()),
+        1 => Just(b"007".to_vec()),
+        1 => Just(b"-1".to_vec()),
+        1 => Just(b"1.0".to_vec()),
+        1 => Just(b"2e1".to_vec()),
+        1 => Just(b"123456789012345678901".to_vec()),
+        1 => Just(b"true".to_vec()),
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|pieces| {
+        let mut body = b"{".to_vec();
+        body.extend(pieces.concat());
+        body
+    })
+}
+
+/// `usage` values: mostly objects of count-like members (names with escapes or not ASCII,
+/// numbers of every kind, `null`, nested values, whitespace), sometimes with a byte changed.
+fn usage_text() -> impl Strategy<Value = Vec<u8>> {
+    let name = prop_oneof![
+        Just("\"prompt_tokens\""),
+        Just("\"input_tokens\""),
+        Just("\"completion_tokens\""),
+        Just("\"output_tokens\""),
+        Just("\"total_tokens\""),
+        Just("\"total\\u005ftokens\""),
+        Just("\"cached\""),
+        Just("\"caf\u{e9}\""),
+        Just("\"\""),
+    ];
+    let value = prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        (0u64..1000).prop_map(|n| n.to_string()),
+        Just("null".to_string()),
+        Just("0".to_string()),
+        Just("00".to_string()),
+        Just("-3".to_string()),
+        Just("4.0".to_string()),
+        Just("4.5".to_string()),
+        Just("5e0".to_string()),
+        Just("99999999999999999999".to_string()),
+        Just("\"7\"".to_string()),
+        Just("true".to_string()),
+        Just("{\"cached_tokens\":0}".to_string()),
+        Just("[1,2]".to_string()),
+    ];
+    let ws = prop_oneof![4 => Just(""), 1 => Just(" "), 1 => Just("\n\t")];
+    let member = (name, ws.clone(), value, ws.clone())
+        .prop_map(|(name, ws1, value, ws2)| format!("{name}{ws1}:{ws2}{value}{ws2}"));
+    (
+        prop::collection::vec(member, 0..6),
+        ws,
+        prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+    )
+        .prop_map(|(members, ws, change)| {
+            let mut text = format!("{ws}{{{}}}{ws}", members.join(",")).into_bytes();
+            if let Some((at, byte)) = change {
+                let at = at.index(text.len());
+                text[at] = byte;
+            }
+            text
+        })
+}
+
 /// `has_usage_object` without the SIMD search or the skipping.
 fn has_usage_object_naive(hay: &[u8]) -> bool {
     (0..hay.len()).any(|i| {
@@ -762,6 +1099,33 @@ proptest! {
     ) {
         let expected = sse_reference(&body, MAX);
         prop_assert_eq!(run(Framing::Sse, MAX, chunked(&body, &cuts)), expected);
+    }
+
+    #[test]
+    fn json_matches_the_reference(
+        body in json_noise(),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+        max in prop_oneof![0usize..64, Just(MAX)],
+    ) {
+        let expected = json_reference(&body, max);
+        prop_assert_eq!(run(Framing::Json, max, [&body[..]]), expected);
+        prop_assert_eq!(run(Framing::Json, max, chunked(&body, &cuts)), expected);
+        prop_assert_eq!(run(Framing::Json, max, body.chunks(1)), expected);
+    }
+
+    #[test]
+    fn usage_objects_match_the_parser(text in usage_text()) {
+        prop_assert_eq!(usage_value(&text), usage_value_reference(&text));
+    }
+
+    #[test]
+    fn usage_values_match_the_parser(body in json_noise()) {
+        // The object as written, and what follows its first `:` (a value, maybe).
+        prop_assert_eq!(usage_value(&body), usage_value_reference(&body));
+        if let Some(colon) = body.iter().position(|&b| b == b':') {
+            let text = &body[colon + 1..];
+            prop_assert_eq!(usage_value(text), usage_value_reference(text));
+        }
     }
 
     #[test]
