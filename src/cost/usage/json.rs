@@ -102,7 +102,6 @@ pub(super) struct JsonState {
 }
 
 impl JsonState {
-    /// `Some(outcome)` once the parser is done: the object ended (parsed) or was given up on.
     /// Bytes held for the object being read.
     pub(super) fn buffered(&self) -> usize {
         self.buf.len()
@@ -119,6 +118,8 @@ impl JsonState {
         self.buf = Vec::new();
     }
 
+    /// Reads the next chunk: `Some(outcome)` once the parser is done (the object ended and
+    /// its usage was read, or it was given up on), `None` while more is needed.
     pub(super) fn feed(&mut self, chunk: &[u8], max: usize) -> Option<Option<Usage>> {
         let mut i = 0;
         if !self.started {
