@@ -43,8 +43,9 @@
 //! Then the example gateway (`examples/gateway`, built with `cargo build --release --example
 //! gateway` if needed, run as its own process with one tokio worker thread like the bare
 //! proxy's runtime, every rule of a tier and a model, limits huge) in front of server (5),
-//! against calling (5) directly and through a bare axum + hyper-util proxy: latency with one connection (unloaded), throughput with the full load,
-//! and the middle hop's CPU per request. `HTTP_BENCH_GATEWAY=0` skips it.
+//! against calling (5) directly and through a bare axum + hyper-util proxy: latency with one
+//! connection (unloaded), throughput with the full load, and the middle hop's CPU per
+//! request. `HTTP_BENCH_GATEWAY=0` skips it.
 //!
 //! `HTTP_BENCH_ONLY=4,7` runs only those servers (for profiling); `HTTP_BENCH_SHOW=1` prints
 //! one raw response of each server first. `HTTP_BENCH_INPROC_ONLY=1` stops after the

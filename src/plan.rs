@@ -15,7 +15,7 @@ use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::layer::{FailurePolicy, Shared};
 use crate::observe::{DecisionEvent, Outcome, RuleDecision};
-use crate::reject::{is_grpc, Rejection};
+use crate::reject::Rejection;
 use crate::rule::{Algorithm, MissingKey, Quota, Unit};
 use crate::settle::{Pending, Settle};
 use crate::store::{BucketKey, Charge, Decision, StoreError, StoreFuture};
@@ -221,8 +221,7 @@ impl Shared {
 }
 
 /// Turns the store's answer into the headers and settlement of an admitted request, or a
-/// rejection (in gRPC's form when `request`, the request's headers, say it is a gRPC call:
-/// read only then).
+/// rejection (to the request whose headers are `request`: see `Rejection::into_response`).
 pub(crate) fn conclude(
     shared: &Arc<Shared>,
     plan: Plan,
@@ -253,7 +252,7 @@ pub(crate) fn conclude(
                 Rejection::StoreUnavailable {
                     message: format!("Rate limiting is unavailable: {e}. Please try again."),
                 }
-                .into_response(is_grpc(request), h),
+                .into_response(request, h),
             ));
         }
     };
@@ -362,6 +361,6 @@ pub(crate) fn conclude(
             p.amount,
             denial.retry_after,
         )
-        .into_response(is_grpc(request), h),
+        .into_response(request, h),
     ))
 }

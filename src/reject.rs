@@ -26,7 +26,7 @@ use crate::headers::go_duration;
 pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Whether a request is gRPC (`content-type: application/grpc*`).
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -78,8 +78,14 @@ impl Rejection {
         Rejection::RateLimited { message, unit }
     }
 
-    /// The response; `headers` (rate-limit and retry headers) are added to it.
-    pub(crate) fn into_response(self, grpc: bool, headers: HeaderMap) -> Response<Full<Bytes>> {
+    /// The response to the request whose headers are `request` (a gRPC call is answered the
+    /// gRPC way; they are read only here, so an admitted request never pays for it);
+    /// `headers` (rate-limit and retry headers) are added to it.
+    pub(crate) fn into_response(
+        self,
+        request: &HeaderMap,
+        headers: HeaderMap,
+    ) -> Response<Full<Bytes>> {
         let (status, grpc_status, kind, code, message) = match self {
             Rejection::RateLimited { message, unit } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -107,7 +113,7 @@ impl Rejection {
                 message,
             ),
         };
-        let mut response = if grpc {
+        let mut response = if is_grpc(request) {
             grpc_response(grpc_status, &message)
         } else {
             json_response(status, kind, code, &message)
@@ -190,7 +196,7 @@ mod tests {
             20,
             Some(Duration::from_millis(1500)),
         )
-        .into_response(false, HeaderMap::new());
+        .into_response(&HeaderMap::new(), HeaderMap::new());
         assert_eq!(r.status(), 429);
         let body = r.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -205,8 +211,13 @@ mod tests {
 
     #[test]
     fn grpc_denial_is_trailers_only() {
+        let mut grpc_request = HeaderMap::new();
+        grpc_request.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
         let r = Rejection::rate_limited("r", "requests", 1, Duration::from_secs(1), 1, 1, None)
-            .into_response(true, HeaderMap::new());
+            .into_response(&grpc_request, HeaderMap::new());
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "8");
         assert_eq!(percent_encode("a%b\né"), "a%25b%0A%C3%A9");

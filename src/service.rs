@@ -16,7 +16,6 @@ use crate::json::Json;
 use crate::key::RequestView;
 use crate::layer::RateLimitLayer;
 use crate::plan::{conclude, invalid, BodyProblem};
-use crate::reject::is_grpc;
 
 /// Rate limits the requests of an inner service. Built by [`RateLimitLayer`].
 ///
@@ -131,8 +130,7 @@ where
         let plan = match shared.plan(&RequestView::from_request(&req), None) {
             Ok(plan) => plan,
             Err(r) => {
-                let grpc = is_grpc(req.headers());
-                return ResponseFuture::rejected(r.into_response(grpc, HeaderMap::new()));
+                return ResponseFuture::rejected(r.into_response(req.headers(), HeaderMap::new()))
             }
         };
         let req = req.map(RequestBody::original);
@@ -204,8 +202,7 @@ impl<S> RateLimit<S> {
                             "invalid_request_body",
                             format!("The request body could not be read: {e}."),
                         );
-                        let grpc = is_grpc(&parts.headers);
-                        return Next::Reject(r.into_response(grpc, HeaderMap::new()));
+                        return Next::Reject(r.into_response(&parts.headers, HeaderMap::new()));
                     }
                 }
             };
@@ -238,10 +235,7 @@ impl<S> RateLimit<S> {
             };
             let plan = match plan {
                 Ok(plan) => plan,
-                Err(r) => {
-                    let grpc = is_grpc(&parts.headers);
-                    return Next::Reject(r.into_response(grpc, HeaderMap::new()));
-                }
+                Err(r) => return Next::Reject(r.into_response(&parts.headers, HeaderMap::new())),
             };
             // A synchronous store answers at once; only a pending answer (already boxed) is
             // awaited.

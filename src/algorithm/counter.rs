@@ -160,6 +160,19 @@ impl SlidingWindowCounter {
         cost: u64,
         div_ceil_w: impl Fn(u64) -> u64,
     ) -> bool {
+        self.room_for(l, now, cost, div_ceil_w).is_some()
+    }
+
+    /// Rolls to `now`; if `cost` fits, the time elapsed in the current window and the
+    /// previous window's share (see [`Self::carried`]), else `None`.
+    #[inline(always)]
+    fn room_for(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+        div_ceil_w: impl Fn(u64) -> u64,
+    ) -> Option<(u64, u64)> {
         let w = l.window_nanos;
         let e = self.roll_elapsed(w, now);
         let carried = self.carried(w, e, div_ceil_w);
@@ -167,6 +180,7 @@ impl SlidingWindowCounter {
             .checked_add(cost)
             .and_then(|n| n.checked_add(carried))
             .is_some_and(|n| n <= l.limit)
+            .then_some((e, carried))
     }
 
     /// The admitted half of [`Self::acquire_with`]: charges `cost` if it fits and returns
@@ -180,17 +194,8 @@ impl SlidingWindowCounter {
         cost: u64,
         div_ceil_w: impl Fn(u64) -> u64,
     ) -> Option<(Placement, Snapshot)> {
+        let (e, carried) = self.room_for(l, now, cost, div_ceil_w)?;
         let w = l.window_nanos;
-        let e = self.roll_elapsed(w, now);
-        let carried = self.carried(w, e, div_ceil_w);
-        let fits = self
-            .current
-            .checked_add(cost)
-            .and_then(|n| n.checked_add(carried))
-            .is_some_and(|n| n <= l.limit);
-        if !fits {
-            return None;
-        }
         self.current += cost;
         let snapshot = Snapshot {
             limit: l.limit,
