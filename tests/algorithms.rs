@@ -133,32 +133,54 @@ proptest! {
         }
     }
 
-    /// GCRA: any interval [a, b] admits at most burst + (b - a) x limit / w (rounded up);
-    /// after burst x w / limit of silence any cost <= burst fits.
+    /// GCRA: what the admitted requests were finally charged (after refunds; an extra charge
+    /// lands past the limit by design, so only up to what was admitted counts here), over
+    /// any interval [a, b] of admissions, is at most burst + (b - a) x limit / w (rounded
+    /// up), whatever settlements (refunds and extra charges, in any order) come between; and
+    /// once the clock passes every charge's end, any cost <= burst fits.
     #[test]
     fn gcra_stays_within_its_bound((limit, w) in params(), burst_extra in 0..5u64, ops in ops(1_000, 25)) {
         let burst = limit + burst_extra;
         let l = Limits::new(limit, w, burst);
         let mut state = State::new(Algorithm::Gcra);
-        let mut log: Vec<(u64, u64)> = Vec::new();
+        // (admitted at, charged, finally charged, placement, settled)
+        let mut log: Vec<(u64, u64, u64, Placement, bool)> = Vec::new();
         let mut now = 0;
-        let mut last = 0;
+        // A TAT no smaller than the state's: every charge and extra charge, no refund.
+        let mut quiet = 0;
         for op in ops {
-            let Op::Charge { dt, cost } = op else { continue };
-            now += dt;
-            if now >= last + (burst * w).div_ceil(limit) && cost <= burst {
-                prop_assert_eq!(state.check(&l, now, cost), Verdict::Allow);
-            }
-            match state.check(&l, now, cost) {
-                Verdict::Allow => {
-                    state.charge(&l, now, cost);
-                    log.push((now, cost));
-                    last = now;
+            match op {
+                Op::Charge { dt, cost } => {
+                    now += dt;
+                    if now >= quiet && cost <= burst {
+                        prop_assert_eq!(state.check(&l, now, cost), Verdict::Allow);
+                    }
+                    match state.check(&l, now, cost) {
+                        Verdict::Allow => {
+                            let p = state.charge(&l, now, cost);
+                            log.push((now, cost, cost, p, false));
+                            quiet = quiet.max(now) + (cost * w).div_ceil(limit);
+                        }
+                        Verdict::Deny { retry_after } => {
+                            prop_assert_eq!(retry_after.is_none(), cost > burst);
+                            if let Some(r) = retry_after {
+                                prop_assert_eq!(state.clone().check(&l, now + r, cost), Verdict::Allow);
+                            }
+                        }
+                    }
                 }
-                Verdict::Deny { retry_after } => {
-                    prop_assert_eq!(retry_after.is_none(), cost > burst);
-                    if let Some(r) = retry_after {
-                        prop_assert_eq!(state.clone().check(&l, now + r, cost), Verdict::Allow);
+                Op::Settle { nth, actual_pct } => {
+                    // Each admitted charge settles once, as a store's lease does.
+                    let open: Vec<usize> = (0..log.len()).filter(|&i| !log[i].4).collect();
+                    if open.is_empty() { continue; }
+                    let i = open[nth % open.len()];
+                    let (_, charged, _, p, _) = log[i];
+                    let actual = charged * actual_pct / 100;
+                    state.adjust(&l, now, p, charged, actual);
+                    log[i].2 = actual.min(charged);
+                    log[i].4 = true;
+                    if actual > charged {
+                        quiet = quiet.max(now) + ((actual - charged) * w).div_ceil(limit);
                     }
                 }
             }
@@ -166,9 +188,9 @@ proptest! {
         for i in 0..log.len() {
             let mut sum = 0;
             for j in i..log.len() {
-                sum += log[j].1;
+                sum += log[j].2;
                 let allowance = burst + ((log[j].0 - log[i].0) * limit).div_ceil(w);
-                prop_assert!(sum <= allowance, "{} admitted over [{}, {}], allowance {}", sum, log[i].0, log[j].0, allowance);
+                prop_assert!(sum <= allowance, "{} finally charged over [{}, {}], allowance {}", sum, log[i].0, log[j].0, allowance);
             }
         }
     }

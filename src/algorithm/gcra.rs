@@ -9,24 +9,42 @@ use super::{mul_div_ceil, mul_div_floor, Divisor, Limits, Placement, Snapshot, V
 ///
 /// A charge of `n` fits when `max(TAT, now) + n x T - now <= burst x T`: the bucket holds
 /// `burst` units and drains `limit` per `w`. Any interval of length `d` admits at most
-/// `burst + d x limit / w` units. Memory: one `u64`.
+/// `burst + d x limit / w` units, settlements included (see [`Gcra::adjust`]). Memory: two
+/// `u64`s, the TAT and the refunds given back while charges were queued.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gcra {
     tat: u64,
+    /// Nanoseconds of refunds given back (`R`): each one moved every charge queued behind
+    /// it earlier by as much, so the ends that placements recorded overstate theirs by at
+    /// most the refunds given since. Decays once the bucket is empty (see [`Gcra::adjust`]).
+    refunded: u64,
 }
 
 impl Gcra {
-    /// The state whose theoretical arrival time is `tat` (for stores keeping it in an
-    /// atomic).
+    /// The state whose theoretical arrival time is `tat` and whose refunds given back are
+    /// `refunded` (for stores keeping them in atomics).
     #[inline]
-    pub(crate) const fn from_tat(tat: u64) -> Self {
-        Self { tat }
+    pub(crate) const fn from_parts(tat: u64, refunded: u64) -> Self {
+        Self { tat, refunded }
     }
 
     /// The theoretical arrival time: when the bucket is back to full.
     #[inline]
     pub(crate) const fn tat(&self) -> u64 {
         self.tat
+    }
+
+    /// The refunds given back, see [`Gcra::adjust`].
+    #[inline]
+    pub(crate) const fn refunded(&self) -> u64 {
+        self.refunded
+    }
+
+    /// The placement of a charge that left the TAT at `tat` while `refunded` was given
+    /// back: its end on the virtual scale `TAT + R`, which never moves back.
+    #[inline]
+    pub(crate) const fn placement(tat: u64, refunded: u64) -> Placement {
+        Placement(tat.saturating_add(refunded))
     }
 
     #[inline]
@@ -102,19 +120,60 @@ impl Gcra {
         }
     }
 
+    /// Charges `cost` now; the placement is where the charge's interval ends, on the scale
+    /// `TAT + R` (see [`Gcra::adjust`]).
     pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
         // Rounded up: the stored backlog never understates what was charged.
         self.tat = self.tat.max(now).saturating_add(Self::interval(l, cost));
-        Placement(0)
+        Self::placement(self.tat, self.refunded)
     }
 
-    pub(super) fn adjust(&mut self, l: &Limits, now: u64, _: Placement, charged: u64, actual: u64) {
+    /// Settles a charge placed at `placement` to `actual` units.
+    ///
+    /// The charge occupies `[end - n x T, end)` of the queue that drains as the clock
+    /// passes; settling it to `actual < n` may give back the tail of that interval,
+    /// `back = floor((n - actual) x T)`, but only the part still ahead of `now`: what has
+    /// drained was spent from the bucket's allowance and can't be spent twice. (Refunding the
+    /// whole `back` from the current TAT admits past the bound: 50 charged at 0 s and 100 at
+    /// 30 s under 100 per 60 s, the first settled to 0 at 31 s, would free 30 s that the
+    /// second one holds.)
+    ///
+    /// The end a charge recorded overstates its real end by what was refunded, since, to
+    /// charges queued before it (each refund moves every later charge forward). With `R` the
+    /// refunds ever given back and the placement `P = end + R` at charging, the real end is
+    /// at least `P - R_now`, so the refund is
+    ///
+    /// `min(back, max(0, P - R_now - now))`, then `TAT = max(now, TAT - refund)` and `R` grows
+    /// by what the TAT moved.
+    ///
+    /// Every charge queued when the bucket is empty has drained, so `R` may then shrink to
+    /// `max(0, TAT + R - now)`: every placement is at most `TAT + R`, so none of them can
+    /// bring anything back, and the state is as fresh once `TAT + R <= now` (its idle test).
+    /// A placement of 0 (none recorded) gives nothing back. An extra charge lands now.
+    pub(super) fn adjust(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        placement: Placement,
+        charged: u64,
+        actual: u64,
+    ) {
+        if self.tat <= now {
+            self.refunded = self.refunded.saturating_sub(now - self.tat);
+            self.tat = now;
+        }
         if actual > charged {
             self.charge(l, now, actual - charged);
         } else if self.tat > now {
-            // Give back what was not used, rounded down; the bucket can't go below empty.
+            // Rounded down; the bucket can't go below empty.
             let back = mul_div_floor(charged - actual, l.window_nanos, l.limit);
-            self.tat = self.tat.saturating_sub(back).max(now);
+            let ahead = placement
+                .0
+                .saturating_sub(self.refunded)
+                .saturating_sub(now);
+            let tat = self.tat.saturating_sub(back.min(ahead)).max(now);
+            self.refunded = self.refunded.saturating_add(self.tat - tat);
+            self.tat = tat;
         }
     }
 
@@ -123,7 +182,7 @@ impl Gcra {
     }
 
     pub(super) fn is_idle(&mut self, _: &Limits, now: u64) -> bool {
-        self.tat <= now
+        self.tat.saturating_add(self.refunded) <= now
     }
 }
 
@@ -192,7 +251,7 @@ impl PreparedGcra {
         match self.admit(tat, now, cost) {
             Some(tat) => (tat, Verdict::Allow, self.snapshot(tat, now)),
             None => {
-                let mut g = Gcra { tat };
+                let mut g = Gcra::from_parts(tat, 0);
                 let (verdict, _, snapshot) = g.acquire(&self.limits, now, cost);
                 (g.tat, verdict, snapshot)
             }
@@ -244,7 +303,7 @@ mod tests {
             let w = l.window_nanos as u128;
             let free = (l.burst as u128 * w).saturating_sub(backlog as u128 * l.limit as u128);
             let remaining = u64::try_from(free / w).unwrap_or(u64::MAX).min(l.burst);
-            let got = Gcra { tat }.peek(&l, now);
+            let got = Gcra::from_parts(tat, 0).peek(&l, now);
             assert_eq!(got.remaining, remaining, "{l:?} tat={tat} now={now}");
             assert_eq!(got.reset_after_nanos, backlog);
         }
@@ -290,15 +349,48 @@ mod tests {
     fn refund_and_extra() {
         let l = Limits::new(100, 100 * S, 100);
         let mut g = Gcra::default();
-        g.charge(&l, 0, 60);
-        g.adjust(&l, 0, Placement(0), 60, 20);
+        let first = g.charge(&l, 0, 60);
+        g.adjust(&l, 0, first, 60, 20);
         assert_eq!(g.peek(&l, 0).remaining, 80);
-        g.adjust(&l, 0, Placement(0), 20, 150);
+        let second = g.charge(&l, 0, 20);
+        g.adjust(&l, 0, second, 20, 150);
         assert_eq!(g.peek(&l, 0).remaining, 0);
         // A refund never makes the bucket more than empty.
-        g.adjust(&l, 500 * S, Placement(0), 150, 0);
+        g.adjust(&l, 500 * S, second, 150, 0);
         assert_eq!(g.peek(&l, 500 * S).remaining, 100);
         assert!(g.is_idle(&l, 500 * S));
+    }
+
+    /// The sequence: a refund gives back only the part of its charge that has not
+    /// drained yet, not capacity that a later charge already took.
+    #[test]
+    fn refund_is_bounded_by_what_has_not_drained() {
+        // 100 per 60 s, burst 100: one unit per 0.6 s.
+        let l = Limits::new(100, 60 * S, 100);
+        let mut g = Gcra::default();
+        let a = g.charge(&l, 0, 50);
+        assert_eq!(g.check(&l, 30 * S, 100), Verdict::Allow);
+        g.charge(&l, 30 * S, 100);
+        // A's 30 s have drained by 31 s: nothing of it is left to give back.
+        g.adjust(&l, 31 * S, a, 50, 0);
+        assert!(matches!(g.check(&l, 31 * S, 50), Verdict::Deny { .. }));
+        assert_eq!(g.peek(&l, 31 * S).remaining, 1);
+    }
+
+    #[test]
+    fn refund_gives_back_the_undrained_tail() {
+        let l = Limits::new(100, 100 * S, 100);
+        let mut g = Gcra::default();
+        // 60 units: [0, 60 s). At 20 s, 40 s of it is still ahead.
+        let a = g.charge(&l, 0, 60);
+        g.adjust(&l, 20 * S, a, 60, 10);
+        // Back 50 s asked, 40 s undrained: the bucket is empty again.
+        assert_eq!(g.peek(&l, 20 * S).remaining, 100);
+        // A refund with no known end gives nothing back.
+        let mut g = Gcra::default();
+        g.charge(&l, 0, 60);
+        g.adjust(&l, 0, Placement(0), 60, 0);
+        assert_eq!(g.peek(&l, 0).remaining, 40);
     }
 
     /// The prepared shortcut decides exactly as the general code, admitted or denied.

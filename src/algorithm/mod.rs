@@ -9,14 +9,15 @@
 //! - [`State::charge`]: count `cost` now and say where it landed ([`Placement`]);
 //! - [`State::adjust`]: settle an earlier charge to its real amount: a refund goes back into
 //!   the window the charge was counted in (and is dropped if that window has slid out of
-//!   view), an extra charge lands now, even past the limit (the tokens were spent);
+//!   view; GCRA gives back only the part of the charge's interval not drained yet), an extra
+//!   charge lands now, even past the limit (the tokens were spent);
 //! - [`State::peek`]: remaining capacity and time to full reset, without charging.
 //!
 //! | algorithm | memory per key | exact? | notes |
 //! |---|---|---|---|
 //! | [`SlidingWindowCounter`] (default) | O(1), 24 bytes | approximate | the previous fixed window is weighted by the part of it still inside the sliding window; any window of length `w` admits at most `2 x limit`, each fixed window at most `limit` |
 //! | [`SlidingWindowLog`] | O(charges in the window) | exact | never more than `limit` in any window of length `w` |
-//! | [`Gcra`] | O(1), 8 bytes | exact for its model | a leaky bucket of capacity `burst` draining `limit` per `w`; any interval of length `d` admits at most `burst + d x limit / w` |
+//! | [`Gcra`] | O(1), 16 bytes | exact for its model | a leaky bucket of capacity `burst` draining `limit` per `w`; any interval of length `d` admits at most `burst + d x limit / w`, settlements included |
 //! | [`Concurrency`] | O(1), 8 bytes | exact | at most `limit` in flight; a charge is released by settling it to 0 |
 //!
 //! Time is nanoseconds on the store's monotonic scale ([`crate::clock`]).
@@ -102,7 +103,9 @@ pub struct Snapshot {
 }
 
 /// Where a charge landed, so that settling it later refunds the right place: the fixed
-/// window's index (counter), the entry's timestamp (log); unused by GCRA.
+/// window's index (counter), the entry's timestamp (log), the TAT just after the charge, where
+/// its interval ends (GCRA: a refund gives back only what is still ahead of the clock), the
+/// lease id (concurrency in Redis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Placement(pub u64);
 

@@ -1,5 +1,11 @@
 //! A bucket of the memory store: a GCRA number updated by compare-and-swap, or another
 //! algorithm's state behind a mutex; and holding several buckets for one decision.
+//!
+//! A GCRA cell keeps its TAT in one atomic, updated by compare-and-swap for charges, and the
+//! refunds it gave back (`Gcra`'s `R`) in another, written only while the cell is held (a
+//! settlement, a denial, a multi-rule decision): a charge reads `R` after the TAT it
+//! replaces, so the pair it sees is one the cell had (a hold that changes `R` also changes
+//! the TAT, which only returns to an earlier value through further charges).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -39,11 +45,13 @@ pub(super) enum Cell {
     Gcra(GcraCell),
 }
 
-/// A GCRA bucket: its TAT, and the limits it was created under prepared for fast decisions
-/// (charges under other limits take the general path).
+/// A GCRA bucket: its TAT, the refunds it gave back, and the limits it was created under
+/// prepared for fast decisions (charges under other limits take the general path).
 #[derive(Debug)]
 pub(super) struct GcraCell {
     pub(super) tat: AtomicU64,
+    /// Written only while the cell is held ([`HELD`]), before the TAT is stored back.
+    pub(super) refunded: AtomicU64,
     pub(super) prepared: Option<PreparedGcra>,
 }
 
@@ -58,6 +66,7 @@ impl Cell {
         match quota.algorithm() {
             Algorithm::Gcra => Self::Gcra(GcraCell {
                 tat: AtomicU64::new(0),
+                refunded: AtomicU64::new(0),
                 prepared: PreparedGcra::new(quota.limits()),
             }),
             a => Self::Locked(Mutex::new(Slot::new(State::new(a), quota.limits()))),
@@ -96,43 +105,23 @@ pub(super) fn backoff(spins: &mut u32) {
     *spins += 1;
 }
 
-/// Runs `f` on a GCRA cell's state and stores the result by compare-and-swap, retrying if
-/// another charge got there first. `None` if the cell was evicted. `f` may run several
-/// times, each time on the latest state.
+/// Runs `f` on a GCRA cell's state, holding the cell, and stores the result. `None` if the
+/// cell was evicted. (Settlements change the refunds as well as the TAT; the hold keeps the
+/// two together.)
 pub(super) fn update_gcra<T>(
-    cell: &AtomicU64,
+    cell: &GcraCell,
     limits: &Limits,
-    mut f: impl FnMut(&mut State, &Limits) -> T,
+    f: impl FnOnce(&mut State, &Limits) -> T,
 ) -> Option<T> {
-    let mut spins = 0;
-    let mut cur = cell.load(Ordering::Acquire);
-    loop {
-        match cur {
-            EVICTED => return None,
-            HELD => {
-                backoff(&mut spins);
-                cur = cell.load(Ordering::Acquire);
-                continue;
-            }
-            _ => {}
-        }
-        let mut state = State::Gcra(Gcra::from_tat(cur));
-        let out = f(&mut state, limits);
-        let new = gcra_tat(&state);
-        if new == cur {
-            return Some(out);
-        }
-        match cell.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => return Some(out),
-            Err(actual) => cur = actual,
-        }
-    }
+    let mut held = hold_gcra(cell, *limits)?;
+    Some(f(&mut held.slot().state, limits))
 }
 
 /// How [`GcraCell::admit`] went.
 pub(super) enum Admission<'c> {
-    /// Charged: the cell's prepared limits, and the TAT the charge left (not clamped).
-    Admitted(&'c PreparedGcra, u64),
+    /// Charged: the cell's prepared limits, the TAT the charge left (not clamped) and the
+    /// refunds given back then (for the placement).
+    Admitted(&'c PreparedGcra, u64, u64),
     /// Denied, or other limits than the prepared ones: ask [`GcraCell::acquire_general`].
     General,
     /// The cell was evicted.
@@ -158,6 +147,8 @@ impl GcraCell {
                 }
                 continue;
             }
+            // Read after the TAT it goes with (see the module docs).
+            let refunded = self.refunded.load(Ordering::Acquire);
             // `None`: denied, or a product past 64 bits.
             let Some(tat) = prepared.admit(cur, now, cost) else {
                 return Admission::General;
@@ -172,7 +163,7 @@ impl GcraCell {
                     continue;
                 }
             }
-            return Admission::Admitted(prepared, tat);
+            return Admission::Admitted(prepared, tat, refunded);
         }
     }
 
@@ -181,7 +172,7 @@ impl GcraCell {
     #[cold]
     #[inline(never)]
     pub(super) fn acquire_general(&self, quota: &Quota, now: u64, cost: u64) -> Option<Decided> {
-        update_gcra(&self.tat, &quota.limits(), |state, limits| {
+        update_gcra(self, &quota.limits(), |state, limits| {
             state.acquire(limits, now, cost)
         })
     }
@@ -199,13 +190,13 @@ impl GcraCell {
     }
 }
 
-/// The TAT of a GCRA state, as a cell stores it.
+/// The TAT and refunds of a GCRA state, as a cell stores them.
 #[inline]
-pub(super) fn gcra_tat(state: &State) -> u64 {
+pub(super) fn gcra_parts(state: &State) -> (u64, u64) {
     match state {
-        State::Gcra(g) => g.tat().min(MAX_TAT),
+        State::Gcra(g) => (g.tat().min(MAX_TAT), g.refunded()),
         // Cells hold GCRA states only.
-        _ => 0,
+        _ => (0, 0),
     }
 }
 
@@ -213,7 +204,7 @@ pub(super) fn gcra_tat(state: &State) -> u64 {
 /// [`HELD`] until the decision ends (its state then stored back, charged or not).
 pub(super) enum Held<'b> {
     Locked(MutexGuard<'b, Slot>),
-    Gcra { cell: &'b AtomicU64, slot: Slot },
+    Gcra { cell: &'b GcraCell, slot: Slot },
 }
 
 impl Held<'_> {
@@ -229,29 +220,35 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if let Held::Gcra { cell, slot } = self {
-            cell.store(gcra_tat(&slot.state), Ordering::Release);
+            let (tat, refunded) = gcra_parts(&slot.state);
+            // The refunds first: a charge reading this TAT then reads them too.
+            cell.refunded.store(refunded, Ordering::Release);
+            cell.tat.store(tat, Ordering::Release);
         }
     }
 }
 
-/// Holds `cell` for a multi-rule decision; `None` if it was evicted.
-pub(super) fn hold_gcra<'b>(cell: &'b AtomicU64, quota: &Quota) -> Option<Held<'b>> {
+/// Holds `cell` (for a multi-rule decision, a settlement, a denial) under `limits`; `None`
+/// if it was evicted.
+pub(super) fn hold_gcra(cell: &GcraCell, limits: Limits) -> Option<Held<'_>> {
     let mut spins = 0;
     loop {
-        let cur = cell.load(Ordering::Acquire);
+        let cur = cell.tat.load(Ordering::Acquire);
         match cur {
             EVICTED => return None,
             HELD => backoff(&mut spins),
             _ => {
                 if cell
+                    .tat
                     .compare_exchange_weak(cur, HELD, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
+                    let refunded = cell.refunded.load(Ordering::Acquire);
                     return Some(Held::Gcra {
                         cell,
                         slot: Slot {
-                            state: State::Gcra(Gcra::from_tat(cur)),
-                            limits: quota.limits(),
+                            state: State::Gcra(Gcra::from_parts(cur, refunded)),
+                            limits,
                             // Read by the counter's path only: not worth a division here.
                             by_window: Divisor::new(1),
                             evicted: false,

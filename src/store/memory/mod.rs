@@ -20,7 +20,7 @@ use super::{
     Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
     StoreError, StoreFuture,
 };
-use crate::algorithm::{Divisor, Limits, Placement, State, Verdict};
+use crate::algorithm::{Divisor, Gcra, Limits, Placement, State, Verdict};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
@@ -30,8 +30,9 @@ use self::cell::{hold_gcra, lock, update_gcra, Admission, Bucket, Cell, Held, Sl
 /// per store) from bucket to algorithm state.
 ///
 /// - **Concurrency**: a GCRA bucket is one atomic number (its theoretical arrival time),
-///   which a single-rule decision updates by compare-and-swap under its shard's read lock,
-///   without a lock of its own (as governor does); the other algorithms' buckets each sit
+///   which a single-rule charge updates by compare-and-swap under its shard's read lock,
+///   without a lock of its own (as governor does), plus the refunds it gave back, written
+///   while a settlement or a denial holds the number; the other algorithms' buckets each sit
 ///   behind a small mutex. A multi-rule decision holds every bucket in address order (locks
 ///   the mutexes, marks the GCRA numbers held so that lock-free charges wait for it), so two
 ///   requests can't deadlock, checks them all, then charges them all.
@@ -140,7 +141,9 @@ fn is_idle(bucket: &Cell, now: u64, evict: bool) -> bool {
         // Idle when its TAT has passed (a held cell's value never has).
         Cell::Gcra(cell) => {
             let cur = cell.tat.load(Ordering::Acquire);
-            cur <= now
+            // Fresh again once its refunds have decayed too (see `Gcra::adjust`).
+            let refunded = cell.refunded.load(Ordering::Acquire);
+            cur.saturating_add(refunded) <= now
                 && (!evict
                     || cell
                         .tat
@@ -384,13 +387,10 @@ impl Inner {
             // stores with 16-byte loads, which stalls).
             match (&**bucket, c.quota.algorithm()) {
                 (Cell::Gcra(cell), Algorithm::Gcra) => match cell.admit(c.quota, now, c.amount) {
-                    Admission::Admitted(prepared, tat) => {
+                    Admission::Admitted(prepared, tat, refunded) => {
                         let snapshot = prepared.snapshot(tat, now);
-                        return Ok(one_decision((
-                            Verdict::Allow,
-                            Placement::default(),
-                            snapshot,
-                        )));
+                        let placement = Gcra::placement(tat, refunded);
+                        return Ok(one_decision((Verdict::Allow, placement, snapshot)));
                     }
                     Admission::General => {
                         if let Some(decided) = cell.acquire_general(c.quota, now, c.amount) {
@@ -496,7 +496,7 @@ impl Inner {
         for (guard, (i, bucket)) in guards.iter_mut().zip(sorted()) {
             let held = match &**bucket {
                 Cell::Locked(m) => Held::Locked(lock(m)),
-                Cell::Gcra(cell) => match hold_gcra(&cell.tat, charges[*i].quota) {
+                Cell::Gcra(cell) => match hold_gcra(cell, charges[*i].quota.limits()) {
                     Some(held) => held,
                     None => return Ok(None),
                 },
@@ -576,8 +576,8 @@ impl Inner {
     }
 
     /// Runs `f` on `key`'s state (creating the bucket if `create`); `None` if there is no
-    /// bucket and `create` is false. `f` may run more than once (a GCRA cell retries when
-    /// another charge got there first), each time on the latest state.
+    /// bucket and `create` is false. `f` may run more than once (when a sweep evicted the
+    /// bucket meanwhile), each time on the latest state.
     fn with_bucket<T>(
         &self,
         key: &BucketKey,
@@ -590,7 +590,7 @@ impl Inner {
             if let Some(bucket) = self.map.get(key) {
                 let out = match &**bucket {
                     _ if !bucket.suits(quota) => None,
-                    Cell::Gcra(cell) => update_gcra(&cell.tat, &quota.limits(), &mut f),
+                    Cell::Gcra(cell) => update_gcra(cell, &quota.limits(), &mut f),
                     Cell::Locked(m) => {
                         let mut slot = lock(m);
                         fit(&mut slot, quota);

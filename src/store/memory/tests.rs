@@ -370,3 +370,41 @@ fn multi_rule_decisions_match_the_model() {
         }
     }
 }
+
+/// Issue 12's sequence through the store, single-rule (the prepared path) and with a second
+/// rule in the same request (the held path): a refund of a charge that has drained gives
+/// nothing back, so the third request is denied.
+#[test]
+fn gcra_refunds_only_what_has_not_drained() {
+    let q = Quota::per_minute(100).tokens().gcra();
+    let rpm = Quota::per_minute(1_000);
+    for with_second_rule in [false, true] {
+        let (s, clock) = store(100);
+        let k = BucketKey::new("tpm", "u");
+        let r = BucketKey::new("rpm", "u");
+        let acquire = |amount: u64| {
+            let mut charges = vec![Charge::new(&k, &q, amount)];
+            if with_second_rule {
+                charges.push(Charge::new(&r, &rpm, 1));
+            }
+            s.try_acquire(&charges).unwrap()
+        };
+        let a = acquire(50);
+        clock.advance(Duration::from_secs(30));
+        assert!(acquire(100).is_admitted());
+        clock.advance(Duration::from_secs(1));
+        s.settle(&[Adjustment {
+            bucket: &k,
+            quota: &q,
+            placement: a.charges[0].placement,
+            charged: 50,
+            actual: 0,
+        }])
+        .now()
+        .unwrap()
+        .unwrap();
+        let c = acquire(50);
+        assert!(!c.is_admitted(), "second rule: {with_second_rule}");
+        assert_eq!(c.charges[0].snapshot.remaining, 1);
+    }
+}

@@ -28,7 +28,7 @@
 --   counter      '<Bddd' 1, window index, current count, previous count
 --   log          '<Bd'   2, total, then '<dd' (time, amount) per entry, oldest first;
 --                entries at one instant are merged, entries refunded to 0 are removed
---   gcra         '<Bd'   3, theoretical arrival time
+--   gcra         '<Bd'   3, theoretical arrival time; '<Bdd' with the refunds given back (R)
 --   idempotency  '<B'    4, then the reply (any other value is ignored and replaced)
 -- Concurrency buckets are sorted sets of slots scored by their expiry (now + window): a
 -- process that dies holding slots can't leak them past the window. A charge of n slots under
@@ -89,11 +89,13 @@ local function load(k, alg, v)
     end
     return { body = '', total = 0, raw = v, changed = false }
   end
-  if v and #v == 9 and byte(v, 1) == 3 then
+  if v and (#v == 9 or #v == 17) and byte(v, 1) == 3 then
     local _, tat = sunpack('<Bd', v)
-    return { tat = tat, raw = v }
+    local r = 0
+    if #v == 17 then r = sunpack('<d', v, 10) end
+    return { tat = tat, r = r, raw = v }
   end
-  return { tat = 0, raw = v }
+  return { tat = 0, r = 0, raw = v }
 end
 
 -- counter
@@ -221,7 +223,8 @@ local function charge(s, alg, limit, w, cost, id)
     local start = s.tat
     if now > start then start = now end
     s.tat = start + ceil_div(cost * w, limit)
-    return 0
+    -- The charge's end on the scale TAT + R (Gcra::adjust in gcra.rs).
+    return s.tat + s.r
   end
   s.count = s.count + cost
   for j = 1, cost do s.add[#s.add + 1] = slot_member(id, j) end
@@ -264,14 +267,27 @@ local function adjust(s, alg, limit, w, placement, charged, actual)
       end
     end
   elseif alg == 2 then
+    -- As Gcra::adjust (gcra.rs, where the rule is derived): a refund gives back at most the
+    -- part of the charge still ahead of now, placement - R - now; R (the refunds given back)
+    -- decays while the bucket is empty.
+    if s.tat <= now then
+      local r = s.r - (now - s.tat)
+      if r < 0 then r = 0 end
+      s.r = r
+      s.tat = now
+    end
     if actual > charged then
-      local start = s.tat
-      if now > start then start = now end
-      s.tat = start + ceil_div((actual - charged) * w, limit)
+      s.tat = s.tat + ceil_div((actual - charged) * w, limit)
     elseif s.tat > now then
       local back = floor((charged - actual) * w / limit)
-      s.tat = s.tat - back
-      if s.tat < now then s.tat = now end
+      local ahead = placement - s.r - now
+      if ahead < back then back = ahead end
+      if back > 0 then
+        local tat = s.tat - back
+        if tat < now then tat = now end
+        s.r = s.r + (s.tat - tat)
+        s.tat = tat
+      end
     end
   elseif actual < charged then
     for j = actual + 1, charged do s.remove[#s.remove + 1] = slot_member(placement, j) end
@@ -345,8 +361,13 @@ local function store(key, s, alg, w)
     local newest = sunpack('<d', body, #body - 15)
     put(key, s, spack('<Bd', 2, s.total) .. body, floor((newest + w - now) / 1000) + 1)
   elseif alg == 2 then
-    if s.tat <= now then put(key, s, nil); return end
-    put(key, s, spack('<Bd', 3, s.tat), floor((s.tat - now) / 1000) + 1)
+    -- Kept until its refunds have decayed too (a fresh state could not tell an earlier
+    -- placement from its own).
+    local until_ = s.tat + s.r
+    if until_ <= now then put(key, s, nil); return end
+    local value
+    if s.r == 0 then value = spack('<Bd', 3, s.tat) else value = spack('<Bdd', 3, s.tat, s.r) end
+    put(key, s, value, floor((until_ - now) / 1000) + 1)
   else
     if #s.remove == 0 and #s.add == 0 then return end
     call('ZREMRANGEBYSCORE', key, '-inf', now)

@@ -24,7 +24,8 @@
 //!   format, see "Upgrades" below): the caller's key is hashed, so no input can reach another
 //!   namespace; the hash is the cluster hash tag, so one caller's rules share a slot. Every
 //!   key has a TTL: the end of the next window (the counter, at most two windows; set when
-//!   its window moves, kept by writes within a window), the time to drain (GCRA), the newest
+//!   its window moves, kept by writes within a window), the time to drain plus the refunds it
+//!   gave back (GCRA, see `Gcra::adjust`), the newest
 //!   entry's expiry (log) or the lease (concurrency), so Redis memory is bounded by active
 //!   keys. Needs Redis >= 6.0 (`SET ... KEEPTTL`).
 //! - **Redis Cluster**: rules whose keys fall in different slots (per user vs per model) are
@@ -53,7 +54,9 @@
 //! versions run, each admits up to the whole limit, so up to the old plus the new budget can
 //! be admitted in one window (at most twice the limit with two versions); idempotency
 //! records are not shared either (a retry that reaches the other version is decided afresh);
-//! no bucket is reset and no request fails. Once the old version is gone its keys expire
+//! no bucket is reset and no request fails. (One exception within `v2`: a GCRA state that has
+//! given refunds back is 8 bytes longer than before; a replica older than that reads it as a
+//! fresh bucket.) Once the old version is gone its keys expire
 //! with their TTLs (at most about two windows, or the idempotency TTL). The script itself is
 //! versioned the same way (`tower_llm_ratelimit_<hash>`, a script SHA), so versions never run
 //! each other's code either.
