@@ -14,7 +14,7 @@ use crate::future::{Next, ResponseFuture};
 use crate::inspect::{self, Read, RequestBody};
 use crate::json::Json;
 use crate::key::RequestView;
-use crate::layer::RateLimitLayer;
+use crate::layer::{Acquiring, RateLimitLayer};
 use crate::plan::{conclude, invalid, BodyProblem};
 
 /// Rate limits the requests of an inner service. Built by [`RateLimitLayer`].
@@ -144,8 +144,10 @@ where
             Err(pending) => {
                 let shared = Arc::clone(shared);
                 let mut inner = self.take_ready();
+                let acquiring = Acquiring::new(Arc::clone(&shared), pending, plan);
                 ResponseFuture::deciding(Box::pin(async move {
-                    match conclude(&shared, plan, pending.await, req.headers()) {
+                    let (plan, result) = acquiring.decide().await;
+                    match conclude(&shared, plan, result, req.headers()) {
                         Ok(a) => Next::Call(inner.call(req), a.headers, a.settle),
                         Err(response) => Next::Reject(*response),
                     }
@@ -239,9 +241,13 @@ impl<S> RateLimit<S> {
             };
             // A synchronous store answers at once; only a pending answer (already boxed) is
             // awaited.
-            let result = match shared.acquire(&plan).into_result() {
-                Ok(result) => result,
-                Err(pending) => pending.await,
+            let (plan, result) = match shared.acquire(&plan).into_result() {
+                Ok(result) => (plan, result),
+                Err(pending) => {
+                    Acquiring::new(Arc::clone(&shared), pending, plan)
+                        .decide()
+                        .await
+                }
             };
             let admit = match conclude(&shared, plan, result, &parts.headers) {
                 Ok(a) => a,

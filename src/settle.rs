@@ -12,7 +12,7 @@
 //! | body ended with `usage` | charged the reported usage (refund or extra charge, even past the limit: the tokens were spent) | kept | released |
 //! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
 //! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
-//! | request dropped before a response (client gone) | reservation kept | kept | released |
+//! | request dropped before a response (client gone), even while the store was still deciding (the decision is then awaited in the background) | reservation kept | kept | released |
 //!
 //! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
 //! as a response without `usage`. A gateway in front of upstreams should not forward

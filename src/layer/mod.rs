@@ -1,5 +1,6 @@
 //! [`RateLimitLayer`] and its builder.
 
+mod acquiring;
 mod builder;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ use crate::settle::MissingUsage;
 use crate::store::{BucketKey, Snapshot, Store, StoreError};
 use crate::tier::TierResolver;
 
+pub(crate) use self::acquiring::Acquiring;
 pub use self::builder::RateLimitLayerBuilder;
 
 /// What the layer does when its store fails (unreachable, full).

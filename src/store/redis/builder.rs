@@ -209,6 +209,7 @@ impl RedisStoreBuilder {
                 errors: AtomicU64::new(0),
                 fallback_decisions: AtomicU64::new(0),
                 breaker_opened: AtomicU64::new(0),
+                releases: Default::default(),
             }),
         }
     }

@@ -40,6 +40,20 @@
 //!   counted ([`RedisStore::stats`]). When Redis answers again the store uses it again.
 //!   [`RedisStoreBuilder::connect_lazy`] starts a store before Redis answers at all (the
 //!   first call that reaches it connects); [`RedisStoreBuilder::connect`] needs it at once.
+//! - **Concurrency slots after failures**: a slot is a sorted-set member named by a lease id
+//!   this client picks, so it can always be released, and releasing is idempotent. When an
+//!   acquire fails after Redis may have run it (a timeout, a broken connection), or a
+//!   settlement that releases slots fails (timeout, error, open circuit), the release is
+//!   queued and one background task retries it, oldest first, backing off from 50 ms to 1 s,
+//!   so the slot comes back within about a second of Redis answering again instead of at the
+//!   end of its lease (10 minutes by default). Redis runs one connection's commands in order,
+//!   so a release sent after a timed-out acquire runs after it. Bounded: at most 4,096
+//!   releases wait (past that a slot comes back when its lease ends, with a warning), a
+//!   release is dropped once its lease has ended, one call is in flight at a time
+//!   ([`RedisStats::pending_releases`] counts them). Token corrections that fail are not
+//!   retried (not idempotent): the estimate stays charged, the conservative side. A client
+//!   that leaves while its decision is pending is handled by the layer (the decision is
+//!   awaited in the background and its slots released).
 //! - **Idempotency**: [`Store::acquire_once`] with a request id (the layer's
 //!   [`crate::RateLimitLayerBuilder::idempotency_header`]) is counted once; a retry gets the
 //!   first decision back.
@@ -64,10 +78,12 @@
 mod breaker;
 mod builder;
 mod keys;
+mod release;
 mod script;
 
 pub use self::builder::RedisStoreBuilder;
-use self::script::{put_f64, Call, ACTUAL_AT, HEADER, PLACEMENT_AT, RECORD, SCRIPT};
+use self::release::Releases;
+use self::script::{may_have_run, put_f64, Call, ACTUAL_AT, HEADER, PLACEMENT_AT, RECORD, SCRIPT};
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -113,6 +129,8 @@ pub struct RedisStats {
     pub breaker_opened: u64,
     /// Whether the circuit is open now.
     pub circuit_open: bool,
+    /// Concurrency slots waiting for Redis to release them (after a failed call).
+    pub pending_releases: u64,
 }
 
 /// Bit of a placement made by the local fallback, so its settlement stays local.
@@ -204,6 +222,8 @@ struct Inner {
     errors: AtomicU64,
     fallback_decisions: AtomicU64,
     breaker_opened: AtomicU64,
+    /// Concurrency slots to release once Redis answers (see `release.rs`).
+    releases: Releases,
 }
 
 impl fmt::Debug for RedisStore {
@@ -246,6 +266,7 @@ impl RedisStore {
             fallback_decisions: i.fallback_decisions.load(Ordering::Relaxed),
             breaker_opened: i.breaker_opened.load(Ordering::Relaxed),
             circuit_open: i.breaker.is_open(),
+            pending_releases: i.releases.len() as u64,
         }
     }
 }
@@ -314,7 +335,14 @@ impl RedisStore {
                 return Err(StoreError::Backend("a Redis call task failed".into()));
             }
             if let Some(e) = results.iter().find_map(|(_, r)| r.as_ref().err()).cloned() {
-                // Give back what the slots that did answer admitted, then fall back or fail.
+                // A call that may have run took its slots for nobody: release them once Redis
+                // answers. Give back what the slots that did answer admitted, then fall back
+                // or fail.
+                for (call, r) in &results {
+                    if matches!(r, Err(e) if may_have_run(e)) {
+                        release_slots(&inner, call);
+                    }
+                }
                 refund_admitted(&inner, &results).await;
                 return match owned {
                     Some(owned) => Ok(decide_locally(&inner, &owned, &e)),
@@ -393,7 +421,17 @@ async fn refund_admitted(inner: &Arc<Inner>, results: &[(Call, Result<Vec<i64>, 
         };
         if let Err(e) = inner.run(&refund).await {
             tracing::warn!(target: "tower_llm_ratelimit", error = %e, "refunding a cross-slot reservation failed");
+            // Sent or not, the slots it gives back are still taken.
+            release_slots(inner, &refund);
         }
+    }
+}
+
+/// Queues the release of the concurrency slots `call` takes or gives back, if any, to run
+/// once Redis answers (see `release.rs`).
+fn release_slots(inner: &Arc<Inner>, call: &Call) {
+    if let Some((release, lease)) = call.slot_releases() {
+        release::queue(inner, release, lease);
     }
 }
 
@@ -480,10 +518,17 @@ impl Store for RedisStore {
             None,
         );
         StoreFuture::pending(async move {
-            for (_, r) in inner.run_all(calls).await {
-                r?;
+            let mut result = Ok(());
+            for (call, r) in inner.run_all(calls).await {
+                if let Err(e) = r {
+                    // The slots this settlement releases are released later, whatever else
+                    // it corrected (token corrections are not retried: they are not
+                    // idempotent, and a lost one keeps the estimate, the conservative side).
+                    release_slots(&inner, &call);
+                    result = Err(e);
+                }
             }
-            Ok(())
+            result
         })
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use super::{keys, Conn, Inner, RedisFailure};
 use crate::rule::{Algorithm, Quota};
@@ -14,6 +15,7 @@ pub(super) const SCRIPT: &str = include_str!("limiter.lua");
 pub(super) const EVAL_ENTRY: &str = "return main(KEYS, ARGV)";
 
 /// One script call: the keys of one slot and the arguments for them.
+#[derive(Debug, Clone)]
 pub(super) struct Call {
     /// Indexes of the charges (or adjustments) in this call.
     pub(super) members: Vec<usize>,
@@ -30,8 +32,65 @@ pub(super) struct Call {
 pub(super) const HEADER: usize = 17;
 pub(super) const RECORD: usize = 49;
 pub(super) const IDEM_TTL_AT: usize = 9;
+const WINDOW_AT: usize = 9;
+const AMOUNT_AT: usize = 25;
 pub(super) const PLACEMENT_AT: usize = 33;
 pub(super) const ACTUAL_AT: usize = 41;
+
+/// The error of a call refused by the open circuit: nothing was sent.
+pub(super) const CIRCUIT_OPEN: &str = "circuit open after repeated Redis failures";
+/// The error of a call made before the cluster connection exists: nothing was sent.
+const NOT_CONNECTED: &str = "not connected to the Redis cluster yet (connecting in the background)";
+
+/// Whether a failed call may have run on Redis (it timed out, or its connection broke after
+/// sending it), rather than failing before anything was sent.
+pub(super) fn may_have_run(e: &StoreError) -> bool {
+    !matches!(e, StoreError::Backend(m) if m == CIRCUIT_OPEN || m.contains(NOT_CONNECTED))
+}
+
+fn get_f64(buf: &[u8], at: usize) -> f64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    f64::from_le_bytes(b)
+}
+
+impl Call {
+    /// The settle call that releases the concurrency slots this call takes (an acquire) or
+    /// gives back (a settlement), and the longest of their leases; `None` when it names none.
+    /// Idempotent: it removes the slots' members, whether or not this call ran.
+    pub(super) fn slot_releases(&self) -> Option<(Call, Duration)> {
+        let concurrency = algorithm_code(Algorithm::Concurrency);
+        let acquire = self.args.first() == Some(&b'a');
+        let mut args = Vec::with_capacity(HEADER + RECORD);
+        args.push(b's');
+        args.extend_from_slice(&self.args[1..IDEM_TTL_AT]);
+        args.extend_from_slice(&0f64.to_le_bytes());
+        let (mut keys, mut lease_us) = (Vec::new(), 0f64);
+        for (j, key) in self.keys.iter().enumerate() {
+            let at = HEADER + RECORD * j;
+            let Some(record) = self.args.get(at..at + RECORD) else {
+                break; // the idempotency key has no record
+            };
+            let (amount, actual) = (get_f64(record, AMOUNT_AT), get_f64(record, ACTUAL_AT));
+            if record[0] != concurrency || (!acquire && actual >= amount) {
+                continue;
+            }
+            lease_us = lease_us.max(get_f64(record, WINDOW_AT));
+            let from = args.len();
+            args.extend_from_slice(record);
+            put_f64(&mut args, from + ACTUAL_AT, 0.0);
+            keys.push(key.clone());
+        }
+        (!keys.is_empty()).then(|| {
+            let call = Call {
+                members: (0..keys.len()).collect(),
+                keys,
+                args,
+            };
+            (call, Duration::from_micros(lease_us as u64))
+        })
+    }
+}
 
 pub(super) fn put_f64(buf: &mut [u8], at: usize, v: f64) {
     buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
@@ -119,9 +178,7 @@ impl Inner {
     pub(super) async fn run(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
         if !self.breaker.allow() {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(StoreError::Backend(
-                "circuit open after repeated Redis failures".into(),
-            ));
+            return Err(StoreError::Backend(CIRCUIT_OPEN.into()));
         }
         let result = match self.conn.clone() {
             Conn::Single(mut c) => {
@@ -134,7 +191,7 @@ impl Inner {
                 Some(mut c) => tokio::time::timeout(self.timeout, self.invoke(call, &mut c)).await,
                 None => Ok(Err(redis::RedisError::from((
                     redis::ErrorKind::Io,
-                    "not connected to the Redis cluster yet (connecting in the background)",
+                    NOT_CONNECTED,
                 )))),
             },
         };

@@ -1,0 +1,72 @@
+//! A decision still under way whose caller may go away.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use http::HeaderMap;
+
+use super::{Settling, Shared};
+use crate::plan::{conclude, Plan};
+use crate::store::{Decision, StoreError};
+
+/// A store's answer still to come.
+pub(crate) type PendingDecision =
+    Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
+
+/// An acquire under way at a store doing I/O, owned by a response future that may be dropped
+/// (the client hangs up while the store decides). Dropped before its answer, it lets the
+/// answer arrive in a background task and settles whatever was admitted as a request dropped
+/// before its response: concurrency slots released, the other charges kept (see
+/// [`crate::settle`]). Otherwise a slot taken by a decision nobody received would stay taken
+/// for the whole lease. [`crate::RateLimitLayer::flush`] waits for these tasks too.
+pub(crate) struct Acquiring {
+    shared: Arc<Shared>,
+    /// Until the answer is in.
+    pending: Option<(PendingDecision, Plan)>,
+}
+
+impl Acquiring {
+    pub(crate) fn new(shared: Arc<Shared>, decision: PendingDecision, plan: Plan) -> Self {
+        Self {
+            shared,
+            pending: Some((decision, plan)),
+        }
+    }
+
+    /// The store's answer, and the plan back.
+    pub(crate) async fn decide(mut self) -> (Plan, Result<Decision, StoreError>) {
+        let result = std::future::poll_fn(|cx| match &mut self.pending {
+            Some((decision, _)) => decision.as_mut().poll(cx),
+            // Taken only below, once the answer is in.
+            None => Poll::Pending,
+        })
+        .await;
+        let (_, plan) = self.pending.take().expect("set until the answer is in");
+        (plan, result)
+    }
+}
+
+impl Drop for Acquiring {
+    fn drop(&mut self) {
+        let Some((decision, plan)) = self.pending.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                target: "tower_llm_ratelimit",
+                "no tokio runtime to finish an abandoned rate-limit decision on; its concurrency slots stay taken until their lease ends"
+            );
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let running = Settling::start(&shared);
+        rt.spawn(async move {
+            let result = decision.await;
+            // An admission's settlement runs as its `Admit` drops here, unresponded.
+            drop(conclude(&shared, plan, result, &HeaderMap::new()));
+            drop(running);
+        });
+    }
+}
