@@ -103,7 +103,7 @@ impl Store {
 /// larger one (charged `fallback_tokens` on the per-user rules only). Every request the
 /// gateway forwards to a model is counted by that model's rules.
 #[derive(Debug, Clone)]
-pub(crate) struct ModelKey {
+struct ModelKey {
     model: Key,
     name: String,
 }

@@ -101,10 +101,8 @@ async fn an_idle_stream_is_closed_and_its_slots_released() {
     .expect("a frame")
     .expect("no error");
     assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: ")));
-    assert_eq!(
-        rule_state(&c, &gw, "free-a", "user-concurrent").await["remaining"],
-        1
-    );
+    // (That the stream holds its slot meanwhile is `concurrency_slots_and_streaming_settlement`;
+    // checking it here would race the 1 s timeout on a loaded machine.)
 
     // The gateway ends the stream (as a broken body: it is incomplete).
     let mut rest = Vec::new();
