@@ -5,8 +5,9 @@
 //! A cut-off body ends with an error, so the client's connection is closed mid-body (an
 //! HTTP/1.1 chunked body without its last chunk): the client can tell the answer is
 //! incomplete. The body is dropped with the connection, which ends the upstream request and
-//! settles the limiter's charges (the token reservation is kept, the concurrency slots are
-//! released): a stalled upstream can't hold a caller's slots for longer than the timeout.
+//! settles the limiter's charges (the concurrency slots are released; the tokens settle as
+//! for a response without usage, by default the reservation kept): a stalled upstream can't
+//! hold a caller's slots for longer than the timeout.
 
 use std::fmt;
 use std::future::Future;
