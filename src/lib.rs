@@ -52,7 +52,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
-//! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
+//! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards; a decision whose caller left is finished in the background (`layer/acquiring.rs`) |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json/`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
@@ -60,8 +60,8 @@
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` parser, one file per framing) |
-//! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
-//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
+//! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection, concurrency slots released in the background after failed calls) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |

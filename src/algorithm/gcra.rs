@@ -9,8 +9,9 @@ use super::{mul_div_ceil, mul_div_floor, Divisor, Limits, Placement, Snapshot, V
 ///
 /// A charge of `n` fits when `max(TAT, now) + n x T - now <= burst x T`: the bucket holds
 /// `burst` units and drains `limit` per `w`. Any interval of length `d` admits at most
-/// `burst + d x limit / w` units, settlements included (see [`Gcra::adjust`]). Memory: two
-/// `u64`s, the TAT and the refunds given back while charges were queued.
+/// `burst + d x limit / w` units, settlements included: a refund
+/// ([`State::adjust`](super::State::adjust)) gives back only the part of its charge still
+/// queued ahead of the clock. Memory: two `u64`s, the TAT and the refunds given back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gcra {
     tat: u64,
