@@ -82,9 +82,20 @@ fn http_client() -> HttpClient {
 
 /// Sends a GET with `headers` and reads the whole response.
 async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> (Response<()>, Bytes) {
+    let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    get_raw(client, url, &raw).await
+}
+
+/// [`get`] with header values of any bytes, each a line of its own.
+async fn get_raw(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &[u8])],
+) -> (Response<()>, Bytes) {
     let mut req = Request::get(url);
     for (name, value) in headers {
-        req = req.header(*name, *value);
+        let value = hyper::header::HeaderValue::from_bytes(value).expect("header value");
+        req = req.header(*name, value);
     }
     let req = req.body(Full::default()).unwrap();
     let response = within("response", client.request(req))
@@ -237,6 +248,61 @@ async fn forwarding_headers_count_only_from_trusted_proxies() {
     let (r, _) = get(&client, &url, &[("x-forwarded-for", "203.0.113.0")]).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+    drop(client);
+    server.shutdown().await;
+}
+
+/// Behind a proxy that appends `X-Forwarded-For` (the test client, trusted): a `Forwarded`
+/// header the client adds picks no bucket, and a non-ASCII byte the client put in front of
+/// the address its proxy appended neither hides that address nor lands in the proxy's bucket.
+#[tokio::test]
+async fn a_client_cannot_pick_its_bucket_through_forwarding_headers() {
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "per-ip",
+            key::client_ip().trust_proxy("127.0.0.1"),
+            Quota::per_hour(1),
+        ))
+        .build()
+        .unwrap();
+    let (server, calls) = start(layer, true).await;
+    let client = http_client();
+    let url = server.url();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let forged = format!("for=6.6.6.{i}");
+        let headers = [
+            ("forwarded", &forged[..]),
+            ("x-forwarded-for", "203.0.113.7"),
+        ];
+        statuses.push(get(&client, &url, &headers).await.0.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "one bucket for 203.0.113.7, whatever `Forwarded` says"
+    );
+
+    let appended: [(&str, &[u8]); 1] = [("x-forwarded-for", b"\x80, 198.51.100.1")];
+    let (r, _) = get_raw(&client, &url, &appended).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (r, _) = get(&client, &url, &[("x-forwarded-for", "198.51.100.1")]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the request with the bad byte was counted as 198.51.100.1"
+    );
+    let alone: [(&str, &[u8]); 1] = [("x-forwarded-for", b"\x80")];
+    let (r, _) = get_raw(&client, &url, &alone).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // The proxy's own bucket is untouched by it.
+    let (r, _) = get(&client, &url, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK, "the proxy's own request");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
     drop(client);
     server.shutdown().await;
 }
