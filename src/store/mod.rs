@@ -90,6 +90,20 @@ impl BucketKey {
     pub fn key(&self) -> &Key {
         &self.key
     }
+
+    /// The bucket of `key` under the same rule.
+    pub(crate) fn with_key(&self, key: Key) -> Self {
+        Self {
+            rule: Arc::clone(&self.rule),
+            key,
+        }
+    }
+
+    /// Bytes this key holds, counting its rule name as if it weren't shared (an upper bound).
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.key.as_bytes().len() + 16 + self.rule.len()
+    }
 }
 
 impl fmt::Debug for BucketKey {
