@@ -57,11 +57,11 @@
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json/`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`] |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
-//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
+//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` parser, one file per framing) |
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
-//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell, one for least-recently-used eviction at `max_keys`, one for long keys held as digests); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |

@@ -18,8 +18,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
+use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::key::{self, PeerAddr};
-use tower_llm_ratelimit::{Quota, RateLimitLayer, RequestBody, Rule};
+use tower_llm_ratelimit::store::MemoryStore;
+use tower_llm_ratelimit::{FailurePolicy, Quota, RateLimitLayer, RequestBody, Rule};
 
 use support::{within, Shutdown, TestServer};
 
@@ -303,6 +305,43 @@ async fn a_client_cannot_pick_its_bucket_through_forwarding_headers() {
     let (r, _) = get(&client, &url, &[]).await;
     assert_eq!(r.status(), StatusCode::OK, "the proxy's own request");
     assert_eq!(calls.load(Ordering::SeqCst), 4);
+    drop(client);
+    server.shutdown().await;
+}
+
+/// A memory store at its `max_keys`, with a layer that admits on store errors: a flood of
+/// new keys is still counted, each key's second request denied (the least recently used
+/// buckets make room; a refused key would be admitted uncounted).
+#[tokio::test]
+async fn at_max_keys_a_flood_of_new_keys_is_counted_under_fail_open() {
+    const MAX_KEYS: usize = 50;
+    let store = MemoryStore::builder()
+        .clock(ManualClock::new())
+        .max_keys(MAX_KEYS)
+        .build();
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "per-key",
+            key::header("x-api-key"),
+            Quota::per_hour(1),
+        ))
+        .store(store.clone())
+        .on_store_error(FailurePolicy::Open)
+        .build()
+        .unwrap();
+    let (server, calls) = start(layer, true).await;
+    let client = http_client();
+    let url = server.url();
+    for i in 0..4 * MAX_KEYS {
+        let key = format!("key-{i}");
+        let (first, _) = get(&client, &url, &[("x-api-key", &key)]).await;
+        assert_eq!(first.status(), StatusCode::OK, "{key}");
+        let (second, _) = get(&client, &url, &[("x-api-key", &key)]).await;
+        assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS, "{key}");
+        assert!(store.len() <= MAX_KEYS);
+    }
+    assert_eq!(store.len(), MAX_KEYS);
+    assert_eq!(calls.load(Ordering::SeqCst), 4 * MAX_KEYS);
     drop(client);
     server.shutdown().await;
 }

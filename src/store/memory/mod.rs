@@ -1,4 +1,5 @@
-//! The in-memory store: one process, no I/O.
+//! The in-memory store: one process, no I/O, bounded memory (least recently used buckets
+//! make room for new keys at `max_keys`; long keys held as digests).
 
 #[cfg(test)]
 mod capacity_tests;
@@ -50,11 +51,18 @@ use self::resident::{Bucket, Resident, Residents};
 ///   shard) and removes each idle bucket under a write lock held for that key alone, at most
 ///   65,536 a sweep (the next request starts another).
 /// - **Bounded memory**: at most [`max_keys`](MemoryStoreBuilder::max_keys) buckets (default
-///   1,000,000). A charge to a new bucket when the map is full first sweeps idle buckets (at
-///   most once a second); if none can go, the charge fails with
-///   [`StoreError::AtCapacity`], which the layer answers with its store-failure policy
-///   (503 by default). Existing buckets keep working at the cap: a flood of new keys can't
-///   evict active callers' state or let them past their limits.
+///   1,000,000), each holding at most 256 bytes of key: a longer key (a 64 KiB header value)
+///   is held as a 128-bit keyed digest of it (`digest.rs`). A charge to a new bucket when
+///   the map is full first evicts the least recently used of 5 buckets sampled at random
+///   (Redis' `allkeys-lru`; nginx's `limit_req` zone evicts its least recently used state
+///   when full too), so a new key is always counted: never refused, never let through
+///   uncounted. The evicted bucket is never used more recently than the other sampled ones,
+///   and one a caller keeps using stays (`resident.rs`). What a flood of new keys costs is
+///   the state of the least recently used callers: an evicted caller starts afresh, as
+///   after an idle sweep. A decision on an existing bucket only records its time in the
+///   bucket; the index sampled for eviction is locked only when a bucket comes or goes.
+///   A request naming more buckets than `max_keys` holds fails with
+///   [`StoreError::AtCapacity`].
 ///
 /// Clones share the same state.
 #[derive(Clone)]
@@ -167,7 +175,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Tracks at most `max_keys` buckets (default 1,000,000; at least 1).
+    /// Tracks at most `max_keys` buckets (default 1,000,000; at least 1); at the cap, a new
+    /// key evicts the least recently used of a few sampled buckets.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys.max(1);
         self
