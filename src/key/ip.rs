@@ -1,12 +1,12 @@
-//! The client IP, trusting forwarding headers only from configured proxies.
+//! The client IP, trusting the one forwarding header its proxies write, and only from them.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::Extensions;
 
+use super::cidr::{mask, IpNet};
 use super::forwarding::ForwardingHeader;
 use super::{Key, KeyExtractor, RequestView};
 
@@ -16,63 +16,6 @@ use super::{Key, KeyExtractor, RequestView};
 /// `ConnectInfo<SocketAddr>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// An IP network in CIDR notation (`10.0.0.0/8`, `fd00::/8`, or a bare address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid proxy address or CIDR {s:?}");
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
-            None => (s, None),
-        };
-        let addr = IpAddr::from_str(addr.trim())
-            .map_err(|_| bad())?
-            .to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-}
-
-impl IpNet {
-    fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
-}
-
-/// Keeps the first `prefix` bits of `ip`.
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let m = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let m = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(bits & m))
-        }
-    }
-}
 
 type PeerFn = Arc<dyn Fn(&Extensions) -> Option<IpAddr> + Send + Sync>;
 
@@ -164,6 +107,26 @@ impl ClientIp {
 
     /// Reads the client address from `header`, the one your trusted proxies write (default
     /// [`ForwardingHeader::XForwardedFor`]); the other header is ignored, whatever it says.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_llm_ratelimit::key::{
+    ///     client_ip, ForwardingHeader, KeyExtractor, PeerAddr, RequestView,
+    /// };
+    ///
+    /// let ip = client_ip()
+    ///     .trust_proxy("10.0.0.0/8")
+    ///     .forwarding_header(ForwardingHeader::Forwarded);
+    /// let mut req = Request::builder()
+    ///     .header("forwarded", "for=203.0.113.7;proto=https")
+    ///     // Not what the proxy writes: the client's own, ignored.
+    ///     .header("x-forwarded-for", "6.6.6.6")
+    ///     .body(())
+    ///     .unwrap();
+    /// req.extensions_mut().insert(PeerAddr("10.0.0.2:5000".parse().unwrap()));
+    /// let key = ip.extract(&RequestView::from_request(&req)).unwrap();
+    /// assert_eq!(key.to_string(), "203.0.113.7");
+    /// ```
     pub fn forwarding_header(mut self, header: ForwardingHeader) -> Self {
         self.header = header;
         self

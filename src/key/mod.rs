@@ -50,6 +50,7 @@
 //! ```
 
 mod builtin;
+mod cidr;
 mod forwarding;
 mod ip;
 
