@@ -90,6 +90,20 @@ impl BucketKey {
     pub fn key(&self) -> &Key {
         &self.key
     }
+
+    /// The bucket of `key` under the same rule.
+    pub(crate) fn with_key(&self, key: Key) -> Self {
+        Self {
+            rule: Arc::clone(&self.rule),
+            key,
+        }
+    }
+
+    /// Bytes this key holds, counting its rule name as if it weren't shared (an upper bound).
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.key.as_bytes().len() + 16 + self.rule.len()
+    }
 }
 
 impl fmt::Debug for BucketKey {
@@ -273,7 +287,11 @@ pub struct Adjustment<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// A new key could not be stored: the store holds its `max_keys` and none is idle.
+    /// A store bounded to `max_keys` buckets could not hold this request's. The
+    /// [`MemoryStore`] makes room for a new key by evicting its least recently used buckets,
+    /// so it answers this only to a request naming more buckets than `max_keys` (each would
+    /// evict another of the same request); the Redis store never does (keys expire by TTL).
+    /// Kept for stores that refuse rather than evict.
     AtCapacity {
         /// The configured bound.
         max_keys: usize,
@@ -289,7 +307,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::AtCapacity { max_keys } => write!(
                 f,
-                "rate-limit store is full: {max_keys} keys are tracked and none is idle"
+                "rate-limit store is full: it holds at most {max_keys} keys and can't make room for this request's"
             ),
             StoreError::DuplicateBucket(b) => {
                 write!(f, "two charges of one request name bucket {b}")
