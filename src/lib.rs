@@ -162,6 +162,7 @@ pub mod tier;
 mod body;
 mod error;
 mod future;
+mod idempotency;
 mod inspect;
 mod json;
 mod layer;

@@ -124,7 +124,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &self.layer.shared;
-        if shared.needs_body {
+        // A request with an idempotency id is read too: its body is part of its identity.
+        if shared.needs_body
+            || shared
+                .idempotency_header
+                .as_ref()
+                .is_some_and(|h| req.headers().contains_key(h))
+        {
             return self.call_with_body(req);
         }
         let plan = match shared.plan(&RequestView::from_request(&req), None) {
@@ -213,7 +219,8 @@ impl<S> RateLimit<S> {
                 let mut problem = problem;
                 let doc = match problem {
                     Some(_) => None,
-                    None if bytes.is_empty() => None,
+                    // Read only for an idempotency id: not parsed.
+                    None if bytes.is_empty() || !shared.needs_body => None,
                     None => match Json::parse(&bytes) {
                         Ok(doc) => Some(doc),
                         Err(e) => {

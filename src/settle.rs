@@ -14,6 +14,11 @@
 //! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
 //! | request dropped before a response (client gone) | reservation kept | kept | released |
 //!
+//! A request carrying an idempotency id keeps its request charges when it fails, whatever
+//! `count_failed_requests` says, and its failure (either of the last two rows, HTTP >= 400
+//! included) is reported to the store, so that its retry is free on request rules instead
+//! (see [Idempotent retries](crate::store#idempotent-retries)).
+//!
 //! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
 //! as a response without `usage`. A gateway in front of upstreams should not forward
 //! `accept-encoding` to them (the example gateway strips it).
@@ -32,7 +37,7 @@ use crate::layer::{Settling, Shared};
 use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::{Algorithm, Quota, Unit};
-use crate::store::{Adjustment, BucketKey, Placement};
+use crate::store::{Adjustment, BucketKey, Charge, IdempotencyKey, Placement};
 use crate::tier::Tier;
 
 /// What the layer charges when an admitted response carries no `usage`.
@@ -76,6 +81,9 @@ pub(crate) struct Settle {
     model: Option<String>,
     /// The caller's tier, kept for the observer only.
     tier: Option<Tier>,
+    /// The request's identity when it carries an idempotency id: a failure is reported to
+    /// the store ([`crate::store::Store::fail_attempt`]) so that its retry is free.
+    idempotency: Option<IdempotencyKey>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -102,6 +110,7 @@ impl Settle {
         estimate: Cost,
         model: Option<String>,
         tier: Option<Tier>,
+        idempotency: Option<IdempotencyKey>,
     ) -> Self {
         Self {
             shared,
@@ -109,6 +118,7 @@ impl Settle {
             estimate,
             model,
             tier,
+            idempotency,
             parser: None,
             streamed: 0,
             responded: false,
@@ -224,7 +234,11 @@ impl Settle {
                     0
                 } else if c.quota.unit().is_token_based() {
                     self.actual(c.quota.unit(), c.charged, ending)
-                } else if matches!(ending, Ending::Failed) && !self.shared.count_failed_requests {
+                } else if matches!(ending, Ending::Failed)
+                    && !self.shared.count_failed_requests
+                    // A failed attempt with an id stays counted: its retry is free instead.
+                    && self.idempotency.is_none()
+                {
                     0
                 } else {
                     c.charged
@@ -271,37 +285,60 @@ impl Settle {
                 rules: &rules,
             });
         }
-        if adjustments.is_empty() {
-            return;
+        if !adjustments.is_empty() {
+            let settling = self.shared.store.settle(&adjustments);
+            drive(
+                &self.shared,
+                settling,
+                "settling a rate-limit charge failed",
+            );
         }
-        let settling = self.shared.store.settle(&adjustments);
-        match settling.now() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log_failure(&e),
-            Err(pending) => {
-                // A store doing I/O: finish in the background (this may run in `Drop`).
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        let running = Settling::start(&self.shared);
-                        rt.spawn(async move {
-                            if let Err(e) = pending.await {
-                                log_failure(&e);
-                            }
-                            drop(running);
-                        });
-                    }
-                    Err(_) => tracing::warn!(
-                        target: "tower_llm_ratelimit",
-                        "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
-                    ),
-                }
-            }
+        if let (Some(id), Ending::Failed | Ending::Dropped) = (&self.idempotency, ending) {
+            let charges: Vec<Charge<'_>> = self
+                .charges
+                .iter()
+                .map(|c| Charge::new(&c.bucket, &c.quota, c.charged))
+                .collect();
+            let failing = self.shared.store.fail_attempt(&charges, id);
+            drive(
+                &self.shared,
+                failing,
+                "remembering a failed attempt failed (its retry will be charged)",
+            );
         }
     }
 }
 
-fn log_failure(e: &crate::store::StoreError) {
-    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "settling a rate-limit charge failed");
+/// Runs a store call to its end: on the spot for a synchronous store, else in a task of its
+/// own (this may run in `Drop`), counted for [`crate::RateLimitLayer::flush`].
+fn drive(
+    shared: &Arc<Shared>,
+    call: crate::store::StoreFuture<Result<(), crate::store::StoreError>>,
+    failure: &'static str,
+) {
+    match call.now() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log_failure(&e, failure),
+        Err(pending) => match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let running = Settling::start(shared);
+                rt.spawn(async move {
+                    if let Err(e) = pending.await {
+                        log_failure(&e, failure);
+                    }
+                    drop(running);
+                });
+            }
+            Err(_) => tracing::warn!(
+                target: "tower_llm_ratelimit",
+                "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
+            ),
+        },
+    }
+}
+
+fn log_failure(e: &crate::store::StoreError, what: &'static str) {
+    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "{what}");
 }
 
 impl Drop for Settle {

@@ -1,6 +1,7 @@
 //! The in-memory store: one process, no I/O.
 
 mod cell;
+mod ids;
 #[cfg(test)]
 mod tests;
 
@@ -17,14 +18,15 @@ use dashmap::DashMap;
 use foldhash::quality::RandomState;
 
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
-    StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey,
+    Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::algorithm::{Divisor, Limits, Placement, State, Verdict};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
 use self::cell::{hold_gcra, lock, update_gcra, Admission, Bucket, Cell, Held, Slot, EVICTED};
+use self::ids::IdTable;
 
 /// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
 /// per store) from bucket to algorithm state.
@@ -49,6 +51,11 @@ use self::cell::{hold_gcra, lock, update_gcra, Admission, Bucket, Cell, Held, Sl
 ///   [`StoreError::AtCapacity`], which the layer answers with its store-failure policy
 ///   (503 by default). Existing buckets keep working at the cap: a flood of new keys can't
 ///   evict active callers' state or let them past their limits.
+/// - **Idempotent retries**: failed attempts of requests carrying an idempotency id are
+///   remembered in a table of their own, bounded by a TTL and a count (`ids.rs`;
+///   [`idempotency_ttl`](MemoryStoreBuilder::idempotency_ttl),
+///   [`max_idempotency_ids`](MemoryStoreBuilder::max_idempotency_ids)), so that one retry
+///   after each failure is free on request rules, as with Redis.
 ///
 /// Clones share the same state.
 #[derive(Clone)]
@@ -65,6 +72,8 @@ struct Inner {
     last_sweep: AtomicU64,
     /// A sweep is under way (on another thread).
     sweeping: AtomicBool,
+    /// Idempotent requests whose last attempt failed (`ids.rs`).
+    ids: IdTable,
 }
 
 /// The store's clock: the crate's own clocks are read without a virtual call (one per
@@ -113,6 +122,8 @@ pub struct MemoryStoreBuilder {
     clock: Option<StoreClock>,
     max_keys: usize,
     sweep_interval: Duration,
+    idempotency_ttl: Duration,
+    max_idempotency_ids: usize,
 }
 
 const FORCED_SWEEP_MIN_INTERVAL: u64 = 1_000_000_000;
@@ -172,6 +183,21 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// How long a failed attempt of an idempotent request is remembered, so that its retry
+    /// is free on request rules (default 120 s; see
+    /// [Idempotent retries](crate::store#idempotent-retries)).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = ttl;
+        self
+    }
+
+    /// Remembers at most this many idempotent requests (default 100,000). When the table is
+    /// full of live entries, a new failure is not remembered and its retry is charged.
+    pub fn max_idempotency_ids(mut self, max: usize) -> Self {
+        self.max_idempotency_ids = max;
+        self
+    }
+
     /// The store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
@@ -185,6 +211,7 @@ impl MemoryStoreBuilder {
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
                 last_sweep: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
+                ids: IdTable::new(self.idempotency_ttl, self.max_idempotency_ids),
             }),
         }
     }
@@ -218,6 +245,8 @@ impl MemoryStore {
             clock: None,
             max_keys: 1_000_000,
             sweep_interval: Duration::from_secs(10),
+            idempotency_ttl: ids::DEFAULT_TTL,
+            max_idempotency_ids: ids::DEFAULT_MAX_IDS,
         }
     }
 
@@ -248,7 +277,7 @@ impl MemoryStore {
             [] => Ok(Decision {
                 denial: None,
                 charges: ChargeStates::filled(0),
-                replayed: false,
+                free_retry: false,
             }),
             many => inner.acquire_many(many, now),
         }
@@ -571,7 +600,7 @@ impl Inner {
                 retry_after: retry.map(Duration::from_nanos),
             }),
             charges: states,
-            replayed: false,
+            free_retry: false,
         }))
     }
 
@@ -633,7 +662,7 @@ fn one_decision((verdict, placement, snapshot): Decided) -> Decision {
             snapshot,
             placement,
         }),
-        replayed: false,
+        free_retry: false,
     }
 }
 
@@ -677,6 +706,23 @@ fn refit(slot: &mut Slot, limits: Limits) {
 impl Store for MemoryStore {
     fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
         StoreFuture::ready(self.try_acquire(charges))
+    }
+
+    fn acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        StoreFuture::ready(self.try_acquire_once(charges, id))
+    }
+
+    fn fail_attempt(
+        &self,
+        _charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        self.fail_attempt_now(id);
+        StoreFuture::ready(Ok(()))
     }
 
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {

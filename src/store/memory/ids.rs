@@ -1,0 +1,168 @@
+//! The memory store's table of idempotent requests whose last attempt failed: what
+//! [`Store::acquire_once`] and [`Store::fail_attempt`] read and write (see
+//! [Idempotent retries](crate::store#idempotent-retries)).
+//!
+//! Bounded twice: an entry lives for the idempotency TTL (default 120 s, the Redis store's
+//! default too), and the table holds at most `max_idempotency_ids` entries (default
+//! 100,000). Entries are only made by failed attempts, and expired ones are dropped when the
+//! table is full. When it is still full, the new failure is not remembered: its retry is
+//! charged like a new request (the safe side), and no entry of another request is pushed
+//! out for it.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use super::MemoryStore;
+use crate::store::{
+    Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey, Store, StoreError,
+    MAX_FREE_RETRIES,
+};
+
+/// Default [`IdTable`] bound.
+pub(super) const DEFAULT_MAX_IDS: usize = 100_000;
+/// Default lifetime of an entry.
+pub(super) const DEFAULT_TTL: Duration = Duration::from_secs(120);
+
+/// What the store remembers of one idempotent request.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The last attempt failed: the next one is free (if `free_used` allows).
+    failed: bool,
+    /// Retries of this request that were free so far.
+    free_used: u32,
+    /// When the entry is forgotten (the store clock's nanoseconds).
+    expires: u64,
+}
+
+/// The table; one lock, taken only by requests that carry an idempotency id.
+#[derive(Debug)]
+pub(super) struct IdTable {
+    map: Mutex<HashMap<IdempotencyKey, Entry>>,
+    ttl_nanos: u64,
+    max: usize,
+}
+
+impl IdTable {
+    pub(super) fn new(ttl: Duration, max: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            ttl_nanos: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
+            max,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<IdempotencyKey, Entry>> {
+        // The map is consistent after any panic (each write is one insert).
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks `id`'s attempt as failed; not remembered when the table is full (see the module
+    /// docs).
+    fn fail(&self, id: &IdempotencyKey, now: u64) {
+        let mut map = self.lock();
+        let expires = now.saturating_add(self.ttl_nanos);
+        if let Some(e) = map.get_mut(id) {
+            e.failed = true;
+            e.expires = expires;
+            return;
+        }
+        if map.len() >= self.max {
+            map.retain(|_, e| e.expires > now);
+            if map.len() >= self.max {
+                tracing::debug!(
+                    target: "tower_llm_ratelimit",
+                    max = self.max,
+                    "idempotency table full: a retry of this request will be charged"
+                );
+                return;
+            }
+        }
+        map.insert(
+            *id,
+            Entry {
+                failed: true,
+                free_used: 0,
+                expires,
+            },
+        );
+    }
+
+    /// Entries held (expired ones included until they are dropped).
+    pub(super) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl MemoryStore {
+    /// [`Store::acquire_once`], synchronously.
+    pub(super) fn try_acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> Result<Decision, StoreError> {
+        let now = self.inner.clock.now_nanos();
+        let ids = &self.inner.ids;
+        // Held while deciding, so two concurrent retries can't both use one failure.
+        let mut map = ids.lock();
+        let free = map
+            .get(id)
+            .is_some_and(|e| e.failed && e.expires > now && e.free_used < MAX_FREE_RETRIES);
+        if !free {
+            drop(map);
+            return self.try_acquire(charges);
+        }
+        let paid: Vec<Charge<'_>> = charges
+            .iter()
+            .filter(|c| !c.is_request_count())
+            .copied()
+            .collect();
+        let decision = self.try_acquire(&paid)?;
+        let mut states = ChargeStates::filled(charges.len());
+        let mut paid_states = decision.charges.iter();
+        let mut paid_index = Vec::with_capacity(paid.len());
+        for (i, c) in charges.iter().enumerate() {
+            states[i] = if c.is_request_count() {
+                // Not charged: the bucket as it is.
+                let snapshot = match self.peek(c.bucket, c.quota).now() {
+                    Ok(result) => result?,
+                    Err(_) => Default::default(),
+                };
+                ChargeState {
+                    snapshot,
+                    ..ChargeState::default()
+                }
+            } else {
+                paid_index.push(i);
+                paid_states.next().copied().unwrap_or_default()
+            };
+        }
+        let denial = decision.denial.map(|d| Denial {
+            index: paid_index.get(d.index).copied().unwrap_or(d.index),
+            ..d
+        });
+        if denial.is_none() {
+            if let Some(e) = map.get_mut(id) {
+                e.failed = false;
+                e.free_used += 1;
+            }
+        }
+        Ok(Decision {
+            free_retry: denial.is_none(),
+            denial,
+            charges: states,
+        })
+    }
+
+    /// [`Store::fail_attempt`], synchronously.
+    pub(super) fn fail_attempt_now(&self, id: &IdempotencyKey) {
+        let now = self.inner.clock.now_nanos();
+        self.inner.ids.fail(id, now);
+    }
+
+    /// Idempotent requests remembered (their last attempt failed, or one of their retries
+    /// was free), expired ones included until the table drops them.
+    pub fn idempotency_ids(&self) -> usize {
+        self.inner.ids.len()
+    }
+}
