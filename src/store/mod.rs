@@ -36,7 +36,7 @@
 //! | succeeded, or its response had begun | charged | charged | a slot of its own |
 //! | still in flight | charged | charged | a slot of its own |
 //! | none: other body, method, path or query (a new request) | charged | charged | a slot of its own |
-//! | none: other rules or keys (other caller, tier change is not one) | charged, decided afresh | charged | a slot of its own |
+//! | none: other rules or keys (another caller, another set of rules) | charged, decided afresh | charged | a slot of its own |
 //! | failed, but [`MAX_FREE_RETRIES`] retries were free already | charged | charged | a slot of its own |
 //! | forgotten: past the idempotency TTL, or the memory store's id table was full | charged | charged | a slot of its own |
 //!
