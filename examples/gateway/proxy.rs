@@ -378,8 +378,8 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
 ///
 /// The limiter reads the same `usage` to settle token charges, and its observer sees the
 /// settlement (`Observer::on_settle`, labelled with the model), but only for requests it
-/// settles: not those admitted by the failure policy while the store is down, not replayed
-/// idempotent retries, not callers without a token limit. The metric must count every
+/// settles: not those admitted by the failure policy while the store is down, not callers
+/// without a token limit. The metric must count every
 /// answer, so the gateway reads it itself (a few microseconds per answer).
 struct Metered {
     inner: Incoming,
