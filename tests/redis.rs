@@ -1228,3 +1228,72 @@ async fn flush_waits_for_background_settlements() {
         assert_eq!(s.remaining, 1_000 - 42 * round, "round {round}: {s:?}");
     }
 }
+
+/// Idempotent retries on a cluster: a request whose buckets span two slots has a record in
+/// each; a free retry skips the request counts in both; when one slot denies it, the other's
+/// refund gives back what it charged and nothing it waived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_free_retries_span_slots() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = within(
+        "connecting to the cluster",
+        RedisStore::cluster(cluster.urls())
+            .clock(frozen_clock())
+            .timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let (user_rph, user_tph) = (Quota::per_hour(100), Quota::per_hour(1_000).tokens());
+    let (global_rph, global_tph) = (Quota::per_hour(3), Quota::per_hour(350).tokens());
+    let buckets = [
+        BucketKey::new("user-rph", "alice"),
+        BucketKey::new("user-tph", "alice"),
+        BucketKey::new("global-rph", "*"),
+        BucketKey::new("global-tph", "*"),
+    ];
+    let quotas = [user_rph, user_tph, global_rph, global_tph];
+    let charges = [
+        Charge::new(&buckets[0], &quotas[0], 1),
+        Charge::new(&buckets[1], &quotas[1], 100),
+        Charge::new(&buckets[2], &quotas[2], 1),
+        Charge::new(&buckets[3], &quotas[3], 100),
+    ];
+    let id = IdempotencyKey::from_bytes([9; 16]);
+    let remaining = || async {
+        let mut out = Vec::new();
+        for (b, q) in buckets.iter().zip(&quotas) {
+            out.push(peek(&store, b, q).await.remaining);
+        }
+        out
+    };
+    let once = || within("acquire_once", store.acquire_once(&charges, &id));
+    let fail = || within("fail_attempt", store.fail_attempt(&charges, &id));
+
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && !d.free_retry, "{d:?}");
+    fail().await.unwrap();
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && d.free_retry, "{d:?}");
+    assert_eq!(
+        remaining().await,
+        [99, 800, 2, 150],
+        "counts skipped in both slots"
+    );
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && !d.free_retry, "used up: {d:?}");
+    assert_eq!(remaining().await, [98, 700, 1, 50]);
+
+    // The next failure's retry: the user slot admits it, the global token rule denies it.
+    fail().await.unwrap();
+    let d = once().await.unwrap();
+    assert_eq!(d.denial.map(|d| d.index), Some(3), "{d:?}");
+    assert_eq!(
+        remaining().await,
+        [98, 700, 1, 50],
+        "the user slot's tokens refunded, its waived count not refunded"
+    );
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
+}

@@ -166,3 +166,26 @@ impl MemoryStore {
         self.inner.ids.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_cap_expired_entries_make_room_and_live_ones_stay() {
+        let table = IdTable::new(Duration::from_secs(10), 2);
+        let id = |n: u8| IdempotencyKey::from_bytes([n; 16]);
+        let sec = 1_000_000_000;
+        table.fail(&id(1), 0);
+        table.fail(&id(2), 5 * sec);
+        // Full of live entries: the new failure is not remembered, none is pushed out.
+        table.fail(&id(3), 9 * sec);
+        assert_eq!(table.len(), 2);
+        assert!(!table.lock().contains_key(&id(3)));
+        // At 11 s the first has expired: it makes room.
+        table.fail(&id(3), 11 * sec);
+        let map = table.lock();
+        assert!(map.contains_key(&id(2)) && map.contains_key(&id(3)));
+        assert!(!map.contains_key(&id(1)));
+    }
+}

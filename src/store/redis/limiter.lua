@@ -394,8 +394,6 @@ local function generic(KEYS, P, n, vals, free_used)
   local nkeys = #KEYS
   local mode, idem_ttl = P[1], P[3]
   local acquire = mode == ACQUIRE
-  -- A free retry's request counts are neither checked nor charged.
-  local function waived(b) return free_used and P[b + 1] ~= 3 and P[b + 7] == 1 end
   local states = { nil, nil, nil, nil, nil, nil, nil, nil }
 
   if mode == SETTLE then
@@ -421,7 +419,8 @@ local function generic(KEYS, P, n, vals, free_used)
     local b = 3 + 7 * (i - 1)
     local s = load(KEYS[i], P[b + 1], vals[i])
     states[i] = s
-    if acquire and not waived(b) then
+    -- A free retry's request counts (flagged by the client) are neither checked nor charged.
+    if acquire and not (free_used and P[b + 7] == 1) then
       local r = check(s, P[b + 1], P[b + 2], P[b + 3], P[b + 4], P[b + 5])
       if r then
         local worse
@@ -441,7 +440,7 @@ local function generic(KEYS, P, n, vals, free_used)
     local s, b, o = states[i], 3 + 7 * (i - 1), 4 * i - 1
     local alg, w = P[b + 1], P[b + 3]
     local placement = 0
-    local charged = charging and not waived(b)
+    local charged = charging and not (free_used and P[b + 7] == 1)
     if charged then placement = charge(s, alg, P[b + 2], w, P[b + 5], P[b + 6]) end
     out[o], out[o + 1], out[o + 2] = peek(s, alg, P[b + 2], w, P[b + 4])
     out[o + 3] = placement
