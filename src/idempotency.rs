@@ -8,10 +8,15 @@
 //! by a byte are two requests), and every bucket (rule name and key), each field prefixed by
 //! its length so that no two different requests can write the same input. It is SHA-1 (the
 //! first 128 bits): the same in every process sharing a Redis, and no caller can choose a
-//! body that lands on another request's key. A request that carries the header has its body
-//! read for this even when no rule needs the body, up to
-//! [`crate::RateLimitLayerBuilder::max_inspect_bytes`]; a longer body (or one the layer could
-//! not read whole) gets no key, so each of its attempts is charged as a new request.
+//! body that lands on another request's key (about 4 ms per MiB of body, 70 µs per 16 KiB,
+//! on a loaded 2-core test machine; paid only by requests that carry the header).
+//!
+//! A request that carries the header and declares its body's length (`content-length`) has
+//! its body read for this even when no rule needs the body, up to
+//! [`crate::RateLimitLayerBuilder::max_inspect_bytes`]. A longer body, one the layer could
+//! not read whole, or a body of undeclared length (a stream: gRPC, a chunked upload, never
+//! held back for this) gives no key when no rule reads the body: each attempt of such a
+//! request is charged as a new one.
 
 use crate::store::{BucketKey, IdempotencyKey};
 

@@ -587,3 +587,62 @@ async fn redis_records_only_failures_and_expire_them() {
     assert_eq!(app.send(ok("alice", "r1", BODY)).await, StatusCode::OK);
     assert_eq!(env.remaining("rpm", "alice").await, 7);
 }
+
+/// A streamed request body (no `content-length`: gRPC, a chunked upload) is never held back
+/// to digest it: the upstream gets the request while the client still sends, and the
+/// request has no identity (charged).
+#[tokio::test]
+async fn a_streamed_body_is_not_held_back_for_its_digest() {
+    let env = Env::memory();
+    let layer = env.builder(10).build().expect("layer");
+    let (reached_tx, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let reached_tx = Arc::new(std::sync::Mutex::new(Some(reached_tx)));
+    let upstream = tower::service_fn(move |_req: Request<RequestBody<Streamed>>| {
+        if let Some(tx) = reached_tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+        async { Ok::<_, Infallible>(Response::new(String::new())) }
+    });
+    let svc = tower::ServiceBuilder::new().layer(layer).service(upstream);
+    let (sender, rx) = tokio::sync::mpsc::channel(1);
+    let body = Streamed(rx);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header("x-api-key", "alice")
+        .header("x-request-id", "r1")
+        .body(body)
+        .unwrap();
+    sender
+        .send(bytes::Bytes::from_static(b"{\"model\":"))
+        .await
+        .expect("send");
+    let call = tokio::spawn(svc.oneshot(req));
+    within(
+        "the upstream to get the request, the body still open",
+        reached_rx,
+    )
+    .await
+    .expect("reached");
+    drop(sender);
+    let res = within("the response", call).await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(env.remaining("rpm", "alice").await, 9);
+}
+
+/// A request body streamed by the test, of undeclared length.
+struct Streamed(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
