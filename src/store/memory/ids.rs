@@ -5,7 +5,7 @@
 //! Bounded twice: an entry lives for the idempotency TTL (default 120 s, the Redis store's
 //! default too), and the table holds at most `max_idempotency_ids` entries (default
 //! 100,000). Entries are only made by failed attempts, and expired ones are dropped when the
-//! table is full. When it is still full, the new failure is not remembered: its retry is
+//! table is full (one scan a second at most). When it is still full, the new failure is not remembered: its retry is
 //! charged like a new request (the safe side), and no entry of another request is pushed
 //! out for it.
 
@@ -38,21 +38,45 @@ struct Entry {
 /// The table; one lock, taken only by requests that carry an idempotency id.
 #[derive(Debug)]
 pub(super) struct IdTable {
-    map: Mutex<HashMap<IdempotencyKey, Entry>>,
+    map: Mutex<Entries>,
     ttl_nanos: u64,
     max: usize,
+}
+
+/// A full table is scanned for expired entries at most once a second: a flood of failures
+/// at the cap doesn't rescan it per request.
+const PURGE_INTERVAL_NANOS: u64 = 1_000_000_000;
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<IdempotencyKey, Entry>,
+    /// When a full table may be scanned again.
+    next_purge: u64,
+}
+
+impl std::ops::Deref for Entries {
+    type Target = HashMap<IdempotencyKey, Entry>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Entries {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
 }
 
 impl IdTable {
     pub(super) fn new(ttl: Duration, max: usize) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(Entries::default()),
             ttl_nanos: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
             max,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IdempotencyKey, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // The map is consistent after any panic (each write is one insert).
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -67,16 +91,17 @@ impl IdTable {
             e.expires = expires;
             return;
         }
-        if map.len() >= self.max {
+        if map.len() >= self.max && now >= map.next_purge {
+            map.next_purge = now.saturating_add(PURGE_INTERVAL_NANOS);
             map.retain(|_, e| e.expires > now);
-            if map.len() >= self.max {
-                tracing::debug!(
-                    target: "tower_llm_ratelimit",
-                    max = self.max,
-                    "idempotency table full: a retry of this request will be charged"
-                );
-                return;
-            }
+        }
+        if map.len() >= self.max {
+            tracing::debug!(
+                target: "tower_llm_ratelimit",
+                max = self.max,
+                "idempotency table full: a retry of this request will be charged"
+            );
+            return;
         }
         map.insert(
             *id,
@@ -187,5 +212,23 @@ mod tests {
         let map = table.lock();
         assert!(map.contains_key(&id(2)) && map.contains_key(&id(3)));
         assert!(!map.contains_key(&id(1)));
+    }
+
+    #[test]
+    fn a_full_table_is_scanned_at_most_once_a_second() {
+        let table = IdTable::new(Duration::from_secs(1), 2);
+        let id = |n: u8| IdempotencyKey::from_bytes([n; 16]);
+        let ms = 1_000_000;
+        table.fail(&id(1), 0);
+        table.fail(&id(2), 500 * ms);
+        // 1.2 s: a scan drops id 1 (expired at 1 s).
+        table.fail(&id(3), 1_200 * ms);
+        assert!(table.lock().contains_key(&id(3)));
+        // 1.6 s: id 2 has expired, but the last scan was 0.4 s ago: not remembered.
+        table.fail(&id(4), 1_600 * ms);
+        assert!(!table.lock().contains_key(&id(4)));
+        // 2.2 s: scanned again.
+        table.fail(&id(4), 2_200 * ms);
+        assert!(table.lock().contains_key(&id(4)));
     }
 }
