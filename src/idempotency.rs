@@ -11,8 +11,8 @@
 //! body that lands on another request's key (about 4 ms per MiB of body, 70 µs per 16 KiB,
 //! on a loaded 2-core test machine; paid only by requests that carry the header).
 //!
-//! A request that carries the header and declares its body's length (`content-length`) has
-//! its body read for this even when no rule needs the body, up to
+//! A request that carries the header and declares its body's length (`content-length`), or
+//! has no body, has its body read for this even when no rule needs the body, up to
 //! [`crate::RateLimitLayerBuilder::max_inspect_bytes`]. A longer body, one the layer could
 //! not read whole, or a body of undeclared length (a stream: gRPC, a chunked upload, never
 //! held back for this) gives no key when no rule reads the body: each attempt of such a

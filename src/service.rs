@@ -125,15 +125,16 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &self.layer.shared;
         // A request with an idempotency id is read too: its body is part of its identity.
-        // Only a body of declared length: a stream (gRPC, a chunked upload) is never held
-        // back for it, and without a body to digest the request has no identity (each
-        // attempt is charged).
+        // Only a body of declared length (or none): a stream (gRPC, a chunked upload) is
+        // never held back for it, and without a body to digest the request has no identity
+        // (each attempt is charged).
         if shared.needs_body
             || (shared
                 .idempotency_header
                 .as_ref()
                 .is_some_and(|h| req.headers().contains_key(h))
-                && req.headers().contains_key(http::header::CONTENT_LENGTH))
+                && (req.headers().contains_key(http::header::CONTENT_LENGTH)
+                    || req.body().is_end_stream()))
         {
             return self.call_with_body(req);
         }

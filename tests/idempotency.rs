@@ -646,3 +646,23 @@ impl http_body::Body for Streamed {
             .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
+
+/// A request without a body (and without `content-length`) has an identity too: the retry
+/// of a failed `GET` is free.
+#[tokio::test]
+async fn a_bodiless_request_has_an_identity() {
+    let env = Env::memory();
+    let app = env.app(10);
+    let get = |status: u16| {
+        Request::builder()
+            .uri("/v1/models")
+            .header("x-api-key", "alice")
+            .header("x-request-id", "g1")
+            .header("x-status", status)
+            .body(String::new())
+            .unwrap()
+    };
+    assert_eq!(app.send(get(502)).await, StatusCode::BAD_GATEWAY);
+    assert_eq!(app.send(get(200)).await, StatusCode::OK);
+    assert_eq!(env.remaining("rpm", "alice").await, 9, "the retry is free");
+}
