@@ -178,11 +178,12 @@ impl RateLimitLayerBuilder {
     /// in [Idempotent retries](crate::store#idempotent-retries).
     ///
     /// The id is scoped to the caller (the buckets of every rule) and to the request (a
-    /// digest of method, path and query, and body). To digest the body, the layer reads
-    /// the body of a request that carries the header and a `content-length` (or no body) even when no
-    /// rule needs it, bounded by [`max_inspect_bytes`](Self::max_inspect_bytes); a longer
-    /// body, or a stream of undeclared length that no rule reads (never held back for
-    /// this), gives the request no identity (every attempt is charged). A failed attempt with an id keeps its request charges even with
+    /// digest of method, path and query, and body). To digest the body, the layer reads the
+    /// body of a request that carries the header and a `content-length` (or no body) even
+    /// when no rule needs it, bounded by [`max_inspect_bytes`](Self::max_inspect_bytes); a
+    /// longer body, or a stream of undeclared length that no rule reads (never held back for
+    /// this), gives the request no identity (every attempt is charged). A failed attempt
+    /// with an id keeps its request charges even with
     /// [`count_failed_requests`](Self::count_failed_requests)`(false)`: its retry is the one
     /// that goes free.
     ///

@@ -5,9 +5,9 @@
 //! Bounded twice: an entry lives for the idempotency TTL (default 120 s, the Redis store's
 //! default too), and the table holds at most `max_idempotency_ids` entries (default
 //! 100,000). Entries are only made by failed attempts, and expired ones are dropped when the
-//! table is full (one scan a second at most). When it is still full, the new failure is not remembered: its retry is
-//! charged like a new request (the safe side), and no entry of another request is pushed
-//! out for it.
+//! table is full (one scan a second at most). When it is still full, the new failure is not
+//! remembered: its retry is charged like a new request (the safe side), and no entry of
+//! another request is pushed out for it.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
