@@ -30,6 +30,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::cost::usage::{Framing, Usage, UsageParser};
@@ -112,6 +114,9 @@ pub(crate) struct Settle {
     /// The request's identity when it carries an idempotency id: a failure is reported to
     /// the store ([`crate::store::Store::fail_attempt`]) so that its retry is free.
     idempotency: Option<IdempotencyKey>,
+    /// Ends when the store has recorded this attempt's failure (a store doing I/O): the
+    /// response waits for it (see [`Settle::take_recorded`]).
+    recorded: Option<oneshot::Receiver<()>>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -147,6 +152,7 @@ impl Settle {
             model,
             tier,
             idempotency,
+            recorded: None,
             parser: None,
             streamed: 0,
             responded: false,
@@ -188,6 +194,15 @@ impl Settle {
                 .map(|f| UsageParser::new(f, MAX_USAGE_BUFFER));
         }
         true
+    }
+
+    /// Once the request failed: what ends when the store has recorded the failure, if it is
+    /// still being written. The layer holds the failed response's body until then, so that
+    /// a client's retry, sent once it has read the answer, finds the record (one store
+    /// round trip more on a failed attempt with an idempotency id, bounded by the store's
+    /// call timeout).
+    pub(crate) fn take_recorded(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.recorded.take()
     }
 
     /// The inner service failed.
@@ -322,11 +337,12 @@ impl Settle {
         }
         if !adjustments.is_empty() {
             let settling = self.shared.store.settle(&adjustments);
-            drive(
+            // Nobody waits for a settlement (the next request is decided as it stands).
+            drop(drive(
                 &self.shared,
                 settling,
                 "settling a rate-limit charge failed",
-            );
+            ));
         }
         if let (Some(id), Ending::Failed { .. } | Ending::Dropped) = (&self.idempotency, ending) {
             let charges: Vec<Charge<'_>> = self
@@ -335,7 +351,7 @@ impl Settle {
                 .map(|c| Charge::new(&c.bucket, &c.quota, c.charged))
                 .collect();
             let failing = self.shared.store.fail_attempt(&charges, id);
-            drive(
+            self.recorded = drive(
                 &self.shared,
                 failing,
                 "remembering a failed attempt failed (its retry will be charged)",
@@ -345,29 +361,39 @@ impl Settle {
 }
 
 /// Runs a store call to its end: on the spot for a synchronous store, else in a task of its
-/// own (this may run in `Drop`), counted for [`crate::RateLimitLayer::flush`].
+/// own (this may run in `Drop`), counted for [`crate::RateLimitLayer::flush`]. Returns,
+/// for a call in a task, what tells when it is done.
 fn drive(
     shared: &Arc<Shared>,
     call: crate::store::StoreFuture<Result<(), crate::store::StoreError>>,
     failure: &'static str,
-) {
+) -> Option<oneshot::Receiver<()>> {
     match call.now() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => log_failure(&e, failure),
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            log_failure(&e, failure);
+            None
+        }
         Err(pending) => match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let running = Settling::start(shared);
+                let (done, recorded) = oneshot::channel();
                 rt.spawn(async move {
                     if let Err(e) = pending.await {
                         log_failure(&e, failure);
                     }
                     drop(running);
+                    let _ = done.send(());
                 });
+                Some(recorded)
             }
-            Err(_) => tracing::warn!(
-                target: "tower_llm_ratelimit",
-                "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
-            ),
+            Err(_) => {
+                tracing::warn!(
+                    target: "tower_llm_ratelimit",
+                    "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
+                );
+                None
+            }
         },
     }
 }

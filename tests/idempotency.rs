@@ -666,3 +666,102 @@ async fn a_bodiless_request_has_an_identity() {
     assert_eq!(app.send(get(200)).await, StatusCode::OK);
     assert_eq!(env.remaining("rpm", "alice").await, 9, "the retry is free");
 }
+
+/// A store that records failures slowly (as a networked store, after a round trip), to show
+/// that the failed answer waits for the record.
+#[derive(Debug)]
+struct SlowToRecord(MemoryStore);
+
+impl Store for SlowToRecord {
+    fn acquire(
+        &self,
+        charges: &[tower_llm_ratelimit::store::Charge<'_>],
+    ) -> tower_llm_ratelimit::store::StoreFuture<
+        Result<tower_llm_ratelimit::store::Decision, tower_llm_ratelimit::store::StoreError>,
+    > {
+        self.0.acquire(charges)
+    }
+    fn acquire_once(
+        &self,
+        charges: &[tower_llm_ratelimit::store::Charge<'_>],
+        id: &tower_llm_ratelimit::store::IdempotencyKey,
+    ) -> tower_llm_ratelimit::store::StoreFuture<
+        Result<tower_llm_ratelimit::store::Decision, tower_llm_ratelimit::store::StoreError>,
+    > {
+        self.0.acquire_once(charges, id)
+    }
+    fn fail_attempt(
+        &self,
+        charges: &[tower_llm_ratelimit::store::Charge<'_>],
+        id: &tower_llm_ratelimit::store::IdempotencyKey,
+    ) -> tower_llm_ratelimit::store::StoreFuture<Result<(), tower_llm_ratelimit::store::StoreError>>
+    {
+        let store = self.0.clone();
+        let owned: Vec<(BucketKey, Quota, u64)> = charges
+            .iter()
+            .map(|c| (c.bucket.clone(), *c.quota, c.amount))
+            .collect();
+        let id = *id;
+        tower_llm_ratelimit::store::StoreFuture::pending(async move {
+            // A round trip's worth of waiting: the runtime runs other tasks meanwhile.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            let charges: Vec<_> = owned
+                .iter()
+                .map(|(b, q, a)| tower_llm_ratelimit::store::Charge::new(b, q, *a))
+                .collect();
+            store.fail_attempt(&charges, &id).await
+        })
+    }
+    fn settle(
+        &self,
+        adjustments: &[tower_llm_ratelimit::store::Adjustment<'_>],
+    ) -> tower_llm_ratelimit::store::StoreFuture<Result<(), tower_llm_ratelimit::store::StoreError>>
+    {
+        self.0.settle(adjustments)
+    }
+    fn peek(
+        &self,
+        bucket: &BucketKey,
+        quota: &Quota,
+    ) -> tower_llm_ratelimit::store::StoreFuture<
+        Result<tower_llm_ratelimit::store::Snapshot, tower_llm_ratelimit::store::StoreError>,
+    > {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// With a store that writes the failure over the network, the body of the failed answer
+/// reaches the client only once the failure is recorded: a retry sent the moment the answer
+/// has been read is free (the memory store beneath decides the retry without yielding: without the wait, it
+/// would be decided before the record is written).
+#[tokio::test]
+async fn a_retry_sent_as_soon_as_the_failure_arrives_is_free() {
+    let clock = ManualClock::new();
+    let memory = MemoryStore::builder().clock(clock.clone()).build();
+    let env = Env {
+        store: Arc::new(SlowToRecord(memory)),
+        clock,
+        _server: None,
+    };
+    let app = env.app(10);
+    let once = |req| {
+        let svc = app.service();
+        async move {
+            let res = svc.oneshot(req).await.expect("infallible");
+            let status = res.status();
+            let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+            status
+        }
+    };
+    let failed = within(
+        "the failed attempt",
+        once(failing("alice", "r1", BODY, 500)),
+    )
+    .await;
+    assert_eq!(failed, StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = within("the retry", once(ok("alice", "r1", BODY))).await;
+    assert_eq!(retry, StatusCode::OK);
+    assert_eq!(env.remaining("rpm", "alice").await, 9, "the retry is free");
+}

@@ -45,10 +45,13 @@
 //!   slot on a cluster) that lives for [`RedisStoreBuilder::idempotency_ttl`] (default
 //!   120 s); the acquire of a retry reads it in the same script call as the buckets, skips the
 //!   request counts and marks the record used, all atomically, so two concurrent retries
-//!   can't both go free. Nothing is written for a request that doesn't fail. The failure is
-//!   written in the background after the upstream's answer: a retry sent before it lands is
-//!   charged (the safe side), as is one decided by the local fallback, or one whose other
-//!   slot denied (cluster: the record's free retry is used up by the refunded attempt).
+//!   can't both go free. Nothing is written for a request that doesn't fail. The layer
+//!   holds the body of the failed answer until the failure is written (one round trip more,
+//!   on failed attempts with an id only, bounded by the call timeout), so a retry sent once
+//!   the client has read the answer finds it (a client that retries on the status line
+//!   alone, before the body, may be charged). A retry is charged (the safe side) when that write failed, when it is
+//!   decided by the local fallback, or when another slot of its request denied it (cluster:
+//!   the record's free retry is used up by the refunded attempt).
 //!
 //! # Upgrades
 //!
