@@ -32,8 +32,8 @@ use crate::rule::{Algorithm, Quota};
 
 use self::cell::{hold_gcra, lock, update_gcra, Admission, Cell, Held, Slot, EVICTED};
 use self::digest::KeyDigest;
-use self::resident::{Bucket, Resident, Residents};
 use self::ids::IdTable;
+use self::resident::{Bucket, Resident, Residents};
 
 /// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
 /// per store) from bucket to algorithm state.
@@ -59,7 +59,8 @@ use self::ids::IdTable;
 ///   (Redis' `allkeys-lru`; nginx's `limit_req` zone evicts its least recently used state
 ///   when full too), so a new key is always counted: never refused, never let through
 ///   uncounted. The evicted bucket is never used more recently than the other sampled ones,
-///   and one a caller keeps using stays (`resident.rs`). What a flood of new keys costs is
+///   and one a caller keeps using stays (`resident.rs`); a bucket with concurrency slots in
+///   flight (a long stream) goes only when every sampled bucket has some. What a flood of new keys costs is
 ///   the state of the least recently used callers: an evicted caller starts afresh, as
 ///   after an idle sweep. A decision on an existing bucket only records its time in the
 ///   bucket; the index sampled for eviction is locked only when a bucket comes or goes.
