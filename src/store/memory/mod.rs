@@ -5,6 +5,7 @@
 mod capacity_tests;
 mod cell;
 mod digest;
+mod ids;
 mod resident;
 #[cfg(test)]
 mod tests;
@@ -22,8 +23,8 @@ use dashmap::DashMap;
 use foldhash::quality::RandomState;
 
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, Snapshot, Store,
-    StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey,
+    Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::algorithm::{Divisor, Gcra, Limits, Placement, State, Verdict};
 use crate::clock::{Clock, ManualClock, SystemClock};
@@ -31,6 +32,7 @@ use crate::rule::{Algorithm, Quota};
 
 use self::cell::{hold_gcra, lock, update_gcra, Admission, Cell, Held, Slot, EVICTED};
 use self::digest::KeyDigest;
+use self::ids::IdTable;
 use self::resident::{Bucket, Resident, Residents};
 
 /// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
@@ -58,12 +60,18 @@ use self::resident::{Bucket, Resident, Residents};
 ///   (Redis' `allkeys-lru`; nginx's `limit_req` zone evicts its least recently used state
 ///   when full too), so a new key is always counted: never refused, never let through
 ///   uncounted. The evicted bucket is never used more recently than the other sampled ones,
-///   and one a caller keeps using stays (`resident.rs`). What a flood of new keys costs is
+///   and one a caller keeps using stays (`resident.rs`); a bucket with concurrency slots in
+///   flight (a long stream) goes only when every sampled bucket has some. What a flood of new keys costs is
 ///   the state of the least recently used callers: an evicted caller starts afresh, as
 ///   after an idle sweep. A decision on an existing bucket only records its time in the
 ///   bucket; the index sampled for eviction is locked only when a bucket comes or goes.
 ///   A request naming more buckets than `max_keys` holds fails with
 ///   [`StoreError::AtCapacity`].
+/// - **Idempotent retries**: failed attempts of requests carrying an idempotency id are
+///   remembered in a table of their own, bounded by a TTL and a count (`ids.rs`;
+///   [`idempotency_ttl`](MemoryStoreBuilder::idempotency_ttl),
+///   [`max_idempotency_ids`](MemoryStoreBuilder::max_idempotency_ids)), so that one retry
+///   after each failure is free on request rules, as with Redis.
 ///
 /// Clones share the same state.
 #[derive(Clone)]
@@ -83,6 +91,8 @@ struct Inner {
     last_sweep: AtomicU64,
     /// A sweep is under way (on another thread).
     sweeping: AtomicBool,
+    /// Idempotent requests whose last attempt failed (`ids.rs`).
+    ids: IdTable,
 }
 
 /// The store's clock: the crate's own clocks are read without a virtual call (one per
@@ -131,6 +141,8 @@ pub struct MemoryStoreBuilder {
     clock: Option<StoreClock>,
     max_keys: usize,
     sweep_interval: Duration,
+    idempotency_ttl: Duration,
+    max_idempotency_ids: usize,
 }
 
 /// Idle keys a sweep removes at most (a bounded list of keys to remove).
@@ -191,6 +203,21 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// How long a failed attempt of an idempotent request is remembered, so that its retry
+    /// is free on request rules (default 120 s; see
+    /// [Idempotent retries](crate::store#idempotent-retries)).
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.idempotency_ttl = ttl;
+        self
+    }
+
+    /// Remembers at most this many idempotent requests (default 100,000). When the table is
+    /// full of live entries, a new failure is not remembered and its retry is charged.
+    pub fn max_idempotency_ids(mut self, max: usize) -> Self {
+        self.max_idempotency_ids = max;
+        self
+    }
+
     /// The store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
@@ -206,6 +233,7 @@ impl MemoryStoreBuilder {
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
                 last_sweep: AtomicU64::new(0),
                 sweeping: AtomicBool::new(false),
+                ids: IdTable::new(self.idempotency_ttl, self.max_idempotency_ids),
             }),
         }
     }
@@ -239,6 +267,8 @@ impl MemoryStore {
             clock: None,
             max_keys: 1_000_000,
             sweep_interval: Duration::from_secs(10),
+            idempotency_ttl: ids::DEFAULT_TTL,
+            max_idempotency_ids: ids::DEFAULT_MAX_IDS,
         }
     }
 
@@ -274,7 +304,7 @@ impl MemoryStore {
             [] => Ok(Decision {
                 denial: None,
                 charges: ChargeStates::filled(0),
-                replayed: false,
+                free_retry: false,
             }),
             many => inner.acquire_many(many, now),
         }
@@ -623,7 +653,7 @@ impl Inner {
                 retry_after: retry.map(Duration::from_nanos),
             }),
             charges: states,
-            replayed: false,
+            free_retry: false,
         }))
     }
 
@@ -686,7 +716,7 @@ fn one_decision((verdict, placement, snapshot): Decided) -> Decision {
             snapshot,
             placement,
         }),
-        replayed: false,
+        free_retry: false,
     }
 }
 
@@ -730,6 +760,23 @@ fn refit(slot: &mut Slot, limits: Limits) {
 impl Store for MemoryStore {
     fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
         StoreFuture::ready(self.try_acquire(charges))
+    }
+
+    fn acquire_once(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<Decision, StoreError>> {
+        StoreFuture::ready(self.try_acquire_once(charges, id))
+    }
+
+    fn fail_attempt(
+        &self,
+        _charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        self.fail_attempt_now(id);
+        StoreFuture::ready(Ok(()))
     }
 
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
