@@ -1,7 +1,6 @@
 //! Planning a request's charges, and turning the store's answer into headers and a
 //! settlement, or a rejection.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +54,7 @@ pub(crate) struct Admit {
 /// The `model` of the request's JSON body, if the layer read it.
 fn body_model(req: &RequestView<'_>) -> Option<String> {
     req.doc()
-        .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
+        .and_then(|j| j.get("model")?.as_str().map(str::to_owned))
 }
 
 pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -> Rejection {

@@ -66,7 +66,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, Method, Request, StatusCode, Uri};
 
-use crate::json::Json;
+use crate::document::Json;
 
 /// The part of a bucket's identity that comes from the request. Empty means "anonymous"
 /// (see [`crate::MissingKey::Shared`]); extractors never return an empty key.

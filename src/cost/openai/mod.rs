@@ -98,10 +98,9 @@
 //! assert_eq!(est.estimate(&view).unwrap().output_tokens(), 16_384);
 //! ```
 
-use std::borrow::Cow;
 use std::fmt;
 
-use crate::json::{Json, Object, Str};
+use crate::document::{Json, Object};
 
 use super::{Cost, CostError, CostEstimator};
 use crate::key::RequestView;
@@ -307,7 +306,7 @@ impl OpenAiTokens {
             if let Some(bpe) = body
                 .get("model")
                 .and_then(Json::as_str)
-                .and_then(|m| tokenizer::for_model(&m))
+                .and_then(tokenizer::for_model)
             {
                 return Counter::Exact(bpe);
             }
@@ -421,7 +420,7 @@ impl OpenAiTokens {
         let Some(p) = part.as_object() else {
             return Err(bad_field(at(), "a content part object"));
         };
-        match p.get("type").and_then(Json::as_str).as_deref() {
+        match p.get("type").and_then(Json::as_str) {
             Some("text" | "input_text" | "output_text") => match p.get("text") {
                 Some(Json::String(s)) => Ok(c.text(s)),
                 _ => Err(bad_field(format_args!("{}.text", at()), "a string")),
@@ -432,7 +431,7 @@ impl OpenAiTokens {
                     .and_then(|u| u.get("detail"))
                     .or_else(|| p.get("detail"))
                     .and_then(Json::as_str);
-                Ok(if detail.as_deref() == Some("low") {
+                Ok(if detail == Some("low") {
                     self.image_low
                 } else {
                     self.image_high
@@ -457,7 +456,7 @@ impl OpenAiTokens {
         let per_choice = completion
             .or(max_tokens)
             .or(max_output)
-            .unwrap_or_else(|| self.default_for(model.as_deref()));
+            .unwrap_or_else(|| self.default_for(model));
         Ok(per_choice.saturating_mul(n))
     }
 
@@ -514,7 +513,7 @@ impl OpenAiTokens {
         }
         let model = model(body)?;
         let output = opt_u64(body, "max_output_tokens")?
-            .unwrap_or_else(|| self.default_for(model.as_deref()));
+            .unwrap_or_else(|| self.default_for(model));
         Ok(Cost::new(input, output))
     }
 
@@ -565,7 +564,7 @@ impl OpenAiTokens {
             }),
             Json::Object(fields) if depth < MAX_DEPTH => fields
                 .iter()
-                .filter(|(k, _)| !METADATA_KEYS.contains(k))
+                .filter(|(k, _)| !METADATA_KEYS.contains(&&***k))
                 .fold(0, |sum, (_, item)| {
                     sum.saturating_add(self.strings(item, depth + 1, c))
                 }),
@@ -619,21 +618,13 @@ enum Counter {
 }
 
 impl Counter {
-    /// The tokens of a string of the body, read without decoding it (the heuristic) or
-    /// decoded (a tokenizer).
+    /// The tokens of a string of the body.
     #[inline(always)]
-    fn text(self, text: &Str<'_>) -> u64 {
+    fn text(self, text: &str) -> u64 {
         match self {
-            Self::Heuristic => {
-                let mut counter = TextCounter::new();
-                match text.written() {
-                    (plain, false) => counter.feed(plain),
-                    (written, true) => counter.feed_escaped(written.as_bytes()),
-                }
-                counter.finish()
-            }
+            Self::Heuristic => estimate_text_tokens(text),
             #[cfg(feature = "tokenizer")]
-            Self::Exact(bpe) => tokenizer::count(bpe, &text.decoded()),
+            Self::Exact(bpe) => tokenizer::count(bpe, text),
         }
     }
 
@@ -706,10 +697,10 @@ fn choices(body: &Object<'_>, field: &str) -> Result<u64, CostError> {
 }
 
 /// The body's `model`, if a string.
-fn model<'a>(body: &Object<'a>) -> Result<Option<Cow<'a, str>>, CostError> {
+fn model<'b>(body: &'b Object<'_>) -> Result<Option<&'b str>, CostError> {
     match body.get("model") {
         None | Some(Json::Null) => Ok(None),
-        Some(Json::String(m)) => Ok(Some(m.decoded())),
+        Some(Json::String(m)) => Ok(Some(m)),
         Some(_) => Err(bad_field("model", "a string")),
     }
 }
@@ -760,12 +751,7 @@ fn len_u64(len: usize) -> u64 {
 }
 
 /// A `data:` URL or a base64 string, long enough to be a file rather than text.
-fn is_blob(s: &Str<'_>) -> bool {
-    // Escapes only shorten the text, so a short written string is a short decoded one.
-    if s.written_len() < BLOB_MIN_LEN {
-        return false;
-    }
-    let s = s.decoded();
+fn is_blob(s: &str) -> bool {
     s.len() >= BLOB_MIN_LEN
         && (s.starts_with("data:")
             || s.bytes().all(|b| {
@@ -794,7 +780,7 @@ fn feed_json<W: fmt::Write>(w: &mut W, v: &Json<'_>, depth: usize) {
         }
         Json::String(s) => {
             put(w, "\"");
-            s.feed(|piece| put(w, piece));
+            put(w, s);
             put(w, "\"");
         }
         Json::Array(items) => {
@@ -812,8 +798,9 @@ fn feed_json<W: fmt::Write>(w: &mut W, v: &Json<'_>, depth: usize) {
         Json::Object(fields) => {
             put(w, "{");
             if depth < MAX_DEPTH {
-                // In key order, as a `serde_json::Value` (a sorted map) serializes.
-                for (k, (key, item)) in fields.sorted().into_iter().enumerate() {
+                // In key order (the document's maps are sorted), as a `serde_json::Value`
+                // serializes.
+                for (k, (key, item)) in fields.iter().enumerate() {
                     put(w, if k > 0 { ",\"" } else { "\"" });
                     put(w, key);
                     put(w, "\":");
