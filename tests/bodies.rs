@@ -1,0 +1,288 @@
+//! Request bodies a hostile caller might send: shapes that are costly to read (huge objects,
+//! deep nesting, many tiny values) and bodies a rule keyed by the body can't use (too large,
+//! not JSON). Through the real layer on a real TCP listener, and through the estimator and a
+//! `json_field` key directly.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::{Body as AxumBody, Bytes as AxumBytes};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tower_llm_ratelimit::cost::{self, estimate_text_tokens as t, CostEstimator};
+use tower_llm_ratelimit::key::{self, KeyExtractor, RequestView};
+use tower_llm_ratelimit::{BodyPolicy, MissingKey, Quota, RateLimitLayer, Rule};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Serves `layer` in front of an upstream that answers 200 with the body it received.
+async fn serve(layer: RateLimitLayer) -> SocketAddr {
+    let app = Router::new()
+        .fallback(post(|body: AxumBytes| async move { AxumBody::from(body) }))
+        .layer(DefaultBodyLimit::disable())
+        .layer(layer);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// POSTs `body` to `path`: the status and the JSON of the reply (`Null` if it isn't JSON).
+async fn post_to(addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> (StatusCode, Value) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(path)
+        .header("host", "test")
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let res = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response timed out")
+        .unwrap();
+    let status = res.status();
+    let body = tokio::time::timeout(WAIT, res.into_body().collect())
+        .await
+        .expect("body timed out")
+        .unwrap()
+        .to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// A body over `max_inspect_bytes` (256 below).
+fn too_large() -> String {
+    format!(r#"{{"model":"a","pad":"{}"}}"#, "x".repeat(400))
+}
+
+fn per_model(on_missing: MissingKey) -> Rule {
+    Rule::new("model-rph", key::json_field("model"), Quota::per_hour(2))
+        .on_missing_key(on_missing)
+}
+
+/// A rule keyed by the body, whose policy for a missing key is to skip (or share), refuses a
+/// body it can't read instead of skipping: 413 when too large, 400 when not JSON, in the
+/// OpenAI error shape. A JSON body without the field still follows the rule's policy.
+#[tokio::test]
+async fn body_keyed_rules_refuse_unusable_bodies() {
+    for on_missing in [MissingKey::Skip, MissingKey::Shared, MissingKey::Reject] {
+        let layer = RateLimitLayer::builder()
+            .rule(per_model(on_missing))
+            .max_inspect_bytes(256)
+            .build()
+            .unwrap();
+        let addr = serve(layer).await;
+        let (status, v) = post_to(addr, CHAT, too_large()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{on_missing:?}");
+        assert_eq!(v["error"]["code"], "request_too_large");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let (status, v) = post_to(addr, CHAT, "model=a").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{on_missing:?}");
+        assert_eq!(v["error"]["code"], "invalid_request_body");
+        // Nesting past serde_json's limit: not JSON to the layer, a clean 400.
+        let deep = "[".repeat(100_000);
+        let layer = RateLimitLayer::builder()
+            .rule(per_model(on_missing))
+            .build()
+            .unwrap();
+        let deep_addr = serve(layer).await;
+        let (status, v) = post_to(deep_addr, CHAT, deep).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{on_missing:?}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("recursion limit"));
+    }
+    // JSON without the field: the rule's own policy (skip: never limited).
+    let layer = RateLimitLayer::builder()
+        .rule(per_model(MissingKey::Skip))
+        .max_inspect_bytes(256)
+        .build()
+        .unwrap();
+    let addr = serve(layer).await;
+    for _ in 0..4 {
+        assert_eq!(post_to(addr, CHAT, "{}").await.0, StatusCode::OK);
+    }
+    for expected in [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+        assert_eq!(post_to(addr, CHAT, r#"{"model":"a"}"#).await.0, expected);
+    }
+}
+
+/// Under `BodyPolicy::Fallback`, a rule keyed by the body charges its shared bucket for a
+/// body it can't read (skip and shared alike): two unusable bodies use up its 2 per hour,
+/// the third is limited. A `Reject` rule still refuses.
+#[tokio::test]
+async fn body_keyed_rules_charge_the_fallback_bucket() {
+    for on_missing in [MissingKey::Skip, MissingKey::Shared] {
+        let layer = RateLimitLayer::builder()
+            .rule(per_model(on_missing))
+            .max_inspect_bytes(256)
+            .on_unusable_body(BodyPolicy::Fallback)
+            .build()
+            .unwrap();
+        let addr = serve(layer).await;
+        let (status, echoed) = post_to(addr, CHAT, too_large()).await;
+        assert_eq!(status, StatusCode::OK, "{on_missing:?}");
+        // The whole body still reaches the upstream.
+        assert_eq!(echoed["pad"].as_str().map(str::len), Some(400));
+        assert_eq!(post_to(addr, CHAT, "not json").await.0, StatusCode::OK);
+        let (status, v) = post_to(addr, CHAT, too_large()).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{on_missing:?}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`model-rph`"));
+        // A readable body has its own bucket.
+        assert_eq!(
+            post_to(addr, CHAT, r#"{"model":"b"}"#).await.0,
+            StatusCode::OK
+        );
+    }
+    let layer = RateLimitLayer::builder()
+        .rule(per_model(MissingKey::Reject))
+        .max_inspect_bytes(256)
+        .on_unusable_body(BodyPolicy::Fallback)
+        .build()
+        .unwrap();
+    let addr = serve(layer).await;
+    assert_eq!(
+        post_to(addr, CHAT, too_large()).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+}
+
+/// A body shape, its size, and what the estimator and a `json_field` key must make of it.
+struct Shape {
+    name: &'static str,
+    path: &'static str,
+    body: String,
+    input_tokens: u64,
+    pointer: String,
+    key: &'static str,
+}
+
+/// The shapes of `benches/tokens.rs`'s "hostile bodies" group, at their largest, with the
+/// answers worked out independently of the estimator.
+fn hostile_shapes() -> Vec<Shape> {
+    let hi = 3 + 4 + t("hi");
+    let messages = r#""messages":[{"role":"user","content":"hi"}]"#;
+    // One tool whose schema has 100,000 properties.
+    let n = 100_000;
+    let properties: serde_json::Map<String, Value> = (0..n)
+        .map(|i| (format!("p{i}"), json!({"type": "string"})))
+        .collect();
+    let tools = json!([{"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": properties}}}]);
+    // Tool definitions count as their JSON, keys sorted (as a `Value` writes it).
+    let tool_schema = Shape {
+        name: "tool_schema_100k_members",
+        path: CHAT,
+        body: format!(r#"{{"model":"m",{messages},"tools":{tools}}}"#),
+        input_tokens: hi + t(&tools.to_string()),
+        pointer: "/tools/0/function/parameters/properties/p99999/type".into(),
+        key: "string",
+    };
+    // The same names over and over: the last value counts.
+    let repeated: String = (0..n).map(|i| format!(r#""dup":"v{i}","#)).collect();
+    let duplicates = Shape {
+        name: "duplicate_names_100k",
+        path: CHAT,
+        body: format!(r#"{{{repeated}"model":"m",{messages}}}"#),
+        input_tokens: hi,
+        pointer: "/dup".into(),
+        key: "v99999",
+    };
+    // 4,000 arrays 120 deep, a string at the bottom of each.
+    let deep_one = format!("{}\"ab\"{}", "[".repeat(120), "]".repeat(120));
+    let deep_all = vec![deep_one; 4_000].join(",");
+    let deep = Shape {
+        name: "deep_arrays_120",
+        path: "/v1/other",
+        body: format!(r#"{{"model":"m","x":[{deep_all}]}}"#),
+        input_tokens: 4_000 * t("ab"),
+        pointer: format!("/x/3999{}", "/0".repeat(120)),
+        key: "ab",
+    };
+    // 100,000 one-letter inputs.
+    let strings = vec!["\"a\""; n].join(",");
+    let tiny = Shape {
+        name: "tiny_strings_100k",
+        path: "/v1/embeddings",
+        body: format!(r#"{{"model":"m","input":[{strings}]}}"#),
+        input_tokens: n as u64 * t("a"),
+        pointer: "/input/99999".into(),
+        key: "a",
+    };
+    // 10,000 tool calls in one assistant message.
+    let call = r#"{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}"#;
+    let calls = vec![call; 10_000].join(",");
+    let tool_calls = Shape {
+        name: "tool_calls_10k",
+        path: CHAT,
+        body: format!(r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{calls}]}}]}}"#),
+        input_tokens: 3 + 4 + 10_000 * (3 + t("f") + t("{}")),
+        pointer: "/messages/0/tool_calls/9999/function/name".into(),
+        key: "f",
+    };
+    vec![tool_schema, duplicates, deep, tiny, tool_calls]
+}
+
+/// Each hostile shape, at its largest, is estimated and keyed right: the estimator's input
+/// tokens as worked out by hand, the key the value at the pointer.
+#[test]
+fn hostile_shapes_are_estimated_and_keyed_right() {
+    let est = heuristic();
+    for shape in hostile_shapes() {
+        assert!(shape.body.len() < 4 << 20, "{}: {}", shape.name, shape.body.len());
+        let req = Request::post(shape.path).body(()).unwrap();
+        let bytes = Bytes::from(shape.body);
+        let view = RequestView::from_request(&req).with_body(&bytes, None);
+        let cost = est.estimate(&view).unwrap();
+        assert_eq!(cost.input_tokens(), shape.input_tokens, "{}", shape.name);
+        let key = key::json_field(&shape.pointer).extract(&view);
+        assert_eq!(key, Some(shape.key.into()), "{}", shape.name);
+        // The same answers from a `serde_json::Value` of the body.
+        let value: Value = serde_json::from_slice(&bytes).unwrap();
+        let view = RequestView::from_request(&req).with_body(&bytes, Some(&value));
+        assert_eq!(est.estimate(&view).unwrap(), cost, "{}", shape.name);
+    }
+}
+
+/// The largest hostile shapes through the real layer: every one admitted with the tokens
+/// estimated (the layer's one parse, shared by the key and the estimate).
+#[tokio::test]
+async fn hostile_shapes_pass_through_the_layer() {
+    for shape in hostile_shapes() {
+        let layer = RateLimitLayer::builder()
+            .rule(Rule::new(
+                "per-key-tokens",
+                key::json_field(&shape.pointer),
+                Quota::per_hour(100_000_000).tokens(),
+            ))
+            .cost(heuristic())
+            .max_inspect_bytes(8 << 20)
+            .build()
+            .unwrap();
+        let addr = serve(layer.clone()).await;
+        let (status, _) = post_to(addr, shape.path, shape.body).await;
+        assert_eq!(status, StatusCode::OK, "{}", shape.name);
+    }
+}
+
+fn heuristic() -> cost::OpenAiTokens {
+    #[cfg(feature = "tokenizer")]
+    return cost::openai().exact_tokens(false);
+    #[cfg(not(feature = "tokenizer"))]
+    cost::openai()
+}
