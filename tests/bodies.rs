@@ -13,11 +13,16 @@ use axum::Router;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
-use tower_llm_ratelimit::cost::{self, estimate_text_tokens as t, CostEstimator};
+use tower_llm_ratelimit::cost::{self, CostEstimator};
 use tower_llm_ratelimit::key::{self, KeyExtractor, RequestView};
 use tower_llm_ratelimit::{BodyPolicy, MissingKey, Quota, RateLimitLayer, Rule};
+
+#[path = "../benches/support/hostile.rs"]
+mod hostile;
+
+use hostile::hostile_shapes;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -162,88 +167,12 @@ async fn body_keyed_rules_charge_the_fallback_bucket() {
     );
 }
 
-/// A body shape, its size, and what the estimator and a `json_field` key must make of it.
-struct Shape {
-    name: &'static str,
-    path: &'static str,
-    body: String,
-    input_tokens: u64,
-    pointer: String,
-    key: &'static str,
-}
-
-/// The shapes of `benches/tokens.rs`'s "hostile bodies" group, at their largest, with the
-/// answers worked out independently of the estimator.
-fn hostile_shapes() -> Vec<Shape> {
-    let hi = 3 + 4 + t("hi");
-    let messages = r#""messages":[{"role":"user","content":"hi"}]"#;
-    // One tool whose schema has 100,000 properties.
-    let n = 100_000;
-    let properties: serde_json::Map<String, Value> = (0..n)
-        .map(|i| (format!("p{i}"), json!({"type": "string"})))
-        .collect();
-    let tools = json!([{"type": "function", "function": {"name": "f",
-        "parameters": {"type": "object", "properties": properties}}}]);
-    // Tool definitions count as their JSON, keys sorted (as a `Value` writes it).
-    let tool_schema = Shape {
-        name: "tool_schema_100k_members",
-        path: CHAT,
-        body: format!(r#"{{"model":"m",{messages},"tools":{tools}}}"#),
-        input_tokens: hi + t(&tools.to_string()),
-        pointer: "/tools/0/function/parameters/properties/p99999/type".into(),
-        key: "string",
-    };
-    // The same names over and over: the last value counts.
-    let repeated: String = (0..n).map(|i| format!(r#""dup":"v{i}","#)).collect();
-    let duplicates = Shape {
-        name: "duplicate_names_100k",
-        path: CHAT,
-        body: format!(r#"{{{repeated}"model":"m",{messages}}}"#),
-        input_tokens: hi,
-        pointer: "/dup".into(),
-        key: "v99999",
-    };
-    // 4,000 arrays 120 deep, a string at the bottom of each.
-    let deep_one = format!("{}\"ab\"{}", "[".repeat(120), "]".repeat(120));
-    let deep_all = vec![deep_one; 4_000].join(",");
-    let deep = Shape {
-        name: "deep_arrays_120",
-        path: "/v1/other",
-        body: format!(r#"{{"model":"m","x":[{deep_all}]}}"#),
-        input_tokens: 4_000 * t("ab"),
-        pointer: format!("/x/3999{}", "/0".repeat(120)),
-        key: "ab",
-    };
-    // 100,000 one-letter inputs.
-    let strings = vec!["\"a\""; n].join(",");
-    let tiny = Shape {
-        name: "tiny_strings_100k",
-        path: "/v1/embeddings",
-        body: format!(r#"{{"model":"m","input":[{strings}]}}"#),
-        input_tokens: n as u64 * t("a"),
-        pointer: "/input/99999".into(),
-        key: "a",
-    };
-    // 10,000 tool calls in one assistant message.
-    let call = r#"{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}"#;
-    let calls = vec![call; 10_000].join(",");
-    let tool_calls = Shape {
-        name: "tool_calls_10k",
-        path: CHAT,
-        body: format!(r#"{{"model":"m","messages":[{{"role":"assistant","tool_calls":[{calls}]}}]}}"#),
-        input_tokens: 3 + 4 + 10_000 * (3 + t("f") + t("{}")),
-        pointer: "/messages/0/tool_calls/9999/function/name".into(),
-        key: "f",
-    };
-    vec![tool_schema, duplicates, deep, tiny, tool_calls]
-}
-
 /// Each hostile shape, at its largest, is estimated and keyed right: the estimator's input
 /// tokens as worked out by hand, the key the value at the pointer.
 #[test]
 fn hostile_shapes_are_estimated_and_keyed_right() {
     let est = heuristic();
-    for shape in hostile_shapes() {
+    for shape in hostile_shapes(100_000) {
         assert!(shape.body.len() < 4 << 20, "{}: {}", shape.name, shape.body.len());
         let req = Request::post(shape.path).body(()).unwrap();
         let bytes = Bytes::from(shape.body);
@@ -251,7 +180,7 @@ fn hostile_shapes_are_estimated_and_keyed_right() {
         let cost = est.estimate(&view).unwrap();
         assert_eq!(cost.input_tokens(), shape.input_tokens, "{}", shape.name);
         let key = key::json_field(&shape.pointer).extract(&view);
-        assert_eq!(key, Some(shape.key.into()), "{}", shape.name);
+        assert_eq!(key, Some(shape.key.as_str().into()), "{}", shape.name);
         // The same answers from a `serde_json::Value` of the body.
         let value: Value = serde_json::from_slice(&bytes).unwrap();
         let view = RequestView::from_request(&req).with_body(&bytes, Some(&value));
@@ -263,7 +192,7 @@ fn hostile_shapes_are_estimated_and_keyed_right() {
 /// estimated (the layer's one parse, shared by the key and the estimate).
 #[tokio::test]
 async fn hostile_shapes_pass_through_the_layer() {
-    for shape in hostile_shapes() {
+    for shape in hostile_shapes(100_000) {
         let layer = RateLimitLayer::builder()
             .rule(Rule::new(
                 "per-key-tokens",
