@@ -221,14 +221,22 @@ mod tests {
         let value: Value = serde_json::from_slice(text).unwrap();
         assert_eq!(doc, Json::from_value(&value));
         assert_eq!(doc.get("a").and_then(Json::as_str), Some("last"));
-        assert!(matches!(doc.get("a"), Some(Json::String(Cow::Borrowed("last")))));
-        assert_eq!(doc.pointer("/c/d").and_then(Json::as_str), Some("e\"scaped"));
+        assert!(matches!(
+            doc.get("a"),
+            Some(Json::String(Cow::Borrowed("last")))
+        ));
+        assert_eq!(
+            doc.pointer("/c/d").and_then(Json::as_str),
+            Some("e\"scaped")
+        );
         let names: Vec<_> = doc.as_object().unwrap().keys().map(|k| &**k).collect();
         assert_eq!(names, ["a", "b", "c"]);
         for p in [
             "/a", "/b/0", "/b/2", "/b/01", "/b/+1", "/b/9", "/c/d", "/x", "a", "",
         ] {
-            let ours = doc.pointer(p).map(|j| serde_json::to_value(to_value(j)).unwrap());
+            let ours = doc
+                .pointer(p)
+                .map(|j| serde_json::to_value(to_value(j)).unwrap());
             assert_eq!(ours.as_ref(), value.pointer(p), "pointer {p}");
         }
     }
@@ -250,8 +258,19 @@ mod tests {
 
     #[test]
     fn refuses_what_serde_json_refuses_and_nesting_past_its_limit() {
-        for bad in [&b"{"[..], b"[1,]", b"{\"a\" 1}", b"\"\x01\"", b"1 2", b"\"\xff\""] {
-            assert!(Json::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"{"[..],
+            b"[1,]",
+            b"{\"a\" 1}",
+            b"\"\x01\"",
+            b"1 2",
+            b"\"\xff\"",
+        ] {
+            assert!(
+                Json::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let deep = |n| "[".repeat(n) + &"]".repeat(n);
         assert!(Json::parse(deep(127).as_bytes()).is_ok());

@@ -10,9 +10,9 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::document::Json;
 use crate::future::{Next, ResponseFuture};
 use crate::inspect::{self, Read, RequestBody};
-use crate::document::Json;
 use crate::key::RequestView;
 use crate::layer::RateLimitLayer;
 use crate::plan::{conclude, invalid, BodyProblem};

@@ -72,8 +72,7 @@ fn too_large() -> String {
 }
 
 fn per_model(on_missing: MissingKey) -> Rule {
-    Rule::new("model-rph", key::json_field("model"), Quota::per_hour(2))
-        .on_missing_key(on_missing)
+    Rule::new("model-rph", key::json_field("model"), Quota::per_hour(2)).on_missing_key(on_missing)
 }
 
 /// A rule keyed by the body, whose policy for a missing key is to skip (or share), refuses a
@@ -119,7 +118,11 @@ async fn body_keyed_rules_refuse_unusable_bodies() {
     for _ in 0..4 {
         assert_eq!(post_to(addr, CHAT, "{}").await.0, StatusCode::OK);
     }
-    for expected in [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+    for expected in [
+        StatusCode::OK,
+        StatusCode::OK,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
         assert_eq!(post_to(addr, CHAT, r#"{"model":"a"}"#).await.0, expected);
     }
 }
@@ -173,7 +176,12 @@ async fn body_keyed_rules_charge_the_fallback_bucket() {
 fn hostile_shapes_are_estimated_and_keyed_right() {
     let est = heuristic();
     for shape in hostile_shapes(100_000) {
-        assert!(shape.body.len() < 4 << 20, "{}: {}", shape.name, shape.body.len());
+        assert!(
+            shape.body.len() < 4 << 20,
+            "{}: {}",
+            shape.name,
+            shape.body.len()
+        );
         let req = Request::post(shape.path).body(()).unwrap();
         let bytes = Bytes::from(shape.body);
         let view = RequestView::from_request(&req).with_body(&bytes, None);

@@ -56,7 +56,10 @@ pub(crate) fn hostile_shapes(n: usize) -> Vec<Shape> {
     let deep = Shape {
         name: "deep_arrays",
         path: "/v1/other",
-        body: format!(r#"{{"model":"m","x":[{}]}}"#, vec![deep_one; arrays].join(",")),
+        body: format!(
+            r#"{{"model":"m","x":[{}]}}"#,
+            vec![deep_one; arrays].join(",")
+        ),
         input_tokens: arrays as u64 * t("ab"),
         pointer: format!("/x/{}{}", arrays - 1, "/0".repeat(120)),
         key: "ab".into(),
@@ -64,7 +67,10 @@ pub(crate) fn hostile_shapes(n: usize) -> Vec<Shape> {
     let tiny = Shape {
         name: "tiny_strings",
         path: "/v1/embeddings",
-        body: format!(r#"{{"model":"m","input":[{}]}}"#, vec!["\"a\""; n].join(",")),
+        body: format!(
+            r#"{{"model":"m","input":[{}]}}"#,
+            vec!["\"a\""; n].join(",")
+        ),
         input_tokens: n as u64 * t("a"),
         pointer: format!("/input/{}", n - 1),
         key: "a".into(),

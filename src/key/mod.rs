@@ -288,8 +288,8 @@ impl<'a> RequestView<'a> {
 
     /// The request body parsed as JSON, when the layer inspected it and it is JSON.
     ///
-    /// The layer parses the body into its own borrowed form for the built-in estimators and
-    /// extractors; this `serde_json::Value` is built the first time it is asked for (once per
+    /// The layer deserializes the body with serde_json into a borrowed document for the
+    /// built-in estimators and extractors; this `serde_json::Value` is built the first time it is asked for (once per
     /// request), so only what reads it pays for it.
     pub fn json(&self) -> Option<&'a serde_json::Value> {
         if self.json.is_some() {

@@ -123,8 +123,8 @@ const TOKENS_PER_NAME: u64 = 1;
 const REPLY_PRIMER: u64 = 3;
 /// Framing per tool call in an assistant message.
 const TOKENS_PER_TOOL_CALL: u64 = 3;
-/// How deep the estimator walks nested JSON; deeper values are not counted (the layer's JSON
-/// parser stops at 128 levels anyway).
+/// How deep the estimator walks nested JSON; deeper values are not counted (serde_json, which
+/// parses the body, refuses 128 levels anyway).
 const MAX_DEPTH: usize = 128;
 /// A string of at least this many bytes that is a `data:` URL or pure base64 is an attachment.
 const BLOB_MIN_LEN: usize = 256;
@@ -512,8 +512,7 @@ impl OpenAiTokens {
             }
         }
         let model = model(body)?;
-        let output = opt_u64(body, "max_output_tokens")?
-            .unwrap_or_else(|| self.default_for(model));
+        let output = opt_u64(body, "max_output_tokens")?.unwrap_or_else(|| self.default_for(model));
         Ok(Cost::new(input, output))
     }
 
