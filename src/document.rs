@@ -3,15 +3,16 @@
 //! what the usage watch reads a response's `usage` from).
 //!
 //! Strings borrow the body's bytes unless they have escapes (serde_json decodes those into
-//! a copy); objects are sorted maps in which a repeated name keeps its last value, as in a
-//! `serde_json::Value`. Building it is linear in the body's size, whatever its shape (an
-//! object of 100,000 members costs a map insertion each), and nesting deeper than serde_json's
-//! limit (128 levels) is refused as invalid JSON, so a body can't exhaust the stack.
+//! a copy); objects are flat lists of members in document order, a repeated name keeping only
+//! its last value, as in a `serde_json::Value` (found by sorting the names of an object once,
+//! as it is built). Building it takes time in proportion to the body's size whatever its
+//! shape (an object of 100,000 members: one sort of its names), and little memory (a small
+//! object is one short vector, not a map's node); nesting deeper than serde_json's limit
+//! (128 levels) is refused as invalid JSON, so a body can't exhaust the stack.
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
 //! parsed from the same bytes the first time it is asked for.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -28,8 +29,61 @@ pub(crate) enum Json<'a> {
     Object(Object<'a>),
 }
 
-/// A JSON object: its members by name (a repeated name keeps its last value).
-pub(crate) type Object<'a> = BTreeMap<Cow<'a, str>, Json<'a>>;
+/// A JSON object: its members in document order, each name once (a repeated name keeps its
+/// last value, at that value's place).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Object<'a>(Vec<(Cow<'a, str>, Json<'a>)>);
+
+impl<'a> Object<'a> {
+    /// The object of `members`, without the ones a later member of the same name overrides.
+    fn new(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
+        if members.len() < 2 {
+            return Self(members);
+        }
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        // A stable sort: equal names stay in document order, the last of a run counts.
+        order.sort_by(|&a, &b| members[a].0.cmp(&members[b].0));
+        let overridden: Vec<usize> = order
+            .windows(2)
+            .filter(|pair| members[pair[0]].0 == members[pair[1]].0)
+            .map(|pair| pair[0])
+            .collect();
+        if !overridden.is_empty() {
+            let mut keep = vec![true; members.len()];
+            for i in overridden {
+                keep[i] = false;
+            }
+            let mut keep = keep.into_iter();
+            members.retain(|_| keep.next().unwrap_or(true));
+        }
+        Self(members)
+    }
+
+    /// The value of member `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&Json<'a>> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    /// The members, in document order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
+        self.0.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// The members sorted by name: the order in which a `serde_json::Value` (a sorted map)
+    /// writes them.
+    pub(crate) fn sorted(&self) -> Vec<(&str, &Json<'a>)> {
+        let mut members: Vec<_> = self.iter().collect();
+        members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        members
+    }
+}
+
+/// The same members, whatever their order.
+impl PartialEq for Object<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.sorted() == other.sorted()
+    }
+}
 
 impl<'a> Json<'a> {
     /// Deserializes `bytes` (one JSON value, whitespace around it allowed) with serde_json:
@@ -46,12 +100,12 @@ impl<'a> Json<'a> {
             Value::Number(n) => Self::Number(n.clone()),
             Value::String(s) => Self::String(Cow::Borrowed(s)),
             Value::Array(items) => Self::Array(items.iter().map(Self::from_value).collect()),
-            Value::Object(fields) => Self::Object(
+            Value::Object(fields) => Self::Object(Object(
                 fields
                     .iter()
                     .map(|(k, v)| (Cow::Borrowed(k.as_str()), Self::from_value(v)))
                     .collect(),
-            ),
+            )),
         }
     }
 
@@ -100,7 +154,7 @@ impl<'a> Json<'a> {
                 Cow::Borrowed(token)
             };
             match target {
-                Self::Object(o) => o.get(&*token),
+                Self::Object(o) => o.get(&token),
                 Self::Array(items) => {
                     // Like `Value::pointer`: a decimal index without a leading `+` or zero.
                     if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
@@ -173,11 +227,11 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut fields = Object::new();
+        let mut members = Vec::new();
         while let Some(Name(name)) = map.next_key()? {
-            fields.insert(name, map.next_value()?);
+            members.push((name, map.next_value()?));
         }
-        Ok(Json::Object(fields))
+        Ok(Json::Object(Object::new(members)))
     }
 }
 
@@ -229,8 +283,21 @@ mod tests {
             doc.pointer("/c/d").and_then(Json::as_str),
             Some("e\"scaped")
         );
-        let names: Vec<_> = doc.as_object().unwrap().keys().map(|k| &**k).collect();
-        assert_eq!(names, ["a", "b", "c"]);
+        let names: Vec<_> = doc.as_object().unwrap().iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["b", "c", "a"]);
+        let sorted: Vec<_> = doc.as_object().unwrap().sorted();
+        assert_eq!(
+            sorted.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        // Every name once, the last value kept, however many repeats.
+        let repeats: String = (0..1000).map(|i| format!(r#""k{}":{i},"#, i % 7)).collect();
+        let text = format!("{{{repeats}\"z\":0}}");
+        let doc = Json::parse(text.as_bytes()).unwrap();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(doc, Json::from_value(&value));
+        assert_eq!(doc.as_object().unwrap().iter().count(), 8);
+        assert_eq!(doc.get("k3").and_then(Json::as_u64), Some(997));
         for p in [
             "/a", "/b/0", "/b/2", "/b/01", "/b/+1", "/b/9", "/c/d", "/x", "a", "",
         ] {

@@ -563,7 +563,7 @@ impl OpenAiTokens {
             }),
             Json::Object(fields) if depth < MAX_DEPTH => fields
                 .iter()
-                .filter(|(k, _)| !METADATA_KEYS.contains(&&***k))
+                .filter(|(k, _)| !METADATA_KEYS.contains(k))
                 .fold(0, |sum, (_, item)| {
                     sum.saturating_add(self.strings(item, depth + 1, c))
                 }),
@@ -797,9 +797,8 @@ fn feed_json<W: fmt::Write>(w: &mut W, v: &Json<'_>, depth: usize) {
         Json::Object(fields) => {
             put(w, "{");
             if depth < MAX_DEPTH {
-                // In key order (the document's maps are sorted), as a `serde_json::Value`
-                // serializes.
-                for (k, (key, item)) in fields.iter().enumerate() {
+                // In key order, as a `serde_json::Value` (a sorted map) serializes.
+                for (k, (key, item)) in fields.sorted().into_iter().enumerate() {
                     put(w, if k > 0 { ",\"" } else { "\"" });
                     put(w, key);
                     put(w, "\":");
