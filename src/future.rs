@@ -114,7 +114,11 @@ where
                         h.write_to(response.headers_mut());
                     }
                     if let Some(mut s) = settle.take() {
-                        if s.on_response(response.status(), response.headers()) {
+                        if s.on_response(
+                            response.status(),
+                            response.headers(),
+                            response.extensions(),
+                        ) {
                             return Poll::Ready(Ok(response.map(|b| ResponseBody::settling(b, s))));
                         }
                     }

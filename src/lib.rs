@@ -56,7 +56,7 @@
 //! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `document.rs`, `stream_usage.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse (serde_json, linear in its size), into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for); `stream_options.include_usage` spliced into streaming requests, every other byte kept |
-//! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`] |
+//! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |

@@ -12,6 +12,7 @@
 //! | body ended with `usage` | charged the reported usage (refund or extra charge, even past the limit: the tokens were spent) | kept | released |
 //! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
 //! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
+//! | error response marked [`KeepTokens`] (a gateway's 504: the upstream may have generated the tokens) | reservation kept | as for an upstream error | released |
 //! | request dropped before a response (client gone) | reservation kept | kept | released |
 //!
 //! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
@@ -24,7 +25,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, StatusCode};
+use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
@@ -47,6 +48,28 @@ pub enum MissingUsage {
     EstimateStreamed,
 }
 
+/// A response extension by which the inner service says that its error response may still
+/// have cost tokens, so the token reservation stays charged instead of being refunded.
+///
+/// A gateway that gives up waiting for its upstream (504) doesn't know whether the upstream
+/// went on generating: refunding would let a caller whose requests always time out use the
+/// upstream without paying for it. Request rules and concurrency slots settle as for any
+/// other error.
+///
+/// # Examples
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use tower_llm_ratelimit::settle::KeepTokens;
+///
+/// let mut timed_out = Response::new(());
+/// *timed_out.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+/// timed_out.extensions_mut().insert(KeepTokens);
+/// assert!(timed_out.extensions().get::<KeepTokens>().is_some());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeepTokens;
+
 /// Bytes of response payload per output token, for [`MissingUsage::EstimateStreamed`].
 const BYTES_PER_STREAMED_TOKEN: u64 = 4;
 
@@ -63,8 +86,13 @@ pub(crate) struct Pending {
 #[derive(Debug, Clone, Copy)]
 enum Ending {
     Usage(Usage),
-    NoUsage { streamed: u64 },
-    Failed,
+    NoUsage {
+        streamed: u64,
+    },
+    /// An error; `keep_tokens` when the response carried [`KeepTokens`].
+    Failed {
+        keep_tokens: bool,
+    },
     Dropped,
 }
 
@@ -122,13 +150,20 @@ impl Settle {
 
     /// The inner service answered with `status` and `headers`. Returns false when the
     /// request is already settled (an error status), so the body needs no watching.
-    pub(crate) fn on_response(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
+    pub(crate) fn on_response(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> bool {
         self.responded = true;
         let grpc_failed = headers
             .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
-            self.finish(Ending::Failed);
+            self.finish(Ending::Failed {
+                keep_tokens: extensions.get::<KeepTokens>().is_some(),
+            });
             return false;
         }
         // A compressed body can't be read as it streams past: no usage will be found (the
@@ -147,7 +182,7 @@ impl Settle {
 
     /// The inner service failed.
     pub(crate) fn on_error(&mut self) {
-        self.finish(Ending::Failed);
+        self.finish(Ending::Failed { keep_tokens: false });
     }
 
     /// A chunk of the response body went past.
@@ -165,7 +200,7 @@ impl Settle {
             .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0")
         {
-            self.finish(Ending::Failed);
+            self.finish(Ending::Failed { keep_tokens: false });
         }
     }
 
@@ -183,8 +218,8 @@ impl Settle {
     /// What a token-based unit really cost.
     fn actual(&self, unit: Unit, charged: u64, ending: Ending) -> u64 {
         let (input, output) = match ending {
-            Ending::Failed => return 0,
-            Ending::Dropped => return charged,
+            Ending::Failed { keep_tokens: false } => return 0,
+            Ending::Failed { keep_tokens: true } | Ending::Dropped => return charged,
             Ending::NoUsage { .. }
                 if self.shared.missing_usage == MissingUsage::KeepReservation =>
             {
@@ -224,7 +259,9 @@ impl Settle {
                     0
                 } else if c.quota.unit().is_token_based() {
                     self.actual(c.quota.unit(), c.charged, ending)
-                } else if matches!(ending, Ending::Failed) && !self.shared.count_failed_requests {
+                } else if matches!(ending, Ending::Failed { .. })
+                    && !self.shared.count_failed_requests
+                {
                     0
                 } else {
                     c.charged
@@ -261,7 +298,7 @@ impl Settle {
             let outcome = match ending {
                 Ending::Usage(u) => SettleOutcome::Usage(u),
                 Ending::NoUsage { streamed } => SettleOutcome::NoUsage { streamed },
-                Ending::Failed => SettleOutcome::Failed,
+                Ending::Failed { .. } => SettleOutcome::Failed,
                 Ending::Dropped => SettleOutcome::Dropped,
             };
             observer.on_settle(&SettleEvent {

@@ -8,6 +8,11 @@
 
 mod support;
 
+// Timeouts, connection bounds and forwarded headers (a file of its own; it uses this file's
+// gateway, upstream and client).
+#[path = "gateway/hardening.rs"]
+mod hardening;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -319,6 +324,7 @@ impl Drop for TempConfig {
 struct Seen {
     path: String,
     authorization: Option<String>,
+    headers: HeaderMap,
     body: Value,
 }
 
@@ -354,9 +360,11 @@ fn words(v: &Value) -> u64 {
 
 /// Answers like an OpenAI-compatible server: prompt tokens = words of the messages / prompt /
 /// input, completion tokens = min(max_tokens, 16). Body fields for the tests: `test_status`
-/// (answer that status), `test_hold` (streams wait for a permit after their first chunk).
+/// (answer that status), `test_hold` (streams wait for a permit after their first chunk),
+/// `test_stall` (wait for a permit before answering at all).
 async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Response<AxumBody> {
     let path = req.uri().path().to_owned();
+    let headers = req.headers().clone();
     let authorization = req
         .headers()
         .get("authorization")
@@ -366,8 +374,15 @@ async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Respons
     up.seen.lock().unwrap().push(Seen {
         path: path.clone(),
         authorization,
+        headers,
         body: body.clone(),
     });
+    if body["test_stall"] == Value::Bool(true) {
+        match up.release.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return Response::new(AxumBody::empty()),
+        }
+    }
     if let Some(status) = body["test_status"].as_u64() {
         return Response::builder()
             .status(status as u16)

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tower_llm_ratelimit::key::{KeyExtractorExt, RequestView};
 use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
-use tower_llm_ratelimit::settle::MissingUsage;
+use tower_llm_ratelimit::settle::{KeepTokens, MissingUsage};
 use tower_llm_ratelimit::{cost, key, BodyPolicy, Quota, RateLimitLayer, Rule, RuleStatus};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,7 +51,8 @@ struct Upstream {
 }
 
 /// The upstream: answers like an OpenAI-compatible server. The request's test headers pick
-/// the behaviour: `x-mode` (`json`, `sse`, `sse-no-usage`, `error`, `echo`), `x-usage`
+/// the behaviour: `x-mode` (`json`, `sse`, `sse-no-usage`, `error`, `timeout` (a 504 marked
+/// [`KeepTokens`]), `echo`), `x-usage`
 /// (`prompt,completion`), `x-chunk` (bytes per SSE chunk), `x-hold` (wait at the gate).
 async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Response<AxumBody> {
     let (mode, usage, chunk, hold) = {
@@ -75,6 +76,15 @@ async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Respons
             .header("content-type", "application/json")
             .body(AxumBody::from(r#"{"error":{"message":"boom"}}"#))
             .unwrap(),
+        "timeout" => {
+            let mut r = Response::builder()
+                .status(504)
+                .header("content-type", "application/json")
+                .body(AxumBody::from(r#"{"error":{"message":"too slow"}}"#))
+                .unwrap();
+            r.extensions_mut().insert(KeepTokens);
+            r
+        }
         "echo" => {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             Response::new(AxumBody::from(body))
@@ -315,6 +325,16 @@ async fn upstream_errors_refund_tokens_and_optionally_requests() {
     send(s.addr, &[("x-mode", "error")], chat(1_000)).await;
     remaining_eventually(&s.layer, 1, 1_000).await;
     remaining_eventually(&s.layer, 0, 10_000).await;
+}
+
+#[tokio::test]
+async fn an_error_marked_keep_tokens_keeps_the_reservation() {
+    let s = serve(tpm_layer().count_failed_requests(false).build().unwrap()).await;
+    let r = send(s.addr, &[("x-mode", "timeout")], chat(1_000)).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    // Request rules settle as for any error (refunded here); the tokens stay charged.
+    remaining_eventually(&s.layer, 1, 1_000).await;
+    remaining_eventually(&s.layer, 0, 9_000).await;
 }
 
 #[tokio::test]

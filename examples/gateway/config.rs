@@ -24,6 +24,8 @@ pub(crate) struct Config {
     #[serde(default = "default_listen")]
     pub(crate) listen: String,
     #[serde(default)]
+    pub(crate) server: ServerConfig,
+    #[serde(default)]
     pub(crate) store: StoreConfig,
     #[serde(default)]
     pub(crate) limiter: LimiterConfig,
@@ -39,6 +41,37 @@ pub(crate) struct Config {
 
 fn default_listen() -> String {
     "127.0.0.1:8080".to_owned()
+}
+
+/// How the gateway treats its clients' connections and what it passes on of their requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ServerConfig {
+    pub(crate) header_timeout_secs: u64,
+    pub(crate) body_timeout_secs: u64,
+    pub(crate) max_connections: usize,
+    pub(crate) forward_headers: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            max_connections: 1024,
+            forward_headers: Vec::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(crate) fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+
+    pub(crate) fn body_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_timeout_secs)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -168,6 +201,8 @@ pub(crate) struct ModelConfig {
     pub(crate) api_key_env: Option<String>,
     #[serde(default = "default_timeout_secs")]
     pub(crate) timeout_secs: u64,
+    #[serde(default = "default_timeout_secs")]
+    pub(crate) stream_idle_timeout_secs: u64,
     pub(crate) rpm: Option<u64>,
     pub(crate) tpm: Option<u64>,
     pub(crate) input_tpm: Option<u64>,
@@ -259,6 +294,22 @@ impl Config {
                     self.listen
                 ),
             );
+        }
+
+        let sv = &self.server;
+        for (field, v) in [
+            ("header_timeout_secs", sv.header_timeout_secs),
+            ("body_timeout_secs", sv.body_timeout_secs),
+            ("max_connections", sv.max_connections as u64),
+        ] {
+            if v == 0 {
+                err(format!("server.{field}"), "must be > 0".into());
+            }
+        }
+        for (i, name) in sv.forward_headers.iter().enumerate() {
+            if let Err(e) = crate::forward::configured(name) {
+                err(format!("server.forward_headers[{i}]"), e);
+            }
         }
 
         let s = &self.store;
@@ -359,6 +410,9 @@ impl Config {
             }
             if m.timeout_secs == 0 {
                 err(at("timeout_secs"), "must be > 0".into());
+            }
+            if m.stream_idle_timeout_secs == 0 {
+                err(at("stream_idle_timeout_secs"), "must be > 0".into());
             }
             for (field, v) in [
                 ("rpm", m.rpm),
@@ -461,6 +515,10 @@ impl ModelConfig {
 
     pub(crate) fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+
+    pub(crate) fn stream_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_timeout_secs)
     }
 
     /// The key sent upstream (after `validate`).

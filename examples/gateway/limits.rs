@@ -16,6 +16,7 @@ use tower_llm_ratelimit::{
 
 use crate::config::{self, AlgorithmName, Config, OnFailure};
 use crate::metrics::Metrics;
+use crate::proxy::Routed;
 
 /// Who an API key belongs to.
 #[derive(Debug, Clone)]
@@ -93,27 +94,28 @@ impl Store {
     }
 }
 
-/// A per-model rule's key: the body's `model` field, for one model only (the other models'
-/// requests skip the rule). A rule has one quota, so models with different limits need a rule
-/// each.
+/// A per-model rule's key: the model the gate routed the request to (its `Routed`
+/// extension), for one model only (the other models' requests skip the rule). A rule has one
+/// quota, so models with different limits need a rule each.
+///
+/// The routed model, not the body's `model` read again by the limiter: the limiter reads at
+/// most `max_inspect_bytes` of a body, and a rule keyed by the body would be skipped for a
+/// larger one (charged `fallback_tokens` on the per-user rules only). Every request the
+/// gateway forwards to a model is counted by that model's rules.
 #[derive(Debug, Clone)]
 struct ModelKey {
-    field: key::JsonField,
     model: Key,
     name: String,
 }
 
 impl KeyExtractor for ModelKey {
     fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
-        self.field.extract(req).filter(|k| *k == self.model)
+        let routed = req.extensions().get::<Routed>()?;
+        (*routed.model.name == *self.name).then(|| self.model.clone())
     }
 
     fn describe(&self) -> String {
-        format!("JSON body field `model` = {:?}", self.name)
-    }
-
-    fn needs_body(&self) -> bool {
-        true
+        format!("the routed model {:?}", self.name)
     }
 }
 
@@ -212,7 +214,6 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
         for (name, _, model_limit, quota) in &kinds {
             let Some(n) = model_limit(m) else { continue };
             let key = ModelKey {
-                field: key::json_field("model"),
                 model: Key::from(model.as_str()),
                 name: model.clone(),
             };

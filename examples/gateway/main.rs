@@ -14,8 +14,11 @@
 //! | `main.rs` | flags, start-up, graceful shutdown |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers, estimator, prices and store of the `RateLimitLayer` |
+//! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
-//! | `proxy.rs` | auth and routing before the limiter; the streaming proxy after it |
+//! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
+//! | `forward.rs` | which request headers go upstream (an allowlist) |
+//! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
 //! | `mock.rs` | the built-in OpenAI-compatible mock model |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules |
@@ -24,15 +27,17 @@
 //! names the field), 1 when the gateway can't start (port taken, Redis unreachable).
 
 mod config;
+mod forward;
 mod limits;
 mod metrics;
 mod mock;
 mod proxy;
+mod serve;
 mod server;
+mod upstream_body;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::future::IntoFuture;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,6 +272,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
                 path,
                 api_key,
                 timeout: m.timeout(),
+                stream_idle_timeout: m.stream_idle_timeout(),
             }),
         );
     }
@@ -292,13 +298,13 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
     let app = Arc::new(App::new(&cfg, callers, routes, layer, metrics));
     let router = server::router(app);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .into_future(),
-    );
+    let connections = serve::Limits {
+        header_timeout: cfg.server.header_timeout(),
+        max_connections: cfg.server.max_connections,
+    };
+    let mut server = tokio::spawn(serve::serve(listener, router, connections, async {
+        let _ = stop_rx.await;
+    }));
     let grace = Duration::from_secs(cfg.limiter.shutdown_grace_secs);
     tokio::select! {
         signal = shutdown_signal() => {
@@ -323,8 +329,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
             Ok(())
         }
         result = &mut server => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::Runtime(format!("server failed: {e}"))),
+            Ok(()) => Ok(()),
             Err(e) => Err(Failure::Runtime(format!("server failed: {e}"))),
         },
     }

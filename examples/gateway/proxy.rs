@@ -1,39 +1,44 @@
 //! The request path of the API endpoints:
 //!
 //! ```text
-//! client ─► gate (auth 401, body size 413, JSON 400, model 404)  ─► RateLimitLayer ─► proxy ─► upstream
+//! client ─► gate (auth 401, body deadline 408, body size 413, JSON 400, model 404)
+//!        ─► RateLimitLayer ─► proxy ─► upstream
 //! ```
 //!
 //! The gate runs before the limiter, so unknown keys and models never reach it (nothing is
-//! counted for them). The proxy swaps the client's key for the upstream's, sends the request
-//! on, and streams the answer back frame by frame (never buffered), watching for `usage` on
-//! the way for the metrics. An unreachable upstream is a 502, a slow one a 504; the limiter
-//! refunds the tokens of every answer >= 400.
+//! counted for them). It reads the whole body within `body_timeout_secs` (a slower upload is
+//! answered 408) and routes the request by its `model`; the limiter's per-model rules key on
+//! that routed model (`limits::ModelKey`), whatever else the body holds.
+//!
+//! The proxy sends the request on with the allowed headers only (`forward.rs`) and the
+//! model's own key, and streams the answer back frame by frame (never buffered), watching for
+//! `usage` on the way for the metrics and cutting off an upstream that goes idle
+//! (`upstream_body.rs`). An unreachable upstream is a 502, whose tokens the limiter refunds
+//! (as for every answer >= 400); an upstream slower than `timeout_secs` is a 504 that keeps
+//! the token reservation ([`KeepTokens`]): the upstream may be generating them still.
 
 use std::borrow::Cow;
 use std::error::Error as _;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
-use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 use tower_llm_ratelimit::cost::usage::{Framing, UsageParser, DEFAULT_MAX_BUFFER_BYTES};
 use tower_llm_ratelimit::key::RequestView;
+use tower_llm_ratelimit::settle::KeepTokens;
 
 use crate::limits;
-use crate::metrics::{Metrics, RequestContext, REQUEST};
+use crate::metrics::{RequestContext, REQUEST};
 use crate::server::{App, ModelRoute};
+use crate::upstream_body::Metered;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 pub(crate) fn error(
@@ -136,7 +141,25 @@ async fn gate_inner(
         return (unauthorized(req.headers()), None);
     };
     let (mut parts, body) = req.into_parts();
-    let bytes = match Limited::new(body, app.max_body_bytes).collect().await {
+    let reading = Limited::new(body, app.max_body_bytes).collect();
+    let Ok(read) = tokio::time::timeout(app.body_timeout, reading).await else {
+        let mut r = error(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            Some("request_timeout"),
+            None,
+            format!(
+                "The request body did not arrive within {:?}.",
+                app.body_timeout
+            ),
+        );
+        // The rest of the body may still be on its way: this connection can't carry
+        // another request.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return (r, None);
+    };
+    let bytes = match read {
         Ok(b) => b.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             let r = error(
@@ -212,8 +235,8 @@ async fn gate_inner(
     (response, Some(who))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), plus
-/// those the gateway sets itself.
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1): not
+/// passed back to the client from the upstream's response.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
@@ -281,17 +304,9 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
             )
         }
     };
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    // The client's key stays here; the upstream gets its own.
-    headers.remove(header::AUTHORIZATION);
-    headers.remove("x-api-key");
-    if let Some(k) = &route.api_key {
-        headers.insert(header::AUTHORIZATION, k.clone());
-    }
-    // The usage is read from the response bytes: ask for them uncompressed.
-    headers.remove(header::ACCEPT_ENCODING);
+    let headers = app
+        .forward
+        .upstream_headers(&parts.headers, route.api_key.as_ref());
     let mut upstream_req = http::Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
@@ -326,7 +341,7 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
         Err(_) => {
             tracing::warn!(model = %route.name, timeout = ?route.timeout, "upstream timed out");
             app.metrics.upstream(&route.name, "timeout".into(), None);
-            return error(
+            let mut r = error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_error",
                 Some("upstream_timeout"),
@@ -336,6 +351,9 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
                     route.name, route.timeout
                 ),
             );
+            // The upstream had the request: it may be generating the tokens anyway.
+            r.extensions_mut().insert(KeepTokens);
+            return r;
         }
     };
     app.metrics.upstream(
@@ -365,72 +383,12 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
             .and_then(Framing::from_content_type)
             .map(|f| UsageParser::new(f, DEFAULT_MAX_BUFFER_BYTES))
     });
-    let body = Metered {
-        inner: body,
-        parser: parser.flatten(),
-        model: Arc::clone(&route.name),
-        metrics: Arc::clone(&app.metrics),
-    };
+    let body = Metered::new(
+        body,
+        parser.flatten(),
+        Arc::clone(&route.name),
+        Arc::clone(&app.metrics),
+        route.stream_idle_timeout,
+    );
     Response::from_parts(parts, Body::new(body))
-}
-
-/// The upstream's body, passed through frame by frame; its `usage` goes to the metrics.
-///
-/// The limiter reads the same `usage` to settle token charges, and its observer sees the
-/// settlement (`Observer::on_settle`, labelled with the model), but only for requests it
-/// settles: not those admitted by the failure policy while the store is down, not replayed
-/// idempotent retries, not callers without a token limit. The metric must count every
-/// answer, so the gateway reads it itself (a few microseconds per answer).
-struct Metered {
-    inner: Incoming,
-    parser: Option<UsageParser>,
-    model: Arc<str>,
-    metrics: Arc<Metrics>,
-}
-
-impl Metered {
-    fn finish(&mut self) {
-        if let Some(usage) = self.parser.take().and_then(|mut p| p.finish()) {
-            self.metrics
-                .settled(&self.model, usage.input_tokens, usage.output_tokens);
-        }
-    }
-}
-
-impl http_body::Body for Metered {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(p), Some(data)) = (&mut this.parser, frame.data_ref()) {
-                    p.feed(data);
-                }
-            }
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Err(_))) => this.parser = None,
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Metered {
-    fn drop(&mut self) {
-        self.finish();
-    }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,6 +27,7 @@ use tower_llm_ratelimit::key::RequestView;
 use tower_llm_ratelimit::{Algorithm, RateLimitLayer};
 
 use crate::config::Config;
+use crate::forward::Forward;
 use crate::limits::{self, Callers};
 use crate::metrics::Metrics;
 use crate::proxy::{self, error};
@@ -42,6 +43,8 @@ pub(crate) struct ModelRoute {
     /// `Bearer <upstream key>`, if any.
     pub(crate) api_key: Option<HeaderValue>,
     pub(crate) timeout: Duration,
+    /// How long the upstream's response body may go without a frame.
+    pub(crate) stream_idle_timeout: Duration,
 }
 
 pub(crate) struct App {
@@ -51,6 +54,8 @@ pub(crate) struct App {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) client: Client<HttpConnector, Body>,
     pub(crate) max_body_bytes: usize,
+    pub(crate) body_timeout: Duration,
+    pub(crate) forward: Forward,
 }
 
 impl App {
@@ -73,6 +78,8 @@ impl App {
             metrics,
             client,
             max_body_bytes: cfg.limiter.max_body_bytes,
+            body_timeout: cfg.server.body_timeout(),
+            forward: Forward::new(&cfg.server.forward_headers),
         }
     }
 }
@@ -134,13 +141,14 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
 
 /// The caller's state under every rule that applies to it, charging nothing.
 async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
-    let view = RequestView::from_parts(&parts);
-    let Some(caller) = limits::caller(&app.callers, &view).cloned() else {
+    let (mut parts, _) = req.into_parts();
+    let Some(caller) = limits::caller(&app.callers, &RequestView::from_parts(&parts)).cloned()
+    else {
         return proxy::unauthorized(&parts.headers);
     };
-    let models: Vec<&str> = match query_param(parts.uri.query(), "model") {
-        Some(m) if app.models.contains_key(m) => vec![m],
+    let query = parts.uri.query().map(str::to_owned);
+    let models: Vec<&Arc<ModelRoute>> = match query_param(query.as_deref(), "model") {
+        Some(m) if app.models.contains_key(m) => app.models.get(m).into_iter().collect(),
         Some(m) => {
             return error(
                 StatusCode::NOT_FOUND,
@@ -150,15 +158,18 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
                 format!("The model `{m}` does not exist or you do not have access to it."),
             )
         }
-        None => app.models.keys().map(String::as_str).collect(),
+        None => app.models.values().collect(),
     };
     let mut seen = HashSet::new();
     let mut rules = Vec::new();
-    // The per-model rules read the body's `model`: ask once per model with a body naming it.
+    // The per-model rules read the model the gate routed to: ask once per model, as if routed
+    // to it.
     for model in models {
-        let json = json!({ "model": model });
-        let bytes = Bytes::from(json.to_string());
-        let statuses = match app.layer.status(view.with_body(&bytes, Some(&json))).await {
+        parts.extensions.insert(proxy::Routed {
+            model: Arc::clone(model),
+        });
+        let view = RequestView::from_parts(&parts);
+        let statuses = match app.layer.status(view).await {
             Ok(s) => s,
             Err(e) => {
                 let mut r = error(
