@@ -33,8 +33,8 @@
 //!   the tokenizer's vocabulary is loaded (its one-time load is printed).
 //! - `hostile bodies`: request bodies shaped to be costly to read, each at two sizes
 //!   (`50k`, `100k`): a tool schema of that many properties (1.3 / 2.7 MB), that many
-//!   members all named `dup` (0.8 / 1.6 MB), a 25th as many arrays 120 deep (0.5 / 1 MB),
-//!   that many one-letter strings (0.2 / 0.4 MB), a 10th as many tool calls (0.4 / 0.7 MB).
+//!   members all named `dup` (0.7 / 1.5 MB), a 25th as many arrays 120 deep (0.5 / 1 MB),
+//!   that many one-letter strings (0.2 / 0.4 MB), a 10th as many tool calls (0.35 / 0.7 MB).
 //!   `parse+estimate` is `OpenAiTokens::estimate` on a `with_body(&bytes, None)` view (the
 //!   layer's parse and the estimate), `parse+key` a `json_field` key deep in the body (the
 //!   parse and a lookup). Each size's answers are checked before measuring. The time should

@@ -1,6 +1,6 @@
 //! Asking a streaming request for its usage: `stream_options.include_usage = true` spliced
 //! into the body, so that the last event of the stream reports the tokens the token rules
-//! settle with ([`crate::RateLimitLayerBuilder::request_stream_usage`]).
+//! settle with ([`crate::RateLimitLayerBuilder::request_usage_in_streams`]).
 //!
 //! The body is otherwise forwarded byte for byte: the member is inserted (or a `false` or
 //! `null` replaced) at its place in the bytes, found with serde_json (each value located as a
