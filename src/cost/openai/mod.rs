@@ -27,8 +27,8 @@
 //! files), and are loaded once per process, on first use: `o200k_base` in about 250 ms and
 //! 45 MB, `cl100k_base` in 130 ms and 23 MB. Exact counting costs 45-80 ns a byte of text, on
 //! the request's task: a 16 KB body takes 0.6-1.4 ms, against 7-9 µs for the heuristic and
-//! 6-14 µs for the JSON parse the layer does anyway; 256 KB, 10-36 ms (`benches/tokens.rs`).
-//! Bound bodies with `max_inspect_bytes`. Texts are tokenized in segments of at most 8 KiB,
+//! 11-19 µs for the JSON parse the layer does anyway (serde_json); 256 KB, 10-36 ms
+//! (`benches/tokens.rs`). Bound bodies with `max_inspect_bytes`. Texts are tokenized in segments of at most 8 KiB,
 //! cut where the tokenizers split anyway: counts stay exact, and pathological texts
 //! (megabytes of one character) can't make the tokenizer fail. `exact_tokens(false)` on the
 //! builder counts with the heuristic whatever the model, e.g. to compare. The framing
