@@ -13,6 +13,10 @@ mod support;
 #[path = "gateway/hardening.rs"]
 mod hardening;
 
+// No delayed-ACK stalls, HTTP/2 (h2c).
+#[path = "gateway/wire.rs"]
+mod wire;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

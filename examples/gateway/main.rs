@@ -17,6 +17,7 @@
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
+//! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
@@ -34,6 +35,7 @@ mod mock;
 mod proxy;
 mod serve;
 mod server;
+mod tcp;
 mod upstream_body;
 
 use std::collections::BTreeMap;
