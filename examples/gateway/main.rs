@@ -7,11 +7,15 @@
 //! cargo run --release --example gateway                        # 127.0.0.1:8080, mock model
 //! cargo run --release --example gateway -- --config my.toml    # your models, tiers and keys
 //! cargo run --release --features redis --example gateway -- --redis redis://127.0.0.1:6379
+//! cargo run --release --example gateway -- --check-config --config my.toml   # validate only
 //! ```
+//!
+//! Every option has an environment variable (`GATEWAY_LISTEN`, `GATEWAY_CONFIG`,
+//! `GATEWAY_REDIS`); the command line wins over it. `--help` lists them.
 //!
 //! | module | what |
 //! |---|---|
-//! | `main.rs` | flags, start-up, graceful shutdown |
+//! | `main.rs` | command line (clap), `--check-config`, start-up, graceful shutdown |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers, estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
@@ -24,8 +28,9 @@
 //! | `mock.rs` | the built-in OpenAI-compatible mock model |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules |
 //!
-//! Exit codes: 0 after a clean shutdown, 2 for a bad flag or configuration (the message
-//! names the field), 1 when the gateway can't start (port taken, Redis unreachable).
+//! Exit codes: 0 after a clean shutdown (or a valid `--check-config`), 2 for a bad option or
+//! configuration (the message names the field), 1 when the gateway can't start (port taken,
+//! Redis unreachable).
 
 mod config;
 mod forward;
@@ -44,6 +49,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::builder::NonEmptyStringValueParser;
+use clap::Parser;
 use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
@@ -51,64 +58,35 @@ use crate::config::{Config, StoreKind, Upstream};
 use crate::metrics::Metrics;
 use crate::server::{App, ModelRoute};
 
-const USAGE: &str = "\
-An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
-
-Usage: gateway [OPTIONS]
-
-Options:
-  --listen ADDR    Listen on ADDR (default: the config's `listen`, 127.0.0.1:8080)
-  --config FILE    Read the configuration from FILE (TOML; default: the built-in
-                   examples/gateway/gateway.toml)
-  --redis URL      Keep the counters in Redis at URL, shared by every gateway using it
-                   (needs the `redis` feature: cargo run --features redis --example gateway)
-  -h, --help       Print this help
-
-Logs go to stderr, filtered by RUST_LOG (default: info).";
-
-/// What the command line asked for.
-#[derive(Debug, Default)]
+/// An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
+///
+/// With no options it listens on 127.0.0.1:8080 in front of a built-in mock model, with
+/// demo API keys. Every option can also be set by its environment variable; an option on
+/// the command line wins over the variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    after_help = "Logs go to stderr, filtered by RUST_LOG (default: info).\n\
+                  Exit codes: 0 clean shutdown or valid configuration, 2 bad option or \
+                  configuration, 1 could not start."
+)]
 struct Flags {
+    /// Listen on ADDR (default: the configuration's `listen`, 127.0.0.1:8080)
+    #[arg(long, env = "GATEWAY_LISTEN", value_name = "ADDR", value_parser = NonEmptyStringValueParser::new())]
     listen: Option<String>,
+    /// Read the configuration from FILE (TOML; default: the built-in
+    /// examples/gateway/gateway.toml)
+    #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
     config: Option<String>,
+    /// Keep the counters in Redis at URL, shared by every gateway using it (needs the `redis`
+    /// feature: cargo run --features redis --example gateway)
+    #[arg(long, env = "GATEWAY_REDIS", value_name = "URL", value_parser = NonEmptyStringValueParser::new())]
     redis: Option<String>,
-    help: bool,
-}
-
-fn parse_flags(args: impl IntoIterator<Item = String>) -> Result<Flags, String> {
-    let mut flags = Flags::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            flags.help = true;
-            continue;
-        }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let slot = match name.as_str() {
-            "--listen" => &mut flags.listen,
-            "--config" => &mut flags.config,
-            "--redis" => &mut flags.redis,
-            _ if name.starts_with('-') => return Err(format!("unknown flag `{name}`")),
-            _ => return Err(format!("unexpected argument `{arg}`")),
-        };
-        let value = match inline {
-            Some(v) => v,
-            None => args
-                .next()
-                .filter(|v| !v.starts_with("--"))
-                .ok_or_else(|| format!("`{name}` needs a value"))?,
-        };
-        if value.is_empty() {
-            return Err(format!("`{name}` needs a value"));
-        }
-        if slot.replace(value).is_some() {
-            return Err(format!("`{name}` is given twice"));
-        }
-    }
-    Ok(flags)
+    /// Check the configuration (with the other options applied), print every problem, and
+    /// exit: 0 when it is valid, 2 when it is not. Connects to nothing.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// Why the gateway stopped.
@@ -120,16 +98,10 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
-    let flags = match parse_flags(std::env::args().skip(1)) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("gateway: {e}\nRun with --help for the usage.");
-            return ExitCode::from(2);
-        }
-    };
-    if flags.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    // A bad option prints clap's message and exits with 2; --help and --version exit with 0.
+    let flags = Flags::parse();
+    if flags.check_config {
+        return check_config(&flags);
     }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -163,6 +135,60 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--check-config`: every problem of the configuration, or a line saying it is valid.
+fn check_config(flags: &Flags) -> ExitCode {
+    let source = flags.config.as_deref().unwrap_or("built-in gateway.toml");
+    let checked = load(flags).and_then(|(cfg, _)| {
+        let problems: Vec<String> = rule_problems(&cfg)
+            .into_iter()
+            .chain(
+                cfg.models
+                    .iter()
+                    .filter_map(|(name, m)| upstream_auth(name, m).err()),
+            )
+            .collect();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(format!("{source}:\n{}", problems.join("\n")))
+        }
+    });
+    match checked {
+        Ok(cfg) => {
+            println!(
+                "{source}: the configuration is valid (models: {}, tiers: {}, keys: {})",
+                cfg.models.len(),
+                cfg.tiers.len(),
+                cfg.keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway: bad configuration:\n{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What the library says of the rules the configuration makes, built on a throwaway memory
+/// store (nothing is connected to).
+fn rule_problems(cfg: &Config) -> Option<String> {
+    let callers = limits::callers(cfg);
+    limits::layer(cfg, &callers, limits::Store::memory(cfg), &Metrics::new())
+        .err()
+        .map(|e| format!("rate-limit rules: {e}"))
+}
+
+/// The `Authorization` header the gateway sends to a model's upstream, if it has a key.
+fn upstream_auth(name: &str, m: &config::ModelConfig) -> Result<Option<HeaderValue>, String> {
+    m.upstream_key()
+        .map(|k| {
+            HeaderValue::try_from(format!("Bearer {k}"))
+                .map_err(|_| format!("field `models.{name}.api_key`: not a valid header value"))
+        })
+        .transpose()
 }
 
 /// Reads, overrides and validates the configuration. True when it is the built-in one.
@@ -224,8 +250,9 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
     let callers = limits::callers(&cfg);
     // Check the rules on a throwaway memory store before connecting to anything, so that
     // configuration errors come first.
-    limits::layer(&cfg, &callers, limits::Store::memory(&cfg), &Metrics::new())
-        .map_err(|e| Failure::Config(format!("rate-limit rules: {e}")))?;
+    if let Some(problem) = rule_problems(&cfg) {
+        return Err(Failure::Config(problem));
+    }
     let store = match cfg.store.kind {
         StoreKind::Memory => limits::Store::memory(&cfg),
         #[cfg(feature = "redis")]
@@ -258,14 +285,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
                 (origin.to_owned(), format!("{path}/v1"))
             }
         };
-        let api_key = match m.upstream_key() {
-            Some(k) => Some(HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
-                Failure::Config(format!(
-                    "field `models.{name}.api_key`: not a valid header value"
-                ))
-            })?),
-            None => None,
-        };
+        let api_key = upstream_auth(name, m).map_err(Failure::Config)?;
         routes.insert(
             name.clone(),
             Arc::new(ModelRoute {
