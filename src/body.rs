@@ -1,5 +1,6 @@
 //! The response body: the inner service's, or a small full body for a rejection.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -7,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 
 use crate::settle::Settle;
 
@@ -14,7 +16,10 @@ pin_project! {
     /// The body of a [`crate::RateLimit`] response: the inner service's body (watched for
     /// `usage` when the request has token or concurrency charges to settle; see
     /// [`crate::settle`]), or the JSON (or empty gRPC) body of a rejection. Works with any
-    /// inner body whose data is [`Bytes`]; nothing is buffered or delayed.
+    /// inner body whose data is [`Bytes`]; nothing is buffered. The one delay: the body of a
+    /// failed attempt of an idempotent request starts once the store has recorded the
+    /// failure (one store round trip, bounded by its call timeout), so that a client's
+    /// retry, sent when it has read this answer, finds the record.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -26,6 +31,7 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Settling { #[pin] body: B, settle: Box<Settle> },
+        Held { #[pin] body: B, recorded: Option<oneshot::Receiver<()>> },
         Rejection { #[pin] body: Full<Bytes> },
     }
 }
@@ -43,6 +49,16 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// A failed answer's body, held until `recorded` ends (see `Settle::take_recorded`).
+    pub(crate) fn held(body: B, recorded: oneshot::Receiver<()>) -> Self {
+        Self {
+            kind: Kind::Held {
+                body,
+                recorded: Some(recorded),
+            },
+        }
+    }
+
     pub(crate) fn rejection(body: Full<Bytes>) -> Self {
         Self {
             kind: Kind::Rejection { body },
@@ -55,6 +71,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
         f.write_str(match self.kind {
             Kind::Inner { .. } => "ResponseBody::Inner",
             Kind::Settling { .. } => "ResponseBody::Settling",
+            Kind::Held { .. } => "ResponseBody::Held",
             Kind::Rejection { .. } => "ResponseBody::Rejection",
         })
     }
@@ -89,6 +106,14 @@ where
                 }
                 Poll::Ready(frame)
             }
+            KindProj::Held { body, recorded } => {
+                if let Some(r) = recorded {
+                    // Done or not (a task that ended without a word), the body goes on.
+                    let _ = std::task::ready!(Pin::new(r).poll(cx));
+                    *recorded = None;
+                }
+                body.poll_frame(cx)
+            }
             KindProj::Rejection { body } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
                 Poll::Ready(Some(Err(never))) => match never {},
@@ -101,7 +126,12 @@ where
     #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } | Kind::Settling { body, .. } => body.is_end_stream(),
+            Kind::Held {
+                recorded: Some(_), ..
+            } => false,
+            Kind::Inner { body } | Kind::Settling { body, .. } | Kind::Held { body, .. } => {
+                body.is_end_stream()
+            }
             Kind::Rejection { body } => body.is_end_stream(),
         }
     }
@@ -109,7 +139,9 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } | Kind::Settling { body, .. } => body.size_hint(),
+            Kind::Inner { body } | Kind::Settling { body, .. } | Kind::Held { body, .. } => {
+                body.size_hint()
+            }
             Kind::Rejection { body } => body.size_hint(),
         }
     }

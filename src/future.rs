@@ -121,6 +121,11 @@ where
                         ) {
                             return Poll::Ready(Ok(response.map(|b| ResponseBody::settling(b, s))));
                         }
+                        if let Some(recorded) = s.take_recorded() {
+                            return Poll::Ready(Ok(
+                                response.map(|b| ResponseBody::held(b, recorded))
+                            ));
+                        }
                     }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }

@@ -31,18 +31,22 @@
 //!   0. inspect  : only if a key or the estimate reads the body: read it, bounded by
 //!                 max_inspect_bytes, parse JSON once (borrowed); 413/400 or fallback
 //!                                                                          (inspect, json)
+//!                 (a request with the idempotency header is read too, for its digest)
 //!   1. tier     : TierResolver → the caller's tier, once                   (tier)
 //!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
 //!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip
 //!   3. cost     : 1 per request rule and concurrency slot; CostEstimator → input and
 //!                 output tokens, weighted per model for spend rules        (cost)
 //!   4. acquire  : Store::acquire(all charges) → all-or-nothing Decision   (store → algorithm)
+//!                 (with an idempotency id: acquire_once; a retry of a failed attempt is
+//!                 free on request rules)                                   (idempotency)
 //!   5a. denied  : 429 (gRPC: RESOURCE_EXHAUSTED) + Retry-After + rate-limit headers;
 //!                 the inner service is never called                       (reject, headers)
 //!   5b. allowed : inner service called with the body replayed byte for byte; rate-limit
 //!                 headers added to its response; the response body is watched for `usage`
 //!                 (JSON or SSE, incrementally) and at its end, or when dropped, the token
 //!                 charges are settled to the real usage and concurrency slots released
+//!                 (a failed attempt with an id: Store::fail_attempt)
 //!                                                                          (settle, cost::usage)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
@@ -55,13 +59,14 @@
 //! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json/`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |
-//! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
+//! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
+//! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
-//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies, JSON body field, global, closure, composite |
+//! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` parser, one file per framing) |
 //! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek |
-//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
+//! | [`store`] | the [`store::Store`] contract (acquire / settle / peek; idempotent retries: `acquire_once` / `fail_attempt`, the table of what a retry is charged) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell, one for least-recently-used eviction at `max_keys`, one for long keys held as digests, one for the table of failed idempotent attempts); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, versioned key layout, circuit breaker, lazy connection) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
@@ -167,6 +172,7 @@ pub mod tier;
 mod body;
 mod error;
 mod future;
+mod idempotency;
 mod inspect;
 mod json;
 mod layer;

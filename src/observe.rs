@@ -7,10 +7,12 @@
 //! request the layer settles: the estimate charged per rule and what it really cost, for
 //! "tokens estimated vs settled" metrics, labelled with the caller's tier, the request
 //! body's `model` (when the layer read the body for a token estimate) and each bucket's key.
-//! The layer settles requests with token or concurrency charges (or all of them under
-//! `count_failed_requests(false)`); it does not settle a request admitted by the store
-//! failure policy ([`crate::FailurePolicy::Open`]) nor a replayed idempotent retry, so
-//! `on_settle` is not a count of every upstream answer. Both hooks run on the request's
+//! The layer settles requests with token or concurrency charges or an idempotency id (or
+//! all of them under `count_failed_requests(false)`); it does not settle a request admitted
+//! by the store failure policy ([`crate::FailurePolicy::Open`]), so `on_settle` is not a
+//! count of every upstream answer. A free retry of an idempotent request
+//! ([Idempotent retries](crate::store#idempotent-retries)) reports its request rules as
+//! charged 0. Both hooks run on the request's
 //! path: keep them cheap (increment counters, don't do I/O).
 //!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
@@ -158,7 +160,7 @@ pub trait Observer: Send + Sync + 'static {
     fn on_decision(&self, event: &DecisionEvent<'_>);
 
     /// Called once per admitted request that had something to settle (token or concurrency
-    /// rules; not a store-failure admission, not a replayed retry), when its response ended
+    /// rules, or an idempotency id; not a store-failure admission), when its response ended
     /// or was dropped: estimated vs real tokens for metrics.
     fn on_settle(&self, event: &SettleEvent<'_>) {
         let _ = event;

@@ -18,7 +18,7 @@ use crate::observe::{DecisionEvent, Outcome, RuleDecision};
 use crate::reject::Rejection;
 use crate::rule::{Algorithm, MissingKey, Quota, Unit};
 use crate::settle::{Pending, Settle};
-use crate::store::{BucketKey, Charge, Decision, StoreError, StoreFuture};
+use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError, StoreFuture};
 use crate::tier::Tier;
 
 /// One rule's charge for this request.
@@ -34,7 +34,8 @@ pub(crate) struct Planned {
 /// A request's plan: its tier and charges.
 pub(crate) struct Plan {
     tier: Option<Tier>,
-    request_id: Option<String>,
+    /// The request's identity when it carries an idempotency id (see `idempotency.rs`).
+    idempotency: Option<IdempotencyKey>,
     charges: Vec<Planned>,
     estimate: Cost,
     model: Option<String>,
@@ -131,13 +132,24 @@ impl Shared {
             // already: a token estimate read it).
             model.get_or_insert_with(|| body_model(req));
         }
-        let request_id = self.idempotency_header.as_ref().and_then(|h| {
-            let v = req.headers().get(h)?.to_str().ok()?.trim();
-            (!v.is_empty()).then(|| v.to_owned())
-        });
+        // A body the layer could not read whole gives no identity: each attempt is charged.
+        let idempotency = match (&self.idempotency_header, req.body(), problem) {
+            (Some(h), Some(body), None | Some(BodyProblem::NotJson(_))) => {
+                req.headers().get(h).and_then(|id| {
+                    crate::idempotency::key(
+                        id.as_bytes(),
+                        req.method(),
+                        req.uri(),
+                        body,
+                        charges.iter().map(|p| &p.bucket),
+                    )
+                })
+            }
+            _ => None,
+        };
         Ok(Plan {
             tier,
-            request_id,
+            idempotency,
             charges,
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
@@ -191,7 +203,7 @@ impl Shared {
         plan: &'a Plan,
     ) -> StoreFuture<Result<Decision, StoreError>> {
         let charge = |p: &'a Planned| Charge::new(&p.bucket, &p.quota, p.amount);
-        let ask = |charges: &[Charge<'_>]| match &plan.request_id {
+        let ask = |charges: &[Charge<'_>]| match &plan.idempotency {
             Some(id) => self.store.acquire_once(charges, id),
             None => self.store.acquire(charges),
         };
@@ -300,13 +312,13 @@ pub(crate) fn conclude(
         shared.observe(tier, outcome, &rules);
     }
     let Some(denial) = decision.denial else {
-        // A replayed decision (an idempotent retry) charged nothing now: the first request's
-        // settlement owns its charges.
-        let needs_settling = !decision.replayed
-            && (!shared.count_failed_requests
-                || plan.charges.iter().any(|p| {
-                    p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
-                }));
+        // An attempt with an idempotency id is settled whatever its rules: its failure is
+        // what makes its retry free.
+        let needs_settling = plan.idempotency.is_some()
+            || !shared.count_failed_requests
+            || plan.charges.iter().any(|p| {
+                p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
+            });
         let settle = needs_settling.then(|| {
             // A new vector, not `collect` (which would reuse the plan's and shrink it: a
             // reallocation).
@@ -315,11 +327,16 @@ pub(crate) fn conclude(
                 plan.charges
                     .into_iter()
                     .zip(&decision.charges)
-                    .map(|(p, s)| Pending {
-                        bucket: p.bucket,
-                        quota: p.quota,
-                        placement: s.placement,
-                        charged: p.amount,
+                    .map(|(p, s)| {
+                        // A free retry's request charges were not counted: nothing to settle.
+                        let waived = decision.free_retry
+                            && Charge::new(&p.bucket, &p.quota, p.amount).is_request_count();
+                        Pending {
+                            bucket: p.bucket,
+                            quota: p.quota,
+                            placement: s.placement,
+                            charged: if waived { 0 } else { p.amount },
+                        }
                     }),
             );
             Box::new(Settle::new(
@@ -331,6 +348,7 @@ pub(crate) fn conclude(
                     .observes_settlements
                     .then(|| plan.tier.clone())
                     .flatten(),
+                plan.idempotency,
             ))
         });
         return Ok(Admit { headers: h, settle });

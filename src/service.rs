@@ -124,7 +124,18 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &self.layer.shared;
-        if shared.needs_body {
+        // A request with an idempotency id is read too: its body is part of its identity.
+        // Only a body of declared length (or none): a stream (gRPC, a chunked upload) is
+        // never held back for it, and without a body to digest the request has no identity
+        // (each attempt is charged).
+        if shared.needs_body
+            || (shared
+                .idempotency_header
+                .as_ref()
+                .is_some_and(|h| req.headers().contains_key(h))
+                && (req.headers().contains_key(http::header::CONTENT_LENGTH)
+                    || req.body().is_end_stream()))
+        {
             return self.call_with_body(req);
         }
         let plan = match shared.plan(&RequestView::from_request(&req), None) {
@@ -213,7 +224,8 @@ impl<S> RateLimit<S> {
                 let mut problem = problem;
                 let doc = match problem {
                     Some(_) => None,
-                    None if bytes.is_empty() => None,
+                    // Read only for an idempotency id: not parsed.
+                    None if bytes.is_empty() || !shared.needs_body => None,
                     None => match Json::parse(&bytes) {
                         Ok(doc) => Some(doc),
                         Err(e) => {

@@ -15,6 +15,11 @@
 //! | error response marked [`KeepTokens`] (a gateway's 504: the upstream may have generated the tokens) | reservation kept | as for an upstream error | released |
 //! | request dropped before a response (client gone) | reservation kept | kept | released |
 //!
+//! A request carrying an idempotency id keeps its request charges when it fails, whatever
+//! `count_failed_requests` says, and its failure (either of the last two rows, HTTP >= 400
+//! included) is reported to the store, so that its retry is free on request rules instead
+//! (see [Idempotent retries](crate::store#idempotent-retries)).
+//!
 //! A compressed response (`content-encoding` other than `identity`) is not parsed: it counts
 //! as a response without `usage`. A gateway in front of upstreams should not forward
 //! `accept-encoding` to them (the example gateway strips it).
@@ -25,6 +30,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
+
 use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::cost::usage::{Framing, Usage, UsageParser};
@@ -33,7 +40,7 @@ use crate::layer::{Settling, Shared};
 use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::{Algorithm, Quota, Unit};
-use crate::store::{Adjustment, BucketKey, Placement};
+use crate::store::{Adjustment, BucketKey, Charge, IdempotencyKey, Placement};
 use crate::tier::Tier;
 
 /// What the layer charges when an admitted response carries no `usage`.
@@ -104,6 +111,12 @@ pub(crate) struct Settle {
     model: Option<String>,
     /// The caller's tier, kept for the observer only.
     tier: Option<Tier>,
+    /// The request's identity when it carries an idempotency id: a failure is reported to
+    /// the store ([`crate::store::Store::fail_attempt`]) so that its retry is free.
+    idempotency: Option<IdempotencyKey>,
+    /// Ends when the store has recorded this attempt's failure (a store doing I/O): the
+    /// response waits for it (see [`Settle::take_recorded`]).
+    recorded: Option<oneshot::Receiver<()>>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -130,6 +143,7 @@ impl Settle {
         estimate: Cost,
         model: Option<String>,
         tier: Option<Tier>,
+        idempotency: Option<IdempotencyKey>,
     ) -> Self {
         Self {
             shared,
@@ -137,6 +151,8 @@ impl Settle {
             estimate,
             model,
             tier,
+            idempotency,
+            recorded: None,
             parser: None,
             streamed: 0,
             responded: false,
@@ -178,6 +194,15 @@ impl Settle {
                 .map(|f| UsageParser::new(f, MAX_USAGE_BUFFER));
         }
         true
+    }
+
+    /// Once the request failed: what ends when the store has recorded the failure, if it is
+    /// still being written. The layer holds the failed response's body until then, so that
+    /// a client's retry, sent once it has read the answer, finds the record (one store
+    /// round trip more on a failed attempt with an idempotency id, bounded by the store's
+    /// call timeout).
+    pub(crate) fn take_recorded(&mut self) -> Option<oneshot::Receiver<()>> {
+        self.recorded.take()
     }
 
     /// The inner service failed.
@@ -261,6 +286,8 @@ impl Settle {
                     self.actual(c.quota.unit(), c.charged, ending)
                 } else if matches!(ending, Ending::Failed { .. })
                     && !self.shared.count_failed_requests
+                    // A failed attempt with an id stays counted: its retry is free instead.
+                    && self.idempotency.is_none()
                 {
                     0
                 } else {
@@ -308,37 +335,71 @@ impl Settle {
                 rules: &rules,
             });
         }
-        if adjustments.is_empty() {
-            return;
+        if !adjustments.is_empty() {
+            let settling = self.shared.store.settle(&adjustments);
+            // Nobody waits for a settlement (the next request is decided as it stands).
+            drop(drive(
+                &self.shared,
+                settling,
+                "settling a rate-limit charge failed",
+            ));
         }
-        let settling = self.shared.store.settle(&adjustments);
-        match settling.now() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log_failure(&e),
-            Err(pending) => {
-                // A store doing I/O: finish in the background (this may run in `Drop`).
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        let running = Settling::start(&self.shared);
-                        rt.spawn(async move {
-                            if let Err(e) = pending.await {
-                                log_failure(&e);
-                            }
-                            drop(running);
-                        });
-                    }
-                    Err(_) => tracing::warn!(
-                        target: "tower_llm_ratelimit",
-                        "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
-                    ),
-                }
-            }
+        if let (Some(id), Ending::Failed { .. } | Ending::Dropped) = (&self.idempotency, ending) {
+            let charges: Vec<Charge<'_>> = self
+                .charges
+                .iter()
+                .map(|c| Charge::new(&c.bucket, &c.quota, c.charged))
+                .collect();
+            let failing = self.shared.store.fail_attempt(&charges, id);
+            self.recorded = drive(
+                &self.shared,
+                failing,
+                "remembering a failed attempt failed (its retry will be charged)",
+            );
         }
     }
 }
 
-fn log_failure(e: &crate::store::StoreError) {
-    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "settling a rate-limit charge failed");
+/// Runs a store call to its end: on the spot for a synchronous store, else in a task of its
+/// own (this may run in `Drop`), counted for [`crate::RateLimitLayer::flush`]. Returns,
+/// for a call in a task, what tells when it is done.
+fn drive(
+    shared: &Arc<Shared>,
+    call: crate::store::StoreFuture<Result<(), crate::store::StoreError>>,
+    failure: &'static str,
+) -> Option<oneshot::Receiver<()>> {
+    match call.now() {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => {
+            log_failure(&e, failure);
+            None
+        }
+        Err(pending) => match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let running = Settling::start(shared);
+                let (done, recorded) = oneshot::channel();
+                rt.spawn(async move {
+                    if let Err(e) = pending.await {
+                        log_failure(&e, failure);
+                    }
+                    drop(running);
+                    let _ = done.send(());
+                });
+                Some(recorded)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    target: "tower_llm_ratelimit",
+                    "no tokio runtime to settle a rate-limit charge on; the estimate stays charged"
+                );
+                None
+            }
+        },
+    }
+}
+
+fn log_failure(e: &crate::store::StoreError, what: &'static str) {
+    tracing::warn!(target: "tower_llm_ratelimit", error = %e, "{what}");
 }
 
 impl Drop for Settle {

@@ -416,8 +416,13 @@ async fn observer_status_and_failure_policy() {
     let events: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = events.clone();
     let store = MemoryStore::builder().max_keys(1).build();
+    // A request with `x-org` names two buckets, more than the store can hold: a store error.
+    let per_org = || {
+        Rule::new("org", key::header("x-org"), Quota::per_hour(10)).on_missing_key(MissingKey::Skip)
+    };
     let layer = RateLimitLayer::builder()
         .rule(Rule::new("k", key::header("x-api-key"), Quota::per_hour(1)))
+        .rule(per_org())
         .store(store.clone())
         .observer(move |e: &DecisionEvent<'_>| {
             let line = match e.outcome {
@@ -447,8 +452,8 @@ async fn observer_status_and_failure_policy() {
     );
     let status = layer.status(RequestView::from_request(&req)).await.unwrap();
     assert_eq!(status[0].snapshot.unwrap().remaining, 0);
-    // The store holds 1 key and it is busy: a new key fails closed with 503.
-    let r = send(server.addr, &[("x-api-key", "b")]).await;
+    // The store can't hold the request's buckets: it fails closed with 503.
+    let r = send(server.addr, &[("x-api-key", "b"), ("x-org", "o")]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.body["error"]["code"], "rate_limit_unavailable");
     assert_eq!(h(&r, "retry-after"), "1");
@@ -460,19 +465,15 @@ async fn observer_status_and_failure_policy() {
     // Fail-open admits without counting.
     let open = RateLimitLayer::builder()
         .rule(Rule::new("k", key::header("x-api-key"), Quota::per_hour(1)))
+        .rule(per_org())
         .store(store)
         .on_store_error(FailurePolicy::Open)
         .build()
         .unwrap();
     let server = serve(open).await;
-    assert_eq!(
-        send(server.addr, &[("x-api-key", "c")]).await.status,
-        StatusCode::OK
-    );
-    assert_eq!(
-        send(server.addr, &[("x-api-key", "c")]).await.status,
-        StatusCode::OK
-    );
+    let both = [("x-api-key", "c"), ("x-org", "o")];
+    assert_eq!(send(server.addr, &both).await.status, StatusCode::OK);
+    assert_eq!(send(server.addr, &both).await.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -349,3 +349,104 @@ fn multi_rule_decisions_with_concurrent_inserts_sweeps_and_evictions() {
     worker.join().unwrap();
     assert_eq!(admitted, LIMIT);
 }
+
+/// Many threads on a store far smaller than its key space, so that each new key evicts the
+/// least recently used of a sample (another thread's, or its own), with single- and
+/// multi-rule requests of every algorithm and sweeps. A bucket's admitted charges report what remains
+/// after them: while it stays resident, L-1, L-2, ... each at most once, so over all its
+/// lives a key reports each value no more often than the one before it (a lost update, two
+/// charges counted as one, would report a value twice in one life). Bounded: a deadlock
+/// fails the test in 120 s.
+#[test]
+fn threads_with_eviction_never_admit_more_than_the_limit_while_resident() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    const LIMIT: u64 = 20;
+    const KEYS: u64 = 200;
+    const MAX_KEYS: usize = 64;
+    type Reports = HashMap<(usize, u64), Vec<u64>>;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        // The clock stands still: nothing refills, and a GCRA bucket's `remaining` counts
+        // its charges exactly (a decision that read the time before another's would report
+        // one less). Every bucket was used at the same instant: eviction picks among them.
+        let store = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(MAX_KEYS)
+            .build();
+        let quotas = ALGORITHMS.map(|alg| Quota::per_day(LIMIT).using(alg));
+        let rules = ["counter", "log", "gcra"];
+        let reports = Mutex::new(Reports::new());
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (store, quotas, reports) = (store.clone(), &quotas, &reports);
+                s.spawn(move || {
+                    let mut mine = Reports::new();
+                    let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    for i in 0..2_000u64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let (r1, k1) = ((i % 3) as usize, x % KEYS);
+                        let (r2, k2) = (((i + 1) % 3) as usize, (x >> 20) % KEYS);
+                        let b1 = BucketKey::new(rules[r1], format!("k{k1}"));
+                        let b2 = BucketKey::new(rules[r2], format!("k{k2}"));
+                        let mut charges = vec![Charge::new(&b1, &quotas[r1], 1)];
+                        if i % 2 == 0 {
+                            charges.push(Charge::new(&b2, &quotas[r2], 1));
+                        }
+                        let d = store.try_acquire(&charges).unwrap();
+                        if d.is_admitted() {
+                            let ids = [(r1, k1), (r2, k2)];
+                            for (id, state) in ids.iter().zip(d.charges.iter()) {
+                                mine.entry(*id).or_default().push(state.snapshot.remaining);
+                            }
+                        }
+                    }
+                    let mut all = reports.lock().unwrap();
+                    for (id, values) in mine {
+                        all.entry(id).or_default().extend(values);
+                    }
+                });
+            }
+            let sweeper = store.clone();
+            s.spawn(move || {
+                for _ in 0..200 {
+                    sweeper.sweep();
+                    std::thread::yield_now();
+                }
+            });
+        });
+        assert!(store.len() <= MAX_KEYS, "{} buckets", store.len());
+        done_tx.send(reports.into_inner().unwrap()).unwrap();
+    });
+    let reports = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("decisions with eviction deadlocked (no answer within 120 s)");
+    worker.join().unwrap();
+    let mut lives = 0;
+    for (id, values) in &reports {
+        let mut count = [0u64; LIMIT as usize];
+        for &v in values {
+            assert!(v < LIMIT, "{id:?} reported {v} remaining");
+            count[v as usize] += 1;
+        }
+        // count[LIMIT - 1] lives started; each reached some depth without repeating one.
+        for v in 0..LIMIT as usize - 1 {
+            assert!(
+                count[v] <= count[v + 1],
+                "{id:?}: {} charges left {v} but {} left {}: {values:?}",
+                count[v],
+                count[v + 1],
+                v + 1
+            );
+        }
+        lives += count[LIMIT as usize - 1];
+    }
+    assert!(
+        lives > 2 * reports.len() as u64,
+        "eviction was active: {lives} lives for {} buckets",
+        reports.len()
+    );
+}

@@ -1465,3 +1465,51 @@ async fn two_gateways_share_limits_through_redis() {
         "{text}"
     );
 }
+
+/// The abuse of issue 12: on Redis, with `idempotency_header = "x-request-id"` and a tier of
+/// 10 requests per minute, 20 different requests that all carry `x-request-id: same-id`
+/// admit exactly 10, and 5 more with fresh ids after them are denied.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_on_twenty_requests_admits_ten_through_redis() {
+    let Some(redis) = support::redis::RedisServer::start() else {
+        return; // redis-server is not installed (outside CI): skipped, said why.
+    };
+    let (up_server, _up) = start_upstream().await;
+    let cfg = TempConfig::new(&test_config(
+        &up_server.url(),
+        "algorithm = \"sliding_window_log\"\nidempotency_header = \"x-request-id\"",
+    ));
+    let gw = Gateway::start(&["--config", cfg.path(), "--redis", &redis.url()]);
+    let c = client();
+    let post = |id: String, content: String| {
+        let req = Request::builder()
+            .method("POST")
+            .uri(gw.url("/v1/chat/completions"))
+            .header("authorization", "Bearer free-a")
+            .header("content-type", "application/json")
+            .header("x-request-id", id)
+            .body(Full::new(Bytes::from(
+                chat("test-model", &content, 5).to_string(),
+            )))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let res = within("a chat request", c.request(req)).await.unwrap();
+            let status = res.status();
+            within("its body", res.into_body().collect()).await.unwrap();
+            status
+        }
+    };
+    let mut admitted = 0;
+    for i in 0..20 {
+        let status = post("same-id".into(), format!("question {i}")).await;
+        assert!(status == 200 || status == 429, "{status}");
+        admitted += usize::from(status == 200);
+    }
+    assert_eq!(admitted, 10);
+    for i in 0..5 {
+        let status = post(format!("fresh-{i}"), "hi".into()).await;
+        assert_eq!(status, 429);
+    }
+}

@@ -18,8 +18,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower::ServiceBuilder;
+use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::key::{self, PeerAddr};
-use tower_llm_ratelimit::{Quota, RateLimitLayer, RequestBody, Rule};
+use tower_llm_ratelimit::store::MemoryStore;
+use tower_llm_ratelimit::{FailurePolicy, Quota, RateLimitLayer, RequestBody, Rule};
 
 use support::{within, Shutdown, TestServer};
 
@@ -82,9 +84,20 @@ fn http_client() -> HttpClient {
 
 /// Sends a GET with `headers` and reads the whole response.
 async fn get(client: &HttpClient, url: &str, headers: &[(&str, &str)]) -> (Response<()>, Bytes) {
+    let raw: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    get_raw(client, url, &raw).await
+}
+
+/// [`get`] with header values of any bytes, each a line of its own.
+async fn get_raw(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &[u8])],
+) -> (Response<()>, Bytes) {
     let mut req = Request::get(url);
     for (name, value) in headers {
-        req = req.header(*name, *value);
+        let value = hyper::header::HeaderValue::from_bytes(value).expect("header value");
+        req = req.header(*name, value);
     }
     let req = req.body(Full::default()).unwrap();
     let response = within("response", client.request(req))
@@ -237,6 +250,98 @@ async fn forwarding_headers_count_only_from_trusted_proxies() {
     let (r, _) = get(&client, &url, &[("x-forwarded-for", "203.0.113.0")]).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+    drop(client);
+    server.shutdown().await;
+}
+
+/// Behind a proxy that appends `X-Forwarded-For` (the test client, trusted): a `Forwarded`
+/// header the client adds picks no bucket, and a non-ASCII byte the client put in front of
+/// the address its proxy appended neither hides that address nor lands in the proxy's bucket.
+#[tokio::test]
+async fn a_client_cannot_pick_its_bucket_through_forwarding_headers() {
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "per-ip",
+            key::client_ip().trust_proxy("127.0.0.1"),
+            Quota::per_hour(1),
+        ))
+        .build()
+        .unwrap();
+    let (server, calls) = start(layer, true).await;
+    let client = http_client();
+    let url = server.url();
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let forged = format!("for=6.6.6.{i}");
+        let headers = [
+            ("forwarded", &forged[..]),
+            ("x-forwarded-for", "203.0.113.7"),
+        ];
+        statuses.push(get(&client, &url, &headers).await.0.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "one bucket for 203.0.113.7, whatever `Forwarded` says"
+    );
+
+    let appended: [(&str, &[u8]); 1] = [("x-forwarded-for", b"\x80, 198.51.100.1")];
+    let (r, _) = get_raw(&client, &url, &appended).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (r, _) = get(&client, &url, &[("x-forwarded-for", "198.51.100.1")]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the request with the bad byte was counted as 198.51.100.1"
+    );
+    let alone: [(&str, &[u8]); 1] = [("x-forwarded-for", b"\x80")];
+    let (r, _) = get_raw(&client, &url, &alone).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // The proxy's own bucket is untouched by it.
+    let (r, _) = get(&client, &url, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK, "the proxy's own request");
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    drop(client);
+    server.shutdown().await;
+}
+
+/// A memory store at its `max_keys`, with a layer that admits on store errors: a flood of
+/// new keys is still counted, each key's second request denied (the least recently used
+/// buckets make room; a refused key would be admitted uncounted).
+#[tokio::test]
+async fn at_max_keys_a_flood_of_new_keys_is_counted_under_fail_open() {
+    const MAX_KEYS: usize = 50;
+    let store = MemoryStore::builder()
+        .clock(ManualClock::new())
+        .max_keys(MAX_KEYS)
+        .build();
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "per-key",
+            key::header("x-api-key"),
+            Quota::per_hour(1),
+        ))
+        .store(store.clone())
+        .on_store_error(FailurePolicy::Open)
+        .build()
+        .unwrap();
+    let (server, calls) = start(layer, true).await;
+    let client = http_client();
+    let url = server.url();
+    for i in 0..4 * MAX_KEYS {
+        let key = format!("key-{i}");
+        let (first, _) = get(&client, &url, &[("x-api-key", &key)]).await;
+        assert_eq!(first.status(), StatusCode::OK, "{key}");
+        let (second, _) = get(&client, &url, &[("x-api-key", &key)]).await;
+        assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS, "{key}");
+        assert!(store.len() <= MAX_KEYS);
+    }
+    assert_eq!(store.len(), MAX_KEYS);
+    assert_eq!(calls.load(Ordering::SeqCst), 4 * MAX_KEYS);
     drop(client);
     server.shutdown().await;
 }

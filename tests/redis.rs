@@ -17,7 +17,8 @@ use http::{Request, Response, StatusCode};
 use tower::ServiceExt;
 use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::store::{
-    Adjustment, BucketKey, Charge, Decision, RedisFailure, RedisStore, Snapshot, Store, StoreError,
+    Adjustment, BucketKey, Charge, Decision, IdempotencyKey, RedisFailure, RedisStore, Snapshot,
+    Store, StoreError,
 };
 use tower_llm_ratelimit::{
     key, Algorithm, FailurePolicy, Quota, RateLimitLayer, RequestBody, ResponseBody, Rule,
@@ -109,13 +110,6 @@ fn send(
 
 fn request() -> Request<String> {
     Request::new(String::new())
-}
-
-fn with_id(id: &str) -> Request<String> {
-    Request::builder()
-        .header("x-request-id", id)
-        .body(String::new())
-        .unwrap()
 }
 
 #[tokio::test]
@@ -407,111 +401,6 @@ async fn settlement_refunds_releases_and_expires_leases() {
     assert_eq!(send(&svc, request()).await.status(), StatusCode::OK);
 }
 
-#[tokio::test]
-async fn idempotent_acquires_count_once() {
-    let Some((_server, _clock, store)) = started().await else {
-        return;
-    };
-    let q = Quota::per_hour(2);
-    let b = BucketKey::new("rph", "alice");
-    let one = [Charge::new(&b, &q, 1)];
-    let once = |id: &'static str| within("acquire_once", store.acquire_once(&one, id));
-
-    let first = once("req-1").await.unwrap();
-    let retry = once("req-1").await.unwrap();
-    assert!(first.is_admitted());
-    assert_eq!(
-        (&first.denial, &first.charges),
-        (&retry.denial, &retry.charges),
-        "a retry gets the first decision back"
-    );
-    assert!(
-        retry.replayed && !first.replayed,
-        "and is marked as a replay"
-    );
-    assert_eq!(peek(&store, &b, &q).await.remaining, 1, "counted once");
-    assert!(once("req-2").await.unwrap().is_admitted());
-    let denied = once("req-3").await.unwrap();
-    assert!(!denied.is_admitted());
-    assert_eq!(once("req-3").await.unwrap(), denied);
-    // An earlier id keeps its decision even though the bucket is full now.
-    assert!(once("req-1").await.unwrap().is_admitted());
-    assert_eq!(peek(&store, &b, &q).await.remaining, 0);
-
-    // Through the layer, keyed by the x-request-id header.
-    let layer = RateLimitLayer::builder()
-        .rule(Rule::new("global", key::global(), Quota::per_hour(1)))
-        .idempotency_header("x-request-id")
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let svc = app(layer);
-    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
-    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
-    assert_eq!(
-        send(&svc, with_id("r2")).await.status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    assert_eq!(
-        send(&svc, request()).await.status(),
-        StatusCode::TOO_MANY_REQUESTS,
-        "without an id, a request is counted as new"
-    );
-    assert_eq!(send(&svc, with_id("r1")).await.status(), StatusCode::OK);
-
-    // A replayed admission is not settled again: the upstream failed the first attempt
-    // (its 100 tokens were refunded once), and the retry must not refund them a second time.
-    let failing = tower::service_fn(|req: Request<RequestBody<String>>| async move {
-        let status = if req.headers().contains_key("x-fail") {
-            500
-        } else {
-            200
-        };
-        let mut res = Response::new(String::new());
-        *res.status_mut() = StatusCode::from_u16(status).unwrap();
-        Ok::<_, Infallible>(res)
-    });
-    let tpm = Quota::per_hour(1_000).tokens();
-    let layer = RateLimitLayer::builder()
-        .rule(Rule::new("tph", key::global(), tpm))
-        .cost(tower_llm_ratelimit::cost::from_fn(|_| Some(100)))
-        .idempotency_header("x-request-id")
-        .store(store.clone())
-        .build()
-        .unwrap();
-    let svc = tower::ServiceBuilder::new().layer(layer).service(failing);
-    let bucket = BucketKey::new("tph", "*");
-    let ok_req = request();
-    assert_eq!(
-        svc.clone().oneshot(ok_req).await.unwrap().status(),
-        StatusCode::OK
-    );
-    let failed = || {
-        Request::builder()
-            .header("x-request-id", "t1")
-            .header("x-fail", "1")
-            .body(String::new())
-            .unwrap()
-    };
-    let res = svc.clone().oneshot(failed()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    // The refund is sent in the background (a settlement may run in a `Drop`).
-    eventually("the refund of the failed attempt", || async {
-        (peek(&store, &bucket, &tpm).await.remaining == 900).then_some(())
-    })
-    .await;
-    let res = svc.clone().oneshot(failed()).await.unwrap();
-    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(
-            peek(&store, &bucket, &tpm).await.remaining,
-            900,
-            "refunded twice"
-        );
-    }
-}
-
 fn pttl(server: &RedisServer, key: &str) -> i64 {
     server
         .cli(&["PTTL", key])
@@ -566,10 +455,15 @@ async fn keys_are_hashed_tagged_and_expire() {
         Charge::new(&b[2], &gcra, 1),
         Charge::new(&b[3], &slots, 1),
     ];
-    let d = within("acquire_once", store.acquire_once(&charges, "req-1"))
-        .await
-        .unwrap();
+    let d = acquire(&store, &charges).await;
     assert!(d.is_admitted());
+    // The record of a failed attempt of an idempotent request.
+    within(
+        "fail_attempt",
+        store.fail_attempt(&charges, &IdempotencyKey::from_bytes([1; 16])),
+    )
+    .await
+    .unwrap();
 
     let keys = server.keys();
     assert_eq!(keys.len(), 5, "{keys:?}");
@@ -730,28 +624,34 @@ async fn old_and_foreign_states_start_afresh() {
     );
     assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
 
-    // An idempotency record in the old text format is replayed.
+    // An idempotency record in an earlier format (text, or the replayed reply of tag 4)
+    // is none: the acquire is charged and the record left as it is.
     let one = [Charge::new(&b[0], &quotas[0], 1)];
+    let id = IdempotencyKey::from_bytes([7; 16]);
     clock.advance(Duration::from_secs(600));
-    let first = within("acquire_once", store.acquire_once(&one, "req-old"))
+    within("fail_attempt", store.fail_attempt(&one, &id))
         .await
         .unwrap();
-    assert!(first.is_admitted() && !first.replayed);
     let idem = server
         .keys()
         .into_iter()
         .find(|k| k.contains(":idem:"))
         .expect("the idempotency key");
-    cli(&["SET", &idem, "-1,-1,5,2,60000000,30", "PX", "100000"]);
-    let again = within("acquire_once", store.acquire_once(&one, "req-old"))
+    for old in ["-1,-1,5,2,60000000,30", "\x04garbage"] {
+        cli(&["SET", &idem, old, "PX", "100000"]);
+        let again = within("acquire_once", store.acquire_once(&one, &id))
+            .await
+            .unwrap();
+        assert!(again.is_admitted() && !again.free_retry, "{again:?}");
+    }
+    assert_eq!(peek(&store, &b[0], &quotas[0]).await.remaining, 3);
+    within("fail_attempt", store.fail_attempt(&one, &id))
         .await
         .unwrap();
-    assert!(again.is_admitted() && !again.replayed, "{again:?}");
-    assert_eq!(again.charges[0].snapshot.remaining, 3, "decided afresh");
-    let third = within("acquire_once", store.acquire_once(&one, "req-old"))
+    let third = within("acquire_once", store.acquire_once(&one, &id))
         .await
         .unwrap();
-    assert!(third.is_admitted() && third.replayed, "{third:?}");
+    assert!(third.is_admitted() && third.free_retry, "{third:?}");
     assert_eq!(third.charges[0].snapshot.remaining, 3);
     assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
 }
@@ -766,13 +666,17 @@ async fn versions_use_separate_keys() {
     };
     let q = Quota::per_minute(5);
     let b = BucketKey::new("counter", "alice");
-    let d = within(
-        "acquire_once",
-        store.acquire_once(&[Charge::new(&b, &q, 1)], "req-1"),
+    let d = acquire(&store, &[Charge::new(&b, &q, 1)]).await;
+    assert!(d.is_admitted());
+    within(
+        "fail_attempt",
+        store.fail_attempt(
+            &[Charge::new(&b, &q, 1)],
+            &IdempotencyKey::from_bytes([1; 16]),
+        ),
     )
     .await
     .unwrap();
-    assert!(d.is_admitted());
     let keys = server.keys();
     let counter = keys
         .iter()
@@ -1323,4 +1227,73 @@ async fn flush_waits_for_background_settlements() {
         let s = peek(&store, &BucketKey::new("tph", "*"), &tph).await;
         assert_eq!(s.remaining, 1_000 - 42 * round, "round {round}: {s:?}");
     }
+}
+
+/// Idempotent retries on a cluster: a request whose buckets span two slots has a record in
+/// each; a free retry skips the request counts in both; when one slot denies it, the other's
+/// refund gives back what it charged and nothing it waived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_free_retries_span_slots() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = within(
+        "connecting to the cluster",
+        RedisStore::cluster(cluster.urls())
+            .clock(frozen_clock())
+            .timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let (user_rph, user_tph) = (Quota::per_hour(100), Quota::per_hour(1_000).tokens());
+    let (global_rph, global_tph) = (Quota::per_hour(3), Quota::per_hour(350).tokens());
+    let buckets = [
+        BucketKey::new("user-rph", "alice"),
+        BucketKey::new("user-tph", "alice"),
+        BucketKey::new("global-rph", "*"),
+        BucketKey::new("global-tph", "*"),
+    ];
+    let quotas = [user_rph, user_tph, global_rph, global_tph];
+    let charges = [
+        Charge::new(&buckets[0], &quotas[0], 1),
+        Charge::new(&buckets[1], &quotas[1], 100),
+        Charge::new(&buckets[2], &quotas[2], 1),
+        Charge::new(&buckets[3], &quotas[3], 100),
+    ];
+    let id = IdempotencyKey::from_bytes([9; 16]);
+    let remaining = || async {
+        let mut out = Vec::new();
+        for (b, q) in buckets.iter().zip(&quotas) {
+            out.push(peek(&store, b, q).await.remaining);
+        }
+        out
+    };
+    let once = || within("acquire_once", store.acquire_once(&charges, &id));
+    let fail = || within("fail_attempt", store.fail_attempt(&charges, &id));
+
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && !d.free_retry, "{d:?}");
+    fail().await.unwrap();
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && d.free_retry, "{d:?}");
+    assert_eq!(
+        remaining().await,
+        [99, 800, 2, 150],
+        "counts skipped in both slots"
+    );
+    let d = once().await.unwrap();
+    assert!(d.is_admitted() && !d.free_retry, "used up: {d:?}");
+    assert_eq!(remaining().await, [98, 700, 1, 50]);
+
+    // The next failure's retry: the user slot admits it, the global token rule denies it.
+    fail().await.unwrap();
+    let d = once().await.unwrap();
+    assert_eq!(d.denial.map(|d| d.index), Some(3), "{d:?}");
+    assert_eq!(
+        remaining().await,
+        [98, 700, 1, 50],
+        "the user slot's tokens refunded, its waived count not refunded"
+    );
+    assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
 }

@@ -42,9 +42,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// The limiter reads the same `usage` to settle token charges, and its observer sees the
 /// settlement (`Observer::on_settle`, labelled with the model), but only for requests it
-/// settles: not those admitted by the failure policy while the store is down, not replayed
-/// idempotent retries, not callers without a token limit. The metric must count every
-/// answer, so the gateway reads it itself (a few microseconds per answer).
+/// settles: not those admitted by the failure policy while the store is down, not callers
+/// without a token limit. The metric must count every answer, so the gateway reads it
+/// itself (a few microseconds per answer).
 pub(crate) struct Metered {
     inner: Incoming,
     parser: Option<UsageParser>,

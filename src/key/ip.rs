@@ -1,12 +1,13 @@
-//! The client IP, trusting forwarding headers only from configured proxies.
+//! The client IP, trusting the one forwarding header its proxies write, and only from them.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::Extensions;
 
+use super::cidr::{mask, IpNet};
+use super::forwarding::ForwardingHeader;
 use super::{Key, KeyExtractor, RequestView};
 
 /// The peer's socket address, as a request extension. Servers that don't use axum's
@@ -15,63 +16,6 @@ use super::{Key, KeyExtractor, RequestView};
 /// `ConnectInfo<SocketAddr>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// An IP network in CIDR notation (`10.0.0.0/8`, `fd00::/8`, or a bare address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid proxy address or CIDR {s:?}");
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
-            None => (s, None),
-        };
-        let addr = IpAddr::from_str(addr.trim())
-            .map_err(|_| bad())?
-            .to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return Err(bad());
-        }
-        Ok(Self {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-}
-
-impl IpNet {
-    fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
-}
-
-/// Keeps the first `prefix` bits of `ip`.
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let m = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let m = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(bits & m))
-        }
-    }
-}
 
 type PeerFn = Arc<dyn Fn(&Extensions) -> Option<IpAddr> + Send + Sync>;
 
@@ -82,17 +26,30 @@ pub struct ClientIp {
     errors: Vec<String>,
     ipv6_prefix: u8,
     peer: Option<PeerFn>,
+    header: ForwardingHeader,
 }
 
 /// Keys by the client's IP address.
 ///
 /// The client is the peer of the connection, unless the peer is a trusted proxy
-/// ([`ClientIp::trust_proxy`]): then the forwarding chain (`Forwarded`, RFC 7239, when
-/// present; otherwise `X-Forwarded-For`) is walked from the right, skipping trusted proxies,
-/// and the first untrusted address is the client. Headers from an untrusted peer are ignored,
-/// so a client can't pick its own bucket by sending `X-Forwarded-For`. An entry that isn't
-/// an address (`unknown`, an obfuscated identifier) stops the walk at the trusted proxy that
-/// added it: those clients share that proxy's bucket rather than escape the limit.
+/// ([`ClientIp::trust_proxy`]). Then the forwarding chain of the one header the proxies write
+/// ([`ClientIp::forwarding_header`]: `X-Forwarded-For` by default, or `Forwarded`, RFC 7239)
+/// is walked from the right, skipping trusted proxies, and the first untrusted address is the
+/// client. The other header is ignored: behind a proxy that only appends `X-Forwarded-For`, a
+/// `Forwarded: for=6.6.6.6` is the client's own words. Headers from an untrusted peer are
+/// ignored too, so a client can't pick its own bucket. All lines of the header form one
+/// list, read element by element on the raw bytes: a client's non-ASCII byte or junk spoils
+/// its own element, not the address its proxy appended after it.
+///
+/// An element that isn't an address where the client's should be (`unknown`, an obfuscated
+/// identifier, junk) keys the request as `unknown via <proxy>`, `<proxy>` being the trusted
+/// hop that reported it: one bucket per trusted proxy for every client it couldn't name.
+/// Not the proxy's own bucket (a client that could land there would share, and could
+/// exhaust, the budget of the proxy's own requests), and not the element's bytes (whoever
+/// writes them could mint a key per request): a client that can write that element could
+/// already name any trusted proxy in its place, so this adds no key it couldn't pick
+/// before. A trusted proxy that appends the client's address always writes it, so an
+/// ordinary client never lands there; those that do are limited together.
 ///
 /// IPv6 clients are keyed by their /64 network by default (one host usually holds a whole
 /// /64); see [`ClientIp::ipv6_prefix`].
@@ -122,6 +79,7 @@ pub fn client_ip() -> ClientIp {
         errors: Vec::new(),
         ipv6_prefix: 64,
         peer: None,
+        header: ForwardingHeader::XForwardedFor,
     }
 }
 
@@ -144,6 +102,33 @@ impl ClientIp {
     /// Groups IPv6 clients by their first `prefix` bits (default 64; 128 keys each address).
     pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
         self.ipv6_prefix = prefix;
+        self
+    }
+
+    /// Reads the client address from `header`, the one your trusted proxies write (default
+    /// [`ForwardingHeader::XForwardedFor`]); the other header is ignored, whatever it says.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_llm_ratelimit::key::{
+    ///     client_ip, ForwardingHeader, KeyExtractor, PeerAddr, RequestView,
+    /// };
+    ///
+    /// let ip = client_ip()
+    ///     .trust_proxy("10.0.0.0/8")
+    ///     .forwarding_header(ForwardingHeader::Forwarded);
+    /// let mut req = Request::builder()
+    ///     .header("forwarded", "for=203.0.113.7;proto=https")
+    ///     // Not what the proxy writes: the client's own, ignored.
+    ///     .header("x-forwarded-for", "6.6.6.6")
+    ///     .body(())
+    ///     .unwrap();
+    /// req.extensions_mut().insert(PeerAddr("10.0.0.2:5000".parse().unwrap()));
+    /// let key = ip.extract(&RequestView::from_request(&req)).unwrap();
+    /// assert_eq!(key.to_string(), "203.0.113.7");
+    /// ```
+    pub fn forwarding_header(mut self, header: ForwardingHeader) -> Self {
+        self.header = header;
         self
     }
 
@@ -179,71 +164,43 @@ impl ClientIp {
         self.trusted.iter().any(|n| n.contains(ip))
     }
 
-    /// The client address for a request from `peer`.
-    fn client(&self, req: &RequestView<'_>, peer: IpAddr) -> IpAddr {
+    /// The client for a request from `peer`.
+    fn client(&self, req: &RequestView<'_>, peer: IpAddr) -> Client {
         let mut hop = peer.to_canonical();
         if !self.is_trusted(hop) {
-            return hop;
+            return Client::Ip(hop);
         }
-        let headers = req.headers();
-        let forwarded: Vec<Option<IpAddr>> = if headers.contains_key(http::header::FORWARDED) {
-            headers
-                .get_all(http::header::FORWARDED)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(forwarded_for)
-                .collect()
-        } else {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(parse_node)
-                .collect()
-        };
-        for entry in forwarded.into_iter().rev() {
+        for entry in self.header.entries_from_the_right(req.headers()) {
             match entry {
                 Some(ip) if self.is_trusted(ip) => hop = ip,
-                Some(ip) => return ip,
-                None => return hop,
+                Some(ip) => return Client::Ip(ip),
+                None => return Client::Unknown { via: hop },
             }
         }
-        hop
+        hop.into()
     }
 }
 
-/// The `for=` node of one `Forwarded` element (RFC 7239 section 4), if it is an address.
-fn forwarded_for(element: &str) -> Option<IpAddr> {
-    element.split(';').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("for")
-            .then(|| parse_node(v))?
-    })
+/// Who a request comes from.
+enum Client {
+    Ip(IpAddr),
+    /// The trusted proxy `via` gave something else than an address for its client.
+    Unknown {
+        via: IpAddr,
+    },
 }
 
-/// An address from a forwarding entry: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]`, `"[::1]:80"`.
-fn parse_node(s: &str) -> Option<IpAddr> {
-    let s = s.trim().trim_matches('"');
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(ip.to_canonical());
+impl From<IpAddr> for Client {
+    fn from(ip: IpAddr) -> Self {
+        Self::Ip(ip)
     }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Some(sa.ip().to_canonical());
-    }
-    s.strip_prefix('[')?
-        .strip_suffix(']')?
-        .parse::<IpAddr>()
-        .ok()
-        .map(|ip| ip.to_canonical())
 }
 
 impl fmt::Debug for ClientIp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientIp")
             .field("trusted", &self.trusted)
+            .field("header", &self.header)
             .field("ipv6_prefix", &self.ipv6_prefix)
             .field("custom_peer", &self.peer.is_some())
             .finish()
@@ -253,14 +210,14 @@ impl fmt::Debug for ClientIp {
 impl KeyExtractor for ClientIp {
     fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
         let peer = self.peer_ip(req.extensions())?;
-        let ip = self.client(req, peer);
-        Some(match ip {
-            IpAddr::V6(_) if self.ipv6_prefix < 128 => Key::from(format!(
+        Some(match self.client(req, peer) {
+            Client::Ip(ip @ IpAddr::V6(_)) if self.ipv6_prefix < 128 => Key::from(format!(
                 "{}/{}",
                 mask(ip, self.ipv6_prefix),
                 self.ipv6_prefix
             )),
-            _ => Key::from(ip.to_string()),
+            Client::Ip(ip) => Key::from(ip.to_string()),
+            Client::Unknown { via } => Key::from(format!("unknown via {via}")),
         })
     }
 
@@ -317,14 +274,19 @@ mod tests {
         // All trusted: the leftmost hop.
         let all = [("x-forwarded-for", "10.9.9.9, 192.168.1.1")];
         assert_eq!(key(&ip, "10.0.0.1:1", &all).as_deref(), Some("10.9.9.9"));
-        // Garbage stops at the proxy that added it.
+        // Garbage stops at the proxy that added it, in a bucket of its own.
         let junk = [("x-forwarded-for", "203.0.113.9, junk, 10.2.2.2")];
-        assert_eq!(key(&ip, "10.0.0.1:1", &junk).as_deref(), Some("10.2.2.2"));
+        assert_eq!(
+            key(&ip, "10.0.0.1:1", &junk).as_deref(),
+            Some("unknown via 10.2.2.2")
+        );
     }
 
     #[test]
-    fn forwarded_header_wins_and_ipv6_is_grouped() {
-        let ip = client_ip().trust_proxy("::1");
+    fn forwarded_header_when_configured_and_ipv6_is_grouped() {
+        let ip = client_ip()
+            .trust_proxy("::1")
+            .forwarding_header(ForwardingHeader::Forwarded);
         let fwd = [
             (
                 "forwarded",
@@ -332,8 +294,11 @@ mod tests {
             ),
             ("x-forwarded-for", "9.9.9.9"),
         ];
-        // `unknown` (rightmost) stops the walk at the peer.
-        assert_eq!(key(&ip, "[::1]:1", &fwd).as_deref(), Some("::/64"));
+        // `unknown` (rightmost) stops the walk at the peer; X-Forwarded-For is not read.
+        assert_eq!(
+            key(&ip, "[::1]:1", &fwd).as_deref(),
+            Some("unknown via ::1")
+        );
         let fwd = [(
             "forwarded",
             r#"for="[2001:db8:cafe:1:2:3:4:5]:4711";proto=https"#,
@@ -342,10 +307,91 @@ mod tests {
             key(&ip, "[::1]:1", &fwd).as_deref(),
             Some("2001:db8:cafe:1::/64")
         );
-        let exact = client_ip().trust_proxy("::1").ipv6_prefix(128);
+        let exact = ip.clone().ipv6_prefix(128);
         assert_eq!(
             key(&exact, "[::1]:1", &fwd).as_deref(),
             Some("2001:db8:cafe:1:2:3:4:5")
+        );
+        let xff_only = [("x-forwarded-for", "9.9.9.9")];
+        assert_eq!(key(&ip, "[::1]:1", &xff_only).as_deref(), Some("::/64"));
+    }
+
+    /// A request from `peer` with raw header lines (any bytes), in order.
+    fn key_raw(ip: &ClientIp, peer: &str, headers: &[(&str, &[u8])]) -> Option<String> {
+        let mut req = Request::new(());
+        for (k, v) in headers {
+            let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+            let value = http::HeaderValue::from_bytes(v).unwrap();
+            req.headers_mut().append(name, value);
+        }
+        req.extensions_mut().insert(PeerAddr(peer.parse().unwrap()));
+        ip.extract(&RequestView::from_request(&req))
+            .map(|k| k.to_string())
+    }
+
+    #[test]
+    fn only_x_forwarded_for_counts_by_default() {
+        let ip = client_ip().trust_proxy("10.0.0.0/8");
+        // The proxy appends X-Forwarded-For only; a `Forwarded` the client sent is its own.
+        let forged = [
+            ("forwarded", "for=6.6.6.6"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ];
+        assert_eq!(
+            key(&ip, "10.0.0.1:1", &forged).as_deref(),
+            Some("203.0.113.9")
+        );
+        let alone = [("forwarded", "for=6.6.6.6")];
+        assert_eq!(key(&ip, "10.0.0.1:1", &alone).as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn one_bad_element_spoils_only_itself() {
+        let ip = client_ip().trust_proxy("10.0.0.0/8");
+        // The client sent a non-ASCII byte; the proxy appended its address to the same line.
+        let one_line: [(&str, &[u8]); 1] = [("x-forwarded-for", b"\x80, 203.0.113.9")];
+        assert_eq!(
+            key_raw(&ip, "10.0.0.1:1", &one_line).as_deref(),
+            Some("203.0.113.9")
+        );
+        // Or on a line of its own: the lines are one list, in order.
+        let two_lines: [(&str, &[u8]); 2] = [
+            ("x-forwarded-for", b"6.6.6.6, \xff\xfe"),
+            ("x-forwarded-for", b"203.0.113.9, 10.1.1.1"),
+        ];
+        assert_eq!(
+            key_raw(&ip, "10.0.0.1:1", &two_lines).as_deref(),
+            Some("203.0.113.9")
+        );
+        let reversed: [(&str, &[u8]); 2] = [
+            ("x-forwarded-for", b"203.0.113.9"),
+            ("x-forwarded-for", b"6.6.6.6, 10.1.1.1"),
+        ];
+        assert_eq!(
+            key_raw(&ip, "10.0.0.1:1", &reversed).as_deref(),
+            Some("6.6.6.6")
+        );
+    }
+
+    #[test]
+    fn an_unreadable_client_entry_is_not_the_proxy() {
+        let ip = client_ip().trust_proxy("10.0.0.0/8");
+        for bad in [&b"\x80"[..], b"junk", b"unknown", b"1.2.3.4.5", b"[::1"] {
+            let got = key_raw(&ip, "10.0.0.1:1", &[("x-forwarded-for", bad)]);
+            assert_ne!(got.as_deref(), Some("10.0.0.1"), "{bad:?}");
+            assert_eq!(got.as_deref(), Some("unknown via 10.0.0.1"), "{bad:?}");
+        }
+        // Behind two proxies: the one that added the entry names the bucket.
+        let chain: [(&str, &[u8]); 1] = [("x-forwarded-for", b"6.6.6.6, \x80, 10.2.2.2")];
+        assert_eq!(
+            key_raw(&ip, "10.0.0.1:1", &chain).as_deref(),
+            Some("unknown via 10.2.2.2")
+        );
+        // Empty list elements are no entries (RFC 9110 section 5.6.1).
+        let empty = [("x-forwarded-for", " , 203.0.113.9 ,")];
+        assert_eq!(
+            key(&ip, "10.0.0.1:1", &empty).as_deref(),
+            Some("203.0.113.9")
         );
     }
 

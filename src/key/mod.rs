@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | [`header`] | the header's value | 401 for `authorization`, `proxy-authorization`, `x-api-key`, `api-key`; 400 otherwise ([`Header::status_when_missing`] overrides) |
 //! | [`bearer_token`] | the token of `Authorization: Bearer <token>` | 401 |
-//! | [`client_ip`] | the client's IP, from `Forwarded`/`X-Forwarded-For` only when the peer is a trusted proxy; IPv6 grouped by /64 | 400 |
+//! | [`client_ip`] | the client's IP, from the one forwarding header the trusted proxy writes (`X-Forwarded-For`, or `Forwarded` if configured) only when the peer is a trusted proxy; IPv6 grouped by /64 | 400 |
 //! | [`global`] | one constant key | never missing |
 //! | [`json_field`] | a field of the JSON body (`model`), read once per request | 400 |
 //! | [`from_fn`] | what the closure returns | 400 |
@@ -50,12 +50,15 @@
 //! ```
 
 mod builtin;
+mod cidr;
+mod forwarding;
 mod ip;
 
 pub use self::builtin::{
     bearer_token, from_fn, global, header, json_field, BearerToken, Composite, FromFn, Global,
     Header, JsonField,
 };
+pub use self::forwarding::ForwardingHeader;
 pub use self::ip::{client_ip, ClientIp, PeerAddr};
 
 use std::borrow::Cow;

@@ -167,10 +167,29 @@ impl RateLimitLayerBuilder {
         self
     }
 
-    /// Counts a request carrying header `name` (e.g. `x-request-id`) once per value: a
-    /// client's retry with the same id gets the first decision again instead of being charged
-    /// twice. Needs a store that remembers ids ([`crate::store::Store::acquire_once`]; the
-    /// Redis store does, for its idempotency TTL).
+    /// Lets a client's retry after a failure go uncounted a second time on request rules:
+    /// a request carrying header `name` (e.g. `x-request-id`) whose earlier attempt with the
+    /// same value failed (HTTP >= 400, gRPC error, service error, or cut off before its
+    /// response began) is free on request rules, at most
+    /// [`MAX_FREE_RETRIES`](crate::store::MAX_FREE_RETRIES) times in a row. Nothing more:
+    /// a repeat of a request that succeeded or is still in flight, or with another body,
+    /// method, path or caller, is charged like a new request; every attempt takes its own
+    /// concurrency slot and is charged and settled on token rules as usual. The full table is
+    /// in [Idempotent retries](crate::store#idempotent-retries).
+    ///
+    /// The id is scoped to the caller (the buckets of every rule) and to the request (a
+    /// digest of method, path and query, and body). To digest the body, the layer reads the
+    /// body of a request that carries the header and a `content-length` (or no body) even
+    /// when no rule needs it, bounded by [`max_inspect_bytes`](Self::max_inspect_bytes); a
+    /// longer body, or a stream of undeclared length that no rule reads (never held back for
+    /// this), gives the request no identity (every attempt is charged). A failed attempt
+    /// with an id keeps its request charges even with
+    /// [`count_failed_requests`](Self::count_failed_requests)`(false)`: its retry is the one
+    /// that goes free.
+    ///
+    /// Both stores remember failed attempts for their idempotency TTL (120 s by default:
+    /// [`crate::store::MemoryStoreBuilder::idempotency_ttl`], and the Redis store's
+    /// `idempotency_ttl`); a store that remembers nothing charges every attempt.
     ///
     /// A name that is not a valid header name is reported by [`build`](Self::build).
     pub fn idempotency_header(mut self, name: &str) -> Self {

@@ -20,6 +20,33 @@
 //! [`MemoryStore`]) answers [`StoreFuture::ready`] and costs no allocation and no task
 //! switch; a networked store answers with a boxed future.
 //!
+//! # Idempotent retries
+//!
+//! The point of an idempotency id ([`crate::RateLimitLayerBuilder::idempotency_header`]) is
+//! that a client's retry after a failure is not counted twice; nothing more. The layer
+//! turns the id into an [`IdempotencyKey`], a digest scoped to the caller (every bucket the
+//! request is charged to: rule names and keys) and to the request (method, path and query,
+//! body), acquires with [`Store::acquire_once`], and when the attempt fails calls
+//! [`Store::fail_attempt`]. What a repeat with the same id is charged:
+//!
+//! | earlier attempt with this key | request rules | token rules | concurrency rules |
+//! |---|---|---|---|
+//! | failed: HTTP >= 400, gRPC error, inner service error | **free** (the failed attempt counted) | estimate charged, settled to this attempt's usage | a slot of its own, released when it ends |
+//! | cut off before its response began (client gone) | **free** | charged and settled as usual | a slot of its own |
+//! | succeeded, or its response had begun | charged | charged | a slot of its own |
+//! | still in flight | charged | charged | a slot of its own |
+//! | none: other body, method, path or query (a new request) | charged | charged | a slot of its own |
+//! | none: other rules or keys (another caller, another set of rules) | charged, decided afresh | charged | a slot of its own |
+//! | failed, but [`MAX_FREE_RETRIES`] retries were free already | charged | charged | a slot of its own |
+//! | forgotten: past the idempotency TTL, or the memory store's id table was full | charged | charged | a slot of its own |
+//!
+//! So every attempt takes its own concurrency slot and settles its own tokens, and a free
+//! retry is still decided (a token or concurrency rule may deny it; a denied retry keeps the
+//! mark). A failed attempt that carries an id keeps its request charges even under
+//! [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)`: they are what its free
+//! retry stands on, so a request and its retries are counted once, never zero times. A
+//! store that remembers nothing (the trait's default methods) charges every attempt.
+//!
 //! # Examples
 //!
 //! ```
@@ -90,6 +117,20 @@ impl BucketKey {
     pub fn key(&self) -> &Key {
         &self.key
     }
+
+    /// The bucket of `key` under the same rule.
+    pub(crate) fn with_key(&self, key: Key) -> Self {
+        Self {
+            rule: Arc::clone(&self.rule),
+            key,
+        }
+    }
+
+    /// Bytes this key holds, counting its rule name as if it weren't shared (an upper bound).
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.key.as_bytes().len() + 16 + self.rule.len()
+    }
 }
 
 impl fmt::Debug for BucketKey {
@@ -117,6 +158,47 @@ impl<'a> Charge<'a> {
             quota,
             amount,
         }
+    }
+
+    /// Whether this charge counts a request under a rate (a request rule, not a token rule
+    /// nor a concurrency slot): the charges a retry of a failed attempt doesn't pay again
+    /// ([`Store::acquire_once`]).
+    pub fn is_request_count(&self) -> bool {
+        self.quota.unit() == crate::rule::Unit::Requests
+            && self.quota.algorithm() != crate::rule::Algorithm::Concurrency
+    }
+}
+
+/// How many retries of one failed request are free on its request rules, one after
+/// another (each after a failed attempt): past this, every attempt is charged, so a request
+/// that always fails can't be replayed for free without end.
+pub const MAX_FREE_RETRIES: u32 = 3;
+
+/// The identity of an idempotent request: a 128-bit digest of the client's id (the layer's
+/// [`crate::RateLimitLayerBuilder::idempotency_header`]), the request (method, path and
+/// query, body) and the buckets it is charged to (every rule's name and key). A retry must
+/// match all of them to be recognised; any other request is a new one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey([u8; 16]);
+
+impl IdempotencyKey {
+    /// A key from its 16 bytes (a digest computed by the caller).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// Its 16 bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
     }
 }
 
@@ -146,10 +228,11 @@ pub struct Decision {
     pub denial: Option<Denial>,
     /// One entry per charge, in the order given.
     pub charges: ChargeStates,
-    /// True when this is the remembered decision of an earlier acquire with the same request
-    /// id ([`Store::acquire_once`]): nothing was charged now, and the caller must not settle
-    /// it again (the first request's settlement owns those charges).
-    pub replayed: bool,
+    /// True when this admission is a retry of a failed attempt ([`Store::acquire_once`]):
+    /// its request charges ([`Charge::is_request_count`]) were not counted now (the failed
+    /// attempt counted them), their snapshots are read without charging, and they must not
+    /// be settled. Every other charge was counted as usual.
+    pub free_retry: bool,
 }
 
 impl Decision {
@@ -273,7 +356,11 @@ pub struct Adjustment<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// A new key could not be stored: the store holds its `max_keys` and none is idle.
+    /// A store bounded to `max_keys` buckets could not hold this request's. The
+    /// [`MemoryStore`] makes room for a new key by evicting its least recently used buckets,
+    /// so it answers this only to a request naming more buckets than `max_keys` (each would
+    /// evict another of the same request); the Redis store never does (keys expire by TTL).
+    /// Kept for stores that refuse rather than evict.
     AtCapacity {
         /// The configured bound.
         max_keys: usize,
@@ -289,7 +376,7 @@ impl fmt::Display for StoreError {
         match self {
             StoreError::AtCapacity { max_keys } => write!(
                 f,
-                "rate-limit store is full: {max_keys} keys are tracked and none is idle"
+                "rate-limit store is full: it holds at most {max_keys} keys and can't make room for this request's"
             ),
             StoreError::DuplicateBucket(b) => {
                 write!(f, "two charges of one request name bucket {b}")
@@ -375,17 +462,38 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Checks every charge and counts all of them, or none.
     fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>>;
 
-    /// Like [`Store::acquire`], but a request carrying the same `request_id` again (a
-    /// client's retry) is counted once and gets the first decision back. Stores that can't
-    /// remember ids (the memory store, where a retry is a new request of the same process)
-    /// just acquire.
+    /// Like [`Store::acquire`], for an attempt of an idempotent request (see
+    /// [Idempotent retries](self#idempotent-retries)): when [`Store::fail_attempt`] marked an
+    /// earlier attempt with the same `id` as failed, and fewer than [`MAX_FREE_RETRIES`]
+    /// retries of it were free already, the request charges ([`Charge::is_request_count`])
+    /// are not counted ([`Decision::free_retry`]) and the mark is used up; every other charge
+    /// is decided and counted as by `acquire`.
+    ///
+    /// The default charges every attempt (it calls `acquire`): the safe side for a store that
+    /// can't remember ids.
     fn acquire_once(
         &self,
         charges: &[Charge<'_>],
-        request_id: &str,
+        id: &IdempotencyKey,
     ) -> StoreFuture<Result<Decision, StoreError>> {
-        let _ = request_id;
+        let _ = id;
         self.acquire(charges)
+    }
+
+    /// Marks the attempt of `id` (admitted by [`Store::acquire_once`] with `charges`) as
+    /// failed (an upstream error, or cut off before its response began), so that the next
+    /// attempt with the same id is a free retry; remembered for the store's idempotency TTL.
+    /// `charges` name the buckets the attempt was acquired with (a store spreading buckets
+    /// over shards keeps the mark beside them).
+    ///
+    /// The default remembers nothing (every retry is charged).
+    fn fail_attempt(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        let _ = (charges, id);
+        StoreFuture::ready(Ok(()))
     }
 
     /// Corrects earlier charges to their real amounts.
@@ -402,9 +510,16 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn acquire_once(
         &self,
         charges: &[Charge<'_>],
-        request_id: &str,
+        id: &IdempotencyKey,
     ) -> StoreFuture<Result<Decision, StoreError>> {
-        (**self).acquire_once(charges, request_id)
+        (**self).acquire_once(charges, id)
+    }
+    fn fail_attempt(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        (**self).fail_attempt(charges, id)
     }
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
         (**self).settle(adjustments)

@@ -2,7 +2,7 @@
 //! algorithm's state behind a mutex; and holding several buckets for one decision.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::Decided;
 use crate::algorithm::{Divisor, Gcra, Limits, PreparedGcra, State};
@@ -46,8 +46,6 @@ pub(super) struct GcraCell {
     pub(super) tat: AtomicU64,
     pub(super) prepared: Option<PreparedGcra>,
 }
-
-pub(super) type Bucket = Arc<Cell>;
 
 /// A GCRA cell's value once a sweep has removed it: charges seeing it look the bucket up
 /// again. (A real TAT is kept below it.)

@@ -30,7 +30,7 @@ fn idle_buckets_are_swept_automatically() {
 }
 
 #[test]
-fn at_capacity_new_keys_fail_and_existing_keys_work() {
+fn at_capacity_the_least_recently_used_bucket_makes_room() {
     let (s, clock) = store(2);
     let q = Quota::per_minute(10);
     let (a, b, c) = (
@@ -38,22 +38,36 @@ fn at_capacity_new_keys_fail_and_existing_keys_work() {
         BucketKey::new("r", "b"),
         BucketKey::new("r", "c"),
     );
-    s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
-    s.try_acquire(&[Charge::new(&b, &q, 1)]).unwrap();
+    let remaining = |k: &BucketKey| {
+        clock.advance(Duration::from_millis(1));
+        s.try_acquire(&[Charge::new(k, &q, 1)]).unwrap().charges[0]
+            .snapshot
+            .remaining
+    };
+    assert_eq!(remaining(&a), 9);
+    assert_eq!(remaining(&b), 9);
+    assert_eq!(remaining(&a), 8, "a is now more recent than b");
+    // c takes b's place, and is counted.
+    assert_eq!(remaining(&c), 9);
+    assert_eq!(remaining(&c), 8);
+    assert_eq!(s.len(), 2);
+    assert_eq!(remaining(&a), 7, "a stayed");
     assert_eq!(
-        s.try_acquire(&[Charge::new(&c, &q, 1)]),
+        remaining(&b),
+        9,
+        "b starts afresh (c goes, a was used after it)"
+    );
+    assert_eq!(remaining(&a), 6);
+    // A request naming more buckets than the store holds can't be decided.
+    let charges = [
+        Charge::new(&a, &q, 1),
+        Charge::new(&b, &q, 1),
+        Charge::new(&c, &q, 1),
+    ];
+    assert_eq!(
+        s.try_acquire(&charges),
         Err(StoreError::AtCapacity { max_keys: 2 })
     );
-    // Existing keys still decide, and still count.
-    let d = s.try_acquire(&[Charge::new(&a, &q, 1)]).unwrap();
-    assert_eq!(d.charges[0].snapshot.remaining, 8);
-    // Once a and b are idle, a new key evicts them through a forced sweep.
-    clock.advance(Duration::from_secs(121));
-    assert!(s
-        .try_acquire(&[Charge::new(&c, &q, 1)])
-        .unwrap()
-        .is_admitted());
-    assert_eq!(s.len(), 1);
 }
 
 #[test]

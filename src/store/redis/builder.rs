@@ -69,7 +69,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long a request id's decision is remembered (default 120 s).
+    /// How long a failed attempt of an idempotent request is remembered, so that its retry
+    /// is free on request rules (default 120 s; at least 1 ms; see
+    /// [Idempotent retries](crate::store#idempotent-retries)).
     pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl = ttl;
         self

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::store::BucketKey;
+use crate::store::{BucketKey, IdempotencyKey};
 
 /// The version of the states' format (see `limiter.lua`), part of every key: versions that
 /// store states differently use different keys, so that during a rolling upgrade neither
@@ -34,15 +34,16 @@ pub(crate) fn bucket_key(prefix: &str, bucket: &BucketKey) -> String {
     out
 }
 
-/// `prefix:v2:{tag}:idem:hash`: the key remembering a request id's decision, in the slot of
-/// `tag_of` (a bucket key: `tag` is its hash tag).
-pub(crate) fn idempotency_key(prefix: &str, tag_of: &str, request_id: &str) -> String {
+/// `prefix:v2:{tag}:idem:hex`: the record of an idempotent request (see `limiter.lua`), in
+/// the slot of `tag_of` (a bucket key: `tag` is its hash tag). `hex` is the request's
+/// [`IdempotencyKey`], a digest already.
+pub(crate) fn idempotency_key(prefix: &str, tag_of: &str, id: &IdempotencyKey) -> String {
     let tag = tag_of
         .split_once('{')
         .and_then(|(_, rest)| rest.split_once('}'))
         .map_or("", |(t, _)| t);
     let mut out = format!("{prefix}:{FORMAT}:{{{tag}}}:idem:");
-    push_tag(&mut out, request_id.as_bytes());
+    let _ = write!(out, "{id:?}");
     out
 }
 
@@ -100,7 +101,11 @@ mod tests {
         let weird = bucket_key("rl", &BucketKey::new("a:{b}%", "}{:"));
         assert!(weird.ends_with(":a%3A%7Bb%7D%25"), "{weird}");
         assert_eq!(weird.matches('{').count(), 1);
-        let idem = idempotency_key("rl", &a, "req-1");
+        let idem = idempotency_key("rl", &a, &IdempotencyKey::from_bytes([0xab; 16]));
+        assert!(
+            idem.ends_with(&format!(":idem:{}", "ab".repeat(16))),
+            "{idem}"
+        );
         assert!(idem.starts_with(&a[..a.len() - "user-rpm".len()]), "{idem}");
         assert!(idem.contains("}:idem:"), "{idem}");
         assert_eq!(slot(&idem), slot(&a));

@@ -10,14 +10,16 @@
 -- written on a denial.
 --
 -- Arguments are one binary blob, ARGV[1], packed little-endian (struct.pack formats):
---   '<Bdd'     mode ('a' acquire, all or nothing; 's' settle; 'p' peek), now in microseconds
---              (negative: use the server's TIME, the default: clients' clocks can't skew it),
---              idempotency TTL in milliseconds (0: none; else KEYS[#KEYS] is the request's
---              idempotency key)
+--   '<Bdd'     mode ('a' acquire, all or nothing; 's' settle; 'p' peek; 'f' an idempotent
+--              request's attempt failed), now in microseconds (negative: use the server's
+--              TIME, the default: clients' clocks can't skew it), idempotency TTL in
+--              milliseconds (0: none; else KEYS[#KEYS] is the request's idempotency record,
+--              in this call's slot; 'f' names that key alone, with no bucket)
 --   then per bucket key i (KEYS[i]) '<Bdddddd':
 --              algorithm (0 counter, 1 log, 2 gcra, 3 concurrency), limit, window_us, burst,
 --              amount (acquire) or charged (settle), placement (settle; for a concurrency
---              acquire: the new lease's id, unique, < 2^53), actual (settle)
+--              acquire: the new lease's id, unique, < 2^53), actual (settle; in an acquire:
+--              1 for a request count, the charges a free retry doesn't pay)
 -- Every number is a double: exact below 2^53 (the client's values are; see mod.rs).
 --
 -- Every key names the states' format version (keys.rs, FORMAT): older versions' states (text)
@@ -29,7 +31,12 @@
 --   log          '<Bd'   2, total, then '<dd' (time, amount) per entry, oldest first;
 --                entries at one instant are merged, entries refunded to 0 are removed
 --   gcra         '<Bd'   3, theoretical arrival time
---   idempotency  '<B'    4, then the reply (any other value is ignored and replaced)
+--   idempotency  '<Bdd'  5, last attempt failed (1) or not (0), free retries used so far
+--                (any other value, such as tag 4 of earlier versions, reads as none)
+-- An acquire with an idempotency record marked failed, fewer than MAX_FREE_RETRIES (3, as
+-- src/store/mod.rs) used, is a free retry: its request counts are neither checked nor
+-- charged (the failed attempt counted them); the other rules are decided as usual, and if
+-- all admit, the record becomes (0, used + 1). Nothing else writes the record but 'f'.
 -- Concurrency buckets are sorted sets of slots scored by their expiry (now + window): a
 -- process that dies holding slots can't leak them past the window. A charge of n slots under
 -- lease id L holds the members "L", "L:2", ..., "L:n".
@@ -37,7 +44,7 @@
 -- state, written once.
 -- Reply (acquire/peek): one string of doubles, '<' .. 'd' x (2 + 4 x keys) (one bulk reply
 --   costs the server less than an array of integers): denied_index (0-based, -1 none, -3
---   none and replayed from the idempotency key), retry_us (-1 none, -2 never), then per key:
+--   none and a free retry), retry_us (-1 none, -2 never), then per key:
 --   limit, remaining, reset_us, placement. Settle replies { 0 }.
 
 -- Bound on the first call: a function library is loaded in an environment without them.
@@ -57,8 +64,9 @@ local ARGS_FORMAT, REPLY_FORMAT = {}, {}
 -- new state (false: delete the key, nil: unchanged) and its TTL (0: keep it).
 local NEW, TTL, OUT = {}, {}, {}
 
-local ACQUIRE, SETTLE = 97, 115 -- 'a', 's' ('p' peek)
--- State tags (literals below, to keep closures small): counter 1, log 2, gcra 3, idempotency 4.
+local ACQUIRE, SETTLE, FAIL = 97, 115, 102 -- 'a', 's', 'f' ('p' peek)
+-- State tags (literals below, to keep closures small): counter 1, log 2, gcra 3, idempotency 5.
+local MAX_FREE_RETRIES = 3
 
 -- Per call (set by main; the helpers below read it).
 local now
@@ -363,10 +371,28 @@ end
 
 -- Main ---------------------------------------------------------------------------------------
 
-local function generic(KEYS, P, n, vals)
+-- Idempotency records -----------------------------------------------------------------------
+
+-- The free retries used by the record v (nil: none or unreadable), and whether its last
+-- attempt failed.
+local function record(v)
+  if v and #v == 17 and byte(v, 1) == 5 then
+    local _, failed, used = sunpack('<Bdd', v)
+    return used, failed == 1
+  end
+  return nil, false
+end
+
+local function fail_attempt(key, ttl_ms)
+  local used = record(call('GET', key)) or 0
+  call('SET', key, spack('<Bdd', 5, 1, used), 'PX', format('%d', ttl_ms))
+  return { 0 }
+end
+
+-- free_used: the record's free retries so far when this acquire is a free retry, else nil.
+local function generic(KEYS, P, n, vals, free_used)
   local nkeys = #KEYS
   local mode, idem_ttl = P[1], P[3]
-  local idem = nkeys > n
   local acquire = mode == ACQUIRE
   local states = { nil, nil, nil, nil, nil, nil, nil, nil }
 
@@ -384,7 +410,6 @@ local function generic(KEYS, P, n, vals)
       local k = KEYS[i]
       if first[k] == i then store(k, states[i], P[3 + 7 * (i - 1) + 1], P[3 + 7 * (i - 1) + 3]) end
     end
-    if idem then call('DEL', KEYS[nkeys]) end
     return { 0 }
   end
 
@@ -394,7 +419,8 @@ local function generic(KEYS, P, n, vals)
     local b = 3 + 7 * (i - 1)
     local s = load(KEYS[i], P[b + 1], vals[i])
     states[i] = s
-    if acquire then
+    -- A free retry's request counts (flagged by the client) are neither checked nor charged.
+    if acquire and not (free_used and P[b + 7] == 1) then
       local r = check(s, P[b + 1], P[b + 2], P[b + 3], P[b + 4], P[b + 5])
       if r then
         local worse
@@ -414,16 +440,20 @@ local function generic(KEYS, P, n, vals)
     local s, b, o = states[i], 3 + 7 * (i - 1), 4 * i - 1
     local alg, w = P[b + 1], P[b + 3]
     local placement = 0
-    if charging then placement = charge(s, alg, P[b + 2], w, P[b + 5], P[b + 6]) end
+    local charged = charging and not (free_used and P[b + 7] == 1)
+    if charged then placement = charge(s, alg, P[b + 2], w, P[b + 5], P[b + 6]) end
     out[o], out[o + 1], out[o + 2] = peek(s, alg, P[b + 2], w, P[b + 4])
     out[o + 3] = placement
-    if charging then store(KEYS[i], s, alg, w) end
+    if charged then store(KEYS[i], s, alg, w) end
   end
 
+  if charging and free_used then
+    -- The failure is used up: the next attempt is charged unless this one fails too.
+    call('SET', KEYS[nkeys], spack('<Bdd', 5, 0, free_used + 1), 'PX', format('%d', idem_ttl))
+    out[1] = -3
+  end
   local m = 2 + 4 * n
-  local reply = spack(REPLY_FORMAT[n], unpack_(out, 1, m))
-  if acquire and idem then call('SET', KEYS[nkeys], '\4' .. reply, 'PX', format('%d', idem_ttl)) end
-  return reply
+  return spack(REPLY_FORMAT[n], unpack_(out, 1, m))
 end
 
 -- Main -----------------------------------------------------------------------------------------
@@ -453,19 +483,17 @@ local function main(KEYS, ARGV)
   local mode, t = P[1], P[2]
   local nkeys = #KEYS
   local idem = nkeys > n
+  if mode == FAIL then return fail_attempt(KEYS[nkeys], P[3]) end
 
-  -- One MGET reads every string state and the idempotency key (a sorted set or any key of
-  -- another type reads as nil: a fresh state, and the SET that writes it replaces the key).
+  -- One MGET reads every string state and the idempotency record (a sorted set or any key
+  -- of another type reads as nil: a fresh state, and the SET that writes it replaces the
+  -- key).
   local vals
+  local free_used = nil
   if mode == ACQUIRE and idem then
     vals = call('MGET', unpack_(KEYS))
-    local seen = vals[nkeys]
-    if seen and byte(seen, 1) == 4 and (#seen - 1) % 8 == 0 and #seen > 8 then
-      local reply = sub(seen, 2)
-      -- A replayed admission says so (-3), so the caller doesn't settle it a second time.
-      if sunpack('<d', reply) == -1 then reply = spack('<d', -3) .. sub(reply, 9) end
-      return reply
-    end
+    local used, failed = record(vals[nkeys])
+    if failed and used < MAX_FREE_RETRIES then free_used = used end
   else
     vals = call('MGET', unpack_(KEYS, 1, n))
   end
@@ -476,7 +504,7 @@ local function main(KEYS, ARGV)
   end
   now = t
 
-  if mode ~= ACQUIRE then return generic(KEYS, P, n, vals) end
+  if mode ~= ACQUIRE or free_used then return generic(KEYS, P, n, vals, free_used) end
 
   -- Fast path: check and charge every counter on locals (floor(x) is x - x % 1), keeping
   -- only the reply's values and the new states; hand over to generic() at the first rule
@@ -484,7 +512,7 @@ local function main(KEYS, ARGV)
   local out, new, ttl = OUT, NEW, TTL
   for i = 1, n do
     local b = 7 * i - 4
-    if P[b + 1] ~= 0 then return generic(KEYS, P, n, vals) end
+    if P[b + 1] ~= 0 then return generic(KEYS, P, n, vals, nil) end
     local limit, w, cost = P[b + 2], P[b + 3], P[b + 5]
     local v = vals[i]
     local win, cur, prev, win0 = 0, 0, 0, -1
@@ -508,7 +536,7 @@ local function main(KEYS, ARGV)
       c = (prev * (w - e) + w - 1) / w
       c = c - c % 1
     end
-    if cur + c + cost > limit then return generic(KEYS, P, n, vals) end
+    if cur + c + cost > limit then return generic(KEYS, P, n, vals, nil) end
     -- charge, snapshot
     cur = cur + cost
     local remaining = limit - cur - c
@@ -554,9 +582,7 @@ local function main(KEYS, ARGV)
     end
   end
   out[1], out[2] = -1, -1
-  local reply = spack(REPLY_FORMAT[n], unpack_(out, 1, 2 + 4 * n))
-  if idem then call('SET', KEYS[nkeys], '\4' .. reply, 'PX', format('%d', P[3])) end
-  return reply
+  return spack(REPLY_FORMAT[n], unpack_(out, 1, 2 + 4 * n))
 end
 
 return main(KEYS, ARGV)

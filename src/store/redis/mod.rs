@@ -39,9 +39,19 @@
 //!   counted ([`RedisStore::stats`]). When Redis answers again the store uses it again.
 //!   [`RedisStoreBuilder::connect_lazy`] starts a store before Redis answers at all (the
 //!   first call that reaches it connects); [`RedisStoreBuilder::connect`] needs it at once.
-//! - **Idempotency**: [`Store::acquire_once`] with a request id (the layer's
-//!   [`crate::RateLimitLayerBuilder::idempotency_header`]) is counted once; a retry gets the
-//!   first decision back.
+//! - **Idempotent retries** ([Idempotent retries](crate::store#idempotent-retries), the same
+//!   table as the memory store): [`Store::fail_attempt`] writes a small record per request
+//!   identity (`prefix:v2:{tag}:idem:<digest>`, in the slot of the request's buckets, one per
+//!   slot on a cluster) that lives for [`RedisStoreBuilder::idempotency_ttl`] (default
+//!   120 s); the acquire of a retry reads it in the same script call as the buckets, skips the
+//!   request counts and marks the record used, all atomically, so two concurrent retries
+//!   can't both go free. Nothing is written for a request that doesn't fail. The layer
+//!   holds the body of the failed answer until the failure is written (one round trip more,
+//!   on failed attempts with an id only, bounded by the call timeout), so a retry sent once
+//!   the client has read the answer finds it (a client that retries on the status line
+//!   alone, before the body, may be charged). A retry is charged (the safe side) when that write failed, when it is
+//!   decided by the local fallback, or when another slot of its request denied it (cluster:
+//!   the record's free retry is used up by the refunded attempt).
 //!
 //! # Upgrades
 //!
@@ -64,7 +74,7 @@ mod keys;
 mod script;
 
 pub use self::builder::RedisStoreBuilder;
-use self::script::{put_f64, Call, ACTUAL_AT, HEADER, PLACEMENT_AT, RECORD, SCRIPT};
+use self::script::{put_f64, Call, ACTUAL_AT, AMOUNT_AT, HEADER, PLACEMENT_AT, RECORD, SCRIPT};
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,8 +87,8 @@ use redis::Script;
 
 use self::breaker::Breaker;
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, MemoryStore,
-    Placement, Snapshot, Store, StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey,
+    MemoryStore, Placement, Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::clock::Clock;
 use crate::rule::{Algorithm, Quota};
@@ -260,7 +270,7 @@ impl RedisStore {
     fn acquire_inner(
         &self,
         charges: &[Charge<'_>],
-        request_id: Option<&str>,
+        idempotency: Option<&IdempotencyKey>,
     ) -> StoreFuture<Result<Decision, StoreError>> {
         // As the memory store: one request charges a bucket once (the script would read the
         // bucket once per charge and count only the last write).
@@ -290,8 +300,12 @@ impl RedisStore {
             charges
                 .iter()
                 .zip(&leases)
-                .map(|(c, &id)| (c.bucket, c.quota, c.amount, id, 0)),
-            request_id,
+                // The last field flags the charges a free retry doesn't pay (`limiter.lua`).
+                .map(|(c, &id)| {
+                    let flag = u64::from(idempotency.is_some() && c.is_request_count());
+                    (c.bucket, c.quota, c.amount, id, flag)
+                }),
+            idempotency,
         );
         // Owned copies for the fallback, only when there is one.
         let owned: Option<Vec<(BucketKey, Quota, u64)>> =
@@ -320,7 +334,7 @@ impl RedisStore {
             }
             let mut states = ChargeStates::filled(n);
             let mut denial: Option<(usize, i64)> = None;
-            let mut replayed = false;
+            let mut free_retry = false;
             for (call, reply) in &results {
                 let reply = reply.as_ref().map_err(Clone::clone)?;
                 if reply.len() != 2 + 4 * call.members.len() {
@@ -336,7 +350,7 @@ impl RedisStore {
                         placement: Placement(r[3].max(0) as u64),
                     };
                 }
-                replayed |= reply[0] == -3;
+                free_retry |= reply[0] == -3;
                 if reply[0] >= 0 {
                     let index = call.members[reply[0] as usize];
                     let retry = reply[1];
@@ -359,7 +373,7 @@ impl RedisStore {
                     retry_after: (retry >= 0).then(|| Duration::from_micros(retry as u64)),
                 }),
                 charges: states,
-                replayed: replayed && denial.is_none(),
+                free_retry: free_retry && denial.is_none(),
             })
         })
     }
@@ -370,16 +384,21 @@ impl RedisStore {
 async fn refund_admitted(inner: &Arc<Inner>, results: &[(Call, Result<Vec<i64>, StoreError>)]) {
     for (call, reply) in results {
         let Ok(reply) = reply else { continue };
-        if reply.first() != Some(&-1) {
-            continue;
-        }
+        let free_retry = match reply.first() {
+            Some(-1) => false,
+            Some(-3) => true,
+            _ => continue,
+        };
         // The same call in settle mode: charged = amount, the placement it got, actual 0.
-        // With a request id, the settle also forgets the remembered decision, so a retry is
-        // decided afresh rather than told "admitted" by a slot that was refunded.
+        // A free retry's request counts were not charged: charged 0, nothing to refund. Its
+        // idempotency record stays used (the retry after this one is charged: the safe side).
         let mut args = call.args.clone();
         args[0] = b's';
         for j in 0..call.members.len() {
             let b = HEADER + RECORD * j;
+            if free_retry && args[b + ACTUAL_AT..b + ACTUAL_AT + 8] == 1f64.to_le_bytes() {
+                put_f64(&mut args, b + AMOUNT_AT, 0.0);
+            }
             put_f64(&mut args, b + PLACEMENT_AT, reply[2 + 4 * j + 3] as f64);
             put_f64(&mut args, b + ACTUAL_AT, 0.0);
         }
@@ -425,7 +444,7 @@ fn decide_locally(
                 retry_after: Some(Duration::from_secs(1)),
             }),
             charges: ChargeStates::filled(owned.len()),
-            replayed: false,
+            free_retry: false,
         },
     }
 }
@@ -438,9 +457,24 @@ impl Store for RedisStore {
     fn acquire_once(
         &self,
         charges: &[Charge<'_>],
-        request_id: &str,
+        id: &IdempotencyKey,
     ) -> StoreFuture<Result<Decision, StoreError>> {
-        self.acquire_inner(charges, Some(request_id))
+        self.acquire_inner(charges, Some(id))
+    }
+
+    fn fail_attempt(
+        &self,
+        charges: &[Charge<'_>],
+        id: &IdempotencyKey,
+    ) -> StoreFuture<Result<(), StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let calls = inner.fail_calls(charges.iter().map(|c| c.bucket), id);
+        StoreFuture::pending(async move {
+            for (_, r) in inner.run_all(calls).await {
+                r?;
+            }
+            Ok(())
+        })
     }
 
     fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {

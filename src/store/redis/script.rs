@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::{keys, Conn, Inner, RedisFailure};
 use crate::rule::{Algorithm, Quota};
-use crate::store::{BucketKey, StoreError};
+use crate::store::{BucketKey, IdempotencyKey, StoreError};
 
 pub(super) const SCRIPT: &str = include_str!("limiter.lua");
 /// The script's last line, its entry point as an `EVAL` script; a function library registers
@@ -30,6 +30,7 @@ pub(super) struct Call {
 pub(super) const HEADER: usize = 17;
 pub(super) const RECORD: usize = 49;
 pub(super) const IDEM_TTL_AT: usize = 9;
+pub(super) const AMOUNT_AT: usize = 25;
 pub(super) const PLACEMENT_AT: usize = 33;
 pub(super) const ACTUAL_AT: usize = 41;
 
@@ -65,7 +66,7 @@ impl Inner {
         &self,
         mode: u8,
         items: impl Iterator<Item = (&'a BucketKey, &'a Quota, u64, u64, u64)>,
-        request_id: Option<&str>,
+        idempotency: Option<&IdempotencyKey>,
     ) -> Vec<Call> {
         let now = self.now_arg();
         let mut calls: Vec<(u16, Call)> = Vec::with_capacity(1);
@@ -106,7 +107,7 @@ impl Inner {
             }
         }
         let mut calls: Vec<Call> = calls.into_iter().map(|(_, c)| c).collect();
-        if let Some(id) = request_id {
+        if let Some(id) = idempotency {
             for call in &mut calls {
                 let idem = keys::idempotency_key(&self.prefix, &call.keys[0], id);
                 call.keys.push(idem);
@@ -114,6 +115,36 @@ impl Inner {
             }
         }
         calls
+    }
+
+    /// The calls of [`crate::store::Store::fail_attempt`]: one per slot of `buckets`, each
+    /// naming only the idempotency record of that slot (mode `f`, no bucket).
+    pub(super) fn fail_calls<'a>(
+        &self,
+        buckets: impl Iterator<Item = &'a BucketKey>,
+        id: &IdempotencyKey,
+    ) -> Vec<Call> {
+        let mut calls: Vec<(u16, Call)> = Vec::with_capacity(1);
+        for bucket in buckets {
+            let key = keys::bucket_key(&self.prefix, bucket);
+            let slot = if self.cluster { keys::slot(&key) } else { 0 };
+            if calls.iter().any(|(s, _)| *s == slot) {
+                continue;
+            }
+            let mut args = Vec::with_capacity(HEADER);
+            args.push(b'f');
+            args.extend_from_slice(&self.now_arg().to_le_bytes());
+            args.extend_from_slice(&(self.idempotency_ttl_ms as f64).to_le_bytes());
+            calls.push((
+                slot,
+                Call {
+                    members: Vec::new(),
+                    keys: vec![keys::idempotency_key(&self.prefix, &key, id)],
+                    args,
+                },
+            ));
+        }
+        calls.into_iter().map(|(_, c)| c).collect()
     }
 
     pub(super) async fn run(&self, call: &Call) -> Result<Vec<i64>, StoreError> {
