@@ -32,8 +32,8 @@ use crate::rule::{Algorithm, Quota};
 
 use self::cell::{hold_gcra, lock, update_gcra, Admission, Cell, Held, Slot, EVICTED};
 use self::digest::KeyDigest;
-use self::resident::{Bucket, Resident, Residents};
 use self::ids::IdTable;
+use self::resident::{Bucket, Resident, Residents};
 
 /// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
 /// per store) from bucket to algorithm state.
