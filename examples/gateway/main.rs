@@ -15,7 +15,8 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `main.rs` | command line (clap), `--check-config`, start-up, graceful shutdown |
+//! | `main.rs` | start-up, graceful shutdown |
+//! | `cli.rs` | the command line (clap) and its environment variables, `--check-config` |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers, estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
@@ -32,6 +33,7 @@
 //! configuration (the message names the field), 1 when the gateway can't start (port taken,
 //! Redis unreachable).
 
+mod cli;
 mod config;
 mod forward;
 mod limits;
@@ -49,45 +51,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::builder::NonEmptyStringValueParser;
 use clap::Parser;
 use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
+use crate::cli::Flags;
 use crate::config::{Config, StoreKind, Upstream};
 use crate::metrics::Metrics;
 use crate::server::{App, ModelRoute};
-
-/// An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
-///
-/// With no options it listens on 127.0.0.1:8080 in front of a built-in mock model, with
-/// demo API keys. Every option can also be set by its environment variable; an option on
-/// the command line wins over the variable.
-#[derive(Debug, Parser)]
-#[command(
-    name = "gateway",
-    version,
-    after_help = "Logs go to stderr, filtered by RUST_LOG (default: info).\n\
-                  Exit codes: 0 clean shutdown or valid configuration, 2 bad option or \
-                  configuration, 1 could not start."
-)]
-struct Flags {
-    /// Listen on ADDR (default: the configuration's `listen`, 127.0.0.1:8080)
-    #[arg(long, env = "GATEWAY_LISTEN", value_name = "ADDR", value_parser = NonEmptyStringValueParser::new())]
-    listen: Option<String>,
-    /// Read the configuration from FILE (TOML; default: the built-in
-    /// examples/gateway/gateway.toml)
-    #[arg(long, env = "GATEWAY_CONFIG", value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
-    config: Option<String>,
-    /// Keep the counters in Redis at URL, shared by every gateway using it (needs the `redis`
-    /// feature: cargo run --features redis --example gateway)
-    #[arg(long, env = "GATEWAY_REDIS", value_name = "URL", value_parser = NonEmptyStringValueParser::new())]
-    redis: Option<String>,
-    /// Check the configuration (with the other options applied), print every problem, and
-    /// exit: 0 when it is valid, 2 when it is not. Connects to nothing.
-    #[arg(long)]
-    check_config: bool,
-}
 
 /// Why the gateway stopped.
 enum Failure {
@@ -101,13 +72,13 @@ fn main() -> ExitCode {
     // A bad option prints clap's message and exits with 2; --help and --version exit with 0.
     let flags = Flags::parse();
     if flags.check_config {
-        return check_config(&flags);
+        return cli::check_config(&flags);
     }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let (cfg, builtin) = match load(&flags) {
+    let (cfg, builtin) = match cli::load(&flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: bad configuration:\n{e}");
@@ -137,44 +108,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--check-config`: every problem of the configuration, or a line saying it is valid.
-fn check_config(flags: &Flags) -> ExitCode {
-    let source = flags.config.as_deref().unwrap_or("built-in gateway.toml");
-    let checked = load(flags).and_then(|(cfg, _)| {
-        let problems: Vec<String> = rule_problems(&cfg)
-            .into_iter()
-            .chain(
-                cfg.models
-                    .iter()
-                    .filter_map(|(name, m)| upstream_auth(name, m).err()),
-            )
-            .collect();
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(format!("{source}:\n{}", problems.join("\n")))
-        }
-    });
-    match checked {
-        Ok(cfg) => {
-            println!(
-                "{source}: the configuration is valid (models: {}, tiers: {}, keys: {})",
-                cfg.models.len(),
-                cfg.tiers.len(),
-                cfg.keys.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gateway: bad configuration:\n{e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
 /// What the library says of the rules the configuration makes, built on a throwaway memory
 /// store (nothing is connected to).
-fn rule_problems(cfg: &Config) -> Option<String> {
+pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
     let callers = limits::callers(cfg);
     limits::layer(cfg, &callers, limits::Store::memory(cfg), &Metrics::new())
         .err()
@@ -182,67 +118,16 @@ fn rule_problems(cfg: &Config) -> Option<String> {
 }
 
 /// The `Authorization` header the gateway sends to a model's upstream, if it has a key.
-fn upstream_auth(name: &str, m: &config::ModelConfig) -> Result<Option<HeaderValue>, String> {
+pub(crate) fn upstream_auth(
+    name: &str,
+    m: &config::ModelConfig,
+) -> Result<Option<HeaderValue>, String> {
     m.upstream_key()
         .map(|k| {
             HeaderValue::try_from(format!("Bearer {k}"))
                 .map_err(|_| format!("field `models.{name}.api_key`: not a valid header value"))
         })
         .transpose()
-}
-
-/// Reads, overrides and validates the configuration. True when it is the built-in one.
-fn load(flags: &Flags) -> Result<(Config, bool), String> {
-    let (mut cfg, source) = match &flags.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--config {path}: can't read the file: {e}"))?;
-            (
-                Config::parse(&text, path).map_err(|e| e.to_string())?,
-                path.clone(),
-            )
-        }
-        None => (
-            Config::parse(config::DEFAULT_TOML, "built-in gateway.toml")
-                .map_err(|e| e.to_string())?,
-            "built-in gateway.toml".to_owned(),
-        ),
-    };
-    let mut overrides = Vec::new();
-    if let Some(listen) = &flags.listen {
-        if listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "--listen: {listen:?} is not an IP address and port (e.g. 127.0.0.1:8080)"
-            ));
-        }
-        cfg.listen = listen.clone();
-        overrides.push("--listen");
-    }
-    if let Some(url) = &flags.redis {
-        cfg.store.kind = StoreKind::Redis;
-        cfg.store.url = Some(url.clone());
-        overrides.push("--redis");
-    }
-    if cfg.store.kind == StoreKind::Redis && !cfg!(feature = "redis") {
-        let what = if flags.redis.is_some() {
-            "--redis"
-        } else {
-            "field `store.kind`: \"redis\""
-        };
-        return Err(format!(
-            "{what} needs the `redis` feature: \
-             cargo run --release --features redis --example gateway -- ..."
-        ));
-    }
-    cfg.validate().map_err(|e| {
-        let with = if overrides.is_empty() {
-            String::new()
-        } else {
-            format!(" with {}", overrides.join(", "))
-        };
-        format!("{source}{with}:\n{e}")
-    })?;
-    Ok((cfg, flags.config.is_none()))
 }
 
 async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
