@@ -31,6 +31,14 @@
 //!
 //!   Before measuring, the heuristic's count is checked to be the same on both paths, and
 //!   the tokenizer's vocabulary is loaded (its one-time load is printed).
+//! - `hostile bodies`: request bodies shaped to be costly to read, each at two sizes
+//!   (`50k`, `100k`): a tool schema of that many properties (1.3 / 2.7 MB), that many
+//!   members all named `dup` (0.7 / 1.5 MB), a 25th as many arrays 120 deep (0.5 / 1 MB),
+//!   that many one-letter strings (0.2 / 0.4 MB), a 10th as many tool calls (0.35 / 0.7 MB).
+//!   `parse+estimate` is `OpenAiTokens::estimate` on a `with_body(&bytes, None)` view (the
+//!   layer's parse and the estimate), `parse+key` a `json_field` key deep in the body (the
+//!   parse and a lookup). Each size's answers are checked before measuring. The time should
+//!   grow with the bytes: the 100k size at most 2.5 times the 50k one.
 //! - `sse_body`: draining a 1 MB `text/event-stream` response of realistic chat completion
 //!   chunks (one event of 220-300 bytes per frame, `usage` in the final event) from a
 //!   `service_fn` upstream in memory: `bare`, and through a `RateLimitLayer` with a token
@@ -69,6 +77,8 @@
 #[allow(dead_code)]
 #[path = "support/cpu.rs"]
 mod cpu;
+#[path = "support/hostile.rs"]
+mod hostile;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -250,6 +260,54 @@ fn estimate(c: &mut Criterion) {
                 b.iter(|| {
                     let view = RequestView::from_request(&req).with_body(black_box(&bytes), None);
                     exact.estimate(&view).unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// hostile bodies
+
+/// Bodies shaped to be costly to read (`support/hostile.rs`), at 50,000 and 100,000 (members,
+/// strings; a 25th as many deep arrays, a 10th as many tool calls): the estimate of the body
+/// as the layer makes it (parse, then estimate) and a `json_field` key deep inside it (parse,
+/// then look up). Both sizes of a shape should cost in proportion to their bytes.
+fn hostile_bodies(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hostile bodies");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let est = heuristic();
+    for (label, n) in [("50k", 50_000), ("100k", 100_000)] {
+        for shape in hostile::hostile_shapes(n) {
+            let req = Request::post(shape.path).body(()).unwrap();
+            let bytes = Bytes::from(shape.body);
+            let key = key::json_field(&shape.pointer);
+            // Checked once: the bench measures right answers.
+            let view = RequestView::from_request(&req).with_body(&bytes, None);
+            assert_eq!(
+                est.estimate(&view).unwrap().input_tokens(),
+                shape.input_tokens
+            );
+            assert_eq!(key.extract(&view), Some(shape.key.as_str().into()));
+            eprintln!("{} {label}: {} bytes", shape.name, bytes.len());
+            group.throughput(Throughput::Bytes(bytes.len() as u64));
+            let id = format!("{}/parse+estimate", shape.name);
+            group.bench_function(BenchmarkId::new(id, label), |b| {
+                b.iter(|| {
+                    let view = RequestView::from_request(&req).with_body(black_box(&bytes), None);
+                    est.estimate(&view).unwrap()
+                })
+            });
+            let id = format!("{}/parse+key", shape.name);
+            group.bench_function(BenchmarkId::new(id, label), |b| {
+                b.iter(|| {
+                    let view = RequestView::from_request(&req).with_body(black_box(&bytes), None);
+                    key.extract(&view).unwrap()
                 })
             });
         }
@@ -763,5 +821,5 @@ fn sse_socket(c: &mut Criterion) {
     drop(servers);
 }
 
-criterion_group!(benches, estimate, sse_body, sse_socket);
+criterion_group!(benches, estimate, hostile_bodies, sse_body, sse_socket);
 criterion_main!(benches);

@@ -8,7 +8,10 @@
 //! trailers) the client sent. A request without a body (`GET /v1/models`) costs no tokens. A
 //! body over the bound is answered 413, or, under
 //! [`BodyPolicy::Fallback`], admitted with the fallback cost and streamed on: the part read
-//! is replayed, then the rest follows from the client.
+//! is replayed, then the rest follows from the client. A rule keyed by the body
+//! ([`crate::key::json_field`]) is never skipped because the body is unusable: it refuses
+//! the request as the estimate does, or, under [`BodyPolicy::Fallback`], charges the rule's
+//! shared bucket.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -24,12 +27,16 @@ use pin_project_lite::pin_project;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyPolicy {
     /// Answer 413 (too large) or 400 (not JSON, unreadable) with a JSON body saying what is
-    /// wrong. The default.
+    /// wrong, whenever the estimate or a rule's key reads the body. The default.
     #[default]
     Reject,
     /// Admit with the layer's fallback cost
-    /// ([`crate::RateLimitLayerBuilder::fallback_cost`]); keys read from the body count as
-    /// missing.
+    /// ([`crate::RateLimitLayerBuilder::fallback_cost`]). A rule keyed by the body charges
+    /// its shared bucket ([`crate::rule::MissingKey::Shared`]'s) when its policy is
+    /// [`Skip`](crate::rule::MissingKey::Skip) or [`Shared`](crate::rule::MissingKey::Shared),
+    /// and refuses the request (413 / 400) when it is
+    /// [`Reject`](crate::rule::MissingKey::Reject): the body never lets a request skip a
+    /// rule. A body that is JSON but lacks the field follows the rule's `MissingKey`.
     Fallback,
 }
 

@@ -29,12 +29,13 @@
 //! ```text
 //! request ──► RateLimit::call
 //!   0. inspect  : only if a key or the estimate reads the body: read it, bounded by
-//!                 max_inspect_bytes, parse JSON once (borrowed); 413/400 or fallback
-//!                                                                          (inspect, json)
+//!                 max_inspect_bytes, parse JSON once (serde_json, borrowed);
+//!                 413/400 or fallback                                      (inspect, document)
 //!                 (a request with the idempotency header is read too, for its digest)
 //!   1. tier     : TierResolver → the caller's tier, once                   (tier)
 //!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
-//!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip
+//!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip;
+//!                 a body key of an unusable body: 413/400, or the shared bucket under fallback
 //!   3. cost     : 1 per request rule and concurrency slot; CostEstimator → input and
 //!                 output tokens, weighted per model for spend rules        (cost)
 //!   4. acquire  : Store::acquire(all charges) → all-or-nothing Decision   (store → algorithm)
@@ -58,7 +59,7 @@
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
 //! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
-//! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `json/`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse, into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for) |
+//! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `document.rs`, `stream_usage.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse (serde_json, linear in its size), into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for); `stream_options.include_usage` spliced into streaming requests, every other byte kept |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
@@ -170,15 +171,16 @@ pub mod store;
 pub mod tier;
 
 mod body;
+mod document;
 mod error;
 mod future;
 mod idempotency;
 mod inspect;
-mod json;
 mod layer;
 mod plan;
 mod reject;
 mod service;
+mod stream_usage;
 
 pub use body::ResponseBody;
 pub use error::BuildError;

@@ -60,7 +60,8 @@ pub enum Outcome<'a> {
         /// How long until it could pass; `None` when its cost exceeds the limit.
         retry_after: Option<Duration>,
     },
-    /// A rule's key was missing and its policy is to reject.
+    /// A rule's key was missing and its policy is to reject, or a rule keyed by the body
+    /// met a body it can't use (too large, not JSON) and refused it.
     MissingKey {
         /// The rule.
         rule: &'a str,

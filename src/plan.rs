@@ -1,7 +1,6 @@
 //! Planning a request's charges, and turning the store's answer into headers and a
 //! settlement, or a rejection.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,7 +55,7 @@ pub(crate) struct Admit {
 /// The `model` of the request's JSON body, if the layer read it.
 fn body_model(req: &RequestView<'_>) -> Option<String> {
     req.doc()
-        .and_then(|j| j.get("model")?.as_str().map(Cow::into_owned))
+        .and_then(|j| j.get("model")?.as_str().map(str::to_owned))
 }
 
 pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -> Rejection {
@@ -79,9 +78,22 @@ impl Shared {
         let mut model = None;
         let mut charges = Vec::with_capacity(self.rules.len());
         for (i, rule) in self.rules.iter().enumerate() {
-            let key = match rule.key.extract(req) {
-                Some(k) => k,
-                None => match rule.on_missing {
+            let key = match (rule.key.extract(req), problem) {
+                (Some(k), _) => k,
+                // A key the body would have given: not a missing key, or a caller could
+                // escape a per-body rule by sending a body too large or not JSON.
+                (None, Some(problem)) if rule.key.needs_body() => {
+                    match (self.body_policy, rule.on_missing) {
+                        (BodyPolicy::Fallback, MissingKey::Skip | MissingKey::Shared) => {
+                            Key::anonymous()
+                        }
+                        _ => {
+                            self.observe(tier_name, Outcome::MissingKey { rule: &rule.name }, &[]);
+                            return Err(self.unusable_body(problem));
+                        }
+                    }
+                }
+                (None, _) => match rule.on_missing {
                     MissingKey::Skip => continue,
                     MissingKey::Shared => Key::anonymous(),
                     MissingKey::Reject => {
@@ -175,27 +187,33 @@ impl Shared {
                 return Ok(self.fallback_cost);
             }
             self.observe(tier, Outcome::CostError, &[]);
-            return Err(match problem {
-                BodyProblem::TooLarge => invalid(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    format!(
-                        "The request body is larger than the {} bytes the rate limiter reads \
-                         to estimate its cost.",
-                        self.max_inspect_bytes
-                    ),
-                ),
-                BodyProblem::NotJson(e) => invalid(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_body",
-                    format!("The request body is not valid JSON: {e}."),
-                ),
-            });
+            return Err(self.unusable_body(problem));
         }
         estimator.estimate(req).map_err(|e| {
             self.observe(tier, Outcome::CostError, &[]);
             invalid(e.status, "invalid_cost", e.message)
         })
+    }
+
+    /// The answer to a body the rules need but can't use: 413 when it is over
+    /// `max_inspect_bytes`, 400 when it is not JSON.
+    fn unusable_body(&self, problem: &BodyProblem) -> Rejection {
+        match problem {
+            BodyProblem::TooLarge => invalid(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "The request body is larger than the {} bytes the rate limiter reads \
+                     to apply its limits.",
+                    self.max_inspect_bytes
+                ),
+            ),
+            BodyProblem::NotJson(e) => invalid(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_body",
+                format!("The request body is not valid JSON: {e}."),
+            ),
+        }
     }
 
     pub(crate) fn acquire<'a>(

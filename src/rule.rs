@@ -292,7 +292,12 @@ const fn nanos(d: Duration) -> u64 {
 }
 
 /// What a rule does when its key can't be extracted from a request (no `x-api-key` header,
-/// no peer address, ...).
+/// no peer address, a JSON body without the field, ...).
+///
+/// A key read from a body the layer can't use (over `max_inspect_bytes`, not JSON) is not a
+/// missing key: the request is refused (413 / 400), or, under
+/// [`BodyPolicy::Fallback`](crate::BodyPolicy::Fallback), charged to the shared bucket unless
+/// the policy is `Reject`. Such a body never skips a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingKey {
     /// Answer with the extractor's status (401 for credentials, 400 otherwise) and a JSON

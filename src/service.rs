@@ -10,12 +10,13 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::document::Json;
 use crate::future::{Next, ResponseFuture};
 use crate::inspect::{self, Read, RequestBody};
-use crate::json::Json;
 use crate::key::RequestView;
 use crate::layer::RateLimitLayer;
 use crate::plan::{conclude, invalid, BodyProblem};
+use crate::stream_usage::{wants_stream_usage, with_stream_usage};
 
 /// Rate limits the requests of an inner service. Built by [`RateLimitLayer`].
 ///
@@ -56,39 +57,6 @@ impl<S> RateLimit<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
-}
-
-/// Whether a request needs `stream_options.include_usage = true` added: a streaming chat or
-/// legacy completions request (both accept `stream_options`: OpenAI, vLLM) that doesn't
-/// already ask for usage.
-fn wants_stream_usage(path: &str, doc: &Json<'_>) -> bool {
-    path.ends_with("/completions")
-        && matches!(doc.get("stream"), Some(Json::Bool(true)))
-        && !matches!(
-            doc.get("stream_options")
-                .and_then(|o| o.get("include_usage")),
-            Some(Json::Bool(true))
-        )
-        && doc
-            .get("stream_options")
-            .is_none_or(|o| matches!(o, Json::Object(_) | Json::Null))
-}
-
-/// The body of a request [`wants_stream_usage`] with `include_usage` set. `None` to keep the
-/// original.
-fn request_stream_usage(json: &serde_json::Value) -> Option<Bytes> {
-    let mut json = json.clone();
-    let fields = json.as_object_mut()?;
-    let options = fields
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::Value::Object(Default::default()));
-    if options.is_null() {
-        *options = serde_json::Value::Object(Default::default());
-    }
-    options
-        .as_object_mut()?
-        .insert("include_usage".to_owned(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&json).ok().map(Bytes::from)
 }
 
 impl<S> RateLimit<S> {
@@ -260,8 +228,7 @@ impl<S> RateLimit<S> {
                 Err(response) => return Next::Reject(*response),
             };
             if stream_usage {
-                let json = lazy_json.get_or_init(|| serde_json::from_slice(&bytes).ok());
-                if let Some(new) = json.as_ref().and_then(request_stream_usage) {
+                if let Some(new) = with_stream_usage(&bytes) {
                     parts
                         .headers
                         .insert(http::header::CONTENT_LENGTH, HeaderValue::from(new.len()));
@@ -271,47 +238,5 @@ impl<S> RateLimit<S> {
             let req = Request::from_parts(parts, RequestBody::replay(bytes, trailers, rest));
             Next::Call(inner.call(req), admit.headers, admit.settle)
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stream_usage_is_requested_only_for_streaming_chat() {
-        let wants = |path: &str, v: serde_json::Value| {
-            let bytes = serde_json::to_vec(&v).unwrap();
-            wants_stream_usage(path, &Json::parse(&bytes).unwrap())
-        };
-        let chat = serde_json::json!({"model": "m", "stream": true, "messages": []});
-        assert!(wants("/v1/chat/completions", chat.clone()));
-        let new = request_stream_usage(&chat).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&new).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        assert_eq!(v["model"], "m");
-        let not_streaming = serde_json::json!({"model": "m", "messages": []});
-        assert!(!wants("/v1/chat/completions", not_streaming));
-        assert!(!wants("/v1/embeddings", chat.clone()));
-        assert!(wants("/v1/completions", chat));
-        let already =
-            serde_json::json!({"stream": true, "stream_options": {"include_usage": true}});
-        assert!(!wants("/v1/chat/completions", already));
-        let other_options = serde_json::json!({"stream": true, "stream_options": {"x": 1}});
-        assert!(wants("/v1/chat/completions", other_options.clone()));
-        let v: serde_json::Value =
-            serde_json::from_slice(&request_stream_usage(&other_options).unwrap()).unwrap();
-        assert_eq!(
-            v["stream_options"],
-            serde_json::json!({"x": 1, "include_usage": true})
-        );
-        let null_options = serde_json::json!({"stream": true, "stream_options": null});
-        assert!(wants("/v1/chat/completions", null_options.clone()));
-        let v: serde_json::Value =
-            serde_json::from_slice(&request_stream_usage(&null_options).unwrap()).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        // Not an object: left alone.
-        let odd = serde_json::json!({"stream": true, "stream_options": 3});
-        assert!(!wants("/v1/chat/completions", odd));
     }
 }

@@ -14,6 +14,11 @@ pub struct Concurrency {
 }
 
 impl Concurrency {
+    /// Slots taken now.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
     pub(super) fn check(&mut self, l: &Limits, _: u64, cost: u64) -> Verdict {
         if self.in_flight.saturating_add(cost) <= l.limit {
             Verdict::Allow

@@ -7,7 +7,7 @@ use http::header::{HeaderName, AUTHORIZATION};
 use http::StatusCode;
 
 use super::{Key, KeyExtractor, RequestView};
-use crate::json::Json;
+use crate::document::Json;
 
 /// Credential headers whose absence answers 401 rather than 400.
 const CREDENTIAL_HEADERS: [&str; 4] = [
@@ -194,7 +194,7 @@ pub fn json_field(field: &str) -> JsonField {
 impl KeyExtractor for JsonField {
     fn extract(&self, req: &RequestView<'_>) -> Option<Key> {
         match req.doc()?.pointer(&self.pointer)? {
-            Json::String(s) => (!s.is_empty()).then(|| Key::new(s.decoded().as_bytes())),
+            Json::String(s) => (!s.is_empty()).then(|| Key::new(s.as_bytes())),
             Json::Number(n) => Some(Key::from(n.to_string())),
             Json::Bool(b) => Some(Key::from(b.to_string())),
             _ => None,

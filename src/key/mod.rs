@@ -69,7 +69,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, Method, Request, StatusCode, Uri};
 
-use crate::json::Json;
+use crate::document::Json;
 
 /// The part of a bucket's identity that comes from the request. Empty means "anonymous"
 /// (see [`crate::MissingKey::Shared`]); extractors never return an empty key.
@@ -291,8 +291,8 @@ impl<'a> RequestView<'a> {
 
     /// The request body parsed as JSON, when the layer inspected it and it is JSON.
     ///
-    /// The layer parses the body into its own borrowed form for the built-in estimators and
-    /// extractors; this `serde_json::Value` is built the first time it is asked for (once per
+    /// The layer deserializes the body with serde_json into a borrowed document for the
+    /// built-in estimators and extractors; this `serde_json::Value` is built the first time it is asked for (once per
     /// request), so only what reads it pays for it.
     pub fn json(&self) -> Option<&'a serde_json::Value> {
         if self.json.is_some() {

@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use crate::json::decode_escape;
-
 /// An estimate of how many tokens `text` is, for OpenAI-style BPE tokenizers (`o200k_base`,
 /// `cl100k_base`, and the similar vocabularies of open models), tuned to over-estimate
 /// slightly. No allocation, no branches: one table lookup and one addition per byte (about
@@ -103,105 +101,6 @@ impl TextCounter {
         };
         self.units = self.units.saturating_add(pairs(self.prev, text));
         self.prev = last;
-    }
-
-    /// Feeds a JSON string as written: its escapes are decoded on the way (no copy). The
-    /// same as feeding the decoded text. Runs between escapes go through the byte loop after
-    /// a search for the next escape; once escapes come close together (JSON or code pasted
-    /// into a prompt), the rest is decoded 8 bytes at a time into a buffer, and the buffer
-    /// counted (see [`Self::feed_dense`]).
-    pub(super) fn feed_escaped(&mut self, written: &[u8]) {
-        let mut rest = written;
-        let mut close = 0;
-        while let Some(slash) = find_backslash(rest) {
-            self.feed_bytes(&rest[..slash]);
-            rest = self.feed_escape(&rest[slash + 1..]);
-            // Two escapes in a row each within 64 bytes of the last: dense from here (the word
-            // loop costs less than a search and a call per escape).
-            close = if slash < 64 { close + 1 } else { 0 };
-            if close >= 2 {
-                self.feed_dense(rest);
-                return;
-            }
-        }
-        self.feed_bytes(rest);
-    }
-
-    /// The escape whose backslash preceded `rest`: its character fed, the rest returned.
-    #[inline]
-    fn feed_escape<'t>(&mut self, rest: &'t [u8]) -> &'t [u8] {
-        match SIMPLE_ESCAPES[usize::from(rest.first().copied().unwrap_or(0))] {
-            // `\n`, `\"`...: the common case.
-            0 => {}
-            decoded => {
-                self.units = self.units.saturating_add(cost(self.prev, decoded));
-                self.prev = decoded;
-                return &rest[1..];
-            }
-        }
-        // The parser checked every escape.
-        match decode_escape(rest) {
-            Some((c, len)) => {
-                self.feed_bytes(c.encode_utf8(&mut [0; 4]).as_bytes());
-                &rest[len..]
-            }
-            None => rest,
-        }
-    }
-
-    /// [`Self::feed_escaped`] for text with an escape every few bytes: decoded 8 bytes at a
-    /// time into a buffer (a word copied, then its first backslash searched in registers),
-    /// and the buffer counted by the byte loop when full.
-    fn feed_dense(&mut self, written: &[u8]) {
-        const LO: u64 = u64::from_le_bytes([0x01; 8]);
-        const HI: u64 = u64::from_le_bytes([0x80; 8]);
-        const FULL: usize = 256;
-        let mut buf = [0u8; FULL + 8];
-        let mut len = 0;
-        let mut at = 0;
-        while let Some(word) = written.get(at..at + 8) {
-            let word: [u8; 8] = word.try_into().unwrap_or_default();
-            buf[len..len + 8].copy_from_slice(&word);
-            let slash = u64::from_le_bytes(word) ^ (LO * u64::from(b'\\'));
-            // The high bit of each backslash, and maybe of bytes after one: the lowest is
-            // exact.
-            let found = slash.wrapping_sub(LO) & !slash & HI;
-            if found == 0 {
-                len += 8;
-                at += 8;
-            } else {
-                let k = (found.trailing_zeros() / 8) as usize;
-                len += k;
-                at += k + 1;
-                let rest = &written[at..];
-                match SIMPLE_ESCAPES[usize::from(rest.first().copied().unwrap_or(0))] {
-                    0 => {
-                        // `\u`: through the counter, which then goes on from its character.
-                        self.feed_bytes(&buf[..len]);
-                        len = 0;
-                        let rest = self.feed_escape(rest);
-                        at = written.len() - rest.len();
-                    }
-                    decoded => {
-                        buf[len] = decoded;
-                        len += 1;
-                        at += 1;
-                    }
-                }
-            }
-            if len >= FULL {
-                self.feed_bytes(&buf[..len]);
-                len = 0;
-            }
-        }
-        self.feed_bytes(&buf[..len]);
-        // The last few bytes.
-        let mut rest = &written[at.min(written.len())..];
-        while let Some(slash) = memchr::memchr(b'\\', rest) {
-            self.feed_bytes(&rest[..slash]);
-            rest = self.feed_escape(&rest[slash + 1..]);
-        }
-        self.feed_bytes(rest);
     }
 
     pub(super) fn finish(self) -> u64 {
@@ -387,31 +286,6 @@ fn pairs(prev: u8, text: &[u8]) -> u64 {
         + (0..rest.len().saturating_sub(1))
             .map(|k| at(rest, k))
             .sum::<u64>()
-}
-
-/// The character of each one-character escape (`\n` gives a line feed), by the byte after
-/// the backslash; 0 for `\u` and the bytes that don't make an escape.
-static SIMPLE_ESCAPES: [u8; 256] = {
-    let mut table = [0; 256];
-    table[b'"' as usize] = b'"';
-    table[b'\\' as usize] = b'\\';
-    table[b'/' as usize] = b'/';
-    table[b'b' as usize] = 0x08;
-    table[b'f' as usize] = 0x0c;
-    table[b'n' as usize] = b'\n';
-    table[b'r' as usize] = b'\r';
-    table[b't' as usize] = b'\t';
-    table
-};
-
-/// The position of the first backslash of `text` (see [`crate::json::find_near`]).
-#[inline]
-fn find_backslash(text: &[u8]) -> Option<usize> {
-    crate::json::find_near(
-        text,
-        |word| crate::json::has_byte(word, b'\\'),
-        |rest| memchr::memchr(b'\\', rest),
-    )
 }
 
 impl fmt::Write for TextCounter {

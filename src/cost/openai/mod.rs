@@ -27,8 +27,8 @@
 //! files), and are loaded once per process, on first use: `o200k_base` in about 250 ms and
 //! 45 MB, `cl100k_base` in 130 ms and 23 MB. Exact counting costs 45-80 ns a byte of text, on
 //! the request's task: a 16 KB body takes 0.6-1.4 ms, against 7-9 µs for the heuristic and
-//! 6-14 µs for the JSON parse the layer does anyway; 256 KB, 10-36 ms (`benches/tokens.rs`).
-//! Bound bodies with `max_inspect_bytes`. Texts are tokenized in segments of at most 8 KiB,
+//! 11-19 µs for the JSON parse the layer does anyway (serde_json); 256 KB, 10-36 ms
+//! (`benches/tokens.rs`). Bound bodies with `max_inspect_bytes`. Texts are tokenized in segments of at most 8 KiB,
 //! cut where the tokenizers split anyway: counts stay exact, and pathological texts
 //! (megabytes of one character) can't make the tokenizer fail. `exact_tokens(false)` on the
 //! builder counts with the heuristic whatever the model, e.g. to compare. The framing
@@ -98,10 +98,9 @@
 //! assert_eq!(est.estimate(&view).unwrap().output_tokens(), 16_384);
 //! ```
 
-use std::borrow::Cow;
 use std::fmt;
 
-use crate::json::{Json, Object, Str};
+use crate::document::{Json, Object};
 
 use super::{Cost, CostError, CostEstimator};
 use crate::key::RequestView;
@@ -124,8 +123,8 @@ const TOKENS_PER_NAME: u64 = 1;
 const REPLY_PRIMER: u64 = 3;
 /// Framing per tool call in an assistant message.
 const TOKENS_PER_TOOL_CALL: u64 = 3;
-/// How deep the estimator walks nested JSON; deeper values are not counted (the layer's JSON
-/// parser stops at 128 levels anyway).
+/// How deep the estimator walks nested JSON; deeper values are not counted (serde_json, which
+/// parses the body, refuses 128 levels anyway).
 const MAX_DEPTH: usize = 128;
 /// A string of at least this many bytes that is a `data:` URL or pure base64 is an attachment.
 const BLOB_MIN_LEN: usize = 256;
@@ -307,7 +306,7 @@ impl OpenAiTokens {
             if let Some(bpe) = body
                 .get("model")
                 .and_then(Json::as_str)
-                .and_then(|m| tokenizer::for_model(&m))
+                .and_then(tokenizer::for_model)
             {
                 return Counter::Exact(bpe);
             }
@@ -421,7 +420,7 @@ impl OpenAiTokens {
         let Some(p) = part.as_object() else {
             return Err(bad_field(at(), "a content part object"));
         };
-        match p.get("type").and_then(Json::as_str).as_deref() {
+        match p.get("type").and_then(Json::as_str) {
             Some("text" | "input_text" | "output_text") => match p.get("text") {
                 Some(Json::String(s)) => Ok(c.text(s)),
                 _ => Err(bad_field(format_args!("{}.text", at()), "a string")),
@@ -432,7 +431,7 @@ impl OpenAiTokens {
                     .and_then(|u| u.get("detail"))
                     .or_else(|| p.get("detail"))
                     .and_then(Json::as_str);
-                Ok(if detail.as_deref() == Some("low") {
+                Ok(if detail == Some("low") {
                     self.image_low
                 } else {
                     self.image_high
@@ -457,7 +456,7 @@ impl OpenAiTokens {
         let per_choice = completion
             .or(max_tokens)
             .or(max_output)
-            .unwrap_or_else(|| self.default_for(model.as_deref()));
+            .unwrap_or_else(|| self.default_for(model));
         Ok(per_choice.saturating_mul(n))
     }
 
@@ -513,8 +512,7 @@ impl OpenAiTokens {
             }
         }
         let model = model(body)?;
-        let output = opt_u64(body, "max_output_tokens")?
-            .unwrap_or_else(|| self.default_for(model.as_deref()));
+        let output = opt_u64(body, "max_output_tokens")?.unwrap_or_else(|| self.default_for(model));
         Ok(Cost::new(input, output))
     }
 
@@ -619,21 +617,13 @@ enum Counter {
 }
 
 impl Counter {
-    /// The tokens of a string of the body, read without decoding it (the heuristic) or
-    /// decoded (a tokenizer).
+    /// The tokens of a string of the body.
     #[inline(always)]
-    fn text(self, text: &Str<'_>) -> u64 {
+    fn text(self, text: &str) -> u64 {
         match self {
-            Self::Heuristic => {
-                let mut counter = TextCounter::new();
-                match text.written() {
-                    (plain, false) => counter.feed(plain),
-                    (written, true) => counter.feed_escaped(written.as_bytes()),
-                }
-                counter.finish()
-            }
+            Self::Heuristic => estimate_text_tokens(text),
             #[cfg(feature = "tokenizer")]
-            Self::Exact(bpe) => tokenizer::count(bpe, &text.decoded()),
+            Self::Exact(bpe) => tokenizer::count(bpe, text),
         }
     }
 
@@ -706,10 +696,10 @@ fn choices(body: &Object<'_>, field: &str) -> Result<u64, CostError> {
 }
 
 /// The body's `model`, if a string.
-fn model<'a>(body: &Object<'a>) -> Result<Option<Cow<'a, str>>, CostError> {
+fn model<'b>(body: &'b Object<'_>) -> Result<Option<&'b str>, CostError> {
     match body.get("model") {
         None | Some(Json::Null) => Ok(None),
-        Some(Json::String(m)) => Ok(Some(m.decoded())),
+        Some(Json::String(m)) => Ok(Some(m)),
         Some(_) => Err(bad_field("model", "a string")),
     }
 }
@@ -760,12 +750,7 @@ fn len_u64(len: usize) -> u64 {
 }
 
 /// A `data:` URL or a base64 string, long enough to be a file rather than text.
-fn is_blob(s: &Str<'_>) -> bool {
-    // Escapes only shorten the text, so a short written string is a short decoded one.
-    if s.written_len() < BLOB_MIN_LEN {
-        return false;
-    }
-    let s = s.decoded();
+fn is_blob(s: &str) -> bool {
     s.len() >= BLOB_MIN_LEN
         && (s.starts_with("data:")
             || s.bytes().all(|b| {
@@ -794,7 +779,7 @@ fn feed_json<W: fmt::Write>(w: &mut W, v: &Json<'_>, depth: usize) {
         }
         Json::String(s) => {
             put(w, "\"");
-            s.feed(|piece| put(w, piece));
+            put(w, s);
             put(w, "\"");
         }
         Json::Array(items) => {

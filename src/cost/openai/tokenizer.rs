@@ -332,7 +332,11 @@ mod tests {
         ]});
         let n = |s: &str| count(o200k(), s);
         let mut defs = String::new();
-        super::super::feed_json(&mut defs, &crate::json::Json::from_value(&json!([tool])), 0);
+        super::super::feed_json(
+            &mut defs,
+            &crate::document::Json::from_value(&json!([tool])),
+            0,
+        );
         assert_eq!(defs, json!([tool]).to_string());
         let expected = 3
             + 4

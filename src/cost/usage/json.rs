@@ -1,7 +1,7 @@
 //! The JSON framing: the `usage` member of one top-level object, read as it streams past.
 
 use super::{push_bounded, usage_of, usage_value, Usage};
-use crate::json::Json;
+use crate::document::Json;
 
 /// A top-level member name being read, kept only while it could still be `usage` or
 /// `response` (a name may be split across chunks).
@@ -249,7 +249,7 @@ impl JsonState {
     fn skip_string(&mut self, data: &[u8], mut i: usize) -> Option<usize> {
         loop {
             let rest = data.get(i..).unwrap_or_default();
-            let Some(at) = crate::json::find_quote_or_backslash(rest) else {
+            let Some(at) = find_quote_or_backslash(rest) else {
                 self.in_string = true;
                 return None;
             };
@@ -272,7 +272,7 @@ impl JsonState {
     #[inline]
     fn name(&mut self, data: &[u8], i: usize, base: usize) -> Option<usize> {
         let rest = &data[i..];
-        match crate::json::find_quote_or_backslash(rest) {
+        match find_quote_or_backslash(rest) {
             // The usual name: whole in this chunk, without escapes.
             Some(at) if rest[at] == b'"' => {
                 self.member = Member::named(&rest[..at]).map(|m| (m, base + i + at + 1));
@@ -297,7 +297,7 @@ impl JsonState {
                 i += 1;
                 continue;
             }
-            let Some(at) = crate::json::find_quote_or_backslash(&data[i..]) else {
+            let Some(at) = find_quote_or_backslash(&data[i..]) else {
                 self.key.push_partial(&data[i..]);
                 return None;
             };
@@ -347,4 +347,48 @@ impl JsonState {
             Some(usage) => usage_of(usage),
         }
     }
+}
+
+/// The position of the first quote or backslash in `text`.
+#[inline]
+pub(super) fn find_quote_or_backslash(text: &[u8]) -> Option<usize> {
+    find_near(
+        text,
+        |word| has_byte(word, b'"') | has_byte(word, b'\\'),
+        |rest| memchr::memchr2(b'"', b'\\', rest),
+    )
+}
+
+/// The high bit of each byte of `word` equal to `byte`, and maybe of bytes above one (a
+/// borrow): the lowest set bit is exact. For bytes below 0x80 only.
+#[inline]
+fn has_byte(word: u64, byte: u8) -> u64 {
+    const LO: u64 = u64::from_le_bytes([0x01; 8]);
+    const HI: u64 = u64::from_le_bytes([0x80; 8]);
+    let x = word ^ (LO * u64::from(byte));
+    x.wrapping_sub(LO) & !word & HI
+}
+
+/// The position of the first byte `hits` marks in `text` (see [`has_byte`]). Escapes come
+/// every few bytes in pasted code and JSON: the next 16 bytes are tested 8 at a time in
+/// registers, and only a longer run goes to `search`, a SIMD search (a call, worth it on long
+/// runs).
+#[inline]
+fn find_near(
+    text: &[u8],
+    hits: impl Fn(u64) -> u64,
+    search: impl FnOnce(&[u8]) -> Option<usize>,
+) -> Option<usize> {
+    let mut at = 0;
+    while at < 16 {
+        let Some(word) = text.get(at..at + 8) else {
+            break;
+        };
+        let found = hits(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    search(&text[at..]).map(|p| at + p)
 }

@@ -79,7 +79,7 @@ use std::sync::LazyLock;
 
 use self::json::JsonState;
 use self::sse::SseState;
-use crate::json::Json;
+use crate::document::Json;
 
 /// A suggested bound for [`UsageParser::new`]: 4 MiB.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -390,23 +390,17 @@ fn usage_of(usage: &Json<'_>) -> Option<Usage> {
 
 /// The answer for a `usage` value written in `text` (whitespace around it allowed): `None`
 /// if it is `null`; else the usage it says if it is valid JSON and a valid usage (as
-/// [`Json::parse`] then [`usage_of`] would say), without building the object: only its
-/// count fields are kept (duplicates: the last counts, as in a `serde_json::Value`).
+/// [`Json::parse`] then [`usage_of`] would say); the usual object is read without building
+/// it (duplicates: the last counts, as in a `serde_json::Value`).
 fn usage_value(text: &[u8]) -> Option<Option<Usage>> {
     if let Some(counts) = plain_counts(text) {
         return Some(usage_from(|field| counts[field as usize]));
     }
-    let mut counts = [Count::Absent; Field::ALL.len()];
-    let parsed = Json::parse_members(text, |name, value| {
-        if let Some(field) = Field::of(name.as_bytes()) {
-            counts[field as usize] = Count::of(Some(&value));
-        }
-    });
-    match parsed {
-        Ok(None) => Some(usage_from(|field| counts[field as usize])),
-        Ok(Some(Json::Null)) => None,
+    match Json::parse(text) {
+        Ok(Json::Object(usage)) => Some(usage_from(|field| Count::of(usage.get(field.name())))),
+        Ok(Json::Null) => None,
         // Not JSON, or not an object.
-        Err(_) | Ok(Some(_)) => Some(None),
+        Err(_) | Ok(_) => Some(None),
     }
 }
 
@@ -438,7 +432,7 @@ fn plain_counts(text: &[u8]) -> Option<[Count; Field::ALL.len()]> {
             }
             at += 1;
             let rest = &text[at..];
-            let end = crate::json::find_quote_or_backslash(rest)?;
+            let end = self::json::find_quote_or_backslash(rest)?;
             if rest[end] != b'"' {
                 return None;
             }

@@ -59,7 +59,8 @@ use self::resident::{Bucket, Resident, Residents};
 ///   (Redis' `allkeys-lru`; nginx's `limit_req` zone evicts its least recently used state
 ///   when full too), so a new key is always counted: never refused, never let through
 ///   uncounted. The evicted bucket is never used more recently than the other sampled ones,
-///   and one a caller keeps using stays (`resident.rs`). What a flood of new keys costs is
+///   and one a caller keeps using stays (`resident.rs`); a bucket with concurrency slots in
+///   flight (a long stream) goes only when every sampled bucket has some. What a flood of new keys costs is
 ///   the state of the least recently used callers: an evicted caller starts afresh, as
 ///   after an idle sweep. A decision on an existing bucket only records its time in the
 ///   bucket; the index sampled for eviction is locked only when a bucket comes or goes.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::cell::{lock, Cell, EVICTED, HELD};
+use crate::algorithm::State;
 use crate::store::BucketKey;
 
 /// A bucket as the map holds it: its cell, the time it was last charged and its place in
@@ -74,6 +75,19 @@ impl Resident {
         }
     }
 
+    /// Whether evicting the bucket would lose more than a count: concurrency slots in
+    /// flight (a fresh bucket would let the caller past its concurrency limit while they
+    /// run), or a decision holding it right now.
+    fn is_busy(&self) -> bool {
+        match &self.cell {
+            Cell::Locked(m) => match m.try_lock() {
+                Ok(slot) => matches!(&slot.state, State::Concurrency(c) if c.in_flight() > 0),
+                Err(_) => true,
+            },
+            Cell::Gcra(cell) => cell.tat.load(Ordering::Acquire) == HELD,
+        }
+    }
+
     /// Marks the bucket evicted, waiting for a decision that holds it.
     pub(super) fn evict_now(&self) {
         match &self.cell {
@@ -83,8 +97,9 @@ impl Resident {
     }
 }
 
-/// Buckets compared per eviction: Redis' `maxmemory-samples` default. The bucket evicted is
-/// never used more recently than any other sampled one, so a bucket that only `r` others
+/// Buckets compared per eviction: Redis' `maxmemory-samples` default. A sampled bucket with
+/// concurrency slots in flight goes only when every sampled one has some; otherwise the
+/// bucket evicted is never used more recently than any other sampled one, so a bucket that only `r` others
 /// were used after goes only when every sample falls among those `r + 1`: at most
 /// `((r + 1) / len)^5` per eviction (a key used every few new keys in a store of 10,000:
 /// about 1e-17).
@@ -140,16 +155,20 @@ impl Residents {
         }
     }
 
-    /// The least recently used of [`SAMPLES`] buckets picked at random; `None` when no
-    /// bucket is indexed.
+    /// The least recently used of [`SAMPLES`] buckets picked at random, preferring those
+    /// without concurrency slots in flight; `None` when no bucket is indexed.
     pub(super) fn least_recent_of_sample(&self) -> Option<(BucketKey, Bucket)> {
         let mut index = self.index();
         let n = index.buckets.len() as u64;
         if n == 0 {
             return None;
         }
-        let used = |index: &Index, i: usize| index.buckets[i].1.last_used.load(Ordering::Relaxed);
-        let mut oldest: Option<usize> = None;
+        // Busy buckets rank after idle ones, then the least recently used first.
+        let rank = |index: &Index, i: usize| {
+            let b = &index.buckets[i].1;
+            (b.is_busy(), b.last_used.load(Ordering::Relaxed))
+        };
+        let mut oldest: Option<(usize, (bool, u64))> = None;
         for round in 0..SAMPLES {
             // A store of a few buckets compares them all.
             let i = if n as usize <= SAMPLES {
@@ -166,11 +185,12 @@ impl Residents {
                 index.rng = x;
                 (x % n) as usize
             };
-            if oldest.is_none_or(|o| used(&index, i) < used(&index, o)) {
-                oldest = Some(i);
+            let r = rank(&index, i);
+            if oldest.is_none_or(|(_, o)| r < o) {
+                oldest = Some((i, r));
             }
         }
-        oldest.map(|i| index.buckets[i].clone())
+        oldest.map(|(i, _)| index.buckets[i].clone())
     }
 
     #[cfg(test)]

@@ -10,6 +10,54 @@ fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
     (s, clock)
 }
 
+/// At the cap, a concurrency bucket with a slot in flight is not the one evicted, even when
+/// it is the least recently used: a fresh bucket would let its caller past the limit.
+#[test]
+fn at_capacity_buckets_with_slots_in_flight_stay() {
+    let (s, clock) = store(3);
+    let one = Quota::concurrent(1);
+    let q = Quota::per_minute(10);
+    let stream = BucketKey::new("conc", "long-stream");
+    let d = s.try_acquire(&[Charge::new(&stream, &one, 1)]).unwrap();
+    assert!(d.is_admitted());
+    let placement = d.charges[0].placement;
+    for k in ["a", "b", "c", "d", "e"] {
+        clock.advance(Duration::from_millis(1));
+        let key = BucketKey::new("r", k);
+        assert!(s
+            .try_acquire(&[Charge::new(&key, &q, 1)])
+            .unwrap()
+            .is_admitted());
+        assert!(s.len() <= 3);
+    }
+    // Still held: a second stream is refused.
+    assert!(!s
+        .try_acquire(&[Charge::new(&stream, &one, 1)])
+        .unwrap()
+        .is_admitted());
+    // Once released, it may go like any other bucket.
+    let release = Adjustment {
+        bucket: &stream,
+        quota: &one,
+        placement,
+        charged: 1,
+        actual: 0,
+    };
+    s.settle(&[release]).now().unwrap().unwrap();
+    for k in ["f", "g", "h"] {
+        clock.advance(Duration::from_millis(1));
+        let key = BucketKey::new("r", k);
+        assert!(s
+            .try_acquire(&[Charge::new(&key, &q, 1)])
+            .unwrap()
+            .is_admitted());
+    }
+    assert!(s
+        .try_acquire(&[Charge::new(&stream, &one, 1)])
+        .unwrap()
+        .is_admitted());
+}
+
 #[test]
 fn idle_buckets_are_swept_automatically() {
     let (s, clock) = store(100);
