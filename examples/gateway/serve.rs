@@ -34,8 +34,8 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::tcp::QuickAck;
 
-/// The most requests one HTTP/2 connection runs at once (the value nginx and most HTTP/2
-/// servers use), so that `max_connections` still bounds the work in flight.
+/// The most requests one HTTP/2 connection runs at once (nginx's default), so that
+/// `max_connections` still bounds the work in flight.
 pub(crate) const MAX_STREAMS: u32 = 128;
 
 /// How often an idle HTTP/2 connection is pinged, to find peers that went away.

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::support::within;
-use super::{chat, Gateway, TempConfig};
+use super::{chat, test_config, Gateway, TempConfig};
 
 /// How long the split-write upstream waits before the first chunk of a stream.
 const FIRST_CHUNK_DELAY: Duration = Duration::from_millis(10);
@@ -374,4 +374,33 @@ async fn an_http2_prior_knowledge_client_gets_answers() {
     assert!(limit.is_some(), "rate-limit headers over HTTP/2");
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_inside_the_http2_preface_is_disconnected() {
+    // Telling HTTP/1 from HTTP/2 waits for the preface's bytes: that wait has the header
+    // deadline too (1 s here).
+    let cfg = TempConfig::new(&format!(
+        "{}\n[server]\nheader_timeout_secs = 1\n",
+        test_config("http://127.0.0.1:9", "")
+    ));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    for first in [&b""[..], b"PRI * HTTP/2"] {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(first).await.unwrap();
+        let start = Instant::now();
+        let mut rest = Vec::new();
+        // A reset ends the read as well as an EOF.
+        let _ = within(
+            "the gateway closing the connection",
+            stream.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "closed after {:?}",
+            start.elapsed()
+        );
+    }
 }
