@@ -47,6 +47,15 @@
 //! connection (unloaded), throughput with the full load, and the middle hop's CPU per
 //! request. `HTTP_BENCH_GATEWAY=0` skips it.
 //!
+//! Last, the gateway in front of an upstream written like Python's `http.server` (Nagle's
+//! algorithm on, a response's head and body in two writes), with the raw client: the
+//! latency it adds at p50 and p99 on 1 and 8 keep-alive connections, and its throughput at
+//! 8 against the upstream's. The upstream's baseline is taken with a client that
+//! acknowledges at once (`TCP_QUICKACK`): with an ordinary client the upstream's own split
+//! writes wait ~40 ms for the client's delayed ACK (a row shows it, on a few requests).
+//! `HTTP_BENCH_SPLIT_ONLY=1` runs only this part; `HTTP_BENCH_SPLIT_UPSTREAM=HOST:PORT` puts
+//! an upstream of your own there instead (Python's `http.server`: see BENCHMARKS.md).
+//!
 //! `HTTP_BENCH_ONLY=4,7` runs only those servers (for profiling); `HTTP_BENCH_SHOW=1` prints
 //! one raw response of each server first. `HTTP_BENCH_INPROC_ONLY=1` stops after the
 //! in-process pass (3 x `HTTP_BENCH_INPROC_REQUESTS` requests per server): under callgrind
@@ -284,6 +293,9 @@ struct Target {
     api_keys: Arc<Vec<HeaderValue>>,
     /// Send with the minimal raw HTTP/1.1 client instead of hyper's.
     raw: bool,
+    /// The raw client acknowledges what it receives at once (`TCP_QUICKACK` before each
+    /// read, Linux), so a server's split writes don't wait for its delayed ACK.
+    quick_ack: bool,
 }
 
 impl Target {
@@ -368,6 +380,9 @@ async fn raw_connection(
             if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break at + 4;
             }
+            if target.quick_ack {
+                quick_ack(&stream);
+            }
             if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
                 return Err("connection closed by the server".into());
             }
@@ -389,6 +404,9 @@ async fn raw_connection(
             })
             .ok_or("the raw client needs responses with content-length")?;
         while buf.len() < head_end + length {
+            if target.quick_ack {
+                quick_ack(&stream);
+            }
             if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
                 return Err("connection closed mid-body".into());
             }
@@ -396,6 +414,15 @@ async fn raw_connection(
         let _ = buf.split_to(head_end + length);
         latencies.push(start.elapsed().as_nanos() as u64);
     }
+}
+
+/// Acknowledges at once what has arrived on `tcp` (Linux's `TCP_QUICKACK`, which the kernel
+/// turns off again when the socket sends); nothing elsewhere.
+fn quick_ack(tcp: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = tcp;
 }
 
 /// The result of one pass.
@@ -618,6 +645,10 @@ fn main() {
     let pin = cpus >= 2 && !std::env::var("HTTP_BENCH_PIN").is_ok_and(|v| v == "0");
     let server = one_worker_runtime(SERVER, pin.then_some(0));
     let client = one_worker_runtime(CLIENT, pin.then_some(1));
+    if std::env::var("HTTP_BENCH_SPLIT_ONLY").is_ok_and(|v| v == "1") {
+        gateway_over_split_writes(&server, &client, total, rounds);
+        return;
+    }
 
     let small = Bytes::from_static(SMALL_BODY.as_bytes());
     let big = chat_body_2k();
@@ -712,6 +743,7 @@ fn main() {
                     headers: json.clone(),
                     api_keys: Arc::clone(&api_keys),
                     raw,
+                    quick_ack: false,
                 },
                 baseline,
                 pass: Pass::default(),
@@ -842,6 +874,7 @@ fn main() {
             Some(s) => gateway(&client, &s.target, total, connections, rounds),
             None => println!("\ngateway: skipped (it runs in front of server (5))"),
         }
+        gateway_over_split_writes(&server, &client, total, rounds);
     }
     server.shutdown_timeout(Duration::from_secs(1));
     client.shutdown_timeout(Duration::from_secs(1));
@@ -1127,4 +1160,204 @@ fn gateway(client: &Runtime, upstream: &Target, total: usize, connections: usize
     );
     drop(gw);
     proxy_rt.shutdown_timeout(Duration::from_secs(1));
+}
+
+// ─── The gateway in front of a server that splits its writes ─────────────────────────────
+
+/// How many requests the row of the ordinary client against the split-write upstream sends
+/// per connection: each waits ~40 ms.
+const STALLING_REQUESTS: usize = 50;
+
+/// An upstream written like Python's `http.server` on `127.0.0.1:0`: keep-alive HTTP/1.1,
+/// Nagle's algorithm on (no `TCP_NODELAY`), each response's head and body in two writes.
+/// Answers every request with [`RESPONSE`].
+async fn split_write_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(split_write_connection(stream));
+        }
+    });
+    addr
+}
+
+/// One connection of [`split_write_upstream`], until the client closes it.
+async fn split_write_connection(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        RESPONSE.len()
+    );
+    let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+    loop {
+        let head_end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        let length = buf[..head_end]
+            .split(|&b| b == b'\n')
+            .find_map(|line| {
+                let line = std::str::from_utf8(line).ok()?;
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+        let _ = buf.split_to(head_end + length);
+        if stream.write_all(head.as_bytes()).await.is_err()
+            || stream.flush().await.is_err()
+            || stream.write_all(RESPONSE.as_bytes()).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The gateway (one worker thread, every rule) in front of [`split_write_upstream`]: added
+/// latency at 1 and 8 keep-alive connections, throughput at 8, against the upstream called
+/// directly by a client that acknowledges at once. Raw client, 2 KB chat body.
+fn gateway_over_split_writes(server: &Runtime, client: &Runtime, total: usize, rounds: usize) {
+    const CONNECTIONS: usize = 8;
+    // `HTTP_BENCH_SPLIT_UPSTREAM=HOST:PORT`: an upstream of your own instead (one that
+    // answers `POST /v1/chat/completions` with a `content-length`, e.g. Python's).
+    let upstream = match std::env::var("HTTP_BENCH_SPLIT_UPSTREAM") {
+        Ok(addr) => match addr.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                println!("\nsplit-write upstream: skipped (HTTP_BENCH_SPLIT_UPSTREAM={addr}: {e})");
+                return;
+            }
+        },
+        Err(_) => {
+            let _guard = server.enter();
+            server.block_on(split_write_upstream())
+        }
+    };
+    let Some(bin) = gateway_binary() else { return };
+    let Some(gw) = start_gateway(&bin, upstream) else {
+        return;
+    };
+    let json = (CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let direct = Target {
+        addr: upstream,
+        body: chat_body_2k(),
+        headers: vec![json.clone()],
+        api_keys: Arc::new(Vec::new()),
+        raw: true,
+        quick_ack: true,
+    };
+    let via = Target {
+        addr: gw.addr,
+        headers: vec![
+            json,
+            (AUTHORIZATION, HeaderValue::from_static("Bearer bench-key")),
+        ],
+        quick_ack: false,
+        ..direct.clone()
+    };
+    let ordinary = Target {
+        quick_ack: false,
+        ..direct.clone()
+    };
+    let paths = [
+        ("upstream directly (client acknowledging at once)", direct),
+        ("through the gateway (ordinary client)", via),
+    ];
+
+    let sequential = (total / 20).max(1_000);
+    let loaded = (total / 4).max(CONNECTIONS);
+    for (_, target) in &paths {
+        let _ = load_bounded(client, target, sequential / 5, 1);
+        let _ = load_bounded(client, target, loaded / 5, CONNECTIONS);
+    }
+    let mut one: Vec<Pass> = paths.iter().map(|_| Pass::default()).collect();
+    let mut many: Vec<Pass> = paths.iter().map(|_| Pass::default()).collect();
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let mut rps = [0.0; 2];
+        for k in 0..paths.len() {
+            let i = (round + k) % paths.len();
+            one[i].merge(load_bounded(
+                client,
+                &paths[i].1,
+                sequential.div_ceil(rounds),
+                1,
+            ));
+            let pass = load_bounded(client, &paths[i].1, loaded.div_ceil(rounds), CONNECTIONS);
+            rps[i] = pass.rps();
+            many[i].merge(pass);
+        }
+        ratios.push(rps[1] / rps[0]);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios[ratios.len() / 2];
+    // The upstream's own stall, on a few requests: an ordinary client delays its ACK.
+    let mut stalled_one = load_bounded(client, &ordinary, STALLING_REQUESTS, 1);
+    let mut stalled_many = load_bounded(
+        client,
+        &ordinary,
+        STALLING_REQUESTS * CONNECTIONS,
+        CONNECTIONS,
+    );
+
+    println!(
+        "\ngateway (1 worker thread, every rule, limits huge) in front of an upstream that \
+         writes a response's head and body separately without TCP_NODELAY (like Python's \
+         http.server); raw client, 2 KB body; {sequential} requests on 1 connection and \
+         {loaded} on {CONNECTIONS}, {rounds} interleaved rounds:"
+    );
+    println!(
+        "| path | 1 connection: p50 | p99 | {CONNECTIONS} connections: requests/s | p50 | p99 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, (name, _)) in paths.iter().enumerate() {
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:.0} | {:.0} µs | {:.0} µs |",
+            one[i].percentile_us(0.5),
+            one[i].percentile_us(0.99),
+            many[i].rps(),
+            many[i].percentile_us(0.5),
+            many[i].percentile_us(0.99),
+        );
+    }
+    println!(
+        "| upstream directly, ordinary client ({STALLING_REQUESTS} requests per connection) \
+         | {:.0} µs | {:.0} µs | {:.0} | {:.0} µs | {:.0} µs |",
+        stalled_one.percentile_us(0.5),
+        stalled_one.percentile_us(0.99),
+        stalled_many.rps(),
+        stalled_many.percentile_us(0.5),
+        stalled_many.percentile_us(0.99),
+    );
+    let added =
+        |p: f64, passes: &mut [Pass]| passes[1].percentile_us(p) - passes[0].percentile_us(p);
+    let added_p50 = added(0.5, &mut one);
+    println!(
+        "added by the gateway: 1 connection p50 {added_p50:.0} µs, p99 {:.0} µs; \
+         {CONNECTIONS} connections p50 {:.0} µs, p99 {:.0} µs",
+        added(0.99, &mut one),
+        added(0.5, &mut many),
+        added(0.99, &mut many),
+    );
+    println!(
+        "targets: added p50 on 1 connection < 300 µs: {added_p50:.0} µs {}; throughput at \
+         {CONNECTIONS} connections >= 0.8x the upstream's: {ratio:.2}x (median of rounds, \
+         {:.2}–{:.2}) {}",
+        verdict(added_p50 < 300.0),
+        ratios[0],
+        ratios[ratios.len() - 1],
+        verdict(ratio >= 0.8),
+    );
 }

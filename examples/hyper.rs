@@ -77,6 +77,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             _ = &mut ctrl_c => break,
         };
 
+        // hyper writes a response's head and body separately; without TCP_NODELAY the body
+        // waits for the client's delayed ACK, ~40 ms per request on a keep-alive connection.
+        if let Err(e) = stream.set_nodelay(true) {
+            eprintln!("TCP_NODELAY for {remote}: {e}");
+        }
+
         // One service per connection: it tags requests with this connection's peer, then
         // rate limits them. Layer clones share one store, so one budget for all connections.
         let svc = ServiceBuilder::new()

@@ -146,6 +146,11 @@
 //!   `into_make_service_with_connect_info::<SocketAddr>()` and enable `axum`.
 //! - hyper: wrap with `tower::ServiceBuilder` and `hyper_util::service::TowerToHyperService`;
 //!   insert [`key::PeerAddr`] per connection (see `examples/hyper.rs`).
+//! - Set `TCP_NODELAY` on accepted sockets: hyper writes a response's head and body
+//!   separately, and without it the body waits ~40 ms for the client's delayed ACK on a
+//!   keep-alive connection. axum 0.8: `axum::serve(listener.tap_io(|tcp| { let _ =
+//!   tcp.set_nodelay(true); }), app)` (`use axum::serve::ListenerExt`); hyper:
+//!   `stream.set_nodelay(true)` after `accept()`.
 //! - tonic: `Server::builder().layer(layer)` (see `examples/tonic.rs`). tonic puts the peer
 //!   address in its own `TcpConnectInfo` extension; for [`key::client_ip`] read it with
 //!   `client_ip().peer_from(|ext| ext.get::<TcpConnectInfo>()?.remote_addr().map(|a| a.ip()))`.

@@ -13,6 +13,14 @@ mod support;
 #[path = "gateway/hardening.rs"]
 mod hardening;
 
+// No delayed-ACK stalls, HTTP/2 (h2c).
+#[path = "gateway/wire.rs"]
+mod wire;
+
+// The command line: --check-config, environment variables, --version.
+#[path = "gateway/cli.rs"]
+mod cli;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -132,12 +140,19 @@ impl Gateway {
     /// Starts the gateway with `args` (plus `--listen 127.0.0.1:0` unless given) and waits
     /// for the address it prints.
     fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Gateway::start`] with environment variables (no `--listen` is added when `env`
+    /// has `GATEWAY_LISTEN`).
+    fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut all: Vec<&str> = args.to_vec();
-        if !args.contains(&"--listen") {
+        if !args.contains(&"--listen") && !env.iter().any(|(k, _)| *k == "GATEWAY_LISTEN") {
             all.extend(["--listen", "127.0.0.1:0"]);
         }
         let mut child = Command::new(gateway_binary())
             .args(&all)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -257,8 +272,14 @@ impl Drop for Gateway {
 /// Runs the gateway expecting it to stop at once (a configuration error): its exit status
 /// and stderr.
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String, String) {
+    run_to_exit_with_env(args, &[])
+}
+
+/// [`run_to_exit`] with environment variables.
+fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut child = Command::new(gateway_binary())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1192,12 +1213,22 @@ async fn graceful_shutdown_lets_streams_finish() {
 fn help_and_bad_flags() {
     let (code, out, _) = run_to_exit(&["--help"]);
     assert_eq!(code, Some(0));
-    for flag in ["--listen", "--config", "--redis", "--help"] {
+    for flag in [
+        "--listen",
+        "--config",
+        "--redis",
+        "--check-config",
+        "--version",
+        "--help",
+        "GATEWAY_LISTEN",
+        "GATEWAY_CONFIG",
+        "GATEWAY_REDIS",
+    ] {
         assert!(out.contains(flag), "{flag} not in:\n{out}");
     }
     let cases: &[(&[&str], &str)] = &[
-        (&["--bogus"], "unknown flag `--bogus`"),
-        (&["--listen"], "`--listen` needs a value"),
+        (&["--bogus"], "unexpected argument '--bogus'"),
+        (&["--listen"], "a value is required for '--listen <ADDR>'"),
         (
             &["--listen", "nowhere"],
             "--listen: \"nowhere\" is not an IP address and port",
@@ -1206,8 +1237,12 @@ fn help_and_bad_flags() {
             &["--config", "/nonexistent/gateway.toml"],
             "can't read the file",
         ),
-        (&["--config"], "`--config` needs a value"),
-        (&["extra"], "unexpected argument `extra`"),
+        (&["--config"], "a value is required for '--config <FILE>'"),
+        (&["extra"], "unexpected argument 'extra'"),
+        (
+            &["--listen", ""],
+            "a value is required for '--listen <ADDR>'",
+        ),
     ];
     for (args, want) in cases {
         let (code, _, err) = run_to_exit(args);

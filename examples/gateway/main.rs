@@ -7,25 +7,33 @@
 //! cargo run --release --example gateway                        # 127.0.0.1:8080, mock model
 //! cargo run --release --example gateway -- --config my.toml    # your models, tiers and keys
 //! cargo run --release --features redis --example gateway -- --redis redis://127.0.0.1:6379
+//! cargo run --release --example gateway -- --check-config --config my.toml   # validate only
 //! ```
+//!
+//! Every option has an environment variable (`GATEWAY_LISTEN`, `GATEWAY_CONFIG`,
+//! `GATEWAY_REDIS`); the command line wins over it. `--help` lists them.
 //!
 //! | module | what |
 //! |---|---|
-//! | `main.rs` | flags, start-up, graceful shutdown |
+//! | `main.rs` | start-up, graceful shutdown |
+//! | `cli.rs` | the command line (clap) and its environment variables, `--check-config` |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers, estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
+//! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
 //! | `mock.rs` | the built-in OpenAI-compatible mock model |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules |
 //!
-//! Exit codes: 0 after a clean shutdown, 2 for a bad flag or configuration (the message
-//! names the field), 1 when the gateway can't start (port taken, Redis unreachable).
+//! Exit codes: 0 after a clean shutdown (or a valid `--check-config`), 2 for a bad option or
+//! configuration (the message names the field), 1 when the gateway can't start (port taken,
+//! Redis unreachable).
 
+mod cli;
 mod config;
 mod forward;
 mod limits;
@@ -34,6 +42,7 @@ mod mock;
 mod proxy;
 mod serve;
 mod server;
+mod tcp;
 mod upstream_body;
 
 use std::collections::BTreeMap;
@@ -42,72 +51,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
+use crate::cli::Flags;
 use crate::config::{Config, StoreKind, Upstream};
 use crate::metrics::Metrics;
 use crate::server::{App, ModelRoute};
-
-const USAGE: &str = "\
-An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
-
-Usage: gateway [OPTIONS]
-
-Options:
-  --listen ADDR    Listen on ADDR (default: the config's `listen`, 127.0.0.1:8080)
-  --config FILE    Read the configuration from FILE (TOML; default: the built-in
-                   examples/gateway/gateway.toml)
-  --redis URL      Keep the counters in Redis at URL, shared by every gateway using it
-                   (needs the `redis` feature: cargo run --features redis --example gateway)
-  -h, --help       Print this help
-
-Logs go to stderr, filtered by RUST_LOG (default: info).";
-
-/// What the command line asked for.
-#[derive(Debug, Default)]
-struct Flags {
-    listen: Option<String>,
-    config: Option<String>,
-    redis: Option<String>,
-    help: bool,
-}
-
-fn parse_flags(args: impl IntoIterator<Item = String>) -> Result<Flags, String> {
-    let mut flags = Flags::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            flags.help = true;
-            continue;
-        }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let slot = match name.as_str() {
-            "--listen" => &mut flags.listen,
-            "--config" => &mut flags.config,
-            "--redis" => &mut flags.redis,
-            _ if name.starts_with('-') => return Err(format!("unknown flag `{name}`")),
-            _ => return Err(format!("unexpected argument `{arg}`")),
-        };
-        let value = match inline {
-            Some(v) => v,
-            None => args
-                .next()
-                .filter(|v| !v.starts_with("--"))
-                .ok_or_else(|| format!("`{name}` needs a value"))?,
-        };
-        if value.is_empty() {
-            return Err(format!("`{name}` needs a value"));
-        }
-        if slot.replace(value).is_some() {
-            return Err(format!("`{name}` is given twice"));
-        }
-    }
-    Ok(flags)
-}
 
 /// Why the gateway stopped.
 enum Failure {
@@ -118,22 +69,16 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
-    let flags = match parse_flags(std::env::args().skip(1)) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("gateway: {e}\nRun with --help for the usage.");
-            return ExitCode::from(2);
-        }
-    };
-    if flags.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
+    // A bad option prints clap's message and exits with 2; --help and --version exit with 0.
+    let flags = Flags::parse();
+    if flags.check_config {
+        return cli::check_config(&flags);
     }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let (cfg, builtin) = match load(&flags) {
+    let (cfg, builtin) = match cli::load(&flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: bad configuration:\n{e}");
@@ -163,58 +108,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads, overrides and validates the configuration. True when it is the built-in one.
-fn load(flags: &Flags) -> Result<(Config, bool), String> {
-    let (mut cfg, source) = match &flags.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--config {path}: can't read the file: {e}"))?;
-            (
-                Config::parse(&text, path).map_err(|e| e.to_string())?,
-                path.clone(),
-            )
-        }
-        None => (
-            Config::parse(config::DEFAULT_TOML, "built-in gateway.toml")
-                .map_err(|e| e.to_string())?,
-            "built-in gateway.toml".to_owned(),
-        ),
-    };
-    let mut overrides = Vec::new();
-    if let Some(listen) = &flags.listen {
-        if listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "--listen: {listen:?} is not an IP address and port (e.g. 127.0.0.1:8080)"
-            ));
-        }
-        cfg.listen = listen.clone();
-        overrides.push("--listen");
-    }
-    if let Some(url) = &flags.redis {
-        cfg.store.kind = StoreKind::Redis;
-        cfg.store.url = Some(url.clone());
-        overrides.push("--redis");
-    }
-    if cfg.store.kind == StoreKind::Redis && !cfg!(feature = "redis") {
-        let what = if flags.redis.is_some() {
-            "--redis"
-        } else {
-            "field `store.kind`: \"redis\""
-        };
-        return Err(format!(
-            "{what} needs the `redis` feature: \
-             cargo run --release --features redis --example gateway -- ..."
-        ));
-    }
-    cfg.validate().map_err(|e| {
-        let with = if overrides.is_empty() {
-            String::new()
-        } else {
-            format!(" with {}", overrides.join(", "))
-        };
-        format!("{source}{with}:\n{e}")
-    })?;
-    Ok((cfg, flags.config.is_none()))
+/// What the library says of the rules the configuration makes, built on a throwaway memory
+/// store (nothing is connected to).
+pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
+    let callers = limits::callers(cfg);
+    limits::layer(cfg, &callers, limits::Store::memory(cfg), &Metrics::new())
+        .err()
+        .map(|e| format!("rate-limit rules: {e}"))
+}
+
+/// The `Authorization` header the gateway sends to a model's upstream, if it has a key.
+pub(crate) fn upstream_auth(
+    name: &str,
+    m: &config::ModelConfig,
+) -> Result<Option<HeaderValue>, String> {
+    m.upstream_key()
+        .map(|k| {
+            HeaderValue::try_from(format!("Bearer {k}"))
+                .map_err(|_| format!("field `models.{name}.api_key`: not a valid header value"))
+        })
+        .transpose()
 }
 
 async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
@@ -222,8 +135,9 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
     let callers = limits::callers(&cfg);
     // Check the rules on a throwaway memory store before connecting to anything, so that
     // configuration errors come first.
-    limits::layer(&cfg, &callers, limits::Store::memory(&cfg), &Metrics::new())
-        .map_err(|e| Failure::Config(format!("rate-limit rules: {e}")))?;
+    if let Some(problem) = rule_problems(&cfg) {
+        return Err(Failure::Config(problem));
+    }
     let store = match cfg.store.kind {
         StoreKind::Memory => limits::Store::memory(&cfg),
         #[cfg(feature = "redis")]
@@ -256,14 +170,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
                 (origin.to_owned(), format!("{path}/v1"))
             }
         };
-        let api_key = match m.upstream_key() {
-            Some(k) => Some(HeaderValue::try_from(format!("Bearer {k}")).map_err(|_| {
-                Failure::Config(format!(
-                    "field `models.{name}.api_key`: not a valid header value"
-                ))
-            })?),
-            None => None,
-        };
+        let api_key = upstream_auth(name, m).map_err(Failure::Config)?;
         routes.insert(
             name.clone(),
             Arc::new(ModelRoute {

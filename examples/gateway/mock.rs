@@ -19,6 +19,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use http::{header, StatusCode};
 use http_body::Frame;
@@ -58,6 +59,13 @@ struct Mock {
 pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, SocketAddr)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // Each SSE event is a write of its own: without TCP_NODELAY, an event that follows an
+    // unacknowledged one waits for the gateway's delayed ACK (up to 40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
+    });
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))

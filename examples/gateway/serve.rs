@@ -1,7 +1,16 @@
-//! Accepting and serving the clients' connections, bounded: HTTP/1.1 with a deadline for
-//! each request's headers, at most `max_connections` connections at once, and a graceful
+//! Accepting and serving the clients' connections, bounded: HTTP/1.1 and cleartext HTTP/2
+//! (h2c, prior knowledge: told apart by the HTTP/2 connection preface), a deadline for each
+//! HTTP/1 request's headers, at most `max_connections` connections at once, and a graceful
 //! shutdown.
 //!
+//! - Every accepted socket has `TCP_NODELAY` set: hyper writes a response's head and its body
+//!   (or each chunk of a stream) separately, and with Nagle's algorithm the second write waits
+//!   for the client to acknowledge the first, which a client delays by up to 40 ms. It is read
+//!   through `tcp::QuickAck`, so a client that splits its own writes doesn't wait either.
+//! - A client has `header_timeout_secs` to send enough of its first bytes to tell HTTP/1 from
+//!   HTTP/2, or it is disconnected.
+//! - An HTTP/2 connection runs at most [`MAX_STREAMS`] requests at once and is pinged every
+//!   [`PING_INTERVAL`]; one whose peer doesn't answer within `header_timeout_secs` is closed.
 //! - A client that takes longer than `header_timeout_secs` to send a request's headers
 //!   (a slow-headers attack, or an idle keep-alive connection: the clock runs while the
 //!   gateway waits for the next request) is disconnected without an answer.
@@ -17,11 +26,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+
+use crate::tcp::QuickAck;
+
+/// The most requests one HTTP/2 connection runs at once (nginx's default), so that
+/// `max_connections` still bounds the work in flight.
+pub(crate) const MAX_STREAMS: u32 = 128;
+
+/// How often an idle HTTP/2 connection is pinged, to find peers that went away.
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What a client opening an HTTP/2 connection with prior knowledge sends first (RFC 9113,
+/// section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The bounds of client connections.
 #[derive(Debug, Clone, Copy)]
@@ -65,16 +87,30 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop_rx.clone();
         let running = running_rx.clone();
         tokio::spawn(async move {
-            let mut builder = http1::Builder::new();
+            match tokio::time::timeout(limits.header_timeout, protocol_known(&stream)).await {
+                Ok(Ok(true)) => {}
+                // Closed, failed, or too slow to say which protocol it speaks.
+                Ok(Ok(false) | Err(_)) | Err(_) => return,
+            }
+            let mut builder = auto::Builder::new(TokioExecutor::new());
             builder
+                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(PING_INTERVAL)
+                .keep_alive_timeout(limits.header_timeout);
+            let conn = builder.serve_connection(QuickAck::new(TokioIo::new(stream)), service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -94,4 +130,21 @@ pub(crate) async fn serve(
     let _ = stop_tx.send(());
     drop(running_rx);
     running_tx.closed().await;
+}
+
+/// Waits until the client has sent enough to tell HTTP/1 from HTTP/2's preface (hyper-util's
+/// detection has no deadline of its own). False when the client closed the connection first.
+async fn protocol_known(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if n == first.len() || first[..n] != H2_PREFACE[..n] {
+            return Ok(true);
+        }
+        // Part of the preface so far; `peek` would return at once with the same bytes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

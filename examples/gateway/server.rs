@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use http::{header, HeaderValue, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
@@ -31,6 +30,7 @@ use crate::forward::Forward;
 use crate::limits::{self, Callers};
 use crate::metrics::Metrics;
 use crate::proxy::{self, error};
+use crate::tcp;
 
 /// Where one model's requests go.
 #[derive(Debug)]
@@ -52,7 +52,7 @@ pub(crate) struct App {
     pub(crate) models: BTreeMap<String, Arc<ModelRoute>>,
     pub(crate) layer: RateLimitLayer,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) client: Client<HttpConnector, Body>,
+    pub(crate) client: Client<tcp::Connector, Body>,
     pub(crate) max_body_bytes: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) forward: Forward,
@@ -66,11 +66,9 @@ impl App {
         layer: RateLimitLayer,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(tcp::connector());
         Self {
             callers,
             models: routes,
