@@ -10,8 +10,8 @@
 //! | what happened | token rules | request rules | concurrency slots |
 //! |---|---|---|---|
 //! | body ended with `usage` | charged the reported usage (refund or extra charge, even past the limit: the tokens were spent) | kept | released |
-//! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
-//! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
+//! | body ended or dropped without `usage` (a gRPC error status after response messages included) | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
+//! | upstream error (HTTP >= 400, gRPC status != 0 before any response message, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
 //! | error response marked [`KeepTokens`] (a gateway's 504: the upstream may have generated the tokens) | reservation kept | as for an upstream error | released |
 //! | request dropped before a response (client gone), even while the store was still deciding (the decision is then awaited in the background) | reservation kept | kept | released |
 //!
@@ -219,11 +219,16 @@ impl Settle {
         }
     }
 
-    /// Trailers went past (gRPC reports its status there).
+    /// Trailers went past (gRPC reports its status there). An error status after response
+    /// messages ends an answer the caller has had, at least in part: it settles as the end
+    /// of the body (not a failure), or a client could end its streams with an error of its
+    /// choosing (`grpc-timeout` just before the last message) to have every streamed token
+    /// refunded and its retry made free.
     pub(crate) fn on_trailers(&mut self, trailers: &HeaderMap) {
-        if trailers
-            .get(&GRPC_STATUS)
-            .is_some_and(|v| v.as_bytes() != b"0")
+        if self.streamed == 0
+            && trailers
+                .get(&GRPC_STATUS)
+                .is_some_and(|v| v.as_bytes() != b"0")
         {
             self.finish(Ending::Failed { keep_tokens: false });
         }
