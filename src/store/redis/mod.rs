@@ -89,10 +89,14 @@ mod breaker;
 mod builder;
 mod keys;
 mod release;
+mod reply;
 mod script;
 
 pub use self::builder::RedisStoreBuilder;
 use self::release::Releases;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub use self::reply::fuzz_acquire_replies;
 use self::script::{
     may_have_run, put_f64, Call, ACTUAL_AT, AMOUNT_AT, HEADER, PLACEMENT_AT, RECORD, SCRIPT,
 };
@@ -108,8 +112,8 @@ use redis::Script;
 
 use self::breaker::Breaker;
 use super::{
-    Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey,
-    MemoryStore, Placement, Snapshot, Store, StoreError, StoreFuture,
+    Adjustment, BucketKey, Charge, ChargeStates, Decision, Denial, IdempotencyKey, MemoryStore,
+    Placement, Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::clock::Clock;
 use crate::rule::{Algorithm, Quota};
@@ -283,15 +287,6 @@ impl RedisStore {
     }
 }
 
-/// A snapshot from the script's microseconds.
-fn snapshot(limit: i64, remaining: i64, reset_us: i64) -> Snapshot {
-    Snapshot {
-        limit: limit.max(0) as u64,
-        remaining: remaining.max(0) as u64,
-        reset_after_nanos: (reset_us.max(0) as u64).saturating_mul(1_000),
-    }
-}
-
 impl RedisStore {
     fn acquire_inner(
         &self,
@@ -344,7 +339,16 @@ impl RedisStore {
         let n = charges.len();
         StoreFuture::pending(async move {
             let n_calls = calls.len();
-            let results = inner.run_all(calls).await;
+            // A reply that doesn't fit its call is the call's error.
+            let results: Vec<_> = inner
+                .run_all(calls)
+                .await
+                .into_iter()
+                .map(|(call, r)| {
+                    let r = r.and_then(|reply| reply::check_acquire(reply, call.members.len()));
+                    (call, r)
+                })
+                .collect();
             if results.len() != n_calls {
                 // A call's task panicked or was cancelled: its slot's answer is unknown.
                 refund_admitted(&inner, &results).await;
@@ -365,49 +369,18 @@ impl RedisStore {
                     None => Err(e),
                 };
             }
-            let mut states = ChargeStates::filled(n);
-            let mut denial: Option<(usize, i64)> = None;
-            let mut free_retry = false;
-            for (call, reply) in &results {
-                let reply = reply.as_ref().map_err(Clone::clone)?;
-                if reply.len() != 2 + 4 * call.members.len() {
-                    return Err(StoreError::Backend(format!(
-                        "unexpected script reply of {} values",
-                        reply.len()
-                    )));
-                }
-                for (j, &i) in call.members.iter().enumerate() {
-                    let r = &reply[2 + 4 * j..6 + 4 * j];
-                    states[i] = ChargeState {
-                        snapshot: snapshot(r[0], r[1], r[2]),
-                        placement: Placement(r[3].max(0) as u64),
-                    };
-                }
-                free_retry |= reply[0] == -3;
-                if reply[0] >= 0 {
-                    let index = call.members[reply[0] as usize];
-                    let retry = reply[1];
-                    let worse = match denial {
-                        None => true,
-                        Some((_, -2)) => false,
-                        Some((_, prev)) => retry == -2 || retry > prev,
-                    };
-                    if worse {
-                        denial = Some((index, retry));
-                    }
-                }
-            }
-            if denial.is_some() {
+            let decision = reply::decision(
+                n,
+                results.iter().filter_map(|(call, r)| {
+                    r.as_ref()
+                        .ok()
+                        .map(|reply| (call.members.as_slice(), reply.as_slice()))
+                }),
+            );
+            if decision.denial.is_some() {
                 refund_admitted(&inner, &results).await;
             }
-            Ok(Decision {
-                denial: denial.map(|(index, retry)| Denial {
-                    index,
-                    retry_after: (retry >= 0).then(|| Duration::from_micros(retry as u64)),
-                }),
-                charges: states,
-                free_retry: free_retry && denial.is_none(),
-            })
+            Ok(decision)
         })
     }
 }
@@ -575,7 +548,9 @@ impl Store for RedisStore {
         StoreFuture::pending(async move {
             let mut results = inner.run_all(calls).await;
             match results.pop().map(|(_, r)| r) {
-                Some(Ok(reply)) if reply.len() >= 6 => Ok(snapshot(reply[2], reply[3], reply[4])),
+                Some(Ok(reply)) if reply.len() >= 6 => {
+                    Ok(reply::snapshot(reply[2], reply[3], reply[4]))
+                }
                 Some(Ok(reply)) => Err(StoreError::Backend(format!(
                     "unexpected script reply of {} values",
                     reply.len()

@@ -225,7 +225,7 @@ impl Inner {
                 )))),
             },
         };
-        let error = match result.map(|r| r.map(|v| decode_reply(&v))) {
+        let error = match result.map(|r| r.map(|v| super::reply::decode(&v))) {
             Ok(Ok(Ok(reply))) => {
                 self.breaker.success();
                 return Ok(reply);
@@ -406,30 +406,5 @@ pub(super) fn functions_unavailable(e: &redis::RedisError) -> bool {
             })
         }
         _ => false,
-    }
-}
-
-/// The script's reply as integers: a string of little-endian doubles (acquire, peek), or an
-/// array of integers (settle).
-pub(super) fn decode_reply(v: &redis::Value) -> redis::RedisResult<Vec<i64>> {
-    match v {
-        redis::Value::BulkString(bytes) if bytes.len() % 8 == 0 => Ok(bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64)
-            .collect()),
-        redis::Value::Array(items) if items.iter().all(|i| matches!(i, redis::Value::Int(_))) => {
-            Ok(items
-                .iter()
-                .map(|i| match i {
-                    redis::Value::Int(n) => *n,
-                    _ => 0,
-                })
-                .collect())
-        }
-        other => Err(redis::RedisError::from((
-            redis::ErrorKind::Parse,
-            "unexpected script reply",
-            format!("{other:?}"),
-        ))),
     }
 }
