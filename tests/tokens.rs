@@ -529,6 +529,36 @@ async fn streaming_requests_can_ask_for_usage() {
     );
 }
 
+/// A streaming request admitted with the fallback cost (its body too large to read, so no
+/// `stream_options` could be added) whose stream carries no `usage`: the fallback says
+/// nothing of this request, so what streamed is charged when it is more. Otherwise a caller
+/// would pad a streaming request past `max_inspect_bytes` (whitespace costs no tokens) and
+/// pay the fallback for any length of answer.
+#[tokio::test]
+async fn a_fallback_admission_without_usage_is_charged_what_streamed() {
+    let layer = tpm_layer()
+        .max_inspect_bytes(64)
+        .on_unusable_body(BodyPolicy::Fallback)
+        .fallback_cost(tower_llm_ratelimit::cost::Cost::tokens_of(10))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let padded = format!(r#"{{"stream":true,"max_tokens":9000{}}}"#, " ".repeat(100));
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], padded).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let streamed = r.body.len() as u64;
+    assert!(streamed > 200, "{streamed}");
+    // The fallback's 10 input tokens, and the stream at 4 bytes a token.
+    remaining_eventually(&s.layer, 0, 10_000 - 10 - streamed.div_ceil(4)).await;
+
+    // A readable body keeps its reservation (the default `MissingUsage`), as before.
+    let layer = tpm_layer().build().unwrap();
+    let s = serve(layer).await;
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], chat(5)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    remaining_eventually(&s.layer, 0, 10_000 - 5).await;
+}
+
 /// A chunked request (no `content-length`) whose body the layer rewrites reaches the inner
 /// service with one framing: the new `content-length`, and no `transfer-encoding` beside it
 /// (both together is a request a proxy forwarding the headers would send ambiguously framed,
