@@ -150,7 +150,7 @@ impl Gateway {
         if !args.contains(&"--listen") && !env.iter().any(|(k, _)| *k == "GATEWAY_LISTEN") {
             all.extend(["--listen", "127.0.0.1:0"]);
         }
-        let mut child = Command::new(gateway_binary())
+        let mut child = gateway_command()
             .args(&all)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
@@ -275,9 +275,19 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String, String) {
     run_to_exit_with_env(args, &[])
 }
 
+/// The gateway binary, with the `GATEWAY_*` variables of the environment the tests run in
+/// removed: each test sets the ones it means to.
+fn gateway_command() -> Command {
+    let mut cmd = Command::new(gateway_binary());
+    for var in ["GATEWAY_LISTEN", "GATEWAY_CONFIG", "GATEWAY_REDIS"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// [`run_to_exit`] with environment variables.
 fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(gateway_binary())
+    let mut child = gateway_command()
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

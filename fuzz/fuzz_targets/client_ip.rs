@@ -1,7 +1,11 @@
 //! The client-IP extractor behind a trusted proxy, on arbitrary forwarding headers: never
-//! panics, an untrusted peer is always keyed as itself whatever it sends, and the answer
-//! depends on the headers alone (the same request gives the same key).
+//! panics, an untrusted peer is always keyed as itself whatever it sends, the answer depends
+//! on the headers alone (the same request gives the same key), and the address the proxy
+//! appended last to `X-Forwarded-For` is the key whatever stands before it (or in a
+//! `Forwarded` header, which this proxy doesn't write).
 #![no_main]
+
+use std::net::Ipv4Addr;
 
 use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
@@ -40,6 +44,24 @@ fuzz_target!(|data: &[u8]| {
     let b = extractor.extract(&RequestView::from_request(&from_proxy));
     assert_eq!(a, b, "the same request keys the same");
     assert!(a.is_some(), "a request with a peer address always has a key");
+
+    // The element the proxy appended: the last non-empty one, if it is a plain address
+    // outside the trusted network.
+    let appended = xff
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .rfind(|e| !e.is_empty())
+        .and_then(|last| std::str::from_utf8(last).ok()?.parse::<Ipv4Addr>().ok())
+        .filter(|ip| ip.octets()[0] != 10);
+    if flags & 1 != 0 && HeaderValue::from_bytes(xff).is_ok() {
+        if let Some(ip) = appended {
+            assert_eq!(
+                a.as_ref().map(|k| k.to_string()),
+                Some(ip.to_string()),
+                "the client the proxy saw is the key"
+            );
+        }
+    }
 
     let from_stranger = request(STRANGER);
     let key = extractor.extract(&RequestView::from_request(&from_stranger));
