@@ -31,7 +31,9 @@ pub enum BodyPolicy {
     #[default]
     Reject,
     /// Admit with the layer's fallback cost
-    /// ([`crate::RateLimitLayerBuilder::fallback_cost`]). A rule keyed by the body charges
+    /// ([`crate::RateLimitLayerBuilder::fallback_cost`]); an answer without `usage` then pays
+    /// what streamed when that is more ([`crate::settle::MissingUsage`]), since no
+    /// `stream_options` could be added to a body the layer didn't read. A rule keyed by the body charges
     /// its shared bucket ([`crate::rule::MissingKey::Shared`]'s) when its policy is
     /// [`Skip`](crate::rule::MissingKey::Skip) or [`Shared`](crate::rule::MissingKey::Shared),
     /// and refuses the request (413 / 400) when it is

@@ -37,6 +37,8 @@ pub(crate) struct Plan {
     idempotency: Option<IdempotencyKey>,
     charges: Vec<Planned>,
     estimate: Cost,
+    /// The estimate is the layer's fallback cost (the body could not be read or parsed).
+    fallback: bool,
     model: Option<String>,
 }
 
@@ -159,10 +161,16 @@ impl Shared {
             }
             _ => None,
         };
+        // The estimate is the fallback when an estimator that reads the body met one it can't
+        // use (`estimate` would have refused the request otherwise).
+        let fallback = estimate.is_some()
+            && problem.is_some()
+            && self.cost.as_ref().is_some_and(|c| c.needs_body());
         Ok(Plan {
             tier,
             idempotency,
             charges,
+            fallback,
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
         })
@@ -361,6 +369,7 @@ pub(crate) fn conclude(
                 Arc::clone(shared),
                 pending,
                 plan.estimate,
+                plan.fallback,
                 plan.model,
                 shared
                     .observes_settlements

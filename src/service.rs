@@ -235,6 +235,10 @@ impl<S> RateLimit<S> {
             };
             if stream_usage {
                 if let Some(new) = with_stream_usage(&bytes) {
+                    // Framed by its new length alone: a chunked request keeping its
+                    // `transfer-encoding` beside it would reach a proxy ambiguously framed
+                    // (RFC 9112 section 6.3).
+                    parts.headers.remove(http::header::TRANSFER_ENCODING);
                     parts
                         .headers
                         .insert(http::header::CONTENT_LENGTH, HeaderValue::from(new.len()));

@@ -10,8 +10,8 @@
 //! | what happened | token rules | request rules | concurrency slots |
 //! |---|---|---|---|
 //! | body ended with `usage` | charged the reported usage (refund or extra charge, even past the limit: the tokens were spent) | kept | released |
-//! | body ended or dropped without `usage` | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed | kept | released |
-//! | upstream error (HTTP >= 400, gRPC status != 0, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
+//! | body ended or dropped without `usage` (a gRPC error status after response messages included) | [`MissingUsage`]: reservation kept (default) or an estimate of what streamed; a request charged the fallback cost ([`crate::BodyPolicy::Fallback`]) keeps it or pays what streamed, whichever is more | kept | released |
+//! | upstream error (HTTP >= 400, gRPC status != 0 before any response message, inner service error) | refunded | kept, or refunded with [`crate::RateLimitLayerBuilder::count_failed_requests`]`(false)` | released |
 //! | error response marked [`KeepTokens`] (a gateway's 504: the upstream may have generated the tokens) | reservation kept | as for an upstream error | released |
 //! | request dropped before a response (client gone), even while the store was still deciding (the decision is then awaited in the background) | reservation kept | kept | released |
 //!
@@ -47,6 +47,9 @@ use crate::tier::Tier;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingUsage {
     /// Keep the estimate charged before admission. The default (the conservative side).
+    /// A request admitted with the fallback cost ([`crate::BodyPolicy::Fallback`]: its body
+    /// could not be read) is no estimate of it: it keeps that cost, or pays the estimate of
+    /// what streamed ([`MissingUsage::EstimateStreamed`]) when that is more.
     #[default]
     KeepReservation,
     /// Charge the input estimate plus an estimate of the output from the bytes streamed to
@@ -108,6 +111,8 @@ pub(crate) struct Settle {
     shared: Arc<Shared>,
     charges: Vec<Pending>,
     estimate: Cost,
+    /// `estimate` is the layer's fallback cost, not an estimate of this request.
+    fallback: bool,
     model: Option<String>,
     /// The caller's tier, kept for the observer only.
     tier: Option<Tier>,
@@ -141,6 +146,7 @@ impl Settle {
         shared: Arc<Shared>,
         charges: Vec<Pending>,
         estimate: Cost,
+        fallback: bool,
         model: Option<String>,
         tier: Option<Tier>,
         idempotency: Option<IdempotencyKey>,
@@ -149,6 +155,7 @@ impl Settle {
             shared,
             charges,
             estimate,
+            fallback,
             model,
             tier,
             idempotency,
@@ -219,11 +226,16 @@ impl Settle {
         }
     }
 
-    /// Trailers went past (gRPC reports its status there).
+    /// Trailers went past (gRPC reports its status there). An error status after response
+    /// messages ends an answer the caller has had, at least in part: it settles as the end
+    /// of the body (not a failure), or a client could end its streams with an error of its
+    /// choosing (`grpc-timeout` just before the last message) to have every streamed token
+    /// refunded and its retry made free.
     pub(crate) fn on_trailers(&mut self, trailers: &HeaderMap) {
-        if trailers
-            .get(&GRPC_STATUS)
-            .is_some_and(|v| v.as_bytes() != b"0")
+        if self.streamed == 0
+            && trailers
+                .get(&GRPC_STATUS)
+                .is_some_and(|v| v.as_bytes() != b"0")
         {
             self.finish(Ending::Failed { keep_tokens: false });
         }
@@ -245,15 +257,24 @@ impl Settle {
         let (input, output) = match ending {
             Ending::Failed { keep_tokens: false } => return 0,
             Ending::Failed { keep_tokens: true } | Ending::Dropped => return charged,
-            Ending::NoUsage { .. }
-                if self.shared.missing_usage == MissingUsage::KeepReservation =>
-            {
-                return charged
+            Ending::NoUsage { .. } if self.keeps_reservation() && !self.fallback => return charged,
+            Ending::NoUsage { streamed } => {
+                let streamed = self.weigh(
+                    unit,
+                    (
+                        self.estimate.input_tokens(),
+                        streamed.div_ceil(BYTES_PER_STREAMED_TOKEN),
+                    ),
+                );
+                // The fallback cost says nothing of this request (a streaming request padded
+                // past `max_inspect_bytes` would pay it for any length of answer): kept, or
+                // what streamed when that is more.
+                return if self.keeps_reservation() {
+                    streamed.max(charged)
+                } else {
+                    streamed
+                };
             }
-            Ending::NoUsage { streamed } => (
-                self.estimate.input_tokens(),
-                streamed.div_ceil(BYTES_PER_STREAMED_TOKEN),
-            ),
             Ending::Usage(u) => {
                 if unit == Unit::Tokens {
                     return u.total_tokens;
@@ -261,6 +282,15 @@ impl Settle {
                 (u.input_tokens, u.output_tokens)
             }
         };
+        self.weigh(unit, (input, output))
+    }
+
+    fn keeps_reservation(&self) -> bool {
+        self.shared.missing_usage == MissingUsage::KeepReservation
+    }
+
+    /// `unit`'s amount of `input` and `output` tokens.
+    fn weigh(&self, unit: Unit, (input, output): (u64, u64)) -> u64 {
         match unit {
             Unit::InputTokens => input,
             Unit::OutputTokens => output,

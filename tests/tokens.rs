@@ -52,7 +52,7 @@ struct Upstream {
 
 /// The upstream: answers like an OpenAI-compatible server. The request's test headers pick
 /// the behaviour: `x-mode` (`json`, `sse`, `sse-no-usage`, `error`, `timeout` (a 504 marked
-/// [`KeepTokens`]), `echo`), `x-usage`
+/// [`KeepTokens`]), `echo`, `framing` (the request's framing headers)), `x-usage`
 /// (`prompt,completion`), `x-chunk` (bytes per SSE chunk), `x-hold` (wait at the gate).
 async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Response<AxumBody> {
     let (mode, usage, chunk, hold) = {
@@ -88,6 +88,20 @@ async fn upstream(State(up): State<Upstream>, req: Request<AxumBody>) -> Respons
         "echo" => {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             Response::new(AxumBody::from(body))
+        }
+        "framing" => {
+            // The framing headers the upstream got, and the length of the body it read.
+            let (te, cl) = {
+                let h = |name| {
+                    req.headers()
+                        .get(name)
+                        .map_or("-", |v| v.to_str().unwrap_or("?"))
+                        .to_owned()
+                };
+                (h("transfer-encoding"), h("content-length"))
+            };
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(AxumBody::from(format!("{te}|{cl}|{}", body.len())))
         }
         "json" | "json-gzip" => {
             let body = format!(
@@ -512,6 +526,76 @@ async fn streaming_requests_can_ask_for_usage() {
     assert_eq!(
         std::str::from_utf8(&r.body).unwrap(),
         r#"{"stream":true,"max_tokens":5,"stream_options":{"include_usage":true,"z":1},"messages":[]}"#
+    );
+}
+
+/// A streaming request admitted with the fallback cost (its body too large to read, so no
+/// `stream_options` could be added) whose stream carries no `usage`: the fallback says
+/// nothing of this request, so what streamed is charged when it is more. Otherwise a caller
+/// would pad a streaming request past `max_inspect_bytes` (whitespace costs no tokens) and
+/// pay the fallback for any length of answer.
+#[tokio::test]
+async fn a_fallback_admission_without_usage_is_charged_what_streamed() {
+    let layer = tpm_layer()
+        .max_inspect_bytes(64)
+        .on_unusable_body(BodyPolicy::Fallback)
+        .fallback_cost(tower_llm_ratelimit::cost::Cost::tokens_of(10))
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let padded = format!(r#"{{"stream":true,"max_tokens":9000{}}}"#, " ".repeat(100));
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], padded).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let streamed = r.body.len() as u64;
+    assert!(streamed > 200, "{streamed}");
+    // The fallback's 10 input tokens, and the stream at 4 bytes a token.
+    remaining_eventually(&s.layer, 0, 10_000 - 10 - streamed.div_ceil(4)).await;
+
+    // A readable body keeps its reservation (the default `MissingUsage`), as before.
+    let layer = tpm_layer().build().unwrap();
+    let s = serve(layer).await;
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], chat(5)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    remaining_eventually(&s.layer, 0, 10_000 - 5).await;
+}
+
+/// A chunked request (no `content-length`) whose body the layer rewrites reaches the inner
+/// service with one framing: the new `content-length`, and no `transfer-encoding` beside it
+/// (both together is a request a proxy forwarding the headers would send ambiguously framed,
+/// RFC 9112 section 6.3).
+#[tokio::test]
+async fn a_rewritten_chunked_body_is_framed_by_its_new_length_alone() {
+    let layer = tpm_layer().request_usage_in_streams(true).build().unwrap();
+    let s = serve(layer).await;
+    let stream = TcpStream::connect(s.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = r#"{"max_tokens":5,"stream":true,"messages":[]}"#;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(Bytes::from_static(body.as_bytes())).await.unwrap();
+    drop(tx);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", "test")
+        .header("x-mode", "framing")
+        .body(ChannelBody(rx))
+        .unwrap();
+    let res = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response timed out")
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let got = tokio::time::timeout(WAIT, res.into_body().collect())
+        .await
+        .expect("body timed out")
+        .unwrap()
+        .to_bytes();
+    let new_len = body.len() + r#""stream_options":{"include_usage":true},"#.len();
+    assert_eq!(
+        std::str::from_utf8(&got).unwrap(),
+        format!("-|{new_len}|{new_len}")
     );
 }
 

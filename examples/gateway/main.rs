@@ -36,6 +36,7 @@
 mod cli;
 mod config;
 mod forward;
+mod idle;
 mod limits;
 mod metrics;
 mod mock;

@@ -11,6 +11,10 @@
 //!   HTTP/2, or it is disconnected.
 //! - An HTTP/2 connection runs at most [`MAX_STREAMS`] requests at once and is pinged every
 //!   [`PING_INTERVAL`]; one whose peer doesn't answer within `header_timeout_secs` is closed.
+//!   One with no request in flight for `header_timeout_secs` is closed too (`GOAWAY`), as an
+//!   idle HTTP/1 keep-alive connection is: a client answers pings by itself, so an idle
+//!   HTTP/2 connection (or one whose request headers never end) would otherwise hold its
+//!   `max_connections` slot for good (`idle.rs`).
 //! - A client that takes longer than `header_timeout_secs` to send a request's headers
 //!   (a slow-headers attack, or an idle keep-alive connection: the clock runs while the
 //!   gateway waits for the next request) is disconnected without an answer.
@@ -32,6 +36,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::idle::{Activity, Tracked};
 use crate::tcp::QuickAck;
 
 /// The most requests one HTTP/2 connection runs at once (nginx's default), so that
@@ -90,7 +95,23 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY failed");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let activity = Activity::new();
+        let service = {
+            let router = router.clone();
+            let activity = Arc::clone(&activity);
+            TowerToHyperService::new(tower::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let in_flight = activity.begin();
+                    let answer = tower::ServiceExt::oneshot(router.clone(), req);
+                    async move {
+                        let res: axum::response::Response = answer.await?;
+                        Ok::<_, std::convert::Infallible>(
+                            res.map(|b| axum::body::Body::new(Tracked::new(b, in_flight))),
+                        )
+                    }
+                },
+            ))
+        };
         let mut stop = stop_rx.clone();
         let running = running_rx.clone();
         tokio::spawn(async move {
@@ -112,11 +133,19 @@ pub(crate) async fn serve(
                 .keep_alive_timeout(limits.header_timeout);
             let conn = builder.serve_connection(QuickAck::new(TokioIo::new(stream)), service);
             tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = stop.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    () = tokio::time::sleep(limits.header_timeout) => {
+                        if activity.idle_for(limits.header_timeout) {
+                            conn.as_mut().graceful_shutdown();
+                            break conn.await;
+                        }
+                    }
                 }
             };
             if let Err(e) = result {

@@ -150,8 +150,12 @@ impl RateLimitLayerBuilder {
         self
     }
 
-    /// Whether requests the upstream failed (HTTP >= 400, gRPC error, service error) still
-    /// count against request rules (default `true`). Their token charges are always refunded.
+    /// Whether requests the upstream failed (HTTP >= 400, gRPC error before any response
+    /// message, service error) still count against request rules (default `true`). Their
+    /// token charges are refunded, unless the error response carries
+    /// [`KeepTokens`](crate::settle::KeepTokens). A failed attempt of a request carrying the
+    /// [`idempotency_header`](Self::idempotency_header) stays counted whatever this says
+    /// (its retry goes free instead).
     pub fn count_failed_requests(mut self, count: bool) -> Self {
         self.count_failed_requests = count;
         self
@@ -169,8 +173,8 @@ impl RateLimitLayerBuilder {
 
     /// Lets a client's retry after a failure go uncounted a second time on request rules:
     /// a request carrying header `name` (e.g. `x-request-id`) whose earlier attempt with the
-    /// same value failed (HTTP >= 400, gRPC error, service error, or cut off before its
-    /// response began) is free on request rules, at most
+    /// same value failed (HTTP >= 400, gRPC error before any response message, service
+    /// error, or cut off before its response began) is free on request rules, at most
     /// [`MAX_FREE_RETRIES`](crate::store::MAX_FREE_RETRIES) times in a row. Nothing more:
     /// a repeat of a request that succeeded or is still in flight, or with another body,
     /// method, path or caller, is charged like a new request; every attempt takes its own

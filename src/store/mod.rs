@@ -31,7 +31,7 @@
 //!
 //! | earlier attempt with this key | request rules | token rules | concurrency rules |
 //! |---|---|---|---|
-//! | failed: HTTP >= 400, gRPC error, inner service error | **free** (the failed attempt counted) | estimate charged, settled to this attempt's usage | a slot of its own, released when it ends |
+//! | failed: HTTP >= 400, gRPC error before any response message, inner service error | **free** (the failed attempt counted) | estimate charged, settled to this attempt's usage | a slot of its own, released when it ends |
 //! | cut off before its response began (client gone) | **free** | charged and settled as usual | a slot of its own |
 //! | succeeded, or its response had begun | charged | charged | a slot of its own |
 //! | still in flight | charged | charged | a slot of its own |

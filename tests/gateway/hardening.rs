@@ -421,3 +421,45 @@ fn bad_server_settings_are_named() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_and_frees_its_slot() {
+    // An HTTP/2 client answers the gateway's pings by itself, so only an idle deadline
+    // closes a connection that never sends a request: without one, `max_connections` such
+    // connections would shut everyone else out for good.
+    let (up_server, _up) = start_upstream().await;
+    let cfg = TempConfig::new(&config(
+        &up_server.url(),
+        "",
+        "max_connections = 1\nheader_timeout_secs = 1",
+        "timeout_secs = 5",
+    ));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let idle = within("connecting", TcpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    let (_sender, conn) = within(
+        "the HTTP/2 handshake",
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(idle),
+        ),
+    )
+    .await
+    .unwrap();
+    let idle_conn = tokio::spawn(conn);
+
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n";
+    let mut next = within("connecting", TcpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    next.write_all(HEALTHZ).await.unwrap();
+    read_until(
+        &mut next,
+        br#"{"status":"ok"}"#,
+        "the next connection's answer",
+    )
+    .await;
+    // The idle connection was closed by the gateway (its task ends).
+    let _ = within("the idle HTTP/2 connection to end", idle_conn).await;
+}

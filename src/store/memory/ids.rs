@@ -87,6 +87,10 @@ impl IdTable {
         let mut map = self.lock();
         let expires = now.saturating_add(self.ttl_nanos);
         if let Some(e) = map.get_mut(id) {
+            if e.expires <= now {
+                // Forgotten already (as an expired Redis record): its free retries too.
+                e.free_used = 0;
+            }
             e.failed = true;
             e.expires = expires;
             return;
@@ -170,6 +174,8 @@ impl MemoryStore {
             if let Some(e) = map.get_mut(id) {
                 e.failed = false;
                 e.free_used += 1;
+                // Remembered for a TTL from now, as the Redis store rewrites its record.
+                e.expires = now.saturating_add(ids.ttl_nanos);
             }
         }
         Ok(Decision {
@@ -212,6 +218,52 @@ mod tests {
         let map = table.lock();
         assert!(map.contains_key(&id(2)) && map.contains_key(&id(3)));
         assert!(!map.contains_key(&id(1)));
+    }
+
+    /// Past its TTL an entry is forgotten, its free retries too (as a Redis record that
+    /// expired): a failure of the same request then starts a new entry.
+    #[test]
+    fn an_expired_entry_is_forgotten_with_its_free_retries() {
+        use crate::clock::ManualClock;
+        use crate::rule::Quota;
+        use crate::store::BucketKey;
+
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .idempotency_ttl(Duration::from_secs(10))
+            .build();
+        let rpm = Quota::per_minute(1_000);
+        let bucket = BucketKey::new("rpm", "alice");
+        let charges = [Charge::new(&bucket, &rpm, 1)];
+        let id = IdempotencyKey::from_bytes([7; 16]);
+        let attempt = |store: &MemoryStore| store.try_acquire_once(&charges, &id).unwrap();
+        assert!(!attempt(&store).free_retry);
+        for _ in 0..MAX_FREE_RETRIES {
+            store.fail_attempt_now(&id);
+            assert!(attempt(&store).free_retry);
+        }
+        store.fail_attempt_now(&id);
+        assert!(!attempt(&store).free_retry, "free retries used up");
+        // Long after the entry expired, the same request fails again: a new entry.
+        clock.advance(Duration::from_secs(60));
+        store.fail_attempt_now(&id);
+        assert!(attempt(&store).free_retry);
+
+        // A free retry keeps the entry for a TTL from its own time (the Redis store writes
+        // its record again): its last free retry at 8 s is still remembered at 12 s.
+        let id = IdempotencyKey::from_bytes([8; 16]);
+        let attempt = |store: &MemoryStore| store.try_acquire_once(&charges, &id).unwrap();
+        for _ in 0..MAX_FREE_RETRIES - 1 {
+            store.fail_attempt_now(&id);
+            assert!(attempt(&store).free_retry);
+        }
+        store.fail_attempt_now(&id);
+        clock.advance(Duration::from_secs(8));
+        assert!(attempt(&store).free_retry);
+        clock.advance(Duration::from_secs(4));
+        store.fail_attempt_now(&id);
+        assert!(!attempt(&store).free_retry, "still remembered, used up");
     }
 
     #[test]
