@@ -588,6 +588,41 @@ async fn redis_records_only_failures_and_expire_them() {
     assert_eq!(env.remaining("rpm", "alice").await, 7);
 }
 
+/// An idempotency TTL past what Redis takes (`Duration::MAX`) is clamped: failures are still
+/// recorded, and their retries free.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_a_huge_idempotency_ttl_still_records_failures() {
+    let Some(server) = support::redis::RedisServer::start() else {
+        return;
+    };
+    let clock = ManualClock::new();
+    clock.set(Duration::from_secs(1_000));
+    let store = within(
+        "connecting to redis-server",
+        tower_llm_ratelimit::store::RedisStore::builder(server.url())
+            .prefix("rl")
+            .clock(clock.clone())
+            .timeout(Duration::from_secs(5))
+            .idempotency_ttl(Duration::MAX)
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let env = Env {
+        store: Arc::new(store),
+        clock,
+        _server: Some(Box::new(server)),
+    };
+    let app = env.app(10);
+    assert_eq!(
+        app.send(failing("alice", "r1", BODY, 500)).await.as_u16(),
+        500
+    );
+    assert_eq!(app.send(ok("alice", "r1", BODY)).await, StatusCode::OK);
+    assert_eq!(env.remaining("rpm", "alice").await, 9, "the retry was free");
+}
+
 /// A streamed request body (no `content-length`: gRPC, a chunked upload) is never held back
 /// to digest it: the upstream gets the request while the client still sends, and the
 /// request has no identity (charged).

@@ -12,6 +12,9 @@ use super::{Conn, Inner, LazyCluster, RedisFailure, RedisStore, SCRIPT};
 use crate::clock::Clock;
 use crate::store::{MemoryStore, StoreError};
 
+/// The longest idempotency TTL the store sends to Redis: a year, in milliseconds.
+const MAX_IDEMPOTENCY_TTL_MS: u64 = 365 * 24 * 3_600 * 1_000;
+
 /// Configures a [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
@@ -70,7 +73,7 @@ impl RedisStoreBuilder {
     }
 
     /// How long a failed attempt of an idempotent request is remembered, so that its retry
-    /// is free on request rules (default 120 s; at least 1 ms; see
+    /// is free on request rules (default 120 s; at least 1 ms, at most a year; see
     /// [Idempotent retries](crate::store#idempotent-retries)).
     pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl = ttl;
@@ -203,9 +206,11 @@ impl RedisStoreBuilder {
                         .build(),
                     None => MemoryStore::new(),
                 },
+                // Redis takes `PX` as a 64-bit integer the script formats from a double: a
+                // year keeps it exact and far from any overflow.
                 idempotency_ttl_ms: u64::try_from(self.idempotency_ttl.as_millis())
                     .unwrap_or(u64::MAX)
-                    .max(1),
+                    .clamp(1, MAX_IDEMPOTENCY_TTL_MS),
                 clock: self.clock,
                 next_lease: AtomicU64::new(seed),
                 errors: AtomicU64::new(0),
