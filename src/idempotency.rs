@@ -7,8 +7,10 @@
 //! (before the layer's `stream_options` rewrite, and not their parse: two bodies that differ
 //! by a byte are two requests), and every bucket (rule name and key), each field prefixed by
 //! its length so that no two different requests can write the same input. It is SHA-1 (the
-//! first 128 bits): the same in every process sharing a Redis, and no caller can choose a
-//! body that lands on another request's key (about 4 ms per MiB of body, 70 µs per 16 KiB,
+//! first 128 bits): the same in every process sharing a Redis, and scoped to the caller's
+//! buckets, so a caller can't land on another caller's key (a second preimage); a caller who
+//! pays for a SHA-1 collision between two bodies of its own gains at most the free retries of
+//! one failed attempt (about 4 ms per MiB of body, 70 µs per 16 KiB,
 //! on a loaded 2-core test machine; paid only by requests that carry the header).
 //!
 //! A request that carries the header and declares its body's length (`content-length`), or
