@@ -1297,3 +1297,73 @@ async fn cluster_free_retries_span_slots() {
     );
     assert_eq!(store.stats().errors, 0, "{:?}", store.stats());
 }
+
+/// A primary of a cluster dies and its replica is promoted: the store finds the new primary
+/// by itself (the redis crate follows the `MOVED` answers of the other nodes and refreshes
+/// its slot map), the calls in between fail (the layer's failure policy decides them), and
+/// with replication caught up before the kill no count is lost: exactly the limit is
+/// admitted across the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_finds_the_promoted_replica_and_keeps_the_count() {
+    let Some(mut cluster) = RedisCluster::start_with_replicas() else {
+        return;
+    };
+    let store = within(
+        "connecting to the cluster",
+        RedisStore::cluster(cluster.urls())
+            .clock(frozen_clock())
+            .timeout(Duration::from_secs(2))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let quota = Quota::per_hour(10);
+    let bucket = BucketKey::new("user-rph", "alice");
+    let charges = [Charge::new(&bucket, &quota, 1)];
+    for _ in 0..4 {
+        assert!(acquire(&store, &charges).await.is_admitted());
+    }
+    // The primary holding the bucket, and its replica.
+    let key = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.keys())
+        .next()
+        .expect("the bucket's key");
+    let primary = cluster.primary_of(&key);
+    let replica = cluster.replica_of(primary);
+    cluster.wait_caught_up(primary, replica);
+    cluster.kill(primary);
+
+    // Until the store reaches the promoted replica, calls fail (never admit).
+    let deadline = Instant::now() + support::redis::FAILOVER;
+    let (mut admitted, mut failed) = (4, 0);
+    loop {
+        match within("acquire", store.acquire(&charges)).await {
+            Ok(d) => {
+                assert!(d.is_admitted(), "{d:?}");
+                admitted += 1;
+                break;
+            }
+            Err(_) => failed += 1,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store never reached the promoted replica ({failed} calls failed)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed > 0, "the dead primary was never asked");
+    cluster.wait_promoted(replica);
+    assert_eq!(cluster.primary_of(&key), replica);
+    loop {
+        let d = acquire(&store, &charges).await;
+        if !d.is_admitted() {
+            break;
+        }
+        admitted += 1;
+        assert!(admitted <= 10, "over-admitted after the failover: {d:?}");
+    }
+    assert_eq!(admitted, 10);
+    assert_eq!(peek(&store, &bucket, &quota).await.remaining, 0);
+}

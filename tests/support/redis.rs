@@ -1,9 +1,11 @@
-//! Real `redis-server` processes for the tests: one node, or a 3-primary cluster, on free
-//! loopback ports, stopped when dropped. Nothing here touches a Redis already running on the
-//! machine (6379 or any other port in use).
+//! Real `redis-server` processes for the tests: one node, or a 3-primary cluster (with a
+//! replica per primary for failover tests), on free loopback ports, stopped when dropped.
+//! Nothing here touches a Redis already running on the machine (6379 or any other port in
+//! use).
 //!
-//! When `redis-server` is not on `PATH`: with `CI` set the harness panics with a message
-//! (CI must install it: `.ci/run` does), otherwise the test prints why and is skipped.
+//! When `redis-server` or `redis-cli` is not on `PATH`: with `CI` set the harness panics
+//! with a message (CI must install them: `.ci/run` does), otherwise the test prints why and
+//! is skipped.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -31,17 +33,22 @@ pub(crate) fn free_port() -> u16 {
 
 /// True when the binaries exist; otherwise panics under CI, or explains and returns false.
 pub(crate) fn available() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    // The servers, and redis-cli to set up clusters and read the servers' state.
+    let found = ["redis-server", "redis-cli"].iter().all(|bin| {
+        Command::new(bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
     if !found {
         if std::env::var_os("CI").is_some() {
-            panic!("redis-server is not on PATH; .ci/run must install it (apt-get install -y redis-server)");
+            panic!("redis-server or redis-cli is not on PATH; .ci/run must install them (apt-get install -y redis-server)");
         }
-        eprintln!("skipped: redis-server is not on PATH (apt-get install -y redis-server)");
+        eprintln!(
+            "skipped: redis-server or redis-cli is not on PATH (apt-get install -y redis-server)"
+        );
     }
     found
 }
@@ -71,11 +78,16 @@ impl RedisServer {
             let port = free_port();
             let dir = std::env::temp_dir().join(format!("tlr-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("temp dir");
+            let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            if extra.iter().any(|a| a == "--cluster-enabled") {
+                // The bus port is the port + 10000 by default: past 65535 for a high port.
+                extra.extend(["--cluster-port".to_owned(), free_port().to_string()]);
+            }
             let mut server = Self {
                 port,
                 child: None,
                 dir,
-                extra: extra.iter().map(|s| s.to_string()).collect(),
+                extra,
             };
             if server.try_spawn() {
                 return Some(server);
@@ -213,23 +225,37 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of 3 primaries, no replicas.
+/// A Redis Cluster of 3 primaries, with or without a replica each.
 pub(crate) struct RedisCluster {
     pub(crate) nodes: Vec<RedisServer>,
 }
 
+/// How long a failover may take: the node timeout, the election, and a loaded machine.
+pub(crate) const FAILOVER: Duration = Duration::from_secs(30);
+
 impl RedisCluster {
+    /// 3 primaries, no replicas.
     pub(crate) fn start() -> Option<Self> {
+        Self::create(0, "2000")
+    }
+
+    /// 3 primaries with one replica each, and a node timeout of 1 s, so that a replica is
+    /// promoted within about 2 s of its primary's death.
+    pub(crate) fn start_with_replicas() -> Option<Self> {
+        Self::create(1, "1000")
+    }
+
+    fn create(replicas: usize, node_timeout_ms: &str) -> Option<Self> {
         if !available() {
             return None;
         }
         let mut nodes = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             nodes.push(RedisServer::start_with(&[
                 "--cluster-enabled",
                 "yes",
                 "--cluster-node-timeout",
-                "2000",
+                node_timeout_ms,
             ])?);
         }
         let addrs: Vec<String> = nodes
@@ -239,7 +265,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -248,25 +274,143 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let deadline = Instant::now() + START;
-        loop {
-            let ok = nodes.iter().all(|n| {
-                n.cli(&["CLUSTER", "INFO"])
-                    .is_some_and(|i| i.contains("cluster_state:ok"))
-            });
-            if ok {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cluster did not become ready within {START:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self { nodes })
+        let cluster = Self { nodes };
+        // Every node sees the whole cluster, and every replica is linked to its primary.
+        cluster.wait_for("the cluster to become ready", START, |c| {
+            c.nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| {
+                    i.contains("cluster_state:ok")
+                        && i.contains(&format!("cluster_known_nodes:{}", c.nodes.len()))
+                })
+            }) && (0..c.nodes.len())
+                .filter(|&i| c.role(i).as_deref() == Some("slave"))
+                .count()
+                == 3 * replicas
+                && c.nodes.iter().all(|n| {
+                    n.cli(&["INFO", "replication"]).is_some_and(|i| {
+                        !i.contains("role:slave") || i.contains("master_link_status:up")
+                    })
+                })
+        });
+        Some(cluster)
     }
 
     pub(crate) fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `master` or `slave` (the first line of `ROLE`); `None` when the node doesn't answer.
+    pub(crate) fn role(&self, node: usize) -> Option<String> {
+        let out = self.nodes[node].cli(&["ROLE"])?;
+        out.lines().next().map(|l| l.trim().to_owned())
+    }
+
+    /// The index of the node that serves `key`'s slot as a primary now.
+    pub(crate) fn primary_of(&self, key: &str) -> usize {
+        let live = self.live_node();
+        let slot: u16 = live
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .and_then(|s| s.trim().parse().ok())
+            .expect("CLUSTER KEYSLOT");
+        let nodes = live.cli(&["CLUSTER", "NODES"]).expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if serves {
+                return self.index_of(fields[1]);
+            }
+        }
+        panic!("no primary serves slot {slot} of {key:?}:\n{nodes}");
+    }
+
+    /// The index of the replica of the primary `node`.
+    pub(crate) fn replica_of(&self, node: usize) -> usize {
+        let id = self.nodes[node]
+            .cli(&["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID");
+        let id = id.trim();
+        let nodes = self.nodes[node]
+            .cli(&["CLUSTER", "NODES"])
+            .expect("CLUSTER NODES");
+        nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .map(|f| self.index_of(f[1]))
+            .unwrap_or_else(|| panic!("node {node} has no replica:\n{nodes}"))
+    }
+
+    /// Waits until the replica `replica` has received everything its primary `primary` had
+    /// written when this was called: its processed offset reaches the primary's.
+    pub(crate) fn wait_caught_up(&self, primary: usize, replica: usize) {
+        let offset = |node: usize, field: &str| -> Option<u64> {
+            let info = self.nodes[node].cli(&["INFO", "replication"])?;
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(field)?.parse().ok())
+        };
+        let written = offset(primary, "master_repl_offset:").expect("the primary's offset");
+        self.wait_for("the replica to catch up", START, |_| {
+            offset(replica, "slave_repl_offset:").is_some_and(|got| got >= written)
+        });
+    }
+
+    /// Kills the node (a crash: no shutdown, no failover handshake).
+    pub(crate) fn kill(&mut self, node: usize) {
+        self.nodes[node].stop();
+    }
+
+    /// Waits until `replica` has been promoted and every live node knows it: each sees the
+    /// cluster whole again and lists the replica as a primary.
+    pub(crate) fn wait_promoted(&self, replica: usize) {
+        let port = format!(":{}@", self.nodes[replica].port);
+        self.wait_for("the replica to be promoted", FAILOVER, |c| {
+            c.role(replica).as_deref() == Some("master")
+                && c.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                    n.cli(&["CLUSTER", "INFO"])
+                        .is_some_and(|i| i.contains("cluster_state:ok"))
+                        && n.cli(&["CLUSTER", "NODES"]).is_some_and(|nodes| {
+                            nodes.lines().any(|l| {
+                                let f: Vec<&str> = l.split_whitespace().collect();
+                                f.len() > 2 && f[1].contains(&port) && f[2].contains("master")
+                            })
+                        })
+                })
+        });
+    }
+
+    /// A node that answers (the first one not killed).
+    fn live_node(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+    }
+
+    /// The index of the node at `addr` (`127.0.0.1:port@busport`, as `CLUSTER NODES` says).
+    fn index_of(&self, addr: &str) -> usize {
+        let port: u16 = addr
+            .split(['@', ','])
+            .next()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr:?}"));
+        self.nodes
+            .iter()
+            .position(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

@@ -32,6 +32,23 @@
 //!   decided by one script call per slot, sent concurrently; if any denies, the slots that
 //!   admitted are refunded. A brief spurious denial of a concurrent request is possible in
 //!   that window, over-admission is not.
+//! - **Failover** (a primary dies, its replica is promoted): the calls to the dead primary's
+//!   slots fail (error or timeout, then the open circuit) and [`RedisFailure`] decides them;
+//!   the store then finds the new primary by itself, with no restart and no configuration
+//!   change: the redis crate reconnects, follows the `MOVED` answers of the other nodes and
+//!   refreshes its slot map (`tests/redis.rs` and the gateway's `tests/gateway/cluster.rs`
+//!   kill a primary of a real cluster: a few seconds of failures, then exactly the limit
+//!   admitted). **The bound:** Redis replicates asynchronously, so the counts a primary had
+//!   acknowledged but not yet sent to its replica when it died are lost with it; the replica
+//!   takes over without them and admits that many requests again. The extra admissions
+//!   after a failover are at most the admissions written within the replication lag before
+//!   the crash (per bucket: the lag x its request rate; the lag shows as the difference of
+//!   the primary's and the replica's offsets in `INFO replication`); none when the replica
+//!   had caught up. (A single server restarted without persistence loses every count the
+//!   same way.) `WAIT` is not used: it would block the connection that all of this process's decisions
+//!   on that node share until a replica acknowledges (one replica round trip per decision),
+//!   and after a failover the promoted primary has no replica until one rejoins, so a
+//!   decision waiting for one would fail for that whole time.
 //! - **Failures**: every call has a timeout (default 50 ms); after 5 consecutive failures a
 //!   circuit breaker fails fast for a cooldown (default 1 s), then lets one probe through.
 //!   While Redis can't answer, [`RedisFailure`] decides: report the error (the layer's
@@ -260,7 +277,10 @@ impl RedisStore {
         RedisStoreBuilder::new(vec![url.into()], false)
     }
 
-    /// A store on the Redis Cluster reachable through `seed_nodes`.
+    /// A store on the Redis Cluster reachable through `seed_nodes` (some of its nodes, as
+    /// `redis://host:port` URLs; the others are found from them). After a failover the store
+    /// finds the promoted replica by itself; see the module docs for what a failover may
+    /// lose (counts not yet replicated).
     pub fn cluster<I, S>(seed_nodes: I) -> RedisStoreBuilder
     where
         I: IntoIterator<Item = S>,
