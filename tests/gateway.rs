@@ -21,6 +21,11 @@ mod wire;
 #[path = "gateway/cli.rs"]
 mod cli;
 
+// A Redis Cluster with replicas: a primary killed, its replica promoted; cluster settings.
+#[cfg(feature = "redis")]
+#[path = "gateway/cluster.rs"]
+mod cluster;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -279,7 +284,12 @@ fn run_to_exit(args: &[&str]) -> (Option<i32>, String, String) {
 /// removed: each test sets the ones it means to.
 fn gateway_command() -> Command {
     let mut cmd = Command::new(gateway_binary());
-    for var in ["GATEWAY_LISTEN", "GATEWAY_CONFIG", "GATEWAY_REDIS"] {
+    for var in [
+        "GATEWAY_LISTEN",
+        "GATEWAY_CONFIG",
+        "GATEWAY_REDIS",
+        "GATEWAY_REDIS_CLUSTER",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -1227,12 +1237,14 @@ fn help_and_bad_flags() {
         "--listen",
         "--config",
         "--redis",
+        "--redis-cluster",
         "--check-config",
         "--version",
         "--help",
         "GATEWAY_LISTEN",
         "GATEWAY_CONFIG",
         "GATEWAY_REDIS",
+        "GATEWAY_REDIS_CLUSTER",
     ] {
         assert!(out.contains(flag), "{flag} not in:\n{out}");
     }

@@ -1,5 +1,5 @@
-//! The command line (clap): `--listen`, `--config`, `--redis` and their `GATEWAY_*`
-//! environment variables, `--check-config`, and the configuration they select.
+//! The command line (clap): `--listen`, `--config`, `--redis`, `--redis-cluster` and their
+//! `GATEWAY_*` environment variables, `--check-config`, and the configuration they select.
 
 use std::process::ExitCode;
 
@@ -34,6 +34,17 @@ pub(crate) struct Flags {
     /// feature: cargo run --features redis --example gateway)
     #[arg(long, env = "GATEWAY_REDIS", value_name = "URL", value_parser = NonEmptyStringValueParser::new())]
     pub(crate) redis: Option<String>,
+    /// Keep the counters in the Redis Cluster reachable through these nodes (comma-separated
+    /// URLs; the other nodes are found from them); instead of --redis
+    #[arg(
+        long,
+        env = "GATEWAY_REDIS_CLUSTER",
+        value_name = "URL,URL,...",
+        value_delimiter = ',',
+        value_parser = NonEmptyStringValueParser::new(),
+        conflicts_with = "redis"
+    )]
+    pub(crate) redis_cluster: Option<Vec<String>>,
     /// Check the configuration (with the other options applied), print every problem, and
     /// exit: 0 when it is valid, 2 when it is not. Connects to nothing.
     #[arg(long)]
@@ -102,14 +113,24 @@ pub(crate) fn load(flags: &Flags) -> Result<(Config, bool), String> {
         cfg.listen = listen.clone();
         overrides.push("--listen");
     }
+    // Either flag replaces where the file keeps the counters (a server or a cluster).
     if let Some(url) = &flags.redis {
         cfg.store.kind = StoreKind::Redis;
         cfg.store.url = Some(url.clone());
+        cfg.store.cluster = None;
         overrides.push("--redis");
+    }
+    if let Some(nodes) = &flags.redis_cluster {
+        cfg.store.kind = StoreKind::Redis;
+        cfg.store.url = None;
+        cfg.store.cluster = Some(nodes.clone());
+        overrides.push("--redis-cluster");
     }
     if cfg.store.kind == StoreKind::Redis && !cfg!(feature = "redis") {
         let what = if flags.redis.is_some() {
             "--redis"
+        } else if flags.redis_cluster.is_some() {
+            "--redis-cluster"
         } else {
             "field `store.kind`: \"redis\""
         };

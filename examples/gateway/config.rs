@@ -96,6 +96,8 @@ pub(crate) enum OnFailure {
 pub(crate) struct StoreConfig {
     pub(crate) kind: StoreKind,
     pub(crate) url: Option<String>,
+    /// Seed nodes of a Redis Cluster, instead of `url`.
+    pub(crate) cluster: Option<Vec<String>>,
     pub(crate) prefix: String,
     pub(crate) timeout_ms: u64,
     pub(crate) on_failure: OnFailure,
@@ -108,6 +110,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::Memory,
             url: None,
+            cluster: None,
             prefix: "llm-gateway".to_owned(),
             timeout_ms: 50,
             on_failure: OnFailure::Closed,
@@ -313,15 +316,23 @@ impl Config {
         }
 
         let s = &self.store;
-        if s.kind == StoreKind::Redis && s.url.as_deref().is_none_or(str::is_empty) {
-            err(
+        match (&s.url, &s.cluster) {
+            (Some(_), Some(_)) if s.kind == StoreKind::Redis => err(
+                "store.cluster".into(),
+                "set either store.url (one Redis server) or store.cluster (a Redis Cluster), \
+                 not both"
+                    .into(),
+            ),
+            (None, None) if s.kind == StoreKind::Redis => err(
                 "store.url".into(),
-                "is required when store.kind = \"redis\" (or pass --redis URL)".into(),
-            );
+                "is required when store.kind = \"redis\" (or set store.cluster for a Redis \
+                 Cluster; or pass --redis URL or --redis-cluster URL,URL,...)"
+                    .into(),
+            ),
+            _ => {}
         }
-        if let Some(url) = &s.url {
-            if s.kind == StoreKind::Redis
-                && !url.starts_with("redis://")
+        if let (Some(url), StoreKind::Redis) = (&s.url, s.kind) {
+            if !url.starts_with("redis://")
                 && !url.starts_with("rediss://")
                 && !url.starts_with("unix://")
             {
@@ -329,6 +340,24 @@ impl Config {
                     "store.url".into(),
                     format!("{url:?} is not a Redis URL (redis://host:port)"),
                 );
+            }
+        }
+        if let (Some(nodes), StoreKind::Redis) = (&s.cluster, s.kind) {
+            if nodes.is_empty() {
+                err(
+                    "store.cluster".into(),
+                    "lists no node: give one or more of the cluster's nodes \
+                     ([\"redis://host:7000\", ...])"
+                        .into(),
+                );
+            }
+            for (i, url) in nodes.iter().enumerate() {
+                if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                    err(
+                        format!("store.cluster[{i}]"),
+                        format!("{url:?} is not a Redis node URL (redis://host:port)"),
+                    );
+                }
             }
         }
         if s.prefix.is_empty() {
@@ -499,6 +528,14 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError(errors.join("\n")))
+        }
+    }
+
+    /// Where the Redis store is, for messages: its URL, or the cluster's seed nodes.
+    pub(crate) fn redis_location(&self) -> String {
+        match &self.store.cluster {
+            Some(nodes) => format!("cluster {}", nodes.join(",")),
+            None => self.store.url.clone().unwrap_or_default(),
         }
     }
 

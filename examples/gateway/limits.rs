@@ -84,7 +84,13 @@ impl Store {
             },
             OnFailure::Closed | OnFailure::Open => RedisFailure::Error,
         };
-        let store = RedisStore::builder(s.url.clone().unwrap_or_default())
+        // A cluster's slot map is refreshed by the store on `MOVED` answers and broken
+        // connections: after a failover it finds the promoted replica by itself.
+        let builder = match &s.cluster {
+            Some(nodes) => RedisStore::cluster(nodes.iter().cloned()),
+            None => RedisStore::builder(s.url.clone().unwrap_or_default()),
+        };
+        let store = builder
             .prefix(s.prefix.clone())
             .timeout(Duration::from_millis(s.timeout_ms))
             .on_failure(failure)

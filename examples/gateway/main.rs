@@ -7,11 +7,14 @@
 //! cargo run --release --example gateway                        # 127.0.0.1:8080, mock model
 //! cargo run --release --example gateway -- --config my.toml    # your models, tiers and keys
 //! cargo run --release --features redis --example gateway -- --redis redis://127.0.0.1:6379
+//! cargo run --release --features redis --example gateway -- \
+//!     --redis-cluster redis://10.0.0.1:7000,redis://10.0.0.2:7000   # a Redis Cluster
 //! cargo run --release --example gateway -- --check-config --config my.toml   # validate only
 //! ```
 //!
 //! Every option has an environment variable (`GATEWAY_LISTEN`, `GATEWAY_CONFIG`,
-//! `GATEWAY_REDIS`); the command line wins over it. `--help` lists them.
+//! `GATEWAY_REDIS`, `GATEWAY_REDIS_CLUSTER`); the command line wins over it. `--help` lists
+//! them.
 //!
 //! | module | what |
 //! |---|---|
@@ -248,7 +251,7 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
 #[cfg(feature = "redis")]
 async fn connect_redis(cfg: &Config) -> Result<limits::Store, Failure> {
     const PATIENCE: Duration = Duration::from_secs(10);
-    let url = cfg.store.url.as_deref().unwrap_or_default();
+    let url = cfg.redis_location();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         match limits::Store::redis(cfg).await {
@@ -301,7 +304,7 @@ fn banner(
         StoreKind::Memory => "memory (this process)".to_owned(),
         StoreKind::Redis => format!(
             "redis {} (prefix {:?})",
-            cfg.store.url.as_deref().unwrap_or_default(),
+            cfg.redis_location(),
             cfg.store.prefix
         ),
     };
