@@ -21,6 +21,10 @@ mod wire;
 #[path = "gateway/cli.rs"]
 mod cli;
 
+// The token and spend rules (tiers' and models'), and per-key overrides of a tier's limits.
+#[path = "gateway/rules.rs"]
+mod rules;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
