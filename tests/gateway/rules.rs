@@ -20,7 +20,7 @@ use http::Response;
 use serde_json::{json, Value};
 
 use super::support::{self, spawn_server, TestServer};
-use super::{call, client, rule_state, Answer, Gateway, HttpClient, TempConfig};
+use super::{call, client, rule_state, run_to_exit, Answer, Gateway, HttpClient, TempConfig};
 
 // ─── An upstream reporting the usage each request names ──────────────────────────────────
 
@@ -501,4 +501,176 @@ async fn the_mock_models_usage_settles_every_token_rule() {
     // Output: 300 - 22 = 278 left; 279 doesn't fit.
     let a = chat(&c, &gw, "k1", &chat_of("", 279, false)).await;
     denied(&a, "user-output-tpm", "output_tokens", output, 279);
+}
+
+// ─── Per-key overrides of a tier's limits ────────────────────────────────────────────────
+
+/// Tier `pro` (100 tokens a minute, no request limit); user acme's two keys raise its tokens
+/// and add a request limit, user carl's key lowers its tokens, user bob keeps the tier's.
+const OVERRIDES: &str = r#"
+[tiers.pro]
+tpm = 100
+
+[keys]
+big-1 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3 }
+big-2 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3 }
+tiny = { user = "carl", tier = "pro", tpm = 10 }
+small = { user = "bob", tier = "pro" }
+"#;
+
+fn overrides_config(upstream: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+
+[limiter]
+algorithm = "sliding_window_log"
+
+[models.m]
+upstream = "{upstream}/v1"
+{OVERRIDES}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_overrides_apply_to_its_user_and_others_keep_the_tiers_limits() {
+    let up = start_usage_upstream().await;
+    let cfg = TempConfig::new(&overrides_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+
+    // The banner shows each key's effective limits.
+    for want in [
+        "user acme, tier pro with rpm, tpm overridden (3 requests/min, 1000 tokens/min)",
+        "user carl, tier pro with tpm overridden (10 tokens/min)",
+        "user bob, tier pro (100 tokens/min)",
+    ] {
+        assert!(gw.banner.contains(want), "{want:?} not in:\n{}", gw.banner);
+    }
+
+    // So does /v1/ratelimit.
+    let status = |key: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/v1/ratelimit");
+        async move { call(&c, "GET", &url, Some(key), None).await.json() }
+    };
+    let big = status("big-2").await;
+    assert_eq!(big["tier"], "pro", "{big}");
+    assert_eq!(big["overrides"], json!({"rpm": 3, "tpm": 1000}), "{big}");
+    let limits = |s: &Value| -> Vec<(String, u64)> {
+        s["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["rule"].as_str().unwrap().to_owned(),
+                    r["limit"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let pair = |r: &str, n: u64| (r.to_owned(), n);
+    assert_eq!(
+        limits(&big),
+        [pair("user-rpm", 3), pair("user-tpm", 1000)],
+        "{big}"
+    );
+    let small = status("small").await;
+    assert_eq!(small["overrides"], json!({}), "{small}");
+    assert_eq!(limits(&small), [pair("user-tpm", 100)], "{small}");
+    assert_eq!(limits(&status("tiny").await), [pair("user-tpm", 10)]);
+
+    // acme: 300 tokens fit its 1000.
+    let a = complete(&c, &gw, "big-1", &completion(200, 100, (200, 100))).await;
+    admitted(&a);
+    assert_eq!(a.header("x-ratelimit-limit-tokens"), "1000");
+    assert_eq!(a.header("x-ratelimit-limit-requests"), "3");
+    // Its other key spends the same budget.
+    settles_to(&c, &gw, "big-2", "user-tpm", 700).await;
+    let a = complete(&c, &gw, "big-2", &completion(500, 200, (500, 200))).await;
+    admitted(&a);
+    settles_to(&c, &gw, "big-1", "user-tpm", 0).await;
+    // Three requests a minute, from either key.
+    let a = complete(&c, &gw, "big-1", &completion(0, 0, (0, 0))).await;
+    admitted(&a);
+    let a = complete(&c, &gw, "big-2", &completion(0, 0, (0, 0))).await;
+    denied(&a, "user-rpm", "requests", 3, 1);
+
+    // bob: the tier's 100 tokens, and no request limit.
+    let a = complete(&c, &gw, "small", &completion(50, 30, (50, 30))).await;
+    admitted(&a);
+    assert_eq!(a.header("x-ratelimit-limit-tokens"), "100");
+    assert!(a.headers.get("x-ratelimit-limit-requests").is_none());
+    settles_to(&c, &gw, "small", "user-tpm", 20).await;
+    let a = complete(&c, &gw, "small", &completion(20, 10, (20, 10))).await;
+    denied(&a, "user-tpm", "tokens", 80, 30);
+    for _ in 0..4 {
+        let a = complete(&c, &gw, "small", &completion(1, 1, (1, 1))).await;
+        admitted(&a);
+    }
+
+    // carl: 10.
+    let a = complete(&c, &gw, "tiny", &completion(5, 5, (5, 5))).await;
+    admitted(&a);
+    settles_to(&c, &gw, "tiny", "user-tpm", 0).await;
+    let a = complete(&c, &gw, "tiny", &completion(1, 1, (1, 1))).await;
+    denied(&a, "user-tpm", "tokens", 10, 2);
+}
+
+#[test]
+fn bad_overrides_are_configuration_errors_naming_the_field() {
+    let valid = TempConfig::new(&overrides_config("http://127.0.0.1:9"));
+    let (code, out, err) = run_to_exit(&["--check-config", "--config", valid.path()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+
+    let check = |text: String, wants: &[&str]| {
+        let cfg = TempConfig::new(&text);
+        let (code, out, err) = run_to_exit(&["--check-config", "--config", cfg.path()]);
+        assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+        for want in wants {
+            assert!(err.contains(want), "{want:?} not in:\n{err}");
+        }
+    };
+    let base = overrides_config("http://127.0.0.1:9");
+    // Not a limit.
+    check(
+        base.replace("tpm = 10 }", "tmp = 10 }"),
+        &["`keys.tiny.tmp`", "unknown field `tmp`, expected one of"],
+    );
+    // Not a number.
+    check(
+        base.replace("tpm = 10 }", "tpm = \"ten\" }"),
+        &["`keys.tiny.tpm`", "expected u64"],
+    );
+    // Every other problem at once: a user's keys that disagree (a value; a limit one sets
+    // and the other doesn't), a zero, a tier of overrides named like a configured tier, and
+    // two users whose tiers of overrides would have one name.
+    check(
+        base.replace(
+            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 1_000, rpm = 3 }",
+            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 2_000 }",
+        )
+        .replace("tpm = 10 }", "tpm = 0 }")
+        .replace(
+            "[tiers.pro]",
+            "[tiers.\"pro+carl\"]\nrpm = 1\n[tiers.\"pro+x\"]\nrpm = 1\n[tiers.pro]",
+        )
+        .replace(
+            "small = {",
+            "c1 = { user = \"y\", tier = \"pro+x\", tpm = 1 }\n\
+             c2 = { user = \"x+y\", tier = \"pro\", tpm = 1 }\nsmall = {",
+        ),
+        &[
+            "field `keys.big-2.tpm`: the keys of user \"acme\" share its limits, so they must \
+             override the same ones: this key sets 2000, key `big-1` sets 1000\n",
+            "field `keys.big-2.rpm`: the keys of user \"acme\" share its limits, so they must \
+             override the same ones: this key sets none, key `big-1` sets 3\n",
+            "field `keys.tiny.tpm`: must be > 0 (omit it to keep the tier's)\n",
+            "field `keys.tiny`: the limits of user \"carl\" with its overrides make a tier named \
+             \"pro+carl\", which is also a configured tier: rename that tier",
+            "field `keys.c2`: user \"x+y\" of tier \"pro\" and user \"y\" of tier \"pro+x\" both \
+             make a tier named \"pro+x+y\" with their overrides: rename one",
+        ],
+    );
 }
