@@ -506,14 +506,14 @@ async fn the_mock_models_usage_settles_every_token_rule() {
 // ─── Per-key overrides of a tier's limits ────────────────────────────────────────────────
 
 /// Tier `pro` (100 tokens a minute, no request limit); user acme's two keys raise its tokens
-/// and add a request limit, user carl's key lowers its tokens, user bob keeps the tier's.
+/// and add a request and a concurrency limit, user carl's key lowers its tokens, user bob keeps the tier's.
 const OVERRIDES: &str = r#"
 [tiers.pro]
 tpm = 100
 
 [keys]
-big-1 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3 }
-big-2 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3 }
+big-1 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3, concurrent = 5 }
+big-2 = { user = "acme", tier = "pro", tpm = 1_000, rpm = 3, concurrent = 5 }
 tiny = { user = "carl", tier = "pro", tpm = 10 }
 small = { user = "bob", tier = "pro" }
 "#;
@@ -541,7 +541,8 @@ async fn a_keys_overrides_apply_to_its_user_and_others_keep_the_tiers_limits() {
 
     // The banner shows each key's effective limits.
     for want in [
-        "user acme, tier pro with rpm, tpm overridden (3 requests/min, 1000 tokens/min)",
+        "user acme, tier pro with rpm, tpm, concurrent overridden (3 requests/min, \
+         1000 tokens/min, 5 concurrent)",
         "user carl, tier pro with tpm overridden (10 tokens/min)",
         "user bob, tier pro (100 tokens/min)",
     ] {
@@ -556,7 +557,11 @@ async fn a_keys_overrides_apply_to_its_user_and_others_keep_the_tiers_limits() {
     };
     let big = status("big-2").await;
     assert_eq!(big["tier"], "pro", "{big}");
-    assert_eq!(big["overrides"], json!({"rpm": 3, "tpm": 1000}), "{big}");
+    assert_eq!(
+        big["overrides"],
+        json!({"rpm": 3, "tpm": 1000, "concurrent": 5}),
+        "{big}"
+    );
     let limits = |s: &Value| -> Vec<(String, u64)> {
         s["rules"]
             .as_array()
@@ -573,7 +578,11 @@ async fn a_keys_overrides_apply_to_its_user_and_others_keep_the_tiers_limits() {
     let pair = |r: &str, n: u64| (r.to_owned(), n);
     assert_eq!(
         limits(&big),
-        [pair("user-rpm", 3), pair("user-tpm", 1000)],
+        [
+            pair("user-rpm", 3),
+            pair("user-tpm", 1000),
+            pair("user-concurrent", 5)
+        ],
         "{big}"
     );
     let small = status("small").await;
@@ -648,8 +657,8 @@ fn bad_overrides_are_configuration_errors_naming_the_field() {
     // two users whose tiers of overrides would have one name.
     check(
         base.replace(
-            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 1_000, rpm = 3 }",
-            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 2_000 }",
+            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 1_000, rpm = 3, concurrent = 5 }",
+            "big-2 = { user = \"acme\", tier = \"pro\", tpm = 2_000, concurrent = 5 }",
         )
         .replace("tpm = 10 }", "tpm = 0 }")
         .replace(
