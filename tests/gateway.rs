@@ -26,6 +26,10 @@ mod cli;
 #[path = "gateway/cluster.rs"]
 mod cluster;
 
+// The token and spend rules (tiers' and models'), and per-key overrides of a tier's limits.
+#[path = "gateway/rules.rs"]
+mod rules;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -227,7 +227,7 @@ fn one() -> f64 {
 }
 
 /// One caller's limits; every one optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TierConfig {
     pub(crate) rpm: Option<u64>,
@@ -238,11 +238,87 @@ pub(crate) struct TierConfig {
     pub(crate) daily_cost: Option<u64>,
 }
 
+impl TierConfig {
+    /// Every limit by its name in the file.
+    pub(crate) fn limits(&self) -> [(&'static str, Option<u64>); 6] {
+        // Destructured, so that a new limit can't be forgotten here.
+        let TierConfig {
+            rpm,
+            tpm,
+            input_tpm,
+            output_tpm,
+            concurrent,
+            daily_cost,
+        } = *self;
+        [
+            ("rpm", rpm),
+            ("tpm", tpm),
+            ("input_tpm", input_tpm),
+            ("output_tpm", output_tpm),
+            ("concurrent", concurrent),
+            ("daily_cost", daily_cost),
+        ]
+    }
+
+    /// These limits with those `overrides` sets in their place.
+    pub(crate) fn overridden_by(&self, overrides: &TierConfig) -> TierConfig {
+        let TierConfig {
+            rpm,
+            tpm,
+            input_tpm,
+            output_tpm,
+            concurrent,
+            daily_cost,
+        } = *overrides;
+        TierConfig {
+            rpm: rpm.or(self.rpm),
+            tpm: tpm.or(self.tpm),
+            input_tpm: input_tpm.or(self.input_tpm),
+            output_tpm: output_tpm.or(self.output_tpm),
+            concurrent: concurrent.or(self.concurrent),
+            daily_cost: daily_cost.or(self.daily_cost),
+        }
+    }
+}
+
+/// An API key: whose it is, its tier, and the limits of the tier it overrides (per user:
+/// every key of a user sets the same ones).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct KeyConfig {
     pub(crate) user: String,
     pub(crate) tier: String,
+    pub(crate) rpm: Option<u64>,
+    pub(crate) tpm: Option<u64>,
+    pub(crate) input_tpm: Option<u64>,
+    pub(crate) output_tpm: Option<u64>,
+    pub(crate) concurrent: Option<u64>,
+    pub(crate) daily_cost: Option<u64>,
+}
+
+impl KeyConfig {
+    /// The limits this key sets in place of its tier's (all `None`: none).
+    pub(crate) fn overrides(&self) -> TierConfig {
+        TierConfig {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            input_tpm: self.input_tpm,
+            output_tpm: self.output_tpm,
+            concurrent: self.concurrent,
+            daily_cost: self.daily_cost,
+        }
+    }
+
+    /// The name of the tier the limiter applies to this key: its own tier, or, when it
+    /// overrides limits, `TIER+USER` (a tier of the user's own, made of the tier's limits
+    /// and the overrides).
+    pub(crate) fn limits_tier(&self) -> String {
+        if self.overrides().limits().iter().any(|(_, v)| v.is_some()) {
+            format!("{}+{}", self.tier, self.user)
+        } else {
+            self.tier.clone()
+        }
+    }
 }
 
 /// A configuration problem, for the operator: where it is and what is wrong.
@@ -474,14 +550,7 @@ impl Config {
             if name.trim().is_empty() {
                 err("tiers".into(), "a tier name must not be empty".into());
             }
-            for (field, v) in [
-                ("rpm", t.rpm),
-                ("tpm", t.tpm),
-                ("input_tpm", t.input_tpm),
-                ("output_tpm", t.output_tpm),
-                ("concurrent", t.concurrent),
-                ("daily_cost", t.daily_cost),
-            ] {
+            for (field, v) in t.limits() {
                 if v == Some(0) {
                     err(
                         format!("tiers.{name}.{field}"),
@@ -507,6 +576,14 @@ impl Config {
             if k.user.trim().is_empty() {
                 err(format!("keys.{key}.user"), "must not be empty".into());
             }
+            for (field, v) in k.overrides().limits() {
+                if v == Some(0) {
+                    err(
+                        format!("keys.{key}.{field}"),
+                        "must be > 0 (omit it to keep the tier's)".into(),
+                    );
+                }
+            }
             if !self.tiers.contains_key(&k.tier) {
                 let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
                 err(
@@ -524,6 +601,8 @@ impl Config {
             }
         }
 
+        self.check_overrides(&mut err);
+
         if errors.is_empty() {
             Ok(())
         } else {
@@ -536,6 +615,70 @@ impl Config {
         match &self.store.cluster {
             Some(nodes) => format!("cluster {}", nodes.join(",")),
             None => self.store.url.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Limits count per user, so a user's keys must agree on the limits they override; and
+    /// the tiers made of overrides (`TIER+USER`) must not take a configured tier's name.
+    fn check_overrides(&self, err: &mut impl FnMut(String, String)) {
+        let mut first_key_of_user: BTreeMap<&str, (&str, TierConfig)> = BTreeMap::new();
+        let mut made: BTreeMap<String, (&str, &str)> = BTreeMap::new();
+        for (key, k) in &self.keys {
+            let overrides = k.overrides();
+            match first_key_of_user.get(k.user.as_str()) {
+                None => {
+                    first_key_of_user.insert(&k.user, (key, overrides));
+                }
+                Some((first, theirs)) => {
+                    for ((field, mine), (_, other)) in
+                        overrides.limits().into_iter().zip(theirs.limits())
+                    {
+                        if mine != other {
+                            let shown = |v: Option<u64>| {
+                                v.map_or_else(|| "none".to_owned(), |n| n.to_string())
+                            };
+                            err(
+                                format!("keys.{key}.{field}"),
+                                format!(
+                                    "the keys of user {:?} share its limits, so they must override \
+                                     the same ones: this key sets {}, key `{first}` sets {}",
+                                    k.user,
+                                    shown(mine),
+                                    shown(other)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            let tier = k.limits_tier();
+            if tier == k.tier {
+                continue;
+            }
+            if self.tiers.contains_key(&tier) {
+                err(
+                    format!("keys.{key}"),
+                    format!(
+                        "the limits of user {:?} with its overrides make a tier named {tier:?}, \
+                         which is also a configured tier: rename that tier",
+                        k.user
+                    ),
+                );
+            }
+            match made.get(&tier) {
+                Some((t, u)) if (*t, *u) != (k.tier.as_str(), k.user.as_str()) => err(
+                    format!("keys.{key}"),
+                    format!(
+                        "user {:?} of tier {:?} and user {u:?} of tier {t:?} both make a tier \
+                         named {tier:?} with their overrides: rename one",
+                        k.user, k.tier
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    made.insert(tier, (&k.tier, &k.user));
+                }
+            }
         }
     }
 

@@ -1,8 +1,9 @@
 //! From the configuration to a `RateLimitLayer`: the API keys, one rule per kind of per-user
-//! limit (with a quota per tier), one rule per per-model limit, the OpenAI token estimator,
-//! prices for the daily budgets, and the store.
+//! limit (with a quota per tier, and per user whose keys override their tier's limits), one
+//! rule per per-model limit, the OpenAI token estimator, prices for the daily budgets, and
+//! the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use tower_llm_ratelimit::cost::{self, Cost, Weights};
@@ -23,6 +24,11 @@ use crate::proxy::Routed;
 pub(crate) struct Caller {
     pub(crate) user: Arc<str>,
     pub(crate) tier: Arc<str>,
+    /// The tier whose quotas the rules apply: `tier`, or `TIER+USER` when the user's keys
+    /// override some of its limits (see [`limit_tiers`]).
+    pub(crate) limits: Arc<str>,
+    /// The limits the key overrides, by name.
+    pub(crate) overrides: Arc<[(&'static str, u64)]>,
 }
 
 /// API key -> caller, shared by the auth check, the rules' keys and the tier lookup.
@@ -38,6 +44,13 @@ pub(crate) fn callers(cfg: &Config) -> Callers {
                     Caller {
                         user: c.user.as_str().into(),
                         tier: c.tier.as_str().into(),
+                        limits: c.limits_tier().into(),
+                        overrides: c
+                            .overrides()
+                            .limits()
+                            .into_iter()
+                            .filter_map(|(name, v)| Some((name, v?)))
+                            .collect(),
                     },
                 )
             })
@@ -125,13 +138,34 @@ impl KeyExtractor for ModelKey {
     }
 }
 
+/// The tiers the rules know, by name, with their limits: the configured tiers, and for each
+/// user whose keys override limits of their tier, a tier of its own, `TIER+USER`, made of
+/// the tier's limits with the overrides in their place. Limits count per user, so overrides
+/// are per user too (validation makes every key of a user set the same ones).
+///
+/// The library picks a rule's quota by tier name; a user with overrides is a tier of one.
+/// Each such user adds a quota to every rule it is given (a short list scanned per request):
+/// overrides suit a handful of large customers, not every user.
+pub(crate) fn limit_tiers(cfg: &Config) -> BTreeMap<String, config::TierConfig> {
+    let mut tiers = cfg.tiers.clone();
+    for k in cfg.keys.values() {
+        let name = k.limits_tier();
+        if name != k.tier {
+            if let Some(t) = cfg.tiers.get(&k.tier) {
+                tiers.insert(name, t.overridden_by(&k.overrides()));
+            }
+        }
+    }
+    tiers
+}
+
 /// A per-user rule's key: the user of the request's API key, for the callers whose tier has
 /// the limit (the others skip the rule: a tier without a limit is not limited).
 fn user_key(callers: &Callers, tiers: HashSet<Arc<str>>) -> impl KeyExtractor {
     let callers = Arc::clone(callers);
     key::from_fn(move |req: &RequestView<'_>| {
         let c = resolved(&callers, req)?;
-        tiers.contains(&c.tier).then(|| Key::from(&*c.user))
+        tiers.contains(&c.limits).then(|| Key::from(&*c.user))
     })
     .describe_as("user of the API key")
 }
@@ -196,10 +230,10 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
             Box::new(|n| Quota::per_day(n).cost_units()),
         ),
     ];
+    let limit_tiers = limit_tiers(cfg);
     let mut rules = Vec::new();
     for (name, tier_limit, _, quota) in &kinds {
-        let tiers: Vec<(&String, u64)> = cfg
-            .tiers
+        let tiers: Vec<(&String, u64)> = limit_tiers
             .iter()
             .filter_map(|(t, c)| Some((t, tier_limit(c)?)))
             .collect();
@@ -251,7 +285,7 @@ pub(crate) fn layer(
     let tiers = {
         let callers = Arc::clone(callers);
         tier::from_fn(move |req| {
-            resolved(&callers, req).map(|c| tier::Tier::new(Arc::clone(&c.tier)))
+            resolved(&callers, req).map(|c| tier::Tier::new(Arc::clone(&c.limits)))
         })
     };
     let mut builder = RateLimitLayer::builder()

@@ -1,5 +1,6 @@
-//! An OpenAI-compatible LLM gateway built on `tower-llm-ratelimit`: API keys with tiers,
-//! per-user and per-model limits on requests, tokens, concurrency and daily spend, upstreams
+//! An OpenAI-compatible LLM gateway built on `tower-llm-ratelimit`: API keys with tiers (and
+//! per-key overrides of a tier's limits), per-user and per-model limits on requests, tokens,
+//! concurrency and daily spend, upstreams
 //! per model, streaming, Prometheus metrics, and a built-in mock model so that it runs with
 //! nothing else on the machine.
 //!
@@ -21,7 +22,7 @@
 //! | `main.rs` | start-up, graceful shutdown |
 //! | `cli.rs` | the command line (clap) and its environment variables, `--check-config` |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
-//! | `limits.rs` | the rules, tiers, estimator, prices and store of the `RateLimitLayer` |
+//! | `limits.rs` | the rules, tiers (a user whose keys override limits is a tier of its own), estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
@@ -330,15 +331,27 @@ fn banner(
             " (shown masked)"
         }
     );
+    let tiers = limits::limit_tiers(cfg);
     for (key, k) in &cfg.keys {
         let shown = if builtin { key.clone() } else { mask(key) };
-        let t = &cfg.tiers[&k.tier];
+        let overridden: Vec<&str> = k
+            .overrides()
+            .limits()
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(name, _)| *name)
+            .collect();
+        let overridden = if overridden.is_empty() {
+            String::new()
+        } else {
+            format!(" with {} overridden", overridden.join(", "))
+        };
         let _ = writeln!(
             out,
-            "    {shown:<16} user {}, tier {} ({})",
+            "    {shown:<16} user {}, tier {}{overridden} ({})",
             k.user,
             k.tier,
-            limits_of_tier(t)
+            limits_of_tier(&tiers[&k.limits_tier()])
         );
     }
     if let (true, Some(model)) = (builtin, routes.keys().next()) {

@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` | yes | yes | proxied to the model's upstream |
 //! | `GET /v1/models` | yes | no | the configured models |
-//! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it |
+//! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it (its effective limits), and the limits its key overrides |
 //! | `GET /metrics` | no | no | Prometheus text format |
 //! | `GET /healthz` | no | no | `{"status":"ok"}` |
 
@@ -205,9 +205,15 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
             }));
         }
     }
+    let overrides: serde_json::Map<String, Value> = caller
+        .overrides
+        .iter()
+        .map(|(name, v)| ((*name).to_owned(), json!(v)))
+        .collect();
     Json(json!({
         "user": &*caller.user,
         "tier": &*caller.tier,
+        "overrides": overrides,
         "rules": rules,
     }))
     .into_response()

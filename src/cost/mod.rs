@@ -249,15 +249,26 @@ impl Weights {
         self
     }
 
-    /// The cost units of `input` and `output` tokens of `model`, rounded up.
+    /// The cost units of `input` and `output` tokens of `model`, rounded up. A result within
+    /// one part in 10^12 of a whole number is that number: prices such as 0.1 are not exact in
+    /// binary, and `0.1 x 24 + 0.3 x 2` comes out a hair above 3.
     pub fn weigh(&self, model: Option<&str>, input: u64, output: u64) -> u64 {
         let (wi, wo) = model
             .and_then(|m| self.models.get(m))
             .copied()
             .unwrap_or(self.default);
         let units = input as f64 * wi + output as f64 * wo;
+        // Two products and a sum err by a few parts in 10^16 (IEEE 754 rounds each operation
+        // to within half an ulp); 10^-12 leaves a wide margin above that and far below the
+        // smallest fraction a price with up to 6 decimals can leave on a count under 10^6.
+        let whole = units.round();
+        let units = if (units - whole).abs() <= whole * 1e-12 {
+            whole
+        } else {
+            units.ceil()
+        };
         // `as` saturates for floats: huge values give u64::MAX, never wrap.
-        units.ceil() as u64
+        units as u64
     }
 }
 
@@ -266,5 +277,40 @@ fn sane(w: f64) -> f64 {
         w
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Weights;
+
+    /// Cost units at 0.1 and 0.3 a token, worked out in integers: ceil((input + 3 output) / 10).
+    fn tenths(input: u64, output: u64) -> u64 {
+        (input + 3 * output).div_ceil(10)
+    }
+
+    #[test]
+    fn prices_not_exact_in_binary_round_up_only_real_fractions() {
+        let w = Weights::new(0.1, 0.3);
+        // 0.1 x 24 + 0.3 x 2 is 3.0000000000000004 in f64: 3 units, not 4.
+        assert_eq!(w.weigh(None, 24, 2), 3);
+        for input in 0..500 {
+            for output in 0..60 {
+                assert_eq!(
+                    w.weigh(None, input, output),
+                    tenths(input, output),
+                    "{input} {output}"
+                );
+            }
+        }
+        let w = Weights::new(0.15, 0.6);
+        assert_eq!(w.weigh(None, 20, 0), 3);
+        assert_eq!(w.weigh(None, 1, 0), 1);
+        assert_eq!(w.weigh(None, 1_000_001, 0), 150_001); // 150000.15
+        assert_eq!(w.weigh(None, 0, 0), 0);
+        assert_eq!(
+            Weights::new(1e300, 1e300).weigh(None, u64::MAX, u64::MAX),
+            u64::MAX
+        );
     }
 }
