@@ -30,6 +30,14 @@ mod cluster;
 #[path = "gateway/rules.rs"]
 mod rules;
 
+// SIGHUP: the configuration file reloaded in a running gateway.
+#[path = "gateway/reload.rs"]
+mod reload;
+
+// gateway.toml: every key says whether SIGHUP reloads it.
+#[path = "gateway/annotations.rs"]
+mod annotations;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -159,8 +167,14 @@ impl Gateway {
         if !args.contains(&"--listen") && !env.iter().any(|(k, _)| *k == "GATEWAY_LISTEN") {
             all.extend(["--listen", "127.0.0.1:0"]);
         }
+        Self::start_exact(&all, env)
+    }
+
+    /// Starts the gateway with exactly `args` (no `--listen` added: the configuration's
+    /// `listen` applies when they have none).
+    fn start_exact(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = gateway_command()
-            .args(&all)
+            .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

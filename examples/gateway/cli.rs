@@ -1,6 +1,7 @@
 //! The command line (clap): `--listen`, `--config`, `--redis`, `--redis-cluster` and their
 //! `GATEWAY_*` environment variables, `--check-config`, and the configuration they select.
 
+use std::fmt;
 use std::process::ExitCode;
 
 use clap::builder::NonEmptyStringValueParser;
@@ -14,7 +15,7 @@ use crate::{rule_problems, upstream_auth};
 /// With no options it listens on 127.0.0.1:8080 in front of a built-in mock model, with
 /// demo API keys. Every option can also be set by its environment variable; an option on
 /// the command line wins over the variable.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "gateway",
     version,
@@ -51,26 +52,38 @@ pub(crate) struct Flags {
     pub(crate) check_config: bool,
 }
 
+/// What is wrong with a configuration: every problem found, each naming its field.
+#[derive(Debug)]
+pub(crate) struct Problems {
+    /// The file (and the options applied to it) the problems are found in, when they are
+    /// its fields'.
+    pub(crate) source: Option<String>,
+    pub(crate) list: Vec<String>,
+}
+
+impl Problems {
+    fn one(problem: String) -> Self {
+        Self {
+            source: None,
+            list: vec![problem],
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(source) = &self.source {
+            writeln!(f, "{source}:")?;
+        }
+        f.write_str(&self.list.join("\n"))
+    }
+}
+
 /// `--check-config`: every problem of the configuration, or a line saying it is valid.
 pub(crate) fn check_config(flags: &Flags) -> ExitCode {
-    let source = flags.config.as_deref().unwrap_or("built-in gateway.toml");
-    let checked = load(flags).and_then(|(cfg, _)| {
-        let problems: Vec<String> = rule_problems(&cfg)
-            .into_iter()
-            .chain(
-                cfg.models
-                    .iter()
-                    .filter_map(|(name, m)| upstream_auth(name, m).err()),
-            )
-            .collect();
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(format!("{source}:\n{}", problems.join("\n")))
-        }
-    });
-    match checked {
-        Ok(cfg) => {
+    let source = source(flags);
+    match checked(flags) {
+        Ok((cfg, _)) => {
             println!(
                 "{source}: the configuration is valid (models: {}, tiers: {}, keys: {})",
                 cfg.models.len(),
@@ -86,29 +99,59 @@ pub(crate) fn check_config(flags: &Flags) -> ExitCode {
     }
 }
 
+/// Where the configuration comes from, for messages.
+pub(crate) fn source(flags: &Flags) -> &str {
+    flags.config.as_deref().unwrap_or(BUILT_IN)
+}
+
+const BUILT_IN: &str = "built-in gateway.toml";
+
+/// [`load`], then what the library says of the rules and the upstream keys: every problem a
+/// start (or a reload) would meet before connecting to anything. `--check-config`, the start
+/// and SIGHUP all use it.
+pub(crate) fn checked(flags: &Flags) -> Result<(Config, bool), Problems> {
+    let (cfg, builtin) = load(flags)?;
+    let list: Vec<String> = rule_problems(&cfg)
+        .into_iter()
+        .chain(
+            cfg.models
+                .iter()
+                .filter_map(|(name, m)| upstream_auth(name, m).err()),
+        )
+        .collect();
+    if list.is_empty() {
+        Ok((cfg, builtin))
+    } else {
+        Err(Problems {
+            source: Some(source(flags).to_owned()),
+            list,
+        })
+    }
+}
+
 /// Reads, overrides and validates the configuration. True when it is the built-in one.
-pub(crate) fn load(flags: &Flags) -> Result<(Config, bool), String> {
+pub(crate) fn load(flags: &Flags) -> Result<(Config, bool), Problems> {
     let (mut cfg, source) = match &flags.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--config {path}: can't read the file: {e}"))?;
+                .map_err(|e| Problems::one(format!("--config {path}: can't read the file: {e}")))?;
             (
-                Config::parse(&text, path).map_err(|e| e.to_string())?,
+                Config::parse(&text, path).map_err(|e| Problems::one(e.to_string()))?,
                 path.clone(),
             )
         }
         None => (
-            Config::parse(config::DEFAULT_TOML, "built-in gateway.toml")
-                .map_err(|e| e.to_string())?,
-            "built-in gateway.toml".to_owned(),
+            Config::parse(config::DEFAULT_TOML, BUILT_IN)
+                .map_err(|e| Problems::one(e.to_string()))?,
+            BUILT_IN.to_owned(),
         ),
     };
     let mut overrides = Vec::new();
     if let Some(listen) = &flags.listen {
         if listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
+            return Err(Problems::one(format!(
                 "--listen: {listen:?} is not an IP address and port (e.g. 127.0.0.1:8080)"
-            ));
+            )));
         }
         cfg.listen = listen.clone();
         overrides.push("--listen");
@@ -134,18 +177,22 @@ pub(crate) fn load(flags: &Flags) -> Result<(Config, bool), String> {
         } else {
             "field `store.kind`: \"redis\""
         };
-        return Err(format!(
+        return Err(Problems::one(format!(
             "{what} needs the `redis` feature: \
              cargo run --release --features redis --example gateway -- ..."
-        ));
+        )));
     }
-    cfg.validate().map_err(|e| {
+    let list = cfg.problems();
+    if !list.is_empty() {
         let with = if overrides.is_empty() {
             String::new()
         } else {
             format!(" with {}", overrides.join(", "))
         };
-        format!("{source}{with}:\n{e}")
-    })?;
+        return Err(Problems {
+            source: Some(format!("{source}{with}")),
+            list,
+        });
+    }
     Ok((cfg, flags.config.is_none()))
 }

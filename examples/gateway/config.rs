@@ -1,8 +1,9 @@
 //! The configuration: `gateway.toml`'s schema, its parsing and its validation.
 //!
 //! Parsing (serde + toml) reports unknown keys and wrong types with the field's path;
-//! [`Config::validate`] checks what types can't (limits > 0, tiers that exist, upstream
-//! URLs) and names the field too. Both end the gateway with exit code 2.
+//! [`Config::problems`] checks what types can't (limits > 0, tiers that exist, upstream
+//! URLs) and names the field too. At start both end the gateway with exit code 2; on SIGHUP
+//! they keep the running configuration (`reload.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,7 +45,7 @@ fn default_listen() -> String {
 }
 
 /// How the gateway treats its clients' connections and what it passes on of their requests.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct ServerConfig {
     pub(crate) header_timeout_secs: u64,
@@ -91,7 +92,7 @@ pub(crate) enum OnFailure {
     Fallback,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct StoreConfig {
     pub(crate) kind: StoreKind,
@@ -154,7 +155,7 @@ pub(crate) enum MissingUsage {
     Estimate,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct LimiterConfig {
     pub(crate) headers: Headers,
@@ -190,13 +191,13 @@ impl Default for LimiterConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct MockConfig {
     pub(crate) token_delay_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ModelConfig {
     pub(crate) upstream: String,
@@ -283,7 +284,7 @@ impl TierConfig {
 
 /// An API key: whose it is, its tier, and the limits of the tier it overrides (per user:
 /// every key of a user sets the same ones).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct KeyConfig {
     pub(crate) user: String,
@@ -360,8 +361,8 @@ impl Config {
         })
     }
 
-    /// Checks what the types don't; returns every problem found, one per line.
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Every problem the types don't catch, each naming its field.
+    pub(crate) fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
         let mut err = |field: String, what: String| errors.push(format!("field `{field}`: {what}"));
 
@@ -603,11 +604,7 @@ impl Config {
 
         self.check_overrides(&mut err);
 
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(errors.join("\n")))
-        }
+        errors
     }
 
     /// Where the Redis store is, for messages: its URL, or the cluster's seed nodes.
@@ -682,7 +679,7 @@ impl Config {
         }
     }
 
-    /// The listen address (after `validate`).
+    /// The listen address (after `problems` found none).
     pub(crate) fn listen_addr(&self) -> SocketAddr {
         self.listen.parse().expect("validated")
     }
@@ -701,7 +698,7 @@ impl ModelConfig {
         Duration::from_secs(self.stream_idle_timeout_secs)
     }
 
-    /// The key sent upstream (after `validate`).
+    /// The key sent upstream (after `problems` found none).
     pub(crate) fn upstream_key(&self) -> Option<String> {
         match (&self.api_key, &self.api_key_env) {
             (Some(k), _) => Some(k.clone()),

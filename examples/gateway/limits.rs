@@ -4,7 +4,7 @@
 //! the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tower_llm_ratelimit::cost::{self, Cost, Weights};
 use tower_llm_ratelimit::headers::HeaderStyle;
@@ -72,7 +72,9 @@ fn resolved<'a>(callers: &'a Callers, req: &RequestView<'a>) -> Option<&'a Calle
     }
 }
 
-/// Where the counters live.
+/// Where the counters live. Clones share the counters: a reload builds its layer on a clone
+/// of the running store, so the buckets of unchanged rules keep their counts.
+#[derive(Clone)]
 pub(crate) enum Store {
     Memory(MemoryStore),
     #[cfg(feature = "redis")]
@@ -266,11 +268,29 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
     rules
 }
 
-/// The layer, on `store`.
+/// `name` as a `&'static str` (the layer's builder takes one for the idempotency header):
+/// leaked once per distinct name, however many times a configuration is loaded (each
+/// reload builds layers again).
+fn static_name(name: &str) -> &'static str {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(n) = names.iter().find(|n| **n == name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
+/// The layer, on `store` (a clone of it: the counters are shared).
+///
+/// A bucket is the rule's name and the key (`BucketKey`): a layer rebuilt from a reloaded
+/// configuration on the same store finds the counts of the rules it keeps, with their new
+/// limits applied to them.
 pub(crate) fn layer(
     cfg: &Config,
     callers: &Callers,
-    store: Store,
+    store: &Store,
     metrics: &Arc<Metrics>,
 ) -> Result<RateLimitLayer, BuildError> {
     let l = &cfg.limiter;
@@ -317,16 +337,12 @@ pub(crate) fn layer(
         })
         .observer(Metrics::observer(metrics));
     if let Some(h) = &l.idempotency_header {
-        // The builder takes a `&'static str`; the configuration lives as long as the process.
-        builder = builder.idempotency_header(Box::leak(h.clone().into_boxed_str()));
+        builder = builder.idempotency_header(static_name(h));
     }
     builder = match store {
-        Store::Memory(s) => builder.store(s),
+        Store::Memory(s) => builder.store(s.clone()),
         #[cfg(feature = "redis")]
-        Store::Redis(s) => {
-            metrics.watch_redis(s.clone());
-            builder.store(s)
-        }
+        Store::Redis(s) => builder.store(s.clone()),
     };
     builder.build()
 }

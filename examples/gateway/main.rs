@@ -17,10 +17,18 @@
 //! `GATEWAY_REDIS`, `GATEWAY_REDIS_CLUSTER`); the command line wins over it. `--help` lists
 //! them.
 //!
+//! `kill -HUP <pid>` reloads the `--config` file without a restart: API keys, tiers, models
+//! and limits change at once, the counts of unchanged rules carry over, requests in flight
+//! finish under the configuration they started with, and a file with problems changes
+//! nothing (each problem is logged with its field). `gateway.toml` says of each key whether
+//! SIGHUP reloads it or it needs a restart (`listen`, `[store]`, ...; a changed one is named
+//! in a warning and keeps its running value).
+//!
 //! | module | what |
 //! |---|---|
-//! | `main.rs` | start-up, graceful shutdown |
+//! | `main.rs` | start-up (the routes and layer a configuration makes), graceful shutdown |
 //! | `cli.rs` | the command line (clap) and its environment variables, `--check-config` |
+//! | `reload.rs` | SIGHUP: the file read again, checked, and swapped in (or refused) |
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers (a user whose keys override limits is a tier of its own), estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
@@ -45,6 +53,7 @@ mod limits;
 mod metrics;
 mod mock;
 mod proxy;
+mod reload;
 mod serve;
 mod server;
 mod tcp;
@@ -56,6 +65,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use clap::Parser;
 use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
@@ -83,7 +93,7 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let (cfg, builtin) = match cli::load(&flags) {
+    let (cfg, builtin) = match cli::checked(&flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: bad configuration:\n{e}");
@@ -100,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cfg, builtin)) {
+    match runtime.block_on(run(cfg, builtin, flags)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("gateway: bad configuration:\n{e}");
@@ -117,7 +127,7 @@ fn main() -> ExitCode {
 /// store (nothing is connected to).
 pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
     let callers = limits::callers(cfg);
-    limits::layer(cfg, &callers, limits::Store::memory(cfg), &Metrics::new())
+    limits::layer(cfg, &callers, &limits::Store::memory(cfg), &Metrics::new())
         .err()
         .map(|e| format!("rate-limit rules: {e}"))
 }
@@ -135,47 +145,27 @@ pub(crate) fn upstream_auth(
         .transpose()
 }
 
-async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
-    let metrics = Metrics::new();
-    let callers = limits::callers(&cfg);
-    // Check the rules on a throwaway memory store before connecting to anything, so that
-    // configuration errors come first.
-    if let Some(problem) = rule_problems(&cfg) {
-        return Err(Failure::Config(problem));
-    }
-    let store = match cfg.store.kind {
-        StoreKind::Memory => limits::Store::memory(&cfg),
-        #[cfg(feature = "redis")]
-        StoreKind::Redis => connect_redis(&cfg).await?,
-        #[cfg(not(feature = "redis"))]
-        StoreKind::Redis => unreachable!("checked by load()"),
-    };
-    let layer = limits::layer(&cfg, &callers, store, &metrics)
-        .map_err(|e| Failure::Config(format!("rate-limit rules: {e}")))?;
-
-    // The mock model, when a model uses it.
-    let mut mock_url = None;
-    if cfg
-        .models
-        .values()
-        .any(|m| matches!(m.upstream(), Upstream::Mock))
-    {
-        let (url, _) = mock::start(Duration::from_millis(cfg.mock.token_delay_ms))
-            .await
-            .map_err(|e| Failure::Runtime(format!("could not start the mock model: {e}")))?;
-        mock_url = Some(url);
-    }
+/// Where the requests to each model go, for `cfg`: both the start and a reload build them
+/// here. `mock_url` is the built-in mock's base URL, when it runs.
+pub(crate) fn routes(
+    cfg: &Config,
+    mock_url: Option<&str>,
+) -> Result<BTreeMap<String, Arc<ModelRoute>>, String> {
     let mut routes = BTreeMap::new();
     for (name, m) in &cfg.models {
         let (origin, path) = match m.upstream() {
             Upstream::Http { origin, path } => (origin, path),
             Upstream::Mock => {
-                let url = mock_url.as_deref().expect("started above");
-                let (origin, path) = url.rsplit_once("/v1").expect("mock URL ends with /v1");
+                let (origin, path) =
+                    mock_url
+                        .and_then(|url| url.rsplit_once("/v1"))
+                        .ok_or_else(|| {
+                            format!("field `models.{name}.upstream`: the mock model is not running")
+                        })?;
                 (origin.to_owned(), format!("{path}/v1"))
             }
         };
-        let api_key = upstream_auth(name, m).map_err(Failure::Config)?;
+        let api_key = upstream_auth(name, m)?;
         routes.insert(
             name.clone(),
             Arc::new(ModelRoute {
@@ -188,6 +178,52 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
             }),
         );
     }
+    Ok(routes)
+}
+
+/// What requests use of a configuration: its callers, routes and rate-limit layer (on
+/// `store`, whose counters every layer shares). The start and every reload build one.
+pub(crate) fn build(
+    cfg: &Config,
+    store: &limits::Store,
+    metrics: &Arc<Metrics>,
+    mock_url: Option<&str>,
+) -> Result<Arc<App>, String> {
+    let routes = routes(cfg, mock_url)?;
+    let callers = limits::callers(cfg);
+    let layer = limits::layer(cfg, &callers, store, metrics)
+        .map_err(|e| format!("rate-limit rules: {e}"))?;
+    Ok(Arc::new(App::new(
+        cfg,
+        callers,
+        routes,
+        layer,
+        Arc::clone(metrics),
+    )))
+}
+
+async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
+    // Before anything can take long: SIGHUP's default action would end the process.
+    let mut hangups = reload::Hangups::new();
+    let metrics = Metrics::new();
+    let store = match cfg.store.kind {
+        StoreKind::Memory => limits::Store::memory(&cfg),
+        #[cfg(feature = "redis")]
+        StoreKind::Redis => connect_redis(&cfg).await?,
+        #[cfg(not(feature = "redis"))]
+        StoreKind::Redis => unreachable!("checked by load()"),
+    };
+    #[cfg(feature = "redis")]
+    if let limits::Store::Redis(s) = &store {
+        metrics.watch_redis(s.clone());
+    }
+    // The mock model, when a model uses it.
+    let mut mock = mock::OnDemand::new(Duration::from_millis(cfg.mock.token_delay_ms));
+    let mock_url = mock
+        .url_for(&cfg)
+        .await
+        .map_err(|e| Failure::Runtime(format!("could not start the mock model: {e}")))?;
+    let app = build(&cfg, &store, &metrics, mock_url.as_deref()).map_err(Failure::Config)?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
         .await
@@ -201,49 +237,65 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
             &cfg,
             builtin,
             &addr.to_string(),
-            &routes,
+            &app.models,
             mock_url.as_deref()
         )
     );
 
-    let limiter = layer.clone();
-    let app = Arc::new(App::new(&cfg, callers, routes, layer, metrics));
-    let router = server::router(app);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    metrics.config_loaded();
+    let router = Arc::new(ArcSwap::from_pointee(server::router(Arc::clone(&app))));
     let connections = serve::Limits {
         header_timeout: cfg.server.header_timeout(),
         max_connections: cfg.server.max_connections,
     };
+    let mut gateway = reload::Reloader::new(reload::Running {
+        flags,
+        builtin,
+        cfg,
+        store,
+        metrics,
+        mock,
+        router: Arc::clone(&router),
+        layer: app.layer.clone(),
+    });
+    drop(app);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(serve::serve(listener, router, connections, async {
         let _ = stop_rx.await;
     }));
-    let grace = Duration::from_secs(cfg.limiter.shutdown_grace_secs);
-    tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!(
-                %signal,
-                ?grace,
-                "shutting down: no new connections, waiting for requests in flight"
-            );
-            let _ = stop_tx.send(());
-            match tokio::time::timeout(grace, &mut server).await {
-                Ok(_) => tracing::info!("every request finished"),
-                Err(_) => {
-                    server.abort();
-                    tracing::warn!(?grace, "requests still in flight after the grace period; exiting")
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            signal = &mut shutdown => {
+                // The running configuration's grace (a reload may have changed it).
+                let grace = Duration::from_secs(gateway.config().limiter.shutdown_grace_secs);
+                tracing::info!(
+                    %signal,
+                    ?grace,
+                    "shutting down: no new connections, waiting for requests in flight"
+                );
+                let _ = stop_tx.send(());
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(_) => tracing::info!("every request finished"),
+                    Err(_) => {
+                        server.abort();
+                        tracing::warn!(?grace, "requests still in flight after the grace period; exiting")
+                    }
                 }
+                // Settlements with a store that does I/O (Redis) finish in background tasks:
+                // let them reach the store before the runtime goes.
+                if tokio::time::timeout(grace, gateway.flush()).await.is_err() {
+                    tracing::warn!(?grace, "rate-limit settlements still running after the grace period");
+                }
+                return Ok(());
             }
-            // Settlements with a store that does I/O (Redis) finish in background tasks:
-            // let them reach the store before the runtime goes.
-            if tokio::time::timeout(grace, limiter.flush()).await.is_err() {
-                tracing::warn!(?grace, "rate-limit settlements still running after the grace period");
-            }
-            Ok(())
+            result = &mut server => return match result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Failure::Runtime(format!("server failed: {e}"))),
+            },
+            () = hangups.next() => gateway.reload().await,
         }
-        result = &mut server => match result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(Failure::Runtime(format!("server failed: {e}"))),
-        },
     }
 }
 

@@ -12,6 +12,8 @@
 //! | `gateway_upstream_responses_total` | model, status (a code, `unreachable`, `timeout`) | the proxy |
 //! | `gateway_upstream_response_seconds` | model | the proxy: time to the upstream's response headers |
 //! | `gateway_responses_total` | endpoint, status | every answer of the API endpoints |
+//! | `gateway_config_reloads_total` | result (`ok`, `failed`) | SIGHUP: each reload of the configuration file (`reload.rs`) |
+//! | `gateway_config_last_reload_success_timestamp_seconds` | | when the running configuration was loaded (at start, then at each successful reload), Unix time |
 //! | `gateway_store_redis_*` | | `RedisStore::stats()` at each scrape (feature `redis`) |
 
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
@@ -57,6 +60,11 @@ struct ReasonLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabel {
     action: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +119,8 @@ pub(crate) struct Metrics {
     upstream: Family<ModelStatusLabels, Counter>,
     upstream_seconds: HistogramFamily<ModelLabel>,
     responses: Family<EndpointStatusLabels, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    last_reload: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,6 +143,8 @@ impl Metrics {
             upstream: Family::default(),
             upstream_seconds: Family::new_with_constructor(upstream_histogram),
             responses: Family::default(),
+            reloads: Family::default(),
+            last_reload: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -186,6 +198,22 @@ impl Metrics {
                 "Answers of the gateway's API endpoints by status",
                 m.responses.clone(),
             );
+            r.register(
+                "config_reloads",
+                "Reloads of the configuration file (SIGHUP), by result",
+                m.reloads.clone(),
+            );
+            r.register(
+                "config_last_reload_success_timestamp_seconds",
+                "When the running configuration was loaded (start or last successful reload), \
+                 Unix time",
+                m.last_reload.clone(),
+            );
+            // Both results show from the start (at 0), so a rate or an alert on failures
+            // has a series before the first one.
+            for result in ["ok", "failed"] {
+                let _ = m.reloads.get_or_create(&ResultLabel { result });
+            }
         }
         Arc::new(m)
     }
@@ -294,6 +322,23 @@ impl Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+
+    /// The configuration now running was loaded now: at start, or by a successful reload.
+    pub(crate) fn config_loaded(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_reload.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// A reload of the configuration file ended: applied (`ok`) or refused (`failed`).
+    pub(crate) fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if ok {
+            self.config_loaded();
+        }
     }
 
     /// Exports the Redis store's counters at each scrape.

@@ -27,6 +27,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::config::{Config, Upstream};
+
 /// The most tokens the mock writes.
 const MAX_COMPLETION: u64 = 16;
 
@@ -82,6 +84,37 @@ pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, Soc
         }
     });
     Ok((format!("http://{addr}/v1"), addr))
+}
+
+/// The mock, started the first time a configuration has a model on it (at start, or by a
+/// reload), then kept running: a reload that drops its models leaves it idle.
+#[derive(Debug)]
+pub(crate) struct OnDemand {
+    token_delay: Duration,
+    url: Option<String>,
+}
+
+impl OnDemand {
+    pub(crate) fn new(token_delay: Duration) -> Self {
+        Self {
+            token_delay,
+            url: None,
+        }
+    }
+
+    /// The mock's base URL: started now if a model of `cfg` uses it and it isn't running
+    /// yet; `None` while no configuration has used it.
+    pub(crate) async fn url_for(&mut self, cfg: &Config) -> std::io::Result<Option<String>> {
+        let wanted = cfg
+            .models
+            .values()
+            .any(|m| matches!(m.upstream(), Upstream::Mock));
+        if wanted && self.url.is_none() {
+            let (url, _) = start(self.token_delay).await?;
+            self.url = Some(url);
+        }
+        Ok(self.url.clone())
+    }
 }
 
 /// The words of every string in `v` that a model reads.

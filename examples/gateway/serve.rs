@@ -22,6 +22,9 @@
 //!   operating system's listen queue (they are not refused) and are served as soon as a
 //!   connection closes. The request body's own deadline (`body_timeout_secs`, a 408) is in
 //!   `proxy::gate`, the upstream's (`timeout_secs`, `stream_idle_timeout_secs`) in the proxy.
+//! - Each request is served by the router running when it arrives (read once, without a
+//!   lock): a reload (SIGHUP) swaps the router, and requests in flight finish on the one
+//!   they started with.
 //! - On shutdown the listener closes at once (new connections are refused); connections in
 //!   flight finish their current request, then close.
 
@@ -29,6 +32,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -57,11 +61,11 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then waits for the connections
-/// in flight to finish.
+/// Serves the router in `router` (as it is when each request arrives) on `listener` until
+/// `shutdown` resolves, then waits for the connections in flight to finish.
 pub(crate) async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: Arc<ArcSwap<Router>>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -97,12 +101,12 @@ pub(crate) async fn serve(
         }
         let activity = Activity::new();
         let service = {
-            let router = router.clone();
+            let router = Arc::clone(&router);
             let activity = Arc::clone(&activity);
             TowerToHyperService::new(tower::service_fn(
                 move |req: http::Request<hyper::body::Incoming>| {
                     let in_flight = activity.begin();
-                    let answer = tower::ServiceExt::oneshot(router.clone(), req);
+                    let answer = tower::ServiceExt::oneshot(Router::clone(&router.load()), req);
                     async move {
                         let res: axum::response::Response = answer.await?;
                         Ok::<_, std::convert::Infallible>(

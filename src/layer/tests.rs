@@ -94,3 +94,51 @@ fn config_errors_are_typed_and_name_the_rule() {
         .tier("pro", Quota::per_minute(5).gcra().burst(50));
     assert!(build(vec![ok]).is_ok());
 }
+
+/// A layer rebuilt on the same store with a rule of the same name (a reloaded
+/// configuration) finds the rule's counts: a bucket is the rule's name and the key, nothing
+/// of the layer that charged it. A new limit applies to the count so far; a renamed rule
+/// starts afresh.
+#[tokio::test]
+async fn a_layer_rebuilt_on_the_same_store_keeps_the_counts_of_its_rules() {
+    use crate::clock::ManualClock;
+    use crate::store::MemoryStore;
+    use tower::ServiceExt;
+
+    let store = MemoryStore::builder().clock(ManualClock::new()).build();
+    let layer = |name: &str, limit: u64| {
+        RateLimitLayer::builder()
+            .rule(Rule::new(name, k(), Quota::per_minute(limit)))
+            .store(store.clone())
+            .build()
+            .unwrap()
+    };
+    let send = |layer: &RateLimitLayer| {
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(tower::service_fn(
+                |_: http::Request<crate::RequestBody<String>>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+                },
+            ));
+        let req = http::Request::builder()
+            .header("x-api-key", "alice")
+            .body(String::new())
+            .unwrap();
+        async move { svc.oneshot(req).await.unwrap().status().as_u16() }
+    };
+
+    let first = layer("rpm", 5);
+    for _ in 0..3 {
+        assert_eq!(send(&first).await, 200);
+    }
+    // 3 of 5 used; rebuilt with 4: one more.
+    let lowered = layer("rpm", 4);
+    assert_eq!(send(&lowered).await, 200);
+    assert_eq!(send(&lowered).await, 429);
+    // Both layers count in one bucket: the first (limit 5) has one left.
+    assert_eq!(send(&first).await, 200);
+    assert_eq!(send(&first).await, 429);
+    // Another name is another bucket.
+    assert_eq!(send(&layer("rpm-v2", 4)).await, 200);
+}
