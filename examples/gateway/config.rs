@@ -232,7 +232,12 @@ pub(crate) struct TierConfig {
     pub(crate) input_tpm: Option<u64>,
     pub(crate) output_tpm: Option<u64>,
     pub(crate) concurrent: Option<u64>,
+    /// Spend per UTC calendar day, reset at midnight UTC.
     pub(crate) daily_cost: Option<u64>,
+    /// Spend per UTC calendar month, reset on the 1st.
+    pub(crate) monthly_cost: Option<u64>,
+    /// Input + output tokens per UTC calendar month, reset on the 1st.
+    pub(crate) monthly_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -452,6 +457,8 @@ impl Config {
                 ("output_tpm", t.output_tpm),
                 ("concurrent", t.concurrent),
                 ("daily_cost", t.daily_cost),
+                ("monthly_cost", t.monthly_cost),
+                ("monthly_tokens", t.monthly_tokens),
             ] {
                 if v == Some(0) {
                     err(
