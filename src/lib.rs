@@ -66,11 +66,11 @@
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` parser, one file per framing) |
-//! | [`algorithm`] | sliding window counter, sliding window log, GCRA: pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
+//! | [`algorithm`] | sliding window counter, sliding window log, GCRA, calendar window (UTC hour, day, month): pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek; idempotent retries: `acquire_once` / `fail_attempt`, the table of what a retry is charged) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell, one for least-recently-used eviction at `max_keys`, one for long keys held as digests, one for the table of failed idempotent attempts); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, its replies checked against the call that asked (`reply.rs`), versioned key layout, circuit breaker, lazy connection, concurrency slots released in the background after failed calls) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
-//! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests |
+//! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests: monotonic time, and the wall clock for calendar windows |
 //!
 //! Arrows point one way: the layer uses keys, costs, stores and headers; stores use the
 //! algorithms; algorithms know nothing of HTTP, locks or time sources.
@@ -85,10 +85,19 @@
 //! let counter = Quota::per_minute(60);                     // default: O(1), approximate
 //! let exact = Quota::per_minute(60).sliding_window_log();   // exact, memory per charge
 //! let smooth = Quota::per_second(5).gcra().burst(20);       // GCRA with a burst of 20
-//! # let _ = (counter, exact, smooth);
+//! let budget = Quota::per_calendar_month(2_000_000).tokens(); // resets on the 1st, UTC
+//! # let _ = (counter, exact, smooth, budget);
 //! ```
 //! See [`algorithm`] for their bounds. [`Quota::concurrent`] limits requests in flight
 //! instead of a rate.
+//!
+//! Budgets that reset on the calendar ([`Quota::per_calendar_hour`],
+//! [`Quota::per_calendar_day`], [`Quota::per_calendar_month`]) are exact fixed windows aligned
+//! on UTC hours, midnights and 1sts of the month: no charge is admitted once what the period
+//! counted plus the charge would pass the limit (a token rule's settlement may still take it
+//! over), and `reset` in headers and snapshots is the period's end. Their time is the wall
+//! clock ([`clock::Clock::unix_nanos`]; Redis: the server's `TIME`), the date computed
+//! without a date library (Hinnant's civil-date algorithms, in Rust and in the Lua script).
 //!
 //! # Tokens: reserve, then settle
 //!

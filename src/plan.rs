@@ -14,7 +14,7 @@ use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
 use crate::layer::{FailurePolicy, Shared};
 use crate::observe::{DecisionEvent, Outcome, RuleDecision};
-use crate::reject::Rejection;
+use crate::reject::{Per, Rejection};
 use crate::rule::{Algorithm, MissingKey, Quota, Unit};
 use crate::settle::{Pending, Settle};
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError, StoreFuture};
@@ -401,7 +401,7 @@ pub(crate) fn conclude(
             rule,
             p.quota.unit().as_str(),
             snapshot.limit,
-            p.quota.window(),
+            Per::of(&p.quota),
             snapshot.limit.saturating_sub(snapshot.remaining),
             p.amount,
             denial.retry_after,

@@ -11,7 +11,8 @@
 //!
 //! A denial's message names the rule, its limit and window, what is used and what was
 //! requested, like OpenAI's: ``Rate limit reached for rule `user-tpm` on tokens: limit
-//! 100000 per 1m0s, used 99500, requested 1200. Please try again in 12s.``
+//! 100000 per 1m0s, used 99500, requested 1200. Please try again in 12s.`` (a calendar
+//! budget says `per UTC calendar day`, `hour` or `month`).
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
+use crate::algorithm::CalendarPeriod;
 use crate::headers::go_duration;
 
 /// `grpc-status`: a gRPC call's outcome (trailers, or the headers of a trailers-only response).
@@ -30,6 +32,24 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// What a denied rule's limit is per, for its message.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Per {
+    /// A window of this length.
+    Window(Duration),
+    /// A calendar period.
+    Calendar(CalendarPeriod),
+}
+
+impl Per {
+    pub(crate) fn of(quota: &crate::Quota) -> Self {
+        match quota.algorithm() {
+            crate::Algorithm::Calendar(period) => Per::Calendar(period),
+            _ => Per::Window(quota.window()),
+        }
+    }
 }
 
 /// Why a request is turned away.
@@ -58,12 +78,17 @@ impl Rejection {
         rule: &str,
         unit: &'static str,
         limit: u64,
-        window: Duration,
+        per: Per,
         used: u64,
         requested: u64,
         retry_after: Option<Duration>,
     ) -> Self {
-        let window = go_duration(window);
+        let window = match per {
+            Per::Window(w) => go_duration(w),
+            Per::Calendar(CalendarPeriod::Hour) => "UTC calendar hour".to_owned(),
+            Per::Calendar(CalendarPeriod::Day) => "UTC calendar day".to_owned(),
+            Per::Calendar(CalendarPeriod::Month) => "UTC calendar month".to_owned(),
+        };
         let message = match retry_after {
             Some(wait) => format!(
                 "Rate limit reached for rule `{rule}` on {unit}: limit {limit} per {window}, \
@@ -191,7 +216,7 @@ mod tests {
             "user-tpm",
             "tokens",
             100,
-            Duration::from_secs(60),
+            Per::Window(Duration::from_secs(60)),
             90,
             20,
             Some(Duration::from_millis(1500)),
@@ -209,6 +234,27 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_calendar_denial_names_its_period() {
+        let r = Rejection::rate_limited(
+            "user-monthly-tokens",
+            "tokens",
+            100,
+            Per::Calendar(CalendarPeriod::Month),
+            90,
+            20,
+            Some(Duration::from_secs(3_600)),
+        )
+        .into_response(&HeaderMap::new(), HeaderMap::new());
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "Rate limit reached for rule `user-monthly-tokens` on tokens: limit 100 per UTC \
+             calendar month, used 90, requested 20. Please try again in 1h0m0s."
+        );
+    }
+
     #[test]
     fn grpc_denial_is_trailers_only() {
         let mut grpc_request = HeaderMap::new();
@@ -216,8 +262,16 @@ mod tests {
             CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        let r = Rejection::rate_limited("r", "requests", 1, Duration::from_secs(1), 1, 1, None)
-            .into_response(&grpc_request, HeaderMap::new());
+        let r = Rejection::rate_limited(
+            "r",
+            "requests",
+            1,
+            Per::Window(Duration::from_secs(1)),
+            1,
+            1,
+            None,
+        )
+        .into_response(&grpc_request, HeaderMap::new());
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "8");
         assert_eq!(percent_encode("a%b\né"), "a%25b%0A%C3%A9");

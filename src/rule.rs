@@ -35,7 +35,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::algorithm::Limits;
+use crate::algorithm::{CalendarPeriod, Limits};
 use crate::key::KeyExtractor;
 
 /// What a quota counts.
@@ -94,6 +94,18 @@ pub enum Algorithm {
     Gcra,
     /// At most `limit` requests in flight; see [`Quota::concurrent`].
     Concurrency,
+    /// An exact count per UTC calendar period, reset at the boundary (midnight, the 1st of
+    /// the month); see [`Quota::per_calendar_day`]. The quota's window is not used.
+    Calendar(CalendarPeriod),
+}
+
+impl Algorithm {
+    /// True for [`Algorithm::Calendar`]: its time is the wall clock's
+    /// ([`crate::clock::Clock::unix_nanos`]), not the monotonic one.
+    #[inline]
+    pub const fn is_calendar(self) -> bool {
+        matches!(self, Algorithm::Calendar(_))
+    }
 }
 
 /// A limit over a window, in a unit, enforced by an algorithm.
@@ -169,6 +181,40 @@ impl Quota {
     /// `limit` per day (24 hours).
     pub const fn per_day(limit: u64) -> Self {
         Self::new(limit, Duration::from_secs(86_400))
+    }
+
+    /// `limit` per UTC calendar hour (from hh:00 to the next hour), an exact count reset at
+    /// the boundary ([`Algorithm::Calendar`]).
+    pub const fn per_calendar_hour(limit: u64) -> Self {
+        Self::calendar(limit, CalendarPeriod::Hour)
+    }
+
+    /// `limit` per UTC calendar day, reset at midnight UTC: a daily budget. Exact: no
+    /// charge is admitted once what the day has counted plus the charge would pass the limit
+    /// (a token charge's settlement to real usage may still take it over, as on any token
+    /// rule). Unlike [`Quota::per_day`], the day does not slide, so the end of one day and
+    /// the start of the next may together admit `2 x limit`.
+    pub const fn per_calendar_day(limit: u64) -> Self {
+        Self::calendar(limit, CalendarPeriod::Day)
+    }
+
+    /// `limit` per UTC calendar month, reset at 00:00 UTC on the 1st (see
+    /// [`Quota::per_calendar_day`]).
+    ///
+    /// ```
+    /// use tower_llm_ratelimit::{algorithm::CalendarPeriod, Algorithm, Quota};
+    ///
+    /// let budget = Quota::per_calendar_month(5_000_000).tokens();
+    /// assert_eq!(budget.algorithm(), Algorithm::Calendar(CalendarPeriod::Month));
+    /// ```
+    pub const fn per_calendar_month(limit: u64) -> Self {
+        Self::calendar(limit, CalendarPeriod::Month)
+    }
+
+    /// `limit` per calendar `period`; the window is the period's longest length (31 days for
+    /// a month), which only Redis' key expiry and the `RateLimit-Policy` header's `w` read.
+    pub const fn calendar(limit: u64, period: CalendarPeriod) -> Self {
+        Self::new(limit, period.longest()).using(Algorithm::Calendar(period))
     }
 
     /// Counts tokens instead of requests.

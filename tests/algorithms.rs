@@ -1,8 +1,8 @@
-//! Reference-model property tests for the three algorithms: random charges, settlements and
-//! clock steps against simple, obviously-correct models.
+//! Reference-model property tests for the algorithms: random charges, settlements and clock
+//! steps against simple, obviously-correct models.
 
 use proptest::prelude::*;
-use tower_llm_ratelimit::algorithm::{Limits, Placement, State, Verdict};
+use tower_llm_ratelimit::algorithm::{CalendarPeriod, Limits, Placement, State, Verdict};
 use tower_llm_ratelimit::Algorithm;
 
 #[derive(Debug, Clone)]
@@ -230,4 +230,118 @@ proptest! {
         prop_assert!(state.is_idle(&l, later));
         prop_assert_eq!(state.peek(&l, later).remaining, limit);
     }
+
+    /// Calendar window against a naive model: the UTC date of each charge is found by
+    /// counting days from 1970 (not by the algorithm's arithmetic), and the window admits iff
+    /// what the current period holds (settlements included) plus the cost fits the limit.
+    /// The clock starts a little before a month's end around a leap day and moves by up to
+    /// two days, so runs cross hours, days, month ends and Dec 31 -> Jan 1.
+    #[test]
+    fn calendar_window_matches_a_naive_calendar(
+        period in prop_oneof![Just(CalendarPeriod::Hour), Just(CalendarPeriod::Day), Just(CalendarPeriod::Month)],
+        limit in 1..20u64,
+        start in prop_oneof![Just((2027u64, 12u64)), Just((2028, 2)), Just((2100, 2)), Just((2000, 2)), Just((2031, 4))],
+        before_end in 0..3 * DAY,
+        ops in calendar_ops(),
+    ) {
+        let l = Limits::new(limit, period.longest().as_nanos() as u64, limit);
+        let mut state = State::new(Algorithm::Calendar(period));
+        let (y, m) = start;
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        let mut now = naive_day(ny, nm, 1) * DAY - before_end;
+        // (period key, amount) of every admitted charge, settlements applied.
+        let mut reference: Vec<((u64, u64, u64, u64), u64)> = Vec::new();
+        let mut admitted: Vec<(Placement, u64, usize)> = Vec::new();
+        let key = |t: u64| {
+            let (y, m, d) = naive_date(t / DAY);
+            let h = t % DAY / HOUR;
+            match period {
+                CalendarPeriod::Hour => (y, m, d, h),
+                CalendarPeriod::Day => (y, m, d, 0),
+                _ => (y, m, 0, 0),
+            }
+        };
+        for op in ops {
+            match op {
+                Op::Charge { dt, cost } => {
+                    now += dt;
+                    let used: u64 = reference.iter().filter(|(k, _)| *k == key(now)).map(|e| e.1).sum();
+                    let got = state.check(&l, now, cost);
+                    prop_assert_eq!(got == Verdict::Allow, used + cost <= limit, "used {} cost {}", used, cost);
+                    match got {
+                        Verdict::Allow => {
+                            let p = state.charge(&l, now, cost);
+                            reference.push((key(now), cost));
+                            admitted.push((p, cost, reference.len() - 1));
+                        }
+                        Verdict::Deny { retry_after } => check_retry(&state, &l, now, cost, retry_after),
+                    }
+                    let used: u64 = reference.iter().filter(|(k, _)| *k == key(now)).map(|e| e.1).sum();
+                    let peek = state.peek(&l, now);
+                    prop_assert_eq!(peek.remaining, limit.saturating_sub(used));
+                    // The reset is the first instant of another period.
+                    let end = now + peek.reset_after_nanos;
+                    prop_assert_ne!(key(end), key(now));
+                    prop_assert_eq!(key(end - 1), key(now));
+                }
+                Op::Settle { nth, actual_pct } => {
+                    if admitted.is_empty() { continue; }
+                    let (p, charged, idx) = admitted.swap_remove(nth % admitted.len());
+                    let actual = charged * actual_pct / 100;
+                    state.adjust(&l, now, p, charged, actual);
+                    if actual > charged {
+                        reference.push((key(now), actual - charged));
+                    } else if reference[idx].0 == key(now) {
+                        reference[idx].1 -= charged - actual;
+                    }
+                }
+            }
+        }
+    }
+}
+
+const HOUR: u64 = 3_600_000_000_000;
+const DAY: u64 = 24 * HOUR;
+
+fn calendar_ops() -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        4 => (0..HOUR / 2, 0..=22u64).prop_map(|(dt, cost)| Op::Charge { dt, cost }),
+        1 => (0..2 * DAY, 0..=22u64).prop_map(|(dt, cost)| Op::Charge { dt, cost }),
+        1 => (any::<usize>(), 0..=200u64).prop_map(|(nth, actual_pct)| Op::Settle { nth, actual_pct }),
+    ];
+    prop::collection::vec(op, 1..120)
+}
+
+fn leap(y: u64) -> bool {
+    (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
+}
+
+fn month_days(y: u64, m: u64) -> u64 {
+    [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][m as usize - 1] + u64::from(m == 2 && leap(y))
+}
+
+/// Days from 1970-01-01 to `y-m-d`, counted year by year and month by month.
+fn naive_day(y: u64, m: u64, d: u64) -> u64 {
+    let years: u64 = (1970..y).map(|y| if leap(y) { 366 } else { 365 }).sum();
+    let months: u64 = (1..m).map(|m| month_days(y, m)).sum();
+    years + months + d - 1
+}
+
+/// The date of day `n` since 1970-01-01, counted the same way.
+fn naive_date(mut n: u64) -> (u64, u64, u64) {
+    let mut y = 1970;
+    loop {
+        let len = if leap(y) { 366 } else { 365 };
+        if n < len {
+            break;
+        }
+        n -= len;
+        y += 1;
+    }
+    let mut m = 1;
+    while n >= month_days(y, m) {
+        n -= month_days(y, m);
+        m += 1;
+    }
+    (y, m, n + 1)
 }

@@ -450,3 +450,71 @@ fn threads_with_eviction_never_admit_more_than_the_limit_while_resident() {
         reports.len()
     );
 }
+
+/// Calendar budgets under many threads while the wall clock crosses Dec 31 -> Jan 1 (a day
+/// and a month end at once): weighted requests, some charging a daily and a monthly budget
+/// together (the multi-rule path), others the daily budget alone. Every period of each
+/// budget admits at most its limit, and is filled up to the last unit or two.
+/// (Placements are period indexes: days since the epoch, months since 1970-01.)
+#[test]
+fn threads_across_midnight_never_overshoot_a_calendar_period() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    const LIMIT: u64 = 3_000;
+    // Smaller: the monthly budget fills first, from the requests charging both.
+    const MONTHLY: u64 = 1_000;
+    let clock = ManualClock::new();
+    // 2027-12-31 23:59:59 UTC.
+    clock.set_unix(Duration::from_secs(1_830_297_599));
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let daily = Quota::per_calendar_day(LIMIT).tokens();
+    let monthly = Quota::per_calendar_month(MONTHLY).tokens();
+    let attempts = AtomicU64::new(0);
+    // (rule, period index) -> units admitted.
+    let landed: Mutex<HashMap<(&str, u64), u64>> = Mutex::new(HashMap::new());
+    std::thread::scope(|s| {
+        for t in 0..16u64 {
+            let (store, clock, daily, monthly) = (store.clone(), clock.clone(), &daily, &monthly);
+            let (attempts, landed) = (&attempts, &landed);
+            s.spawn(move || {
+                let (day, month) = (BucketKey::new("day", "u"), BucketKey::new("month", "u"));
+                for i in 0..1_000u64 {
+                    // The 4,000th attempt moves the wall clock past midnight.
+                    if attempts.fetch_add(1, Ordering::Relaxed) == 4_000 {
+                        clock.advance(Duration::from_secs(1));
+                    }
+                    let amount = 1 + (t + i) % 3;
+                    let both = [
+                        Charge::new(&day, daily, amount),
+                        Charge::new(&month, monthly, amount),
+                    ];
+                    let charges = if i % 2 == 0 { &both[..] } else { &both[..1] };
+                    let d = store.try_acquire(charges).unwrap();
+                    if d.is_admitted() {
+                        let mut landed = landed.lock().unwrap();
+                        for (name, c) in ["day", "month"].into_iter().zip(d.charges.iter()) {
+                            *landed.entry((name, c.placement.0)).or_default() += amount;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let landed = landed.into_inner().unwrap();
+    let (dec31, jan1) = (21_183, 21_184);
+    let (dec, jan) = (57 * 12 + 11, 58 * 12);
+    for (key, limit) in [
+        (("day", dec31), LIMIT),
+        (("day", jan1), LIMIT),
+        (("month", dec), MONTHLY),
+        (("month", jan), MONTHLY),
+    ] {
+        let n = landed.get(&key).copied().unwrap_or(0);
+        assert!(
+            (limit - 2..=limit).contains(&n),
+            "{key:?}: {n} admitted, limit {limit} ({landed:?})"
+        );
+    }
+    assert_eq!(landed.len(), 4, "{landed:?}");
+}

@@ -38,6 +38,10 @@ mod reload;
 #[path = "gateway/annotations.rs"]
 mod annotations;
 
+// Budgets per UTC day and month: refused until midnight or the 1st, shown with their reset.
+#[path = "gateway/budgets.rs"]
+mod budgets;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -1317,6 +1321,14 @@ fn each_bad_config_field_is_named() {
         ),
         (base("rpmx = 10", ""), vec!["unknown field `rpmx`"]),
         (base("daily_cost = -1", ""), vec!["`tiers.free.daily_cost`"]),
+        (
+            base("monthly_tokens = 0", ""),
+            vec!["`tiers.free.monthly_tokens`", "must be > 0"],
+        ),
+        (
+            base("monthly_cost = 1.5", ""),
+            vec!["`tiers.free.monthly_cost`", "expected u64"],
+        ),
         (
             good.replace("tier = \"free\"", "tier = \"gold\""),
             vec!["`keys.k.tier`", "unknown tier \"gold\"", "free"],

@@ -1367,3 +1367,85 @@ async fn cluster_failover_finds_the_promoted_replica_and_keeps_the_count() {
     assert_eq!(admitted, 10);
     assert_eq!(peek(&store, &bucket, &quota).await.remaining, 0);
 }
+
+/// A calendar bucket's key lives until its UTC period ends (plus a second), computed by the
+/// script: across Dec 31 -> Jan 1, and before the leap day of 2028.
+#[tokio::test]
+async fn calendar_keys_expire_when_their_period_ends() {
+    let Some((server, clock, store)) = started().await else {
+        return;
+    };
+    let near = |got: i64, want: i64| got <= want && got > want - 5_000;
+    // 2027-12-31 23:59:00 UTC: both periods end in a minute.
+    let (d, m) = calendar_ttls(&server, &store, &clock, 1_830_297_540).await;
+    assert!(near(d, 61_000) && near(m, 61_000), "{d} {m}");
+    // 2028-02-28 23:59:00 UTC: the day ends in a minute, the month after Feb 29.
+    let (d, m) = calendar_ttls(&server, &store, &clock, 1_835_395_140).await;
+    assert!(near(d, 61_000), "{d}");
+    assert!(near(m, 86_461_000), "{m}");
+}
+
+/// At `unix_secs` on the wall clock, charges a daily and a monthly budget; their keys' PTTLs.
+async fn calendar_ttls(
+    server: &RedisServer,
+    store: &RedisStore,
+    clock: &ManualClock,
+    unix_secs: u64,
+) -> (i64, i64) {
+    clock.set_unix(Duration::from_secs(unix_secs));
+    let (daily, monthly) = (Quota::per_calendar_day(100), Quota::per_calendar_month(100));
+    let (day, month) = (BucketKey::new("day", "u"), BucketKey::new("month", "u"));
+    let d = acquire(
+        store,
+        &[
+            Charge::new(&day, &daily, 1),
+            Charge::new(&month, &monthly, 1),
+        ],
+    )
+    .await;
+    assert!(d.is_admitted());
+    let keys = server.keys();
+    let find = |rule: &str| {
+        let k = keys
+            .iter()
+            .find(|k| tag_of(k, "rl", rule).is_some())
+            .unwrap_or_else(|| panic!("no key for {rule} in {keys:?}"));
+        pttl(server, k)
+    };
+    (find("day"), find("month"))
+}
+
+/// Without a test clock the script takes the date from the server's `TIME`: a calendar day's
+/// reset is the next UTC midnight by this machine's clock (the same clock; a few seconds of
+/// slack for the time between the two reads).
+#[tokio::test]
+async fn calendar_windows_use_the_servers_clock() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = within(
+        "connecting to redis-server",
+        RedisStore::builder(server.url())
+            .timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .expect("connecting");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    let s = peek(
+        &store,
+        &BucketKey::new("day", "u"),
+        &Quota::per_calendar_day(5),
+    )
+    .await;
+    let reset = Duration::from_nanos(s.reset_after_nanos).as_secs();
+    assert!(
+        reset.abs_diff(to_midnight) <= 5 || reset.abs_diff(to_midnight + 86_400) <= 5,
+        "reset in {reset}s, midnight in {to_midnight}s"
+    );
+    assert_eq!(s.remaining, 5);
+}

@@ -80,6 +80,8 @@ struct Step {
 #[derive(Debug)]
 struct Sequence {
     name: String,
+    /// Where the clock's wall clock stands at `t = 0` (calendar windows), if set.
+    unix_origin_ms: Option<u64>,
     steps: Vec<Step>,
 }
 
@@ -119,6 +121,9 @@ fn parse_spec(v: &Value, at: &str, with_amount: bool) -> Spec {
         .and_then(Value::as_u64)
         .map(Duration::from_millis);
     let quota = match s("algorithm").as_str() {
+        "calendar_hour" => Quota::per_calendar_hour(limit),
+        "calendar_day" => Quota::per_calendar_day(limit),
+        "calendar_month" => Quota::per_calendar_month(limit),
         "concurrency" => {
             let q = Quota::concurrent(limit);
             match window {
@@ -163,6 +168,10 @@ fn parse(text: &str) -> Vectors {
         .enumerate()
     {
         let name = seq["name"].as_str().unwrap_or("unnamed").to_owned();
+        let unix_origin_ms = seq.get("unix_origin_ms").map(|v| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("sequence {i}: bad `unix_origin_ms`"))
+        });
         let mut steps = Vec::new();
         let mut ids: HashMap<String, usize> = HashMap::new();
         let mut last_t = 0;
@@ -255,7 +264,11 @@ fn parse(text: &str) -> Vectors {
             };
             steps.push(Step { t_ms, op });
         }
-        sequences.push(Sequence { name, steps });
+        sequences.push(Sequence {
+            name,
+            unix_origin_ms,
+            steps,
+        });
     }
     Vectors {
         origin_ms,
@@ -305,6 +318,9 @@ async fn run_sequence(
     for (j, step) in seq.steps.iter().enumerate() {
         let at = format!("{:?} step {j} (t={} ms)", seq.name, step.t_ms);
         clock.set(Duration::from_millis(origin_ms + step.t_ms));
+        if let Some(unix_ms) = seq.unix_origin_ms {
+            clock.set_unix(Duration::from_millis(unix_ms + step.t_ms));
+        }
         match &step.op {
             Op::Acquire {
                 id,
@@ -438,7 +454,8 @@ fn the_vector_file_covers_every_algorithm_and_operation() {
             }
         }
     }
-    assert_eq!(algorithms.len(), 4, "{algorithms:?}");
+    // The four algorithms, and the calendar window over each of its three periods.
+    assert_eq!(algorithms.len(), 7, "{algorithms:?}");
     assert!(multi > 0 && settles > 0 && peeks > 0 && never > 0);
 }
 
@@ -533,6 +550,11 @@ mod redis {
                 Quota::new(100, Duration::from_secs(100)).gcra().burst(30),
             ),
             (BucketKey::new("slots", "k"), Quota::concurrent(3)),
+            // The sequences cross 02:00 on the wall clock (see `random_sequences`).
+            (
+                BucketKey::new("calendar", "k"),
+                Quota::per_calendar_hour(40).tokens(),
+            ),
         ]
     }
 
@@ -615,6 +637,9 @@ mod redis {
             let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
             let clock = ManualClock::new();
             clock.set(Duration::from_secs(1_000));
+            // Five minutes before 02:00 UTC on the wall clock: calendar hours roll over
+            // mid-sequence.
+            clock.set_unix(Duration::from_secs(2 * 3_600 - 300));
             let memory = MemoryStore::builder().clock(clock.clone()).build();
             let redis = connect(&server, &format!("{name}{seed}"), &clock).await;
             // Admitted charges not yet settled: (quota index, amount, memory and Redis placement).

@@ -778,3 +778,75 @@ async fn observers_see_settlements() {
         )]
     );
 }
+
+/// A monthly token budget through the layer: the estimate is reserved, settled to the real
+/// usage, the headers' reset is the end of the month (UTC), a request whose reservation would
+/// pass the budget is refused until the 1st, and the new month admits again. The wall clock
+/// is a manual one, standing an hour before March 1st, 2028 (after a leap day).
+#[tokio::test]
+async fn a_monthly_token_budget_resets_on_the_first() {
+    use tower_llm_ratelimit::clock::ManualClock;
+    use tower_llm_ratelimit::store::MemoryStore;
+
+    let clock = ManualClock::new();
+    // 2028-02-29 23:00:00 UTC.
+    clock.set_unix(Duration::from_secs(1_835_478_000));
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new(
+            "budget",
+            key::global(),
+            Quota::per_calendar_month(1_000).tokens(),
+        ))
+        .cost(max_tokens_estimate())
+        .store(MemoryStore::builder().clock(clock.clone()).build())
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+
+    let r = send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "200,100")],
+        chat(600),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "400");
+    assert_eq!(r.headers["x-ratelimit-reset-tokens"], "1h0m0s");
+    assert_eq!(r.headers["ratelimit"], "\"budget\";r=400;t=3600");
+    // Settled to the 300 tokens used.
+    remaining_eventually(&s.layer, 0, 700).await;
+
+    // 300 used + 800 reserved would pass 1,000: refused until the 1st.
+    clock.advance(Duration::from_secs(1_800));
+    let r = send(s.addr, &[("x-mode", "json")], chat(800)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers["retry-after"], "1800");
+    let body = std::str::from_utf8(&r.body).unwrap();
+    assert!(
+        body.contains("limit 1000 per UTC calendar month, used 300, requested 800"),
+        "{body}"
+    );
+    // 700 fits exactly: the budget is spent + reserved <= limit, not <.
+    let r = send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "400,300")],
+        chat(700),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "0");
+    remaining_eventually(&s.layer, 0, 0).await;
+
+    // March 1st, 00:00:00 UTC: a new month, 31 days long.
+    clock.advance(Duration::from_secs(1_800));
+    let r = send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "10,10")],
+        chat(800),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-ratelimit-remaining-tokens"], "200");
+    assert_eq!(r.headers["ratelimit"], "\"budget\";r=200;t=2678400");
+    remaining_eventually(&s.layer, 0, 980).await;
+}

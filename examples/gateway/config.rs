@@ -236,12 +236,17 @@ pub(crate) struct TierConfig {
     pub(crate) input_tpm: Option<u64>,
     pub(crate) output_tpm: Option<u64>,
     pub(crate) concurrent: Option<u64>,
+    /// Spend per UTC calendar day, reset at midnight UTC.
     pub(crate) daily_cost: Option<u64>,
+    /// Spend per UTC calendar month, reset on the 1st.
+    pub(crate) monthly_cost: Option<u64>,
+    /// Input + output tokens per UTC calendar month, reset on the 1st.
+    pub(crate) monthly_tokens: Option<u64>,
 }
 
 impl TierConfig {
     /// Every limit by its name in the file.
-    pub(crate) fn limits(&self) -> [(&'static str, Option<u64>); 6] {
+    pub(crate) fn limits(&self) -> [(&'static str, Option<u64>); 8] {
         // Destructured, so that a new limit can't be forgotten here.
         let TierConfig {
             rpm,
@@ -250,6 +255,8 @@ impl TierConfig {
             output_tpm,
             concurrent,
             daily_cost,
+            monthly_cost,
+            monthly_tokens,
         } = *self;
         [
             ("rpm", rpm),
@@ -258,6 +265,8 @@ impl TierConfig {
             ("output_tpm", output_tpm),
             ("concurrent", concurrent),
             ("daily_cost", daily_cost),
+            ("monthly_cost", monthly_cost),
+            ("monthly_tokens", monthly_tokens),
         ]
     }
 
@@ -270,6 +279,8 @@ impl TierConfig {
             output_tpm,
             concurrent,
             daily_cost,
+            monthly_cost,
+            monthly_tokens,
         } = *overrides;
         TierConfig {
             rpm: rpm.or(self.rpm),
@@ -278,6 +289,8 @@ impl TierConfig {
             output_tpm: output_tpm.or(self.output_tpm),
             concurrent: concurrent.or(self.concurrent),
             daily_cost: daily_cost.or(self.daily_cost),
+            monthly_cost: monthly_cost.or(self.monthly_cost),
+            monthly_tokens: monthly_tokens.or(self.monthly_tokens),
         }
     }
 }
@@ -295,6 +308,8 @@ pub(crate) struct KeyConfig {
     pub(crate) output_tpm: Option<u64>,
     pub(crate) concurrent: Option<u64>,
     pub(crate) daily_cost: Option<u64>,
+    pub(crate) monthly_cost: Option<u64>,
+    pub(crate) monthly_tokens: Option<u64>,
 }
 
 impl KeyConfig {
@@ -307,6 +322,8 @@ impl KeyConfig {
             output_tpm: self.output_tpm,
             concurrent: self.concurrent,
             daily_cost: self.daily_cost,
+            monthly_cost: self.monthly_cost,
+            monthly_tokens: self.monthly_tokens,
         }
     }
 

@@ -1,7 +1,8 @@
 //! From the configuration to a `RateLimitLayer`: the API keys, one rule per kind of per-user
 //! limit (with a quota per tier, and per user whose keys override their tier's limits), one
-//! rule per per-model limit, the OpenAI token estimator, prices for the daily budgets, and
-//! the store.
+//! rule per per-model limit, the OpenAI token estimator, prices for the spend budgets, and
+//! the store. Budgets (`daily_cost`, `monthly_cost`, `monthly_tokens`) are calendar windows:
+//! exact counts per UTC day or month, reset at midnight UTC or on the 1st.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -193,7 +194,7 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
         AlgorithmName::SlidingWindowCounter => q.sliding_window_counter(),
         AlgorithmName::SlidingWindowLog => q.sliding_window_log(),
     };
-    let kinds: [Kind<'_>; 6] = [
+    let kinds: [Kind<'_>; 8] = [
         (
             "rpm",
             |t| t.rpm,
@@ -225,11 +226,23 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
             Box::new(Quota::concurrent),
         ),
         (
-            // Per day: always the O(1) counter (a log would hold a day of entries per user).
+            // Budgets: calendar windows (UTC), whatever the rate limits' algorithm.
             "daily-cost",
             |t| t.daily_cost,
             |_| None,
-            Box::new(|n| Quota::per_day(n).cost_units()),
+            Box::new(|n| Quota::per_calendar_day(n).cost_units()),
+        ),
+        (
+            "monthly-cost",
+            |t| t.monthly_cost,
+            |_| None,
+            Box::new(|n| Quota::per_calendar_month(n).cost_units()),
+        ),
+        (
+            "monthly-tokens",
+            |t| t.monthly_tokens,
+            |_| None,
+            Box::new(|n| Quota::per_calendar_month(n).tokens()),
         ),
     ];
     let limit_tiers = limit_tiers(cfg);

@@ -1,6 +1,7 @@
 //! An OpenAI-compatible LLM gateway built on `tower-llm-ratelimit`: API keys with tiers (and
 //! per-key overrides of a tier's limits), per-user and per-model limits on requests, tokens,
-//! concurrency and daily spend, upstreams
+//! concurrency, budgets of spend and tokens per UTC day or month (reset at midnight UTC and on
+//! the 1st), upstreams
 //! per model, streaming, Prometheus metrics, and a built-in mock model so that it runs with
 //! nothing else on the machine.
 //!
@@ -32,7 +33,7 @@
 //! | `config.rs` | `gateway.toml`'s schema and validation (the file is also the built-in default) |
 //! | `limits.rs` | the rules, tiers (a user whose keys override limits is a tier of its own), estimator, prices and store of the `RateLimitLayer` |
 //! | `serve.rs` | client connections: header deadline, connection cap, graceful shutdown |
-//! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
+//! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit` (each limit and budget, with its reset time), `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
 //! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
@@ -432,7 +433,9 @@ fn limits_of_tier(t: &config::TierConfig) -> String {
         (t.input_tpm, "input tokens/min"),
         (t.output_tpm, "output tokens/min"),
         (t.concurrent, "concurrent"),
-        (t.daily_cost, "cost units/day"),
+        (t.daily_cost, "cost units/UTC day"),
+        (t.monthly_cost, "cost units/UTC month"),
+        (t.monthly_tokens, "tokens/UTC month"),
     ]
     .iter()
     .filter_map(|(v, what)| v.map(|n| format!("{n} {what}")))

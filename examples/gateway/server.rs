@@ -4,13 +4,13 @@
 //! |---|---|---|---|
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` | yes | yes | proxied to the model's upstream |
 //! | `GET /v1/models` | yes | no | the configured models |
-//! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it (its effective limits), and the limits its key overrides |
+//! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it (its effective limits): limit, used, remaining, reset (in seconds and as an RFC 3339 UTC time); budgets name their calendar period; the limits its key overrides |
 //! | `GET /metrics` | no | no | Prometheus text format |
 //! | `GET /healthz` | no | no | `{"status":"ok"}` |
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +21,7 @@ use http::{header, HeaderValue, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use tower_llm_ratelimit::algorithm::CalendarPeriod;
 use tower_llm_ratelimit::headers::go_duration;
 use tower_llm_ratelimit::key::RequestView;
 use tower_llm_ratelimit::{Algorithm, RateLimitLayer};
@@ -190,18 +191,34 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
                 continue;
             }
             let concurrency = s.quota.algorithm() == Algorithm::Concurrency;
+            let period = match s.quota.algorithm() {
+                Algorithm::Calendar(CalendarPeriod::Hour) => Some("hour"),
+                Algorithm::Calendar(CalendarPeriod::Day) => Some("day"),
+                Algorithm::Calendar(CalendarPeriod::Month) => Some("month"),
+                _ => None,
+            };
             let reset = Duration::from_nanos(snapshot.reset_after_nanos);
             rules.push(json!({
                 "rule": s.rule,
                 "scope": if limits::rule_model(&s.rule).is_some() { "model" } else { "user" },
                 "model": limits::rule_model(&s.rule),
                 "unit": s.unit.as_str(),
-                "kind": if concurrency { "concurrency" } else { "window" },
-                "window_seconds": (!concurrency).then(|| s.quota.window().as_secs_f64()),
+                "kind": match (concurrency, period) {
+                    (true, _) => "concurrency",
+                    (_, Some(_)) => "budget",
+                    _ => "window",
+                },
+                "window_seconds": (!concurrency && period.is_none())
+                    .then(|| s.quota.window().as_secs_f64()),
+                // A budget's UTC calendar period: `day` or `month`.
+                "period": period,
                 "limit": snapshot.limit,
+                "used": snapshot.limit.saturating_sub(snapshot.remaining),
                 "remaining": snapshot.remaining,
                 "reset": go_duration(reset),
                 "reset_ms": reset.as_millis() as u64,
+                "reset_seconds": reset.as_secs() + u64::from(reset.subsec_nanos() > 0),
+                "resets_at": resets_at(reset),
             }));
         }
     }
@@ -217,6 +234,15 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
         "rules": rules,
     }))
     .into_response()
+}
+
+/// When a reset `after` from now happens, RFC 3339 UTC to the second (rounded to the nearest:
+/// a budget's reset is midnight or the 1st, and the snapshot was taken a moment ago).
+fn resets_at(after: Duration) -> String {
+    let at = SystemTime::now() + after;
+    let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = (since_epoch + Duration::from_millis(500)).as_secs();
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -19,8 +19,10 @@
 //! | [`SlidingWindowLog`] | O(charges in the window) | exact | never more than `limit` in any window of length `w` |
 //! | [`Gcra`] | O(1), 16 bytes | exact for its model | a leaky bucket of capacity `burst` draining `limit` per `w`; any interval of length `d` admits at most `burst + d x limit / w`, settlements included |
 //! | [`Concurrency`] | O(1), 8 bytes | exact | at most `limit` in flight; a charge is released by settling it to 0 |
+//! | [`CalendarWindow`] | O(1), 24 bytes | exact | at most `limit` per UTC calendar hour, day or month (a fixed window of varying length, reset at the boundary); time is wall-clock |
 //!
-//! Time is nanoseconds on the store's monotonic scale ([`crate::clock`]).
+//! Time is nanoseconds on the store's monotonic scale ([`crate::clock`]), except for the
+//! calendar window, whose `now` is wall-clock time since the Unix epoch.
 //!
 //! # Examples
 //!
@@ -42,11 +44,13 @@
 //! assert_eq!(state.peek(&limits, 2 * SEC).remaining, 80);
 //! ```
 
+mod calendar;
 mod concurrency;
 mod counter;
 mod gcra;
 mod log;
 
+pub use self::calendar::{CalendarPeriod, CalendarWindow};
 pub use self::concurrency::{Concurrency, CONCURRENCY_RETRY_NANOS};
 pub use self::counter::SlidingWindowCounter;
 pub use self::gcra::Gcra;
@@ -120,6 +124,8 @@ pub enum State {
     Gcra(Gcra),
     /// See [`Concurrency`].
     Concurrency(Concurrency),
+    /// See [`CalendarWindow`].
+    Calendar(CalendarWindow),
 }
 
 macro_rules! dispatch {
@@ -129,6 +135,7 @@ macro_rules! dispatch {
             State::Log($s) => $e,
             State::Gcra($s) => $e,
             State::Concurrency($s) => $e,
+            State::Calendar($s) => $e,
         }
     };
 }
@@ -141,6 +148,7 @@ impl State {
             Algorithm::SlidingWindowLog => State::Log(SlidingWindowLog::default()),
             Algorithm::Gcra => State::Gcra(Gcra::default()),
             Algorithm::Concurrency => State::Concurrency(Concurrency::default()),
+            Algorithm::Calendar(period) => State::Calendar(CalendarWindow::new(period)),
         }
     }
 
@@ -151,6 +159,7 @@ impl State {
             State::Log(_) => Algorithm::SlidingWindowLog,
             State::Gcra(_) => Algorithm::Gcra,
             State::Concurrency(_) => Algorithm::Concurrency,
+            State::Calendar(s) => Algorithm::Calendar(s.period()),
         }
     }
 

@@ -11,7 +11,10 @@
 //! RateLimit: "user-rpm";r=59;t=2, "user-tpm";r=98800;t=61
 //! ```
 //! `q` is the quota (the burst for GCRA), `w` the window in seconds, `r` the remaining units,
-//! `t` the seconds until the bucket is back to full, rounded up. `qu` is added for token rules
+//! `t` the seconds until the bucket is back to full, rounded up (for a calendar budget,
+//! [`crate::Quota::per_calendar_day`] and kin: until the period ends, the next UTC midnight
+//! or 1st of the month, whatever it holds; its `w` is the period's longest length, 86400 for
+//! a day, 2678400 for a month). `qu` is added for token rules
 //! (the draft's registered units are requests, bytes and concurrent requests; tokens are this
 //! crate's extension, so a client never reads a token quota as requests).
 //!

@@ -133,6 +133,26 @@ impl StoreClock {
             Self::Other(c) => c.now_nanos(),
         }
     }
+
+    /// The wall clock, for calendar windows.
+    fn unix_nanos(&self) -> u64 {
+        match self {
+            Self::System(c) => c.unix_nanos(),
+            Self::Manual(c) => c.unix_nanos(),
+            Self::Other(c) => c.unix_nanos(),
+        }
+    }
+
+    /// The time `algorithm` counts in: the wall clock for a calendar window (`now` is the
+    /// monotonic time of the decision), `now` for the others.
+    #[inline]
+    fn time_for(&self, algorithm: Algorithm, now: u64) -> u64 {
+        if algorithm.is_calendar() {
+            self.unix_nanos()
+        } else {
+            now
+        }
+    }
 }
 
 /// Configures a [`MemoryStore`].
@@ -148,10 +168,11 @@ pub struct MemoryStoreBuilder {
 /// Idle keys a sweep removes at most (a bounded list of keys to remove).
 const SWEEP_BATCH: usize = 1 << 16;
 
-/// Whether a bucket is idle at `now`: its state equals a fresh one (every charge expired) and
-/// nobody is using it. With `evict`, an idle bucket is also marked evicted (locked slots) or
-/// set to [`EVICTED`] (GCRA cells), so that a decision holding a clone of it looks again.
-fn is_idle(bucket: &Cell, now: u64, evict: bool) -> bool {
+/// Whether a bucket is idle at `now` (`unix`: the wall clock, for calendar windows): its state
+/// equals a fresh one (every charge expired) and nobody is using it. With `evict`, an idle
+/// bucket is also marked evicted (locked slots) or set to [`EVICTED`] (GCRA cells), so that a
+/// decision holding a clone of it looks again.
+fn is_idle(bucket: &Cell, now: u64, unix: u64, evict: bool) -> bool {
     match bucket {
         Cell::Locked(m) => {
             // A bucket locked by a request in flight is busy, not idle.
@@ -159,7 +180,12 @@ fn is_idle(bucket: &Cell, now: u64, evict: bool) -> bool {
                 return false;
             };
             let limits = slot.limits;
-            let idle = slot.state.is_idle(&limits, now);
+            let at = if slot.state.algorithm().is_calendar() {
+                unix
+            } else {
+                now
+            };
+            let idle = slot.state.is_idle(&limits, at);
             if idle && evict {
                 slot.evicted = true;
             }
@@ -355,6 +381,7 @@ impl Inner {
     /// [`SWEEP_BATCH`] idle keys, then each is removed under its shard's write lock if it is
     /// still idle. A bucket in use (locked, or held by a decision) is not idle.
     fn sweep(&self, now: u64) {
+        let unix = self.clock.unix_nanos();
         let mut idle = Vec::new();
         for entry in self.map.iter() {
             if idle.len() == SWEEP_BATCH {
@@ -362,12 +389,12 @@ impl Inner {
                 self.last_sweep.store(0, Ordering::Relaxed);
                 break;
             }
-            if is_idle(entry.value(), now, false) {
+            if is_idle(entry.value(), now, unix, false) {
                 idle.push(entry.key().clone());
             }
         }
         for key in &idle {
-            if let Some((_, bucket)) = self.map.remove_if(key, |_, b| is_idle(b, now, true)) {
+            if let Some((_, bucket)) = self.map.remove_if(key, |_, b| is_idle(b, now, unix, true)) {
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 self.residents.remove(&bucket);
             }
@@ -489,7 +516,10 @@ impl Inner {
                                 None => s.deny(&limits, now, c.amount),
                             }
                         }
-                        _ => acquire_slot(slot, c.quota, now, c.amount),
+                        _ => {
+                            let at = self.clock.time_for(algorithm, now);
+                            acquire_slot(slot, c.quota, at, c.amount)
+                        }
                     };
                     drop(guard);
                     return Ok(one_decision(decided));
@@ -574,6 +604,19 @@ impl Inner {
         }
         // Allocated before holding anything, to keep the critical section short.
         let mut states = ChargeStates::filled(charges.len());
+        // Calendar windows count in wall-clock time, read once for the whole decision.
+        let unix = if charges.iter().any(|c| c.quota.algorithm().is_calendar()) {
+            self.clock.unix_nanos()
+        } else {
+            0
+        };
+        let time_for = |c: &Charge<'_>| {
+            if c.quota.algorithm().is_calendar() {
+                unix
+            } else {
+                now
+            }
+        };
         for (guard, (i, bucket)) in guards.iter_mut().zip(sorted()) {
             let cell: &Cell = bucket;
             let held = match cell {
@@ -594,6 +637,7 @@ impl Inner {
             let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             fit(slot, c.quota);
             let (limits, by_window) = (slot.limits, slot.by_window);
+            let now = time_for(c);
             let verdict = match &mut slot.state {
                 // A counter that fits says so without the general check's 128-bit arithmetic.
                 State::Counter(s) => {
@@ -620,6 +664,7 @@ impl Inner {
         for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
             let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
             let (limits, by_window) = (slot.limits, slot.by_window);
+            let now = time_for(c);
             // Every charge fits (checked above): a counter's admitted path charges and
             // answers in one pass, dividing by its prepared window.
             let admitted = match (&mut slot.state, denial) {
@@ -786,6 +831,7 @@ impl Store for MemoryStore {
             // A refund to an evicted bucket has nothing left to correct; an extra charge
             // creates the bucket again.
             let create = a.actual > a.charged;
+            let at = inner.clock.time_for(a.quota.algorithm(), now);
             inner
                 .with_bucket(
                     &inner.digest.stored(a.bucket),
@@ -793,7 +839,7 @@ impl Store for MemoryStore {
                     now,
                     create,
                     |state, limits| {
-                        state.adjust(limits, now, a.placement, a.charged, a.actual);
+                        state.adjust(limits, at, a.placement, a.charged, a.actual);
                     },
                 )
                 .map(drop)
@@ -804,9 +850,10 @@ impl Store for MemoryStore {
     fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
         let inner = &*self.inner;
         let now = inner.clock.now_nanos();
+        let at = inner.clock.time_for(quota.algorithm(), now);
         let fresh = || {
             let limits = quota.limits();
-            State::new(quota.algorithm()).peek(&limits, now)
+            State::new(quota.algorithm()).peek(&limits, at)
         };
         let result = inner
             .with_bucket(
@@ -814,7 +861,7 @@ impl Store for MemoryStore {
                 quota,
                 now,
                 false,
-                |state, limits| state.peek(limits, now),
+                |state, limits| state.peek(limits, at),
             )
             .map(|s| s.unwrap_or_else(fresh));
         StoreFuture::ready(result)

@@ -80,8 +80,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Takes `now` from `clock` instead of the server's `TIME`: for deterministic tests
-    /// only (in production, clients' clocks would skew the windows).
+    /// Takes `now` from `clock` instead of the server's `TIME` (and, for calendar windows,
+    /// the date from its [`Clock::unix_nanos`]): for deterministic tests only (in
+    /// production, clients' clocks would skew the windows).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
         self
@@ -233,5 +234,9 @@ pub(super) struct SharedClock(Arc<dyn Clock>);
 impl Clock for SharedClock {
     fn now_nanos(&self) -> u64 {
         self.0.now_nanos()
+    }
+
+    fn unix_nanos(&self) -> u64 {
+        self.0.unix_nanos()
     }
 }

@@ -10,13 +10,16 @@
 -- written on a denial.
 --
 -- Arguments are one binary blob, ARGV[1], packed little-endian (struct.pack formats):
---   '<Bdd'     mode ('a' acquire, all or nothing; 's' settle; 'p' peek; 'f' an idempotent
+--   '<Bddd'    mode ('a' acquire, all or nothing; 's' settle; 'p' peek; 'f' an idempotent
 --              request's attempt failed), now in microseconds (negative: use the server's
 --              TIME, the default: clients' clocks can't skew it), idempotency TTL in
 --              milliseconds (0: none; else KEYS[#KEYS] is the request's idempotency record,
---              in this call's slot; 'f' names that key alone, with no bucket)
+--              in this call's slot; 'f' names that key alone, with no bucket), the wall
+--              clock for calendar windows in microseconds since the Unix epoch (negative:
+--              TIME, which is that clock)
 --   then per bucket key i (KEYS[i]) '<Bdddddd':
---              algorithm (0 counter, 1 log, 2 gcra, 3 concurrency), limit, window_us, burst,
+--              algorithm (0 counter, 1 log, 2 gcra, 3 concurrency, 4/5/6 calendar hour/day/
+--              month: UTC periods, computed here from the wall clock), limit, window_us, burst,
 --              amount (acquire) or charged (settle), placement (settle; for a concurrency
 --              acquire: the new lease's id, unique, < 2^53), actual (settle; in an acquire:
 --              1 for a request count, the charges a free retry doesn't pay)
@@ -33,6 +36,8 @@
 --   gcra         '<Bd'   3, theoretical arrival time; '<Bdd' with the refunds given back (R)
 --   idempotency  '<Bdd'  5, last attempt failed (1) or not (0), free retries used so far
 --                (any other value, such as tag 4 of earlier versions, reads as none)
+--   calendar     '<Bdd'  6, period index (hours or days since the epoch, months since
+--                1970-01), count; kept until the period ends (+ 1 s)
 -- An acquire with an idempotency record marked failed, fewer than MAX_FREE_RETRIES (3, as
 -- src/store/mod.rs) used, is a free retry: its request counts are neither checked nor
 -- charged (the failed attempt counted them); the other rules are decided as usual, and if
@@ -65,14 +70,68 @@ local ARGS_FORMAT, REPLY_FORMAT = {}, {}
 local NEW, TTL, OUT = {}, {}, {}
 
 local ACQUIRE, SETTLE, FAIL = 97, 115, 102 -- 'a', 's', 'f' ('p' peek)
--- State tags (literals below, to keep closures small): counter 1, log 2, gcra 3, idempotency 5.
+-- State tags (literals below, to keep closures small): counter 1, log 2, gcra 3, idempotency 5,
+-- calendar 6.
 local MAX_FREE_RETRIES = 3
 
--- Per call (set by main; the helpers below read it).
-local now
+-- Per call (set by main; the helpers below read it): the time, and the wall clock (µs since
+-- the epoch) for calendar windows.
+local now, unix
 
 
 local function ceil_div(a, b) return floor((a + b - 1) / b) end
+
+-- Calendar periods (src/algorithm/calendar.rs), in microseconds ----------------------------
+local US_HOUR, US_DAY = 3600000000, 86400000000
+
+-- Howard Hinnant's civil_from_days and days_from_civil ("chrono-Compatible Low-Level Date
+-- Algorithms"), for days >= 0 as calendar.rs: the year and month of a day since 1970-01-01,
+-- and the day of the 1st of a month.
+local function civil(days)
+  local z = days + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local m
+  if mp < 10 then m = mp + 3 else m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function first_of_month(y, m)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp
+  if m > 2 then mp = m - 3 else mp = m + 9 end
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + floor((153 * mp + 2) / 5)
+  return era * 146097 + doe - 719468
+end
+-- The index of the period (alg 4 hour, 5 day, 6 month) containing t, and where period k ends.
+local function period_index(alg, t)
+  if alg == 4 then return floor(t / US_HOUR) end
+  if alg == 5 then return floor(t / US_DAY) end
+  local y, m = civil(floor(t / US_DAY))
+  return (y - 1970) * 12 + m - 1
+end
+local function period_end(alg, k)
+  if alg == 4 then return (k + 1) * US_HOUR end
+  if alg == 5 then return (k + 1) * US_DAY end
+  k = k + 1
+  return first_of_month(1970 + floor(k / 12), k % 12 + 1) * US_DAY
+end
+-- Moves a calendar state to the period containing the wall clock (never back).
+local function roll_period(s, alg)
+  local k = period_index(alg, unix)
+  if k > s.k then s.k = k; s.used = 0 end
+end
+local function until_end(s, alg)
+  local wait = period_end(alg, s.k) - unix
+  if wait < 1 then wait = 1 end
+  return wait
+end
 
 -- States -----------------------------------------------------------------------------------
 -- s.raw: the value read (false: none, or a key of another type), to skip unchanged writes.
@@ -96,6 +155,12 @@ local function load(k, alg, v)
       return { body = sub(v, 10), total = total, raw = v, changed = false }
     end
     return { body = '', total = 0, raw = v, changed = false }
+  elseif alg >= 4 then
+    if v and #v == 17 and byte(v, 1) == 6 then
+      local _, k, used = sunpack('<Bdd', v)
+      return { k = k, used = used, raw = v }
+    end
+    return { k = 0, used = 0, raw = v }
   end
   if v and (#v == 9 or #v == 17) and byte(v, 1) == 3 then
     local _, tat = sunpack('<Bd', v)
@@ -208,6 +273,11 @@ local function check(s, alg, limit, w, burst, cost)
     local wait = b - floor((burst - cost) * w / limit)
     if wait < 1 then wait = 1 end
     return wait
+  elseif alg >= 4 then
+    roll_period(s, alg)
+    if s.used + cost <= limit then return nil end
+    if cost > limit then return -2 end
+    return until_end(s, alg)
   else
     if s.count + cost <= limit then return nil end
     if cost > limit then return -2 end
@@ -233,6 +303,8 @@ local function charge(s, alg, limit, w, cost, id)
     s.tat = start + ceil_div(cost * w, limit)
     -- The charge's end on the scale TAT + R (Gcra::adjust in gcra.rs).
     return s.tat + s.r
+  elseif alg >= 4 then
+    roll_period(s, alg); s.used = s.used + cost; return s.k
   end
   s.count = s.count + cost
   for j = 1, cost do s.add[#s.add + 1] = slot_member(id, j) end
@@ -297,6 +369,14 @@ local function adjust(s, alg, limit, w, placement, charged, actual)
         s.tat = tat
       end
     end
+  elseif alg >= 4 then
+    roll_period(s, alg)
+    if actual > charged then
+      s.used = s.used + actual - charged
+    elseif placement == s.k then
+      -- A refund into a period that has ended is dropped.
+      s.used = s.used - min(charged - actual, s.used)
+    end
   elseif actual < charged then
     for j = actual + 1, charged do s.remove[#s.remove + 1] = slot_member(placement, j) end
   else
@@ -333,6 +413,11 @@ local function peek(s, alg, limit, w, burst)
     if free > 0 then remaining = floor(free / w) end
     if remaining > burst then remaining = burst end
     return burst, remaining, b
+  elseif alg >= 4 then
+    roll_period(s, alg)
+    local remaining = limit - s.used
+    if remaining < 0 then remaining = 0 end
+    return limit, remaining, until_end(s, alg)
   end
   local remaining = limit - s.count
   if remaining < 0 then remaining = 0 end
@@ -376,6 +461,10 @@ local function store(key, s, alg, w)
     local value
     if s.r == 0 then value = spack('<Bd', 3, s.tat) else value = spack('<Bdd', 3, s.tat, s.r) end
     put(key, s, value, floor((until_ - now) / 1000) + 1)
+  elseif alg >= 4 then
+    if s.used == 0 then put(key, s, nil); return end
+    -- Kept until its period ends, plus a second.
+    put(key, s, spack('<Bdd', 6, s.k, s.used), floor(until_end(s, alg) / 1000) + 1000)
   else
     if #s.remove == 0 and #s.add == 0 then return end
     call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -421,7 +510,7 @@ local function generic(KEYS, P, n, vals, free_used)
     -- Adjustments naming one key several times apply one after the other to one state.
     local first = {}
     for i = 1, n do
-      local k, b = KEYS[i], 3 + 7 * (i - 1)
+      local k, b = KEYS[i], 4 + 7 * (i - 1)
       local f = first[k]
       if f then states[i] = states[f] else first[k] = i; states[i] = load(k, P[b + 1], vals[i]) end
       -- alg, limit, window, placement, charged, actual
@@ -429,7 +518,7 @@ local function generic(KEYS, P, n, vals, free_used)
     end
     for i = 1, n do
       local k = KEYS[i]
-      if first[k] == i then store(k, states[i], P[3 + 7 * (i - 1) + 1], P[3 + 7 * (i - 1) + 3]) end
+      if first[k] == i then store(k, states[i], P[4 + 7 * (i - 1) + 1], P[4 + 7 * (i - 1) + 3]) end
     end
     return { 0 }
   end
@@ -437,7 +526,7 @@ local function generic(KEYS, P, n, vals, free_used)
   -- (An acquire never names a key twice: the client rejects that; a peek names one.)
   local denied, retry = -1, -1
   for i = 1, n do
-    local b = 3 + 7 * (i - 1)
+    local b = 4 + 7 * (i - 1)
     local s = load(KEYS[i], P[b + 1], vals[i])
     states[i] = s
     -- A free retry's request counts (flagged by the client) are neither checked nor charged.
@@ -458,7 +547,7 @@ local function generic(KEYS, P, n, vals, free_used)
                 nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil, nil }
   local charging = acquire and denied < 0
   for i = 1, n do
-    local s, b, o = states[i], 3 + 7 * (i - 1), 4 * i - 1
+    local s, b, o = states[i], 4 + 7 * (i - 1), 4 * i - 1
     local alg, w = P[b + 1], P[b + 3]
     local placement = 0
     local charged = charging and not (free_used and P[b + 7] == 1)
@@ -491,15 +580,15 @@ local function main(KEYS, ARGV)
   local blob = ARGV[1]
   -- The header, then one record per rule: the rules' count is the blob's, and one more key
   -- than rules is the idempotency key.
-  local n = (#blob - 17) / 49
+  local n = (#blob - 25) / 49
   local fmt = ARGS_FORMAT[n]
   if not fmt then
-    fmt = '<Bdd' .. string.rep('Bdddddd', n)
+    fmt = '<Bddd' .. string.rep('Bdddddd', n)
     ARGS_FORMAT[n] = fmt
     REPLY_FORMAT[n] = '<' .. string.rep('d', 2 + 4 * n)
   end
   -- Every value in one table of the right size, in one call (tables that grow cost more than
-  -- the arithmetic): P[1..3] the header, then 7 per rule from P[4].
+  -- the arithmetic): P[1..4] the header, then 7 per rule from P[5].
   local P = { sunpack(fmt, blob) }
   local mode, t = P[1], P[2]
   local nkeys = #KEYS
@@ -524,6 +613,8 @@ local function main(KEYS, ARGV)
     t = tonumber(tm[1]) * 1000000 + tonumber(tm[2])
   end
   now = t
+  unix = P[4]
+  if unix < 0 then unix = t end
 
   if mode ~= ACQUIRE or free_used then return generic(KEYS, P, n, vals, free_used) end
 
@@ -532,7 +623,7 @@ local function main(KEYS, ARGV)
   -- of another algorithm or the first denial.
   local out, new, ttl = OUT, NEW, TTL
   for i = 1, n do
-    local b = 7 * i - 4
+    local b = 7 * i - 3
     if P[b + 1] ~= 0 then return generic(KEYS, P, n, vals, nil) end
     local limit, w, cost = P[b + 2], P[b + 3], P[b + 5]
     local v = vals[i]

@@ -25,7 +25,8 @@
 //!   namespace; the hash is the cluster hash tag, so one caller's rules share a slot. Every
 //!   key has a TTL: the end of the next window (the counter, at most two windows; set when
 //!   its window moves, kept by writes within a window), the time to drain plus the refunds it
-//!   gave back (GCRA, see `Gcra::adjust`), the newest
+//!   gave back (GCRA, see `Gcra::adjust`), the end of the period plus a second (calendar
+//!   windows, whose UTC period the script computes from `TIME`), the newest
 //!   entry's expiry (log) or the lease (concurrency), so Redis memory is bounded by active
 //!   keys. Needs Redis >= 6.0 (`SET ... KEEPTTL`).
 //! - **Redis Cluster**: rules whose keys fall in different slots (per user vs per model) are

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{keys, Conn, Inner, RedisFailure};
+use crate::algorithm::CalendarPeriod;
 use crate::rule::{Algorithm, Quota};
 use crate::store::{BucketKey, IdempotencyKey, StoreError};
 
@@ -25,13 +26,14 @@ pub(super) struct Call {
 }
 
 /// The argument blob's layout (little-endian, as the script's `struct.unpack` reads it):
-/// header `<Bdd` mode, now (µs, or -1: the server's `TIME`), idempotency TTL (ms, 0 none),
-/// then per key `<Bdddddd` algorithm, limit, window (µs), burst, amount (charged), placement,
+/// header `<Bddd` mode, now (µs, or -1: the server's `TIME`), idempotency TTL (ms, 0 none),
+/// wall-clock now for calendar windows (µs since the epoch, or -1: `TIME`), then per key `<Bdddddd` algorithm, limit, window (µs), burst, amount (charged), placement,
 /// actual. Every number travels as an `f64`: exact below 2^53, as the script's arithmetic
 /// (see the module documentation).
-pub(super) const HEADER: usize = 17;
+pub(super) const HEADER: usize = 25;
 pub(super) const RECORD: usize = 49;
 pub(super) const IDEM_TTL_AT: usize = 9;
+const UNIX_AT: usize = 17;
 const WINDOW_AT: usize = 9;
 pub(super) const AMOUNT_AT: usize = 25;
 pub(super) const PLACEMENT_AT: usize = 33;
@@ -65,6 +67,7 @@ impl Call {
         args.push(b's');
         args.extend_from_slice(&self.args[1..IDEM_TTL_AT]);
         args.extend_from_slice(&0f64.to_le_bytes());
+        args.extend_from_slice(&self.args[UNIX_AT..HEADER]);
         let (mut keys, mut lease_us) = (Vec::new(), 0f64);
         for (j, key) in self.keys.iter().enumerate() {
             let at = HEADER + RECORD * j;
@@ -102,6 +105,9 @@ pub(super) fn algorithm_code(a: Algorithm) -> u8 {
         Algorithm::SlidingWindowLog => 1,
         Algorithm::Gcra => 2,
         Algorithm::Concurrency => 3,
+        Algorithm::Calendar(CalendarPeriod::Hour) => 4,
+        Algorithm::Calendar(CalendarPeriod::Day) => 5,
+        Algorithm::Calendar(CalendarPeriod::Month) => 6,
     }
 }
 
@@ -119,6 +125,14 @@ impl Inner {
         }
     }
 
+    /// The wall clock for calendar windows: the test clock's, or -1 (the server's `TIME`).
+    pub(super) fn unix_arg(&self) -> f64 {
+        match &self.clock {
+            Some(c) => (c.unix_nanos() / 1_000) as f64,
+            None => -1.0,
+        }
+    }
+
     /// Groups per slot (one group on a single node), each with the script's arguments.
     pub(super) fn calls<'a>(
         &self,
@@ -126,7 +140,7 @@ impl Inner {
         items: impl Iterator<Item = (&'a BucketKey, &'a Quota, u64, u64, u64)>,
         idempotency: Option<&IdempotencyKey>,
     ) -> Vec<Call> {
-        let now = self.now_arg();
+        let (now, unix) = (self.now_arg(), self.unix_arg());
         let mut calls: Vec<(u16, Call)> = Vec::with_capacity(1);
         for (i, (bucket, quota, amount, placement, actual)) in items.enumerate() {
             let key = keys::bucket_key(&self.prefix, bucket);
@@ -138,6 +152,7 @@ impl Inner {
                     args.push(mode);
                     args.extend_from_slice(&now.to_le_bytes());
                     args.extend_from_slice(&0f64.to_le_bytes());
+                    args.extend_from_slice(&unix.to_le_bytes());
                     calls.push((
                         slot,
                         Call {
@@ -193,6 +208,7 @@ impl Inner {
             args.push(b'f');
             args.extend_from_slice(&self.now_arg().to_le_bytes());
             args.extend_from_slice(&(self.idempotency_ttl_ms as f64).to_le_bytes());
+            args.extend_from_slice(&self.unix_arg().to_le_bytes());
             calls.push((
                 slot,
                 Call {
