@@ -85,6 +85,26 @@ fn build_gateway(profile_dir: &Path) {
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--example", "gateway", "--manifest-path"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
+    // Cargo runs this test with the package's variables (`CARGO_PKG_NAME`,
+    // `CARGO_MANIFEST_DIR`, ...), which the outer `cargo test` didn't have: passed on, they
+    // would rerun the build scripts that watch them (ring's), rebuilding ring, rustls and
+    // everything above them on each run, and again at the next `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let Some(n) = name.to_str() else { continue };
+        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+            .iter()
+            .any(|p| n.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&n);
+        if per_crate {
+            cmd.env_remove(&name);
+        }
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
