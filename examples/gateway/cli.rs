@@ -7,7 +7,8 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::Parser;
 
 use crate::config::{self, Config, StoreKind};
-use crate::{rule_problems, upstream_auth};
+use crate::rule_problems;
+use crate::upstream;
 
 /// An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
 ///
@@ -49,7 +50,7 @@ pub(crate) fn check_config(flags: &Flags) -> ExitCode {
             .chain(
                 cfg.models
                     .iter()
-                    .filter_map(|(name, m)| upstream_auth(name, m).err()),
+                    .filter_map(|(name, m)| upstream::credential(name, m).err()),
             )
             .collect();
         if problems.is_empty() {

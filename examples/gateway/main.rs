@@ -23,6 +23,7 @@
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit`, `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
 //! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
+//! | `upstream.rs` | a model's upstream: origin and path, HTTP or HTTPS client (rustls, HTTP/2 by ALPN, `ca_file`), credential header |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
@@ -44,6 +45,7 @@ mod proxy;
 mod serve;
 mod server;
 mod tcp;
+mod upstream;
 mod upstream_body;
 
 use std::collections::BTreeMap;
@@ -53,13 +55,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::Flags;
 use crate::config::{Config, StoreKind, Upstream};
 use crate::metrics::Metrics;
-use crate::server::{App, ModelRoute};
+use crate::server::App;
+use crate::upstream::ModelRoute;
 
 /// Why the gateway stopped.
 enum Failure {
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
     if flags.check_config {
         return cli::check_config(&flags);
     }
+    upstream::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -118,19 +121,6 @@ pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
         .map(|e| format!("rate-limit rules: {e}"))
 }
 
-/// The `Authorization` header the gateway sends to a model's upstream, if it has a key.
-pub(crate) fn upstream_auth(
-    name: &str,
-    m: &config::ModelConfig,
-) -> Result<Option<HeaderValue>, String> {
-    m.upstream_key()
-        .map(|k| {
-            HeaderValue::try_from(format!("Bearer {k}"))
-                .map_err(|_| format!("field `models.{name}.api_key`: not a valid header value"))
-        })
-        .transpose()
-}
-
 async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
     let metrics = Metrics::new();
     let callers = limits::callers(&cfg);
@@ -161,28 +151,13 @@ async fn run(cfg: Config, builtin: bool) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(format!("could not start the mock model: {e}")))?;
         mock_url = Some(url);
     }
+    let clients = upstream::Clients::new();
     let mut routes = BTreeMap::new();
     for (name, m) in &cfg.models {
-        let (origin, path) = match m.upstream() {
-            Upstream::Http { origin, path } => (origin, path),
-            Upstream::Mock => {
-                let url = mock_url.as_deref().expect("started above");
-                let (origin, path) = url.rsplit_once("/v1").expect("mock URL ends with /v1");
-                (origin.to_owned(), format!("{path}/v1"))
-            }
-        };
-        let api_key = upstream_auth(name, m).map_err(Failure::Config)?;
-        routes.insert(
-            name.clone(),
-            Arc::new(ModelRoute {
-                name: name.as_str().into(),
-                origin,
-                path,
-                api_key,
-                timeout: m.timeout(),
-                stream_idle_timeout: m.stream_idle_timeout(),
-            }),
-        );
+        let route = clients
+            .route(name, m, mock_url.as_deref())
+            .map_err(Failure::Config)?;
+        routes.insert(name.clone(), Arc::new(route));
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
