@@ -911,6 +911,24 @@ fn gateway_binary() -> Option<PathBuf> {
     .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
     .stdout(Stdio::null())
     .stderr(Stdio::null());
+    // The package's variables cargo gives this bench (`CARGO_PKG_NAME`, ...) would rerun the
+    // build scripts that watch them (ring's) and rebuild everything above them: not passed on.
+    for (name, _) in std::env::vars_os() {
+        let Some(n) = name.to_str() else { continue };
+        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+            .iter()
+            .any(|p| n.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&n);
+        if per_crate {
+            cmd.env_remove(&name);
+        }
+    }
     let mut child = cmd.spawn().ok()?;
     let deadline = Instant::now() + BUILD;
     let status = loop {

@@ -8,7 +8,8 @@ use clap::builder::NonEmptyStringValueParser;
 use clap::Parser;
 
 use crate::config::{self, Config, StoreKind};
-use crate::{rule_problems, upstream_auth};
+use crate::rule_problems;
+use crate::upstream;
 
 /// An OpenAI-compatible LLM gateway with rate limits (tower-llm-ratelimit example).
 ///
@@ -116,7 +117,7 @@ pub(crate) fn checked(flags: &Flags) -> Result<(Config, bool), Problems> {
         .chain(
             cfg.models
                 .iter()
-                .filter_map(|(name, m)| upstream_auth(name, m).err()),
+                .filter_map(|(name, m)| upstream::credential(name, m).err()),
         )
         .collect();
     if list.is_empty() {

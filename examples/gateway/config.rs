@@ -2,12 +2,13 @@
 //!
 //! Parsing (serde + toml) reports unknown keys and wrong types with the field's path;
 //! [`Config::problems`] checks what types can't (limits > 0, tiers that exist, upstream
-//! URLs) and names the field too. At start both end the gateway with exit code 2; on SIGHUP
-//! they keep the running configuration (`reload.rs`).
+//! URLs, CA files, header names) and names the field too. At start both end the gateway with
+//! exit code 2; on SIGHUP they keep the running configuration (`reload.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Uri;
@@ -203,6 +204,13 @@ pub(crate) struct ModelConfig {
     pub(crate) upstream: String,
     pub(crate) api_key: Option<String>,
     pub(crate) api_key_env: Option<String>,
+    /// The header the key goes in: `authorization` (as `Bearer <key>`) when absent.
+    pub(crate) api_key_header: Option<String>,
+    /// PEM certificates trusted for this model's HTTPS upstream besides the built-in roots.
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Whether an HTTPS upstream may be spoken to in HTTP/2 (offered by ALPN).
+    #[serde(default = "yes")]
+    pub(crate) http2: bool,
     #[serde(default = "default_timeout_secs")]
     pub(crate) timeout_secs: u64,
     #[serde(default = "default_timeout_secs")]
@@ -225,6 +233,10 @@ fn default_timeout_secs() -> u64 {
 
 fn one() -> f64 {
     1.0
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// One caller's limits; every one optional.
@@ -349,12 +361,12 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// An upstream, checked: the built-in mock or a plain-HTTP base URL.
+/// An upstream, checked: the built-in mock or an `http://` or `https://` base URL.
 #[derive(Debug, Clone)]
 pub(crate) enum Upstream {
     Mock,
     Http {
-        /// `http://host:port`
+        /// `http://host:port` or `https://host:port`
         origin: String,
         /// The base path without a trailing `/` (e.g. `/v1`).
         path: String,
@@ -406,6 +418,18 @@ impl Config {
         for (i, name) in sv.forward_headers.iter().enumerate() {
             if let Err(e) = crate::forward::configured(name) {
                 err(format!("server.forward_headers[{i}]"), e);
+            } else if let Some(model) = self.models.iter().find_map(|(model, m)| {
+                let h = m.api_key_header.as_deref()?;
+                h.eq_ignore_ascii_case(name).then_some(model)
+            }) {
+                // A client's value would reach every other model's upstream as a credential.
+                err(
+                    format!("server.forward_headers[{i}]"),
+                    format!(
+                        "`{name}` carries the key of model `{model}` (its api_key_header): \
+                         a client's value is never forwarded"
+                    ),
+                );
             }
         }
 
@@ -514,8 +538,33 @@ impl Config {
                     "a model name must be printable ASCII without spaces, `\"` or `\\`".into(),
                 );
             }
-            if let Err(e) = parse_upstream(&m.upstream) {
-                err(at("upstream"), e);
+            let upstream = parse_upstream(&m.upstream);
+            if let Err(e) = &upstream {
+                err(at("upstream"), e.clone());
+            }
+            if let Some(path) = &m.ca_file {
+                let https = matches!(&upstream, Ok(Upstream::Http { origin, .. })
+                    if origin.starts_with("https://"));
+                if upstream.is_ok() && !https {
+                    err(
+                        at("ca_file"),
+                        "applies to https:// upstreams only (this one is not)".into(),
+                    );
+                }
+                if let Err(e) = crate::upstream::ca_certificates(path) {
+                    err(at("ca_file"), e);
+                }
+            }
+            if let Some(h) = &m.api_key_header {
+                if let Err(e) = crate::upstream::credential_header(h) {
+                    err(at("api_key_header"), e);
+                } else if m.api_key.is_none() && m.api_key_env.is_none() {
+                    err(
+                        at("api_key_header"),
+                        "names the header of the upstream's key: set api_key or api_key_env too"
+                            .into(),
+                    );
+                }
             }
             if m.api_key.is_some() && m.api_key_env.is_some() {
                 err(
@@ -740,20 +789,15 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     let uri: Uri = s.parse().map_err(|_| {
         format!("{s:?} is neither \"mock\" nor a URL (e.g. \"http://127.0.0.1:8000/v1\")")
     })?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{s:?}: this example speaks plain HTTP only (no TLS client); reach HTTPS \
-                 upstreams through a local TLS proxy"
-            ))
-        }
+    let scheme = match uri.scheme_str() {
+        Some(scheme @ ("http" | "https")) => scheme,
         _ => {
             return Err(format!(
-                "{s:?} is neither \"mock\" nor an http:// URL (e.g. \"http://127.0.0.1:8000/v1\")"
+                "{s:?} is neither \"mock\" nor an http:// or https:// URL \
+                 (e.g. \"https://api.openai.com/v1\")"
             ))
         }
-    }
+    };
     let Some(authority) = uri.authority() else {
         return Err(format!("{s:?} has no host"));
     };
@@ -761,7 +805,7 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
         return Err(format!("{s:?}: a base URL can't have a query"));
     }
     Ok(Upstream::Http {
-        origin: format!("http://{authority}"),
+        origin: format!("{scheme}://{authority}"),
         path: uri.path().trim_end_matches('/').to_owned(),
     })
 }

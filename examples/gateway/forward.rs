@@ -2,7 +2,8 @@
 //!
 //! The upstream gets `content-type`, `accept`, `user-agent` and `openai-beta` from the
 //! client, the names listed in `[server] forward_headers`, and the model's own credentials
-//! (`Authorization: Bearer <api_key>` from its `[models.*]` table); nothing else. A client
+//! (`Authorization: Bearer <api_key>` from its `[models.*]` table, or the key alone in the
+//! model's `api_key_header`, see `upstream.rs`); nothing else. A client
 //! can't pick the organization or project the gateway's key bills (`OpenAI-Organization`,
 //! `OpenAI-Project`), pass its own key (`Authorization`, `api-key`, `x-api-key`) or cookies,
 //! or ask for a compressed answer (the usage is read from the response bytes). The framing
@@ -20,9 +21,8 @@ const ALWAYS: [HeaderName; 4] = [
 ];
 
 /// Never forwarded, even when configured: credentials and billing scopes (the upstream's come
-/// from the model's configuration), and headers that describe the client's connection or
-/// message framing, which the gateway writes itself (RFC 9110 section 7.6.1).
-const NEVER: [&str; 18] = [
+/// from the model's configuration), and [`FRAMING`].
+const NEVER: [&str; 7] = [
     "authorization",
     "proxy-authorization",
     "cookie",
@@ -30,6 +30,11 @@ const NEVER: [&str; 18] = [
     "x-api-key",
     "openai-organization",
     "openai-project",
+];
+
+/// Headers that describe the client's connection or message framing (RFC 9110 section
+/// 7.6.1), or its encoding: the gateway writes them itself.
+const FRAMING: [&str; 11] = [
     "accept-encoding",
     "host",
     "content-length",
@@ -47,13 +52,18 @@ const NEVER: [&str; 18] = [
 pub(crate) fn configured(name: &str) -> Result<HeaderName, String> {
     let parsed = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| format!("{name:?} is not a valid header name"))?;
-    if NEVER.contains(&parsed.as_str()) {
+    if NEVER.contains(&parsed.as_str()) || is_framing(&parsed) {
         return Err(format!(
             "`{parsed}` is never forwarded: the upstream's credentials come from the model's \
              `api_key`, and the gateway writes the connection's headers itself"
         ));
     }
     Ok(parsed)
+}
+
+/// True for the headers the gateway writes itself (connection, framing, encoding).
+pub(crate) fn is_framing(name: &HeaderName) -> bool {
+    FRAMING.contains(&name.as_str())
 }
 
 /// The headers a request sends upstream.
@@ -77,11 +87,11 @@ impl Forward {
         Self { names }
     }
 
-    /// The allowed headers of `client`, plus the upstream's `authorization`.
+    /// The allowed headers of `client`, plus the model's credential header.
     pub(crate) fn upstream_headers(
         &self,
         client: &HeaderMap,
-        authorization: Option<&HeaderValue>,
+        credential: Option<&(HeaderName, HeaderValue)>,
     ) -> HeaderMap {
         let mut out = HeaderMap::with_capacity(self.names.len() + 1);
         for name in &self.names {
@@ -89,8 +99,8 @@ impl Forward {
                 out.append(name.clone(), value.clone());
             }
         }
-        if let Some(a) = authorization {
-            out.insert(header::AUTHORIZATION, a.clone());
+        if let Some((name, value)) = credential {
+            out.insert(name.clone(), value.clone());
         }
         out
     }

@@ -36,6 +36,7 @@
 //! | `server.rs` | routes: the API, `/v1/models`, `/v1/ratelimit` (each limit and budget, with its reset time), `/metrics`, `/healthz` |
 //! | `proxy.rs` | auth, body deadline and routing before the limiter; the proxy after it |
 //! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
+//! | `upstream.rs` | a model's upstream: origin and path, HTTP or HTTPS client (rustls, HTTP/2 by ALPN, `ca_file`), credential header |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
@@ -58,6 +59,7 @@ mod reload;
 mod serve;
 mod server;
 mod tcp;
+mod upstream;
 mod upstream_body;
 
 use std::collections::BTreeMap;
@@ -68,13 +70,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
-use http::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::Flags;
 use crate::config::{Config, StoreKind, Upstream};
 use crate::metrics::Metrics;
-use crate::server::{App, ModelRoute};
+use crate::server::App;
+use crate::upstream::ModelRoute;
 
 /// Why the gateway stopped.
 enum Failure {
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
     if flags.check_config {
         return cli::check_config(&flags);
     }
+    upstream::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -133,51 +136,17 @@ pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
         .map(|e| format!("rate-limit rules: {e}"))
 }
 
-/// The `Authorization` header the gateway sends to a model's upstream, if it has a key.
-pub(crate) fn upstream_auth(
-    name: &str,
-    m: &config::ModelConfig,
-) -> Result<Option<HeaderValue>, String> {
-    m.upstream_key()
-        .map(|k| {
-            HeaderValue::try_from(format!("Bearer {k}"))
-                .map_err(|_| format!("field `models.{name}.api_key`: not a valid header value"))
-        })
-        .transpose()
-}
-
 /// Where the requests to each model go, for `cfg`: both the start and a reload build them
-/// here. `mock_url` is the built-in mock's base URL, when it runs.
+/// here, on `clients` (whose connection pools every configuration shares). `mock_url` is the
+/// built-in mock's base URL, when it runs.
 pub(crate) fn routes(
     cfg: &Config,
+    clients: &upstream::Clients,
     mock_url: Option<&str>,
 ) -> Result<BTreeMap<String, Arc<ModelRoute>>, String> {
     let mut routes = BTreeMap::new();
     for (name, m) in &cfg.models {
-        let (origin, path) = match m.upstream() {
-            Upstream::Http { origin, path } => (origin, path),
-            Upstream::Mock => {
-                let (origin, path) =
-                    mock_url
-                        .and_then(|url| url.rsplit_once("/v1"))
-                        .ok_or_else(|| {
-                            format!("field `models.{name}.upstream`: the mock model is not running")
-                        })?;
-                (origin.to_owned(), format!("{path}/v1"))
-            }
-        };
-        let api_key = upstream_auth(name, m)?;
-        routes.insert(
-            name.clone(),
-            Arc::new(ModelRoute {
-                name: name.as_str().into(),
-                origin,
-                path,
-                api_key,
-                timeout: m.timeout(),
-                stream_idle_timeout: m.stream_idle_timeout(),
-            }),
-        );
+        routes.insert(name.clone(), Arc::new(clients.route(name, m, mock_url)?));
     }
     Ok(routes)
 }
@@ -188,9 +157,10 @@ pub(crate) fn build(
     cfg: &Config,
     store: &limits::Store,
     metrics: &Arc<Metrics>,
+    clients: &upstream::Clients,
     mock_url: Option<&str>,
 ) -> Result<Arc<App>, String> {
-    let routes = routes(cfg, mock_url)?;
+    let routes = routes(cfg, clients, mock_url)?;
     let callers = limits::callers(cfg);
     let layer = limits::layer(cfg, &callers, store, metrics)
         .map_err(|e| format!("rate-limit rules: {e}"))?;
@@ -224,7 +194,9 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
         .url_for(&cfg)
         .await
         .map_err(|e| Failure::Runtime(format!("could not start the mock model: {e}")))?;
-    let app = build(&cfg, &store, &metrics, mock_url.as_deref()).map_err(Failure::Config)?;
+    let clients = upstream::Clients::new();
+    let app =
+        build(&cfg, &store, &metrics, &clients, mock_url.as_deref()).map_err(Failure::Config)?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
         .await
@@ -256,6 +228,7 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
         store,
         metrics,
         mock,
+        clients,
         router: Arc::clone(&router),
         layer: app.layer.clone(),
     });

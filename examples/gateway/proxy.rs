@@ -37,7 +37,8 @@ use tower_llm_ratelimit::settle::KeepTokens;
 
 use crate::limits;
 use crate::metrics::{RequestContext, REQUEST};
-use crate::server::{App, ModelRoute};
+use crate::server::App;
+use crate::upstream::ModelRoute;
 use crate::upstream_body::Metered;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -306,14 +307,14 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
     };
     let headers = app
         .forward
-        .upstream_headers(&parts.headers, route.api_key.as_ref());
+        .upstream_headers(&parts.headers, route.credential.as_ref());
     let mut upstream_req = http::Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
 
     let sent = Instant::now();
-    let result = tokio::time::timeout(route.timeout, app.client.request(upstream_req)).await;
+    let result = tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await;
     let response = match result {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

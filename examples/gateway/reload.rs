@@ -46,6 +46,8 @@ pub(crate) struct Running {
     pub(crate) store: limits::Store,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) mock: mock::OnDemand,
+    /// The upstream clients: their connection pools outlive reloads.
+    pub(crate) clients: crate::upstream::Clients,
     /// The router the server reads for each request.
     pub(crate) router: Arc<ArcSwap<Router>>,
     /// The rate-limit layer of `router`.
@@ -126,12 +128,11 @@ impl Reloader {
             source: None,
             list: vec![format!("could not start the mock model: {e}")],
         })?;
-        let app = crate::build(&next, &r.store, &r.metrics, mock_url.as_deref()).map_err(|e| {
-            Problems {
+        let app = crate::build(&next, &r.store, &r.metrics, &r.clients, mock_url.as_deref())
+            .map_err(|e| Problems {
                 source: None,
                 list: vec![e],
-            }
-        })?;
+            })?;
         let layer = app.layer.clone();
         r.router.store(Arc::new(server::router(app)));
         let old = std::mem::replace(&mut r.layer, layer);

@@ -12,14 +12,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use http::{header, HeaderValue, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tower_llm_ratelimit::algorithm::CalendarPeriod;
 use tower_llm_ratelimit::headers::go_duration;
@@ -31,29 +28,13 @@ use crate::forward::Forward;
 use crate::limits::{self, Callers};
 use crate::metrics::Metrics;
 use crate::proxy::{self, error};
-use crate::tcp;
-
-/// Where one model's requests go.
-#[derive(Debug)]
-pub(crate) struct ModelRoute {
-    pub(crate) name: Arc<str>,
-    /// `http://host:port`
-    pub(crate) origin: String,
-    /// The upstream's base path (`/v1`).
-    pub(crate) path: String,
-    /// `Bearer <upstream key>`, if any.
-    pub(crate) api_key: Option<HeaderValue>,
-    pub(crate) timeout: Duration,
-    /// How long the upstream's response body may go without a frame.
-    pub(crate) stream_idle_timeout: Duration,
-}
+use crate::upstream::ModelRoute;
 
 pub(crate) struct App {
     pub(crate) callers: Callers,
     pub(crate) models: BTreeMap<String, Arc<ModelRoute>>,
     pub(crate) layer: RateLimitLayer,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) client: Client<tcp::Connector, Body>,
     pub(crate) max_body_bytes: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) forward: Forward,
@@ -67,15 +48,11 @@ impl App {
         layer: RateLimitLayer,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(tcp::connector());
         Self {
             callers,
             models: routes,
             layer,
             metrics,
-            client,
             max_body_bytes: cfg.limiter.max_body_bytes,
             body_timeout: cfg.server.body_timeout(),
             forward: Forward::new(&cfg.server.forward_headers),

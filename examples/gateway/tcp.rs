@@ -8,7 +8,8 @@
 //! writes then takes 40 ms more on a keep-alive connection.
 //!
 //! - The gateway's own writes: `TCP_NODELAY` on every socket (accepted ones in `serve.rs`,
-//!   the mock's in `mock.rs`, upstream connections in [`connector`]).
+//!   the mock's in `mock.rs`, upstream connections in [`connector`], beneath TLS for
+//!   `https://` upstreams: `upstream.rs` wraps this connector).
 //! - Its peers' writes: an upstream that writes a response's head and body separately
 //!   without `TCP_NODELAY` (Python's `http.server`, many small servers), or a client that
 //!   does so with a request, waits for the gateway's ACK. [`QuickAck`] turns Linux's
@@ -27,12 +28,14 @@ use tower::util::MapResponse;
 use tower::ServiceExt;
 
 /// The upstream connector: hyper-util's, with `TCP_NODELAY`, its connections wrapped in
-/// [`QuickAck`].
+/// [`QuickAck`]. It connects for `https://` URLs too (the TCP beneath the TLS that
+/// `upstream.rs` adds).
 pub(crate) type Connector = MapResponse<HttpConnector, fn(TokioIo<TcpStream>) -> QuickAck>;
 
 pub(crate) fn connector() -> Connector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
+    http.enforce_http(false);
     http.map_response(QuickAck::new as fn(TokioIo<TcpStream>) -> QuickAck)
 }
 

@@ -20,7 +20,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::support::within;
@@ -45,8 +45,9 @@ async fn start_split_upstream() -> SocketAddr {
     addr
 }
 
-/// One connection of the split-write upstream: requests until the client closes.
-async fn split_connection(mut stream: TcpStream) {
+/// One connection of the split-write upstream: requests until the client closes. Over TCP,
+/// or TLS (`https.rs`).
+pub(super) async fn split_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let mut buf = Vec::new();
     loop {
         let Some(head_end) = read_head(&mut stream, &mut buf).await else {
@@ -80,7 +81,7 @@ async fn split_connection(mut stream: TcpStream) {
 }
 
 /// Reads until the end of a request head; its length, or `None` at EOF.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<usize> {
     loop {
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             return Some(at + 4);
@@ -93,7 +94,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
     }
 }
 
-async fn split_json(stream: &mut TcpStream, body: &Value) -> std::io::Result<()> {
+async fn split_json<S: AsyncWrite + Unpin>(stream: &mut S, body: &Value) -> std::io::Result<()> {
     let answer = json!({"id": "py-1", "object": "chat.completion", "model": body["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "word"},
             "finish_reason": "stop"}],
@@ -108,7 +109,7 @@ async fn split_json(stream: &mut TcpStream, body: &Value) -> std::io::Result<()>
     stream.write_all(answer.as_bytes()).await
 }
 
-async fn split_stream(stream: &mut TcpStream, body: &Value) -> std::io::Result<()> {
+async fn split_stream<S: AsyncWrite + Unpin>(stream: &mut S, body: &Value) -> std::io::Result<()> {
     stream
         .write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
@@ -134,10 +135,10 @@ async fn split_stream(stream: &mut TcpStream, body: &Value) -> std::io::Result<(
     stream.flush().await
 }
 
-/// A gateway with one model on `upstream` and one key, `k`.
-fn gateway_in_front_of(upstream: &str) -> (Gateway, TempConfig) {
+/// A gateway with one model on `upstream` (with `model_extra` lines) and one key, `k`.
+pub(super) fn gateway_in_front_of(upstream: &str, model_extra: &str) -> (Gateway, TempConfig) {
     let cfg = TempConfig::new(&format!(
-        "[models.py]\nupstream = \"{upstream}\"\n[tiers.free]\nrpm = 100000\n\
+        "[models.py]\nupstream = \"{upstream}\"\n{model_extra}\n[tiers.free]\nrpm = 100000\n\
          tpm = 100000000\n[keys]\nk = {{ user = \"u\", tier = \"free\" }}\n"
     ));
     let gw = Gateway::start(&["--config", cfg.path()]);
@@ -145,7 +146,7 @@ fn gateway_in_front_of(upstream: &str) -> (Gateway, TempConfig) {
 }
 
 /// One keep-alive HTTP/1.1 connection to `addr`: every request goes over it.
-async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+pub(super) async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
@@ -153,7 +154,7 @@ async fn keep_alive(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
     sender
 }
 
-fn post(addr: SocketAddr, body: &Value) -> Request<Full<Bytes>> {
+pub(super) fn post(addr: SocketAddr, body: &Value) -> Request<Full<Bytes>> {
     Request::post("/v1/chat/completions")
         .header("host", addr.to_string())
         .header("authorization", "Bearer k")
@@ -163,7 +164,10 @@ fn post(addr: SocketAddr, body: &Value) -> Request<Full<Bytes>> {
 }
 
 /// Sends `req` on the connection; the response body, after a 200.
-async fn send(sender: &mut http1::SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Bytes {
+pub(super) async fn send(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Bytes {
     within("a request through the gateway", async {
         std::future::poll_fn(|cx| sender.poll_ready(cx))
             .await
@@ -180,7 +184,7 @@ async fn send(sender: &mut http1::SendRequest<Full<Bytes>>, req: Request<Full<By
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_keep_alive_requests_through_the_gateway_dont_stall() {
     let upstream = start_split_upstream().await;
-    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"));
+    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"), "");
     let mut sender = keep_alive(gw.addr).await;
     let body = chat("py", "Hello there", 1);
     // One request first: the gateway's pooled upstream connection is opened outside the
@@ -226,7 +230,7 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_splits_its_writes_doesnt_stall_either() {
     let upstream = start_split_upstream().await;
-    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"));
+    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"), "");
     // Like a client without TCP_NODELAY that writes a request's head, then its body.
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     let body = chat("py", "Hello there", 1).to_string();
@@ -294,7 +298,7 @@ async fn first_chunk(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_first_chunk_comes_with_the_upstreams() {
     let upstream = start_split_upstream().await;
-    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"));
+    let (gw, _cfg) = gateway_in_front_of(&format!("http://{upstream}/v1"), "");
     let mut sender = keep_alive(gw.addr).await;
     let mut body = chat("py", "Hello there", 1);
     body["stream"] = json!(true);

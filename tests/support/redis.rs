@@ -53,12 +53,22 @@ pub(crate) fn available() -> bool {
     found
 }
 
+/// The files of a TLS-only server: its certificate and key, and the CA that signed it (PEM).
+#[derive(Debug, Clone)]
+pub(crate) struct RedisTls {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) ca: PathBuf,
+}
+
 /// One `redis-server` process.
 pub(crate) struct RedisServer {
     pub(crate) port: u16,
     child: Option<Child>,
     dir: PathBuf,
     extra: Vec<String>,
+    /// TLS only (`--port 0 --tls-port PORT`), when set.
+    tls: Option<RedisTls>,
 }
 
 impl RedisServer {
@@ -71,6 +81,16 @@ impl RedisServer {
     /// another process between finding it and the server binding it: then the server exits
     /// and the start is retried on another port.
     pub(crate) fn start_with(extra: &[&str]) -> Option<Self> {
+        Self::start_inner(extra, None)
+    }
+
+    /// Starts a server that speaks TLS only (no client certificate asked), with `tls`'s
+    /// certificate and key.
+    pub(crate) fn start_tls(tls: RedisTls) -> Option<Self> {
+        Self::start_inner(&[], Some(tls))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<RedisTls>) -> Option<Self> {
         if !available() {
             return None;
         }
@@ -88,6 +108,7 @@ impl RedisServer {
                 child: None,
                 dir,
                 extra,
+                tls: tls.clone(),
             };
             if server.try_spawn() {
                 return Some(server);
@@ -96,8 +117,12 @@ impl RedisServer {
         panic!("redis-server could not start on a free port in 5 attempts");
     }
 
+    /// `redis://127.0.0.1:PORT`, or `rediss://localhost:PORT` for a TLS server.
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     /// Starts the process on `self.port`; panics when it can't (restarts keep their port).
@@ -115,8 +140,26 @@ impl RedisServer {
             self.port, DEFAULT_REDIS_PORT,
             "never touch the Redis on 6379"
         );
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some(tls) => cmd
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -158,11 +201,12 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; its stdout, or `None` if it failed.
     pub(crate) fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .ok()?;
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(tls) = &self.tls {
+            cmd.args(["--tls", "--cacert"]).arg(&tls.ca);
+        }
+        let out = cmd.args(args).output().ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
