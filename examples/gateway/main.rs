@@ -41,7 +41,7 @@
 //! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
 //! | `mock.rs` | the built-in OpenAI-compatible mock model |
-//! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules |
+//! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules, checked by `.ci/deploy-check` |
 //!
 //! Exit codes: 0 after a clean shutdown (or a valid `--check-config`), 2 for a bad option or
 //! configuration (the message names the field), 1 when the gateway can't start (port taken,
