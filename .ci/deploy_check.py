@@ -394,10 +394,17 @@ def exported_metrics(metrics_rs):
     src = Path(metrics_rs).read_text()
     prefix = re.search(r'Registry::with_prefix\("(\w+)"\)', src).group(1)
     types = {}
-    for field, ty in re.findall(r"^\s+(\w+): (Family<\w+, \w+>|HistogramFamily<\w+>),$", src, re.M):
-        types[field] = "histogram" if ty.startswith("HistogramFamily") else ty.split()[-1][:-1]
+    for field, ty in re.findall(
+        r"^\s+(\w+): (Family<\w+, \w+>|HistogramFamily<\w+>|Counter|Gauge|Histogram),$", src, re.M
+    ):
+        if ty.startswith("Family<"):
+            ty = ty.split()[-1][:-1]  # Family<Labels, Counter> -> Counter
+        types[field] = "histogram" if "Histogram" in ty else ty
     names = {}
-    for name, field in re.findall(r'register\(\s*"(\w+)",\s*"(?:[^"\\]|\\.)*",\s*m\.(\w+)\.clone\(\)', src):
+    # re.S: a help string may continue on the next line after a backslash.
+    for name, field in re.findall(
+        r'register\(\s*"(\w+)",\s*"(?:[^"\\]|\\.)*",\s*m\.(\w+)\.clone\(\)', src, re.S
+    ):
         names[name] = types.get(field, "").lower()
     for name in re.findall(r'\(\s*"(\w+)",\s*"(?:[^"\\]|\\.)*",\s*s\.\w+,\s*\)', src):
         names[name] = "counter"
