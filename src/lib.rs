@@ -51,13 +51,17 @@
 //!                                                                          (settle, cost::usage)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
+//! Steps 1 to 4 and the answer of step 5 (headers, or the rejection) are the limiter's
+//! (`limiter/`); the service (`service/`) reads the body, calls the inner service and hands
+//! the response body the settlement the limiter concluded.
 //!
 //! # The map of the crate
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
-//! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards; a decision whose caller left is finished in the background (`layer/acquiring.rs`) |
+//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` (a [`BuildError`]) into the limiter the layer, its clones and their services share; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
+//! | the limiter (`limiter/`) | the shared state (rules, store, estimator, observer, policies such as [`FailurePolicy`] and [`settle::MissingUsage`], the header parts computed by `build`, the count of background settlements) and its logic: planning a request's charges (`plan.rs`: tier, keys, amounts, idempotency identity), acquiring them, concluding (`conclude.rs`: headers and what to settle, or the rejection), [`RuleStatus`] |
+//! | [`RateLimit`] (`service/`) | the service (and the layer's `Layer` impl): asks the limiter to decide, answers or forwards; a decision whose caller left is finished in the background (`service/acquiring.rs`) |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `document.rs`, `stream_usage.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse (serde_json, linear in its size), into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for); `stream_options.include_usage` spliced into streaming requests, every other byte kept |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
@@ -72,8 +76,11 @@
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests: monotonic time, and the wall clock for calendar windows |
 //!
-//! Arrows point one way: the layer uses keys, costs, stores and headers; rules and stores
-//! use the algorithms; algorithms know nothing of HTTP, locks, rules or time sources.
+//! Arrows point one way (`tests/module_graph.rs` checks that no import goes back): the
+//! service uses the layer; the service, the layer and the settlement use the limiter, which
+//! knows none of them; the limiter uses rules, keys, costs, stores, headers and rejections;
+//! rules and stores use the algorithms; algorithms know nothing of HTTP, locks, rules or
+//! time sources.
 //!
 //! # Algorithms
 //!
@@ -186,7 +193,7 @@ mod future;
 mod idempotency;
 mod inspect;
 mod layer;
-mod plan;
+mod limiter;
 mod reject;
 mod service;
 mod stream_usage;
@@ -196,9 +203,8 @@ pub use body::ResponseBody;
 pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use inspect::{BodyPolicy, RequestBody};
-pub use layer::{
-    FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus, DEFAULT_MAX_INSPECT_BYTES,
-};
+pub use layer::{RateLimitLayer, RateLimitLayerBuilder, DEFAULT_MAX_INSPECT_BYTES};
+pub use limiter::{FailurePolicy, RuleStatus};
 pub use rule::{MissingKey, Quota, Rule, Unit};
 pub use service::RateLimit;
 
