@@ -51,29 +51,36 @@
 //!                                                                          (settle, cost::usage)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
+//! Steps 1 to 4 and the answer of step 5 (headers, or the rejection) are the limiter's
+//! (`limiter/`); the service (`service/`) reads the body, calls the inner service and hands
+//! the response body the settlement the limiter concluded.
 //!
 //! # The map of the crate
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` into a [`BuildError`]; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
-//! | [`RateLimit`] (`service.rs`, `plan.rs`) | the service: plans the charges (`plan.rs`), asks the store, answers or forwards; a decision whose caller left is finished in the background (`layer/acquiring.rs`) |
+//! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` (a [`BuildError`]) into the limiter the layer, its clones and their services share; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
+//! | the limiter (`limiter/`) | the shared state (rules, store, estimator, observer, policies such as [`FailurePolicy`] and [`settle::MissingUsage`], the header parts computed by `build`, the count of background settlements) and its logic: planning a request's charges (`plan.rs`: tier, keys, amounts, idempotency identity), acquiring them, concluding (`conclude.rs`: headers and what to settle, or the rejection), [`RuleStatus`] |
+//! | [`RateLimit`] (`service/`) | the service (and the layer's `Layer` impl): asks the limiter to decide, answers or forwards; a decision whose caller left is finished in the background (`service/acquiring.rs`) |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `document.rs`, `stream_usage.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse (serde_json, linear in its size), into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for); `stream_options.include_usage` spliced into streaming requests, every other byte kept |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
-//! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`Algorithm`], [`MissingKey`] |
+//! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`MissingKey`] |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` parser, one file per framing) |
-//! | [`algorithm`] | sliding window counter, sliding window log, GCRA, calendar window (UTC hour, day, month): pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
+//! | [`algorithm`] | [`Algorithm`] and the algorithms: sliding window counter, sliding window log, GCRA, calendar window (UTC hour, day, month): pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek; idempotent retries: `acquire_once` / `fail_attempt`, the table of what a retry is charged) and the [`store::MemoryStore`] (`store/memory/`: the map and its sweeps, one file for a bucket's cell, one for least-recently-used eviction at `max_keys`, one for long keys held as digests, one for the table of failed idempotent attempts); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, its replies checked against the call that asked (`reply.rs`), versioned key layout, circuit breaker, lazy connection, concurrency slots released in the background after failed calls) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
 //! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests: monotonic time, and the wall clock for calendar windows |
 //!
-//! Arrows point one way: the layer uses keys, costs, stores and headers; stores use the
-//! algorithms; algorithms know nothing of HTTP, locks or time sources.
+//! Arrows point one way (`tests/module_graph.rs` checks that no import goes back): the
+//! service uses the layer; the service, the layer and the settlement use the limiter, which
+//! knows none of them; the limiter uses rules, keys, costs, stores, headers and rejections;
+//! rules and stores use the algorithms; algorithms know nothing of HTTP, locks, rules or
+//! time sources.
 //!
 //! # Algorithms
 //!
@@ -186,19 +193,19 @@ mod future;
 mod idempotency;
 mod inspect;
 mod layer;
-mod plan;
+mod limiter;
 mod reject;
 mod service;
 mod stream_usage;
 
+pub use algorithm::Algorithm;
 pub use body::ResponseBody;
 pub use error::BuildError;
 pub use future::ResponseFuture;
 pub use inspect::{BodyPolicy, RequestBody};
-pub use layer::{
-    FailurePolicy, RateLimitLayer, RateLimitLayerBuilder, RuleStatus, DEFAULT_MAX_INSPECT_BYTES,
-};
-pub use rule::{Algorithm, MissingKey, Quota, Rule, Unit};
+pub use layer::{RateLimitLayer, RateLimitLayerBuilder, DEFAULT_MAX_INSPECT_BYTES};
+pub use limiter::{FailurePolicy, RuleStatus};
+pub use rule::{MissingKey, Quota, Rule, Unit};
 pub use service::RateLimit;
 
 // The README's examples are compiled and run as doctests.

@@ -21,8 +21,9 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::algorithm::CalendarPeriod;
+use crate::algorithm::{Algorithm, CalendarPeriod};
 use crate::headers::go_duration;
+use crate::rule::Quota;
 
 /// `grpc-status`: a gRPC call's outcome (trailers, or the headers of a trailers-only response).
 pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -44,9 +45,9 @@ pub(crate) enum Per {
 }
 
 impl Per {
-    pub(crate) fn of(quota: &crate::Quota) -> Self {
+    pub(crate) fn of(quota: &Quota) -> Self {
         match quota.algorithm() {
-            crate::Algorithm::Calendar(period) => Per::Calendar(period),
+            Algorithm::Calendar(period) => Per::Calendar(period),
             _ => Per::Window(quota.window()),
         }
     }

@@ -35,6 +35,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+// `Algorithm` lives with the algorithms; `rule::Algorithm` stays a public path.
+pub use crate::algorithm::Algorithm;
 use crate::algorithm::{CalendarPeriod, Limits};
 use crate::key::KeyExtractor;
 
@@ -79,32 +81,6 @@ impl Unit {
 impl fmt::Display for Unit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// How a quota is enforced. See [`crate::algorithm`] for the trade-offs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Algorithm {
-    /// O(1) memory, approximate (at most 2x the limit in a worst-case window). The default.
-    #[default]
-    SlidingWindowCounter,
-    /// Exact, memory grows with the number of charges in the window.
-    SlidingWindowLog,
-    /// Generic cell rate algorithm: O(1), smooth, with an optional burst.
-    Gcra,
-    /// At most `limit` requests in flight; see [`Quota::concurrent`].
-    Concurrency,
-    /// An exact count per UTC calendar period, reset at the boundary (midnight, the 1st of
-    /// the month); see [`Quota::per_calendar_day`]. The quota's window is not used.
-    Calendar(CalendarPeriod),
-}
-
-impl Algorithm {
-    /// True for [`Algorithm::Calendar`]: its time is the wall clock's
-    /// ([`crate::clock::Clock::unix_nanos`]), not the monotonic one.
-    #[inline]
-    pub const fn is_calendar(self) -> bool {
-        matches!(self, Algorithm::Calendar(_))
     }
 }
 

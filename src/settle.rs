@@ -34,29 +34,18 @@ use tokio::sync::oneshot;
 
 use http::{Extensions, HeaderMap, StatusCode};
 
+use crate::algorithm::Algorithm;
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
-use crate::layer::{Settling, Shared};
+use crate::limiter::{Limiter, Pending, Settlement, Settling};
 use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
-use crate::rule::{Algorithm, Quota, Unit};
-use crate::store::{Adjustment, BucketKey, Charge, IdempotencyKey, Placement};
+use crate::rule::Unit;
+use crate::store::{Adjustment, Charge, IdempotencyKey, StoreError, StoreFuture};
 use crate::tier::Tier;
 
-/// What the layer charges when an admitted response carries no `usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MissingUsage {
-    /// Keep the estimate charged before admission. The default (the conservative side).
-    /// A request admitted with the fallback cost ([`crate::BodyPolicy::Fallback`]: its body
-    /// could not be read) is no estimate of it: it keeps that cost, or pays the estimate of
-    /// what streamed ([`MissingUsage::EstimateStreamed`]) when that is more.
-    #[default]
-    KeepReservation,
-    /// Charge the input estimate plus an estimate of the output from the bytes streamed to
-    /// the client (about 4 bytes per token of SSE/JSON payload, counting its framing, so it
-    /// errs high).
-    EstimateStreamed,
-}
+// Defined with the limiter, which holds the policy; `settle::MissingUsage` is its public path.
+pub use crate::limiter::MissingUsage;
 
 /// A response extension by which the inner service says that its error response may still
 /// have cost tokens, so the token reservation stays charged instead of being refunded.
@@ -83,15 +72,6 @@ pub struct KeepTokens;
 /// Bytes of response payload per output token, for [`MissingUsage::EstimateStreamed`].
 const BYTES_PER_STREAMED_TOKEN: u64 = 4;
 
-/// One charge to settle.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    pub(crate) bucket: BucketKey,
-    pub(crate) quota: Quota,
-    pub(crate) placement: Placement,
-    pub(crate) charged: u64,
-}
-
 /// How a request ended.
 #[derive(Debug, Clone, Copy)]
 enum Ending {
@@ -108,7 +88,7 @@ enum Ending {
 
 /// The settlement of one admitted request. Settles once: explicitly, or when dropped.
 pub(crate) struct Settle {
-    shared: Arc<Shared>,
+    limiter: Arc<Limiter>,
     charges: Vec<Pending>,
     estimate: Cost,
     /// `estimate` is the layer's fallback cost, not an estimate of this request.
@@ -142,17 +122,19 @@ impl std::fmt::Debug for Settle {
 const MAX_USAGE_BUFFER: usize = 4 << 20;
 
 impl Settle {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        charges: Vec<Pending>,
-        estimate: Cost,
-        fallback: bool,
-        model: Option<String>,
-        tier: Option<Tier>,
-        idempotency: Option<IdempotencyKey>,
-    ) -> Self {
+    /// The settlement the limiter concluded for an admitted request, to run once its
+    /// response ends (or when dropped).
+    pub(crate) fn new(limiter: Arc<Limiter>, settlement: Settlement) -> Self {
+        let Settlement {
+            charges,
+            estimate,
+            fallback,
+            model,
+            tier,
+            idempotency,
+        } = settlement;
         Self {
-            shared,
+            limiter,
             charges,
             estimate,
             fallback,
@@ -286,7 +268,7 @@ impl Settle {
     }
 
     fn keeps_reservation(&self) -> bool {
-        self.shared.missing_usage == MissingUsage::KeepReservation
+        self.limiter.missing_usage == MissingUsage::KeepReservation
     }
 
     /// `unit`'s amount of `input` and `output` tokens.
@@ -295,7 +277,7 @@ impl Settle {
             Unit::InputTokens => input,
             Unit::OutputTokens => output,
             Unit::Cost => self
-                .shared
+                .limiter
                 .weights
                 .weigh(self.model.as_deref(), input, output),
             _ => input.saturating_add(output),
@@ -315,7 +297,7 @@ impl Settle {
                 } else if c.quota.unit().is_token_based() {
                     self.actual(c.quota.unit(), c.charged, ending)
                 } else if matches!(ending, Ending::Failed { .. })
-                    && !self.shared.count_failed_requests
+                    && !self.limiter.count_failed_requests
                     // A failed attempt with an id stays counted: its retry is free instead.
                     && self.idempotency.is_none()
                 {
@@ -333,10 +315,10 @@ impl Settle {
             })
             .collect();
         if let Some(observer) = self
-            .shared
+            .limiter
             .observer
             .as_ref()
-            .filter(|_| self.shared.observes_settlements)
+            .filter(|_| self.limiter.observes_settlements)
         {
             let rules: Vec<SettledRule<'_>> = self
                 .charges
@@ -366,10 +348,10 @@ impl Settle {
             });
         }
         if !adjustments.is_empty() {
-            let settling = self.shared.store.settle(&adjustments);
+            let settling = self.limiter.store.settle(&adjustments);
             // Nobody waits for a settlement (the next request is decided as it stands).
             drop(drive(
-                &self.shared,
+                &self.limiter,
                 settling,
                 "settling a rate-limit charge failed",
             ));
@@ -380,9 +362,9 @@ impl Settle {
                 .iter()
                 .map(|c| Charge::new(&c.bucket, &c.quota, c.charged))
                 .collect();
-            let failing = self.shared.store.fail_attempt(&charges, id);
+            let failing = self.limiter.store.fail_attempt(&charges, id);
             self.recorded = drive(
-                &self.shared,
+                &self.limiter,
                 failing,
                 "remembering a failed attempt failed (its retry will be charged)",
             );
@@ -394,8 +376,8 @@ impl Settle {
 /// own (this may run in `Drop`), counted for [`crate::RateLimitLayer::flush`]. Returns,
 /// for a call in a task, what tells when it is done.
 fn drive(
-    shared: &Arc<Shared>,
-    call: crate::store::StoreFuture<Result<(), crate::store::StoreError>>,
+    limiter: &Arc<Limiter>,
+    call: StoreFuture<Result<(), StoreError>>,
     failure: &'static str,
 ) -> Option<oneshot::Receiver<()>> {
     match call.now() {
@@ -406,7 +388,7 @@ fn drive(
         }
         Err(pending) => match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                let running = Settling::start(shared);
+                let running = Settling::start(limiter);
                 let (done, recorded) = oneshot::channel();
                 rt.spawn(async move {
                     if let Err(e) = pending.await {
@@ -428,7 +410,7 @@ fn drive(
     }
 }
 
-fn log_failure(e: &crate::store::StoreError, what: &'static str) {
+fn log_failure(e: &StoreError, what: &'static str) {
     tracing::warn!(target: "tower_llm_ratelimit", error = %e, "{what}");
 }
 

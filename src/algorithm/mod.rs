@@ -57,7 +57,32 @@ pub use self::gcra::Gcra;
 pub(crate) use self::gcra::PreparedGcra;
 pub use self::log::SlidingWindowLog;
 
-use crate::rule::Algorithm;
+/// How a quota is enforced. See the [module docs](self) for the trade-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Algorithm {
+    /// O(1) memory, approximate (at most 2x the limit in a worst-case window). The default.
+    #[default]
+    SlidingWindowCounter,
+    /// Exact, memory grows with the number of charges in the window.
+    SlidingWindowLog,
+    /// Generic cell rate algorithm: O(1), smooth, with an optional burst.
+    Gcra,
+    /// At most `limit` requests in flight; see [`Quota::concurrent`](crate::Quota::concurrent).
+    Concurrency,
+    /// An exact count per UTC calendar period, reset at the boundary (midnight, the 1st of
+    /// the month); see [`Quota::per_calendar_day`](crate::Quota::per_calendar_day). The
+    /// quota's window is not used.
+    Calendar(CalendarPeriod),
+}
+
+impl Algorithm {
+    /// True for [`Algorithm::Calendar`]: its time is the wall clock's
+    /// ([`crate::clock::Clock::unix_nanos`]), not the monotonic one.
+    #[inline]
+    pub const fn is_calendar(self) -> bool {
+        matches!(self, Algorithm::Calendar(_))
+    }
+}
 
 /// The numbers an algorithm needs from a quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

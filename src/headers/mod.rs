@@ -69,8 +69,8 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
 
-use crate::algorithm::Snapshot;
-use crate::rule::{Algorithm, Quota, Unit};
+use crate::algorithm::{Algorithm, Snapshot};
+use crate::rule::{Quota, Unit};
 
 pub use self::format::go_duration;
 pub(crate) use self::format::GoDuration;

@@ -4,14 +4,15 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use super::{FailurePolicy, RateLimitLayer, Settling, Shared, DEFAULT_MAX_INSPECT_BYTES};
+use super::{RateLimitLayer, DEFAULT_MAX_INSPECT_BYTES};
+use crate::algorithm::Algorithm;
 use crate::cost::{Cost, CostEstimator, Weights};
 use crate::error::BuildError;
 use crate::headers::{HeaderStyle, JoinedPolicies, QuotaHeaders};
 use crate::inspect::BodyPolicy;
+use crate::limiter::{FailurePolicy, Limiter, MissingUsage, Settling};
 use crate::observe::Observer;
-use crate::rule::{Algorithm, Quota, Rule, Unit};
-use crate::settle::MissingUsage;
+use crate::rule::{Quota, Rule, Unit};
 use crate::store::{MemoryStore, Store};
 use crate::tier::TierResolver;
 
@@ -256,7 +257,7 @@ impl RateLimitLayerBuilder {
             || self.rules.iter().any(|r| r.key.needs_body())
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
         Ok(RateLimitLayer {
-            shared: Arc::new(Shared {
+            limiter: Arc::new(Limiter {
                 settling: Settling::default(),
                 rules: self.rules,
                 store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),

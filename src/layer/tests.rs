@@ -1,6 +1,7 @@
 use super::*;
 use crate::error::BuildError;
 use crate::key;
+use crate::rule::Quota;
 use std::time::Duration;
 
 fn build(rules: Vec<Rule>) -> Result<RateLimitLayer, BuildError> {

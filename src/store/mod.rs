@@ -165,7 +165,7 @@ impl<'a> Charge<'a> {
     /// ([`Store::acquire_once`]).
     pub fn is_request_count(&self) -> bool {
         self.quota.unit() == crate::rule::Unit::Requests
-            && self.quota.algorithm() != crate::rule::Algorithm::Concurrency
+            && self.quota.algorithm() != crate::algorithm::Algorithm::Concurrency
     }
 }
 

@@ -133,8 +133,9 @@ use super::{
     Adjustment, BucketKey, Charge, ChargeStates, Decision, Denial, IdempotencyKey, MemoryStore,
     Placement, Snapshot, Store, StoreError, StoreFuture,
 };
+use crate::algorithm::Algorithm;
 use crate::clock::Clock;
-use crate::rule::{Algorithm, Quota};
+use crate::rule::Quota;
 
 /// What the store does while Redis can't answer (down, timing out, circuit open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

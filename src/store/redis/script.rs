@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::{keys, Conn, Inner, RedisFailure};
-use crate::algorithm::CalendarPeriod;
-use crate::rule::{Algorithm, Quota};
+use crate::algorithm::{Algorithm, CalendarPeriod};
+use crate::rule::Quota;
 use crate::store::{BucketKey, IdempotencyKey, StoreError};
 
 pub(super) const SCRIPT: &str = include_str!("limiter.lua");

@@ -1,57 +1,46 @@
-//! Planning a request's charges, and turning the store's answer into headers and a
-//! settlement, or a rejection.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! Planning a request's charges: its tier, each rule's bucket key and amount, its
+//! idempotency identity; and asking the store for them, all or nothing.
 
 use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
 
+use super::Limiter;
+use crate::algorithm::Algorithm;
 use crate::cost::Cost;
-use crate::headers::{self, RateHeaders, RuleState};
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
-use crate::layer::{FailurePolicy, Shared};
-use crate::observe::{DecisionEvent, Outcome, RuleDecision};
-use crate::reject::{Per, Rejection};
-use crate::rule::{Algorithm, MissingKey, Quota, Unit};
-use crate::settle::{Pending, Settle};
+use crate::observe::Outcome;
+use crate::reject::Rejection;
+use crate::rule::{MissingKey, Quota, Unit};
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError, StoreFuture};
 use crate::tier::Tier;
 
 /// One rule's charge for this request.
-pub(crate) struct Planned {
-    rule: usize,
+pub(super) struct Planned {
+    pub(super) rule: usize,
     /// Which of the rule's quotas (see `Rule::variant_for`).
-    variant: usize,
-    bucket: BucketKey,
-    quota: Quota,
-    amount: u64,
+    pub(super) variant: usize,
+    pub(super) bucket: BucketKey,
+    pub(super) quota: Quota,
+    pub(super) amount: u64,
 }
 
 /// A request's plan: its tier and charges.
 pub(crate) struct Plan {
-    tier: Option<Tier>,
+    pub(super) tier: Option<Tier>,
     /// The request's identity when it carries an idempotency id (see `idempotency.rs`).
-    idempotency: Option<IdempotencyKey>,
-    charges: Vec<Planned>,
-    estimate: Cost,
+    pub(super) idempotency: Option<IdempotencyKey>,
+    pub(super) charges: Vec<Planned>,
+    pub(super) estimate: Cost,
     /// The estimate is the layer's fallback cost (the body could not be read or parsed).
-    fallback: bool,
-    model: Option<String>,
+    pub(super) fallback: bool,
+    pub(super) model: Option<String>,
 }
 
 /// Why the body the estimate needs can't be used.
 pub(crate) enum BodyProblem {
     TooLarge,
     NotJson(String),
-}
-
-/// An admitted request's headers and settlement.
-pub(crate) struct Admit {
-    pub(crate) headers: RateHeaders,
-    pub(crate) settle: Option<Box<Settle>>,
 }
 
 /// The `model` of the request's JSON body, if the layer read it.
@@ -68,7 +57,10 @@ pub(crate) fn invalid(status: StatusCode, code: &'static str, message: String) -
     }
 }
 
-impl Shared {
+impl Limiter {
+    /// The request's tier and charges, or its rejection: a missing key whose rule rejects,
+    /// a body the rules need but can't use, an estimate that fails. `problem` is what made
+    /// the body unusable, if it is.
     pub(crate) fn plan(
         &self,
         req: &RequestView<'_>,
@@ -224,6 +216,8 @@ impl Shared {
         }
     }
 
+    /// Asks the store for every charge of `plan`, all or nothing (counted once per
+    /// idempotency identity when the request has one).
     pub(crate) fn acquire<'a>(
         &'a self,
         plan: &'a Plan,
@@ -246,166 +240,4 @@ impl Shared {
             Some(_) => ask(&plan.charges.iter().map(charge).collect::<Vec<_>>()),
         }
     }
-
-    fn observe(&self, tier: Option<&str>, outcome: Outcome<'_>, rules: &[RuleDecision<'_>]) {
-        if let Some(o) = &self.observer {
-            o.on_decision(&DecisionEvent {
-                tier,
-                outcome,
-                rules,
-            });
-        }
-    }
-}
-
-/// Turns the store's answer into the headers and settlement of an admitted request, or a
-/// rejection (to the request whose headers are `request`: see `Rejection::into_response`).
-pub(crate) fn conclude(
-    shared: &Arc<Shared>,
-    plan: Plan,
-    result: Result<Decision, StoreError>,
-    request: &HeaderMap,
-) -> Result<Admit, Box<Response<Full<Bytes>>>> {
-    let tier = plan.tier.as_ref().map(Tier::as_str);
-    let decision = match result {
-        Ok(d) => d,
-        Err(e) => {
-            let admitted = shared.failure == FailurePolicy::Open;
-            tracing::warn!(
-                target: "tower_llm_ratelimit",
-                error = %e,
-                admitted,
-                "rate-limit store failed"
-            );
-            shared.observe(tier, Outcome::StoreError { admitted }, &[]);
-            if admitted {
-                return Ok(Admit {
-                    headers: RateHeaders::default(),
-                    settle: None,
-                });
-            }
-            let mut h = HeaderMap::new();
-            headers::write_retry_after(&mut h, Duration::from_secs(1));
-            return Err(Box::new(
-                Rejection::StoreUnavailable {
-                    message: format!("Rate limiting is unavailable: {e}. Please try again."),
-                }
-                .into_response(request, h),
-            ));
-        }
-    };
-    let states = plan
-        .charges
-        .iter()
-        .zip(&decision.charges)
-        .map(|(p, s)| RuleState {
-            rule: &shared.rules[p.rule].name,
-            quota: &p.quota,
-            variant: p.variant,
-            snapshot: s.snapshot,
-            cached: &shared.quota_headers[p.rule][p.variant],
-        });
-    let h = headers::write(
-        shared.headers,
-        &shared.joined_policies,
-        shared.rules.len(),
-        states,
-    );
-    if shared.observer.is_some() {
-        let denied = decision.denial.map(|d| d.index);
-        let rules: Vec<RuleDecision<'_>> = plan
-            .charges
-            .iter()
-            .zip(&decision.charges)
-            .enumerate()
-            .map(|(i, (p, s))| RuleDecision {
-                rule: &shared.rules[p.rule].name,
-                key: p.bucket.key(),
-                unit: p.quota.unit(),
-                cost: p.amount,
-                limit: s.snapshot.limit,
-                remaining: s.snapshot.remaining,
-                denied: denied == Some(i),
-            })
-            .collect();
-        let outcome = match decision.denial {
-            None => Outcome::Admitted,
-            Some(d) => Outcome::Denied {
-                rule: &shared.rules[plan.charges[d.index].rule].name,
-                retry_after: d.retry_after,
-            },
-        };
-        shared.observe(tier, outcome, &rules);
-    }
-    let Some(denial) = decision.denial else {
-        // An attempt with an idempotency id is settled whatever its rules: its failure is
-        // what makes its retry free.
-        let needs_settling = plan.idempotency.is_some()
-            || !shared.count_failed_requests
-            || plan.charges.iter().any(|p| {
-                p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
-            });
-        let settle = needs_settling.then(|| {
-            // A new vector, not `collect` (which would reuse the plan's and shrink it: a
-            // reallocation).
-            let mut pending = Vec::with_capacity(plan.charges.len());
-            pending.extend(
-                plan.charges
-                    .into_iter()
-                    .zip(&decision.charges)
-                    .map(|(p, s)| {
-                        // A free retry's request charges were not counted: nothing to settle.
-                        let waived = decision.free_retry
-                            && Charge::new(&p.bucket, &p.quota, p.amount).is_request_count();
-                        Pending {
-                            bucket: p.bucket,
-                            quota: p.quota,
-                            placement: s.placement,
-                            charged: if waived { 0 } else { p.amount },
-                        }
-                    }),
-            );
-            Box::new(Settle::new(
-                Arc::clone(shared),
-                pending,
-                plan.estimate,
-                plan.fallback,
-                plan.model,
-                shared
-                    .observes_settlements
-                    .then(|| plan.tier.clone())
-                    .flatten(),
-                plan.idempotency,
-            ))
-        });
-        return Ok(Admit { headers: h, settle });
-    };
-    let p = &plan.charges[denial.index];
-    let snapshot = decision.charges[denial.index].snapshot;
-    let rule = &*shared.rules[p.rule].name;
-    tracing::debug!(
-        target: "tower_llm_ratelimit",
-        rule,
-        key = %p.bucket.key(),
-        tier,
-        cost = p.amount,
-        remaining = snapshot.remaining,
-        retry_after_ms = denial.retry_after.map(|d| d.as_millis() as u64),
-        "request rate limited"
-    );
-    // A request that can never fit is told to wait a whole window, never 0.
-    let mut h = h.into_map();
-    headers::write_retry_after(&mut h, denial.retry_after.unwrap_or(p.quota.window()));
-    Err(Box::new(
-        Rejection::rate_limited(
-            rule,
-            p.quota.unit().as_str(),
-            snapshot.limit,
-            Per::of(&p.quota),
-            snapshot.limit.saturating_sub(snapshot.remaining),
-            p.amount,
-            denial.retry_after,
-        )
-        .into_response(request, h),
-    ))
 }

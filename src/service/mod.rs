@@ -1,4 +1,9 @@
-//! [`RateLimit`]: the service that decides per request.
+//! [`RateLimit`]: the service that decides per request, and the `Layer` impl of the
+//! [`RateLimitLayer`] that builds it. The service asks the layer's limiter to plan, acquire
+//! and conclude, then forwards the request with its settlement (`settle.rs`); a decision
+//! whose caller left is finished in the background (`acquiring.rs`).
+
+mod acquiring;
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -7,16 +12,49 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::Full;
+use tower_layer::Layer;
 use tower_service::Service;
 
+use self::acquiring::Acquiring;
 use crate::body::ResponseBody;
 use crate::document::Json;
 use crate::future::{Next, ResponseFuture};
+use crate::headers::RateHeaders;
 use crate::inspect::{self, Read, RequestBody};
 use crate::key::RequestView;
-use crate::layer::{Acquiring, RateLimitLayer};
-use crate::plan::{conclude, invalid, BodyProblem};
+use crate::layer::RateLimitLayer;
+use crate::limiter::{invalid, BodyProblem, Limiter, Plan};
+use crate::settle::Settle;
+use crate::store::{Decision, StoreError};
 use crate::stream_usage::{wants_stream_usage, with_stream_usage};
+
+/// An admitted request's rate-limit headers and the settlement that watches its response.
+type Admitted = (RateHeaders, Option<Box<Settle>>);
+
+/// The limiter's conclusion on a decision, with the settlement of an admitted request ready
+/// to watch its response (dropped unused, it settles the request as one dropped before its
+/// response).
+fn conclude(
+    limiter: &Arc<Limiter>,
+    plan: Plan,
+    result: Result<Decision, StoreError>,
+    request: &HeaderMap,
+) -> Result<Admitted, Box<Response<Full<Bytes>>>> {
+    let admit = limiter.conclude(plan, result, request)?;
+    let settle = admit
+        .settlement
+        .map(|s| Box::new(Settle::new(Arc::clone(limiter), s)));
+    Ok((admit.headers, settle))
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit::new(inner, self.clone())
+    }
+}
 
 /// Rate limits the requests of an inner service. Built by [`RateLimitLayer`].
 ///
@@ -91,13 +129,13 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = &self.layer.shared;
+        let limiter = &self.layer.limiter;
         // A request with an idempotency id is read too: its body is part of its identity.
         // Only a body of declared length (or none): a stream (gRPC, a chunked upload) is
         // never held back for it, and without a body to digest the request has no identity
         // (each attempt is charged).
-        if shared.needs_body
-            || (shared
+        if limiter.needs_body
+            || (limiter
                 .idempotency_header
                 .as_ref()
                 .is_some_and(|h| req.headers().contains_key(h))
@@ -106,28 +144,30 @@ where
         {
             return self.call_with_body(req);
         }
-        let plan = match shared.plan(&RequestView::from_request(&req), None) {
+        let plan = match limiter.plan(&RequestView::from_request(&req), None) {
             Ok(plan) => plan,
             Err(r) => {
                 return ResponseFuture::rejected(r.into_response(req.headers(), HeaderMap::new()))
             }
         };
         let req = req.map(RequestBody::original);
-        match shared.acquire(&plan).into_result() {
+        match limiter.acquire(&plan).into_result() {
             // A synchronous store (memory): no task switch, and no allocation for up to two
             // rules (the decision's states are inline).
-            Ok(result) => match conclude(shared, plan, result, req.headers()) {
-                Ok(a) => ResponseFuture::inner(self.inner.call(req), a.headers, a.settle),
+            Ok(result) => match conclude(limiter, plan, result, req.headers()) {
+                Ok((headers, settle)) => {
+                    ResponseFuture::inner(self.inner.call(req), headers, settle)
+                }
                 Err(response) => ResponseFuture::rejected(*response),
             },
             Err(pending) => {
-                let shared = Arc::clone(shared);
+                let limiter = Arc::clone(limiter);
                 let mut inner = self.take_ready();
-                let acquiring = Acquiring::new(Arc::clone(&shared), pending, plan);
+                let acquiring = Acquiring::new(Arc::clone(&limiter), pending, plan);
                 ResponseFuture::deciding(Box::pin(async move {
                     let (plan, result) = acquiring.decide().await;
-                    match conclude(&shared, plan, result, req.headers()) {
-                        Ok(a) => Next::Call(inner.call(req), a.headers, a.settle),
+                    match conclude(&limiter, plan, result, req.headers()) {
+                        Ok((headers, settle)) => Next::Call(inner.call(req), headers, settle),
                         Err(response) => Next::Reject(*response),
                     }
                 }))
@@ -152,14 +192,14 @@ impl<S> RateLimit<S> {
         ReqBody: Body<Data = Bytes> + Send + 'static,
         ReqBody::Error: std::fmt::Display,
     {
-        let shared = Arc::clone(&self.layer.shared);
+        let limiter = Arc::clone(&self.layer.limiter);
         let mut inner = self.take_ready();
         // Split before the future captures them: a captured request would keep its own
         // place in the future next to its parts (the future is boxed, and over 1 KiB the
         // allocation leaves the allocator's fast path).
         let (mut parts, body) = req.into_parts();
         ResponseFuture::deciding(Box::pin(async move {
-            let max = shared.max_inspect_bytes;
+            let max = limiter.max_inspect_bytes;
             let declared_too_large = parts
                 .headers
                 .get(http::header::CONTENT_LENGTH)
@@ -195,7 +235,7 @@ impl<S> RateLimit<S> {
                 let doc = match problem {
                     Some(_) => None,
                     // Read only for an idempotency id: not parsed.
-                    None if bytes.is_empty() || !shared.needs_body => None,
+                    None if bytes.is_empty() || !limiter.needs_body => None,
                     None => match Json::parse(&bytes) {
                         Ok(doc) => Some(doc),
                         Err(e) => {
@@ -209,11 +249,11 @@ impl<S> RateLimit<S> {
                     doc.as_ref(),
                     &lazy_json,
                 );
-                let stream_usage = shared.request_stream_usage
+                let stream_usage = limiter.request_stream_usage
                     && doc
                         .as_ref()
                         .is_some_and(|d| wants_stream_usage(parts.uri.path(), d));
-                (shared.plan(&view, problem.as_ref()), stream_usage)
+                (limiter.plan(&view, problem.as_ref()), stream_usage)
             };
             let plan = match plan {
                 Ok(plan) => plan,
@@ -221,16 +261,16 @@ impl<S> RateLimit<S> {
             };
             // A synchronous store answers at once; only a pending answer (already boxed) is
             // awaited.
-            let (plan, result) = match shared.acquire(&plan).into_result() {
+            let (plan, result) = match limiter.acquire(&plan).into_result() {
                 Ok(result) => (plan, result),
                 Err(pending) => {
-                    Acquiring::new(Arc::clone(&shared), pending, plan)
+                    Acquiring::new(Arc::clone(&limiter), pending, plan)
                         .decide()
                         .await
                 }
             };
-            let admit = match conclude(&shared, plan, result, &parts.headers) {
-                Ok(a) => a,
+            let (headers, settle) = match conclude(&limiter, plan, result, &parts.headers) {
+                Ok(admitted) => admitted,
                 Err(response) => return Next::Reject(*response),
             };
             if stream_usage {
@@ -246,7 +286,7 @@ impl<S> RateLimit<S> {
                 }
             }
             let req = Request::from_parts(parts, RequestBody::replay(bytes, trailers, rest));
-            Next::Call(inner.call(req), admit.headers, admit.settle)
+            Next::Call(inner.call(req), headers, settle)
         }))
     }
 }

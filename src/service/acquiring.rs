@@ -7,8 +7,8 @@ use std::task::Poll;
 
 use http::HeaderMap;
 
-use super::{Settling, Shared};
-use crate::plan::{conclude, Plan};
+use super::conclude;
+use crate::limiter::{Limiter, Plan, Settling};
 use crate::store::{Decision, StoreError};
 
 /// A store's answer still to come.
@@ -22,15 +22,15 @@ pub(crate) type PendingDecision =
 /// [`crate::settle`]). Otherwise a slot taken by a decision nobody received would stay taken
 /// for the whole lease. [`crate::RateLimitLayer::flush`] waits for these tasks too.
 pub(crate) struct Acquiring {
-    shared: Arc<Shared>,
+    limiter: Arc<Limiter>,
     /// Until the answer is in.
     pending: Option<(PendingDecision, Plan)>,
 }
 
 impl Acquiring {
-    pub(crate) fn new(shared: Arc<Shared>, decision: PendingDecision, plan: Plan) -> Self {
+    pub(crate) fn new(limiter: Arc<Limiter>, decision: PendingDecision, plan: Plan) -> Self {
         Self {
-            shared,
+            limiter,
             pending: Some((decision, plan)),
         }
     }
@@ -60,12 +60,12 @@ impl Drop for Acquiring {
             );
             return;
         };
-        let shared = Arc::clone(&self.shared);
-        let running = Settling::start(&shared);
+        let limiter = Arc::clone(&self.limiter);
+        let running = Settling::start(&limiter);
         rt.spawn(async move {
             let result = decision.await;
-            // An admission's settlement runs as its `Admit` drops here, unresponded.
-            drop(conclude(&shared, plan, result, &HeaderMap::new()));
+            // An admission's settlement runs as its `Settle` drops here, unresponded.
+            drop(conclude(&limiter, plan, result, &HeaderMap::new()));
             drop(running);
         });
     }
