@@ -49,7 +49,9 @@
 //!   usage parser alone, fed the same chunks. Reported as bytes per second. `bare` is a
 //!   pointer hand-off per frame, so `layer`/`bare` here is the parser's cost against almost
 //!   nothing, not what a server sees.
-//! - `sse_socket`: the same stream served over loopback HTTP/1.1, what a server actually
+//! - `usage_json`: the usage parser alone on a non-streaming chat completion of 1 KB (its
+//!   content padded with prose, `usage` near the end), fed whole (`1KB`) and in 4 chunks.
+//! - `sse_socket`: the `sse_body` stream served over loopback HTTP/1.1, what a server actually
 //!   does with it. Three hyper 1 servers (`http1::Builder` defaults, the services adapted
 //!   with hyper-util's `TowerToHyperService`, `TCP_NODELAY`) on `127.0.0.1:0`, each serving
 //!   the same upstream (`content-type: text/event-stream`, one event per frame, so one HTTP
@@ -557,6 +559,65 @@ fn sse_body(c: &mut Criterion) {
     group.finish();
 }
 
+/// A non-streaming chat completion of `size` bytes (its content padded with prose), `usage`
+/// near the end as OpenAI writes it.
+fn json_response(size: usize) -> Vec<u8> {
+    let body = |content: &str| {
+        serde_json::json!({
+            "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+            "object": "chat.completion",
+            "created": 1741569952,
+            "model": "gpt-4o-mini-2024-07-18",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
+                "logprobs": null,
+                "finish_reason": "stop",
+            }],
+            "usage": {
+                "prompt_tokens": 1234, "completion_tokens": 4321, "total_tokens": 5555,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+            },
+            "service_tier": "default",
+            "system_fingerprint": "fp_eb9dce56a8",
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let frame = body("").len();
+    let content: String = PROSE
+        .chars()
+        .cycle()
+        .take(size.saturating_sub(frame))
+        .collect();
+    body(&content)
+}
+
+/// The usage parser alone on a 1 KB JSON response, fed whole and in 4 chunks.
+fn usage_json(c: &mut Criterion) {
+    let body = json_response(1024);
+    let mut group = c.benchmark_group("usage_json");
+    group
+        .throughput(Throughput::Bytes(body.len() as u64))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (id, parts) in [("1KB", 1), ("1KB_4_chunks", 4)] {
+        let chunks: Vec<&[u8]> = body.chunks(body.len().div_ceil(parts)).collect();
+        let parse = || {
+            let mut parser = UsageParser::new(Framing::Json, DEFAULT_MAX_BUFFER_BYTES);
+            for chunk in &chunks {
+                parser.feed(black_box(chunk));
+            }
+            parser.finish()
+        };
+        assert_eq!(parse().map(|u| u.total_tokens), Some(5_555), "{id}");
+        group.bench_function(BenchmarkId::new("usage_parser", id), |b| b.iter(parse));
+    }
+    group.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // sse_socket
 
@@ -821,5 +882,12 @@ fn sse_socket(c: &mut Criterion) {
     drop(servers);
 }
 
-criterion_group!(benches, estimate, hostile_bodies, sse_body, sse_socket);
+criterion_group!(
+    benches,
+    estimate,
+    hostile_bodies,
+    sse_body,
+    usage_json,
+    sse_socket
+);
 criterion_main!(benches);

@@ -1,6 +1,5 @@
 //! A JSON document borrowed from a body: what the layer deserializes a request body into,
-//! once per request, with serde_json, for the estimators and extractors that read it (and
-//! what the usage watch reads a response's `usage` from).
+//! once per request, with serde_json, for the estimators and extractors that read it.
 //!
 //! Strings borrow the body's bytes unless they have escapes (serde_json decodes those into
 //! a copy); objects are flat lists of members in document order, a repeated name keeping only

@@ -3,7 +3,8 @@
 //! A request rule charges 1 per request. A token rule ([`crate::Quota::tokens`]) charges what
 //! the layer's [`CostEstimator`] says the request will cost, **before** the request is
 //! admitted, so concurrent requests can't overshoot a tokens-per-minute limit. The charge can
-//! be corrected afterwards through [`crate::store::Store::settle`] with the real usage.
+//! be corrected afterwards through [`crate::store::Store::settle`] with the real usage, which
+//! [`usage::UsageParser`] reads from the response body as it streams past.
 //!
 //! | built-in | estimate |
 //! |---|---|

@@ -18,26 +18,24 @@
 //! # Memory and cost
 //!
 //! The parser never holds more than `max_buffer_bytes` of the body
-//! ([`DEFAULT_MAX_BUFFER_BYTES`] is a good default):
+//! ([`DEFAULT_MAX_BUFFER_BYTES`] is a good default). What it holds is read with serde_json
+//! into the few members that say the usage; every other member is skipped
+//! (`serde::de::IgnoredAny`: checked as JSON, not built).
 //!
-//! * **JSON**: the object is buffered until its closing brace while its structure is
-//!   followed: member names at the top level only, a nested value crossed to its matching
-//!   close by its brackets alone, strings skipped with a search for their closing quote (in
-//!   registers for short ones, SIMD for long ones). Then only the top-level `usage` (or
-//!   `response`) member is parsed, not the whole document: the rest of the body is checked
-//!   for balance, not for full JSON validity. A `usage` object of the usual shape (plain
-//!   names, integer counts) is read without building it. A member name spelled with
-//!   escapes (`"\u0075sage"`) is not recognised. A body larger than the bound is given up on:
-//!   nothing more is buffered and [`UsageParser::finish`] answers `None` (the caller keeps
-//!   its estimate).
-//! * **SSE**: only the `data` of the current event is buffered; other fields and comments are
+//! * **JSON**: the object is buffered until its closing brace, found by following its
+//!   brackets and strings; the object is then deserialized once, and must be valid JSON as a
+//!   whole. Bytes after the object are not looked at. A body larger than the bound is given
+//!   up on: nothing more is buffered and [`UsageParser::finish`] answers `None` (the caller
+//!   keeps its estimate).
+//! * **SSE**: the body is split into lines at `\n`, `\r` and `\r\n` (a `memchr` search);
+//!   only the `data` of the current event is buffered, and other fields and comments are
 //!   skipped without buffering. An event whose data is larger than the bound is dropped
-//!   (everything up to its blank line is discarded) and the rest of the stream is still read.
-//!   An event is JSON-parsed only when its data contains a `"usage"` key followed by an object
-//!   (`"usage": {`), so the `"usage": null` of ordinary streaming chunks costs a byte search,
-//!   not a parse. The usual event, one `data:` line and its blank line whole within a chunk,
-//!   is read straight from the chunk: a SIMD search for its line end and one for `"usage"`,
-//!   no copy and no byte-by-byte walk; other lines go through the general line parser.
+//!   (everything up to its blank line is discarded) and the rest of the stream is still
+//!   read. An event is deserialized only when its data has a `"usage"` key followed by an
+//!   object (`"usage": {`), so the `"usage": null` of ordinary streaming chunks costs a byte
+//!   search, not a parse.
+//!
+//! A top-level member name spelled with escapes (`"\u0075sage"`) is not recognised.
 //!
 //! The parser never panics, whatever the bytes (invalid UTF-8 included) and wherever the chunk
 //! boundaries fall; the result doesn't depend on how the body is split into chunks.
@@ -69,24 +67,19 @@
 //! );
 //! ```
 
+mod document;
 mod json;
 mod sse;
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
-use std::sync::LazyLock;
 
 use self::json::JsonState;
 use self::sse::SseState;
-use crate::document::Json;
 
 /// A suggested bound for [`UsageParser::new`]: 4 MiB.
 pub const DEFAULT_MAX_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-
-/// A buffer whose capacity grew beyond this is released after use rather than kept for the
-/// next event, so a long stream doesn't pin one large event's memory.
-const RETAINED_CAPACITY: usize = 64 * 1024;
 
 /// Token usage reported by the upstream.
 ///
@@ -119,7 +112,6 @@ pub enum Framing {
     /// Server-sent events (`text/event-stream`), each event's data a JSON object.
     Sse,
 }
-
 impl Framing {
     /// The framing of a body with this `content-type` (a `&str`, a `&[u8]` or an
     /// [`http::HeaderValue`]): `text/event-stream` is [`Framing::Sse`]; `application/json` and
@@ -262,9 +254,6 @@ impl UsageParser {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Shared by both framings
-
 /// Appends `bytes` to `buf` unless that would take it over `max` bytes (then `false`, and
 /// `buf` is unchanged). Never lets the capacity grow past `max` either.
 fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], max: usize) -> bool {
@@ -280,324 +269,4 @@ fn push_bounded(buf: &mut Vec<u8>, bytes: &[u8], max: usize) -> bool {
     }
     buf.extend_from_slice(bytes);
     true
-}
-
-const KEY: &[u8] = b"\"usage\"";
-
-/// The SIMD searches of the SSE path, built once: building a searcher costs more than
-/// searching a typical event. On x86-64 with AVX2 the searchers are called directly,
-/// without the run-time dispatch of `memchr::memchr2` and `memmem` on every call (a
-/// noticeable part of the cost of searching an event of a few hundred bytes).
-struct Search {
-    #[cfg(target_arch = "x86_64")]
-    eol: Option<memchr::arch::x86_64::avx2::memchr::Two>,
-    #[cfg(target_arch = "x86_64")]
-    key: Option<memchr::arch::x86_64::avx2::packedpair::Finder>,
-    /// For haystacks too short for `key`, and other targets.
-    any_key: memchr::memmem::Finder<'static>,
-}
-
-static SEARCH: LazyLock<Search> = LazyLock::new(|| Search {
-    #[cfg(target_arch = "x86_64")]
-    eol: memchr::arch::x86_64::avx2::memchr::Two::new(b'\n', b'\r'),
-    #[cfg(target_arch = "x86_64")]
-    key: memchr::arch::x86_64::avx2::packedpair::Finder::new(KEY),
-    any_key: memchr::memmem::Finder::new(KEY),
-});
-
-impl Search {
-    /// The first `\n` or `\r`.
-    #[inline]
-    fn eol(&self, hay: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(two) = &self.eol {
-            return two.find(hay);
-        }
-        memchr::memchr2(b'\n', b'\r', hay)
-    }
-
-    /// The first `"usage"`.
-    #[inline]
-    fn key(&self, hay: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(finder) = &self.key {
-            if hay.len() >= finder.min_haystack_len() {
-                return finder.find(hay, KEY);
-            }
-        }
-        self.any_key.find(hay)
-    }
-}
-
-/// Whether `hay` has a `"usage"` key whose value starts as an object: the only bodies worth
-/// a JSON parse. (A key spelled with escapes, `"\u0075sage"`, is missed.)
-#[inline(always)]
-fn has_usage_object(hay: &[u8]) -> bool {
-    let search = &*SEARCH;
-    let mut from = 0;
-    // (The usual `"usage":null}` leaves too little after it for another key.)
-    while hay.len() - from >= KEY.len() {
-        let Some(at) = search.key(&hay[from..]) else {
-            break;
-        };
-        let key_end = from + at + KEY.len();
-        let rest = match hay.get(key_end..key_end + 2) {
-            // The compact `"usage":x` of most encoders.
-            Some(&[b':', next]) if !next.is_ascii_whitespace() => &hay[key_end + 1..],
-            _ => {
-                let rest = hay[key_end..].trim_ascii_start();
-                match rest.split_first() {
-                    Some((&b':', after)) => after.trim_ascii_start(),
-                    _ => rest,
-                }
-            }
-        };
-        match rest.first() {
-            Some(&b'{') => return true,
-            None => return false,
-            Some(_) => {}
-        }
-        // The next key can't start in the whitespace and `:` just skipped, only at the byte
-        // that broke the pattern, or at the key's closing quote when that byte came right
-        // after it (`"usage"usage"`).
-        let broke = hay.len() - rest.len();
-        from = if broke == key_end { key_end - 1 } else { broke };
-    }
-    false
-}
-
-/// The usage of a JSON document: its non-null `usage`, else its `response`'s non-null
-/// `usage`. `None` unless the whole document is valid JSON (duplicate keys: the last one
-/// counts, as in a `serde_json::Value`).
-#[cold]
-#[inline(never)]
-fn usage_in(body: &[u8]) -> Option<Usage> {
-    let doc = Json::parse(body).ok()?;
-    match doc.get("usage") {
-        None | Some(Json::Null) => match doc.get("response")?.get("usage") {
-            None | Some(Json::Null) => None,
-            Some(usage) => usage_of(usage),
-        },
-        Some(usage) => usage_of(usage),
-    }
-}
-
-/// The usage a `usage` value says, if it is a valid one (see [`Usage`]).
-fn usage_of(usage: &Json<'_>) -> Option<Usage> {
-    let usage = usage.as_object()?;
-    usage_from(|field| Count::of(usage.get(field.name())))
-}
-
-/// The answer for a `usage` value written in `text` (whitespace around it allowed): `None`
-/// if it is `null`; else the usage it says if it is valid JSON and a valid usage (as
-/// [`Json::parse`] then [`usage_of`] would say); the usual object is read without building
-/// it (duplicates: the last counts, as in a `serde_json::Value`).
-fn usage_value(text: &[u8]) -> Option<Option<Usage>> {
-    if let Some(counts) = plain_counts(text) {
-        return Some(usage_from(|field| counts[field as usize]));
-    }
-    match Json::parse(text) {
-        Ok(Json::Object(usage)) => Some(usage_from(|field| Count::of(usage.get(field.name())))),
-        Ok(Json::Null) => None,
-        // Not JSON, or not an object.
-        Err(_) | Ok(_) => Some(None),
-    }
-}
-
-/// The counts of the usual `usage` object, read without the general parser: an object whose
-/// names are printable ASCII without escapes and whose values are unsigned integers of up to
-/// 19 digits (no fraction or exponent) or `null`, whitespace allowed between tokens. `None`
-/// for anything else (the general parser decides then): when it answers, [`Json::parse`]
-/// would accept `text` and give these counts.
-fn plain_counts(text: &[u8]) -> Option<[Count; Field::ALL.len()]> {
-    let mut counts = [Count::Absent; Field::ALL.len()];
-    let mut at = 0;
-    let skip_ws = |at: &mut usize| {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = text.get(*at) {
-            *at += 1;
-        }
-    };
-    skip_ws(&mut at);
-    if text.get(at) != Some(&b'{') {
-        return None;
-    }
-    at += 1;
-    skip_ws(&mut at);
-    if text.get(at) == Some(&b'}') {
-        at += 1;
-    } else {
-        loop {
-            if text.get(at) != Some(&b'"') {
-                return None;
-            }
-            at += 1;
-            let rest = &text[at..];
-            let end = self::json::find_quote_or_backslash(rest)?;
-            if rest[end] != b'"' {
-                return None;
-            }
-            let name = &rest[..end];
-            let field = Field::of(name);
-            // (Without an early exit, so that it compiles to vector compares.)
-            if field.is_none()
-                && !name
-                    .iter()
-                    .fold(true, |ok, &b| ok & matches!(b, 0x20..=0x7E))
-            {
-                return None;
-            }
-            at += end + 1;
-            skip_ws(&mut at);
-            if text.get(at) != Some(&b':') {
-                return None;
-            }
-            at += 1;
-            skip_ws(&mut at);
-            let count = match *text.get(at)? {
-                b'n' if text[at..].starts_with(b"null") => {
-                    at += 4;
-                    Count::Absent
-                }
-                b'0' => {
-                    at += 1;
-                    Count::Is(0)
-                }
-                b'1'..=b'9' => {
-                    let start = at;
-                    let mut n = 0u64;
-                    while let Some(&digit @ b'0'..=b'9') = text.get(at) {
-                        n = n.wrapping_mul(10).wrapping_add(u64::from(digit - b'0'));
-                        at += 1;
-                    }
-                    // Up to 19 digits always fit.
-                    if at - start > 19 {
-                        return None;
-                    }
-                    Count::Is(n)
-                }
-                _ => return None,
-            };
-            // A fraction, an exponent or more digits (after a `0`) are the parser's to judge.
-            skip_ws(&mut at);
-            if let Some(field) = field {
-                counts[field as usize] = count;
-            }
-            match *text.get(at)? {
-                b',' => {
-                    at += 1;
-                    skip_ws(&mut at);
-                }
-                b'}' => {
-                    at += 1;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
-    skip_ws(&mut at);
-    (at == text.len()).then_some(counts)
-}
-
-/// The members of a `usage` object that are read.
-#[derive(Clone, Copy)]
-enum Field {
-    Prompt,
-    Input,
-    Completion,
-    Output,
-    Total,
-}
-
-impl Field {
-    const ALL: [Self; 5] = [
-        Self::Prompt,
-        Self::Input,
-        Self::Completion,
-        Self::Output,
-        Self::Total,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Prompt => "prompt_tokens",
-            Self::Input => "input_tokens",
-            Self::Completion => "completion_tokens",
-            Self::Output => "output_tokens",
-            Self::Total => "total_tokens",
-        }
-    }
-
-    /// The field of this (decoded) member name, if it is one that is read.
-    fn of(name: &[u8]) -> Option<Self> {
-        Some(match name {
-            b"prompt_tokens" => Self::Prompt,
-            b"input_tokens" => Self::Input,
-            b"completion_tokens" => Self::Completion,
-            b"output_tokens" => Self::Output,
-            b"total_tokens" => Self::Total,
-            _ => return None,
-        })
-    }
-}
-
-/// What a member of a `usage` object says as a count.
-#[derive(Clone, Copy)]
-enum Count {
-    /// Missing, or `null`.
-    Absent,
-    Is(u64),
-    /// Not a non-negative integer.
-    Invalid,
-}
-
-impl Count {
-    fn of(value: Option<&Json<'_>>) -> Self {
-        let n = match value {
-            None | Some(Json::Null) => return Self::Absent,
-            Some(Json::Number(n)) => n,
-            Some(_) => return Self::Invalid,
-        };
-        if let Some(n) = n.as_u64() {
-            return Self::Is(n);
-        }
-        // `12.0` is a count too; `-1`, `1.5` and `1e30` are not. (`u64::MAX as f64` rounds
-        // up to 2^64, the first value out of range.)
-        match n.as_f64() {
-            Some(f) if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f < u64::MAX as f64 => {
-                Self::Is(f as u64)
-            }
-            _ => Self::Invalid,
-        }
-    }
-}
-
-/// The usage of a `usage` object whose member `field` (the last of that name) says
-/// `count(field)`, if it is a valid one (see [`Usage`]).
-#[inline]
-fn usage_from(count: impl Fn(Field) -> Count) -> Option<Usage> {
-    // The count of the first of `fields` present and non-null: `Some(None)` if none is,
-    // `None` if it isn't a non-negative integer.
-    let first = |fields: &[Field]| -> Option<Option<u64>> {
-        for &field in fields {
-            match count(field) {
-                Count::Absent => {}
-                Count::Is(n) => return Some(Some(n)),
-                Count::Invalid => return None,
-            }
-        }
-        Some(None)
-    };
-    let input = first(&[Field::Prompt, Field::Input])?;
-    let output = first(&[Field::Completion, Field::Output])?;
-    let total = first(&[Field::Total])?;
-    if input.is_none() && output.is_none() && total.is_none() {
-        return None;
-    }
-    let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
-    Some(Usage {
-        input_tokens: input,
-        output_tokens: output,
-        total_tokens: total.unwrap_or(input.saturating_add(output)),
-    })
 }

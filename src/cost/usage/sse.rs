@@ -1,17 +1,32 @@
-//! The SSE framing: `data:` lines parsed incrementally, the last valid `usage` kept.
+//! The SSE framing: the stream split into lines, each event's `data` lines joined, the last
+//! valid `usage` kept.
+//!
+//! The line rules are the HTML standard's "interpreting an event stream": a line ends at
+//! `\r\n`, `\n` or `\r`; a blank line dispatches the event; `data` lines are joined with `\n`;
+//! one space after the colon is dropped; a line starting with `:` is a comment; one leading
+//! byte-order mark is stripped.
 
-use super::{has_usage_object, push_bounded, usage_in, Usage, RETAINED_CAPACITY, SEARCH};
+use super::document::{has_usage_object, usage_in};
+use super::{push_bounded, Usage};
+
+/// A buffer whose capacity grew beyond this is released after use rather than kept for the
+/// next event, so a long stream doesn't pin one large event's memory.
+const RETAINED_CAPACITY: usize = 64 * 1024;
+
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+const DATA: &[u8; 5] = b"data:";
 
 /// Where the parser is within the current line.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Line {
-    /// Nothing read on this line yet.
-    Start,
-    /// Reading the field name; `matched` bytes of it equal the start of `data`.
-    Name { matched: usize },
-    /// In the value of a `data` field; `at_start` while the optional space may come next.
-    Data { at_start: bool },
-    /// A comment, another field, or an unwanted rest of line: skip to the line end.
+    /// In the field name: its bytes so far, this many, are the start of `data:` (0: nothing
+    /// read on this line yet).
+    Name(usize),
+    /// Right after `data:`, where an optional space may come.
+    DataStart,
+    /// In the value of a `data` field.
+    Data,
+    /// A comment or another field (`event`, `id`, `retry`, ...): skipped to the line's end.
     Skip,
 }
 
@@ -21,15 +36,10 @@ pub(super) struct SseState {
     /// The previous byte was `\r`: a `\n` right after it ends nothing.
     after_cr: bool,
     line: Line,
-    /// The data buffer of the current event.
+    /// The data of the current event: each data line followed by `\n`.
     data: Vec<u8>,
     /// The current event's data went over the bound: drop the event at its dispatch.
     poisoned: bool,
-    /// The event's only data line so far, left in place in the chunk being read (offsets
-    /// into it) instead of copied to `data`: a one-line event dispatched within its chunk,
-    /// the usual case, is never copied. Copied to `data` when a second line comes, or when
-    /// the chunk ends first.
-    pending: Option<(usize, usize)>,
 }
 
 impl Default for SseState {
@@ -37,16 +47,12 @@ impl Default for SseState {
         Self {
             bom: Some(0),
             after_cr: false,
-            line: Line::Start,
+            line: Line::Name(0),
             data: Vec::new(),
             poisoned: false,
-            pending: None,
         }
     }
 }
-
-const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
-const DATA: &[u8; 4] = b"data";
 
 impl SseState {
     /// Bytes held for the event being read.
@@ -64,7 +70,7 @@ impl SseState {
     pub(super) fn release(&mut self) {
         self.data = Vec::new();
         self.poisoned = false;
-        self.line = Line::Start;
+        self.line = Line::Name(0);
     }
 
     pub(super) fn feed(
@@ -77,7 +83,7 @@ impl SseState {
         if let Some(matched) = self.bom {
             // Strip one leading U+FEFF, which may itself be split across chunks.
             let mut m = matched;
-            while m < BOM.len() && !chunk.is_empty() && chunk[0] == BOM[m] {
+            while m < BOM.len() && chunk.first() == Some(&BOM[m]) {
                 m += 1;
                 chunk = &chunk[1..];
             }
@@ -90,255 +96,147 @@ impl SseState {
                 // Not a BOM after all: the bytes held back are ordinary input.
                 self.bom = None;
                 self.lines(&BOM[..m], max, usage, done);
-                if *done {
-                    return;
-                }
             }
         }
-        if self.after_cr {
-            // The `\n` of a `\r\n` split between chunks.
-            self.after_cr = false;
-            if chunk.first() == Some(&b'\n') {
-                chunk = &chunk[1..];
-            }
-        }
-        // The usual chunk: whole one-line events, from an event's start.
-        if self.line == Line::Start
-            && self.pending.is_none()
-            && self.data.is_empty()
-            && !self.poisoned
-        {
-            while let Some(len) = self.whole_event(chunk, max, usage, done) {
-                chunk = &chunk[len..];
-                if chunk.is_empty() || *done || self.after_cr {
-                    return;
-                }
-            }
-        }
-        if !chunk.is_empty() {
-            self.lines(chunk, max, usage, done);
-        }
+        self.lines(chunk, max, usage, done);
     }
 
-    fn lines(&mut self, chunk: &[u8], max: usize, usage: &mut Option<Usage>, done: &mut bool) {
-        let mut i = 0;
-        while i < chunk.len() && !*done {
-            if self.after_cr {
-                self.after_cr = false;
-                if chunk[i] == b'\n' {
-                    i += 1;
+    fn lines(&mut self, mut chunk: &[u8], max: usize, usage: &mut Option<Usage>, done: &mut bool) {
+        // The event's one data line so far, whole in this chunk: read in place at the
+        // dispatch, copied to `data` only if the event goes on past it (another line, or the
+        // chunk's end). Not copying the usual one-line event saves a quarter of the watch's
+        // CPU per stream (1,040 -> 780 instructions per 300-byte event, callgrind).
+        let mut pending: Option<&[u8]> = None;
+        while !chunk.is_empty() && !*done {
+            if std::mem::take(&mut self.after_cr) && chunk[0] == b'\n' {
+                // The `\n` of a `\r\n`.
+                chunk = &chunk[1..];
+                continue;
+            }
+            let eol = match chunk[0] {
+                b'\n' | b'\r' => Some(0),
+                _ => memchr::memchr2(b'\n', b'\r', chunk),
+            };
+            let Some(eol) = eol else {
+                self.keep(pending.take(), max);
+                self.line_part(chunk, max);
+                return;
+            };
+            let line = &chunk[..eol];
+            self.after_cr = chunk[eol] == b'\r';
+            chunk = &chunk[eol + 1..];
+            if self.line == Line::Name(0) {
+                // The line is whole in this chunk.
+                if line.is_empty() {
+                    self.dispatch(pending.take(), usage, done);
                     continue;
                 }
-            }
-            match self.line {
-                Line::Data { at_start } => {
-                    if at_start {
-                        self.line = Line::Data { at_start: false };
-                        if chunk[i] == b' ' {
-                            i += 1;
-                            continue;
-                        }
-                    }
-                    let rest = &chunk[i..];
-                    let eol = SEARCH.eol(rest);
-                    let value = &rest[..eol.unwrap_or(rest.len())];
-                    // A second data line: the first one joins the buffer.
-                    self.materialize(chunk, max);
-                    if eol.is_some() && self.data.is_empty() && !self.poisoned {
-                        // The line and its newline, as `data` would hold them.
+                if pending.is_none() && self.data.is_empty() && !self.poisoned {
+                    if let Some(value) = line.strip_prefix(DATA) {
+                        let value = value.strip_prefix(b" ").unwrap_or(value);
+                        // With its newline, as `data` would hold it.
                         if value.len() < max {
-                            self.pending = Some((i, i + value.len()));
+                            pending = Some(value);
                         } else {
                             self.poison();
                         }
-                    } else if !self.poisoned && !push_bounded(&mut self.data, value, max) {
-                        self.poison();
-                    }
-                    i += value.len();
-                    if eol.is_some() {
-                        self.end_line(chunk, chunk[i], max, usage, done);
-                        i += 1;
-                    }
-                }
-                Line::Skip => {
-                    let rest = &chunk[i..];
-                    match SEARCH.eol(rest) {
-                        Some(eol) => {
-                            i += eol;
-                            self.end_line(chunk, chunk[i], max, usage, done);
-                            i += 1;
-                        }
-                        None => i = chunk.len(),
-                    }
-                }
-                // The usual line, `data:` whole in this chunk: straight to its value.
-                Line::Start if chunk[i..].starts_with(b"data:") => {
-                    if self.pending.is_none() && self.data.is_empty() && !self.poisoned {
-                        if let Some(len) = self.whole_event(&chunk[i..], max, usage, done) {
-                            i += len;
-                            continue;
-                        }
-                    }
-                    self.line = Line::Data { at_start: true };
-                    i += DATA.len() + 1;
-                }
-                Line::Start | Line::Name { .. } => {
-                    let b = chunk[i];
-                    i += 1;
-                    if b == b'\n' || b == b'\r' {
-                        self.end_line(chunk, b, max, usage, done);
                         continue;
                     }
-                    let matched = match self.line {
-                        Line::Name { matched } => matched,
-                        _ if b == b':' => {
-                            // A comment.
-                            self.line = Line::Skip;
-                            continue;
-                        }
-                        _ => 0,
-                    };
-                    self.line = if b == b':' {
-                        if matched == DATA.len() {
-                            Line::Data { at_start: true }
-                        } else {
-                            Line::Skip
-                        }
-                    } else if matched < DATA.len() && b == DATA[matched] {
-                        Line::Name {
-                            matched: matched + 1,
-                        }
-                    } else {
-                        // Some other field (`event`, `id`, `retry`, ...): ignored.
-                        Line::Skip
-                    };
                 }
             }
+            self.keep(pending.take(), max);
+            self.line_part(line, max);
+            self.end_line(max, usage, done);
         }
-        // The chunk ends before the event: keep its line.
-        self.materialize(chunk, max);
+        self.keep(pending, max);
     }
 
-    /// The usual event, one `data:` line then a blank line, whole at the start of `chunk`
-    /// (an event's start: nothing of it read yet): dispatched straight from the chunk, with
-    /// no line-by-line walk. The bytes it took, or `None` (nothing done) if the event isn't
-    /// that simple or doesn't end within the chunk.
-    #[inline(always)]
-    fn whole_event(
-        &mut self,
-        chunk: &[u8],
-        max: usize,
-        usage: &mut Option<Usage>,
-        done: &mut bool,
-    ) -> Option<usize> {
-        let rest = chunk.strip_prefix(b"data:")?;
-        let (skipped, rest) = match rest.split_first() {
-            Some((&b' ', value)) => (DATA.len() + 2, value),
-            _ => (DATA.len() + 1, rest),
-        };
-        let eol = SEARCH.eol(rest)?;
-        // The data line's end (`\r\n` is one), then a blank line.
-        let mut next = eol + 1;
-        if rest[eol] == b'\r' && *rest.get(next)? == b'\n' {
-            next += 1;
+    /// Copies a pending data line to `data`.
+    fn keep(&mut self, pending: Option<&[u8]>, max: usize) {
+        if let Some(value) = pending {
+            self.push(value, max);
+            self.push(b"\n", max);
         }
-        match *rest.get(next)? {
-            b'\n' => {}
-            b'\r' => match rest.get(next + 1) {
-                Some(&b'\n') => next += 1,
-                Some(_) => {}
-                None => self.after_cr = true,
-            },
-            _ => return None,
-        }
-        let value = &rest[..eol];
-        // As `data` would hold it, with its newline: over the bound, the event is dropped.
-        if value.len() < max {
-            Self::dispatch_data(value, usage, done);
-        }
-        Some(skipped + next + 1)
     }
 
-    /// The line ended with `eol` (`\n` or `\r`).
-    fn end_line(
-        &mut self,
-        chunk: &[u8],
-        eol: u8,
-        max: usize,
-        usage: &mut Option<Usage>,
-        done: &mut bool,
-    ) {
-        self.after_cr = eol == b'\r';
-        match std::mem::replace(&mut self.line, Line::Start) {
-            Line::Start => self.dispatch(chunk, usage, done),
+    /// More of the current line (no line end in `bytes`).
+    fn line_part(&mut self, mut bytes: &[u8], max: usize) {
+        loop {
+            match self.line {
+                Line::Name(matched) => {
+                    let want = &DATA[matched..];
+                    let same = bytes.iter().zip(want).take_while(|(a, b)| a == b).count();
+                    if same == want.len() {
+                        self.line = Line::DataStart;
+                        bytes = &bytes[same..];
+                    } else if same == bytes.len() {
+                        self.line = Line::Name(matched + same);
+                        return;
+                    } else {
+                        self.line = Line::Skip;
+                        return;
+                    }
+                }
+                Line::DataStart => {
+                    let Some((&first, rest)) = bytes.split_first() else {
+                        return;
+                    };
+                    self.line = Line::Data;
+                    if first == b' ' {
+                        bytes = rest;
+                    }
+                }
+                Line::Data => {
+                    self.push(bytes, max);
+                    return;
+                }
+                Line::Skip => return,
+            }
+        }
+    }
+
+    /// The current line ended.
+    fn end_line(&mut self, max: usize, usage: &mut Option<Usage>, done: &mut bool) {
+        match std::mem::replace(&mut self.line, Line::Name(0)) {
+            Line::Name(0) => self.dispatch(None, usage, done),
             // `data` alone on its line is a data field with an empty value.
-            Line::Name { matched } if matched == DATA.len() => {
-                self.materialize(chunk, max);
-                self.push_newline(max);
-            }
-            // A pending line's newline is implied.
-            Line::Data { .. } if self.pending.is_some() => {}
-            Line::Data { .. } => self.push_newline(max),
-            Line::Name { .. } | Line::Skip => {}
+            Line::Name(4) | Line::DataStart | Line::Data => self.push(b"\n", max),
+            Line::Name(_) | Line::Skip => {}
         }
     }
 
-    /// Copies the pending line (and its newline) of `chunk` to `data`.
-    fn materialize(&mut self, chunk: &[u8], max: usize) {
-        if let Some((start, end)) = self.pending.take() {
-            if !push_bounded(&mut self.data, &chunk[start..end], max) {
-                self.poison();
-            }
-            self.push_newline(max);
-        }
-    }
-
-    fn push_newline(&mut self, max: usize) {
-        if !self.poisoned && !push_bounded(&mut self.data, b"\n", max) {
+    /// Adds `bytes` to the event's data, or drops the event if that takes it over `max`.
+    fn push(&mut self, bytes: &[u8], max: usize) {
+        if !self.poisoned && !push_bounded(&mut self.data, bytes, max) {
             self.poison();
         }
     }
 
     fn poison(&mut self) {
         self.poisoned = true;
-        self.pending = None;
         self.data = Vec::new();
     }
 
-    /// A blank line: the event is complete.
-    fn dispatch(&mut self, chunk: &[u8], usage: &mut Option<Usage>, done: &mut bool) {
-        if self.poisoned {
-            self.poisoned = false;
+    /// A blank line: the event is complete; its data is `pending` if that is set.
+    fn dispatch(&mut self, pending: Option<&[u8]>, usage: &mut Option<Usage>, done: &mut bool) {
+        if std::mem::take(&mut self.poisoned) {
             return;
         }
-        let data = match self.pending.take() {
-            Some((start, end)) => &chunk[start..end],
-            None if self.data.is_empty() => return,
-            None => {
-                self.data.pop(); // the `\n` every data line ends with
-                &self.data[..]
+        // Without the `\n` the last data line ends with.
+        let data = pending.or_else(|| self.data.strip_suffix(b"\n"));
+        if let Some(data) = data {
+            if data.trim_ascii() == b"[DONE]" {
+                *done = true;
+            } else if has_usage_object(data) {
+                if let Some(found) = usage_in(data) {
+                    *usage = Some(found);
+                }
             }
-        };
-        Self::dispatch_data(data, usage, done);
+        }
         if *done || self.data.capacity() > RETAINED_CAPACITY {
             self.data = Vec::new();
         } else {
             self.data.clear();
-        }
-    }
-
-    /// An event's data (without its last newline).
-    #[inline(always)]
-    fn dispatch_data(data: &[u8], usage: &mut Option<Usage>, done: &mut bool) {
-        // (A JSON object starts with `{`: no need to trim it.)
-        if data.first() != Some(&b'{') && data.trim_ascii() == b"[DONE]" {
-            *done = true;
-            return;
-        }
-        if has_usage_object(data) {
-            if let Some(found) = usage_in(data) {
-                *usage = Some(found);
-            }
         }
     }
 }

@@ -1,5 +1,8 @@
+use super::document::{has_usage_object, usage_in, Reported, KEY};
 use super::*;
 use proptest::prelude::*;
+use serde::de::IgnoredAny;
+use serde_json::Value;
 
 const MAX: usize = DEFAULT_MAX_BUFFER_BYTES;
 
@@ -168,6 +171,24 @@ fn json_invalid_usage_is_none() {
             None,
             "{}",
             String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn json_body_must_be_valid_json_as_a_whole() {
+    // Brackets balanced, `usage` fine, but the object is not JSON (or not UTF-8) elsewhere:
+    // a broken body is no report.
+    for body in [
+        &br#"{"x":tru,"usage":{"prompt_tokens":1}}"#[..],
+        br#"{"usage":{"prompt_tokens":1},"x":[1,]}"#,
+        br#"{"usage":{"prompt_tokens":1},"x":{"a" "b"}}"#,
+        b"{\"x\":\"\xFF\",\"usage\":{\"prompt_tokens\":1}}",
+    ] {
+        assert_every_split(Framing::Json, MAX, body, None);
+        assert!(
+            run(Framing::Json, MAX, [body]).1,
+            "done at the closing brace"
         );
     }
 }
@@ -808,32 +829,89 @@ fn json_reference(body: &[u8], max: usize) -> (Option<Usage>, bool) {
     if end > max {
         return (None, true);
     }
+    // The object must be UTF-8 and valid JSON as a whole.
+    let valid = std::str::from_utf8(&body[..end])
+        .is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok());
+    if !valid {
+        return (None, true);
+    }
     let value = |(from, to): (usize, usize)| {
         let v = body[from..to].trim_ascii_start();
-        Json::parse(v.strip_prefix(b":").unwrap_or(v)).ok()
+        serde_json::from_slice::<Value>(v.strip_prefix(b":").unwrap_or(v)).ok()
     };
     let found = (|| {
         if let Some(span) = usage {
             match value(span)? {
-                Json::Null => {}
+                Value::Null => {}
                 usage => return usage_of(&usage),
             }
         }
         match value(response?)?.get("usage") {
-            None | Some(Json::Null) => None,
+            None | Some(Value::Null) => None,
             Some(usage) => usage_of(usage),
         }
     })();
     (found, true)
 }
 
-/// [`usage_value`] through a built object.
+/// What the parser makes of a `usage` value written in `text` (whitespace around it
+/// allowed), checked as UTF-8 first as [`usage_in`] does: `None` if it is `null`; else the
+/// usage it says if it is valid JSON and a valid usage.
+fn usage_value(text: &[u8]) -> Option<Option<Usage>> {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return Some(None);
+    };
+    match serde_json::from_str::<Reported>(text) {
+        Ok(Reported::Null) => None,
+        Ok(reported) => Some(reported.usage()),
+        Err(_) => Some(None),
+    }
+}
+
+/// [`usage_value`] through a built `serde_json::Value`.
 fn usage_value_reference(text: &[u8]) -> Option<Option<Usage>> {
-    match Json::parse(text) {
-        Ok(Json::Null) => None,
+    match serde_json::from_slice::<Value>(text) {
+        Ok(Value::Null) => None,
         Ok(usage) => Some(usage_of(&usage)),
         Err(_) => Some(None),
     }
+}
+
+/// The usage a built `usage` value says, by the rules of [`Usage`].
+fn usage_of(value: &Value) -> Option<Usage> {
+    let fields = value.as_object()?;
+    // The count of the first of `names` present and non-null: `Some(None)` if none is,
+    // `None` if it isn't a non-negative integer (`12.0` is one).
+    let first = |names: &[&str]| -> Option<Option<u64>> {
+        for &name in names {
+            match fields.get(name) {
+                None | Some(Value::Null) => {}
+                Some(Value::Number(n)) => {
+                    let count = n.as_u64().or_else(|| {
+                        n.as_f64()
+                            .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0)
+                            .filter(|f| *f < u64::MAX as f64)
+                            .map(|f| f as u64)
+                    });
+                    return Some(Some(count?));
+                }
+                Some(_) => return None,
+            }
+        }
+        Some(None)
+    };
+    let input = first(&["prompt_tokens", "input_tokens"])?;
+    let output = first(&["completion_tokens", "output_tokens"])?;
+    let total = first(&["total_tokens"])?;
+    if input.is_none() && output.is_none() && total.is_none() {
+        return None;
+    }
+    let (input, output) = (input.unwrap_or(0), output.unwrap_or(0));
+    Some(usage(
+        input,
+        output,
+        total.unwrap_or(input.saturating_add(output)),
+    ))
 }
 
 /// Bytes likely to exercise the JSON framing: member names that matter, nested values,
@@ -930,7 +1008,7 @@ fn usage_text() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-/// `has_usage_object` without the SIMD search or the skipping.
+/// `has_usage_object` without the search: every position tried.
 fn has_usage_object_naive(hay: &[u8]) -> bool {
     (0..hay.len()).any(|i| {
         hay[i..].starts_with(KEY) && {
