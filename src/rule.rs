@@ -37,7 +37,7 @@ use std::time::Duration;
 
 // `Algorithm` lives with the algorithms; `rule::Algorithm` stays a public path.
 pub use crate::algorithm::Algorithm;
-use crate::algorithm::{CalendarPeriod, Limits};
+use crate::algorithm::{CalendarPeriod, Limits, Prepared};
 use crate::key::KeyExtractor;
 
 /// What a quota counts.
@@ -88,7 +88,7 @@ impl fmt::Display for Unit {
 ///
 /// Constructors never fail; [`crate::RateLimitLayerBuilder::build`] rejects a zero limit or
 /// window, or a burst on a window algorithm, with a [`crate::BuildError`] naming the rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
     limit: u64,
     window: Duration,
@@ -98,6 +98,9 @@ pub struct Quota {
     unit: Unit,
     algorithm: Algorithm,
     burst: Option<u64>,
+    /// Derived from the limits whenever they change, for the memory store's fast paths (so
+    /// that no bucket keeps a copy).
+    prepared: Prepared,
 }
 
 impl Quota {
@@ -110,6 +113,7 @@ impl Quota {
             unit: Unit::Requests,
             algorithm: Algorithm::SlidingWindowCounter,
             burst: None,
+            prepared: Prepared::new(Limits::new(limit, nanos(window), limit)),
         }
     }
 
@@ -121,14 +125,7 @@ impl Quota {
     /// shared store (Redis) reclaims the slots of a process that died holding them after
     /// that long, so it should exceed your longest request. The memory store ignores it.
     pub const fn concurrent(limit: u64) -> Self {
-        Self {
-            limit,
-            window: Duration::from_secs(600),
-            window_nanos: nanos(Duration::from_secs(600)),
-            unit: Unit::Requests,
-            algorithm: Algorithm::Concurrency,
-            burst: None,
-        }
+        Self::new(limit, Duration::from_secs(600)).using(Algorithm::Concurrency)
     }
 
     /// Sets a concurrency quota's lease (see [`Quota::concurrent`]); for other quotas, the
@@ -136,7 +133,7 @@ impl Quota {
     pub const fn lease(mut self, lease: Duration) -> Self {
         self.window = lease;
         self.window_nanos = nanos(lease);
-        self
+        self.prepare()
     }
 
     /// `limit` per second.
@@ -249,6 +246,16 @@ impl Quota {
     /// (default: the limit). Only valid with [`Algorithm::Gcra`].
     pub const fn burst(mut self, burst: u64) -> Self {
         self.burst = Some(burst);
+        self.prepare()
+    }
+
+    /// Derives [`Quota::prepared`] from the limits as they are now.
+    const fn prepare(mut self) -> Self {
+        self.prepared = Prepared::new(Limits::new(
+            self.limit,
+            self.window_nanos,
+            self.effective_burst(),
+        ));
         self
     }
 
@@ -293,13 +300,33 @@ impl Quota {
             self.burst = Some(u64::try_from(scaled).unwrap_or(u64::MAX).max(1));
         }
         self.limit = limit;
-        self
+        self.prepare()
     }
 
     /// The numbers the algorithms work with.
     #[inline]
     pub fn limits(&self) -> Limits {
         Limits::new(self.limit, self.window_nanos, self.effective_burst())
+    }
+
+    /// What the memory store's fast paths derive from [`Quota::limits`].
+    #[inline]
+    pub(crate) fn prepared(&self) -> &Prepared {
+        &self.prepared
+    }
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // What was configured; `prepared` is derived from it.
+        f.debug_struct("Quota")
+            .field("limit", &self.limit)
+            .field("window", &self.window)
+            .field("window_nanos", &self.window_nanos)
+            .field("unit", &self.unit)
+            .field("algorithm", &self.algorithm)
+            .field("burst", &self.burst)
+            .finish()
     }
 }
 
@@ -431,5 +458,34 @@ impl fmt::Debug for Rule {
             .field("tiers", &self.tiers)
             .field("on_missing", &self.on_missing)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the memory store's fast paths read from a quota always matches its limits,
+    /// whichever builder set them last.
+    #[test]
+    fn prepared_numbers_follow_the_limits() {
+        let quotas = [
+            Quota::per_minute(10),
+            Quota::per_second(3).gcra(),
+            Quota::per_second(3).gcra().burst(7),
+            Quota::per_second(3).burst(7).gcra().tokens(),
+            Quota::per_hour(100).lease(Duration::from_millis(1_500)),
+            Quota::concurrent(4),
+            Quota::concurrent(4).lease(Duration::from_secs(5)),
+            Quota::per_calendar_month(1_000),
+            Quota::per_minute(10).gcra().burst(20).with_limit(40),
+            Quota::per_minute(0).gcra(),
+        ];
+        for q in quotas {
+            assert_eq!(*q.prepared(), Prepared::new(q.limits()), "{q:?}");
+        }
+        assert!(Quota::per_minute(0).gcra().prepared().gcra.is_none());
+        // Debug shows what was configured, not the derived numbers.
+        assert!(!format!("{:?}", Quota::per_minute(1)).contains("prepared"));
     }
 }

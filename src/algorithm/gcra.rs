@@ -191,7 +191,7 @@ impl Gcra {
 /// decision after decision: what depends on the limits alone is computed once, here, so that
 /// admitting one unit divides nothing (the interval and the largest backlog that still admits
 /// a unit are known) and the snapshot's division by the window is two multiplications.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PreparedGcra {
     limits: Limits,
     /// The interval of one unit: `ceil(w / limit)`.
@@ -205,7 +205,7 @@ pub(crate) struct PreparedGcra {
 impl PreparedGcra {
     /// `None` for limits this shortcut does not cover (a zero limit, window or burst): charge
     /// those with [`Gcra::acquire`].
-    pub(crate) fn new(limits: Limits) -> Option<Self> {
+    pub(crate) const fn new(limits: Limits) -> Option<Self> {
         let Limits {
             limit,
             window_nanos: w,
@@ -221,12 +221,6 @@ impl PreparedGcra {
             by_limit: Divisor::new(limit),
             by_window: Divisor::new(w),
         })
-    }
-
-    /// The limits this was prepared for.
-    #[inline]
-    pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     /// The admitted half of [`Gcra::acquire`] on the state whose TAT is `tat`, under

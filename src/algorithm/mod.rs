@@ -55,6 +55,24 @@ pub use self::concurrency::{Concurrency, CONCURRENCY_RETRY_NANOS};
 pub use self::counter::SlidingWindowCounter;
 pub use self::gcra::Gcra;
 pub(crate) use self::gcra::PreparedGcra;
+
+/// What a store's fast paths derive from a quota's limits, computed once with the quota
+/// (not per bucket): the window prepared for division (the counter) and GCRA's prepared
+/// numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Prepared {
+    pub(crate) by_window: Divisor,
+    pub(crate) gcra: Option<PreparedGcra>,
+}
+
+impl Prepared {
+    pub(crate) const fn new(limits: Limits) -> Self {
+        Self {
+            by_window: Divisor::new(limits.window_nanos),
+            gcra: PreparedGcra::new(limits),
+        }
+    }
+}
 pub use self::log::SlidingWindowLog;
 
 /// How a quota is enforced. See the [module docs](self) for the trade-offs.
@@ -85,7 +103,7 @@ impl Algorithm {
 }
 
 /// The numbers an algorithm needs from a quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limits {
     /// Units allowed per window.
     pub limit: u64,
@@ -255,25 +273,34 @@ impl State {
 
 /// `ceil(a * b / c)` in 128 bits, saturated to `u64`.
 #[inline]
-pub(crate) fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
-    let c = c.max(1);
+pub(crate) const fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    let c = if c == 0 { 1 } else { c };
     // The usual case fits in 64 bits: one hardware division instead of a 128-bit one.
     if let Some(p) = a.checked_mul(b) {
         return p.div_ceil(c);
     }
     let p = a as u128 * b as u128;
-    u64::try_from(p.div_ceil(c as u128)).unwrap_or(u64::MAX)
+    saturate(p.div_ceil(c as u128))
 }
 
 /// `floor(a * b / c)` in 128 bits, saturated to `u64`.
 #[inline]
-pub(crate) fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
-    let c = c.max(1);
+pub(crate) const fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
+    let c = if c == 0 { 1 } else { c };
     if let Some(p) = a.checked_mul(b) {
         return p / c;
     }
     let p = a as u128 * b as u128;
-    u64::try_from(p / c as u128).unwrap_or(u64::MAX)
+    saturate(p / c as u128)
+}
+
+/// `n` saturated to `u64`.
+const fn saturate(n: u128) -> u64 {
+    if n > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        n as u64
+    }
 }
 
 /// Division of any `u64` by a divisor fixed in advance, exact, with two multiplications instead
@@ -282,7 +309,7 @@ pub(crate) fn mul_div_floor(a: u64, b: u64, c: u64) -> u64 {
 /// `floor(n / d) = floor(n x m / 2^128)` with `m = ceil(2^128 / d)`, for every `n < 2^64`: the
 /// error `m x d - 2^128 < d <= 2^64` is small enough (Lemire, Kaser and Kurz, "Faster
 /// remainder by direct computation", 2019, theorem 1 with N = 64, F = 128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Divisor {
     /// `m`'s high and low halves; `m = 0` stands for `d = 1` (where `m` would be `2^128`).
     hi: u64,

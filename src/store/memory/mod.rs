@@ -1,50 +1,66 @@
 //! The in-memory store: one process, no I/O, bounded memory (least recently used buckets
 //! make room for new keys at `max_keys`; long keys held as digests).
+//!
+//! # Layout
+//!
+//! The map is split into shards (four per core), each a reader-writer lock over a hash table
+//! of 4-byte places into two dense vectors of buckets (`shard.rs`): one of GCRA buckets, one
+//! of the other algorithms' buckets. A bucket holds its key inline (the rule's shared name
+//! and up to 22 key bytes; a longer key's bytes are its one allocation) and its state sized
+//! for its kind, without the quota's limits (each charge brings its quota, which carries
+//! what the fast paths precompute):
+//!
+//! | bucket | bytes | what |
+//! |---|---|---|
+//! | GCRA | 64 | key (40), TAT and refunds (16), time of last use (8) |
+//! | counter, log, calendar, concurrency | 104 | key (40), time of last use (8), a mutex over the algorithm's state and its last window (56) |
+//!
+//! A hash table keeps up to half its slots empty after doubling, and at that point its
+//! slots here are 5 bytes, not a bucket; the vectors grow by doubling too. At 1,000,000
+//! keys of 20 bytes (`benches/memory.rs`, a counting allocator) a key costs 78 bytes with
+//! GCRA, 120 with a counter or a calendar window, 184 with a log holding one charge (its
+//! entries are one more allocation); governor's keyed limiter 89. A 48-byte key adds its
+//! 48 bytes.
 
 #[cfg(test)]
 mod capacity_tests;
 mod cell;
 mod digest;
 mod ids;
-mod resident;
+mod shard;
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
 use std::time::Duration;
-
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
-// Keyed per store with a random seed, like std's SipHash, at a fraction of its cost per
-// short key (bucket keys are attacker-chosen strings: an unkeyed hash would invite
-// collision floods).
-use foldhash::quality::RandomState;
 
 use super::{
     Adjustment, BucketKey, Charge, ChargeState, ChargeStates, Decision, Denial, IdempotencyKey,
     Snapshot, Store, StoreError, StoreFuture,
 };
-use crate::algorithm::{Divisor, Gcra, Limits, Placement, State, Verdict};
+use crate::algorithm::{Gcra, Limits, Placement, State, Verdict};
 use crate::clock::{Clock, ManualClock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
-use self::cell::{hold_gcra, lock, update_gcra, Admission, Cell, Held, Slot, EVICTED};
+use self::cell::{lock, Held};
 use self::digest::KeyDigest;
 use self::ids::IdTable;
-use self::resident::{Bucket, Resident, Residents};
+use self::shard::{BucketRef, Buckets, Place, Shard};
 
-/// The in-memory store: a sharded concurrent map ([`DashMap`], hashed with foldhash seeded
-/// per store) from bucket to algorithm state.
+/// The in-memory store: a sharded concurrent map (hashed with foldhash seeded per store) from
+/// bucket to algorithm state, laid out to keep each key small (see the module docs).
 ///
 /// - **Concurrency**: a GCRA bucket is one atomic number (its theoretical arrival time),
 ///   which a single-rule charge updates by compare-and-swap under its shard's read lock,
 ///   without a lock of its own (as governor does), plus the refunds it gave back, written
 ///   while a settlement or a denial holds the number; the other algorithms' buckets each sit
-///   behind a small mutex. A multi-rule decision holds every bucket in address order (locks
-///   the mutexes, marks the GCRA numbers held so that lock-free charges wait for it), so two
-///   requests can't deadlock, checks them all, then charges them all.
+///   behind a small mutex. A multi-rule decision read-locks its buckets' shards in shard order,
+///   then holds every bucket in (shard, place) order (locks the mutexes, marks the GCRA
+///   numbers held so that lock-free charges wait for it), so two requests can't deadlock,
+///   checks them all, then charges them all. Every decision uses its buckets under their
+///   shards' read locks: nothing removes a bucket while it is decided on.
 /// - **Idle eviction**: no cleanup task to run. At most once per
 ///   [`sweep_interval`](MemoryStoreBuilder::sweep_interval) (default 10 s), the request that
 ///   notices starts a sweep that removes every bucket whose state equals a fresh one (its
@@ -60,11 +76,11 @@ use self::resident::{Bucket, Resident, Residents};
 ///   (Redis' `allkeys-lru`; nginx's `limit_req` zone evicts its least recently used state
 ///   when full too), so a new key is always counted: never refused, never let through
 ///   uncounted. The evicted bucket is never used more recently than the other sampled ones,
-///   and one a caller keeps using stays (`resident.rs`); a bucket with concurrency slots in
-///   flight (a long stream) goes only when every sampled bucket has some. What a flood of new keys costs is
-///   the state of the least recently used callers: an evicted caller starts afresh, as
+///   and one a caller keeps using stays; a bucket with concurrency slots in flight (a long
+///   stream) goes only when every sampled bucket has some. What a flood of new keys costs
+///   is the state of the least recently used callers: an evicted caller starts afresh, as
 ///   after an idle sweep. A decision on an existing bucket only records its time in the
-///   bucket; the index sampled for eviction is locked only when a bucket comes or goes.
+///   bucket; the samples are read from the shards themselves (no index of its own).
 ///   A request naming more buckets than `max_keys` holds fails with
 ///   [`StoreError::AtCapacity`].
 /// - **Idempotent retries**: failed attempts of requests carrying an idempotency id are
@@ -80,9 +96,10 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    map: DashMap<BucketKey, Bucket, RandomState>,
-    /// Every bucket of `map`, for eviction at `max_keys`.
-    residents: Residents,
+    /// The buckets, in shards (`shard.rs`).
+    buckets: Buckets,
+    /// The sampling generator's state (splitmix64, advanced atomically).
+    rng: AtomicU64,
     digest: KeyDigest,
     clock: StoreClock,
     len: AtomicUsize,
@@ -168,43 +185,13 @@ pub struct MemoryStoreBuilder {
 /// Idle keys a sweep removes at most (a bounded list of keys to remove).
 const SWEEP_BATCH: usize = 1 << 16;
 
-/// Whether a bucket is idle at `now` (`unix`: the wall clock, for calendar windows): its state
-/// equals a fresh one (every charge expired) and nobody is using it. With `evict`, an idle
-/// bucket is also marked evicted (locked slots) or set to [`EVICTED`] (GCRA cells), so that a
-/// decision holding a clone of it looks again.
-fn is_idle(bucket: &Cell, now: u64, unix: u64, evict: bool) -> bool {
-    match bucket {
-        Cell::Locked(m) => {
-            // A bucket locked by a request in flight is busy, not idle.
-            let Ok(mut slot) = m.try_lock() else {
-                return false;
-            };
-            let limits = slot.limits;
-            let at = if slot.state.algorithm().is_calendar() {
-                unix
-            } else {
-                now
-            };
-            let idle = slot.state.is_idle(&limits, at);
-            if idle && evict {
-                slot.evicted = true;
-            }
-            idle
-        }
-        // Idle when its TAT has passed (a held cell's value never has).
-        Cell::Gcra(cell) => {
-            let cur = cell.tat.load(Ordering::Acquire);
-            // Fresh again once its refunds have decayed too (see `Gcra::adjust`).
-            let refunded = cell.refunded.load(Ordering::Acquire);
-            cur.saturating_add(refunded) <= now
-                && (!evict
-                    || cell
-                        .tat
-                        .compare_exchange(cur, EVICTED, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok())
-        }
-    }
-}
+/// Buckets compared per eviction: Redis' `maxmemory-samples` default. A sampled bucket with
+/// concurrency slots in flight goes only when every sampled one has some; otherwise the
+/// bucket evicted is never used more recently than any other sampled one, so a bucket that
+/// only `r` others were used after goes only when every sample falls among those `r + 1`: at
+/// most `((r + 1) / len)^5` per eviction (a key used every few new keys in a store of 10,000:
+/// about 1e-17).
+const SAMPLES: usize = 5;
 
 /// Charges per request whose buckets and locks are held on the stack (more use the heap).
 const INLINE_CHARGES: usize = 8;
@@ -248,8 +235,8 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher(RandomState::default()),
-                residents: Residents::new(digest::random_seed()),
+                buckets: Buckets::new(shard_count()),
+                rng: AtomicU64::new(digest::random_seed()),
                 digest: KeyDigest::new(),
                 clock: self
                     .clock
@@ -263,6 +250,12 @@ impl MemoryStoreBuilder {
             }),
         }
     }
+}
+
+/// Shards of the map: four per core (at least 4), a power of two, as `DashMap` chooses.
+fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores * 4).max(4).next_power_of_two()
 }
 
 impl Default for MemoryStore {
@@ -376,27 +369,35 @@ impl Inner {
         }
     }
 
-    /// Removes idle buckets, in two passes so that no shard is write-locked for long: the
-    /// map is read (shard read locks: lookups go on, only new keys wait) for up to
-    /// [`SWEEP_BATCH`] idle keys, then each is removed under its shard's write lock if it is
-    /// still idle. A bucket in use (locked, or held by a decision) is not idle.
+    /// Removes idle buckets, in two passes so that no shard is write-locked for long: each
+    /// shard is read (its read lock: lookups go on, only new keys wait) for up to
+    /// [`SWEEP_BATCH`] idle keys in all, then each is removed under its shard's write lock
+    /// if it is still idle. A bucket in use (locked, or held by a decision) is not idle.
     fn sweep(&self, now: u64) {
         let unix = self.clock.unix_nanos();
         let mut idle = Vec::new();
-        for entry in self.map.iter() {
-            if idle.len() == SWEEP_BATCH {
-                // More next time: the next request may sweep again.
-                self.last_sweep.store(0, Ordering::Relaxed);
-                break;
-            }
-            if is_idle(entry.value(), now, unix, false) {
-                idle.push(entry.key().clone());
+        'shards: for s in 0..self.buckets.shards() {
+            let shard = self.buckets.read(s);
+            for n in 0..shard.len() {
+                if idle.len() == SWEEP_BATCH {
+                    // More next time: the next request may sweep again.
+                    self.last_sweep.store(0, Ordering::Relaxed);
+                    break 'shards;
+                }
+                let bucket = shard.nth(n).expect("below the shard's length");
+                if bucket.is_idle(now, unix) {
+                    idle.push(bucket.key().clone());
+                }
             }
         }
         for key in &idle {
-            if let Some((_, bucket)) = self.map.remove_if(key, |_, b| is_idle(b, now, unix, true)) {
+            let (hash, s) = self.buckets.locate(key);
+            let removed = self
+                .buckets
+                .write(s)
+                .remove_if(self.buckets.hasher(), hash, key, |b| b.is_idle(now, unix));
+            if removed {
                 self.len.fetch_sub(1, Ordering::Relaxed);
-                self.residents.remove(&bucket);
             }
         }
     }
@@ -405,52 +406,100 @@ impl Inner {
     /// two layers sharing a rule name with different algorithms reset each other's state).
     #[cold]
     #[inline(never)]
-    fn evict_unsuited(&self, key: &BucketKey, quota: &Quota) {
-        if let Some((_, bucket)) = self.map.remove_if(key, |_, b| !b.suits(quota)) {
-            bucket.evict_now();
+    fn evict_unsuited(&self, key: &BucketKey, (hash, s): (u64, usize), quota: &Quota) {
+        let removed = self
+            .buckets
+            .write(s)
+            .remove_if(self.buckets.hasher(), hash, key, |b| !b.suits(quota));
+        if removed {
             self.len.fetch_sub(1, Ordering::AcqRel);
-            self.residents.remove(&bucket);
         }
     }
 
     /// Adds a fresh bucket for `key` unless one exists; at `max_keys`, first evicts the
     /// least recently used of a few buckets sampled at random (as many times as it takes:
-    /// concurrent inserts may take the room it made).
+    /// concurrent inserts may take the room it made). Called holding no shard.
     #[cold]
     #[inline(never)]
-    fn insert(&self, key: &BucketKey, quota: &Quota, now: u64) {
+    fn insert(&self, key: &BucketKey, (hash, s): (u64, usize), quota: &Quota, now: u64) {
         while self.len.fetch_add(1, Ordering::AcqRel) >= self.max_keys {
             self.len.fetch_sub(1, Ordering::AcqRel);
             self.evict_least_recent();
         }
-        match self.map.entry(key.clone()) {
-            Entry::Occupied(_) => {
-                self.len.fetch_sub(1, Ordering::AcqRel);
-            }
-            Entry::Vacant(v) => {
-                let bucket = Resident::new(Cell::new(quota), now);
-                // Indexed under the shard's write lock: the index has every bucket the map has.
-                self.residents.add(key.clone(), Arc::clone(&bucket));
-                v.insert(bucket);
-            }
+        let mut shard = self.buckets.write(s);
+        if shard.find(hash, key).is_some() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            shard.insert(self.buckets.hasher(), hash, key.clone(), quota, now);
         }
     }
 
-    /// Evicts the least recently used of a sample of buckets, unless a decision holds it
-    /// right now (the caller then tries again with another sample).
+    /// A random number (splitmix64 over an atomic counter: the sample needs spread, not
+    /// secrecy; a caller can't see it, and could only choose when its keys were used, which
+    /// is what LRU goes by anyway).
+    fn random(&self) -> u64 {
+        let mut z = self
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Evicts the least recently used of [`SAMPLES`] buckets picked at random (each from a
+    /// random shard), preferring those without concurrency slots in flight; a store of a few
+    /// buckets compares them all. Called holding no shard.
     #[cold]
     fn evict_least_recent(&self) {
-        let Some((key, victim)) = self.residents.least_recent_of_sample() else {
+        let shards = self.buckets.shards();
+        // Candidates: their key and rank (busy ones after idle ones, then the least
+        // recently used first).
+        let mut oldest: Option<((bool, u64), BucketKey)> = None;
+        let mut consider = |bucket: BucketRef<'_>| {
+            let rank = bucket.rank();
+            if oldest.as_ref().is_none_or(|(o, _)| rank < *o) {
+                oldest = Some((rank, bucket.key().clone()));
+            }
+        };
+        if self.len.load(Ordering::Relaxed) <= SAMPLES {
+            for s in 0..shards {
+                let shard = self.buckets.read(s);
+                (0..shard.len())
+                    .filter_map(|n| shard.nth(n))
+                    .for_each(&mut consider);
+            }
+        } else {
+            // A few tries per sample: some shards may be empty.
+            let mut sampled = 0;
+            for _ in 0..SAMPLES * 4 {
+                let r = self.random();
+                let shard = self.buckets.read((r as usize) & (shards - 1));
+                if shard.len() == 0 {
+                    continue;
+                }
+                let n = ((r >> 32) % shard.len() as u64) as usize;
+                if let Some(bucket) = shard.nth(n) {
+                    consider(bucket);
+                    sampled += 1;
+                    if sampled == SAMPLES {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((_, key)) = oldest else {
             // The buckets counted are still being inserted by other threads.
             std::thread::yield_now();
             return;
         };
-        if let Some((_, bucket)) = self
-            .map
-            .remove_if(&key, |_, b| Arc::ptr_eq(b, &victim) && b.evict())
+        let (hash, s) = self.buckets.locate(&key);
+        if self
+            .buckets
+            .write(s)
+            .remove_if(self.buckets.hasher(), hash, &key, |_| true)
         {
             self.len.fetch_sub(1, Ordering::AcqRel);
-            self.residents.remove(&bucket);
         }
     }
 
@@ -473,63 +522,61 @@ impl Inner {
     /// A single charge's decision.
     #[inline]
     fn acquire_one(&self, c: &Charge<'_>, now: u64) -> Result<Decision, StoreError> {
+        let located = self.buckets.locate(c.bucket);
         loop {
-            let Some(bucket) = self.map.get(c.bucket) else {
-                self.insert(c.bucket, c.quota, now);
+            let shard = self.buckets.read(located.1);
+            let Some(place) = shard.find(located.0, c.bucket) else {
+                drop(shard);
+                self.insert(c.bucket, located, c.quota, now);
                 continue;
             };
-            bucket.touch(now);
-            let cell: &Cell = &bucket;
-            // Holding the shard's read lock: no sweep can evict this bucket meanwhile. Each
-            // answer is built where it is decided, straight into the caller's: a value merged
-            // from several paths first would be moved through the stack (reading back 8-byte
-            // stores with 16-byte loads, which stalls).
-            match (cell, c.quota.algorithm()) {
-                (Cell::Gcra(cell), Algorithm::Gcra) => match cell.admit(c.quota, now, c.amount) {
-                    Admission::Admitted(prepared, tat, refunded) => {
-                        let snapshot = prepared.snapshot(tat, now);
-                        let placement = Gcra::placement(tat, refunded);
-                        return Ok(one_decision((Verdict::Allow, placement, snapshot)));
-                    }
-                    Admission::General => {
-                        if let Some(decided) = cell.acquire_general(c.quota, now, c.amount) {
-                            return Ok(one_decision(decided));
+            let bucket = shard.get(place);
+            // Holding the shard's read lock: no sweep nor eviction can remove the bucket
+            // meanwhile. Each answer is built where it is decided, straight into the
+            // caller's: a value merged from several paths first would be moved through the
+            // stack (reading back 8-byte stores with 16-byte loads, which stalls).
+            match (bucket, c.quota.algorithm()) {
+                (BucketRef::Gcra(b), Algorithm::Gcra) => {
+                    bucket.touch(now);
+                    let prepared = c.quota.prepared().gcra.as_ref();
+                    if let Some(p) = prepared {
+                        if let Some((tat, refunded)) = b.cell.admit(p, now, c.amount) {
+                            let snapshot = p.snapshot(tat, now);
+                            let placement = Gcra::placement(tat, refunded);
+                            return Ok(one_decision((Verdict::Allow, placement, snapshot)));
                         }
                     }
-                    Admission::Evicted => {}
-                },
-                (Cell::Locked(m), algorithm) if algorithm != Algorithm::Gcra => {
-                    let mut guard = lock(m);
-                    let slot = &mut *guard;
+                    return Ok(one_decision(b.cell.acquire_general(c.quota, now, c.amount)));
+                }
+                (BucketRef::Locked(b), algorithm) if algorithm != Algorithm::Gcra => {
+                    bucket.touch(now);
+                    let mut slot = lock(&b.slot);
+                    slot.fit(c.quota);
                     let limits = c.quota.limits();
-                    let decided = match (&mut slot.state, algorithm) {
-                        // A counter charged under the limits it was last charged under.
-                        (State::Counter(s), Algorithm::SlidingWindowCounter)
-                            if slot.limits == limits =>
-                        {
-                            let by_window = slot.by_window;
+                    let by_window = c.quota.prepared().by_window;
+                    let decided = match &mut slot.state {
+                        State::Counter(s) => {
                             match s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
                                 Some((placement, snapshot)) => {
-                                    drop(guard);
+                                    drop(slot);
                                     return Ok(one_decision((Verdict::Allow, placement, snapshot)));
                                 }
                                 None => s.deny(&limits, now, c.amount),
                             }
                         }
-                        _ => {
+                        state => {
                             let at = self.clock.time_for(algorithm, now);
-                            acquire_slot(slot, c.quota, at, c.amount)
+                            state.acquire(&limits, at, c.amount)
                         }
                     };
-                    drop(guard);
+                    drop(slot);
                     return Ok(one_decision(decided));
                 }
-                // Another algorithm's cell.
+                // Another algorithm's bucket.
                 _ => {}
             }
-            // Another algorithm's bucket, or evicted meanwhile.
-            drop(bucket);
-            self.evict_unsuited(c.bucket, c.quota);
+            drop(shard);
+            self.evict_unsuited(c.bucket, located, c.quota);
         }
     }
 
@@ -542,66 +589,95 @@ impl Inner {
                 max_keys: self.max_keys,
             });
         }
-        loop {
-            // Up to `INLINE_CHARGES` charges, the buckets and their guards live on the stack:
-            // the decision's own `Vec` is the only allocation.
-            let decided = if n <= INLINE_CHARGES {
-                let mut buckets: [Option<(usize, Bucket)>; INLINE_CHARGES] = Default::default();
-                let mut guards: [Option<Held<'_>>; INLINE_CHARGES] = Default::default();
-                self.decide_many(charges, now, &mut buckets[..n], &mut guards[..n])?
-            } else {
-                let mut buckets = vec![None; n];
-                let mut guards: Vec<_> = std::iter::repeat_with(|| None).take(n).collect();
-                self.decide_many(charges, now, &mut buckets, &mut guards)?
-            };
-            if let Some(decision) = decided {
-                return Ok(decision);
-            }
-            // A sweep removed a bucket between lookup and lock: look up again.
+        // Up to `INLINE_CHARGES` charges, the places, shards and holds live on the stack: the
+        // decision's own `Vec` is the only allocation.
+        if n <= INLINE_CHARGES {
+            let mut found = [Found::default(); INLINE_CHARGES];
+            let mut shards: [Option<ShardGuard<'_>>; INLINE_CHARGES] = Default::default();
+            self.decide_many(charges, now, &mut found[..n], &mut shards[..n])
+        } else {
+            let mut found = vec![Found::default(); n];
+            let mut shards: Vec<_> = std::iter::repeat_with(|| None).take(n).collect();
+            self.decide_many(charges, now, &mut found, &mut shards)
         }
     }
 
-    /// Looks up every charge's bucket, holds them all in address order (locking the
+    /// Finds every charge's bucket (creating those missing, holding no shard), read-locks
+    /// their shards in shard order, holds the buckets in (shard, place) order (locking the
     /// mutexes, marking the GCRA cells held), checks every charge and charges all of them
-    /// only if all fit. `None` when a bucket was evicted meanwhile. `buckets` and `guards`
-    /// are scratch space of `charges.len()` entries.
-    fn decide_many<'b>(
-        &self,
+    /// only if all fit. `found` and `shards` are scratch space of `charges.len()` entries.
+    fn decide_many<'s>(
+        &'s self,
         charges: &[Charge<'_>],
         now: u64,
-        buckets: &'b mut [Option<(usize, Bucket)>],
-        guards: &mut [Option<Held<'b>>],
-    ) -> Result<Option<Decision>, StoreError> {
-        for (entry, (i, c)) in buckets.iter_mut().zip(charges.iter().enumerate()) {
-            let bucket = loop {
-                match self.map.get(c.bucket) {
-                    Some(b) if b.suits(c.quota) => {
-                        b.touch(now);
-                        break Arc::clone(&b);
-                    }
-                    Some(b) => {
-                        drop(b);
-                        self.evict_unsuited(c.bucket, c.quota);
-                    }
-                    None => self.insert(c.bucket, c.quota, now),
-                }
+        found: &mut [Found],
+        shards: &mut [Option<ShardGuard<'s>>],
+    ) -> Result<Decision, StoreError> {
+        for (f, (i, c)) in found.iter_mut().zip(charges.iter().enumerate()) {
+            let (hash, shard) = self.buckets.locate(c.bucket);
+            *f = Found {
+                charge: i,
+                hash,
+                shard,
+                place: None,
             };
-            *entry = Some((i, bucket));
         }
-        // A fixed global order (by address) makes multi-bucket holding deadlock-free.
-        buckets.sort_unstable_by_key(|e| e.as_ref().map_or(0, |(_, b)| Arc::as_ptr(b) as usize));
-        let buckets: &'b [Option<(usize, Bucket)>] = buckets;
-        let sorted = || buckets.iter().flatten();
-        if let Some(i) = sorted()
-            .zip(sorted().skip(1))
-            .find(|(a, b)| Arc::ptr_eq(&a.1, &b.1))
-            .map(|(a, _)| a.0)
+        // A fixed global order (shards by index, then buckets by place) makes holding several
+        // deadlock-free: writers (new keys, evictions, sweeps) lock one shard at a time.
+        found.sort_unstable_by_key(|f| f.shard);
+        'find: loop {
+            // Each shard once, in order.
+            let mut locked = 0;
+            for f in found.iter() {
+                if locked == 0 || shards[locked - 1].as_ref().map(|g| g.0) != Some(f.shard) {
+                    shards[locked] = Some((f.shard, self.buckets.read(f.shard)));
+                    locked += 1;
+                }
+            }
+            let mut g = 0;
+            for f in found.iter_mut() {
+                while shards[g].as_ref().map(|s| s.0) != Some(f.shard) {
+                    g += 1;
+                }
+                let shard = &shards[g].as_ref().expect("locked above").1;
+                let c = &charges[f.charge];
+                let missing = match shard.find(f.hash, c.bucket) {
+                    Some(place) if shard.get(place).suits(c.quota) => {
+                        f.place = Some(place);
+                        continue;
+                    }
+                    Some(_) => false,
+                    None => true,
+                };
+                shards.iter_mut().for_each(|s| *s = None);
+                if missing {
+                    self.insert(c.bucket, (f.hash, f.shard), c.quota, now);
+                } else {
+                    self.evict_unsuited(c.bucket, (f.hash, f.shard), c.quota);
+                }
+                continue 'find;
+            }
+            break;
+        }
+        found.sort_unstable_by_key(|f| (f.shard, f.place));
+        if let Some(f) = found
+            .windows(2)
+            .find(|w| (w[0].shard, w[0].place) == (w[1].shard, w[1].place))
         {
             return Err(StoreError::DuplicateBucket(format!(
                 "{:?}",
-                charges[i].bucket
+                charges[f[0].charge].bucket
             )));
         }
+        let shards: &[Option<ShardGuard<'s>>] = shards;
+        let shard_of = |shard: usize| -> &Shard {
+            &shards
+                .iter()
+                .flatten()
+                .find(|g| g.0 == shard)
+                .expect("locked above")
+                .1
+        };
         // Allocated before holding anything, to keep the critical section short.
         let mut states = ChargeStates::filled(charges.len());
         // Calendar windows count in wall-clock time, read once for the whole decision.
@@ -617,28 +693,39 @@ impl Inner {
                 now
             }
         };
-        for (guard, (i, bucket)) in guards.iter_mut().zip(sorted()) {
-            let cell: &Cell = bucket;
-            let held = match cell {
-                Cell::Locked(m) => Held::Locked(lock(m)),
-                Cell::Gcra(cell) => match hold_gcra(cell, charges[*i].quota.limits()) {
-                    Some(held) => held,
-                    None => return Ok(None),
-                },
-            };
-            if guard.insert(held).slot().evicted {
-                return Ok(None);
+        let n = found.len();
+        let hold = |f: &Found| -> Held<'_> {
+            let bucket = shard_of(f.shard).get(f.place.expect("found above"));
+            bucket.touch(now);
+            match bucket {
+                BucketRef::Locked(b) => {
+                    let mut slot = lock(&b.slot);
+                    slot.fit(charges[f.charge].quota);
+                    Held::Locked(slot)
+                }
+                BucketRef::Gcra(b) => b.cell.hold(),
             }
+        };
+        let mut inline: [Option<Held<'_>>; INLINE_CHARGES] = Default::default();
+        let mut heap: Vec<Option<Held<'_>>> = Vec::new();
+        let held: &mut [Option<Held<'_>>] = if n <= INLINE_CHARGES {
+            &mut inline[..n]
+        } else {
+            heap.resize_with(n, || None);
+            &mut heap
+        };
+        for (h, f) in held.iter_mut().zip(found.iter()) {
+            *h = Some(hold(f));
         }
 
-        // Checked and charged in address order; a tie between denials goes to the first.
+        // Checked and charged in (shard, place) order; a tie between denials goes to the first.
         let mut denial: Option<(usize, Option<u64>)> = None;
-        for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
-            let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
-            fit(slot, c.quota);
-            let (limits, by_window) = (slot.limits, slot.by_window);
+        for (h, f) in held.iter_mut().zip(found.iter()) {
+            let (state, c) = (h.as_mut().expect("held above").state(), &charges[f.charge]);
+            let limits = c.quota.limits();
+            let by_window = c.quota.prepared().by_window;
             let now = time_for(c);
-            let verdict = match &mut slot.state {
+            let verdict = match state {
                 // A counter that fits says so without the general check's 128-bit arithmetic.
                 State::Counter(s) => {
                     if s.fits_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
@@ -657,90 +744,105 @@ impl Inner {
                     Some((_, Some(prev))) => retry_after.is_none_or(|r| r > prev),
                 };
                 if worse {
-                    denial = Some((i, retry_after));
+                    denial = Some((f.charge, retry_after));
                 }
             }
         }
-        for (guard, &(i, _)) in guards.iter_mut().zip(sorted()) {
-            let (slot, c) = (guard.as_mut().expect("held above").slot(), &charges[i]);
-            let (limits, by_window) = (slot.limits, slot.by_window);
+        for (h, f) in held.iter_mut().zip(found.iter()) {
+            let (state, c) = (h.as_mut().expect("held above").state(), &charges[f.charge]);
+            let limits = c.quota.limits();
+            let by_window = c.quota.prepared().by_window;
             let now = time_for(c);
             // Every charge fits (checked above): a counter's admitted path charges and
             // answers in one pass, dividing by its prepared window.
-            let admitted = match (&mut slot.state, denial) {
+            let admitted = match (&mut *state, denial) {
                 (State::Counter(s), None) => {
                     s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p))
                 }
                 _ => None,
             };
             // Back to the caller's order.
-            states[i] = match admitted {
+            states[f.charge] = match admitted {
                 Some((placement, snapshot)) => ChargeState {
                     snapshot,
                     placement,
                 },
                 None => {
                     let placement = if denial.is_none() {
-                        slot.state.charge(&limits, now, c.amount)
+                        state.charge(&limits, now, c.amount)
                     } else {
                         Placement::default()
                     };
                     ChargeState {
-                        snapshot: slot.state.peek(&limits, now),
+                        snapshot: state.peek(&limits, now),
                         placement,
                     }
                 }
             };
         }
-        Ok(Some(Decision {
+        Ok(Decision {
             denial: denial.map(|(index, retry)| Denial {
                 index,
                 retry_after: retry.map(Duration::from_nanos),
             }),
             charges: states,
             free_retry: false,
-        }))
+        })
     }
 
-    /// Runs `f` on `key`'s state (creating the bucket if `create`); `None` if there is no
-    /// bucket and `create` is false. `f` may run more than once (when a sweep evicted the
-    /// bucket meanwhile), each time on the latest state.
+    /// Runs `f` on `key`'s state (creating the bucket if `create`), holding it; `None` if
+    /// there is no bucket and `create` is false.
     fn with_bucket<T>(
         &self,
         key: &BucketKey,
         quota: &Quota,
         now: u64,
         create: bool,
-        mut f: impl FnMut(&mut State, &Limits) -> T,
+        f: impl FnOnce(&mut State, &Limits) -> T,
     ) -> Result<Option<T>, StoreError> {
+        let located = self.buckets.locate(key);
+        let limits = quota.limits();
         loop {
-            if let Some(bucket) = self.map.get(key) {
-                let cell: &Cell = &bucket;
-                let out = match cell {
-                    _ if !bucket.suits(quota) => None,
-                    Cell::Gcra(cell) => update_gcra(cell, &quota.limits(), &mut f),
-                    Cell::Locked(m) => {
-                        let mut slot = lock(m);
-                        fit(&mut slot, quota);
-                        let limits = slot.limits;
-                        Some(f(&mut slot.state, &limits))
+            let shard = self.buckets.read(located.1);
+            match shard.find(located.0, key).map(|p| shard.get(p)) {
+                Some(bucket) if bucket.suits(quota) => {
+                    let mut held = match bucket {
+                        BucketRef::Gcra(b) => b.cell.hold(),
+                        BucketRef::Locked(b) => {
+                            let mut slot = lock(&b.slot);
+                            slot.fit(quota);
+                            Held::Locked(slot)
+                        }
+                    };
+                    return Ok(Some(f(held.state(), &limits)));
+                }
+                Some(_) => {
+                    drop(shard);
+                    self.evict_unsuited(key, located, quota);
+                }
+                None => {
+                    drop(shard);
+                    if !create {
+                        return Ok(None);
                     }
-                };
-                drop(bucket);
-                match out {
-                    Some(out) => return Ok(Some(out)),
-                    None => {
-                        self.evict_unsuited(key, quota);
-                        continue;
-                    }
+                    self.insert(key, located, quota, now);
                 }
             }
-            if !create {
-                return Ok(None);
-            }
-            self.insert(key, quota, now);
         }
     }
+}
+
+/// A shard read-locked by a multi-rule decision, and its index.
+type ShardGuard<'s> = (usize, RwLockReadGuard<'s, Shard>);
+
+/// Where a multi-rule decision found a charge's bucket.
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    /// The charge's index in the request.
+    charge: usize,
+    hash: u64,
+    shard: usize,
+    place: Option<Place>,
 }
 
 /// What a single charge's decision is made of.
@@ -763,43 +865,6 @@ fn one_decision((verdict, placement, snapshot): Decided) -> Decision {
         }),
         free_retry: false,
     }
-}
-
-/// A single-charge decision of a locked slot, through [`fit`]: every algorithm but a counter
-/// charged under its last limits (whose path is inlined in [`Inner::acquire_one`]).
-#[inline(never)]
-fn acquire_slot(slot: &mut Slot, quota: &Quota, now: u64, cost: u64) -> Decided {
-    fit(slot, quota);
-    let limits = slot.limits;
-    match &mut slot.state {
-        State::Counter(s) => {
-            let by_window = slot.by_window;
-            s.acquire_with(&limits, now, cost, |p| by_window.div_ceil(p))
-        }
-        state => state.acquire(&limits, now, cost),
-    }
-}
-
-/// Makes a slot's state match the quota's algorithm and limits. Two rules of the same name
-/// with different algorithms (two layers sharing one store) reset each other's state rather
-/// than misread it.
-#[inline]
-fn fit(slot: &mut Slot, quota: &Quota) {
-    if slot.state.algorithm() != quota.algorithm() {
-        slot.state = State::new(quota.algorithm());
-    }
-    let limits = quota.limits();
-    if slot.limits != limits {
-        refit(slot, limits);
-    }
-}
-
-/// A slot charged under other limits than last time: its divisor follows.
-#[cold]
-#[inline(never)]
-fn refit(slot: &mut Slot, limits: Limits) {
-    slot.limits = limits;
-    slot.by_window = Divisor::new(limits.window_nanos);
 }
 
 impl Store for MemoryStore {
@@ -870,14 +935,11 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 impl Inner {
-    /// Bytes held by the map's keys and buckets and by the eviction index (an upper bound:
-    /// shared rule names counted once per key; the map's own table not counted).
+    /// Bytes held by the shards: their tables, their buckets and the keys' heap bytes (an
+    /// upper bound: shared rule names counted once per key).
     fn held_bytes(&self) -> usize {
-        let map: usize = self
-            .map
-            .iter()
-            .map(|e| e.key().held_bytes() + std::mem::size_of::<Resident>())
-            .sum();
-        map + self.residents.held_bytes()
+        (0..self.buckets.shards())
+            .map(|s| self.buckets.read(s).held_bytes())
+            .sum()
     }
 }
