@@ -13,8 +13,9 @@ use tokio::sync::oneshot;
 use crate::settle::Settle;
 
 pin_project! {
-    /// The body of a [`crate::RateLimit`] response: the inner service's body (watched for
-    /// `usage` when the request has token or concurrency charges to settle; see
+    /// The body of a [`crate::RateLimit`] response: the inner service's body (watched when
+    /// the request has something to settle, and read for `usage` when it has token rules or
+    /// the observer [observes usage](crate::observe::Observer::observes_usage); see
     /// [`crate::settle`]), or the JSON (or empty gRPC) body of a rejection. Works with any
     /// inner body whose data is [`Bytes`]; nothing is buffered. The one delay: the body of a
     /// failed attempt of an idempotent request starts once the store has recorded the

@@ -73,7 +73,7 @@
 //! | [`algorithm`] | [`Algorithm`] and the algorithms: sliding window counter, sliding window log, GCRA, calendar window (UTC hour, day, month): pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek; idempotent retries: `acquire_once` / `fail_attempt`, the table of what a retry is charged) and the [`store::MemoryStore`] (`store/memory/`: the decisions, sweeps and least-recently-used eviction at `max_keys`; one file for the shards' layout, one for a bucket's state, one for long keys held as digests, one for the table of failed idempotent attempts); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, its replies checked against the call that asked (`reply.rs`), versioned key layout, circuit breaker, lazy connection, concurrency slots released in the background after failed calls) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
-//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement |
+//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement, with the usage the response reported (of every response, on request: `observes_usage`) |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests: monotonic time, and the wall clock for calendar windows |
 //!
 //! Arrows point one way (`tests/module_graph.rs` checks that no import goes back): the

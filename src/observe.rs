@@ -4,16 +4,23 @@
 //! request that reaches a decision, with a [`DecisionEvent`]: the caller's tier, the outcome
 //! and, per rule, the cost charged (or that would have been), the limit and what remains.
 //! [`Observer::on_settle`] then sees the settlement ([`SettleEvent`]) of each admitted
-//! request the layer settles: the estimate charged per rule and what it really cost, for
-//! "tokens estimated vs settled" metrics, labelled with the caller's tier, the request
-//! body's `model` (when the layer read the body for a token estimate) and each bucket's key.
-//! The layer settles requests with token or concurrency charges or an idempotency id (or
-//! all of them under `count_failed_requests(false)`); it does not settle a request admitted
-//! by the store failure policy ([`crate::FailurePolicy::Open`]), so `on_settle` is not a
-//! count of every upstream answer. A free retry of an idempotent request
+//! request the layer settles: how it ended ([`SettleOutcome`]: the [`Usage`] the response
+//! reported, input and output tokens, or none, or a failure), the estimate charged per rule
+//! and what it really cost, for "tokens estimated vs settled" metrics, labelled with the
+//! caller's tier, the request's model ([`ModelLabel`], else the body's `model` when the
+//! layer parsed the body) and each bucket's key.
+//!
+//! By default the layer settles requests with token or concurrency charges or an
+//! idempotency id (or all of them under `count_failed_requests(false)`), and reads `usage`
+//! only from the responses of requests with token rules; it does not settle a request
+//! admitted by the store failure policy ([`crate::FailurePolicy::Open`]). An observer whose
+//! [`Observer::observes_usage`] answers `true` hears every admitted request's settlement,
+//! each successful response's `usage` read once for the limiter and the observer: the
+//! source of a "tokens by model" metric over every answer (a gateway needs no parser of its
+//! own). A free retry of an idempotent request
 //! ([Idempotent retries](crate::store#idempotent-retries)) reports its request rules as
-//! charged 0. Both hooks run on the request's
-//! path: keep them cheap (increment counters, don't do I/O).
+//! charged 0. Both hooks run on the request's path (`on_settle` where the response body
+//! ends): keep them cheap (increment counters, don't do I/O).
 //!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
 //! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
@@ -44,6 +51,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::cost::usage::Usage;
 use crate::key::Key;
 use crate::rule::Unit;
 
@@ -110,7 +118,7 @@ pub struct DecisionEvent<'a> {
 #[non_exhaustive]
 pub enum SettleOutcome {
     /// The response reported this usage.
-    Usage(crate::cost::usage::Usage),
+    Usage(Usage),
     /// The response ended (or was cut off) without usage; `streamed` bytes went out.
     NoUsage {
         /// Bytes of response body seen.
@@ -144,9 +152,11 @@ pub struct SettledRule<'a> {
 pub struct SettleEvent<'a> {
     /// The caller's tier, if any (as in its [`DecisionEvent`]).
     pub tier: Option<&'a str>,
-    /// The `model` of the request's JSON body, when the layer read the body for a token
-    /// estimate: a label for "tokens by model" metrics with no second parse of the request
-    /// or of the response.
+    /// The request's model: its [`ModelLabel`] extension when it has one, else the `model`
+    /// of its JSON body when the layer parsed the body (a rule or the estimate reads it, and
+    /// it fits in `max_inspect_bytes`) and estimated tokens from it or has an observer that
+    /// [observes usage](Observer::observes_usage): a label for "tokens by model" metrics
+    /// with no second parse of the request or of the response.
     pub model: Option<&'a str>,
     /// How the request ended.
     pub outcome: SettleOutcome,
@@ -162,7 +172,8 @@ pub trait Observer: Send + Sync + 'static {
 
     /// Called once per admitted request that had something to settle (token or concurrency
     /// rules, or an idempotency id; not a store-failure admission), when its response ended
-    /// or was dropped: estimated vs real tokens for metrics.
+    /// or was dropped: estimated vs real tokens for metrics. With
+    /// [`observes_usage`](Self::observes_usage), once per admitted request.
     fn on_settle(&self, event: &SettleEvent<'_>) {
         let _ = event;
     }
@@ -172,6 +183,56 @@ pub trait Observer: Send + Sync + 'static {
     /// closures, which observe decisions only, answer `false`.
     fn observes_settlements(&self) -> bool {
         true
+    }
+
+    /// Whether this observer wants the usage of **every** admitted response (default
+    /// `false`; only with [`observes_settlements`](Self::observes_settlements)).
+    ///
+    /// By default the layer reads a response's `usage` only when the request has token
+    /// rules to settle. An observer answering `true` makes it watch every successful
+    /// response, and settle every admitted request (those of request-only rules, and those
+    /// admitted by [`crate::FailurePolicy::Open`] while the store is down, whose event has
+    /// no rules): [`on_settle`](Self::on_settle) then hears the usage of every answer, read
+    /// once for the token rules and the observer together. A gateway's "tokens by model"
+    /// metric needs no parser of its own. The cost: a settlement (two small allocations)
+    /// per request that had none, and the usage search (a few comparisons per chunk) on
+    /// every response.
+    fn observes_usage(&self) -> bool {
+        false
+    }
+}
+
+/// A request extension naming the request's model for the [`SettleEvent::model`] label,
+/// in place of the body's `model`.
+///
+/// The layer reads the body's `model` only when it parsed the body (a rule or the estimate
+/// reads it, and it fits in `max_inspect_bytes`). A gateway that routes requests by model
+/// knows it for every request: set this before the layer, and the settlement of each request
+/// is labelled with it, whatever the body's size. It labels the observer's events only; the
+/// [`crate::cost::Weights`] of a `cost` rule still read the body's `model`.
+///
+/// # Examples
+///
+/// ```
+/// use http::Request;
+/// use tower_llm_ratelimit::observe::ModelLabel;
+///
+/// let mut req = Request::new(());
+/// req.extensions_mut().insert(ModelLabel::new("gpt-4o"));
+/// assert_eq!(req.extensions().get::<ModelLabel>().unwrap().as_str(), "gpt-4o");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelLabel(std::sync::Arc<str>);
+
+impl ModelLabel {
+    /// A label naming `model`.
+    pub fn new(model: impl Into<std::sync::Arc<str>>) -> Self {
+        Self(model.into())
+    }
+
+    /// The model's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -211,5 +272,8 @@ mod tests {
         let closure = |_: &DecisionEvent<'_>| {};
         assert!(!Observer::observes_settlements(&closure));
         assert!(Both.observes_settlements());
+        // The usage of every response is asked for, never assumed.
+        assert!(!Observer::observes_usage(&closure));
+        assert!(!Both.observes_usage());
     }
 }

@@ -4,8 +4,11 @@
 //! The service hands a settlement to the response future. When the inner service answers, the
 //! response body is wrapped ([`crate::ResponseBody`]) to watch for `usage` as the bytes stream
 //! past (no buffering of the stream, a few comparisons per chunk); at the end of the body the
-//! token rules are settled to what the upstream reported. The settlement runs once whatever
-//! happens:
+//! token rules are settled to what the upstream reported. The body is watched when the
+//! request has token rules, or for every successful response when the observer asks for
+//! every usage ([`crate::observe::Observer::observes_usage`]): one parse serves both, and
+//! the observer's [`crate::observe::SettleEvent`] carries what it found. The settlement runs
+//! once whatever happens:
 //!
 //! | what happened | token rules | request rules | concurrency slots |
 //! |---|---|---|---|
@@ -38,7 +41,7 @@ use crate::algorithm::Algorithm;
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::limiter::{Limiter, Pending, Settlement, Settling};
-use crate::observe::{SettleEvent, SettleOutcome, SettledRule};
+use crate::observe::{ModelLabel, SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::Unit;
 use crate::store::{Adjustment, Charge, IdempotencyKey, StoreError, StoreFuture};
@@ -96,6 +99,8 @@ pub(crate) struct Settle {
     model: Option<String>,
     /// The caller's tier, kept for the observer only.
     tier: Option<Tier>,
+    /// The request's `ModelLabel`, kept for the observer only.
+    label: Option<ModelLabel>,
     /// The request's identity when it carries an idempotency id: a failure is reported to
     /// the store ([`crate::store::Store::fail_attempt`]) so that its retry is free.
     idempotency: Option<IdempotencyKey>,
@@ -131,6 +136,7 @@ impl Settle {
             fallback,
             model,
             tier,
+            label,
             idempotency,
         } = settlement;
         Self {
@@ -140,6 +146,7 @@ impl Settle {
             fallback,
             model,
             tier,
+            label,
             idempotency,
             recorded: None,
             parser: None,
@@ -176,7 +183,9 @@ impl Settle {
         let compressed = headers
             .get(http::header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        if self.has_token_charges() && !compressed {
+        // Read for the token rules, and for an observer that hears every response's usage:
+        // one parse for both.
+        if (self.has_token_charges() || self.limiter.observes_usage) && !compressed {
             self.parser = headers
                 .get(http::header::CONTENT_TYPE)
                 .and_then(Framing::from_content_type)
@@ -342,7 +351,11 @@ impl Settle {
             };
             observer.on_settle(&SettleEvent {
                 tier: self.tier.as_ref().map(Tier::as_str),
-                model: self.model.as_deref(),
+                model: self
+                    .label
+                    .as_ref()
+                    .map(ModelLabel::as_str)
+                    .or(self.model.as_deref()),
                 outcome,
                 rules: &rules,
             });

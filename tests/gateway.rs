@@ -1222,6 +1222,96 @@ async fn errors_401_404_502_and_metrics() {
     }
 }
 
+/// The token metrics count the `usage` of every answer, which the limiter reads once as it
+/// streams past (the proxy no longer parses it): a caller with token limits and one without
+/// (whose requests the limiter has nothing to settle for), JSON and a stream, a body larger
+/// than the limiter reads (labelled by its routed model all the same), two models; an
+/// upstream error counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_metrics_count_the_usage_of_every_answer() {
+    let (up_server, _up) = start_upstream().await;
+    let config = format!(
+        "{}\n[tiers.basic]\nrpm = 100\n\n[keys.basic-a]\nuser = \"frank\"\ntier = \"basic\"\n",
+        test_config(&up_server.url(), "max_inspect_bytes = 2048")
+    );
+    let cfg = TempConfig::new(&config);
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+
+    // No token limits: 3 words in, 5 out.
+    let a = call(
+        &c,
+        "POST",
+        &url,
+        Some("basic-a"),
+        Some(&chat("test-model", "one two three", 5)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // A body of 1,500 words, over the 2,048 bytes the limiter reads: 1,500 in, 2 out.
+    let long = "w ".repeat(1_500);
+    let a = call(
+        &c,
+        "POST",
+        &url,
+        Some("basic-a"),
+        Some(&chat("test-model", &long, 2)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // The other model: 2 in, 1 out.
+    let a = call(
+        &c,
+        "POST",
+        &url,
+        Some("basic-a"),
+        Some(&chat("small-model", "x y", 1)),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // Token limits, a stream (the limiter asks for its usage): 2 in, 4 out.
+    let mut stream = chat("test-model", "a b", 4);
+    stream["stream"] = json!(true);
+    let a = call(&c, "POST", &url, Some("pro-a"), Some(&stream)).await;
+    assert_eq!(a.status, 200);
+    assert!(
+        String::from_utf8_lossy(&a.body).contains(r#""usage":{"#),
+        "the stream carried its usage"
+    );
+    // An upstream error: no usage.
+    let mut failing = chat("test-model", "not counted", 9);
+    failing["test_status"] = json!(500);
+    let a = call(&c, "POST", &url, Some("basic-a"), Some(&failing)).await;
+    assert_eq!(a.status, 500);
+
+    // The settlements run as the bodies end, just after the client read them.
+    let want = [
+        r#"gateway_tokens_settled_total{model="test-model",kind="input"} 1505"#,
+        r#"gateway_tokens_settled_total{model="test-model",kind="output"} 11"#,
+        r#"gateway_tokens_settled_total{model="small-model",kind="input"} 2"#,
+        r#"gateway_tokens_settled_total{model="small-model",kind="output"} 1"#,
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = call(&c, "GET", &gw.url("/metrics"), None, None).await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let settled: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gateway_tokens_settled_total{"))
+            .collect();
+        if want.iter().all(|w| settled.contains(w)) {
+            assert_eq!(settled.len(), want.len(), "{settled:#?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "want {want:#?}, got {settled:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_streams_finish() {
     let (up_server, up) = start_upstream().await;

@@ -22,9 +22,13 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+use tower_llm_ratelimit::cost::usage::Usage;
 use tower_llm_ratelimit::key::{KeyExtractorExt, RequestView};
-use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
+use tower_llm_ratelimit::observe::{
+    DecisionEvent, ModelLabel, Observer, Outcome, SettleEvent, SettleOutcome,
+};
 use tower_llm_ratelimit::settle::{KeepTokens, MissingUsage};
+use tower_llm_ratelimit::store::MemoryStore;
 use tower_llm_ratelimit::{cost, key, BodyPolicy, Quota, RateLimitLayer, Rule, RuleStatus};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -159,13 +163,28 @@ struct Server {
     gate: Arc<Semaphore>,
 }
 
+/// In front of the layer: a request's `x-label` header becomes its [`ModelLabel`], as a
+/// gateway would label each request with the model it routes to.
+async fn label(mut req: Request<AxumBody>) -> Request<AxumBody> {
+    let label = req
+        .headers()
+        .get("x-label")
+        .and_then(|v| v.to_str().ok())
+        .map(ModelLabel::new);
+    if let Some(l) = label {
+        req.extensions_mut().insert(l);
+    }
+    req
+}
+
 async fn serve(layer: RateLimitLayer) -> Server {
     let gate = Arc::new(Semaphore::new(0));
     let app = Router::new()
         .route("/v1/chat/completions", post(upstream))
         .route("/v1/embeddings", post(upstream))
         .with_state(Upstream { gate: gate.clone() })
-        .layer(layer.clone());
+        .layer(layer.clone())
+        .layer(axum::middleware::map_request(label));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -715,8 +734,6 @@ async fn compressed_responses_keep_the_reservation() {
 /// caller's tier, the body's model and each bucket's key as labels.
 #[tokio::test]
 async fn observers_see_settlements() {
-    use tower_llm_ratelimit::observe::{Observer, SettleEvent, SettleOutcome};
-
     type Seen = (
         Option<String>,
         Option<String>,
@@ -776,6 +793,197 @@ async fn observers_see_settlements() {
                 ("user-rph".to_owned(), "alice".to_owned(), 1, 1, true),
             ]
         )]
+    );
+}
+
+/// What an observer of usage saw of one settlement: the model label, the outcome, and
+/// how many rules it settled.
+type Heard = (Option<String>, SettleOutcome, usize);
+
+/// An observer that records each settlement; `usage` is its `observes_usage`.
+struct Ears {
+    heard: Arc<std::sync::Mutex<Vec<Heard>>>,
+    usage: bool,
+}
+
+impl Ears {
+    fn new(usage: bool) -> (Self, Arc<std::sync::Mutex<Vec<Heard>>>) {
+        let heard = Arc::default();
+        let ears = Self {
+            heard: Arc::clone(&heard),
+            usage,
+        };
+        (ears, heard)
+    }
+}
+
+impl Observer for Ears {
+    fn on_decision(&self, _: &DecisionEvent<'_>) {}
+    fn on_settle(&self, e: &SettleEvent<'_>) {
+        let model = e.model.map(str::to_owned);
+        self.heard
+            .lock()
+            .unwrap()
+            .push((model, e.outcome, e.rules.len()));
+    }
+    fn observes_usage(&self) -> bool {
+        self.usage
+    }
+}
+
+/// Waits (bounded) until `heard` holds `n` settlements, and returns them.
+async fn heard_eventually(heard: &std::sync::Mutex<Vec<Heard>>, n: usize) -> Vec<Heard> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = heard.lock().unwrap().clone();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heard {got:?}, want {n} settlements"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An observer of usage hears the `usage` of every admitted response, read by the layer as
+/// it streams past, for a request with request rules only (which has nothing to settle
+/// otherwise): a JSON body, an SSE stream split anywhere, a stream without usage, an
+/// upstream error. Each settlement carries the request's `ModelLabel` when it has one.
+#[tokio::test]
+async fn an_observer_of_usage_hears_every_response() {
+    let (ears, heard) = Ears::new(true);
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("rph", key::global(), Quota::per_hour(1_000)))
+        .observer(ears)
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let usage = |input_tokens, output_tokens| {
+        SettleOutcome::Usage(Usage {
+            input_tokens,
+            output_tokens,
+            total_tokens: input_tokens + output_tokens,
+        })
+    };
+    let r = send(
+        s.addr,
+        &[
+            ("x-mode", "json"),
+            ("x-usage", "200,121"),
+            ("x-label", "gpt-x"),
+        ],
+        chat(1_000),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        heard_eventually(&heard, 1).await[0],
+        (Some("gpt-x".to_owned()), usage(200, 121), 1)
+    );
+    let r = send(
+        s.addr,
+        &[("x-mode", "sse"), ("x-usage", "9,3"), ("x-chunk", "7")],
+        chat(1_000),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(heard_eventually(&heard, 2).await[1], (None, usage(9, 3), 1));
+    let r = send(s.addr, &[("x-mode", "sse-no-usage")], chat(1_000)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let streamed = r.body.len() as u64;
+    assert_eq!(
+        heard_eventually(&heard, 3).await[2].1,
+        SettleOutcome::NoUsage { streamed }
+    );
+    let r = send(
+        s.addr,
+        &[("x-mode", "error"), ("x-usage", "5,5")],
+        chat(1_000),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        heard_eventually(&heard, 4).await[3].1,
+        SettleOutcome::Failed
+    );
+}
+
+/// A request admitted while the store fails ([`FailurePolicy::Open`]) is charged nothing, so
+/// has nothing to settle: an observer of usage still hears its response's usage (with no
+/// rules), so a metric of tokens counts every answer.
+#[tokio::test]
+async fn an_observer_of_usage_hears_responses_admitted_by_a_failing_store() {
+    let (ears, heard) = Ears::new(true);
+    // Two buckets per request in a store that holds one: every decision fails.
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("rph", key::global(), Quota::per_hour(1_000)))
+        .rule(Rule::new("rpd", key::global(), Quota::per_day(10_000)))
+        .store(MemoryStore::builder().max_keys(1).build())
+        .on_store_error(tower_llm_ratelimit::FailurePolicy::Open)
+        .observer(ears)
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    let r = send(
+        s.addr,
+        &[("x-mode", "sse"), ("x-usage", "40,2"), ("x-label", "m")],
+        chat(1_000),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers.get("ratelimit").is_none(), "not counted");
+    let usage = Usage {
+        input_tokens: 40,
+        output_tokens: 2,
+        total_tokens: 42,
+    };
+    assert_eq!(
+        heard_eventually(&heard, 1).await,
+        [(Some("m".to_owned()), SettleOutcome::Usage(usage), 0)]
+    );
+}
+
+/// By default (`observes_usage` false) the layer reads `usage` only for token rules: a
+/// request with request rules only is not settled, one with a token rule is, the body's
+/// `model` as its label.
+#[tokio::test]
+async fn by_default_only_token_rules_have_their_usage_read() {
+    let (ears, heard) = Ears::new(false);
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("rph", key::global(), Quota::per_hour(1_000)))
+        .rule(
+            Rule::new(
+                "user-tph",
+                key::header("x-user"),
+                Quota::per_hour(10_000).tokens(),
+            )
+            .on_missing_key(tower_llm_ratelimit::MissingKey::Skip),
+        )
+        .cost(max_tokens_estimate())
+        .observer(ears)
+        .build()
+        .unwrap();
+    let s = serve(layer).await;
+    // No `x-user`: request rules only, nothing to settle, no usage read.
+    let r = send(s.addr, &[("x-mode", "json"), ("x-usage", "1,1")], chat(10)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = send(
+        s.addr,
+        &[("x-mode", "json"), ("x-usage", "3,4"), ("x-user", "u")],
+        chat(10),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let usage = Usage {
+        input_tokens: 3,
+        output_tokens: 4,
+        total_tokens: 7,
+    };
+    assert_eq!(
+        heard_eventually(&heard, 1).await,
+        [(Some("m".to_owned()), SettleOutcome::Usage(usage), 2)]
     );
 }
 

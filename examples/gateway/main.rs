@@ -38,8 +38,8 @@
 //! | `tcp.rs` | `TCP_NODELAY` and `TCP_QUICKACK`: no 40 ms delayed-ACK stalls on keep-alive connections |
 //! | `upstream.rs` | a model's upstream: origin and path, HTTP or HTTPS client (rustls, HTTP/2 by ALPN, `ca_file`), credential header |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
-//! | `upstream_body.rs` | the upstream's response body: metered, closed when idle too long |
-//! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer and the proxy |
+//! | `upstream_body.rs` | the upstream's response body: passed through, closed when idle too long |
+//! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer (decisions, and the `usage` of every response, which the limiter reads once for its token rules and the metrics) and the proxy |
 //! | `mock.rs` | the built-in OpenAI-compatible mock model |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules, checked by `.ci/deploy-check` |
 //!

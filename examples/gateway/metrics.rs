@@ -8,7 +8,7 @@
 //! | `gateway_ratelimit_store_errors_total` | action (`admitted`, `rejected`): what the failure policy did | the limiter's observer |
 //! | `gateway_ratelimit_decision_seconds` | outcome | the observer, timed from the request's arrival (a task-local set by the auth check) |
 //! | `gateway_tokens_estimated_total` | model | the observer: a token rule's charge on admission |
-//! | `gateway_tokens_settled_total` | model, kind (`input`, `output`) | the `usage` of upstream responses, parsed as they stream past |
+//! | `gateway_tokens_settled_total` | model, kind (`input`, `output`) | the observer: the `usage` of every successful upstream response, which the limiter reads once as it streams past (for its token rules and this metric), labelled with the routed model |
 //! | `gateway_upstream_responses_total` | model, status (a code, `unreachable`, `timeout`) | the proxy |
 //! | `gateway_upstream_response_seconds` | model | the proxy: time to the upstream's response headers |
 //! | `gateway_responses_total` | endpoint, status | every answer of the API endpoints |
@@ -25,7 +25,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tower_llm_ratelimit::observe::{DecisionEvent, Outcome};
+use tower_llm_ratelimit::observe::{DecisionEvent, Observer, Outcome, SettleEvent, SettleOutcome};
 use tower_llm_ratelimit::Unit;
 
 tokio::task_local! {
@@ -105,6 +105,25 @@ fn latency_histogram() -> Histogram {
 fn upstream_histogram() -> Histogram {
     // 1 ms .. ~33 s
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// The limiter's observer: decisions, and the usage of every admitted response
+/// ([`Observer::observes_usage`]: the limiter reads it for the metrics too, not only for the
+/// token rules, so the gateway needs no parser of its own).
+pub(crate) struct MetricsObserver(Arc<Metrics>);
+
+impl Observer for MetricsObserver {
+    fn on_decision(&self, event: &DecisionEvent<'_>) {
+        self.0.on_decision(event);
+    }
+
+    fn on_settle(&self, event: &SettleEvent<'_>) {
+        self.0.on_settle(event);
+    }
+
+    fn observes_usage(&self) -> bool {
+        true
+    }
 }
 
 pub(crate) struct Metrics {
@@ -219,11 +238,8 @@ impl Metrics {
     }
 
     /// The limiter's observer.
-    pub(crate) fn observer(
-        this: &Arc<Self>,
-    ) -> impl Fn(&DecisionEvent<'_>) + Send + Sync + 'static {
-        let this = Arc::clone(this);
-        move |event: &DecisionEvent<'_>| this.on_decision(event)
+    pub(crate) fn observer(this: &Arc<Self>) -> MetricsObserver {
+        MetricsObserver(Arc::clone(this))
     }
 
     fn on_decision(&self, event: &DecisionEvent<'_>) {
@@ -288,7 +304,19 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn settled(&self, model: &str, input: u64, output: u64) {
+    /// The usage an upstream response reported (`SettleOutcome::Usage`), by the request's
+    /// routed model (its `ModelLabel`, set by the gate).
+    fn on_settle(&self, event: &SettleEvent<'_>) {
+        if let SettleOutcome::Usage(u) = event.outcome {
+            self.settled(
+                event.model.unwrap_or_default(),
+                u.input_tokens,
+                u.output_tokens,
+            );
+        }
+    }
+
+    fn settled(&self, model: &str, input: u64, output: u64) {
         for (kind, n) in [("input", input), ("output", output)] {
             self.tokens_settled
                 .get_or_create(&ModelKindLabels {

@@ -11,11 +11,13 @@
 //! that routed model (`limits::ModelKey`), whatever else the body holds.
 //!
 //! The proxy sends the request on with the allowed headers only (`forward.rs`) and the
-//! model's own key, and streams the answer back frame by frame (never buffered), watching for
-//! `usage` on the way for the metrics and cutting off an upstream that goes idle
-//! (`upstream_body.rs`). An unreachable upstream is a 502, whose tokens the limiter refunds
-//! (as for every answer >= 400); an upstream slower than `timeout_secs` is a 504 that keeps
-//! the token reservation ([`KeepTokens`]): the upstream may be generating them still.
+//! model's own key, and streams the answer back frame by frame (never buffered), cutting off
+//! an upstream that goes idle (`upstream_body.rs`); the limiter reads the answer's `usage` as
+//! it streams past, once, for its token rules and the metrics. The gate labels each request
+//! with its routed model ([`ModelLabel`]) for the metrics of its usage. An unreachable
+//! upstream is a 502, whose tokens the limiter refunds (as for every answer >= 400); an
+//! upstream slower than `timeout_secs` is a 504 that keeps the token reservation
+//! ([`KeepTokens`]): the upstream may be generating them still.
 
 use std::borrow::Cow;
 use std::error::Error as _;
@@ -31,15 +33,15 @@ use http::{Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
-use tower_llm_ratelimit::cost::usage::{Framing, UsageParser, DEFAULT_MAX_BUFFER_BYTES};
 use tower_llm_ratelimit::key::RequestView;
+use tower_llm_ratelimit::observe::ModelLabel;
 use tower_llm_ratelimit::settle::KeepTokens;
 
 use crate::limits;
 use crate::metrics::{RequestContext, REQUEST};
 use crate::server::App;
 use crate::upstream::ModelRoute;
-use crate::upstream_body::Metered;
+use crate::upstream_body::UpstreamBody;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 pub(crate) fn error(
@@ -226,6 +228,11 @@ async fn gate_inner(
         start,
         model: Arc::clone(&route.name),
     };
+    // The label of this request's usage in the metrics: the routed model, even for a body
+    // larger than the limiter reads.
+    parts
+        .extensions
+        .insert(ModelLabel::new(Arc::clone(&route.name)));
     parts.extensions.insert(Routed { model: route });
     // The limiter's keys and tier read the caller from here instead of looking it up again.
     parts.extensions.insert(caller);
@@ -377,19 +384,6 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
     for n in upstream_limits {
         parts.headers.remove(n);
     }
-    let parser = parts.status.is_success().then(|| {
-        parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(Framing::from_content_type)
-            .map(|f| UsageParser::new(f, DEFAULT_MAX_BUFFER_BYTES))
-    });
-    let body = Metered::new(
-        body,
-        parser.flatten(),
-        Arc::clone(&route.name),
-        Arc::clone(&app.metrics),
-        route.stream_idle_timeout,
-    );
+    let body = UpstreamBody::new(body, Arc::clone(&route.name), route.stream_idle_timeout);
     Response::from_parts(parts, Body::new(body))
 }

@@ -268,6 +268,10 @@ impl RateLimitLayerBuilder {
                     .observer
                     .as_ref()
                     .is_some_and(|o| o.observes_settlements()),
+                observes_usage: self
+                    .observer
+                    .as_ref()
+                    .is_some_and(|o| o.observes_settlements() && o.observes_usage()),
                 observer: self.observer,
                 failure: self.failure,
                 weights: self.weights,

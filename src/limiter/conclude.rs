@@ -11,7 +11,7 @@ use super::{FailurePolicy, Limiter, Plan};
 use crate::algorithm::{Algorithm, Placement};
 use crate::cost::Cost;
 use crate::headers::{self, RateHeaders, RuleState};
-use crate::observe::{Outcome, RuleDecision};
+use crate::observe::{ModelLabel, Outcome, RuleDecision};
 use crate::reject::{Per, Rejection};
 use crate::rule::Quota;
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError};
@@ -33,6 +33,8 @@ pub(crate) struct Settlement {
     pub(crate) model: Option<String>,
     /// The caller's tier, kept for the observer only.
     pub(crate) tier: Option<Tier>,
+    /// The request's `ModelLabel`, kept for the observer only.
+    pub(crate) label: Option<ModelLabel>,
     /// The request's identity when it carries an idempotency id.
     pub(crate) idempotency: Option<IdempotencyKey>,
 }
@@ -68,9 +70,20 @@ impl Limiter {
                 );
                 self.observe(tier, Outcome::StoreError { admitted }, &[]);
                 if admitted {
+                    // Nothing was charged, so nothing to settle; an observer of every
+                    // response's usage still hears this one's.
+                    let settlement = self.observes_usage.then(|| Settlement {
+                        charges: Vec::new(),
+                        estimate: Cost::default(),
+                        fallback: false,
+                        model: plan.model,
+                        tier: plan.tier,
+                        label: plan.label,
+                        idempotency: None,
+                    });
                     return Ok(Admit {
                         headers: RateHeaders::default(),
-                        settlement: None,
+                        settlement,
                     });
                 }
                 let mut h = HeaderMap::new();
@@ -131,6 +144,7 @@ impl Limiter {
             // what makes its retry free.
             let needs_settling = plan.idempotency.is_some()
                 || !self.count_failed_requests
+                || self.observes_usage
                 || plan.charges.iter().any(|p| {
                     p.quota.unit().is_token_based() || p.quota.algorithm() == Algorithm::Concurrency
                 });
@@ -198,6 +212,7 @@ impl Limiter {
             fallback: plan.fallback,
             model: plan.model,
             tier: self.observes_settlements.then_some(plan.tier).flatten(),
+            label: plan.label,
             idempotency: plan.idempotency,
         }
     }

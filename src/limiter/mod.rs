@@ -68,6 +68,9 @@ pub(crate) struct Limiter {
     /// The observer wants settlement events (`Observer::observes_settlements`): only then
     /// does a settlement keep its labels (tier, model) and build an event.
     pub(crate) observes_settlements: bool,
+    /// The observer wants the usage of every admitted response (`Observer::observes_usage`):
+    /// every admitted request is settled, and every successful response watched.
+    pub(crate) observes_usage: bool,
     pub(crate) failure: FailurePolicy,
     pub(crate) weights: Weights,
     pub(crate) max_inspect_bytes: usize,

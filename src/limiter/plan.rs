@@ -9,7 +9,7 @@ use crate::algorithm::Algorithm;
 use crate::cost::Cost;
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
-use crate::observe::Outcome;
+use crate::observe::{ModelLabel, Outcome};
 use crate::reject::Rejection;
 use crate::rule::{MissingKey, Quota, Unit};
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError, StoreFuture};
@@ -35,6 +35,8 @@ pub(crate) struct Plan {
     /// The estimate is the layer's fallback cost (the body could not be read or parsed).
     pub(super) fallback: bool,
     pub(super) model: Option<String>,
+    /// The request's `ModelLabel` extension, kept for the observer only.
+    pub(super) label: Option<ModelLabel>,
 }
 
 /// Why the body the estimate needs can't be used.
@@ -133,9 +135,17 @@ impl Limiter {
                 amount,
             });
         }
-        if self.observes_settlements && estimate.is_some() {
-            // The settlement's observer labels its event with the model (the body is parsed
-            // already: a token estimate read it).
+        // The settlement's observer labels its event with the model: the request's label,
+        // else its body's (parsed already, if at all: nothing more is read for it).
+        let label = if self.observes_settlements {
+            req.extensions().get::<ModelLabel>().cloned()
+        } else {
+            None
+        };
+        if label.is_none()
+            && self.observes_settlements
+            && (estimate.is_some() || self.observes_usage)
+        {
             model.get_or_insert_with(|| body_model(req));
         }
         // A body the layer could not read whole gives no identity: each attempt is charged.
@@ -165,6 +175,7 @@ impl Limiter {
             fallback,
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
+            label,
         })
     }
 
