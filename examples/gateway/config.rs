@@ -877,6 +877,14 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if uri.query().is_some() {
         return Err(format!("{s:?}: a base URL can't have a query"));
     }
+    if authority.as_str().contains('@') {
+        // Never sent (the client takes the host alone), and would be shown in the banner.
+        return Err(format!(
+            "{:?}: a base URL can't carry credentials (user:password@): put the upstream's \
+             key in api_key or api_key_env",
+            format!("{scheme}://***@{}{}", authority.host(), uri.path())
+        ));
+    }
     Ok(Upstream::Http {
         origin: format!("{scheme}://{authority}"),
         path: uri.path().trim_end_matches('/').to_owned(),

@@ -470,6 +470,26 @@ fn timeouts_past_a_year_are_refused_naming_the_field() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// A base URL's user information (`https://user:password@host/v1`) is never sent upstream
+/// (the client takes the host alone) and was shown in the banner: refused, without echoing
+/// it.
+#[test]
+fn credentials_in_an_upstream_url_are_refused_unshown() {
+    let good = "[models.m]\nupstream = \"mock\"\n[tiers.free]\nrpm = 10\n\
+                [keys]\nk = { user = \"u\", tier = \"free\" }\n";
+    let file = TempConfig::new(&good.replace(
+        "upstream = \"mock\"",
+        "upstream = \"https://user:upstream-pw@example.com/v1\"",
+    ));
+    let (code, _, err) = run_to_exit(&["--check-config", "--config", file.path()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`models.m.upstream`") && err.contains("can't carry credentials"),
+        "{err}"
+    );
+    assert!(!err.contains("upstream-pw"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_and_frees_its_slot() {
     // An HTTP/2 client answers the gateway's pings by itself, so only an idle deadline
