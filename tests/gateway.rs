@@ -1633,6 +1633,39 @@ async fn two_gateways_share_limits_through_redis() {
     );
 }
 
+/// A Redis URL's password is used, never shown: the banner and the log name the store with
+/// `***` in its place (a `rediss://` managed Redis is reached with one in its URL).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_password_never_reaches_the_banner_or_the_log() {
+    let Some(redis) = support::redis::RedisServer::start() else {
+        return; // redis-server is not installed (outside CI): skipped, said why.
+    };
+    const SECRET: &str = "s3cret-redis-pw";
+    // Set once the server runs (its readiness check speaks without a password).
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", SECRET])
+        .expect("CONFIG SET requirepass");
+    let (up_server, _up) = start_upstream().await;
+    let cfg = TempConfig::new(&test_config(&up_server.url(), ""));
+    let url = format!("redis://:{SECRET}@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(&["--config", cfg.path(), "--redis", &url]);
+    let shown = format!("redis://:***@127.0.0.1:{}", redis.port);
+    assert!(gw.banner.contains(&shown), "{}", gw.banner);
+    // The password is used: the request is counted in Redis.
+    let r = call(
+        &client(),
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        Some("free-a"),
+        Some(&chat("test-model", "hi", 5)),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}\n{}", r.body, gw.stderr());
+    assert!(!gw.banner.contains(SECRET), "{}", gw.banner);
+    assert!(!gw.stderr().contains(SECRET), "{}", gw.stderr());
+}
+
 /// The abuse of issue 12: on Redis, with `idempotency_header = "x-request-id"` and a tier of
 /// 10 requests per minute, 20 different requests that all carry `x-request-id: same-id`
 /// admit exactly 10, and 5 more with fresh ids after them are denied.

@@ -20,6 +20,11 @@ pub(crate) const DEFAULT_TOML: &str = include_str!("gateway.toml");
 /// The name `[store] kind` and `[models.*] upstream` use for the built-in mock model.
 pub(crate) const MOCK: &str = "mock";
 
+/// The longest a `*_secs` timeout may be: a year, already no timeout at all. A value near
+/// the largest a TOML integer holds (2^63 - 1) would overflow the clock the timer adds it
+/// to, and a timer that panics takes every connection or response with it.
+pub(crate) const MAX_TIMEOUT_SECS: u64 = 365 * 86_400;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
@@ -415,6 +420,22 @@ impl Config {
                 err(format!("server.{field}"), "must be > 0".into());
             }
         }
+        let too_long = |v: u64| {
+            (v > MAX_TIMEOUT_SECS)
+                .then(|| format!("must be at most {MAX_TIMEOUT_SECS} (a year), got {v}"))
+        };
+        for (field, v) in [
+            ("server.header_timeout_secs", sv.header_timeout_secs),
+            ("server.body_timeout_secs", sv.body_timeout_secs),
+            (
+                "limiter.shutdown_grace_secs",
+                self.limiter.shutdown_grace_secs,
+            ),
+        ] {
+            if let Some(e) = too_long(v) {
+                err(field.into(), e);
+            }
+        }
         for (i, name) in sv.forward_headers.iter().enumerate() {
             if let Err(e) = crate::forward::configured(name) {
                 err(format!("server.forward_headers[{i}]"), e);
@@ -456,7 +477,10 @@ impl Config {
             {
                 err(
                     "store.url".into(),
-                    format!("{url:?} is not a Redis URL (redis://host:port)"),
+                    format!(
+                        "{:?} is not a Redis URL (redis://host:port)",
+                        redacted_url(url)
+                    ),
                 );
             }
         }
@@ -473,7 +497,10 @@ impl Config {
                 if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                     err(
                         format!("store.cluster[{i}]"),
-                        format!("{url:?} is not a Redis node URL (redis://host:port)"),
+                        format!(
+                            "{:?} is not a Redis node URL (redis://host:port)",
+                            redacted_url(url)
+                        ),
                     );
                 }
             }
@@ -587,6 +614,14 @@ impl Config {
                 err(at("stream_idle_timeout_secs"), "must be > 0".into());
             }
             for (field, v) in [
+                ("timeout_secs", m.timeout_secs),
+                ("stream_idle_timeout_secs", m.stream_idle_timeout_secs),
+            ] {
+                if let Some(e) = too_long(v) {
+                    err(at(field), e);
+                }
+            }
+            for (field, v) in [
                 ("rpm", m.rpm),
                 ("tpm", m.tpm),
                 ("input_tpm", m.input_tpm),
@@ -673,11 +708,15 @@ impl Config {
         errors
     }
 
-    /// Where the Redis store is, for messages: its URL, or the cluster's seed nodes.
+    /// Where the Redis store is, for messages and logs: its URL, or the cluster's seed
+    /// nodes, each without its password ([`redacted_url`]).
     pub(crate) fn redis_location(&self) -> String {
         match &self.store.cluster {
-            Some(nodes) => format!("cluster {}", nodes.join(",")),
-            None => self.store.url.clone().unwrap_or_default(),
+            Some(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(|n| redacted_url(n)).collect();
+                format!("cluster {}", nodes.join(","))
+            }
+            None => redacted_url(self.store.url.as_deref().unwrap_or_default()),
         }
     }
 
@@ -751,6 +790,40 @@ impl Config {
     }
 }
 
+/// `url` without its secrets, for messages and logs: the password of its user information
+/// (`redis://user:PASSWORD@host`, `redis://:PASSWORD@host`) and the `pass` or `password` of
+/// its query (`redis+unix:///run/redis.sock?pass=PASSWORD`, as the redis crate reads it) are
+/// `***`. A user information without `:` is all password to Redis 5 and older (`AUTH
+/// secret`): shown as `***` too.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
 impl ModelConfig {
     pub(crate) fn upstream(&self) -> Upstream {
         parse_upstream(&self.upstream).expect("validated")
@@ -803,6 +876,14 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     };
     if uri.query().is_some() {
         return Err(format!("{s:?}: a base URL can't have a query"));
+    }
+    if authority.as_str().contains('@') {
+        // Never sent (the client takes the host alone), and would be shown in the banner.
+        return Err(format!(
+            "{:?}: a base URL can't carry credentials (user:password@): put the upstream's \
+             key in api_key or api_key_env",
+            format!("{scheme}://***@{}{}", authority.host(), uri.path())
+        ));
     }
     Ok(Upstream::Http {
         origin: format!("{scheme}://{authority}"),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tower_llm_ratelimit::cost::{self, Cost, Weights};
 use tower_llm_ratelimit::headers::HeaderStyle;
 use tower_llm_ratelimit::key::{self, Key, KeyExtractor, RequestView};
+use tower_llm_ratelimit::observe::DecisionEvent;
 use tower_llm_ratelimit::settle::MissingUsage;
 use tower_llm_ratelimit::store::MemoryStore;
 use tower_llm_ratelimit::{
@@ -281,6 +282,29 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
     rules
 }
 
+/// The metrics' observer, told each caller's configured tier: a user with overrides is
+/// limited as a tier of its own (`TIER+USER`, see [`limit_tiers`]), which is no tier of the
+/// file; counted under it, it would split the series of its tier and put user names into
+/// label values.
+fn metrics_observer(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+) -> impl Fn(&DecisionEvent<'_>) + Send + Sync + 'static {
+    let configured: HashMap<String, String> = cfg
+        .keys
+        .values()
+        .map(|k| (k.limits_tier(), k.tier.clone()))
+        .filter(|(limits, tier)| limits != tier)
+        .collect();
+    let observe = Metrics::observer(metrics);
+    move |event: &DecisionEvent<'_>| {
+        let tier = event
+            .tier
+            .map(|t| configured.get(t).map_or(t, String::as_str));
+        observe(&DecisionEvent { tier, ..*event });
+    }
+}
+
 /// `name` as a `&'static str` (the layer's builder takes one for the idempotency header):
 /// leaked once per distinct name, however many times a configuration is loaded (each
 /// reload builds layers again).
@@ -348,7 +372,7 @@ pub(crate) fn layer(
             OnFailure::Open => FailurePolicy::Open,
             OnFailure::Closed | OnFailure::Fallback => FailurePolicy::Closed,
         })
-        .observer(Metrics::observer(metrics));
+        .observer(metrics_observer(cfg, metrics));
     if let Some(h) = &l.idempotency_header {
         builder = builder.idempotency_header(static_name(h));
     }

@@ -2,7 +2,7 @@
 //!
 //! | metric | labels | from |
 //! |---|---|---|
-//! | `gateway_ratelimit_admitted_total` | tier | the limiter's observer |
+//! | `gateway_ratelimit_admitted_total` | tier (the key's configured tier, also for a user whose keys override its limits) | the limiter's observer |
 //! | `gateway_ratelimit_denied_total` | rule, tier | the limiter's observer |
 //! | `gateway_ratelimit_rejected_total` | reason (`missing_key`, `cost_error`) | the limiter's observer |
 //! | `gateway_ratelimit_store_errors_total` | action (`admitted`, `rejected`): what the failure policy did | the limiter's observer |

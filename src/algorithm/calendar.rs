@@ -48,6 +48,9 @@ impl CalendarPeriod {
         match self {
             Self::Hour => index.saturating_mul(HOUR),
             Self::Day => index.saturating_mul(DAY),
+            // Past the year 2554 nanoseconds overflow anyway: the date arithmetic (which
+            // would overflow itself for a large enough year) is skipped.
+            Self::Month if index / 12 > 600 => u64::MAX,
             Self::Month => {
                 let (y, m) = (1970 + index / 12, index % 12 + 1);
                 days_from_civil(y, m, 1).saturating_mul(DAY)
@@ -256,6 +259,27 @@ mod tests {
         let feb = CalendarPeriod::Month.index(at(2027, 2, 10));
         assert_eq!(CalendarPeriod::Month.start(feb), at(2027, 2, 1));
         assert_eq!(CalendarPeriod::Month.end(feb), at(2027, 3, 1));
+    }
+
+    /// `start` and `end` are public and documented as saturated: an index past the last
+    /// period a `u64` of nanoseconds reaches (year 2554) gives `u64::MAX`, never an overflow
+    /// (the month's date arithmetic used to overflow for indexes past about 6 x 10^17).
+    #[test]
+    fn starts_and_ends_past_the_clocks_range_saturate() {
+        for period in [
+            CalendarPeriod::Hour,
+            CalendarPeriod::Day,
+            CalendarPeriod::Month,
+        ] {
+            for index in [u64::MAX, u64::MAX / 2, 1 << 60, period.index(u64::MAX) + 1] {
+                assert_eq!(period.start(index), u64::MAX, "{period:?} {index}");
+                assert_eq!(period.end(index), u64::MAX, "{period:?} {index}");
+            }
+            // The last period the clock reaches starts within it.
+            let last = period.index(u64::MAX);
+            assert!(period.start(last) < u64::MAX, "{period:?}");
+            assert_eq!(period.index(period.start(last)), last, "{period:?}");
+        }
     }
 
     #[test]

@@ -422,6 +422,74 @@ fn bad_server_settings_are_named() {
     }
 }
 
+/// A timeout too long for the clock (TOML's largest integer, 2^63 - 1 s: "no timeout") was
+/// valid, and then every connection's header timer (hyper adds it to the time now) and
+/// every response's idle timer overflowed `Instant` and panicked: no request answered.
+/// Each is now refused naming its field; a year is the longest.
+#[test]
+fn timeouts_past_a_year_are_refused_naming_the_field() {
+    const HUGE: &str = "9223372036854775807";
+    let good = "[models.m]\nupstream = \"mock\"\n[tiers.free]\nrpm = 10\n\
+                [keys]\nk = { user = \"u\", tier = \"free\" }\n";
+    let model = |line: &str| {
+        good.replace(
+            "upstream = \"mock\"",
+            &format!("upstream = \"mock\"\n{line}"),
+        )
+    };
+    for (cfg, field) in [
+        (
+            format!("[server]\nheader_timeout_secs = {HUGE}\n{good}"),
+            "`server.header_timeout_secs`",
+        ),
+        (
+            format!("[server]\nbody_timeout_secs = {HUGE}\n{good}"),
+            "`server.body_timeout_secs`",
+        ),
+        (
+            format!("[limiter]\nshutdown_grace_secs = {HUGE}\n{good}"),
+            "`limiter.shutdown_grace_secs`",
+        ),
+        (
+            model(&format!("stream_idle_timeout_secs = {HUGE}")),
+            "`models.m.stream_idle_timeout_secs`",
+        ),
+        (model("timeout_secs = 31536001"), "`models.m.timeout_secs`"),
+    ] {
+        let file = TempConfig::new(&cfg);
+        let (code, _, err) = run_to_exit(&["--check-config", "--config", file.path()]);
+        assert_eq!(code, Some(2), "{cfg}\n{err}");
+        assert!(
+            err.contains(field) && err.contains("must be at most 31536000"),
+            "{field} not in:\n{err}"
+        );
+    }
+    // A year is accepted.
+    let file = TempConfig::new(&model("stream_idle_timeout_secs = 31536000"));
+    let (code, _, err) = run_to_exit(&["--check-config", "--config", file.path()]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// A base URL's user information (`https://user:password@host/v1`) is never sent upstream
+/// (the client takes the host alone) and was shown in the banner: refused, without echoing
+/// it.
+#[test]
+fn credentials_in_an_upstream_url_are_refused_unshown() {
+    let good = "[models.m]\nupstream = \"mock\"\n[tiers.free]\nrpm = 10\n\
+                [keys]\nk = { user = \"u\", tier = \"free\" }\n";
+    let file = TempConfig::new(&good.replace(
+        "upstream = \"mock\"",
+        "upstream = \"https://user:upstream-pw@example.com/v1\"",
+    ));
+    let (code, _, err) = run_to_exit(&["--check-config", "--config", file.path()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("`models.m.upstream`") && err.contains("can't carry credentials"),
+        "{err}"
+    );
+    assert!(!err.contains("upstream-pw"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_and_frees_its_slot() {
     // An HTTP/2 client answers the gateway's pings by itself, so only an idle deadline

@@ -627,6 +627,37 @@ async fn a_keys_overrides_apply_to_its_user_and_others_keep_the_tiers_limits() {
     denied(&a, "user-tpm", "tokens", 10, 2);
 }
 
+/// The limiter's metrics count a caller under its configured tier: a user whose keys
+/// override limits is limited as a tier of its own (`pro+acme`), but that name is the
+/// limiter's, not a tier of the file: it must not split `sum by (tier)` (the alert on a
+/// tier's denials) nor put user names into label values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_user_with_overrides_under_its_tier() {
+    let up = start_usage_upstream().await;
+    let cfg = TempConfig::new(&overrides_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    // acme (overrides) admitted 3 times, then denied by its rpm of 3; bob (none) admitted.
+    for _ in 0..3 {
+        admitted(&complete(&c, &gw, "big-1", &completion(0, 0, (0, 0))).await);
+    }
+    let a = complete(&c, &gw, "big-2", &completion(0, 0, (0, 0))).await;
+    denied(&a, "user-rpm", "requests", 3, 1);
+    admitted(&complete(&c, &gw, "small", &completion(0, 0, (0, 0))).await);
+    let text =
+        String::from_utf8_lossy(&call(&c, "GET", &gw.url("/metrics"), None, None).await.body)
+            .into_owned();
+    assert!(
+        text.contains("gateway_ratelimit_admitted_total{tier=\"pro\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway_ratelimit_denied_total{rule=\"user-rpm\",tier=\"pro\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("acme"), "{text}");
+}
+
 #[test]
 fn bad_overrides_are_configuration_errors_naming_the_field() {
     let valid = TempConfig::new(&overrides_config("http://127.0.0.1:9"));
