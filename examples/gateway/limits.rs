@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tower_llm_ratelimit::cost::{self, Cost, Weights};
 use tower_llm_ratelimit::headers::HeaderStyle;
 use tower_llm_ratelimit::key::{self, Key, KeyExtractor, RequestView};
-use tower_llm_ratelimit::observe::DecisionEvent;
 use tower_llm_ratelimit::settle::MissingUsage;
 use tower_llm_ratelimit::store::MemoryStore;
 use tower_llm_ratelimit::{
@@ -286,23 +285,14 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
 /// limited as a tier of its own (`TIER+USER`, see [`limit_tiers`]), which is no tier of the
 /// file; counted under it, it would split the series of its tier and put user names into
 /// label values.
-fn metrics_observer(
-    cfg: &Config,
-    metrics: &Arc<Metrics>,
-) -> impl Fn(&DecisionEvent<'_>) + Send + Sync + 'static {
+fn metrics_observer(cfg: &Config, metrics: &Arc<Metrics>) -> crate::metrics::MetricsObserver {
     let configured: HashMap<String, String> = cfg
         .keys
         .values()
         .map(|k| (k.limits_tier(), k.tier.clone()))
         .filter(|(limits, tier)| limits != tier)
         .collect();
-    let observe = Metrics::observer(metrics);
-    move |event: &DecisionEvent<'_>| {
-        let tier = event
-            .tier
-            .map(|t| configured.get(t).map_or(t, String::as_str));
-        observe(&DecisionEvent { tier, ..*event });
-    }
+    Metrics::observer(metrics, configured)
 }
 
 /// `name` as a `&'static str` (the layer's builder takes one for the idempotency header):

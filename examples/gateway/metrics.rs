@@ -16,6 +16,7 @@
 //! | `gateway_config_last_reload_success_timestamp_seconds` | | when the running configuration was loaded (at start, then at each successful reload), Unix time |
 //! | `gateway_store_redis_*` | | `RedisStore::stats()` at each scrape (feature `redis`) |
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -110,15 +111,24 @@ fn upstream_histogram() -> Histogram {
 /// The limiter's observer: decisions, and the usage of every admitted response
 /// ([`Observer::observes_usage`]: the limiter reads it for the metrics too, not only for the
 /// token rules, so the gateway needs no parser of its own).
-pub(crate) struct MetricsObserver(Arc<Metrics>);
+pub(crate) struct MetricsObserver {
+    metrics: Arc<Metrics>,
+    /// The configured tier of each tier the limiter knows by another name (a user with
+    /// overrides is limited as `TIER+USER`): decisions are counted under the configured one,
+    /// so that its series isn't split and no user name becomes a label value.
+    configured: HashMap<String, String>,
+}
 
 impl Observer for MetricsObserver {
     fn on_decision(&self, event: &DecisionEvent<'_>) {
-        self.0.on_decision(event);
+        let tier = event
+            .tier
+            .map(|t| self.configured.get(t).map_or(t, String::as_str));
+        self.metrics.on_decision(&DecisionEvent { tier, ..*event });
     }
 
     fn on_settle(&self, event: &SettleEvent<'_>) {
-        self.0.on_settle(event);
+        self.metrics.on_settle(event);
     }
 
     fn observes_usage(&self) -> bool {
@@ -238,8 +248,16 @@ impl Metrics {
     }
 
     /// The limiter's observer.
-    pub(crate) fn observer(this: &Arc<Self>) -> MetricsObserver {
-        MetricsObserver(Arc::clone(this))
+    /// The layer's observer; `configured` maps the limiter's tiers made of overrides to the
+    /// configured tier they count under.
+    pub(crate) fn observer(
+        this: &Arc<Self>,
+        configured: HashMap<String, String>,
+    ) -> MetricsObserver {
+        MetricsObserver {
+            metrics: Arc::clone(this),
+            configured,
+        }
     }
 
     fn on_decision(&self, event: &DecisionEvent<'_>) {
