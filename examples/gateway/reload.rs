@@ -58,8 +58,8 @@ pub(crate) struct Running {
 pub(crate) struct Reloader {
     running: Running,
     /// Layers replaced by reloads whose settlements may still be running in the background:
-    /// only a store doing I/O (Redis) settles there, so only then are they kept (until the
-    /// process exits, for [`Reloader::flush`]).
+    /// only a store doing I/O (Redis) settles there, so only then are they kept, for
+    /// [`Reloader::flush`], until nothing uses them (checked at each reload).
     retired: Vec<RateLimitLayer>,
 }
 
@@ -140,6 +140,9 @@ impl Reloader {
             // Memory settlements happen in the request's own task: nothing to wait for.
             drop(old);
         } else {
+            // Layers no request, body or settlement uses any more have nothing left to
+            // flush: dropped, so that reloads don't accumulate them (and their key tables).
+            self.retired.retain(|layer| !layer.is_unused());
             self.retired.push(old);
         }
         let changes = Changes::between(&r.cfg, &next);

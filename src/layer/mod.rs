@@ -79,6 +79,16 @@ impl RateLimitLayer {
         self.limiter.flush().await;
     }
 
+    /// True when nothing but this handle uses the layer: no service built from it, no
+    /// request or response body in flight, no settlement running in the background. A
+    /// handle kept only to [`flush`](Self::flush) a layer that has been replaced (by a
+    /// configuration reload, say) can then be dropped: nothing can settle through it any
+    /// more.
+    pub fn is_unused(&self) -> bool {
+        // Services, response bodies and background settlements each hold the limiter.
+        Arc::strong_count(&self.limiter) == 1
+    }
+
     /// The caller's current state under every rule, charging nothing: for status endpoints
     /// and dashboards. Keys and tier are resolved as for a real request.
     pub async fn status(&self, req: RequestView<'_>) -> Result<Vec<RuleStatus>, StoreError> {

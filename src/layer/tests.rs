@@ -143,3 +143,39 @@ async fn a_layer_rebuilt_on_the_same_store_keeps_the_counts_of_its_rules() {
     // Another name is another bucket.
     assert_eq!(send(&layer("rpm-v2", 4)).await, 200);
 }
+
+#[tokio::test]
+async fn a_layer_is_unused_once_no_service_body_or_settlement_holds_it() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("inflight", k(), Quota::concurrent(1)))
+        .build()
+        .unwrap();
+    assert!(layer.is_unused());
+    let copy = layer.clone();
+    assert!(!layer.is_unused(), "another handle");
+    drop(copy);
+    assert!(layer.is_unused());
+
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(
+            |_: http::Request<crate::RequestBody<String>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::from("answer")))
+            },
+        ));
+    assert!(!layer.is_unused(), "a service built from it");
+    let req = http::Request::builder()
+        .header("x-api-key", "alice")
+        .body(String::new())
+        .unwrap();
+    let response = svc.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The service is gone; the response body still holds the request's concurrency slot.
+    assert!(!layer.is_unused(), "a response body in flight");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"answer");
+    assert!(layer.is_unused(), "the body ended: its slot is released");
+}
