@@ -1450,7 +1450,7 @@ fn each_bad_config_field_is_named() {
         ),
         (
             good.replace("tier = \"free\"", "tier = \"gold\""),
-            vec!["`keys.k.tier`", "unknown tier \"gold\"", "free"],
+            vec!["`keys[***].tier (user ", "unknown tier \"gold\"", "free"],
         ),
         (
             good.replace("upstream = \"mock\"", "upstream = \"ftp://x\""),

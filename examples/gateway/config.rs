@@ -381,12 +381,25 @@ pub(crate) enum Upstream {
 impl Config {
     /// Parses TOML; `source` names the file in messages.
     pub(crate) fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+        // Messages give the line and column, not toml's copy of the line: the line may be an
+        // API key's (`[keys]`), and keys are never printed whole.
+        let at = |e: &toml::de::Error| {
+            let message = e.message().trim_end();
+            match e.span() {
+                Some(span) => {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    format!("TOML parse error at line {line}, column {column}: {message}")
+                }
+                None => message.to_owned(),
+            }
+        };
         let de = toml::Deserializer::parse(text)
-            .map_err(|e| ConfigError(format!("{source}: {}", e.to_string().trim_end())))?;
+            .map_err(|e| ConfigError(format!("{source}: {}", at(&e))))?;
         serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            let inner = inner.trim_end();
+            let path = masked_path(e.path());
+            let inner = at(e.inner());
             if path.is_empty() || path == "." {
                 ConfigError(format!("{source}: {inner}"))
             } else {
@@ -671,17 +684,20 @@ impl Config {
         for (key, k) in &self.keys {
             if key.is_empty() || key.bytes().any(|b| !b.is_ascii_graphic()) {
                 err(
-                    format!("keys.{key:?}"),
+                    format!("keys{} (user {:?})", key_ref(key), k.user),
                     "an API key must be printable ASCII without spaces".into(),
                 );
             }
             if k.user.trim().is_empty() {
-                err(format!("keys.{key}.user"), "must not be empty".into());
+                err(
+                    format!("keys{}.user", key_ref(key)),
+                    "must not be empty".into(),
+                );
             }
             for (field, v) in k.overrides().limits() {
                 if v == Some(0) {
                     err(
-                        format!("keys.{key}.{field}"),
+                        format!("keys{}.{field} (user {:?})", key_ref(key), k.user),
                         "must be > 0 (omit it to keep the tier's)".into(),
                     );
                 }
@@ -689,7 +705,7 @@ impl Config {
             if !self.tiers.contains_key(&k.tier) {
                 let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
                 err(
-                    format!("keys.{key}.tier"),
+                    format!("keys{}.tier (user {:?})", key_ref(key), k.user),
                     format!(
                         "unknown tier {:?} (configured tiers: {})",
                         k.tier,
@@ -740,12 +756,13 @@ impl Config {
                                 v.map_or_else(|| "none".to_owned(), |n| n.to_string())
                             };
                             err(
-                                format!("keys.{key}.{field}"),
+                                format!("keys{}.{field}", key_ref(key)),
                                 format!(
                                     "the keys of user {:?} share its limits, so they must override \
-                                     the same ones: this key sets {}, key `{first}` sets {}",
+                                     the same ones: this key sets {}, key {} sets {}",
                                     k.user,
                                     shown(mine),
+                                    key_ref(first),
                                     shown(other)
                                 ),
                             );
@@ -759,7 +776,7 @@ impl Config {
             }
             if self.tiers.contains_key(&tier) {
                 err(
-                    format!("keys.{key}"),
+                    format!("keys{}", key_ref(key)),
                     format!(
                         "the limits of user {:?} with its overrides make a tier named {tier:?}, \
                          which is also a configured tier: rename that tier",
@@ -769,7 +786,7 @@ impl Config {
             }
             match made.get(&tier) {
                 Some((t, u)) if (*t, *u) != (k.tier.as_str(), k.user.as_str()) => err(
-                    format!("keys.{key}"),
+                    format!("keys{}", key_ref(key)),
                     format!(
                         "user {:?} of tier {:?} and user {u:?} of tier {t:?} both make a tier \
                          named {tier:?} with their overrides: rename one",
@@ -788,6 +805,47 @@ impl Config {
     pub(crate) fn listen_addr(&self) -> SocketAddr {
         self.listen.parse().expect("validated")
     }
+}
+
+/// An API key as messages and logs show it: masked ([`masked_key`]), in brackets
+/// (`keys[sk-l...].tier`).
+fn key_ref(key: &str) -> String {
+    format!("[{}]", masked_key(key))
+}
+
+/// An API key masked: its first 4 characters when it has 12 or more, else nothing of it.
+pub(crate) fn masked_key(key: &str) -> String {
+    match key.get(..4) {
+        Some(head) if key.len() >= 12 => format!("{head}..."),
+        _ => "***".to_owned(),
+    }
+}
+
+/// A path of the configuration, each API key in it masked (`keys[sk-l...].tier`).
+fn masked_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let mut in_keys = false;
+    for segment in path.iter() {
+        let after_keys = std::mem::replace(&mut in_keys, false);
+        match segment {
+            Segment::Map { key } if after_keys => out.push_str(&key_ref(key)),
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+                in_keys = out == "keys";
+            }
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Enum { variant } => {
+                out.push('.');
+                out.push_str(variant);
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
 }
 
 /// `url` without its secrets, for messages and logs: the password of its user information

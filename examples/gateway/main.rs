@@ -359,7 +359,11 @@ fn banner(
     );
     let tiers = limits::limit_tiers(cfg);
     for (key, k) in &cfg.keys {
-        let shown = if builtin { key.clone() } else { mask(key) };
+        let shown = if builtin {
+            key.clone()
+        } else {
+            config::masked_key(key)
+        };
         let overridden: Vec<&str> = k
             .overrides()
             .limits()
@@ -388,15 +392,6 @@ fn banner(
         );
     }
     out.trim_end().to_owned()
-}
-
-/// A key of a configuration file, masked (keys are validated as printable ASCII).
-fn mask(key: &str) -> String {
-    if key.len() >= 12 {
-        format!("{}...", &key[..4])
-    } else {
-        "***".to_owned()
-    }
 }
 
 fn limits_of_tier(t: &config::TierConfig) -> String {

@@ -34,7 +34,7 @@ fn check_config_exits_0_when_valid_and_2_with_every_problem() {
         "`listen`",
         "`tiers.free.rpm`",
         "`tiers.free.tpm`",
-        "`keys.k.tier`",
+        "`keys[***].tier (user \"u\")`",
         bad.path(),
     ] {
         assert!(err.contains(want), "{want:?} not in:\n{err}");

@@ -341,7 +341,7 @@ async fn an_invalid_file_keeps_the_running_configuration() {
     reload(&c, &gw, &file, &config(&up_server.url(), bad, ""), "failed").await;
     for problem in [
         "field `tiers.free.rpm`: must be > 0",
-        "field `keys.k2.tier`: unknown tier \"gold\"",
+        "field `keys[***].tier (user \"bob\")`: unknown tier \"gold\"",
         "configuration not reloaded: keeping the running one",
     ] {
         log_where(&gw, problem, |log| has_line(log, "ERROR", problem)).await;

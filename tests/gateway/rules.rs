@@ -676,12 +676,12 @@ fn bad_overrides_are_configuration_errors_naming_the_field() {
     // Not a limit.
     check(
         base.replace("tpm = 10 }", "tmp = 10 }"),
-        &["`keys.tiny.tmp`", "unknown field `tmp`, expected one of"],
+        &["`keys[***].tmp`", "unknown field `tmp`, expected one of"],
     );
     // Not a number.
     check(
         base.replace("tpm = 10 }", "tpm = \"ten\" }"),
-        &["`keys.tiny.tpm`", "expected u64"],
+        &["`keys[***].tpm`", "expected u64"],
     );
     // Every other problem at once: a user's keys that disagree (a value; a limit one sets
     // and the other doesn't), a zero, a tier of overrides named like a configured tier, and
@@ -702,15 +702,65 @@ fn bad_overrides_are_configuration_errors_naming_the_field() {
              c2 = { user = \"x+y\", tier = \"pro\", tpm = 1 }\nsmall = {",
         ),
         &[
-            "field `keys.big-2.tpm`: the keys of user \"acme\" share its limits, so they must \
-             override the same ones: this key sets 2000, key `big-1` sets 1000\n",
-            "field `keys.big-2.rpm`: the keys of user \"acme\" share its limits, so they must \
-             override the same ones: this key sets none, key `big-1` sets 3\n",
-            "field `keys.tiny.tpm`: must be > 0 (omit it to keep the tier's)\n",
-            "field `keys.tiny`: the limits of user \"carl\" with its overrides make a tier named \
+            "field `keys[***].tpm`: the keys of user \"acme\" share its limits, so they must \
+             override the same ones: this key sets 2000, key [***] sets 1000\n",
+            "field `keys[***].rpm`: the keys of user \"acme\" share its limits, so they must \
+             override the same ones: this key sets none, key [***] sets 3\n",
+            "field `keys[***].tpm (user \"carl\")`: must be > 0 (omit it to keep the tier's)\n",
+            "field `keys[***]`: the limits of user \"carl\" with its overrides make a tier named \
              \"pro+carl\", which is also a configured tier: rename that tier",
-            "field `keys.c2`: user \"x+y\" of tier \"pro\" and user \"y\" of tier \"pro+x\" both \
+            "field `keys[***]`: user \"x+y\" of tier \"pro\" and user \"y\" of tier \"pro+x\" both \
              make a tier named \"pro+x+y\" with their overrides: rename one",
         ],
     );
+}
+
+/// A configuration error never prints an API key: not in a field's path, not in a problem's
+/// message, not in toml's copy of the offending line (a line under `[keys]` is a key's).
+#[test]
+fn configuration_errors_never_print_an_api_key() {
+    const KEY: &str = "sk-live-0123456789abcdef";
+    let base = overrides_config("http://127.0.0.1:9").replace(
+        "tiny = {",
+        &format!("\"{KEY}\" = {{ user = \"dora\", tier = \"pro\" }}\ntiny = {{"),
+    );
+    let valid = TempConfig::new(&base);
+    let (code, out, err) = run_to_exit(&["--check-config", "--config", valid.path()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let line = format!("\"{KEY}\" = {{ user = \"dora\", tier = \"pro\" }}");
+    for (bad, wants) in [
+        // A syntax error on the key's line: toml would quote the line.
+        (
+            line.replace("user = ", "user == "),
+            vec!["TOML parse error at line 16, column "],
+        ),
+        // An unknown field: its path goes through the key.
+        (
+            line.replace("tier = ", "tierx = "),
+            vec!["`keys[sk-l...].tierx`", "unknown field `tierx`"],
+        ),
+        // A problem found after parsing.
+        (
+            line.replace("\"pro\"", "\"gold\""),
+            vec![
+                "`keys[sk-l...].tier (user \"dora\")`",
+                "unknown tier \"gold\"",
+            ],
+        ),
+        (
+            line.replace(" }", ", rpm = 0 }"),
+            vec!["`keys[sk-l...].rpm (user \"dora\")`", "must be > 0"],
+        ),
+    ] {
+        let cfg = TempConfig::new(&base.replace(&line, &bad));
+        let (code, out, err) = run_to_exit(&["--check-config", "--config", cfg.path()]);
+        assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+        for want in wants {
+            assert!(err.contains(want), "{want:?} not in:\n{err}");
+        }
+        assert!(
+            !err.contains("0123456789") && !out.contains("0123456789"),
+            "the key is printed:\n{out}\n{err}"
+        );
+    }
 }
