@@ -1439,6 +1439,10 @@ fn each_bad_config_field_is_named() {
             vec!["`tiers.free.rpm`", "invalid type", "expected u64"],
         ),
         (base("rpmx = 10", ""), vec!["unknown field `rpmx`"]),
+        (
+            base("rpm = 10\ntpm = 100", "[store]\nmax_keys = 1"),
+            vec!["`store.max_keys`", "must be at least 2"],
+        ),
         (base("daily_cost = -1", ""), vec!["`tiers.free.daily_cost`"]),
         (
             base("monthly_tokens = 0", ""),

@@ -131,9 +131,23 @@ fn main() -> ExitCode {
 /// store (nothing is connected to).
 pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
     let callers = limits::callers(cfg);
-    limits::layer(cfg, &callers, &limits::Store::memory(cfg), &Metrics::new())
-        .err()
-        .map(|e| format!("rate-limit rules: {e}"))
+    match limits::layer(cfg, &callers, &limits::Store::memory(cfg), &Metrics::new()) {
+        Err(e) => Some(format!("rate-limit rules: {e}")),
+        // A request charges a bucket per rule at most, all at once: a memory store that
+        // can't hold them all would answer every such request 503.
+        Ok(layer)
+            if cfg.store.kind == config::StoreKind::Memory
+                && cfg.store.max_keys < layer.rules().len() =>
+        {
+            Some(format!(
+                "field `store.max_keys`: must be at least {}: one request may charge a bucket \
+                 of each of the {} rules at once",
+                layer.rules().len(),
+                layer.rules().len()
+            ))
+        }
+        Ok(_) => None,
+    }
 }
 
 /// Where the requests to each model go, for `cfg`: both the start and a reload build them
