@@ -1,11 +1,13 @@
 //! A JSON document borrowed from a body: what the layer deserializes a request body into,
 //! once per request, with serde_json, for the estimators and extractors that read it.
 //!
-//! Strings borrow the body's bytes unless they have escapes (serde_json decodes those into
-//! a copy); objects are flat lists of members in document order, a repeated name keeping only
-//! its last value, as in a `serde_json::Value` (found by sorting the names of an object once,
-//! as it is built). Building it takes time in proportion to the body's size whatever its
-//! shape (an object of 100,000 members: one sort of its names), and little memory (a small
+//! The body is checked as UTF-8 once, as a whole. Strings borrow the body's bytes unless
+//! they have escapes (serde_json decodes those into a copy); objects are flat lists of
+//! members in document order, a repeated name keeping only its last value, as in a
+//! `serde_json::Value` (found pair by pair in an object of up to 16 members, by sorting its
+//! names once in a larger one, as it is built). Building it takes time in proportion to the
+//! body's size whatever its shape (an object of 100,000 members: one sort of its names), and
+//! little memory (a small
 //! object is one short vector, not a map's node); nesting deeper than serde_json's limit
 //! (128 levels) is refused as invalid JSON, so a body can't exhaust the stack.
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
