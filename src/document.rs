@@ -1,11 +1,13 @@
 //! A JSON document borrowed from a body: what the layer deserializes a request body into,
 //! once per request, with serde_json, for the estimators and extractors that read it.
 //!
-//! Strings borrow the body's bytes unless they have escapes (serde_json decodes those into
-//! a copy); objects are flat lists of members in document order, a repeated name keeping only
-//! its last value, as in a `serde_json::Value` (found by sorting the names of an object once,
-//! as it is built). Building it takes time in proportion to the body's size whatever its
-//! shape (an object of 100,000 members: one sort of its names), and little memory (a small
+//! The body is checked as UTF-8 once, as a whole. Strings borrow the body's bytes unless
+//! they have escapes (serde_json decodes those into a copy); objects are flat lists of
+//! members in document order, a repeated name keeping only its last value, as in a
+//! `serde_json::Value` (found pair by pair in an object of up to 16 members, by sorting its
+//! names once in a larger one, as it is built). Building it takes time in proportion to the
+//! body's size whatever its shape (an object of 100,000 members: one sort of its names), and
+//! little memory (a small
 //! object is one short vector, not a map's node); nesting deeper than serde_json's limit
 //! (128 levels) is refused as invalid JSON, so a body can't exhaust the stack.
 //! [`RequestView::json`](crate::key::RequestView::json) still gives a `serde_json::Value`,
@@ -28,6 +30,10 @@ pub(crate) enum Json<'a> {
     Object(Object<'a>),
 }
 
+/// Objects of at most this many members are checked for repeated names pair by pair; larger
+/// ones by sorting their names (time in proportion to n log n, not n squared).
+const SMALL_OBJECT: usize = 16;
+
 /// A JSON object: its members in document order, each name once (a repeated name keeps its
 /// last value, at that value's place).
 #[derive(Debug, Clone, Default)]
@@ -36,7 +42,15 @@ pub(crate) struct Object<'a>(Vec<(Cow<'a, str>, Json<'a>)>);
 impl<'a> Object<'a> {
     /// The object of `members`, without the ones a later member of the same name overrides.
     fn new(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
-        if members.len() < 2 {
+        let unique = match members.len() {
+            0 | 1 => true,
+            // A small object (the usual one) is checked pair by pair, without allocating.
+            2..=SMALL_OBJECT => {
+                (1..members.len()).all(|j| members[..j].iter().all(|(k, _)| *k != members[j].0))
+            }
+            _ => false,
+        };
+        if unique {
             return Self(members);
         }
         let mut order: Vec<usize> = (0..members.len()).collect();
@@ -88,7 +102,12 @@ impl<'a> Json<'a> {
     /// Deserializes `bytes` (one JSON value, whitespace around it allowed) with serde_json:
     /// what `serde_json::from_slice::<Value>` accepts, into the same value.
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        // Checked as UTF-8 once, as a whole, rather than string by string; bytes that aren't
+        // UTF-8 are invalid JSON, and parsed as bytes only for serde_json's error.
+        match std::str::from_utf8(bytes) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(bytes),
+        }
     }
 
     /// The same document, borrowing the strings of a `serde_json::Value`.
@@ -304,6 +323,41 @@ mod tests {
                 .pointer(p)
                 .map(|j| serde_json::to_value(to_value(j)).unwrap());
             assert_eq!(ours.as_ref(), value.pointer(p), "pointer {p}");
+        }
+    }
+
+    #[test]
+    fn objects_of_every_size_keep_the_last_of_each_name() {
+        // Around the size where repeated names stop being found pair by pair.
+        for n in 0..=2 * SMALL_OBJECT + 1 {
+            let unique: Vec<String> = (0..n).map(|i| format!(r#""m{i}":{i}"#)).collect();
+            let mut repeated = unique.clone();
+            if n > 0 {
+                repeated.push(format!(r#""m{}":"again""#, n / 2));
+            }
+            for members in [unique, repeated] {
+                let text = format!("{{{}}}", members.join(","));
+                let doc = Json::parse(text.as_bytes()).unwrap();
+                let value: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(to_value(&doc), value, "{text}");
+                assert_eq!(doc.as_object().unwrap().iter().count(), n, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_get_serde_json_s_error() {
+        for bad in [
+            &b"{\"a\":\"\xff\"}"[..],
+            b"{\"\xc3\":1}",
+            b"[1]\xff",
+            b"\xef",
+        ] {
+            let ours = Json::parse(bad).unwrap_err().to_string();
+            let theirs = serde_json::from_slice::<Value>(bad)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(ours, theirs);
         }
     }
 

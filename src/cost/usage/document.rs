@@ -19,6 +19,13 @@ pub(super) fn usage_in(doc: &[u8]) -> Option<Usage> {
     serde_json::from_str::<Document>(doc).ok()?.usage()
 }
 
+/// The usage of the JSON object `text` starts with, as [`usage_in`] reads it: `None` unless
+/// the object ends within `text` and is valid JSON. What follows the object is not read.
+pub(super) fn usage_of_leading_object(text: &str) -> Option<Option<Usage>> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<Document>();
+    Some(values.next()?.ok()?.usage())
+}
+
 pub(super) const KEY: &[u8] = b"\"usage\"";
 
 /// Built once, as memchr advises for a needle searched again and again.

@@ -1,6 +1,6 @@
 //! The JSON framing: one top-level object, buffered to its closing brace, then deserialized.
 
-use super::document::usage_in;
+use super::document::{usage_in, usage_of_leading_object};
 use super::{push_bounded, Usage};
 
 #[derive(Default)]
@@ -46,6 +46,17 @@ impl JsonState {
             }
             self.started = true;
             part = &part[start..];
+            // The usual JSON answer: the whole object in this first chunk, read in place
+            // without following its brackets first. Anything else (the object not complete
+            // here, or not valid) goes the general way below.
+            if part.len() <= max {
+                if let Some(usage) = std::str::from_utf8(part)
+                    .ok()
+                    .and_then(usage_of_leading_object)
+                {
+                    return Some(usage);
+                }
+            }
         }
         let end = self.scan(part);
         // Bytes after the object are not looked at (nor counted against the bound).

@@ -24,7 +24,8 @@
 //!
 //! * **JSON**: the object is buffered until its closing brace, found by following its
 //!   brackets and strings; the object is then deserialized once, and must be valid JSON as a
-//!   whole. Bytes after the object are not looked at. A body larger than the bound is given
+//!   whole. A first chunk that holds the whole valid object (the usual answer) is
+//!   deserialized in place, without that search. Bytes after the object are not looked at. A body larger than the bound is given
 //!   up on: nothing more is buffered and [`UsageParser::finish`] answers `None` (the caller
 //!   keeps its estimate).
 //! * **SSE**: the body is split into lines at `\n`, `\r` and `\r\n` (a `memchr` search);

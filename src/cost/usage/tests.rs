@@ -200,6 +200,22 @@ fn json_leading_whitespace_bom_and_trailing_bytes() {
     // Bytes after the object are not looked at.
     let body = br#"{"usage":{"prompt_tokens":1}} garbage {"usage":{"prompt_tokens":9}}"#;
     assert_eq!(whole(Framing::Json, body), Some(usage(1, 0, 1)));
+    // Nor are bytes that aren't UTF-8, however split.
+    let body = b"{\"usage\":{\"prompt_tokens\":1}}\xFF\xFE{";
+    assert_every_split(Framing::Json, MAX, body, Some(usage(1, 0, 1)));
+}
+
+#[test]
+fn json_invalid_first_chunk_is_done_when_its_brackets_close() {
+    // Not JSON from its 7th byte, but its last bracket comes in the third chunk.
+    let mut p = UsageParser::new(Framing::Json, MAX);
+    p.feed(br#"{"a":[}"#);
+    assert!(!p.is_done());
+    p.feed(b" x ");
+    assert!(!p.is_done());
+    p.feed(b"] {}");
+    assert!(p.is_done());
+    assert_eq!(p.finish(), None);
 }
 
 #[test]
