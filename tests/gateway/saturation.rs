@@ -327,6 +327,15 @@ async fn sighup_changes_the_capacity_of_a_running_mock() {
     }
     let s = stats(&c, &gw).await;
     assert_eq!(s["capacity"], 2, "{s}");
+    let deadline = Instant::now() + support::WAIT;
+    while !gw
+        .stderr()
+        .lines()
+        .any(|l| l.contains("configuration reloaded") && l.contains("mock_changed=true"))
+    {
+        assert!(Instant::now() < deadline, "{}", gw.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(s["token_delay_ms"], FOREVER_MS, "{s}");
     assert!(
         gw.stderr()
