@@ -47,6 +47,11 @@ mod budgets;
 #[path = "gateway/https.rs"]
 mod https;
 
+// The built-in mock's capacity model: full speed up to `capacity`, slower beyond, 503 past
+// its queue; places freed by finished and departed clients; SIGHUP changes the capacity.
+#[path = "gateway/saturation.rs"]
+mod saturation;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -201,6 +201,11 @@ impl Default for LimiterConfig {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct MockConfig {
     pub(crate) token_delay_ms: u64,
+    /// Completions decoding at full speed (0: no limit).
+    pub(crate) capacity: u64,
+    /// Completions admitted beyond `capacity` (slowing all) before a 503; `capacity` when
+    /// absent.
+    pub(crate) queue: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -541,6 +546,14 @@ impl Config {
         }
         if s.max_keys == 0 {
             err("store.max_keys".into(), "must be > 0".into());
+        }
+
+        if self.mock.capacity == 0 && self.mock.queue.is_some() {
+            err(
+                "mock.queue".into(),
+                "applies only with a `mock.capacity` > 0 (0, the default, admits everything)"
+                    .into(),
+            );
         }
 
         let l = &self.limiter;

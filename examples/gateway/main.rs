@@ -3,7 +3,8 @@
 //! concurrency, budgets of spend and tokens per UTC day or month (reset at midnight UTC and on
 //! the 1st), upstreams
 //! per model, streaming, Prometheus metrics, and a built-in mock model so that it runs with
-//! nothing else on the machine.
+//! nothing else on the machine (and, with `[mock] capacity`, saturates like a GPU: slower
+//! tokens past its capacity, 503 past its queue).
 //!
 //! ```sh
 //! cargo run --release --example gateway                        # 127.0.0.1:8080, mock model
@@ -40,7 +41,7 @@
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: passed through, closed when idle too long |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer (decisions, and the `usage` of every response, which the limiter reads once for its token rules and the metrics) and the proxy |
-//! | `mock.rs` | the built-in OpenAI-compatible mock model |
+//! | `mock.rs` | the built-in OpenAI-compatible mock model; `mock/capacity.rs`: its capacity model (full speed up to `[mock] capacity`, every token slower beyond it, 503 past `queue`; `GET /v1/mock/stats` on its port), so that saturation shows without a GPU; `mock/sse.rs`: its streams |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules, checked by `.ci/deploy-check` |
 //!
 //! Exit codes: 0 after a clean shutdown (or a valid `--check-config`), 2 for a bad option or
@@ -203,7 +204,7 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
         metrics.watch_redis(s.clone());
     }
     // The mock model, when a model uses it.
-    let mut mock = mock::OnDemand::new(Duration::from_millis(cfg.mock.token_delay_ms));
+    let mut mock = mock::OnDemand::new(&cfg.mock);
     let mock_url = mock
         .url_for(&cfg)
         .await

@@ -8,26 +8,34 @@
 //! unset), one word per token. Streams (`"stream": true`) send one SSE event per token after
 //! `token_delay`, and the usage in a final chunk when `stream_options.include_usage` is set
 //! (chat, completions) or in `response.completed` (responses).
+//!
+//! With `[mock] capacity` the mock saturates like a GPU (`mock/capacity.rs`): up to `capacity`
+//! completions (streamed or not; a non-streamed one then takes its tokens' time too) decode at
+//! full speed, more slow every token in proportion, and more than `queue` beyond capacity are
+//! answered 503 with `Retry-After`. Embeddings take no place. `GET /v1/mock/stats` on the
+//! mock's port tells how many run, wait beyond capacity and were refused, and the delay a
+//! token takes now. `mock/sse.rs` writes the streams.
 
-use std::convert::Infallible;
+mod capacity;
+mod sse;
+
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use http::{header, StatusCode};
-use http_body::Frame;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
-use crate::config::{Config, Upstream};
+use crate::config::{Config, MockConfig, Upstream};
+use capacity::{Capacity, Limits, Overloaded};
+use sse::sse;
 
 /// The most tokens the mock writes.
 const MAX_COMPLETION: u64 = 16;
@@ -54,11 +62,12 @@ const WORDS: [&str; 16] = [
 
 #[derive(Debug, Clone)]
 struct Mock {
-    token_delay: Duration,
+    capacity: Arc<Capacity>,
 }
 
-/// Starts the mock on `127.0.0.1:0`; returns its base URL (`http://127.0.0.1:PORT/v1`).
-pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, SocketAddr)> {
+/// Starts the mock on `127.0.0.1:0`, its completions sharing `capacity`; returns its base URL
+/// (`http://127.0.0.1:PORT/v1`).
+async fn start(capacity: Arc<Capacity>) -> std::io::Result<(String, SocketAddr)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     // Each SSE event is a write of its own: without TCP_NODELAY, an event that follows an
@@ -77,7 +86,11 @@ pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, Soc
             "/v1/models",
             get(|| async { Json(json!({"object": "list", "data": []})) }),
         )
-        .with_state(Mock { token_delay });
+        .route(
+            "/v1/mock/stats",
+            get(|State(mock): State<Mock>| async move { Json(mock.capacity.stats()) }),
+        )
+        .with_state(Mock { capacity });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "mock model server failed");
@@ -87,19 +100,33 @@ pub(crate) async fn start(token_delay: Duration) -> std::io::Result<(String, Soc
 }
 
 /// The mock, started the first time a configuration has a model on it (at start, or by a
-/// reload), then kept running: a reload that drops its models leaves it idle.
+/// reload), then kept running: a reload that drops its models leaves it idle. Its token
+/// delay is the first configuration's; its capacity and queue follow each configuration
+/// applied ([`OnDemand::configure`]).
 #[derive(Debug)]
 pub(crate) struct OnDemand {
-    token_delay: Duration,
+    capacity: Arc<Capacity>,
     url: Option<String>,
 }
 
+fn limits(cfg: &MockConfig) -> Limits {
+    Limits {
+        capacity: cfg.capacity,
+        queue: cfg.queue.unwrap_or(cfg.capacity),
+    }
+}
+
 impl OnDemand {
-    pub(crate) fn new(token_delay: Duration) -> Self {
+    pub(crate) fn new(cfg: &MockConfig) -> Self {
         Self {
-            token_delay,
+            capacity: Capacity::new(Duration::from_millis(cfg.token_delay_ms), limits(cfg)),
             url: None,
         }
+    }
+
+    /// Applies the capacity and queue of `cfg` (a reload's, once it is accepted).
+    pub(crate) fn configure(&self, cfg: &MockConfig) {
+        self.capacity.set_limits(limits(cfg));
     }
 
     /// The mock's base URL: started now if a model of `cfg` uses it and it isn't running
@@ -110,7 +137,7 @@ impl OnDemand {
             .values()
             .any(|m| matches!(m.upstream(), Upstream::Mock));
         if wanted && self.url.is_none() {
-            let (url, _) = start(self.token_delay).await?;
+            let (url, _) = start(Arc::clone(&self.capacity)).await?;
             self.url = Some(url);
         }
         Ok(self.url.clone())
@@ -176,6 +203,24 @@ fn bad_request() -> Response {
         .into_response()
 }
 
+/// The 503 of a saturated mock, shaped like OpenAI's errors.
+fn overloaded(o: Overloaded) -> Response {
+    let message = format!(
+        "the mock model is overloaded: {} completions running for a capacity of {} and a \
+         queue of {}; retry after {} s",
+        o.running, o.limits.capacity, o.limits.queue, o.retry_after_secs
+    );
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, o.retry_after_secs.to_string())],
+        Json(
+            json!({"error": {"message": message, "type": "server_error", "param": null,
+            "code": "overloaded"}}),
+        ),
+    )
+        .into_response()
+}
+
 fn model(body: &Value) -> String {
     body.get("model")
         .and_then(Value::as_str)
@@ -204,59 +249,6 @@ fn finish_reason(body: &Value, n: u64) -> &'static str {
     }
 }
 
-/// A response body fed by a channel, sent chunk by chunk as the producer writes.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// An SSE response of `events`, sent as they are written; the events at the indexes in
-/// `tokens` are each preceded by `delay`.
-fn sse(
-    events: Vec<(Option<&'static str>, Value)>,
-    tokens: Vec<usize>,
-    delay: Duration,
-    done: bool,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
-    tokio::spawn(async move {
-        for (i, (event, data)) in events.into_iter().enumerate() {
-            if tokens.contains(&i) && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let mut frame = String::new();
-            if let Some(e) = event {
-                frame.push_str("event: ");
-                frame.push_str(e);
-                frame.push('\n');
-            }
-            frame.push_str("data: ");
-            frame.push_str(&data.to_string());
-            frame.push_str("\n\n");
-            if tx.send(Bytes::from(frame)).await.is_err() {
-                return; // the client went away
-            }
-        }
-        if done {
-            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-        }
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::new(ChannelBody(rx)))
-        .expect("valid response")
-}
-
 async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
     let Some(body) = parse(&body) else {
         return bad_request();
@@ -266,7 +258,12 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
     let model = model(&body);
     let id = format!("chatcmpl-mock-{}", now());
     let reason = finish_reason(&body, n);
+    let seq = match mock.capacity.admit() {
+        Ok(seq) => seq,
+        Err(o) => return overloaded(o),
+    };
     if !streaming(&body) {
+        seq.generate(n).await;
         return Json(json!({
             "id": id, "object": "chat.completion", "created": now(), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text(n).concat()},
@@ -302,7 +299,7 @@ async fn chat(State(mock): State<Mock>, body: Bytes) -> Response {
                 "choices": [], "usage": usage(prompt, n)}),
         ));
     }
-    sse(events, tokens, mock.token_delay, true)
+    sse(events, tokens, seq, true)
 }
 
 async fn completions(State(mock): State<Mock>, body: Bytes) -> Response {
@@ -314,7 +311,12 @@ async fn completions(State(mock): State<Mock>, body: Bytes) -> Response {
     let model = model(&body);
     let id = format!("cmpl-mock-{}", now());
     let reason = finish_reason(&body, n);
+    let seq = match mock.capacity.admit() {
+        Ok(seq) => seq,
+        Err(o) => return overloaded(o),
+    };
     if !streaming(&body) {
+        seq.generate(n).await;
         return Json(json!({
             "id": id, "object": "text_completion", "created": now(), "model": model,
             "choices": [{"index": 0, "text": text(n).concat(), "logprobs": null,
@@ -344,7 +346,7 @@ async fn completions(State(mock): State<Mock>, body: Bytes) -> Response {
                 "choices": [], "usage": usage(prompt, n)}),
         ));
     }
-    sse(events, tokens, mock.token_delay, true)
+    sse(events, tokens, seq, true)
 }
 
 async fn embeddings(body: Bytes) -> Response {
@@ -390,7 +392,12 @@ async fn responses(State(mock): State<Mock>, body: Bytes) -> Response {
     let output = json!([{"type": "message", "id": "msg_mock", "status": "completed",
         "role": "assistant", "content": [{"type": "output_text", "text": text(n).concat(),
         "annotations": []}]}]);
+    let seq = match mock.capacity.admit() {
+        Ok(seq) => seq,
+        Err(o) => return overloaded(o),
+    };
     if !streaming(&body) {
+        seq.generate(n).await;
         return Json(response("completed", output, usage)).into_response();
     }
     let mut events = vec![(
@@ -411,5 +418,5 @@ async fn responses(State(mock): State<Mock>, body: Bytes) -> Response {
         Some("response.completed"),
         json!({"type": "response.completed", "response": response("completed", output, usage)}),
     ));
-    sse(events, tokens, mock.token_delay, false)
+    sse(events, tokens, seq, false)
 }

@@ -17,6 +17,8 @@
 //!   in a `WARN` line: `listen`, `[server] header_timeout_secs` and `max_connections` (the
 //!   accept loop's), every key of `[store]` (the counters live there), `[mock]
 //!   token_delay_ms` (the mock runs from the first configuration that uses it).
+//! - `[mock] capacity` and `queue` apply to the running mock: completions in flight keep
+//!   running, their next tokens timed by the new capacity.
 //! - Every other key is reloaded; `gateway.toml` says which of the two each key is.
 //! - `--listen` and `--redis` (or their environment variables) still override the file.
 //! - A model on `upstream = "mock"` starts the mock model if no configuration had one yet;
@@ -134,6 +136,8 @@ impl Reloader {
                 list: vec![e],
             })?;
         let layer = app.layer.clone();
+        // Before the new routes serve anything.
+        r.mock.configure(&next.mock);
         r.router.store(Arc::new(server::router(app)));
         let old = std::mem::replace(&mut r.layer, layer);
         if matches!(r.store, limits::Store::Memory(_)) {
@@ -199,6 +203,7 @@ struct Changes {
     keys: Diff,
     limiter: bool,
     server: bool,
+    mock: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -235,6 +240,7 @@ impl Changes {
             keys: Diff::of(&old.keys, &new.keys),
             limiter: old.limiter != new.limiter,
             server: old.server != new.server,
+            mock: old.mock != new.mock,
         }
     }
 
@@ -253,6 +259,7 @@ impl Changes {
             keys_changed = k.changed.len(),
             limiter_changed = self.limiter,
             server_changed = self.server,
+            mock_changed = self.mock,
             "configuration reloaded"
         );
     }

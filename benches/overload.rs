@@ -1,0 +1,565 @@
+//! Overload: the example gateway in front of its built-in mock saturating like a GPU
+//! (`[mock] capacity`), pro callers at half the mock's capacity, free callers ramping to four
+//! times it (issue 15, item 6). Today's static limits only: the run the adaptive capacity and
+//! priority will be compared with.
+//!
+//! ```text
+//! cargo bench --bench overload
+//! ```
+//!
+//! The gateway (`cargo build --release --example gateway`, built here if needed; memory
+//! store) runs as its own process with one model on the mock: `capacity` C = 16 completions at
+//! full speed, one token per 20 ms, `queue` = C (so at most 2C run, each token then twice as
+//! slow, and the next is answered 503). Every completion streams 16 tokens, so the mock's
+//! most is `C / 20 ms` = 800 completion tokens per second, and it finishes `C / (16 x 20 ms)`
+//! = 50 completions per second at full speed: its *capacity* in requests per second.
+//!
+//! Load, open loop (arrivals on a schedule, whatever the answers): pro at 0.5x capacity
+//! (25 requests/s, 4 keys); free ramping from 0 to 4x capacity (200 requests/s, 32 keys, each
+//! within its tier's own limits: 375 of its 600 requests per minute, about 4 of its 8
+//! concurrent), in three phases: `baseline` (pro alone: its unloaded time to first token),
+//! `ramp` (free 0 -> 4x), `hold` (free at 4x). Each request is a streamed chat completion read
+//! to its end; a success is a 200 whose stream ends with `[DONE]`. Time to first token: from
+//! sending the request to the first event with content (the mock sends an empty role chunk
+//! first, at once).
+//!
+//! Two runs of static limits, each in a fresh gateway:
+//! 1. `tier limits`: per-user limits only (free: 600 rpm, 8 concurrent; pro: 6000 rpm, 64
+//!    concurrent); the model has none: the mock saturates and answers 503.
+//! 2. `+ model concurrent = C`: the model's own concurrency limit at the mock's capacity:
+//!    no 503 from the mock, but the gateway answers 429 to whoever finds the model full,
+//!    pro as well as free.
+//!
+//! Printed for each run: per phase and tier, requests sent, successes, 429s (the gateway),
+//! 503s (the mock, passed through), other failures, time to first token p50 / p99 of the
+//! successes, completion tokens delivered per second (those of the requests sent in the phase,
+//! over its length); then the issue's four figures over the
+//! loaded phases (ramp and hold): pro's success rate, pro's p99 time to first token against
+//! its unloaded p99, the mock's 503s as a share of all requests, and the tokens per second
+//! delivered in `hold` as a share of the mock's most; and the mock's own counts
+//! (`GET /v1/mock/stats`).
+//!
+//! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
+//! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
+//! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one). The client runs on a
+//! 2-worker tokio runtime in this process; on a small machine it shares the cores with the
+//! gateway, which only adds to the times both runs measure.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use gateway::{gateway_binary, start_gateway, Gateway};
+
+/// Tokens of every completion (the mock's most, asked for).
+const TOKENS: u64 = 16;
+const PRO_KEYS: usize = 4;
+const FREE_KEYS: usize = 32;
+/// How long one request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the arrival schedule is read.
+const TICK: Duration = Duration::from_millis(5);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    capacity: u64,
+    token_delay_ms: u64,
+    baseline: Duration,
+    ramp: Duration,
+    hold: Duration,
+}
+
+impl Setup {
+    fn from_env() -> Self {
+        Self {
+            capacity: env_u64("OVERLOAD_CAPACITY", 16).max(1),
+            token_delay_ms: env_u64("OVERLOAD_TOKEN_DELAY_MS", 20).max(1),
+            baseline: Duration::from_secs(env_u64("OVERLOAD_BASELINE_SECS", 10)),
+            ramp: Duration::from_secs(env_u64("OVERLOAD_RAMP_SECS", 20)),
+            hold: Duration::from_secs(env_u64("OVERLOAD_HOLD_SECS", 10)),
+        }
+    }
+
+    /// Completions per second the mock finishes at full speed.
+    fn capacity_rps(&self) -> f64 {
+        self.capacity as f64 * 1000.0 / (TOKENS * self.token_delay_ms) as f64
+    }
+
+    /// Completion tokens per second the mock generates at most.
+    fn max_tokens_per_sec(&self) -> f64 {
+        self.capacity as f64 * 1000.0 / self.token_delay_ms as f64
+    }
+
+    fn total(&self) -> Duration {
+        self.baseline + self.ramp + self.hold
+    }
+
+    fn phase(&self, t: Duration) -> Phase {
+        if t < self.baseline {
+            Phase::Baseline
+        } else if t < self.baseline + self.ramp {
+            Phase::Ramp
+        } else {
+            Phase::Hold
+        }
+    }
+
+    /// Free requests per second at `t`.
+    fn free_rate(&self, t: Duration) -> f64 {
+        let top = 4.0 * self.capacity_rps();
+        match self.phase(t) {
+            Phase::Baseline => 0.0,
+            Phase::Ramp => top * (t - self.baseline).as_secs_f64() / self.ramp.as_secs_f64(),
+            Phase::Hold => top,
+        }
+    }
+
+    fn phase_secs(&self, p: Phase) -> f64 {
+        match p {
+            Phase::Baseline => self.baseline,
+            Phase::Ramp => self.ramp,
+            Phase::Hold => self.hold,
+        }
+        .as_secs_f64()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Baseline,
+    Ramp,
+    Hold,
+}
+
+const PHASES: [Phase; 3] = [Phase::Baseline, Phase::Ramp, Phase::Hold];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Pro,
+    Free,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    /// 429 from the gateway.
+    Limited,
+    /// 503 from the mock.
+    Overloaded,
+    /// Another status, a cut stream, a timeout or a connection error.
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    tier: Tier,
+    phase: Phase,
+    outcome: Outcome,
+    ttft: Option<Duration>,
+    tokens: u64,
+}
+
+/// The static limits of a run.
+#[derive(Debug, Clone, Copy)]
+enum Variant {
+    TierLimits,
+    ModelConcurrency,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::TierLimits => "tier limits",
+            Variant::ModelConcurrency => "+ model concurrent = C",
+        }
+    }
+}
+
+fn config(setup: &Setup, variant: Variant) -> String {
+    let model_limit = match variant {
+        Variant::TierLimits => String::new(),
+        Variant::ModelConcurrency => format!("concurrent = {}", setup.capacity),
+    };
+    let mut keys = String::new();
+    for i in 0..PRO_KEYS {
+        let _ = writeln!(
+            keys,
+            "pro-{i} = {{ user = \"pro-user-{i}\", tier = \"pro\" }}"
+        );
+    }
+    for i in 0..FREE_KEYS {
+        let _ = writeln!(
+            keys,
+            "free-{i} = {{ user = \"free-user-{i}\", tier = \"free\" }}"
+        );
+    }
+    format!(
+        r#"listen = "127.0.0.1:0"
+[server]
+max_connections = 10000
+[limiter]
+shutdown_grace_secs = 1
+[mock]
+token_delay_ms = {delay}
+capacity = {capacity}
+queue = {capacity}
+[models.mock-gpt]
+upstream = "mock"
+timeout_secs = 60
+{model_limit}
+[tiers.free]
+rpm = 600
+concurrent = 8
+[tiers.pro]
+rpm = 6000
+concurrent = 64
+[keys]
+{keys}"#,
+        delay = setup.token_delay_ms,
+        capacity = setup.capacity,
+    )
+}
+
+// ─── The load ────────────────────────────────────────────────────────────────────────────
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One streamed completion, read to its end.
+async fn one(client: HttpClient, url: String, key: String) -> (Outcome, Option<Duration>, u64) {
+    let body = format!(
+        r#"{{"model":"mock-gpt","stream":true,"max_tokens":{TOKENS},"messages":[{{"role":"user","content":"tell me a story"}}]}}"#
+    );
+    let req = Request::post(url)
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a request");
+    let sent = Instant::now();
+    let run = async {
+        let res = match client.request(req).await {
+            Ok(r) => r,
+            Err(_) => return (Outcome::Failed, None, 0),
+        };
+        match res.status() {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => return (Outcome::Limited, None, 0),
+            StatusCode::SERVICE_UNAVAILABLE => return (Outcome::Overloaded, None, 0),
+            _ => return (Outcome::Failed, None, 0),
+        }
+        let mut body = res.into_body();
+        let (mut pending, mut ttft, mut tokens, mut done) = (Vec::new(), None, 0, false);
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return (Outcome::Failed, ttft, tokens);
+            };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = pending.drain(..end + 2).collect();
+                let Some(data) = event.strip_prefix(b"data: ") else {
+                    continue;
+                };
+                let data = &data[..data.len() - 2];
+                if data == b"[DONE]" {
+                    done = true;
+                    continue;
+                }
+                let Ok(v) = serde_json::from_slice::<Value>(data) else {
+                    continue;
+                };
+                let content = v
+                    .pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str);
+                if content.is_some_and(|c| !c.is_empty()) {
+                    tokens += 1;
+                    ttft.get_or_insert_with(|| sent.elapsed());
+                }
+            }
+        }
+        let outcome = if done { Outcome::Ok } else { Outcome::Failed };
+        (outcome, ttft, tokens)
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, run)
+        .await
+        .unwrap_or((Outcome::Failed, None, 0))
+}
+
+/// Runs the schedule against `gw`; every request's sample.
+async fn load(setup: Setup, gw: &Gateway) -> Vec<Sample> {
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http();
+    let url = format!("http://{}/v1/chat/completions", gw.addr);
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let pro_rate = 0.5 * setup.capacity_rps();
+    let (mut pro_credit, mut free_credit) = (0.0f64, 0.0f64);
+    let (mut pro_n, mut free_n) = (0usize, 0usize);
+    let start = tokio::time::Instant::now();
+    let mut last = Duration::ZERO;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let t = start.elapsed();
+        if t >= setup.total() {
+            break;
+        }
+        let dt = (t - last).as_secs_f64();
+        last = t;
+        pro_credit += pro_rate * dt;
+        free_credit += setup.free_rate(t) * dt;
+        let phase = setup.phase(t);
+        let mut spawn = |tier: Tier, key: String| {
+            let (client, url, samples) = (client.clone(), url.clone(), Arc::clone(&samples));
+            tasks.spawn(async move {
+                let (outcome, ttft, tokens) = one(client, url, key).await;
+                samples.lock().expect("samples").push(Sample {
+                    tier,
+                    phase,
+                    outcome,
+                    ttft,
+                    tokens,
+                });
+            });
+        };
+        while pro_credit >= 1.0 {
+            pro_credit -= 1.0;
+            spawn(Tier::Pro, format!("pro-{}", pro_n % PRO_KEYS));
+            pro_n += 1;
+        }
+        while free_credit >= 1.0 {
+            free_credit -= 1.0;
+            spawn(Tier::Free, format!("free-{}", free_n % FREE_KEYS));
+            free_n += 1;
+        }
+        // Finished requests don't pile up in the set.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Each request is bounded by REQUEST_TIMEOUT.
+    while tasks.join_next().await.is_some() {}
+    let mut all = samples.lock().expect("samples");
+    std::mem::take(&mut *all)
+}
+
+async fn mock_stats(gw: &Gateway) -> Value {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let uri = format!("{}/mock/stats", gw.mock);
+    let req = Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+    else {
+        return Value::Null;
+    };
+    match res.into_body().collect().await {
+        Ok(b) => serde_json::from_slice(&b.to_bytes()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+// ─── The report ──────────────────────────────────────────────────────────────────────────
+
+fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    Some(sorted[i])
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    })
+}
+
+struct Group {
+    sent: usize,
+    ok: usize,
+    limited: usize,
+    overloaded: usize,
+    failed: usize,
+    ttft: Vec<Duration>,
+    tokens: u64,
+}
+
+fn group<'a>(samples: impl Iterator<Item = &'a Sample>) -> Group {
+    let mut g = Group {
+        sent: 0,
+        ok: 0,
+        limited: 0,
+        overloaded: 0,
+        failed: 0,
+        ttft: Vec::new(),
+        tokens: 0,
+    };
+    for s in samples {
+        g.sent += 1;
+        match s.outcome {
+            Outcome::Ok => g.ok += 1,
+            Outcome::Limited => g.limited += 1,
+            Outcome::Overloaded => g.overloaded += 1,
+            Outcome::Failed => g.failed += 1,
+        }
+        if s.outcome == Outcome::Ok {
+            g.ttft.extend(s.ttft);
+        }
+        g.tokens += s.tokens;
+    }
+    g.ttft.sort();
+    g
+}
+
+fn rate(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
+    println!("\n## static limits: {}", variant.name());
+    println!(
+        "{:<9} {:<5} {:>6} {:>8} {:>6} {:>6} {:>6} {:>10} {:>10} {:>10}",
+        "phase",
+        "tier",
+        "sent",
+        "success",
+        "429",
+        "503",
+        "other",
+        "TTFT p50",
+        "TTFT p99",
+        "tokens/s"
+    );
+    for phase in PHASES {
+        for tier in [Tier::Pro, Tier::Free] {
+            let g = group(
+                samples
+                    .iter()
+                    .filter(|s| s.phase == phase && s.tier == tier),
+            );
+            if g.sent == 0 {
+                continue;
+            }
+            println!(
+                "{:<9} {:<5} {:>6} {:>7.1}% {:>6} {:>6} {:>6} {:>10} {:>10} {:>10.0}",
+                format!("{phase:?}").to_lowercase(),
+                format!("{tier:?}").to_lowercase(),
+                g.sent,
+                rate(g.ok, g.sent),
+                g.limited,
+                g.overloaded,
+                g.failed,
+                ms(percentile(&g.ttft, 0.5)),
+                ms(percentile(&g.ttft, 0.99)),
+                g.tokens as f64 / setup.phase_secs(phase),
+            );
+        }
+    }
+    let unloaded = group(
+        samples
+            .iter()
+            .filter(|s| s.phase == Phase::Baseline && s.tier == Tier::Pro),
+    );
+    let loaded = |s: &&Sample| s.phase != Phase::Baseline;
+    let pro = group(
+        samples
+            .iter()
+            .filter(loaded)
+            .filter(|s| s.tier == Tier::Pro),
+    );
+    let all = group(samples.iter().filter(loaded));
+    let hold = group(samples.iter().filter(|s| s.phase == Phase::Hold));
+    let (p99, p99_unloaded) = (
+        percentile(&pro.ttft, 0.99),
+        percentile(&unloaded.ttft, 0.99),
+    );
+    let ratio = match (p99, p99_unloaded) {
+        (Some(a), Some(b)) if !b.is_zero() => format!("{:.1}x", a.as_secs_f64() / b.as_secs_f64()),
+        _ => "-".into(),
+    };
+    let delivered = hold.tokens as f64 / setup.phase_secs(Phase::Hold);
+    println!(
+        "loaded (ramp + hold): pro success {:.2}% (goal >= 99.9%) | pro p99 TTFT {} vs {} \
+         unloaded = {ratio} (goal <= 2x) | upstream 503s {:.2}% of {} requests (goal < 0.1%) | \
+         delivered in hold {:.0} tokens/s = {:.0}% of the mock's {:.0} (goal >= 90%)",
+        rate(pro.ok, pro.sent),
+        ms(p99),
+        ms(p99_unloaded),
+        rate(all.overloaded, all.sent),
+        all.sent,
+        delivered,
+        100.0 * delivered / setup.max_tokens_per_sec(),
+        setup.max_tokens_per_sec(),
+    );
+    println!("mock: {stats}");
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; there is nothing to filter.
+    let setup = Setup::from_env();
+    println!(
+        "overload: mock capacity {} at {} ms per token ({:.0} completions/s, {:.0} tokens/s at \
+         most), queue {}; pro {:.1} requests/s, free 0 -> {:.1} requests/s; phases {}s / {}s / {}s",
+        setup.capacity,
+        setup.token_delay_ms,
+        setup.capacity_rps(),
+        setup.max_tokens_per_sec(),
+        setup.capacity,
+        0.5 * setup.capacity_rps(),
+        4.0 * setup.capacity_rps(),
+        setup.baseline.as_secs(),
+        setup.ramp.as_secs(),
+        setup.hold.as_secs(),
+    );
+    let bin = match gateway_binary("OVERLOAD_GATEWAY") {
+        Ok(b) => b,
+        Err(e) => {
+            println!("overload: skipped ({e})");
+            return;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    for variant in [Variant::TierLimits, Variant::ModelConcurrency] {
+        let gw = match start_gateway(&bin, &config(&setup, variant)) {
+            Ok(gw) => gw,
+            Err(e) => {
+                println!("overload: {}: skipped ({e})", variant.name());
+                continue;
+            }
+        };
+        let (samples, stats) = runtime.block_on(async {
+            let samples = load(setup, &gw).await;
+            (samples, mock_stats(&gw).await)
+        });
+        report(&setup, variant, &samples, &stats);
+    }
+}
