@@ -1428,6 +1428,32 @@ fn help_and_bad_flags() {
     }
 }
 
+/// `store.max_keys` is checked against the buckets one request charges (the rules of its
+/// tier and of its model), not against every rule of the file.
+#[test]
+fn max_keys_counts_the_buckets_of_one_request() {
+    let text = |max_keys: u64| {
+        format!(
+            "[store]\nmax_keys = {max_keys}\n\
+             [models.a]\nupstream = \"mock\"\nrpm = 100\n\
+             [models.b]\nupstream = \"mock\"\nrpm = 100\ntpm = 1000\n\
+             [tiers.free]\nrpm = 10\n[tiers.pro]\nconcurrent = 2\n\
+             [keys]\nk = {{ user = \"u\", tier = \"free\" }}\n"
+        )
+    };
+    // At most 1 rule of a tier + 2 of model b: 3, though the file has 5 rules.
+    let ok = TempConfig::new(&text(3));
+    let (code, out, err) = run_to_exit(&["--check-config", "--config", ok.path()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let bad = TempConfig::new(&text(2));
+    let (code, _, err) = run_to_exit(&["--check-config", "--config", bad.path()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("field `store.max_keys`: must be at least 3"),
+        "{err}"
+    );
+}
+
 #[test]
 fn each_bad_config_field_is_named() {
     let base = |tiers: &str, rest: &str| {

@@ -392,12 +392,15 @@ impl Config {
             let message = e.message().trim_end();
             match e.span() {
                 Some(span) => {
-                    let before = &text.as_bytes()[..span.start.min(text.len())];
-                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-                    format!("TOML parse error at line {line}, column {column}: {message}")
+                    let before = text.get(..span.start).unwrap_or(text);
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+                    format!(
+                        "TOML parse error at line {line}, column {column}: {}",
+                        masked_strings(message)
+                    )
                 }
-                None => message.to_owned(),
+                None => masked_strings(message),
             }
         };
         let de = toml::Deserializer::parse(text)
@@ -626,7 +629,19 @@ impl Config {
                 );
             }
             if let Some(var) = &m.api_key_env {
-                if std::env::var(var).map_or(true, |v| v.is_empty()) {
+                let is_name = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !is_name {
+                    err(
+                        at("api_key_env"),
+                        format!(
+                            "names the environment variable that holds the upstream's key \
+                             (letters, digits and `_`), and {} is no such name: a key itself \
+                             goes in api_key",
+                            masked_value(var)
+                        ),
+                    );
+                } else if std::env::var(var).map_or(true, |v| v.is_empty()) {
                     err(
                         at("api_key_env"),
                         format!("the environment variable `{var}` is not set"),
@@ -826,12 +841,46 @@ fn key_ref(key: &str) -> String {
     format!("[{}]", masked_key(key))
 }
 
-/// An API key masked: its first 4 characters when it has 12 or more, else nothing of it.
+/// An API key masked: its first 4 characters when it has 12 or more and they are printable
+/// ASCII, else nothing of it.
 pub(crate) fn masked_key(key: &str) -> String {
     match key.get(..4) {
-        Some(head) if key.len() >= 12 => format!("{head}..."),
+        Some(head) if key.len() >= 12 && head.bytes().all(|b| b.is_ascii_graphic()) => {
+            format!("{head}...")
+        }
         _ => "***".to_owned(),
     }
+}
+
+/// A value of the file that may be a secret put in the wrong place, quoted: whole when it is
+/// shorter than 12 bytes (a name, a word), else masked as [`masked_key`] masks keys.
+pub(crate) fn masked_value(value: &str) -> String {
+    if value.len() < 12 {
+        format!("{value:?}")
+    } else {
+        format!("\"{}\"", masked_key(value))
+    }
+}
+
+/// A deserializer's message with each string value it quotes (`invalid type: string "..."`)
+/// passed through [`masked_value`]: a key written in the wrong place is not printed.
+fn masked_strings(message: &str) -> String {
+    const QUOTE: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(QUOTE) {
+        let (before, after) = rest.split_at(i + QUOTE.len());
+        out.push_str(&before[..before.len() - 1]);
+        // The value ends at the last `"` before the message goes on (`", expected`).
+        let end = after
+            .find("\", expected")
+            .or_else(|| after.rfind('"'))
+            .unwrap_or(after.len());
+        out.push_str(&masked_value(&after[..end]));
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A path of the configuration, each API key in it masked (`keys[sk-l...].tier`).
@@ -930,14 +979,20 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if s == MOCK {
         return Ok(Upstream::Mock);
     }
+    // A value that isn't a URL may be a key put in the wrong place: shown masked.
+    let shown = if s.contains("://") && !s.contains('@') {
+        format!("{s:?}")
+    } else {
+        masked_value(s)
+    };
     let uri: Uri = s.parse().map_err(|_| {
-        format!("{s:?} is neither \"mock\" nor a URL (e.g. \"http://127.0.0.1:8000/v1\")")
+        format!("{shown} is neither \"mock\" nor a URL (e.g. \"http://127.0.0.1:8000/v1\")")
     })?;
     let scheme = match uri.scheme_str() {
         Some(scheme @ ("http" | "https")) => scheme,
         _ => {
             return Err(format!(
-                "{s:?} is neither \"mock\" nor an http:// or https:// URL \
+                "{shown} is neither \"mock\" nor an http:// or https:// URL \
                  (e.g. \"https://api.openai.com/v1\")"
             ))
         }

@@ -281,6 +281,24 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
     rules
 }
 
+/// The most buckets one request charges at once: the rules of the tier that has the most
+/// (a user's overrides count as a tier) plus those of the model that has the most.
+pub(crate) fn most_buckets_per_request(cfg: &Config, callers: &Callers) -> usize {
+    let per_tier = limit_tiers(cfg)
+        .values()
+        .map(|t| t.limits().iter().filter(|(_, v)| v.is_some()).count())
+        .max()
+        .unwrap_or(0);
+    let mut per_model: HashMap<&str, usize> = HashMap::new();
+    let rules = rules(cfg, callers);
+    for rule in &rules {
+        if let Some(model) = rule_model(rule.name()) {
+            *per_model.entry(model).or_default() += 1;
+        }
+    }
+    per_tier + per_model.values().copied().max().unwrap_or(0)
+}
+
 /// The metrics' observer, told each caller's configured tier: a user with overrides is
 /// limited as a tier of its own (`TIER+USER`, see [`limit_tiers`]), which is no tier of the
 /// file; counted under it, it would split the series of its tier and put user names into

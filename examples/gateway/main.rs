@@ -134,21 +134,21 @@ pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
     let callers = limits::callers(cfg);
     match limits::layer(cfg, &callers, &limits::Store::memory(cfg), &Metrics::new()) {
         Err(e) => Some(format!("rate-limit rules: {e}")),
-        // A request charges a bucket per rule at most, all at once: a memory store that
-        // can't hold them all would answer every such request 503.
-        Ok(layer)
-            if cfg.store.kind == config::StoreKind::Memory
-                && cfg.store.max_keys < layer.rules().len() =>
-        {
-            Some(format!(
-                "field `store.max_keys`: must be at least {}: one request may charge a bucket \
-                 of each of the {} rules at once",
-                layer.rules().len(),
-                layer.rules().len()
-            ))
-        }
-        Ok(_) => None,
+        Ok(_) => max_keys_problem(cfg),
     }
+}
+
+/// A memory store must hold every bucket one request charges at once (a bucket per rule of
+/// its tier and of its model): one that can't would answer every such request 503. A reload
+/// checks this again once the running `[store]` is put back in its configuration.
+pub(crate) fn max_keys_problem(cfg: &Config) -> Option<String> {
+    let most = limits::most_buckets_per_request(cfg, &limits::callers(cfg));
+    (cfg.store.kind == config::StoreKind::Memory && cfg.store.max_keys < most).then(|| {
+        format!(
+            "field `store.max_keys`: must be at least {most}: one request may charge {most} \
+             buckets at once (a bucket per rule of its tier and of its model)"
+        )
+    })
 }
 
 /// Where the requests to each model go, for `cfg`: both the start and a reload build them

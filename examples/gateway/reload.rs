@@ -126,6 +126,12 @@ impl Reloader {
                  running value"
             );
         }
+        if let Some(problem) = crate::max_keys_problem(&next) {
+            return Err(Problems {
+                source: None,
+                list: vec![problem],
+            });
+        }
         let mock_url = r.mock.url_for(&next).await.map_err(|e| Problems {
             source: None,
             list: vec![format!("could not start the mock model: {e}")],

@@ -186,8 +186,12 @@ pub(crate) fn ca_certificates(file: &Path) -> Result<RootCertStore, String> {
 
 /// A name for `api_key_header`, checked: a header name the gateway doesn't write itself.
 pub(crate) fn credential_header(name: &str) -> Result<HeaderName, String> {
-    let parsed = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        format!(
+            "{} is not a valid header name",
+            crate::config::masked_value(name)
+        )
+    })?;
     if crate::forward::is_framing(&parsed) {
         return Err(format!(
             "`{parsed}` describes the connection or the message: the gateway writes it itself"

@@ -369,6 +369,39 @@ async fn an_invalid_file_keeps_the_running_configuration() {
     up_server.shutdown().await;
 }
 
+/// `store.max_keys` needs a restart, so a reload checks the rules it brings against the
+/// running store's bound, not the file's: more rules per request than the running store can
+/// hold at once are refused instead of answering every request 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_checks_its_rules_against_the_running_store_bound() {
+    let (up_server, _up) = start_upstream().await;
+    let with = |tier: &str, max_keys: u64| {
+        config(
+            &up_server.url(),
+            &format!("[tiers.free]\n{tier}\n[keys]\nk = {{ user = \"alice\", tier = \"free\" }}\n"),
+            &format!("[store]\nmax_keys = {max_keys}\n"),
+        )
+    };
+    let file = TempConfig::new(&with("rpm = 1000\ntpm = 100000", 2));
+    let gw = Gateway::start(&["--config", file.path()]);
+    let c = client();
+    assert_eq!(status(&c, &gw, "k", "test-model").await, 200);
+
+    // A third rule with a larger bound in the file: the bound is kept at 2, so refused.
+    reload(
+        &c,
+        &gw,
+        &file,
+        &with("rpm = 1000\ntpm = 100000\nconcurrent = 5", 100),
+        "failed",
+    )
+    .await;
+    let problem = "field `store.max_keys`: must be at least 3";
+    log_where(&gw, problem, |log| has_line(log, "ERROR", problem)).await;
+    assert_eq!(status(&c, &gw, "k", "test-model").await, 200);
+    up_server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_that_need_a_restart_are_named_and_kept() {
     let (up_server, _up) = start_upstream().await;

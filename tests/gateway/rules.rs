@@ -751,8 +751,28 @@ fn configuration_errors_never_print_an_api_key() {
             line.replace(" }", ", rpm = 0 }"),
             vec!["`keys[sk-l...].rpm (user \"dora\")`", "must be > 0"],
         ),
+        // The key written where a number goes: serde quotes the value it got.
+        (
+            line.replace(" }", &format!(", rpm = \"{KEY}\" }}")),
+            vec!["invalid type: string \"sk-l...\", expected u64"],
+        ),
+        // The upstream's key put in the wrong field of a model.
+        (
+            format!("{line}\u{0}[models.m2]\nupstream = \"http://127.0.0.1:9/v1\"\napi_key_env = \"{KEY}\"\n"),
+            vec!["`models.m2.api_key_env`", "\"sk-l...\" is no such name"],
+        ),
+        (
+            format!("{line}\u{0}[models.m2]\nupstream = \"http://127.0.0.1:9/v1\"\napi_key = \"x\"\napi_key_header = \"Bearer {KEY}\"\n"),
+            vec!["`models.m2.api_key_header`", "\"Bear...\" is not a valid header name"],
+        ),
+        (
+            format!("{line}\u{0}[models.m2]\nupstream = \"{KEY}\"\n"),
+            vec!["`models.m2.upstream`", "\"sk-l...\" is neither \"mock\" nor"],
+        ),
     ] {
-        let cfg = TempConfig::new(&base.replace(&line, &bad));
+        // What follows a NUL goes at the end of the file (a table of its own).
+        let (bad, appended) = bad.split_once('\0').unwrap_or((&bad, ""));
+        let cfg = TempConfig::new(&format!("{}\n{appended}", base.replace(&line, bad)));
         let (code, out, err) = run_to_exit(&["--check-config", "--config", cfg.path()]);
         assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
         for want in wants {
