@@ -34,6 +34,8 @@
 //!                 (a request with the idempotency header is read too, for its digest)
 //!   1. tier     : TierResolver → the caller's tier, once                   (tier)
 //!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
+//!                 an adaptive concurrency rule: this replica's bucket, at the limit its
+//!                 controller holds now                                     (capacity)
 //!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip;
 //!                 a body key of an unusable body: 413/400, or the shared bucket under fallback
 //!   3. cost     : 1 per request rule and concurrency slot; CostEstimator → input and
@@ -47,8 +49,10 @@
 //!                 headers added to its response; the response body is watched for `usage`
 //!                 (JSON or SSE, incrementally) and at its end, or when dropped, the token
 //!                 charges are settled to the real usage and concurrency slots released
-//!                 (a failed attempt with an id: Store::fail_attempt)
-//!                                                                          (settle, cost::usage)
+//!                 (a failed attempt with an id: Store::fail_attempt); the time to the
+//!                 first body byte, or an overload status, is fed to the controllers of
+//!                 adaptive rules                                           (settle, cost::usage,
+//!                                                                           capacity)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
 //! Steps 1 to 4 and the answer of step 5 (headers, or the rejection) are the limiter's
@@ -67,6 +71,7 @@
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`MissingKey`] |
+//! | [`capacity`] | [`capacity::Capacity`]: a concurrency rule's limit moved per bucket by a controller (`controller.rs`: pure arithmetic on the latency and status of responses; `state.rs`: the controllers of a rule, one per key, and this replica's bucket keys) |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` watch of a response body: `json.rs` buffers the object to its closing brace, `sse.rs` splits the stream into lines with memchr and buffers one event's data, both within a bound; `document.rs` reads `usage` from either with serde_json) |
@@ -141,6 +146,29 @@
 //! assert_eq!(layer.rules().len(), 3);
 //! ```
 //!
+//! # Capacity that follows the upstream
+//!
+//! A model server's capacity moves. A concurrency rule given a [`capacity::Capacity`]
+//! ([`Rule::capacity`]) has per bucket (per model) a controller that shrinks its limit when
+//! the upstream answers 429/502/503/504 or fails, or when the time to first byte goes past
+//! a target, and grows it while answers are fast and the limit is in use, between `min` and
+//! `max`. The store enforces the limit the controller picks with the same all-or-nothing
+//! acquire, so it works with memory and Redis; each replica governs its own share. See
+//! [`capacity`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::Capacity;
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("model-slots", key::header("x-model"), Quota::concurrent(256))
+//!         .capacity(Capacity::adaptive(8, 256).latency_target(Duration::from_secs(1))))
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+//!
 //! # Responses
 //!
 //! A denial is a response, never an error (`Error = S::Error`, no `HandleErrorLayer`): 429
@@ -176,6 +204,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
+pub mod capacity;
 pub mod clock;
 pub mod cost;
 pub mod headers;

@@ -51,6 +51,7 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::capacity::Change;
 use crate::cost::usage::Usage;
 use crate::key::Key;
 use crate::rule::Unit;
@@ -164,6 +165,22 @@ pub struct SettleEvent<'a> {
     pub rules: &'a [SettledRule<'a>],
 }
 
+/// An adaptive bucket's capacity changed (see [`crate::capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CapacityEvent<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The bucket's key (this replica's: `{key}@{replica}`).
+    pub key: &'a Key,
+    /// The limit before.
+    pub old: u64,
+    /// The limit now.
+    pub new: u64,
+    /// Why.
+    pub change: Change,
+}
+
 /// Sees every decision, and the settlements (see the [module docs](self) for which requests
 /// are settled). Closures `Fn(&DecisionEvent)` are observers (of decisions only).
 pub trait Observer: Send + Sync + 'static {
@@ -175,6 +192,12 @@ pub trait Observer: Send + Sync + 'static {
     /// or was dropped: estimated vs real tokens for metrics. With
     /// [`observes_usage`](Self::observes_usage), once per admitted request.
     fn on_settle(&self, event: &SettleEvent<'_>) {
+        let _ = event;
+    }
+
+    /// Called when the controller of an adaptive bucket changes its limit (at most once per
+    /// interval and bucket), from the path of the response that completed the interval.
+    fn on_capacity(&self, event: &CapacityEvent<'_>) {
         let _ = event;
     }
 

@@ -38,10 +38,11 @@ use tokio::sync::oneshot;
 use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::algorithm::Algorithm;
+use crate::capacity::{Feedback, Signal};
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::limiter::{Limiter, Pending, Settlement, Settling};
-use crate::observe::{ModelLabel, SettleEvent, SettleOutcome, SettledRule};
+use crate::observe::{CapacityEvent, ModelLabel, SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::Unit;
 use crate::store::{Adjustment, Charge, IdempotencyKey, StoreError, StoreFuture};
@@ -107,6 +108,8 @@ pub(crate) struct Settle {
     /// Ends when the store has recorded this attempt's failure (a store doing I/O): the
     /// response waits for it (see [`Settle::take_recorded`]).
     recorded: Option<oneshot::Receiver<()>>,
+    /// For the controllers of adaptive charges, until the upstream's answer is known.
+    feedback: Option<Feedback>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -138,6 +141,7 @@ impl Settle {
             tier,
             label,
             idempotency,
+            feedback,
         } = settlement;
         Self {
             limiter,
@@ -149,6 +153,7 @@ impl Settle {
             label,
             idempotency,
             recorded: None,
+            feedback,
             parser: None,
             streamed: 0,
             responded: false,
@@ -173,6 +178,9 @@ impl Settle {
             .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
+            if is_overload(status) {
+                self.signal(Signal::Overload);
+            }
             self.finish(Ending::Failed {
                 keep_tokens: extensions.get::<KeepTokens>().is_some(),
             });
@@ -205,6 +213,7 @@ impl Settle {
 
     /// The inner service failed.
     pub(crate) fn on_error(&mut self) {
+        self.signal(Signal::Overload);
         self.finish(Ending::Failed { keep_tokens: false });
     }
 
@@ -212,6 +221,9 @@ impl Settle {
     #[inline]
     pub(crate) fn on_data(&mut self, chunk: &[u8]) {
         self.streamed = self.streamed.saturating_add(chunk.len() as u64);
+        if self.feedback.is_some() && !chunk.is_empty() {
+            self.first_byte();
+        }
         if let Some(p) = &mut self.parser {
             p.feed(chunk);
         }
@@ -232,8 +244,58 @@ impl Settle {
         }
     }
 
+    /// The first byte of the response body (or its end, when it had none) arrived: its
+    /// latency is what the adaptive controllers judge.
+    fn first_byte(&mut self) {
+        if let Some(started) = self.feedback.as_ref().map(|f| f.started) {
+            let now = self.limiter.clock.now_nanos();
+            self.signal(Signal::Latency(now.saturating_sub(started)));
+        }
+    }
+
+    /// Tells the adaptive controllers of the request's charges what the upstream's answer
+    /// said, once.
+    fn signal(&mut self, signal: Signal) {
+        let Some(feedback) = self.feedback.take() else {
+            return;
+        };
+        let now = self.limiter.clock.now_nanos();
+        for a in &feedback.cells {
+            let Some(cap) = &self.limiter.capacity[a.rule] else {
+                continue;
+            };
+            let Some((old, new, change)) = a.cell.sample(&cap.config, now, signal) else {
+                continue;
+            };
+            let Some(bucket) = self.charges.get(a.charge).map(|c| &c.bucket) else {
+                continue;
+            };
+            tracing::debug!(
+                target: "tower_llm_ratelimit",
+                rule = bucket.rule(),
+                key = %bucket.key(),
+                old,
+                new,
+                ?change,
+                "adaptive capacity changed"
+            );
+            if let Some(o) = &self.limiter.observer {
+                o.on_capacity(&CapacityEvent {
+                    rule: bucket.rule(),
+                    key: bucket.key(),
+                    old,
+                    new,
+                    change,
+                });
+            }
+        }
+    }
+
     /// The response body ended, or broke, or was dropped.
     pub(crate) fn on_end(&mut self) {
+        if self.feedback.is_some() {
+            self.first_byte();
+        }
         let usage = self.parser.as_mut().and_then(UsageParser::finish);
         self.finish(match usage {
             Some(u) => Ending::Usage(u),
@@ -297,6 +359,8 @@ impl Settle {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // Dropped before its answer, or failed without a sign of overload: nothing to tell.
+        self.feedback = None;
         let adjustments: Vec<Adjustment<'_>> = self
             .charges
             .iter()
@@ -383,6 +447,17 @@ impl Settle {
             );
         }
     }
+}
+
+/// The statuses by which an upstream (or a gateway's timeout) says it is overloaded.
+fn is_overload(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 /// Runs a store call to its end: on the spot for a synchronous store, else in a task of its

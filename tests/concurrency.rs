@@ -518,3 +518,152 @@ fn threads_across_midnight_never_overshoot_a_calendar_period() {
     }
     assert_eq!(landed.len(), 4, "{landed:?}");
 }
+
+/// An adaptive concurrency rule under 64 tasks whose upstream answers 503 to one request in
+/// three and takes 100 ms (of a manual clock) each: its limit moves all the while, within
+/// `[min, max]`, and the upstream never has more than `max` in flight. Then, the clock
+/// stopped (the limit frozen where it went), 64 tasks holding their requests open get exactly
+/// the limit admitted, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_limits_never_overshoot_while_they_move() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+    use tower_llm_ratelimit::capacity::Capacity;
+    use tower_llm_ratelimit::key::RequestView;
+    use tower_llm_ratelimit::observe::{CapacityEvent, DecisionEvent, Observer, Outcome};
+
+    const MIN: u64 = 2;
+    const MAX: u64 = 16;
+
+    #[derive(Clone, Default)]
+    struct Watch {
+        out_of_bounds: Arc<AtomicU64>,
+        changes: Arc<Mutex<Vec<u64>>>,
+    }
+    impl Observer for Watch {
+        fn on_decision(&self, e: &DecisionEvent<'_>) {
+            if e.outcome == Outcome::Admitted && !(MIN..=MAX).contains(&e.rules[0].limit) {
+                self.out_of_bounds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn on_capacity(&self, e: &CapacityEvent<'_>) {
+            self.changes.lock().unwrap().push(e.new);
+        }
+    }
+
+    let clock = ManualClock::new();
+    let watch = Watch::default();
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("slots", key::global(), Quota::concurrent(MAX)).capacity(
+                Capacity::adaptive(MIN, MAX)
+                    .latency_target(Duration::from_millis(150))
+                    .interval(Duration::from_millis(200)),
+            ),
+        )
+        .clock(clock.clone())
+        .observer(watch.clone())
+        .build()
+        .unwrap();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = {
+        let (in_flight, peak, calls) = (in_flight.clone(), peak.clone(), calls.clone());
+        let (frozen, gate) = (frozen.clone(), gate.clone());
+        tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(tower::service_fn(move |_: Request<RequestBody<String>>| {
+                let (in_flight, peak, calls, clock) = (
+                    in_flight.clone(),
+                    peak.clone(),
+                    calls.clone(),
+                    clock.clone(),
+                );
+                let (frozen, gate) = (frozen.clone(), gate.clone());
+                async move {
+                    let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    let mut res = Response::new(String::new());
+                    if frozen.load(Ordering::SeqCst) {
+                        gate.acquire().await.unwrap().forget();
+                    } else {
+                        tokio::task::yield_now().await;
+                        clock.advance(Duration::from_millis(100));
+                        if calls.fetch_add(1, Ordering::Relaxed) % 3 == 0 {
+                            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, Infallible>(res)
+                }
+            }))
+    };
+    let run = |requests: usize| {
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..requests {
+                    let res = svc
+                        .clone()
+                        .oneshot(Request::new(String::new()))
+                        .await
+                        .unwrap();
+                    admitted += u64::from(res.status() != StatusCode::TOO_MANY_REQUESTS);
+                    tokio::task::yield_now().await;
+                }
+                admitted
+            }));
+        }
+        tasks
+    };
+    for t in run(50) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(watch.out_of_bounds.load(Ordering::Relaxed), 0);
+    assert!(peak.load(Ordering::SeqCst) <= MAX);
+    let changes = watch.changes.lock().unwrap().clone();
+    assert!(changes.len() > 5, "the limit moved: {changes:?}");
+    assert!(
+        changes.iter().all(|l| (MIN..=MAX).contains(l)),
+        "{changes:?}"
+    );
+
+    // Frozen: exactly the limit in force is admitted at once.
+    let req = Request::new(());
+    let limit = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .quota
+        .limit();
+    frozen.store(true, Ordering::SeqCst);
+    peak.store(0, Ordering::SeqCst);
+    let tasks = run(1);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while in_flight.load(Ordering::SeqCst) < limit {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the limit's requests reach the upstream");
+    gate.add_permits(64);
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), limit);
+    assert!(admitted >= limit, "{admitted} admitted, limit {limit}");
+    let s = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .snapshot
+        .unwrap();
+    assert_eq!(s.remaining, s.limit, "every slot came back");
+}

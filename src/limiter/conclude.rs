@@ -9,6 +9,7 @@ use http_body_util::Full;
 
 use super::{FailurePolicy, Limiter, Plan};
 use crate::algorithm::{Algorithm, Placement};
+use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::headers::{self, RateHeaders, RuleState};
 use crate::observe::{ModelLabel, Outcome, RuleDecision};
@@ -37,6 +38,8 @@ pub(crate) struct Settlement {
     pub(crate) label: Option<ModelLabel>,
     /// The request's identity when it carries an idempotency id.
     pub(crate) idempotency: Option<IdempotencyKey>,
+    /// What to tell the controllers of its adaptive charges.
+    pub(crate) feedback: Option<Feedback>,
 }
 
 /// One charge to settle.
@@ -80,6 +83,7 @@ impl Limiter {
                         tier: plan.tier,
                         label: plan.label,
                         idempotency: None,
+                        feedback: None,
                     });
                     return Ok(Admit {
                         headers: RateHeaders::default(),
@@ -138,6 +142,12 @@ impl Limiter {
                 },
             };
             self.observe(tier, outcome, &rules);
+        }
+        if let (None, Some(f)) = (decision.denial, &plan.feedback) {
+            for a in &f.cells {
+                let s = decision.charges[a.charge].snapshot;
+                a.cell.admitted(s.limit.saturating_sub(s.remaining));
+            }
         }
         let Some(denial) = decision.denial else {
             // An attempt with an idempotency id is settled whatever its rules: its failure is
@@ -214,6 +224,7 @@ impl Limiter {
             tier: self.observes_settlements.then_some(plan.tier).flatten(),
             label: plan.label,
             idempotency: plan.idempotency,
+            feedback: plan.feedback,
         }
     }
 }

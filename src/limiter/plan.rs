@@ -6,6 +6,7 @@ use http::StatusCode;
 
 use super::Limiter;
 use crate::algorithm::Algorithm;
+use crate::capacity::{replica_key, Adapt, Feedback};
 use crate::cost::Cost;
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
@@ -37,6 +38,8 @@ pub(crate) struct Plan {
     pub(super) model: Option<String>,
     /// The request's `ModelLabel` extension, kept for the observer only.
     pub(super) label: Option<ModelLabel>,
+    /// The controllers of its adaptive charges, if it has any.
+    pub(super) feedback: Option<Feedback>,
 }
 
 /// Why the body the estimate needs can't be used.
@@ -73,6 +76,7 @@ impl Limiter {
         let mut estimate: Option<Cost> = None;
         let mut model = None;
         let mut charges = Vec::with_capacity(self.rules.len());
+        let mut feedback: Option<Feedback> = None;
         for (i, rule) in self.rules.iter().enumerate() {
             let key = match (rule.key.extract(req), problem) {
                 (Some(k), _) => k,
@@ -107,7 +111,11 @@ impl Limiter {
                 },
             };
             let (variant, quota) = rule.variant_for(tier_name);
-            let quota = *quota;
+            let mut quota = *quota;
+            let mut key = key;
+            if let Some(cap) = &self.capacity[i] {
+                self.adapt(cap, i, charges.len(), &mut key, &mut quota, &mut feedback);
+            }
             let unit = quota.unit();
             let amount = if quota.algorithm() == Algorithm::Concurrency || unit == Unit::Requests {
                 1
@@ -176,7 +184,31 @@ impl Limiter {
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
             label,
+            feedback,
         })
+    }
+
+    /// Turns an adaptive rule's charge into this replica's bucket at its current capacity,
+    /// and notes its controller for the feedback.
+    fn adapt(
+        &self,
+        cap: &crate::capacity::RuleCapacity,
+        rule: usize,
+        charge: usize,
+        key: &mut Key,
+        quota: &mut Quota,
+        feedback: &mut Option<Feedback>,
+    ) {
+        let cell = cap.cell(key);
+        *quota = quota.with_limit(quota.limit().min(cell.limit()));
+        *key = replica_key(key, &self.replica);
+        feedback
+            .get_or_insert_with(|| Feedback {
+                started: self.clock.now_nanos(),
+                cells: Vec::new(),
+            })
+            .cells
+            .push(Adapt { rule, charge, cell });
     }
 
     fn estimate(

@@ -1,0 +1,151 @@
+//! [`Capacity`]: the configuration of a concurrency rule whose limit follows the upstream.
+
+use std::time::Duration;
+
+/// The capacity of a concurrency rule ([`crate::Quota::concurrent`]): a limit of requests in
+/// flight per bucket (per model, say) that a controller moves with the upstream's answers,
+/// between `min` and `max`. Set with [`crate::Rule::capacity`]; checked by
+/// [`crate::RateLimitLayerBuilder::build`].
+///
+/// The limit applied to a request is the lower of its tier's quota limit and the bucket's
+/// current capacity. See the [module docs](crate::capacity) for how the controller moves it.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_llm_ratelimit::capacity::Capacity;
+///
+/// let c = Capacity::adaptive(4, 64).latency_target(Duration::from_millis(800));
+/// assert_eq!((c.min(), c.max()), (4, 64));
+/// assert_eq!(c.initial_limit(), 64);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capacity {
+    pub(crate) min: u64,
+    pub(crate) max: u64,
+    pub(crate) initial: Option<u64>,
+    pub(crate) latency_target: Option<Duration>,
+    pub(crate) latency_tolerance: f64,
+    pub(crate) interval: Duration,
+    pub(crate) decrease: f64,
+    pub(crate) baseline_window: Duration,
+}
+
+impl Capacity {
+    /// A capacity between `min` and `max` requests in flight, starting at `max`.
+    pub fn adaptive(min: u64, max: u64) -> Self {
+        Self {
+            min,
+            max,
+            initial: None,
+            latency_target: None,
+            latency_tolerance: 1.5,
+            interval: Duration::from_secs(1),
+            decrease: 0.8,
+            baseline_window: Duration::from_secs(60),
+        }
+    }
+
+    /// A capacity that never moves: `limit` requests in flight.
+    pub fn fixed(limit: u64) -> Self {
+        Self::adaptive(limit, limit)
+    }
+
+    /// The limit before any feedback (default `max`).
+    pub fn initial(mut self, limit: u64) -> Self {
+        self.initial = Some(limit);
+        self
+    }
+
+    /// The time to the response head (first byte) the controller holds the mean latency to.
+    /// Without it, the target is [`latency_tolerance`](Self::latency_tolerance) times the
+    /// lowest latency observed.
+    pub fn latency_target(mut self, target: Duration) -> Self {
+        self.latency_target = Some(target);
+        self
+    }
+
+    /// Without a [`latency_target`](Self::latency_target): how many times the lowest
+    /// latency observed the mean may reach before the limit shrinks (default 1.5; > 1).
+    pub fn latency_tolerance(mut self, tolerance: f64) -> Self {
+        self.latency_tolerance = tolerance;
+        self
+    }
+
+    /// How long feedback is gathered before the controller judges it (default 1 s): the
+    /// limit changes at most once per interval, so a burst of failures of requests sent
+    /// together shrinks it once. Make it longer than a typical time to first byte.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// What the limit is multiplied by when the upstream signals overload (429, 503, 504,
+    /// an error) in an interval (default 0.8; in (0, 1)).
+    pub fn decrease(mut self, factor: f64) -> Self {
+        self.decrease = factor;
+        self
+    }
+
+    /// How often the lowest latency (the baseline of the tolerance) is measured afresh
+    /// (default 60 s): the baseline is the lowest of this window and the one before.
+    pub fn baseline_window(mut self, window: Duration) -> Self {
+        self.baseline_window = window;
+        self
+    }
+
+    /// The lowest limit.
+    pub fn min(&self) -> u64 {
+        self.min
+    }
+
+    /// The highest limit.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// The limit before any feedback.
+    pub fn initial_limit(&self) -> u64 {
+        self.initial.unwrap_or(self.max)
+    }
+
+    /// Whether the limit can move at all.
+    pub fn is_adaptive(&self) -> bool {
+        self.min < self.max
+    }
+
+    /// What is wrong with this configuration, if anything.
+    pub(crate) fn problem(&self) -> Option<String> {
+        let s = self;
+        if s.min == 0 {
+            return Some("min must be > 0".into());
+        }
+        if s.min > s.max {
+            return Some(format!("min {} is above max {}", s.min, s.max));
+        }
+        if let Some(i) = s.initial.filter(|&i| i < s.min || i > s.max) {
+            return Some(format!(
+                "initial {i} is outside [min, max] = [{}, {}]",
+                s.min, s.max
+            ));
+        }
+        if s.latency_target == Some(Duration::ZERO) {
+            return Some("latency_target must be > 0".into());
+        }
+        if s.latency_tolerance.is_nan() || s.latency_tolerance <= 1.0 {
+            return Some(format!(
+                "latency_tolerance must be > 1, got {}",
+                s.latency_tolerance
+            ));
+        }
+        if s.interval.is_zero() {
+            return Some("interval must be > 0".into());
+        }
+        if s.baseline_window.is_zero() {
+            return Some("baseline_window must be > 0".into());
+        }
+        if !(s.decrease > 0.0 && s.decrease < 1.0) {
+            return Some(format!("decrease must be in (0, 1), got {}", s.decrease));
+        }
+        None
+    }
+}

@@ -1,0 +1,85 @@
+//! Adaptive capacity: a concurrency limit that follows the upstream.
+//!
+//! A model server's real capacity moves (prompt lengths, batch mix, a replica going away).
+//! A concurrency rule ([`crate::Quota::concurrent`]) given a [`Capacity`]
+//! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
+//! picks the current limit from what the upstream answers: the time to the first byte of
+//! each response body, and its status. It shrinks the limit multiplicatively on 429, 503,
+//! 504 or an error of the inner service, and in proportion when the mean latency goes past
+//! the target; it grows it while responses come back within the target and the limit is in
+//! use; always within `[min, max]`, and at most once per interval (see the controller's
+//! rules below).
+//!
+//! The controller is local to the layer and only picks the limit; the store enforces it
+//! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
+//! adaptive capacity works with the memory store and with Redis alike.
+//!
+//! # Several replicas on one Redis
+//!
+//! Each layer (each process) governs **its own share** of a model's capacity: its
+//! controller sees only the latency of its own requests, so its adaptive buckets are keyed
+//! per replica, `{key}@{replica}`, the replica id being the layer's
+//! ([`crate::RateLimitLayerBuilder::replica_id`], default a random id per layer). Two
+//! gateways in front of one model server thus each find their own limit, and together
+//! stay under what the server sustains: when it saturates, both see its latency rise and
+//! both shrink. Redis still reclaims the slots of a replica that died (the lease). To cap
+//! the replicas' sum as well, add a second, static concurrency rule on the same key.
+//!
+//! # What is visible
+//!
+//! The current limit is the `limit` of the rule's charge: [`crate::RateLimitLayer::status`]
+//! reports it as the quota's limit and the snapshot's, the rate-limit headers carry it
+//! (`RateLimit-Policy`'s `q`, `x-ratelimit-limit-requests` when it is the tightest request
+//! rule), the observer's [`crate::observe::RuleDecision::limit`] too, and
+//! [`crate::observe::Observer::on_capacity`] hears every change, with its cause.
+//!
+//! # The controller
+//!
+//! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged
+//! at its end:
+//!
+//! - an overload status or an inner error in the interval: the limit is multiplied by
+//!   [`Capacity::decrease`] (default 0.8);
+//! - else, a mean latency past the target: the limit is scaled by `target / latency` (by
+//!   1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
+//!   this lands the limit where the latency meets its target in about one step (the
+//!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
+//! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
+//!   (at least 1) within 10% of the last limit found overloaded, so that it settles near the
+//!   capacity rather than swinging past it; 10% past that mark, it is forgotten.
+//!
+//! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
+//! lowest latency seen in the current or the previous [`Capacity::baseline_window`]. With a
+//! latency growing in proportion to the load past the capacity, the limit settles at about
+//! `target / unloaded latency x capacity`: a target 5% above the unloaded latency keeps it
+//! within 10% of the capacity. A server that halves its capacity is followed within a few
+//! intervals; one that doubles it back is regained within about fifteen (the controller's
+//! simulation tests check both).
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::Capacity;
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(
+//!         Rule::new("model-slots", key::header("x-model"), Quota::concurrent(64))
+//!             .capacity(Capacity::adaptive(4, 64).latency_target(Duration::from_millis(800))),
+//!     )
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(layer.rules()[0].capacity_config().map(Capacity::max), Some(64));
+//! ```
+
+mod config;
+mod controller;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use self::config::Capacity;
+pub use self::controller::Change;
+pub(crate) use self::controller::Signal;
+pub(crate) use self::state::{random_replica_id, replica_key, Adapt, Feedback, RuleCapacity};

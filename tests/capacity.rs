@@ -1,0 +1,304 @@
+//! Adaptive capacity through the layer: the feedback of responses moves a concurrency
+//! rule's limit, which status, headers and the observer show; replicas on one real Redis
+//! govern their own shares. Time is a `ManualClock` the upstream advances.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::{Service, ServiceExt};
+use tower_llm_ratelimit::capacity::Capacity;
+use tower_llm_ratelimit::clock::ManualClock;
+use tower_llm_ratelimit::key::RequestView;
+use tower_llm_ratelimit::observe::{CapacityEvent, Change, DecisionEvent, Observer};
+use tower_llm_ratelimit::{key, BuildError, Quota, RateLimitLayer, RequestBody, Rule};
+
+/// An upstream that answers the status in `x-status` (200 by default) after advancing the
+/// clock by `x-latency-ms`.
+fn upstream(
+    clock: ManualClock,
+) -> impl Service<
+    Request<RequestBody<String>>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |req: Request<RequestBody<String>>| {
+        let clock = clock.clone();
+        async move {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            };
+            clock.advance(Duration::from_millis(header("x-latency-ms").unwrap_or(0)));
+            let mut res = Response::new("data: {}\n\n".to_owned());
+            *res.status_mut() =
+                StatusCode::from_u16(header("x-status").unwrap_or(200) as u16).unwrap();
+            Ok::<_, Infallible>(res)
+        }
+    })
+}
+
+fn request(status: u16, latency_ms: u64) -> Request<String> {
+    Request::builder()
+        .header("x-model", "m")
+        .header("x-status", status.to_string())
+        .header("x-latency-ms", latency_ms.to_string())
+        .body(String::new())
+        .unwrap()
+}
+
+/// A change of capacity: bucket key, old limit, new limit, why.
+type Seen = (String, u64, u64, Change);
+
+#[derive(Default, Clone)]
+struct Changes(Arc<Mutex<Vec<Seen>>>);
+
+impl Observer for Changes {
+    fn on_decision(&self, _: &DecisionEvent<'_>) {}
+
+    fn on_capacity(&self, e: &CapacityEvent<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((e.key.to_string(), e.old, e.new, e.change));
+    }
+}
+
+fn rule(cap: Capacity) -> Rule {
+    Rule::new("model-slots", key::header("x-model"), Quota::concurrent(8)).capacity(cap)
+}
+
+async fn limit_in_status(layer: &RateLimitLayer) -> (u64, String) {
+    let req = request(200, 0);
+    let status = layer.status(RequestView::from_request(&req)).await.unwrap();
+    (
+        status[0].quota.limit(),
+        status[0].key.as_ref().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn overloads_shrink_the_limit_once_per_interval_and_everyone_sees_it() {
+    let clock = ManualClock::new();
+    let changes = Changes::default();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(2, 8).latency_target(Duration::from_millis(100)),
+        ))
+        .clock(clock.clone())
+        .replica_id("r1")
+        .observer(changes.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(clock.clone()));
+    assert_eq!(limit_in_status(&layer).await, (8, "m@r1".to_owned()));
+
+    // Five 503s within the first second, then one after it: one cut, 8 x 0.8.
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(request(503, 10)).await.unwrap();
+        assert_eq!(res.status(), 503);
+    }
+    clock.advance(Duration::from_secs(1));
+    svc.clone().oneshot(request(503, 10)).await.unwrap();
+    assert_eq!(
+        *changes.0.lock().unwrap(),
+        vec![("m@r1".to_owned(), 8, 6, Change::Overload)]
+    );
+    assert_eq!(limit_in_status(&layer).await.0, 6);
+    // The IETF headers carry concurrency rules (`x-ratelimit-*` only rates).
+    let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+    assert!(
+        res.headers()["ratelimit-policy"]
+            .to_str()
+            .unwrap()
+            .contains("q=6"),
+        "{:?}",
+        res.headers()["ratelimit-policy"]
+    );
+    drop(res);
+
+    // Six in flight now fill the limit: a seventh is refused.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+        assert_eq!(res.status(), 200);
+        held.push(res);
+    }
+    let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(held);
+
+    // That interval had the limit in use and fast answers: 6 -> 7. Then slow answers
+    // (300 ms against a 100 ms target) cut by the gradient, by half at most: 7 -> 3 -> 2
+    // (min).
+    for _ in 0..4 {
+        clock.advance(Duration::from_secs(1));
+        svc.clone().oneshot(request(200, 300)).await.unwrap();
+        svc.clone().oneshot(request(200, 300)).await.unwrap();
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 2);
+    let seen: Vec<_> = changes
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| (c.1, c.2, c.3))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (8, 6, Change::Overload),
+            (6, 7, Change::Growth),
+            (7, 3, Change::Latency),
+            (3, 2, Change::Latency)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_limit_in_use_grows_back_while_answers_are_fast() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(1, 8)
+                .initial(2)
+                .latency_target(Duration::from_millis(100)),
+        ))
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(clock.clone()));
+    // Two requests at a time, answered in 10 ms: it grows while two is at least half
+    // the limit, to 5 (2 -> 3 -> 4 -> 5), and no further: a limit nobody uses proves
+    // nothing.
+    for _ in 0..10 {
+        let a = svc.clone().oneshot(request(200, 10)).await.unwrap();
+        let b = svc.clone().oneshot(request(200, 10)).await.unwrap();
+        assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+        drop((a, b));
+        clock.advance(Duration::from_millis(500));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 5);
+    // The whole limit in use: it grows to max, no further.
+    for _ in 0..10 {
+        let limit = limit_in_status(&layer).await.0;
+        let mut held = Vec::new();
+        for _ in 0..limit {
+            let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            held.push(res);
+        }
+        drop(held);
+        clock.advance(Duration::from_millis(500));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 8);
+}
+
+#[test]
+fn a_capacity_is_checked_at_build() {
+    let err = RateLimitLayer::builder()
+        .rule(Rule::new("rpm", key::global(), Quota::per_minute(10)).capacity(Capacity::fixed(4)))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, BuildError::InvalidCapacity { ref rule, .. } if rule == "rpm"));
+    assert!(err.to_string().contains("concurrency rule"), "{err}");
+    let err = RateLimitLayer::builder()
+        .rule(rule(Capacity::adaptive(4, 2)))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "capacity of rule `model-slots`: min 4 is above max 2"
+    );
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use support::redis::RedisServer;
+    use support::within;
+    use tower_llm_ratelimit::store::RedisStore;
+
+    async fn replica(server: &RedisServer, id: &str, clock: &ManualClock) -> RateLimitLayer {
+        let store = within(
+            "connecting to redis-server",
+            RedisStore::builder(server.url()).prefix("cap").connect(),
+        )
+        .await
+        .expect("connects");
+        RateLimitLayer::builder()
+            .rule(rule(
+                Capacity::adaptive(1, 4).latency_target(Duration::from_millis(100)),
+            ))
+            .store(store)
+            .clock(clock.clone())
+            .replica_id(id)
+            .build()
+            .unwrap()
+    }
+
+    /// Sends `n` requests and keeps their responses (their slots held).
+    async fn hold<S, B>(svc: &S, n: usize) -> (Vec<Response<B>>, Vec<u16>)
+    where
+        S: Service<Request<String>, Response = Response<B>, Error = Infallible> + Clone,
+    {
+        let mut held = Vec::new();
+        let mut statuses = Vec::new();
+        for _ in 0..n {
+            let res = within("a request", svc.clone().oneshot(request(200, 1)))
+                .await
+                .unwrap();
+            statuses.push(res.status().as_u16());
+            held.push(res);
+        }
+        (held, statuses)
+    }
+
+    /// Two processes' layers (their own stores and controllers) on one redis-server: the one
+    /// whose upstream is overloaded shrinks, the other keeps its whole share.
+    #[tokio::test]
+    async fn replicas_on_one_redis_govern_their_own_shares() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let (clock_a, clock_b) = (ManualClock::new(), ManualClock::new());
+        let a = replica(&server, "a", &clock_a).await;
+        let b = replica(&server, "b", &clock_b).await;
+        let svc_a = tower::ServiceBuilder::new()
+            .layer(a.clone())
+            .service(upstream(clock_a.clone()));
+        let svc_b = tower::ServiceBuilder::new()
+            .layer(b.clone())
+            .service(upstream(clock_b.clone()));
+
+        within("a's overloads", async {
+            svc_a.clone().oneshot(request(503, 10)).await.unwrap();
+            clock_a.advance(Duration::from_secs(1));
+            svc_a.clone().oneshot(request(503, 10)).await.unwrap();
+        })
+        .await;
+        assert_eq!(limit_in_status(&a).await, (3, "m@a".to_owned()));
+        assert_eq!(limit_in_status(&b).await, (4, "m@b".to_owned()));
+
+        // Each holds what its own limit allows, at the same time, in Redis.
+        let (_held_a, statuses_a) = hold(&svc_a, 4).await;
+        let (_held_b, statuses_b) = hold(&svc_b, 5).await;
+        assert_eq!(statuses_a, [200, 200, 200, 429]);
+        assert_eq!(statuses_b, [200, 200, 200, 200, 429]);
+        let req = request(200, 0);
+        let in_a = a.status(RequestView::from_request(&req)).await.unwrap()[0]
+            .snapshot
+            .unwrap();
+        assert_eq!((in_a.limit, in_a.remaining), (3, 0));
+    }
+}
