@@ -225,3 +225,32 @@ fn follows_the_capacity_with_the_tolerance_alone() {
         assert!(within(l, 48, 0.10), "after the drop: {l}");
     }
 }
+
+proptest::proptest! {
+    /// Whatever the upstream answers and whenever: the limit stays within `[min, max]`, and
+    /// changes at most once per interval.
+    #[test]
+    fn any_feedback_keeps_the_limit_in_bounds_and_changes_it_once_per_interval(
+        min in 1u64..20,
+        span in 0u64..100,
+        events in proptest::collection::vec((0u64..400, 0u64..2_000, proptest::bool::weighted(0.2), 0u64..200), 1..300),
+    ) {
+        let max = min + span;
+        let cfg = Capacity::adaptive(min, max).latency_target(Duration::from_millis(300));
+        let mut c = Controller::new(&cfg);
+        let mut now = 0;
+        let mut last_change: Option<u64> = None;
+        for (step_ms, latency_ms, overload, in_flight) in events {
+            now += step_ms * MS;
+            c.admitted(in_flight);
+            let signal = if overload { Signal::Overload } else { Signal::Latency(latency_ms * MS) };
+            if c.sample(&cfg, now, signal).is_some() {
+                if let Some(at) = last_change {
+                    proptest::prop_assert!(now - at >= S, "two changes within an interval");
+                }
+                last_change = Some(now);
+            }
+            proptest::prop_assert!((min..=max).contains(&c.limit()), "{} outside [{min}, {max}]", c.limit());
+        }
+    }
+}
