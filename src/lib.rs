@@ -71,7 +71,7 @@
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`MissingKey`] |
-//! | [`capacity`] | [`capacity::Capacity`]: a concurrency rule's limit moved per bucket by a controller (`controller.rs`: pure arithmetic on the latency and status of responses; `state.rs`: the controllers of a rule, one per key, and this replica's bucket keys) |
+//! | [`capacity`] | [`capacity::Capacity`]: a concurrency rule's limit moved per bucket by a controller, tiers' [`capacity::Priority`] and reserved shares past a saturation threshold (two all-or-nothing attempts: `limiter/plan.rs` plans them, `service/acquiring.rs` makes the second) (`controller.rs`: pure arithmetic on the latency and status of responses; `state.rs`: the controllers of a rule, one per key, and this replica's bucket keys) |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` watch of a response body: `json.rs` buffers the object to its closing brace, `sse.rs` splits the stream into lines with memchr and buffers one event's data, both within a bound; `document.rs` reads `usage` from either with serde_json) |
@@ -153,8 +153,9 @@
 //! the upstream answers 429/502/503/504 or fails, or when the time to first byte goes past
 //! a target, and grows it while answers are fast and the limit is in use, between `min` and
 //! `max`. The store enforces the limit the controller picks with the same all-or-nothing
-//! acquire, so it works with memory and Redis; each replica governs its own share. See
-//! [`capacity`].
+//! acquire, so it works with memory and Redis; each replica governs its own share. Tiers may
+//! get a priority and a reserved share of the capacity past a saturation threshold, so that
+//! the lowest are shed first. See [`capacity`].
 //!
 //! ```
 //! use std::time::Duration;

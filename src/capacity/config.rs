@@ -1,6 +1,52 @@
 //! [`Capacity`]: the configuration of a concurrency rule whose limit follows the upstream.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A tier's place under a saturated capacity: its priority (higher is served first from the
+/// queue) and the share of the capacity reserved for it. Set with [`Capacity::tier`].
+///
+/// ```
+/// use tower_llm_ratelimit::capacity::Priority;
+///
+/// let pro = Priority::new(2).reserve(0.6);
+/// assert_eq!((pro.level(), pro.share()), (2, 0.6));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Priority {
+    pub(crate) level: u8,
+    pub(crate) share: f64,
+    pub(crate) max_wait: Option<Duration>,
+}
+
+impl Priority {
+    /// Priority `level` (higher first), no reserved share, no waiting.
+    pub fn new(level: u8) -> Self {
+        Self {
+            level,
+            share: 0.0,
+            max_wait: None,
+        }
+    }
+
+    /// The share of the current capacity this tier keeps when the bucket is saturated, in
+    /// [0, 1] (0, the default: no reserve); the shares of a capacity's tiers add up to at
+    /// most 1.
+    pub fn reserve(mut self, share: f64) -> Self {
+        self.share = share;
+        self
+    }
+
+    /// The priority level.
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+
+    /// The reserved share (0 when none).
+    pub fn share(&self) -> f64 {
+        self.share
+    }
+}
 
 /// The capacity of a concurrency rule ([`crate::Quota::concurrent`]): a limit of requests in
 /// flight per bucket (per model, say) that a controller moves with the upstream's answers,
@@ -28,6 +74,8 @@ pub struct Capacity {
     pub(crate) interval: Duration,
     pub(crate) decrease: f64,
     pub(crate) baseline_window: Duration,
+    pub(crate) saturation: f64,
+    pub(crate) tiers: Vec<(Arc<str>, Priority)>,
 }
 
 impl Capacity {
@@ -42,6 +90,8 @@ impl Capacity {
             interval: Duration::from_secs(1),
             decrease: 0.8,
             baseline_window: Duration::from_secs(60),
+            saturation: 1.0,
+            tiers: Vec::new(),
         }
     }
 
@@ -91,6 +141,44 @@ impl Capacity {
     pub fn baseline_window(mut self, window: Duration) -> Self {
         self.baseline_window = window;
         self
+    }
+
+    /// The share of the current capacity past which the bucket counts as saturated (default
+    /// 1, in (0, 1]): below it, any caller may use idle capacity; past it, each tier is held
+    /// to its reserved share ([`Capacity::tier`]), so the tiers without one are shed first.
+    /// Only with tiers.
+    pub fn saturation(mut self, share: f64) -> Self {
+        self.saturation = share;
+        self
+    }
+
+    /// Gives callers of `tier` a priority and a reserved share of the capacity (see
+    /// [`Capacity::saturation`]). Callers of other tiers, or without one, have priority 0 and
+    /// no reserve.
+    ///
+    /// With tiers, a request is admitted when the bucket's requests in flight stay under
+    /// `saturation x capacity`, or, past it, when its tier's stay under `share x capacity`
+    /// (and the bucket's under the capacity): two all-or-nothing attempts at the store, each
+    /// charging the bucket and the tier's own bucket (`{key}@{replica}#{tier}`), the second
+    /// only after the first was refused for saturation.
+    pub fn tier(mut self, tier: impl Into<String>, priority: Priority) -> Self {
+        let tier: String = tier.into();
+        self.tiers.push((tier.into(), priority));
+        self
+    }
+
+    /// The priority of callers of `tier`, if the capacity lists it.
+    pub fn priority_of(&self, tier: Option<&str>) -> Option<&Priority> {
+        let tier = tier?;
+        self.tiers
+            .iter()
+            .find(|(name, _)| &**name == tier)
+            .map(|(_, p)| p)
+    }
+
+    /// Whether callers are sorted by tier under saturation.
+    pub(crate) fn has_tiers(&self) -> bool {
+        !self.tiers.is_empty()
     }
 
     /// The lowest limit.
@@ -145,6 +233,28 @@ impl Capacity {
         }
         if !(s.decrease > 0.0 && s.decrease < 1.0) {
             return Some(format!("decrease must be in (0, 1), got {}", s.decrease));
+        }
+        if !(s.saturation > 0.0 && s.saturation <= 1.0) {
+            return Some(format!(
+                "saturation must be in (0, 1], got {}",
+                s.saturation
+            ));
+        }
+        let mut total = 0.0;
+        for (i, (tier, p)) in s.tiers.iter().enumerate() {
+            if s.tiers[..i].iter().any(|(t, _)| t == tier) {
+                return Some(format!("tier `{tier}` is listed twice"));
+            }
+            if !(p.share >= 0.0 && p.share <= 1.0) {
+                return Some(format!(
+                    "the share of tier `{tier}` must be in [0, 1], got {}",
+                    p.share
+                ));
+            }
+            total += p.share;
+        }
+        if total > 1.0 + 1e-9 {
+            return Some(format!("the tiers' shares add up to {total}, more than 1"));
         }
         None
     }

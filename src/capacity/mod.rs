@@ -25,6 +25,44 @@
 //! both shrink. Redis still reclaims the slots of a replica that died (the lease). To cap
 //! the replicas' sum as well, add a second, static concurrency rule on the same key.
 //!
+//! # Priority under saturation
+//!
+//! A capacity may list tiers ([`Capacity::tier`]) with a [`Priority`]: a level and a
+//! reserved share of the current capacity. Below the saturation threshold
+//! ([`Capacity::saturation`], a share of the current capacity) anyone uses idle capacity;
+//! past it, each tier is held to its reserved share, so tiers without a reserve (and callers
+//! without a tier) are shed first, and a free-tier flood within its own limits can't take
+//! the premium callers' slots. It stays all or nothing at the store, in at most two
+//! attempts, each charging the rule's bucket and the tier's own bucket
+//! (`{key}@{replica}#{tier}`) together with the request's other charges:
+//!
+//! | attempt | the bucket's limit | the tier's bucket's limit |
+//! |---|---|---|
+//! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
+//! | 2, only when attempt 1 was refused by the bucket's threshold | the capacity | `floor(share x capacity)` |
+//!
+//! Headers show the bucket at its capacity (the tier's bucket is not shown); the observer
+//! sees both charges.
+//!
+//! ```
+//! use tower_llm_ratelimit::capacity::{Capacity, Priority};
+//! use tower_llm_ratelimit::{key, tier, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(
+//!         Rule::new("model-slots", key::header("x-model"), Quota::concurrent(64)).capacity(
+//!             Capacity::adaptive(4, 64)
+//!                 .saturation(0.8)
+//!                 .tier("pro", Priority::new(2).reserve(0.6))
+//!                 .tier("free", Priority::new(0).reserve(0.1)),
+//!         ),
+//!     )
+//!     .tiers(tier::header("x-tier"))
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+//!
 //! # What is visible
 //!
 //! The current limit is the `limit` of the rule's charge: [`crate::RateLimitLayer::status`]
@@ -79,7 +117,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use self::config::Capacity;
+pub use self::config::{Capacity, Priority};
 pub use self::controller::Change;
 pub(crate) use self::controller::Signal;
 pub(crate) use self::state::{random_replica_id, replica_key, Adapt, Feedback, RuleCapacity};

@@ -15,7 +15,7 @@ use crate::headers::{self, RateHeaders, RuleState};
 use crate::observe::{ModelLabel, Outcome, RuleDecision};
 use crate::reject::{Per, Rejection};
 use crate::rule::Quota;
-use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError};
+use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, Snapshot, StoreError};
 use crate::tier::Tier;
 
 /// An admitted request's headers, and its settlement if it has one.
@@ -100,15 +100,29 @@ impl Limiter {
                 ));
             }
         };
+        let reserve = plan.reserve.as_ref();
         let states = plan
             .charges
             .iter()
             .zip(&decision.charges)
-            .map(|(p, s)| RuleState {
+            .enumerate()
+            // A tier's own bucket under a capacity is the rule's business, not the caller's.
+            .filter(|(i, _)| reserve.is_none_or(|r| r.tier != *i))
+            .map(|(i, (p, s))| RuleState {
                 rule: &self.rules[p.rule].name,
                 quota: &p.quota,
                 variant: p.variant,
-                snapshot: s.snapshot,
+                // The bucket's charge at the saturation threshold: shown at the capacity.
+                snapshot: match reserve {
+                    Some(r) if r.shared == i => Snapshot {
+                        limit: r.capacity,
+                        remaining: r
+                            .capacity
+                            .saturating_sub(s.snapshot.limit.saturating_sub(s.snapshot.remaining)),
+                        ..s.snapshot
+                    },
+                    _ => s.snapshot,
+                },
                 cached: &self.quota_headers[p.rule][p.variant],
             });
         let h = headers::write(

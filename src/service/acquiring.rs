@@ -35,16 +35,52 @@ impl Acquiring {
         }
     }
 
-    /// The store's answer, and the plan back.
+    /// The store's answer, and the plan back (after the second attempt of a capacity with
+    /// tiers, when the first was refused for saturation).
     pub(crate) async fn decide(mut self) -> (Plan, Result<Decision, StoreError>) {
-        let result = std::future::poll_fn(|cx| match &mut self.pending {
-            Some((decision, _)) => decision.as_mut().poll(cx),
-            // Taken only below, once the answer is in.
-            None => Poll::Pending,
-        })
-        .await;
-        let (_, plan) = self.pending.take().expect("set until the answer is in");
-        (plan, result)
+        loop {
+            let result = std::future::poll_fn(|cx| match &mut self.pending {
+                Some((decision, _)) => decision.as_mut().poll(cx),
+                // Taken only below, once the answer is in.
+                None => Poll::Pending,
+            })
+            .await;
+            let (_, plan) = self.pending.take().expect("set until the answer is in");
+            match first_answer(&self.limiter, plan, result) {
+                Decided::Now(plan, result) => return (plan, result),
+                Decided::Later(pending, plan) => self.pending = Some((pending, plan)),
+            }
+        }
+    }
+}
+
+/// A decision taken at once (a synchronous store), or still under way.
+pub(crate) enum Decided {
+    Now(Plan, Result<Decision, StoreError>),
+    Later(PendingDecision, Plan),
+}
+
+/// Asks the store for `plan`'s charges, and again for the tier's reserve when a capacity
+/// with tiers refused it for saturation.
+pub(crate) fn acquire(limiter: &Limiter, plan: Plan) -> Decided {
+    match limiter.acquire(&plan).into_result() {
+        Ok(result) => first_answer(limiter, plan, result),
+        Err(pending) => Decided::Later(pending, plan),
+    }
+}
+
+/// What follows the store's answer to an attempt: the decision, or the second attempt.
+fn first_answer(
+    limiter: &Limiter,
+    mut plan: Plan,
+    result: Result<Decision, StoreError>,
+) -> Decided {
+    if !limiter.retry_reserved(&mut plan, &result) {
+        return Decided::Now(plan, result);
+    }
+    match limiter.acquire(&plan).into_result() {
+        Ok(result) => Decided::Now(plan, result),
+        Err(pending) => Decided::Later(pending, plan),
     }
 }
 
