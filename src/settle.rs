@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::algorithm::Algorithm;
-use crate::capacity::{Feedback, Signal};
+use crate::capacity::{Cell, Feedback, Signal};
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::limiter::{Limiter, Pending, Settlement, Settling};
@@ -110,6 +110,8 @@ pub(crate) struct Settle {
     recorded: Option<oneshot::Receiver<()>>,
     /// For the controllers of adaptive charges, until the upstream's answer is known.
     feedback: Option<Feedback>,
+    /// The adaptive buckets whose queues hear of the release.
+    released: Vec<Arc<Cell>>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -153,6 +155,10 @@ impl Settle {
             label,
             idempotency,
             recorded: None,
+            released: feedback
+                .as_ref()
+                .map(|f| f.cells.iter().map(|a| Arc::clone(&a.cell)).collect())
+                .unwrap_or_default(),
             feedback,
             parser: None,
             streamed: 0,
@@ -427,10 +433,16 @@ impl Settle {
         if !adjustments.is_empty() {
             let settling = self.limiter.store.settle(&adjustments);
             // Nobody waits for a settlement (the next request is decided as it stands).
+            // The queues of adaptive buckets hear of the release once the store has it.
+            let released = Released {
+                cells: std::mem::take(&mut self.released),
+                limiter: Arc::clone(&self.limiter),
+            };
             drop(drive(
                 &self.limiter,
                 settling,
                 "settling a rate-limit charge failed",
+                released,
             ));
         }
         if let (Some(id), Ending::Failed { .. } | Ending::Dropped) = (&self.idempotency, ending) {
@@ -444,6 +456,7 @@ impl Settle {
                 &self.limiter,
                 failing,
                 "remembering a failed attempt failed (its retry will be charged)",
+                Released::none(&self.limiter),
             );
         }
     }
@@ -467,11 +480,16 @@ fn drive(
     limiter: &Arc<Limiter>,
     call: StoreFuture<Result<(), StoreError>>,
     failure: &'static str,
+    then: Released,
 ) -> Option<oneshot::Receiver<()>> {
     match call.now() {
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => {
+            then.wake();
+            None
+        }
         Ok(Err(e)) => {
             log_failure(&e, failure);
+            then.wake();
             None
         }
         Err(pending) => match tokio::runtime::Handle::try_current() {
@@ -482,6 +500,7 @@ fn drive(
                     if let Err(e) = pending.await {
                         log_failure(&e, failure);
                     }
+                    then.wake();
                     drop(running);
                     let _ = done.send(());
                 });
@@ -495,6 +514,32 @@ fn drive(
                 None
             }
         },
+    }
+}
+
+/// The adaptive buckets whose slots a settlement gives back: their queues are woken, and
+/// their completion rates count it, once the store has the release.
+struct Released {
+    cells: Vec<Arc<Cell>>,
+    limiter: Arc<Limiter>,
+}
+
+impl Released {
+    fn none(limiter: &Arc<Limiter>) -> Self {
+        Self {
+            cells: Vec::new(),
+            limiter: Arc::clone(limiter),
+        }
+    }
+
+    fn wake(self) {
+        if self.cells.is_empty() {
+            return;
+        }
+        let now = self.limiter.clock.now_nanos();
+        for cell in &self.cells {
+            cell.released(now);
+        }
     }
 }
 

@@ -37,6 +37,18 @@ impl Priority {
         self
     }
 
+    /// How long a caller of this tier that finds no capacity may wait in the bucket's queue
+    /// for a slot (default: not at all, an immediate 429). See [`Capacity::queue_len`].
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// How long a caller of this tier may wait for a slot.
+    pub fn wait(&self) -> Option<Duration> {
+        self.max_wait
+    }
+
     /// The priority level.
     pub fn level(&self) -> u8 {
         self.level
@@ -76,6 +88,7 @@ pub struct Capacity {
     pub(crate) baseline_window: Duration,
     pub(crate) saturation: f64,
     pub(crate) tiers: Vec<(Arc<str>, Priority)>,
+    pub(crate) queue_len: usize,
 }
 
 impl Capacity {
@@ -92,6 +105,7 @@ impl Capacity {
             baseline_window: Duration::from_secs(60),
             saturation: 1.0,
             tiers: Vec::new(),
+            queue_len: 64,
         }
     }
 
@@ -164,6 +178,18 @@ impl Capacity {
     pub fn tier(mut self, tier: impl Into<String>, priority: Priority) -> Self {
         let tier: String = tier.into();
         self.tiers.push((tier.into(), priority));
+        self
+    }
+
+    /// Most requests waiting for a slot of one bucket (default 64); past it, a caller that
+    /// finds no capacity is refused at once. Waiting is per tier:
+    /// [`Priority::max_wait`]. A waiter holds no slot; each release of a slot by this layer
+    /// wakes the first waiter, by priority then arrival, which tries its charges again
+    /// (requests arriving meanwhile are not held back for it: a waiter can lose a slot to
+    /// them and wait on). At its deadline it is refused with 429 and a `Retry-After` from
+    /// the bucket's recent completion rate. A waiter whose client goes away leaves the queue.
+    pub fn queue_len(mut self, max_len: usize) -> Self {
+        self.queue_len = max_len;
         self
     }
 

@@ -63,6 +63,36 @@
 //! # let _ = layer;
 //! ```
 //!
+//! # A short queue instead of an instant 429
+//!
+//! A tier may wait for a slot: [`Priority::max_wait`]. A request of that tier refused by
+//! the capacity (the bucket full, or past the saturation threshold its tier's reserve full)
+//! waits in the bucket's queue, holding no slot, for a release of a slot by this layer or
+//! its deadline. Waiters are served by priority, then arrival: each release wakes the first
+//! waiter, which tries its charges again, and hands the wake-up on to the next if it is
+//! refused again (so a full reserve does not block the waiters behind it). The queue is
+//! bounded ([`Capacity::queue_len`], default 64): past it, an immediate 429. A waiter whose
+//! client goes away leaves the queue (a wake-up it had not used goes on to the next). At the
+//! deadline: 429. Refusals by a capacity carry a `Retry-After` from the bucket's recent
+//! completion rate: the waiters ahead and the caller, at the completions per second of the
+//! last 5 to 10 s (1 s without completions, 60 s at most).
+//!
+//! Requests that arrive while others wait are not held back for them: one may take a slot
+//! released before the woken waiter tries again (the waiter then waits on, in its place).
+//! Only releases by this layer wake waiters: with several replicas on one Redis each governs
+//! its own share, so the releases that matter are its own.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::{Capacity, Priority};
+//!
+//! let capacity = Capacity::adaptive(4, 64)
+//!     .queue_len(100)
+//!     .tier("pro", Priority::new(2).reserve(0.5).max_wait(Duration::from_secs(5)))
+//!     .tier("free", Priority::new(0).max_wait(Duration::from_millis(500)));
+//! assert_eq!(capacity.priority_of(Some("pro")).unwrap().wait(), Some(Duration::from_secs(5)));
+//! ```
+//!
 //! # What is visible
 //!
 //! The current limit is the `limit` of the rule's charge: [`crate::RateLimitLayer::status`]
@@ -113,6 +143,7 @@
 
 mod config;
 mod controller;
+mod queue;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -120,4 +151,5 @@ mod tests;
 pub use self::config::{Capacity, Priority};
 pub use self::controller::Change;
 pub(crate) use self::controller::Signal;
-pub(crate) use self::state::{random_replica_id, replica_key, Adapt, Feedback, RuleCapacity};
+pub(crate) use self::queue::Ticket;
+pub(crate) use self::state::{random_replica_id, replica_key, Adapt, Cell, Feedback, RuleCapacity};

@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use super::controller::{Change, Controller, Signal};
+use super::queue::Queue;
 use super::Capacity;
 use crate::key::Key;
 
@@ -13,11 +15,28 @@ use crate::key::Key;
 /// is logged once.
 pub(crate) const MAX_CONTROLLERS: usize = 4096;
 
-/// One bucket's controller, and its limit readable without the lock.
+/// The window over which a bucket's completion rate is measured.
+const RATE_WINDOW: u64 = 5_000_000_000;
+/// Bounds of the `Retry-After` derived from it.
+const MIN_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Requests completed in the current window and the one before.
+#[derive(Debug, Default)]
+struct Completions {
+    since: u64,
+    current: u64,
+    previous: Option<u64>,
+}
+
+/// One bucket's controller, its limit readable without the lock, its queue and its
+/// completion rate.
 #[derive(Debug)]
 pub(crate) struct Cell {
     limit: AtomicU64,
     controller: Mutex<Controller>,
+    pub(crate) queue: Arc<Queue>,
+    completions: Mutex<Completions>,
 }
 
 impl Cell {
@@ -26,7 +45,46 @@ impl Cell {
         Self {
             limit: AtomicU64::new(c.limit()),
             controller: Mutex::new(c),
+            queue: Arc::default(),
+            completions: Mutex::default(),
         }
+    }
+
+    /// A request of this bucket completed at `now` and its slot is back in the store: counts
+    /// it, and wakes a waiter.
+    pub(crate) fn released(&self, now: u64) {
+        {
+            let mut c = self
+                .completions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if now.saturating_sub(c.since) >= RATE_WINDOW {
+                c.previous = Some(std::mem::take(&mut c.current));
+                c.since = now;
+            }
+            c.current += 1;
+        }
+        self.queue.release();
+    }
+
+    /// How long a refused caller should wait: the waiters ahead of it, and itself, at the
+    /// bucket's recent completion rate; 1 s without one; at most 60 s.
+    pub(crate) fn retry_after(&self, now: u64) -> Duration {
+        let c = self
+            .completions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (count, span) = match c.previous {
+            Some(p) => (p + c.current, RATE_WINDOW + now.saturating_sub(c.since)),
+            None => (c.current, now.saturating_sub(c.since)),
+        };
+        drop(c);
+        if count == 0 || span == 0 {
+            return MIN_RETRY;
+        }
+        let ahead = self.queue.len() as f64 + 1.0;
+        let secs = ahead * span as f64 / 1e9 / count as f64;
+        Duration::from_secs_f64(secs.min(MAX_RETRY.as_secs_f64())).max(MIN_RETRY)
     }
 
     /// The current limit.

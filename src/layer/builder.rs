@@ -277,6 +277,17 @@ impl RateLimitLayerBuilder {
                 .into_iter()
                 .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
         );
+        if let Some(second) = self
+            .rules
+            .iter()
+            .filter(|r| r.capacity.as_ref().is_some_and(|c| c.has_tiers()))
+            .nth(1)
+        {
+            return Err(BuildError::InvalidCapacity {
+                rule: second.name.to_string(),
+                reason: "only one rule of a layer may have a capacity with tiers".to_owned(),
+            });
+        }
         let capacity = self
             .rules
             .iter()

@@ -100,6 +100,14 @@ impl Limiter {
                 ));
             }
         };
+        let mut decision = decision;
+        if let Some(d) = &mut decision.denial {
+            // A capacity's slots free up as requests complete: the wait is the bucket's
+            // queue at its recent completion rate, not a clock's.
+            if let Some(a) = self.capacity_of(&plan, d.index) {
+                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos()));
+            }
+        }
         let reserve = plan.reserve.as_ref();
         let states = plan
             .charges

@@ -12,6 +12,7 @@
 //! decide, a settlement (`settle.rs`) reads its store and policies. It knows none of them;
 //! it uses the lower modules (rules, keys, costs, the store, headers, rejections).
 
+mod capacity;
 mod conclude;
 mod plan;
 

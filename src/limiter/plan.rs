@@ -6,7 +6,7 @@ use http::StatusCode;
 
 use super::Limiter;
 use crate::algorithm::Algorithm;
-use crate::capacity::{replica_key, Adapt, Feedback};
+use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
@@ -41,37 +41,7 @@ pub(crate) struct Plan {
     /// The controllers of its adaptive charges, if it has any.
     pub(super) feedback: Option<Feedback>,
     /// A capacity with tiers: its saturation attempt and reserve attempt.
-    pub(super) reserve: Option<Reserve>,
-}
-
-/// The two attempts of a charge to a capacity with tiers (see `Capacity::tier`): first the
-/// bucket at the saturation threshold and the tier's bucket at the capacity; once refused
-/// for saturation, the bucket at the capacity and the tier's bucket at its reserve.
-pub(crate) struct Reserve {
-    /// The bucket's charge (its index in the plan).
-    pub(super) shared: usize,
-    /// The tier's charge.
-    pub(super) tier: usize,
-    pub(super) capacity: u64,
-    /// The tier's reserve: `floor(share x capacity)`.
-    pub(super) reserved: u64,
-    /// The second attempt is under way.
-    pub(super) second: bool,
-}
-
-/// `floor(share x capacity)`.
-fn share_of(share: f64, capacity: u64) -> u64 {
-    (share * capacity as f64).floor() as u64
-}
-
-/// The key of a tier's own bucket under a capacity with tiers: `{bucket key}#{tier}`.
-fn tier_key(key: &Key, tier: Option<&str>) -> Key {
-    let tier = tier.unwrap_or("");
-    let mut bytes = Vec::with_capacity(key.as_bytes().len() + 1 + tier.len());
-    bytes.extend_from_slice(key.as_bytes());
-    bytes.push(b'#');
-    bytes.extend_from_slice(tier.as_bytes());
-    Key::new(bytes)
+    pub(super) reserve: Option<super::capacity::Reserve>,
 }
 
 /// Why the body the estimate needs can't be used.
@@ -109,7 +79,7 @@ impl Limiter {
         let mut model = None;
         let mut charges = Vec::with_capacity(self.rules.len());
         let mut feedback: Option<Feedback> = None;
-        let mut reserve: Option<Reserve> = None;
+        let mut reserve = None;
         for (i, rule) in self.rules.iter().enumerate() {
             let key = match (rule.key.extract(req), problem) {
                 (Some(k), _) => k,
@@ -144,39 +114,22 @@ impl Limiter {
                 },
             };
             let (variant, quota) = rule.variant_for(tier_name);
-            let mut quota = *quota;
-            let mut key = key;
+            let quota = *quota;
             if let Some(cap) = &self.capacity[i] {
-                self.adapt(cap, i, charges.len(), &mut key, &mut quota, &mut feedback);
-                if cap.config.has_tiers() {
-                    // The tier's own bucket goes right after the rule's.
-                    let tier_bucket = BucketKey::new(rule.name.clone(), tier_key(&key, tier_name));
-                    let capacity = quota.limit();
-                    let share = cap.config.priority_of(tier_name).map_or(0.0, |p| p.share);
-                    let threshold = share_of(cap.config.saturation, capacity).max(1);
-                    reserve = Some(Reserve {
-                        shared: charges.len(),
-                        tier: charges.len() + 1,
-                        capacity,
-                        reserved: share_of(share, capacity),
-                        second: false,
-                    });
-                    charges.push(Planned {
-                        rule: i,
-                        variant,
-                        bucket: BucketKey::new(rule.name.clone(), key),
-                        quota: quota.with_limit(threshold),
-                        amount: 1,
-                    });
-                    charges.push(Planned {
-                        rule: i,
-                        variant,
-                        bucket: tier_bucket,
-                        quota,
-                        amount: 1,
-                    });
-                    continue;
-                }
+                let bucket = BucketKey::new(rule.name.clone(), key);
+                let at = charges.len();
+                charges.extend(self.plan_capacity(
+                    cap,
+                    i,
+                    variant,
+                    bucket,
+                    quota,
+                    tier_name,
+                    at,
+                    &mut feedback,
+                    &mut reserve,
+                ));
+                continue;
             }
             let unit = quota.unit();
             let amount = if quota.algorithm() == Algorithm::Concurrency || unit == Unit::Requests {
@@ -249,54 +202,6 @@ impl Limiter {
             feedback,
             reserve,
         })
-    }
-
-    /// After a refusal for saturation, turns `plan` into its second attempt (the tier's
-    /// reserve); false when there is none to make.
-    pub(crate) fn retry_reserved(
-        &self,
-        plan: &mut Plan,
-        result: &Result<Decision, StoreError>,
-    ) -> bool {
-        let Some(r) = &mut plan.reserve else {
-            return false;
-        };
-        let refused_for_saturation = matches!(
-            result,
-            Ok(Decision { denial: Some(d), .. }) if d.index == r.shared
-        );
-        if r.second || r.reserved == 0 || !refused_for_saturation {
-            return false;
-        }
-        r.second = true;
-        let shared = &mut plan.charges[r.shared];
-        shared.quota = shared.quota.with_limit(r.capacity);
-        let tier = &mut plan.charges[r.tier];
-        tier.quota = tier.quota.with_limit(r.reserved);
-        true
-    }
-
-    /// Turns an adaptive rule's charge into this replica's bucket at its current capacity,
-    /// and notes its controller for the feedback.
-    fn adapt(
-        &self,
-        cap: &crate::capacity::RuleCapacity,
-        rule: usize,
-        charge: usize,
-        key: &mut Key,
-        quota: &mut Quota,
-        feedback: &mut Option<Feedback>,
-    ) {
-        let cell = cap.cell(key);
-        *quota = quota.with_limit(quota.limit().min(cell.limit()));
-        *key = replica_key(key, &self.replica);
-        feedback
-            .get_or_insert_with(|| Feedback {
-                started: self.clock.now_nanos(),
-                cells: Vec::new(),
-            })
-            .cells
-            .push(Adapt { rule, charge, cell });
     }
 
     fn estimate(

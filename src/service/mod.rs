@@ -16,7 +16,7 @@ use http_body_util::Full;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use self::acquiring::{Acquiring, Decided};
+use self::acquiring::Decided;
 use crate::body::ResponseBody;
 use crate::document::Json;
 use crate::future::{Next, ResponseFuture};
@@ -160,12 +160,11 @@ where
                 }
                 Err(response) => ResponseFuture::rejected(*response),
             },
-            Decided::Later(pending, plan) => {
+            Decided::Later(acquiring) => {
                 let limiter = Arc::clone(limiter);
                 let mut inner = self.take_ready();
-                let acquiring = Acquiring::new(Arc::clone(&limiter), pending, plan);
                 ResponseFuture::deciding(Box::pin(async move {
-                    let (plan, result) = acquiring.decide().await;
+                    let (plan, result) = (*acquiring).decide().await;
                     match conclude(&limiter, plan, result, req.headers()) {
                         Ok((headers, settle)) => Next::Call(inner.call(req), headers, settle),
                         Err(response) => Next::Reject(*response),
@@ -263,11 +262,7 @@ impl<S> RateLimit<S> {
             // awaited.
             let (plan, result) = match acquiring::acquire(&limiter, plan) {
                 Decided::Now(plan, result) => (plan, result),
-                Decided::Later(pending, plan) => {
-                    Acquiring::new(Arc::clone(&limiter), pending, plan)
-                        .decide()
-                        .await
-                }
+                Decided::Later(acquiring) => (*acquiring).decide().await,
             };
             let (headers, settle) = match conclude(&limiter, plan, result, &parts.headers) {
                 Ok(admitted) => admitted,
