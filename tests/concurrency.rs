@@ -667,3 +667,111 @@ async fn adaptive_limits_never_overshoot_while_they_move() {
         .unwrap();
     assert_eq!(s.remaining, s.limit, "every slot came back");
 }
+
+/// Pro and free tasks on many threads against a capacity of 8 with tiers (saturation 4, pro
+/// reserve 4, free reserve 2) and a queue that holds them all: the upstream never has more
+/// than the capacity in flight, nor a tier more than the most its two attempts allow (the
+/// threshold, or its reserve), every request is served, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_tiers_and_queue_never_overshoot_under_many_tasks() {
+    use tower_llm_ratelimit::capacity::{Capacity, Priority};
+    use tower_llm_ratelimit::key::RequestView;
+    use tower_llm_ratelimit::tier;
+
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("slots", key::global(), Quota::concurrent(8)).capacity(
+                Capacity::fixed(8)
+                    .saturation(0.5)
+                    .queue_len(64)
+                    .tier(
+                        "pro",
+                        Priority::new(1)
+                            .reserve(0.5)
+                            .max_wait(Duration::from_secs(60)),
+                    )
+                    .tier(
+                        "free",
+                        Priority::new(0)
+                            .reserve(0.25)
+                            .max_wait(Duration::from_secs(60)),
+                    ),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .build()
+        .unwrap();
+    // In flight: [total, pro, free]; the most seen.
+    let now: Arc<[AtomicU64; 3]> = Arc::default();
+    let peak: Arc<[AtomicU64; 3]> = Arc::default();
+    let svc = {
+        let (now, peak) = (now.clone(), peak.clone());
+        tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(tower::service_fn(
+                move |req: Request<RequestBody<String>>| {
+                    let (now, peak) = (now.clone(), peak.clone());
+                    let t = if req.headers()["x-tier"] == "pro" {
+                        1
+                    } else {
+                        2
+                    };
+                    async move {
+                        for i in [0, t] {
+                            let n = now[i].fetch_add(1, Ordering::SeqCst) + 1;
+                            peak[i].fetch_max(n, Ordering::SeqCst);
+                        }
+                        for _ in 0..3 {
+                            tokio::task::yield_now().await;
+                        }
+                        for i in [0, t] {
+                            now[i].fetch_sub(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(Response::new(String::new()))
+                    }
+                },
+            ))
+    };
+    let mut tasks = Vec::new();
+    for n in 0..64 {
+        let svc = svc.clone();
+        let tier = if n % 2 == 0 { "pro" } else { "free" };
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..20 {
+                let req = Request::builder()
+                    .header("x-tier", tier)
+                    .body(String::new())
+                    .unwrap();
+                let res = svc.clone().oneshot(req).await.unwrap();
+                admitted += u64::from(res.status() == StatusCode::OK);
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let peaks: Vec<u64> = peak.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+    assert!(peaks[0] <= 8, "total in flight {peaks:?}");
+    assert!(
+        peaks[1] <= 4,
+        "pro: at most max(threshold 4, reserve 4): {peaks:?}"
+    );
+    assert!(
+        peaks[2] <= 4,
+        "free: at most max(threshold 4, reserve 2): {peaks:?}"
+    );
+    // The queue holds every caller, and no release is lost: all are served in the end
+    // (a lost wake-up would leave a waiter to its deadline, a minute, and a 429).
+    assert_eq!(admitted, 64 * 20);
+    let req = Request::new(());
+    let s = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .snapshot
+        .unwrap();
+    assert_eq!(s.remaining, s.limit, "every slot came back");
+}
