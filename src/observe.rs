@@ -181,6 +181,38 @@ pub struct CapacityEvent<'a> {
     pub change: Change,
 }
 
+/// How a wait in a capacity's queue ended (see [`crate::capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueOutcome {
+    /// A slot came back in time: the request was admitted.
+    Admitted,
+    /// The deadline (the tier's `max_wait`) passed: refused with 429.
+    TimedOut,
+    /// The queue was full: refused at once, without waiting.
+    Full,
+    /// The client went away while waiting.
+    Left,
+}
+
+/// A request left a capacity's queue (or found it full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueEvent<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The bucket's key (this replica's).
+    pub key: &'a Key,
+    /// The caller's tier.
+    pub tier: Option<&'a str>,
+    /// How the wait ended.
+    pub outcome: QueueOutcome,
+    /// How long it waited.
+    pub waited: Duration,
+    /// Requests still waiting in this bucket's queue.
+    pub waiting: usize,
+}
+
 /// Sees every decision, and the settlements (see the [module docs](self) for which requests
 /// are settled). Closures `Fn(&DecisionEvent)` are observers (of decisions only).
 pub trait Observer: Send + Sync + 'static {
@@ -198,6 +230,12 @@ pub trait Observer: Send + Sync + 'static {
     /// Called when the controller of an adaptive bucket changes its limit (at most once per
     /// interval and bucket), from the path of the response that completed the interval.
     fn on_capacity(&self, event: &CapacityEvent<'_>) {
+        let _ = event;
+    }
+
+    /// Called when a request leaves a capacity's queue, or finds it full: a queue wait
+    /// histogram, requests shed by tier, the queue's length.
+    fn on_queue(&self, event: &QueueEvent<'_>) {
         let _ = event;
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use tower::{Service, ServiceExt};
-use tower_llm_ratelimit::capacity::Capacity;
+use tower_llm_ratelimit::capacity::{Capacity, Priority};
 use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::key::RequestView;
 use tower_llm_ratelimit::observe::{CapacityEvent, Change, DecisionEvent, Observer};
@@ -220,6 +220,21 @@ fn a_capacity_is_checked_at_build() {
         err.to_string(),
         "capacity of rule `model-slots`: min 4 is above max 2"
     );
+    let err = RateLimitLayer::builder()
+        .rule(rule(Capacity::adaptive(1, 16)))
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "capacity of rule `model-slots`: max 16 is above the rule's quota limit 8"
+    );
+    let tiered = || Capacity::fixed(4).tier("pro", Priority::new(1).reserve(0.5));
+    let err = RateLimitLayer::builder()
+        .rule(rule(tiered()))
+        .rule(Rule::new("other", key::global(), Quota::concurrent(4)).capacity(tiered()))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("only one rule"), "{err}");
 }
 
 #[cfg(feature = "redis")]

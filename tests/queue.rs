@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_llm_ratelimit::capacity::{Capacity, Priority};
 use tower_llm_ratelimit::clock::Clock;
+use tower_llm_ratelimit::observe::{DecisionEvent, Observer, QueueEvent, QueueOutcome};
 use tower_llm_ratelimit::store::{
     Adjustment, BucketKey, Charge, Decision, MemoryStore, Snapshot, Store, StoreError, StoreFuture,
 };
@@ -56,8 +57,25 @@ impl Store for Deferred {
     }
 }
 
+/// What the observer heard of the queue: (tier, outcome, waited).
+#[derive(Clone, Default)]
+struct Queued(Arc<Mutex<Vec<(String, QueueOutcome, Duration)>>>);
+
+impl Observer for Queued {
+    fn on_decision(&self, _: &DecisionEvent<'_>) {}
+
+    fn on_queue(&self, e: &QueueEvent<'_>) {
+        assert_eq!(e.key.to_string(), "m@r");
+        self.0
+            .lock()
+            .unwrap()
+            .push((e.tier.unwrap_or("").to_owned(), e.outcome, e.waited));
+    }
+}
+
 struct Setup {
     layer: RateLimitLayer,
+    queued: Queued,
     /// The tiers of the requests the upstream received, in order.
     served: Arc<Mutex<Vec<String>>>,
 }
@@ -67,7 +85,10 @@ fn setup(queue_len: usize) -> Setup {
 }
 
 fn setup_with(queue_len: usize, store: impl Store) -> Setup {
+    let queued = Queued::default();
     let layer = RateLimitLayer::builder()
+        .observer(queued.clone())
+        .replica_id("r")
         .store(store)
         .rule(
             Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
@@ -84,6 +105,7 @@ fn setup_with(queue_len: usize, store: impl Store) -> Setup {
         .unwrap();
     Setup {
         layer,
+        queued,
         served: Arc::default(),
     }
 }
@@ -122,6 +144,10 @@ impl Setup {
 
     fn served(&self) -> Vec<String> {
         self.served.lock().unwrap().clone()
+    }
+
+    fn queue_events(&self) -> Vec<(String, QueueOutcome, Duration)> {
+        self.queued.0.lock().unwrap().clone()
     }
 }
 
@@ -168,6 +194,12 @@ async fn served_by_priority_then_arrival(s: Setup) {
         ["holder", "pro-1", "pro-2", "std-1", "free-1", "free-2"]
     );
     assert_eq!(start.elapsed(), Duration::ZERO, "served as slots came back");
+    let events = s.queue_events();
+    assert_eq!(events.len(), 5);
+    assert!(
+        events.iter().all(|e| e.1 == QueueOutcome::Admitted),
+        "{events:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -189,6 +221,14 @@ async fn a_waiter_is_refused_at_its_deadline_with_a_retry_after_from_the_complet
     );
     // 2 completions over 5 s + 1 s: 3 s each, for itself alone in the queue.
     assert_eq!(retry.as_deref(), Some("3"));
+    assert_eq!(
+        s.queue_events(),
+        [(
+            "free".to_owned(),
+            QueueOutcome::TimedOut,
+            Duration::from_secs(1)
+        )]
+    );
     assert_eq!(s.served(), ["a", "b", "holder"]);
     drop(held);
     // The queue is empty again: the slot is free for the next caller.
@@ -213,6 +253,15 @@ async fn a_waiter_whose_client_leaves_leaves_the_queue() {
     let (status, _) = support::within("the next waiter", after).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(s.served(), ["holder", "after"]);
+    let outcomes: Vec<_> = s.queue_events().into_iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("pro".to_owned(), QueueOutcome::Left),
+            ("pro".to_owned(), QueueOutcome::Left),
+            ("std".to_owned(), QueueOutcome::Admitted)
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -226,6 +275,10 @@ async fn past_its_bound_the_queue_refuses_at_once() {
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
     assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(
+        s.queue_events(),
+        [("pro".to_owned(), QueueOutcome::Full, Duration::ZERO)]
+    );
     drop(held);
     for t in waiting {
         assert_eq!(

@@ -379,6 +379,13 @@ fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
     if let Some(cap) = &rule.capacity {
         let reason = if base.algorithm() != Algorithm::Concurrency {
             Some("only a concurrency rule (`Quota::concurrent`) has a capacity".to_owned())
+        } else if cap.max() > base.limit() {
+            // The controller would move a limit the quota caps below it.
+            Some(format!(
+                "max {} is above the rule's quota limit {}",
+                cap.max(),
+                base.limit()
+            ))
         } else {
             cap.problem()
         };

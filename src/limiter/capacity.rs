@@ -11,6 +11,7 @@ use crate::capacity::{replica_key, Adapt, Cell, Feedback, RuleCapacity};
 use crate::key::Key;
 use crate::rule::Quota;
 use crate::store::{BucketKey, Decision, StoreError};
+use crate::tier::Tier;
 
 /// The two attempts of a charge to a capacity with tiers (see `Capacity::tier`): first the
 /// bucket at the saturation threshold and the tier's bucket at the capacity; once refused
@@ -32,6 +33,9 @@ pub(crate) struct Reserve {
 /// Where a refused request waits, and how.
 pub(crate) struct Wait<'a> {
     pub(crate) cell: &'a Arc<Cell>,
+    /// The bucket (for the observer).
+    pub(crate) bucket: &'a BucketKey,
+    pub(crate) tier: Option<&'a Tier>,
     pub(crate) level: u8,
     pub(crate) max_wait: Duration,
     pub(crate) max_len: usize,
@@ -179,6 +183,8 @@ impl Limiter {
         let priority = config.priority_of(plan.tier.as_ref().map(|t| t.as_str()))?;
         Some(Wait {
             cell: &adapt.cell,
+            bucket: &plan.charges.get(adapt.charge)?.bucket,
+            tier: plan.tier.as_ref(),
             level: priority.level,
             max_wait: priority.max_wait?,
             max_len: config.queue_len,

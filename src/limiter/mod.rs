@@ -135,10 +135,11 @@ pub struct RuleStatus {
     pub rule: String,
     /// What it counts.
     pub unit: Unit,
-    /// The quota applied to this caller (tier resolved).
+    /// The quota applied to this caller (tier resolved; for a rule with a
+    /// [`Capacity`](crate::capacity::Capacity), at the bucket's current capacity).
     pub quota: Quota,
     /// The caller's bucket key (`None` when the key is missing and the rule would reject or
-    /// skip the request).
+    /// skip the request; for a rule with a capacity, this replica's: `{key}@{replica}`).
     pub key: Option<Key>,
     /// The bucket's state (`None` when `key` is `None`).
     pub snapshot: Option<Snapshot>,

@@ -9,9 +9,11 @@ use std::task::Poll;
 use http::HeaderMap;
 
 use super::conclude;
-use crate::capacity::Ticket;
+use crate::capacity::{Cell, Ticket};
 use crate::limiter::{Limiter, Plan, Settling};
-use crate::store::{Decision, StoreError};
+use crate::observe::{QueueEvent, QueueOutcome};
+use crate::store::{BucketKey, Decision, StoreError};
+use crate::tier::Tier;
 
 /// A store's answer still to come.
 pub(crate) type PendingDecision =
@@ -57,6 +59,7 @@ fn settled_or_queued(
             pending: None,
             answered: Some((plan, result)),
             ticket: None,
+            queued: None,
         }))
     } else {
         Decided::Now(plan, result)
@@ -79,6 +82,16 @@ pub(crate) struct Acquiring {
     answered: Option<(Plan, Result<Decision, StoreError>)>,
     /// Its place in a capacity's queue, once it waits.
     ticket: Option<Ticket>,
+    /// Where and since when it waits, for the observer.
+    queued: Option<Queued>,
+}
+
+/// A wait in a capacity's queue, as the observer hears of it.
+struct Queued {
+    cell: Arc<Cell>,
+    bucket: BucketKey,
+    tier: Option<Tier>,
+    since: tokio::time::Instant,
 }
 
 impl Acquiring {
@@ -88,7 +101,23 @@ impl Acquiring {
             pending: Some((decision, plan)),
             answered: None,
             ticket: None,
+            queued: None,
         }
+    }
+
+    /// Tells the observer how the wait ended (after the ticket is gone).
+    fn report(&self, outcome: QueueOutcome) {
+        let (Some(o), Some(q)) = (&self.limiter.observer, &self.queued) else {
+            return;
+        };
+        o.on_queue(&QueueEvent {
+            rule: q.bucket.rule(),
+            key: q.bucket.key(),
+            tier: q.tier.as_ref().map(Tier::as_str),
+            outcome,
+            waited: q.since.elapsed(),
+            waiting: q.cell.queue.len(),
+        });
     }
 
     /// Asks the store for `plan` again, keeping the answer or what will give it.
@@ -126,6 +155,7 @@ impl Acquiring {
             if matches!(&result, Ok(d) if d.is_admitted()) {
                 if let Some(ticket) = self.ticket.take() {
                     ticket.admitted();
+                    self.report(QueueOutcome::Admitted);
                 }
                 return (plan, result);
             }
@@ -136,8 +166,18 @@ impl Acquiring {
                 Some(ticket) if woken => ticket.refused(),
                 Some(_) => {}
                 None => {
-                    let Some(ticket) = wait.cell.queue.enter(wait.level, wait.max_len) else {
+                    let entered = wait.cell.queue.enter(wait.level, wait.max_len);
+                    if self.limiter.observer.is_some() {
+                        self.queued = Some(Queued {
+                            cell: Arc::clone(wait.cell),
+                            bucket: wait.bucket.clone(),
+                            tier: wait.tier.cloned(),
+                            since: tokio::time::Instant::now(),
+                        });
+                    }
+                    let Some(ticket) = entered else {
                         // The queue is full: refused at once.
+                        self.report(QueueOutcome::Full);
                         return (plan, result);
                     };
                     self.ticket = Some(ticket);
@@ -160,6 +200,7 @@ impl Acquiring {
                 // The deadline: the last refusal stands (leaving the queue hands on a
                 // wake-up it had).
                 self.ticket = None;
+                self.report(QueueOutcome::TimedOut);
                 return (plan, result);
             }
             woken = true;
@@ -171,6 +212,11 @@ impl Acquiring {
 
 impl Drop for Acquiring {
     fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            // The client went away while waiting.
+            drop(ticket);
+            self.report(QueueOutcome::Left);
+        }
         let Some((decision, plan)) = self.pending.take() else {
             return;
         };
