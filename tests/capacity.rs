@@ -317,3 +317,32 @@ mod redis {
         assert_eq!((in_a.limit, in_a.remaining), (3, 0));
     }
 }
+
+#[tokio::test]
+async fn client_errors_say_nothing_of_the_upstreams_load() {
+    let clock = ManualClock::new();
+    let changes = Changes::default();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(2, 8).latency_target(Duration::from_millis(100)),
+        ))
+        .clock(clock.clone())
+        .observer(changes.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(clock.clone()));
+    // Slow 400s and 404s over three intervals: neither overload nor latency samples.
+    for status in [400, 404, 400, 422] {
+        svc.clone().oneshot(request(status, 500)).await.unwrap();
+        clock.advance(Duration::from_secs(1));
+    }
+    assert!(changes.0.lock().unwrap().is_empty());
+    assert_eq!(limit_in_status(&layer).await.0, 8);
+    // A 502 (a gateway's upstream refusing connections) is one.
+    svc.clone().oneshot(request(502, 1)).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    svc.clone().oneshot(request(502, 1)).await.unwrap();
+    assert_eq!(limit_in_status(&layer).await.0, 6);
+}

@@ -143,8 +143,8 @@ impl Capacity {
         self
     }
 
-    /// What the limit is multiplied by when the upstream signals overload (429, 503, 504,
-    /// an error) in an interval (default 0.8; in (0, 1)).
+    /// What the limit is multiplied by when the upstream signals overload (429, 502, 503,
+    /// 504, an error) in an interval (default 0.8; in (0, 1)).
     pub fn decrease(mut self, factor: f64) -> Self {
         self.decrease = factor;
         self

@@ -5,7 +5,7 @@
 //! Feedback is gathered over an interval ([`Capacity::interval`]) and judged once at its end,
 //! so that a burst of failures of requests admitted together counts as one signal:
 //!
-//! - an overload status (429, 503, 504, an inner error): the limit is multiplied by
+//! - an overload status (429, 502, 503, 504, an inner error): the limit is multiplied by
 //!   [`Capacity::decrease`];
 //! - else a mean latency past the target: the limit is scaled by `target / latency` (at least
 //!   by 1/2). Past a server's capacity, its latency grows with the load in proportion, so
@@ -27,7 +27,7 @@ use super::Capacity;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Change {
-    /// The upstream answered 429, 503 or 504, or failed.
+    /// The upstream answered 429, 502, 503 or 504, or failed.
     Overload,
     /// The mean time to the response head went past the latency target.
     Latency,
@@ -41,7 +41,7 @@ pub(crate) enum Signal {
     /// A response head arrived after this many nanoseconds, with a status that says nothing
     /// of overload.
     Latency(u64),
-    /// 429, 503, 504, or the inner service failed.
+    /// 429, 502, 503, 504, or the inner service failed.
     Overload,
 }
 

@@ -4,8 +4,8 @@
 //! A concurrency rule ([`crate::Quota::concurrent`]) given a [`Capacity`]
 //! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
 //! picks the current limit from what the upstream answers: the time to the first byte of
-//! each response body, and its status. It shrinks the limit multiplicatively on 429, 503,
-//! 504 or an error of the inner service, and in proportion when the mean latency goes past
+//! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
+//! 503, 504 or an error of the inner service, and in proportion when the mean latency goes past
 //! the target; it grows it while responses come back within the target and the limit is in
 //! use; always within `[min, max]`, and at most once per interval (see the controller's
 //! rules below).
@@ -96,10 +96,11 @@
 //! # What is visible
 //!
 //! The current limit is the `limit` of the rule's charge: [`crate::RateLimitLayer::status`]
-//! reports it as the quota's limit and the snapshot's, the rate-limit headers carry it
-//! (`RateLimit-Policy`'s `q`, `x-ratelimit-limit-requests` when it is the tightest request
-//! rule), the observer's [`crate::observe::RuleDecision::limit`] too, and
-//! [`crate::observe::Observer::on_capacity`] hears every change, with its cause.
+//! reports it as the quota's limit and the snapshot's, the IETF rate-limit headers carry it
+//! (`RateLimit-Policy`'s `q`, `RateLimit`'s `r`; the `x-ratelimit-*` headers show rates
+//! only), the observer's [`crate::observe::RuleDecision::limit`] too,
+//! [`crate::observe::Observer::on_capacity`] hears every change, with its cause, and
+//! [`crate::observe::Observer::on_queue`] every wait in a queue.
 //!
 //! # The controller
 //!
