@@ -113,6 +113,26 @@ async fn shares_hold_under_saturation_in_redis() {
     shares_hold_under_saturation(layer(store)).await;
 }
 
+/// On a Redis Cluster: the tier's bucket shares the rule's bucket's key, so both are decided
+/// in one slot's call.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_hold_under_saturation_in_a_redis_cluster() {
+    use support::redis::RedisCluster;
+    use tower_llm_ratelimit::store::RedisStore;
+
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let store = support::within(
+        "connecting to the cluster",
+        RedisStore::cluster(cluster.urls()).prefix("prio").connect(),
+    )
+    .await
+    .expect("connects");
+    shares_hold_under_saturation(layer(store)).await;
+}
+
 #[test]
 fn shares_are_checked_at_build() {
     let build = |cap: Capacity| {

@@ -173,7 +173,7 @@ impl Capacity {
     /// With tiers, a request is admitted when the bucket's requests in flight stay under
     /// `saturation x capacity`, or, past it, when its tier's stay under `share x capacity`
     /// (and the bucket's under the capacity): two all-or-nothing attempts at the store, each
-    /// charging the bucket and the tier's own bucket (`{key}@{replica}#{tier}`), the second
+    /// charging the bucket and the tier's own bucket (`{rule}#{tier}`), the second
     /// only after the first was refused for saturation.
     pub fn tier(mut self, tier: impl Into<String>, priority: Priority) -> Self {
         let tier: String = tier.into();

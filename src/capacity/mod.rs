@@ -34,7 +34,8 @@
 //! without a tier) are shed first, and a free-tier flood within its own limits can't take
 //! the premium callers' slots. It stays all or nothing at the store, in at most two
 //! attempts, each charging the rule's bucket and the tier's own bucket
-//! (`{key}@{replica}#{tier}`) together with the request's other charges:
+//! (its rule named `{rule}#{tier}`, its key the bucket's, so that a Redis Cluster
+//! decides both in one call) together with the request's other charges:
 //!
 //! | attempt | the bucket's limit | the tier's bucket's limit |
 //! |---|---|---|

@@ -125,17 +125,34 @@ impl Cell {
 #[derive(Debug)]
 pub(crate) struct RuleCapacity {
     pub(crate) config: Capacity,
+    /// The namespaces of the tiers' own buckets, `{rule}#{tier}`, and `{rule}#` for callers
+    /// of other tiers or none: a tier's bucket has the same key as the rule's, so that on a
+    /// Redis Cluster both share a slot (one script call).
+    tier_rules: Vec<(Arc<str>, Arc<str>)>,
+    other_tiers: Arc<str>,
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
     warned_full: std::sync::atomic::AtomicBool,
 }
 
 impl RuleCapacity {
-    pub(crate) fn new(config: Capacity) -> Self {
+    pub(crate) fn new(config: Capacity, rule: &str) -> Self {
         Self {
+            tier_rules: config
+                .tiers
+                .iter()
+                .map(|(t, _)| (Arc::clone(t), format!("{rule}#{t}").into()))
+                .collect(),
+            other_tiers: format!("{rule}#").into(),
             config,
             cells: RwLock::new(HashMap::new()),
             warned_full: Default::default(),
         }
+    }
+
+    /// The namespace of the own buckets of callers of `tier`.
+    pub(crate) fn tier_rule(&self, tier: Option<&str>) -> &Arc<str> {
+        tier.and_then(|t| self.tier_rules.iter().find(|(name, _)| &**name == t))
+            .map_or(&self.other_tiers, |(_, rule)| rule)
     }
 
     /// The controller of bucket `key`, made on first use.

@@ -291,7 +291,7 @@ impl RateLimitLayerBuilder {
         let capacity = self
             .rules
             .iter()
-            .map(|r| r.capacity.clone().map(RuleCapacity::new))
+            .map(|r| r.capacity.clone().map(|c| RuleCapacity::new(c, &r.name)))
             .collect();
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())

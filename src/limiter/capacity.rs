@@ -8,7 +8,6 @@ use std::time::Duration;
 use super::plan::Planned;
 use super::{Limiter, Plan};
 use crate::capacity::{replica_key, Adapt, Cell, Feedback, RuleCapacity};
-use crate::key::Key;
 use crate::rule::Quota;
 use crate::store::{BucketKey, Decision, StoreError};
 use crate::tier::Tier;
@@ -44,16 +43,6 @@ pub(crate) struct Wait<'a> {
 /// `floor(share x capacity)`.
 fn share_of(share: f64, capacity: u64) -> u64 {
     (share * capacity as f64).floor() as u64
-}
-
-/// The key of a tier's own bucket under a capacity with tiers: `{bucket key}#{tier}`.
-fn tier_key(key: &Key, tier: Option<&str>) -> Key {
-    let tier = tier.unwrap_or("");
-    let mut bytes = Vec::with_capacity(key.as_bytes().len() + 1 + tier.len());
-    bytes.extend_from_slice(key.as_bytes());
-    bytes.push(b'#');
-    bytes.extend_from_slice(tier.as_bytes());
-    Key::new(bytes)
 }
 
 impl Limiter {
@@ -109,7 +98,10 @@ impl Limiter {
                 second: false,
             });
             first_quota = quota.with_limit(threshold);
-            tier_charge = Some(planned(bucket.with_key(tier_key(&key, tier)), quota));
+            tier_charge = Some(planned(
+                BucketKey::new(Arc::clone(cap.tier_rule(tier)), key.clone()),
+                quota,
+            ));
         }
         std::iter::once(planned(bucket.with_key(key), first_quota)).chain(tier_charge)
     }
@@ -139,20 +131,42 @@ impl Limiter {
         true
     }
 
-    /// Turns `plan` back into its first attempt, for a waiter trying again: the latency of
-    /// its answer counts from now, not from its arrival.
+    /// Turns `plan` back into its first attempt, at the capacities in force now, for a
+    /// waiter trying again: the latency of its answer counts from now, not from its arrival.
     pub(crate) fn retry_from_queue(&self, plan: &mut Plan) {
-        if let Some(r) = &mut plan.reserve {
-            if r.second {
-                r.second = false;
-                let shared = &mut plan.charges[r.shared];
-                shared.quota = shared.quota.with_limit(r.threshold);
-                let tier = &mut plan.charges[r.tier];
-                tier.quota = tier.quota.with_limit(r.capacity);
+        let tier = plan.tier.as_ref().map(|t| t.as_str());
+        let Some(f) = &mut plan.feedback else {
+            return;
+        };
+        f.started = self.clock.now_nanos();
+        for a in &f.cells {
+            let Some(cap) = &self.capacity[a.rule] else {
+                continue;
+            };
+            let capacity = self.rules[a.rule]
+                .quota_for(tier)
+                .limit()
+                .min(a.cell.limit());
+            match &mut plan.reserve {
+                Some(r) if r.shared == a.charge => {
+                    let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
+                    *r = Reserve {
+                        capacity,
+                        threshold: share_of(cap.config.saturation, capacity).max(1),
+                        reserved: share_of(share, capacity),
+                        second: false,
+                        ..*r
+                    };
+                    let shared = &mut plan.charges[r.shared];
+                    shared.quota = shared.quota.with_limit(r.threshold);
+                    let own = &mut plan.charges[r.tier];
+                    own.quota = own.quota.with_limit(r.capacity);
+                }
+                _ => {
+                    let charge = &mut plan.charges[a.charge];
+                    charge.quota = charge.quota.with_limit(capacity);
+                }
             }
-        }
-        if let Some(f) = &mut plan.feedback {
-            f.started = self.clock.now_nanos();
         }
     }
 
