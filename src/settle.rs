@@ -185,7 +185,7 @@ impl Settle {
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
             if is_overload(status) {
-                self.signal(Signal::Overload);
+                self.signal(true);
             }
             self.finish(Ending::Failed {
                 keep_tokens: extensions.get::<KeepTokens>().is_some(),
@@ -219,7 +219,7 @@ impl Settle {
 
     /// The inner service failed.
     pub(crate) fn on_error(&mut self) {
-        self.signal(Signal::Overload);
+        self.signal(true);
         self.finish(Ending::Failed { keep_tokens: false });
     }
 
@@ -253,19 +253,22 @@ impl Settle {
     /// The first byte of the response body (or its end, when it had none) arrived: its
     /// latency is what the adaptive controllers judge.
     fn first_byte(&mut self) {
-        if let Some(started) = self.feedback.as_ref().map(|f| f.started) {
-            let now = self.limiter.clock.now_nanos();
-            self.signal(Signal::Latency(now.saturating_sub(started)));
-        }
+        self.signal(false);
     }
 
     /// Tells the adaptive controllers of the request's charges what the upstream's answer
-    /// said, once.
-    fn signal(&mut self, signal: Signal) {
+    /// said (overload, or its latency), once.
+    fn signal(&mut self, overload: bool) {
         let Some(feedback) = self.feedback.take() else {
             return;
         };
         let now = self.limiter.clock.now_nanos();
+        let elapsed = now.saturating_sub(feedback.started);
+        let signal = if overload {
+            Signal::Overload(elapsed)
+        } else {
+            Signal::Latency(elapsed)
+        };
         for a in &feedback.cells {
             let Some(cap) = &self.limiter.capacity[a.rule] else {
                 continue;

@@ -346,3 +346,114 @@ async fn client_errors_say_nothing_of_the_upstreams_load() {
     svc.clone().oneshot(request(502, 1)).await.unwrap();
     assert_eq!(limit_in_status(&layer).await.0, 6);
 }
+
+/// Adaptive capacity's time on tokio's (paused) clock.
+#[derive(Debug)]
+struct TokioClock(tokio::time::Instant);
+
+impl tower_llm_ratelimit::clock::Clock for TokioClock {
+    fn now_nanos(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+/// The whole layer against a simulated model server on tokio's paused clock: up to its
+/// capacity it answers in 200 ms, past it every request slows in proportion (a GPU's
+/// batch); its capacity is 64, then 32 from 60 s, then 64 again from 120 s. 100 callers
+/// send without pause (a 429 is retried after 50 ms). The limit settles within 10% of the
+/// capacity within 10 s of the drop, and regains it within 30 s of the recovery.
+#[tokio::test(start_paused = true)]
+async fn the_layer_follows_a_simulated_server_whose_capacity_halves_then_comes_back() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::time::Instant;
+
+    const S: u64 = 1_000;
+    let start = Instant::now();
+    let capacity_at = move |now: Instant| -> u64 {
+        match now.duration_since(start).as_secs() {
+            0..60 => 64,
+            60..120 => 32,
+            _ => 64,
+        }
+    };
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new(
+                "model-slots",
+                key::header("x-model"),
+                Quota::concurrent(128),
+            )
+            .capacity(Capacity::adaptive(1, 128).latency_target(Duration::from_millis(210))),
+        )
+        .clock(TokioClock(start))
+        .build()
+        .unwrap();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let server = {
+        let in_flight = in_flight.clone();
+        tower::service_fn(move |_: Request<RequestBody<String>>| {
+            let in_flight = in_flight.clone();
+            async move {
+                let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                let c = capacity_at(Instant::now());
+                let ms = 200 * n.max(c) / c;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new("data: {}\n\n".to_owned()))
+            }
+        })
+    };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(server);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for _ in 0..100 {
+        let (svc, stop) = (svc.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let res = svc.clone().oneshot(request(200, 0)).await.unwrap();
+                if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    // The limit every 100 ms for 200 s.
+    let mut trace = Vec::new();
+    for tick in 0..2_000u64 {
+        tokio::time::sleep_until(start + Duration::from_millis(tick * 100)).await;
+        trace.push((tick * 100, limit_in_status(&layer).await.0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        support::within("a caller", c).await.unwrap();
+    }
+    let within = |l: u64, c: u64| (l as f64 - c as f64).abs() <= c as f64 * 0.10;
+    let first = |from: u64, c: u64| {
+        trace
+            .iter()
+            .find(|&&(t, l)| t >= from && within(l, c))
+            .map(|&(t, _)| t - from)
+    };
+    let all = |from: u64, to: u64, c: u64| {
+        trace
+            .iter()
+            .filter(|&&(t, _)| (from..to).contains(&t))
+            .all(|&(_, l)| within(l, c))
+    };
+    let show = |from: u64, to: u64| -> Vec<u64> {
+        trace
+            .iter()
+            .filter(|&&(t, _)| (from..to).contains(&t))
+            .map(|&(_, l)| l)
+            .collect()
+    };
+    assert!(all(40 * S, 60 * S, 64), "{:?}", show(40 * S, 60 * S));
+    let settled = first(60 * S, 32).expect("settles on 32");
+    assert!(settled < 10 * S, "settled after {settled} ms");
+    assert!(all(70 * S, 120 * S, 32), "{:?}", show(70 * S, 120 * S));
+    let regained = first(120 * S, 64).expect("regains 64");
+    assert!(regained < 30 * S, "regained after {regained} ms");
+    assert!(all(150 * S, 200 * S, 64), "{:?}", show(150 * S, 200 * S));
+}

@@ -17,6 +17,9 @@
 //!   settles near the capacity instead of swinging past it. A limit 10% past that mark
 //!   forgets it: the capacity came back.
 //!
+//! Answers to requests sent before the last cut are not judged: they were admitted under
+//! the higher limit, and would cut it again for the same overload.
+//!
 //! The latency target is the one configured ([`Capacity::latency_target`]), or
 //! [`Capacity::latency_tolerance`] times the lowest latency seen over the last one or two
 //! windows of [`Capacity::baseline_window`] (the minimum is measured again in each window).
@@ -35,14 +38,23 @@ pub enum Change {
     Growth,
 }
 
-/// What the upstream's answer to one admitted request said.
+/// What the upstream's answer to one admitted request said, and how long after it was sent
+/// (nanoseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Signal {
-    /// A response head arrived after this many nanoseconds, with a status that says nothing
-    /// of overload.
+    /// The first byte of a response body (or its end, if it had none) arrived after this
+    /// long, with a status that says nothing of overload.
     Latency(u64),
-    /// 429, 502, 503, 504, or the inner service failed.
-    Overload,
+    /// 429, 502, 503, 504, or the inner service failed, after this long.
+    Overload(u64),
+}
+
+impl Signal {
+    fn elapsed(self) -> u64 {
+        match self {
+            Signal::Latency(l) | Signal::Overload(l) => l,
+        }
+    }
 }
 
 /// Share of growth per interval, and near the last overload.
@@ -66,6 +78,9 @@ pub(crate) struct Controller {
     window: Window,
     /// The lowest latency seen in this baseline window and in the one before.
     baseline: Baseline,
+    /// When the limit was last cut: answers to requests sent before say nothing of the
+    /// limit in force now (they were admitted under a higher one), and are not judged.
+    cut_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -111,6 +126,7 @@ impl Controller {
             ceiling: None,
             window: Window::default(),
             baseline: Baseline::default(),
+            cut_at: None,
         }
     }
 
@@ -132,13 +148,19 @@ impl Controller {
         now: u64,
         signal: Signal,
     ) -> Option<(u64, u64, Change)> {
+        if let Signal::Latency(l) = signal {
+            self.baseline.record(now, l, nanos(cfg.baseline_window));
+        }
+        let sent = now.saturating_sub(signal.elapsed());
+        if self.cut_at.is_some_and(|cut| sent < cut) {
+            return None;
+        }
         let started = *self.window.started.get_or_insert(now);
         match signal {
-            Signal::Overload => self.window.overloaded = true,
+            Signal::Overload(_) => self.window.overloaded = true,
             Signal::Latency(l) => {
                 self.window.samples += 1;
                 self.window.latency_sum += u128::from(l);
-                self.baseline.record(now, l, nanos(cfg.baseline_window));
             }
         }
         if now.saturating_sub(started) < nanos(cfg.interval) {
@@ -147,6 +169,9 @@ impl Controller {
         let window = std::mem::take(&mut self.window);
         let before = self.limit();
         let why = self.judge(cfg, &window)?;
+        if why != Change::Growth {
+            self.cut_at = Some(now);
+        }
         let after = self.limit();
         (after != before).then_some((before, after, why))
     }
@@ -170,6 +195,9 @@ impl Controller {
         if let Some(target) = target.filter(|&t| mean > t) {
             let gradient = (target / mean).max(MIN_GRADIENT);
             self.cut(self.limit * gradient);
+            // The gradient estimates the load at which the latency meets its target: the
+            // limit grows slowly from there, not fast back towards where it was.
+            self.ceiling = Some(self.limit);
             return Some(Change::Latency);
         }
         if (w.peak_in_flight as f64) * 2.0 < self.limit {

@@ -61,7 +61,7 @@ fn a_burst_of_overloads_in_one_interval_cuts_once() {
     let mut c = Controller::new(&cfg);
     let mut changes = Vec::new();
     for i in 0..=100 {
-        if let Some(ch) = c.sample(&cfg, i * 10 * MS, Signal::Overload) {
+        if let Some(ch) = c.sample(&cfg, i * 10 * MS, Signal::Overload(0)) {
             changes.push(ch);
         }
     }
@@ -73,11 +73,31 @@ fn a_burst_of_overloads_in_one_interval_cuts_once() {
 }
 
 #[test]
+fn answers_to_requests_sent_before_a_cut_are_not_judged() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    c.sample(&cfg, 0, Signal::Overload(0));
+    c.sample(&cfg, S, Signal::Overload(0));
+    assert_eq!(c.limit(), 16);
+    // Overloads and slow answers of requests sent before the cut (at 1 s), for 3 s more.
+    for i in 1..=30 {
+        let now = S + i * S / 10;
+        assert_eq!(c.sample(&cfg, now, Signal::Overload(now)), None);
+        assert_eq!(c.sample(&cfg, now, Signal::Latency(now)), None);
+    }
+    assert_eq!(c.limit(), 16);
+    // One sent after it counts.
+    c.sample(&cfg, 5 * S, Signal::Overload(MS));
+    let cut = c.sample(&cfg, 6 * S, Signal::Overload(MS));
+    assert_eq!(cut, Some((16, 12, Change::Overload)));
+}
+
+#[test]
 fn overloads_shrink_down_to_min_and_no_further() {
     let cfg = cfg();
     let mut c = Controller::new(&cfg);
     for k in 0..50 {
-        c.sample(&cfg, k * S, Signal::Overload);
+        c.sample(&cfg, k * S, Signal::Overload(0));
     }
     assert_eq!(c.limit(), 2);
 }
@@ -91,8 +111,9 @@ fn latency_past_the_target_scales_the_limit_by_the_gradient() {
     c.sample(&cfg, S + 1, Signal::Latency(160 * MS));
     assert_eq!(c.limit(), 12);
     // Far past the target: halved at most.
-    interval(&mut c, &cfg, 3 * S, 10, 10_000);
-    c.sample(&cfg, 3 * S + 1, Signal::Latency(10_000 * MS));
+    for i in 0..=10 {
+        c.sample(&cfg, 3 * S + i * S / 10, Signal::Latency(1_000 * MS));
+    }
     assert_eq!(c.limit(), 6);
 }
 
@@ -243,7 +264,7 @@ proptest::proptest! {
         for (step_ms, latency_ms, overload, in_flight) in events {
             now += step_ms * MS;
             c.admitted(in_flight);
-            let signal = if overload { Signal::Overload } else { Signal::Latency(latency_ms * MS) };
+            let signal = if overload { Signal::Overload(0) } else { Signal::Latency(latency_ms * MS) };
             if c.sample(&cfg, now, signal).is_some() {
                 if let Some(at) = last_change {
                     proptest::prop_assert!(now - at >= S, "two changes within an interval");
