@@ -13,9 +13,9 @@
 //!   (the gradient of Envoy's adaptive concurrency filter and of Netflix's Gradient2);
 //! - else, if the requests in flight reached half the limit (a limit nobody uses proves
 //!   nothing), it grows: by 10% (at least 1) per interval, and by 2% (at least 1) while it is
-//!   within 10% of the last limit at which the upstream was found overloaded, so that it
-//!   settles near the capacity instead of swinging past it. A limit 10% past that mark
-//!   forgets it: the capacity came back.
+//!   within 10% of the mark the last cut left (where a latency cut landed, where an overload
+//!   cut started), so that it settles near the capacity instead of swinging past it. A
+//!   limit 10% past that mark forgets it: the capacity came back.
 //!
 //! Answers to requests sent before the last cut are not judged: they were admitted under
 //! the higher limit, and would cut it again for the same overload.
@@ -71,8 +71,8 @@ pub(crate) struct Controller {
     min: f64,
     max: f64,
     limit: f64,
-    /// The limit at which the upstream was last found overloaded, until the limit passes it
-    /// by [`NEAR_CEILING`].
+    /// The mark the last cut left (where a latency cut landed, where an overload cut
+    /// started), until the limit passes it by [`NEAR_CEILING`].
     ceiling: Option<f64>,
     /// Feedback of the interval under way.
     window: Window,

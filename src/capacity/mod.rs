@@ -115,8 +115,13 @@
 //!   this lands the limit where the latency meets its target in about one step (the
 //!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
 //! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
-//!   (at least 1) within 10% of the last limit found overloaded, so that it settles near the
-//!   capacity rather than swinging past it; 10% past that mark, it is forgotten.
+//!   (at least 1) within 10% of the mark the last cut left (the limit a latency cut landed
+//!   on, the limit an overload cut started from), so that it settles near the capacity
+//!   rather than swinging past it; 10% past that mark, it is forgotten (the capacity came
+//!   back).
+//!
+//! Answers to requests sent before the last cut are not judged: admitted under the higher
+//! limit, they would cut it again for the same overload.
 //!
 //! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
 //! lowest latency seen in the current or the previous [`Capacity::baseline_window`]. With a
