@@ -72,6 +72,14 @@ pub enum BuildError {
         /// The name given.
         name: String,
     },
+    /// A rule's [`crate::capacity::Capacity`] is misconfigured, or set on a rule that is
+    /// not a concurrency rule.
+    InvalidCapacity {
+        /// The rule.
+        rule: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A token rule, but no [`crate::cost::CostEstimator`] to estimate tokens with.
     MissingCostEstimator {
         /// The rule.
@@ -128,6 +136,9 @@ impl fmt::Display for BuildError {
             }
             BuildError::InvalidHeaderName { name } => {
                 write!(f, "{name:?} is not a valid header name")
+            }
+            BuildError::InvalidCapacity { rule, reason } => {
+                write!(f, "capacity of rule `{rule}`: {reason}")
             }
             BuildError::MissingCostEstimator { rule } => write!(
                 f,

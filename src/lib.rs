@@ -34,6 +34,8 @@
 //!                 (a request with the idempotency header is read too, for its digest)
 //!   1. tier     : TierResolver → the caller's tier, once                   (tier)
 //!   2. keys     : each Rule's KeyExtractor → bucket key                    (key)
+//!                 an adaptive concurrency rule: this replica's bucket, at the limit its
+//!                 controller holds now                                     (capacity)
 //!                 missing → the rule's MissingKey: reject 401/400, shared bucket, or skip;
 //!                 a body key of an unusable body: 413/400, or the shared bucket under fallback
 //!   3. cost     : 1 per request rule and concurrency slot; CostEstimator → input and
@@ -41,14 +43,20 @@
 //!   4. acquire  : Store::acquire(all charges) → all-or-nothing Decision   (store → algorithm)
 //!                 (with an idempotency id: acquire_once; a retry of a failed attempt is
 //!                 free on request rules)                                   (idempotency)
+//!                 (a capacity with tiers refused for saturation: a second attempt at
+//!                 the tier's reserve; refused by a capacity whose tier may wait: the
+//!                 bucket's queue, holding no slot, until a release or the deadline)
+//!                                                                          (capacity, service/acquiring)
 //!   5a. denied  : 429 (gRPC: RESOURCE_EXHAUSTED) + Retry-After + rate-limit headers;
 //!                 the inner service is never called                       (reject, headers)
 //!   5b. allowed : inner service called with the body replayed byte for byte; rate-limit
 //!                 headers added to its response; the response body is watched for `usage`
 //!                 (JSON or SSE, incrementally) and at its end, or when dropped, the token
 //!                 charges are settled to the real usage and concurrency slots released
-//!                 (a failed attempt with an id: Store::fail_attempt)
-//!                                                                          (settle, cost::usage)
+//!                 (a failed attempt with an id: Store::fail_attempt); the time to the
+//!                 first body byte, or an overload status, is fed to the controllers of
+//!                 adaptive rules                                           (settle, cost::usage,
+//!                                                                           capacity)
 //! ```
 //! A store failure follows the layer's [`FailurePolicy`]: 503 (default) or admit.
 //! Steps 1 to 4 and the answer of step 5 (headers, or the rejection) are the limiter's
@@ -60,13 +68,14 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`RateLimitLayer`], [`RateLimitLayerBuilder`] (`layer/`) | configuration, validated once by `build()` (a [`BuildError`]) into the limiter the layer, its clones and their services share; [`RateLimitLayer::status`] reads a caller's state without charging; [`RateLimitLayer::flush`] waits for settlements running in the background (at shutdown) |
-//! | the limiter (`limiter/`) | the shared state (rules, store, estimator, observer, policies such as [`FailurePolicy`] and [`settle::MissingUsage`], the header parts computed by `build`, the count of background settlements) and its logic: planning a request's charges (`plan.rs`: tier, keys, amounts, idempotency identity), acquiring them, concluding (`conclude.rs`: headers and what to settle, or the rejection), [`RuleStatus`] |
-//! | [`RateLimit`] (`service/`) | the service (and the layer's `Layer` impl): asks the limiter to decide, answers or forwards; a decision whose caller left is finished in the background (`service/acquiring.rs`) |
+//! | the limiter (`limiter/`) | the shared state (rules, store, estimator, observer, policies such as [`FailurePolicy`] and [`settle::MissingUsage`], the header parts computed by `build`, the count of background settlements) and its logic: planning a request's charges (`plan.rs`: tier, keys, amounts, idempotency identity; `capacity.rs`: a capacity's charges, its second attempt, which refusals wait in its queue), acquiring them, concluding (`conclude.rs`: headers and what to settle, or the rejection), [`RuleStatus`] |
+//! | [`RateLimit`] (`service/`) | the service (and the layer's `Layer` impl): asks the limiter to decide, answers or forwards; a decision whose caller left is finished in the background, a capacity's second attempt and queue wait (`service/acquiring.rs`) |
 //! | [`ResponseFuture`], [`ResponseBody`] | the future and response body types (any inner body with `Bytes` data); the body settles the request when it ends or is dropped |
 //! | [`RequestBody`], [`BodyPolicy`] (`inspect.rs`, `document.rs`, `stream_usage.rs`) | bounded reading of request bodies, replayed unchanged to the inner service; the body's one JSON parse (serde_json, linear in its size), into a document whose strings borrow the bytes (`RequestView::json`'s `serde_json::Value` is built only if asked for); `stream_options.include_usage` spliced into streaming requests, every other byte kept |
 //! | [`settle`] | correcting token charges to the real usage, releasing concurrency slots, reporting a failed idempotent attempt to the store, [`settle::MissingUsage`], [`settle::KeepTokens`] (an error response that keeps its token reservation) |
 //! | `idempotency.rs` | an idempotent request's identity: the digest of its id, method, path, body and buckets |
 //! | [`rule`] | [`Rule`], [`Quota`], [`Unit`], [`MissingKey`] |
+//! | [`capacity`] | [`capacity::Capacity`]: a concurrency rule's limit moved per bucket by a controller (`controller.rs`: pure arithmetic on the latency and status of responses; `state.rs`: the controllers of a rule, one per key, their completion rates, this replica's bucket keys); tiers' [`capacity::Priority`] and reserved shares past a saturation threshold (two all-or-nothing attempts: `limiter/capacity.rs` plans them, `service/acquiring.rs` makes the second); a bucket's short queue (`queue.rs`: by priority then arrival, bounded; the waiting is in `service/acquiring.rs`) |
 //! | [`key`] | [`key::KeyExtractor`] and the built-ins: header, bearer token, client IP behind trusted proxies (`key/ip.rs`; `key/forwarding.rs` reads the one forwarding header they write), JSON body field, global, closure, composite |
 //! | [`tier`] | [`tier::TierResolver`]: from a request extension, a header, a lookup table, a closure |
 //! | [`cost`] | [`cost::CostEstimator`]: tokens from a request extension or a closure; [`cost::Weights`] for spend rules; [`cost::openai`] (`cost/openai/`: the estimator, the text heuristic, the exact tokenizers); [`cost::usage`] (`cost/usage/`: the incremental `usage` watch of a response body: `json.rs` buffers the object to its closing brace, `sse.rs` splits the stream into lines with memchr and buffers one event's data, both within a bound; `document.rs` reads `usage` from either with serde_json) |
@@ -141,6 +150,31 @@
 //! assert_eq!(layer.rules().len(), 3);
 //! ```
 //!
+//! # Capacity that follows the upstream
+//!
+//! A model server's capacity moves. A concurrency rule given a [`capacity::Capacity`]
+//! ([`Rule::capacity`]) has per bucket (per model) a controller that shrinks its limit when
+//! the upstream answers 429/502/503/504 or fails, or when the time to first byte goes past
+//! a target, and grows it while answers are fast and the limit is in use, between `min` and
+//! `max`. The store enforces the limit the controller picks with the same all-or-nothing
+//! acquire, so it works with memory and Redis; each replica governs its own share. Tiers may
+//! get a priority and a reserved share of the capacity past a saturation threshold, so that
+//! the lowest are shed first, and may wait a short while in a queue for a slot instead of
+//! an instant 429. See [`capacity`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::Capacity;
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("model-slots", key::header("x-model"), Quota::concurrent(256))
+//!         .capacity(Capacity::adaptive(8, 256).latency_target(Duration::from_secs(1))))
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+//!
 //! # Responses
 //!
 //! A denial is a response, never an error (`Error = S::Error`, no `HandleErrorLayer`): 429
@@ -176,6 +210,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod algorithm;
+pub mod capacity;
 pub mod clock;
 pub mod cost;
 pub mod headers;

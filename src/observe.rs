@@ -51,6 +51,7 @@
 use std::fmt;
 use std::time::Duration;
 
+pub use crate::capacity::Change;
 use crate::cost::usage::Usage;
 use crate::key::Key;
 use crate::rule::Unit;
@@ -164,6 +165,54 @@ pub struct SettleEvent<'a> {
     pub rules: &'a [SettledRule<'a>],
 }
 
+/// An adaptive bucket's capacity changed (see [`crate::capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CapacityEvent<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The bucket's key (this replica's: `{key}@{replica}`).
+    pub key: &'a Key,
+    /// The limit before.
+    pub old: u64,
+    /// The limit now.
+    pub new: u64,
+    /// Why.
+    pub change: Change,
+}
+
+/// How a wait in a capacity's queue ended (see [`crate::capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueOutcome {
+    /// A slot came back in time: the request was admitted.
+    Admitted,
+    /// The deadline (the tier's `max_wait`) passed: refused with 429.
+    TimedOut,
+    /// The queue was full: refused at once, without waiting.
+    Full,
+    /// The client went away while waiting.
+    Left,
+}
+
+/// A request left a capacity's queue (or found it full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueEvent<'a> {
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The bucket's key (this replica's).
+    pub key: &'a Key,
+    /// The caller's tier.
+    pub tier: Option<&'a str>,
+    /// How the wait ended.
+    pub outcome: QueueOutcome,
+    /// How long it waited.
+    pub waited: Duration,
+    /// Requests still waiting in this bucket's queue.
+    pub waiting: usize,
+}
+
 /// Sees every decision, and the settlements (see the [module docs](self) for which requests
 /// are settled). Closures `Fn(&DecisionEvent)` are observers (of decisions only).
 pub trait Observer: Send + Sync + 'static {
@@ -175,6 +224,18 @@ pub trait Observer: Send + Sync + 'static {
     /// or was dropped: estimated vs real tokens for metrics. With
     /// [`observes_usage`](Self::observes_usage), once per admitted request.
     fn on_settle(&self, event: &SettleEvent<'_>) {
+        let _ = event;
+    }
+
+    /// Called when the controller of an adaptive bucket changes its limit (at most once per
+    /// interval and bucket), from the path of the response that completed the interval.
+    fn on_capacity(&self, event: &CapacityEvent<'_>) {
+        let _ = event;
+    }
+
+    /// Called when a request leaves a capacity's queue, or finds it full: a queue wait
+    /// histogram, requests shed by tier, the queue's length.
+    fn on_queue(&self, event: &QueueEvent<'_>) {
         let _ = event;
     }
 

@@ -38,6 +38,7 @@ use std::time::Duration;
 // `Algorithm` lives with the algorithms; `rule::Algorithm` stays a public path.
 pub use crate::algorithm::Algorithm;
 use crate::algorithm::{CalendarPeriod, Limits, Prepared};
+use crate::capacity::Capacity;
 use crate::key::KeyExtractor;
 
 /// What a quota counts.
@@ -293,7 +294,6 @@ impl Quota {
     }
 
     /// The same quota with another limit (and, for GCRA, the burst scaled alike).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn with_limit(mut self, limit: u64) -> Self {
         if let Some(b) = self.burst {
             let scaled = (u128::from(b) * u128::from(limit)) / u128::from(self.limit.max(1));
@@ -367,6 +367,7 @@ pub struct Rule {
     pub(crate) quota: Quota,
     pub(crate) tiers: Vec<(Arc<str>, Quota)>,
     pub(crate) on_missing: MissingKey,
+    pub(crate) capacity: Option<Capacity>,
 }
 
 impl Rule {
@@ -380,6 +381,7 @@ impl Rule {
             quota,
             tiers: Vec::new(),
             on_missing: MissingKey::default(),
+            capacity: None,
         }
     }
 
@@ -398,6 +400,21 @@ impl Rule {
     pub fn on_missing_key(mut self, policy: MissingKey) -> Self {
         self.on_missing = policy;
         self
+    }
+
+    /// Makes a concurrency rule's limit follow the upstream (see [`crate::capacity`]): per
+    /// bucket, a controller moves it between the capacity's `min` and `max` with the
+    /// latency and status of the responses. A caller's limit is the lower of its tier's
+    /// quota limit and the bucket's current capacity. Only for a rule whose quotas are
+    /// [`Quota::concurrent`] (checked by [`crate::RateLimitLayerBuilder::build`]).
+    pub fn capacity(mut self, capacity: Capacity) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// The rule's capacity, if its limit adapts.
+    pub fn capacity_config(&self) -> Option<&Capacity> {
+        self.capacity.as_ref()
     }
 
     /// The rule's name.
@@ -457,6 +474,7 @@ impl fmt::Debug for Rule {
             .field("quota", &self.quota)
             .field("tiers", &self.tiers)
             .field("on_missing", &self.on_missing)
+            .field("capacity", &self.capacity)
             .finish()
     }
 }

@@ -38,10 +38,11 @@ use tokio::sync::oneshot;
 use http::{Extensions, HeaderMap, StatusCode};
 
 use crate::algorithm::Algorithm;
+use crate::capacity::{Cell, Feedback, Signal};
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::limiter::{Limiter, Pending, Settlement, Settling};
-use crate::observe::{ModelLabel, SettleEvent, SettleOutcome, SettledRule};
+use crate::observe::{CapacityEvent, ModelLabel, SettleEvent, SettleOutcome, SettledRule};
 use crate::reject::GRPC_STATUS;
 use crate::rule::Unit;
 use crate::store::{Adjustment, Charge, IdempotencyKey, StoreError, StoreFuture};
@@ -107,6 +108,10 @@ pub(crate) struct Settle {
     /// Ends when the store has recorded this attempt's failure (a store doing I/O): the
     /// response waits for it (see [`Settle::take_recorded`]).
     recorded: Option<oneshot::Receiver<()>>,
+    /// For the controllers of adaptive charges, until the upstream's answer is known.
+    feedback: Option<Feedback>,
+    /// The adaptive buckets whose queues hear of the release.
+    released: Vec<Arc<Cell>>,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -138,6 +143,7 @@ impl Settle {
             tier,
             label,
             idempotency,
+            feedback,
         } = settlement;
         Self {
             limiter,
@@ -149,6 +155,11 @@ impl Settle {
             label,
             idempotency,
             recorded: None,
+            released: feedback
+                .as_ref()
+                .map(|f| f.cells.iter().map(|a| Arc::clone(&a.cell)).collect())
+                .unwrap_or_default(),
+            feedback,
             parser: None,
             streamed: 0,
             responded: false,
@@ -173,6 +184,9 @@ impl Settle {
             .get(&GRPC_STATUS)
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
+            if is_overload(status) {
+                self.signal(true);
+            }
             self.finish(Ending::Failed {
                 keep_tokens: extensions.get::<KeepTokens>().is_some(),
             });
@@ -205,6 +219,7 @@ impl Settle {
 
     /// The inner service failed.
     pub(crate) fn on_error(&mut self) {
+        self.signal(true);
         self.finish(Ending::Failed { keep_tokens: false });
     }
 
@@ -212,6 +227,9 @@ impl Settle {
     #[inline]
     pub(crate) fn on_data(&mut self, chunk: &[u8]) {
         self.streamed = self.streamed.saturating_add(chunk.len() as u64);
+        if self.feedback.is_some() && !chunk.is_empty() {
+            self.first_byte();
+        }
         if let Some(p) = &mut self.parser {
             p.feed(chunk);
         }
@@ -232,8 +250,61 @@ impl Settle {
         }
     }
 
+    /// The first byte of the response body (or its end, when it had none) arrived: its
+    /// latency is what the adaptive controllers judge.
+    fn first_byte(&mut self) {
+        self.signal(false);
+    }
+
+    /// Tells the adaptive controllers of the request's charges what the upstream's answer
+    /// said (overload, or its latency), once.
+    fn signal(&mut self, overload: bool) {
+        let Some(feedback) = self.feedback.take() else {
+            return;
+        };
+        let now = self.limiter.clock.now_nanos();
+        let elapsed = now.saturating_sub(feedback.started);
+        let signal = if overload {
+            Signal::Overload(elapsed)
+        } else {
+            Signal::Latency(elapsed)
+        };
+        for a in &feedback.cells {
+            let Some(cap) = &self.limiter.capacity[a.rule] else {
+                continue;
+            };
+            let Some((old, new, change)) = a.cell.sample(&cap.config, now, signal) else {
+                continue;
+            };
+            let Some(bucket) = self.charges.get(a.charge).map(|c| &c.bucket) else {
+                continue;
+            };
+            tracing::debug!(
+                target: "tower_llm_ratelimit",
+                rule = bucket.rule(),
+                key = %bucket.key(),
+                old,
+                new,
+                ?change,
+                "adaptive capacity changed"
+            );
+            if let Some(o) = &self.limiter.observer {
+                o.on_capacity(&CapacityEvent {
+                    rule: bucket.rule(),
+                    key: bucket.key(),
+                    old,
+                    new,
+                    change,
+                });
+            }
+        }
+    }
+
     /// The response body ended, or broke, or was dropped.
     pub(crate) fn on_end(&mut self) {
+        if self.feedback.is_some() {
+            self.first_byte();
+        }
         let usage = self.parser.as_mut().and_then(UsageParser::finish);
         self.finish(match usage {
             Some(u) => Ending::Usage(u),
@@ -297,6 +368,8 @@ impl Settle {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // Dropped before its answer, or failed without a sign of overload: nothing to tell.
+        self.feedback = None;
         let adjustments: Vec<Adjustment<'_>> = self
             .charges
             .iter()
@@ -363,10 +436,16 @@ impl Settle {
         if !adjustments.is_empty() {
             let settling = self.limiter.store.settle(&adjustments);
             // Nobody waits for a settlement (the next request is decided as it stands).
+            // The queues of adaptive buckets hear of the release once the store has it.
+            let released = Released {
+                cells: std::mem::take(&mut self.released),
+                limiter: Arc::clone(&self.limiter),
+            };
             drop(drive(
                 &self.limiter,
                 settling,
                 "settling a rate-limit charge failed",
+                released,
             ));
         }
         if let (Some(id), Ending::Failed { .. } | Ending::Dropped) = (&self.idempotency, ending) {
@@ -380,9 +459,21 @@ impl Settle {
                 &self.limiter,
                 failing,
                 "remembering a failed attempt failed (its retry will be charged)",
+                Released::none(&self.limiter),
             );
         }
     }
+}
+
+/// The statuses by which an upstream (or a gateway's timeout) says it is overloaded.
+fn is_overload(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
 }
 
 /// Runs a store call to its end: on the spot for a synchronous store, else in a task of its
@@ -392,11 +483,16 @@ fn drive(
     limiter: &Arc<Limiter>,
     call: StoreFuture<Result<(), StoreError>>,
     failure: &'static str,
+    then: Released,
 ) -> Option<oneshot::Receiver<()>> {
     match call.now() {
-        Ok(Ok(())) => None,
+        Ok(Ok(())) => {
+            then.wake();
+            None
+        }
         Ok(Err(e)) => {
             log_failure(&e, failure);
+            then.wake();
             None
         }
         Err(pending) => match tokio::runtime::Handle::try_current() {
@@ -407,6 +503,7 @@ fn drive(
                     if let Err(e) = pending.await {
                         log_failure(&e, failure);
                     }
+                    then.wake();
                     drop(running);
                     let _ = done.send(());
                 });
@@ -420,6 +517,32 @@ fn drive(
                 None
             }
         },
+    }
+}
+
+/// The adaptive buckets whose slots a settlement gives back: their queues are woken, and
+/// their completion rates count it, once the store has the release.
+struct Released {
+    cells: Vec<Arc<Cell>>,
+    limiter: Arc<Limiter>,
+}
+
+impl Released {
+    fn none(limiter: &Arc<Limiter>) -> Self {
+        Self {
+            cells: Vec::new(),
+            limiter: Arc::clone(limiter),
+        }
+    }
+
+    fn wake(self) {
+        if self.cells.is_empty() {
+            return;
+        }
+        let now = self.limiter.clock.now_nanos();
+        for cell in &self.cells {
+            cell.released(now);
+        }
     }
 }
 

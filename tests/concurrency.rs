@@ -518,3 +518,260 @@ fn threads_across_midnight_never_overshoot_a_calendar_period() {
     }
     assert_eq!(landed.len(), 4, "{landed:?}");
 }
+
+/// An adaptive concurrency rule under 64 tasks whose upstream answers 503 to one request in
+/// three and takes 100 ms (of a manual clock) each: its limit moves all the while, within
+/// `[min, max]`, and the upstream never has more than `max` in flight. Then, the clock
+/// stopped (the limit frozen where it went), 64 tasks holding their requests open get exactly
+/// the limit admitted, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adaptive_limits_never_overshoot_while_they_move() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    use tokio::sync::Semaphore;
+    use tower_llm_ratelimit::capacity::Capacity;
+    use tower_llm_ratelimit::key::RequestView;
+    use tower_llm_ratelimit::observe::{CapacityEvent, DecisionEvent, Observer, Outcome};
+
+    const MIN: u64 = 2;
+    const MAX: u64 = 16;
+
+    #[derive(Clone, Default)]
+    struct Watch {
+        out_of_bounds: Arc<AtomicU64>,
+        changes: Arc<Mutex<Vec<u64>>>,
+    }
+    impl Observer for Watch {
+        fn on_decision(&self, e: &DecisionEvent<'_>) {
+            if e.outcome == Outcome::Admitted && !(MIN..=MAX).contains(&e.rules[0].limit) {
+                self.out_of_bounds.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn on_capacity(&self, e: &CapacityEvent<'_>) {
+            self.changes.lock().unwrap().push(e.new);
+        }
+    }
+
+    let clock = ManualClock::new();
+    let watch = Watch::default();
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("slots", key::global(), Quota::concurrent(MAX)).capacity(
+                Capacity::adaptive(MIN, MAX)
+                    .latency_target(Duration::from_millis(150))
+                    .interval(Duration::from_millis(200)),
+            ),
+        )
+        .clock(clock.clone())
+        .observer(watch.clone())
+        .build()
+        .unwrap();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = {
+        let (in_flight, peak, calls) = (in_flight.clone(), peak.clone(), calls.clone());
+        let (frozen, gate) = (frozen.clone(), gate.clone());
+        tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(tower::service_fn(move |_: Request<RequestBody<String>>| {
+                let (in_flight, peak, calls, clock) = (
+                    in_flight.clone(),
+                    peak.clone(),
+                    calls.clone(),
+                    clock.clone(),
+                );
+                let (frozen, gate) = (frozen.clone(), gate.clone());
+                async move {
+                    let n = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(n, Ordering::SeqCst);
+                    let mut res = Response::new(String::new());
+                    if frozen.load(Ordering::SeqCst) {
+                        gate.acquire().await.unwrap().forget();
+                    } else {
+                        tokio::task::yield_now().await;
+                        clock.advance(Duration::from_millis(100));
+                        if calls.fetch_add(1, Ordering::Relaxed) % 3 == 0 {
+                            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, Infallible>(res)
+                }
+            }))
+    };
+    let run = |requests: usize| {
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..requests {
+                    let res = svc
+                        .clone()
+                        .oneshot(Request::new(String::new()))
+                        .await
+                        .unwrap();
+                    admitted += u64::from(res.status() != StatusCode::TOO_MANY_REQUESTS);
+                    tokio::task::yield_now().await;
+                }
+                admitted
+            }));
+        }
+        tasks
+    };
+    for t in run(50) {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(watch.out_of_bounds.load(Ordering::Relaxed), 0);
+    assert!(peak.load(Ordering::SeqCst) <= MAX);
+    let changes = watch.changes.lock().unwrap().clone();
+    assert!(changes.len() > 5, "the limit moved: {changes:?}");
+    assert!(
+        changes.iter().all(|l| (MIN..=MAX).contains(l)),
+        "{changes:?}"
+    );
+
+    // Frozen: exactly the limit in force is admitted at once.
+    let req = Request::new(());
+    let limit = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .quota
+        .limit();
+    frozen.store(true, Ordering::SeqCst);
+    peak.store(0, Ordering::SeqCst);
+    let tasks = run(1);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while in_flight.load(Ordering::SeqCst) < limit {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the limit's requests reach the upstream");
+    gate.add_permits(64);
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), limit);
+    assert!(admitted >= limit, "{admitted} admitted, limit {limit}");
+    let s = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .snapshot
+        .unwrap();
+    assert_eq!(s.remaining, s.limit, "every slot came back");
+}
+
+/// Pro and free tasks on many threads against a capacity of 8 with tiers (saturation 4, pro
+/// reserve 4, free reserve 2) and a queue that holds them all: the upstream never has more
+/// than the capacity in flight, nor a tier more than the most its two attempts allow (the
+/// threshold, or its reserve), every request is served, and every slot comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_tiers_and_queue_never_overshoot_under_many_tasks() {
+    use tower_llm_ratelimit::capacity::{Capacity, Priority};
+    use tower_llm_ratelimit::key::RequestView;
+    use tower_llm_ratelimit::tier;
+
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("slots", key::global(), Quota::concurrent(8)).capacity(
+                Capacity::fixed(8)
+                    .saturation(0.5)
+                    .queue_len(64)
+                    .tier(
+                        "pro",
+                        Priority::new(1)
+                            .reserve(0.5)
+                            .max_wait(Duration::from_secs(60)),
+                    )
+                    .tier(
+                        "free",
+                        Priority::new(0)
+                            .reserve(0.25)
+                            .max_wait(Duration::from_secs(60)),
+                    ),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .build()
+        .unwrap();
+    // In flight: [total, pro, free]; the most seen.
+    let now: Arc<[AtomicU64; 3]> = Arc::default();
+    let peak: Arc<[AtomicU64; 3]> = Arc::default();
+    let svc = {
+        let (now, peak) = (now.clone(), peak.clone());
+        tower::ServiceBuilder::new()
+            .layer(layer.clone())
+            .service(tower::service_fn(
+                move |req: Request<RequestBody<String>>| {
+                    let (now, peak) = (now.clone(), peak.clone());
+                    let t = if req.headers()["x-tier"] == "pro" {
+                        1
+                    } else {
+                        2
+                    };
+                    async move {
+                        for i in [0, t] {
+                            let n = now[i].fetch_add(1, Ordering::SeqCst) + 1;
+                            peak[i].fetch_max(n, Ordering::SeqCst);
+                        }
+                        for _ in 0..3 {
+                            tokio::task::yield_now().await;
+                        }
+                        for i in [0, t] {
+                            now[i].fetch_sub(1, Ordering::SeqCst);
+                        }
+                        Ok::<_, Infallible>(Response::new(String::new()))
+                    }
+                },
+            ))
+    };
+    let mut tasks = Vec::new();
+    for n in 0..64 {
+        let svc = svc.clone();
+        let tier = if n % 2 == 0 { "pro" } else { "free" };
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..20 {
+                let req = Request::builder()
+                    .header("x-tier", tier)
+                    .body(String::new())
+                    .unwrap();
+                let res = svc.clone().oneshot(req).await.unwrap();
+                admitted += u64::from(res.status() == StatusCode::OK);
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let peaks: Vec<u64> = peak.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+    assert!(peaks[0] <= 8, "total in flight {peaks:?}");
+    assert!(
+        peaks[1] <= 4,
+        "pro: at most max(threshold 4, reserve 4): {peaks:?}"
+    );
+    assert!(
+        peaks[2] <= 4,
+        "free: at most max(threshold 4, reserve 2): {peaks:?}"
+    );
+    // The queue holds every caller, and no release is lost: all are served in the end
+    // (a lost wake-up would leave a waiter to its deadline, a minute, and a 429).
+    assert_eq!(admitted, 64 * 20);
+    let req = Request::new(());
+    let s = layer.status(RequestView::from_request(&req)).await.unwrap()[0]
+        .snapshot
+        .unwrap();
+    assert_eq!(s.remaining, s.limit, "every slot came back");
+}

@@ -17,6 +17,7 @@ const MUST_NOT_IMPORT: &[(&[&str], &[&str])] = &[
     (
         &[
             "algorithm",
+            "capacity",
             "rule",
             "key",
             "cost",

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use super::{RateLimitLayer, DEFAULT_MAX_INSPECT_BYTES};
 use crate::algorithm::Algorithm;
+use crate::capacity::{random_replica_id, RuleCapacity};
+use crate::clock::{Clock, SystemClock};
 use crate::cost::{Cost, CostEstimator, Weights};
 use crate::error::BuildError;
 use crate::headers::{HeaderStyle, JoinedPolicies, QuotaHeaders};
@@ -33,6 +35,8 @@ pub struct RateLimitLayerBuilder {
     count_failed_requests: bool,
     request_stream_usage: bool,
     idempotency_header: Option<Result<http::HeaderName, String>>,
+    clock: Option<Arc<dyn Clock>>,
+    replica: Option<String>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -64,6 +68,8 @@ impl RateLimitLayerBuilder {
             count_failed_requests: true,
             request_stream_usage: false,
             idempotency_header: None,
+            clock: None,
+            replica: None,
         }
     }
 
@@ -203,6 +209,24 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// The clock of adaptive capacity ([`crate::capacity`]): the latency of responses and
+    /// the controllers' intervals (default [`SystemClock`]). Tests pass a
+    /// [`crate::clock::ManualClock`]. The stores keep their own clocks.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// This layer's replica id (default: a random id per layer). The buckets of adaptive
+    /// rules are keyed `{key}@{replica}`: each replica (process) sharing a store governs its
+    /// own share of the capacity, from the latency it sees (see [`crate::capacity`]). Give a
+    /// stable id (a pod name) so that a restarted replica finds its slots; ids must differ
+    /// between replicas.
+    pub fn replica_id(mut self, id: impl Into<String>) -> Self {
+        self.replica = Some(id.into());
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, BuildError> {
         if self.rules.is_empty() {
@@ -253,6 +277,22 @@ impl RateLimitLayerBuilder {
                 .into_iter()
                 .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
         );
+        if let Some(second) = self
+            .rules
+            .iter()
+            .filter(|r| r.capacity.as_ref().is_some_and(|c| c.has_tiers()))
+            .nth(1)
+        {
+            return Err(BuildError::InvalidCapacity {
+                rule: second.name.to_string(),
+                reason: "only one rule of a layer may have a capacity with tiers".to_owned(),
+            });
+        }
+        let capacity = self
+            .rules
+            .iter()
+            .map(|r| r.capacity.clone().map(|c| RuleCapacity::new(c, &r.name)))
+            .collect();
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
@@ -285,6 +325,9 @@ impl RateLimitLayerBuilder {
                 needs_body,
                 quota_headers,
                 joined_policies,
+                capacity,
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
+                replica: self.replica.unwrap_or_else(random_replica_id).into(),
             }),
         })
     }
@@ -333,6 +376,26 @@ fn validate_rule(rule: &Rule) -> Result<(), BuildError> {
         })?;
     let base = &rule.quota;
     validate_quota(name, None, base)?;
+    if let Some(cap) = &rule.capacity {
+        let reason = if base.algorithm() != Algorithm::Concurrency {
+            Some("only a concurrency rule (`Quota::concurrent`) has a capacity".to_owned())
+        } else if cap.max() > base.limit() {
+            // The controller would move a limit the quota caps below it.
+            Some(format!(
+                "max {} is above the rule's quota limit {}",
+                cap.max(),
+                base.limit()
+            ))
+        } else {
+            cap.problem()
+        };
+        if let Some(reason) = reason {
+            return Err(BuildError::InvalidCapacity {
+                rule: name.to_owned(),
+                reason,
+            });
+        }
+    }
     let mut tiers = HashSet::new();
     for (tier, q) in &rule.tiers {
         validate_quota(name, Some(tier), q)?;

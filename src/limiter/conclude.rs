@@ -9,12 +9,13 @@ use http_body_util::Full;
 
 use super::{FailurePolicy, Limiter, Plan};
 use crate::algorithm::{Algorithm, Placement};
+use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::headers::{self, RateHeaders, RuleState};
 use crate::observe::{ModelLabel, Outcome, RuleDecision};
 use crate::reject::{Per, Rejection};
 use crate::rule::Quota;
-use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError};
+use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, Snapshot, StoreError};
 use crate::tier::Tier;
 
 /// An admitted request's headers, and its settlement if it has one.
@@ -37,6 +38,8 @@ pub(crate) struct Settlement {
     pub(crate) label: Option<ModelLabel>,
     /// The request's identity when it carries an idempotency id.
     pub(crate) idempotency: Option<IdempotencyKey>,
+    /// What to tell the controllers of its adaptive charges.
+    pub(crate) feedback: Option<Feedback>,
 }
 
 /// One charge to settle.
@@ -80,6 +83,7 @@ impl Limiter {
                         tier: plan.tier,
                         label: plan.label,
                         idempotency: None,
+                        feedback: None,
                     });
                     return Ok(Admit {
                         headers: RateHeaders::default(),
@@ -96,15 +100,37 @@ impl Limiter {
                 ));
             }
         };
+        let mut decision = decision;
+        if let Some(d) = &mut decision.denial {
+            // A capacity's slots free up as requests complete: the wait is the bucket's
+            // queue at its recent completion rate, not a clock's.
+            if let Some(a) = self.capacity_of(&plan, d.index) {
+                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos()));
+            }
+        }
+        let reserve = plan.reserve.as_ref();
         let states = plan
             .charges
             .iter()
             .zip(&decision.charges)
-            .map(|(p, s)| RuleState {
+            .enumerate()
+            // A tier's own bucket under a capacity is the rule's business, not the caller's.
+            .filter(|(i, _)| reserve.is_none_or(|r| r.tier != *i))
+            .map(|(i, (p, s))| RuleState {
                 rule: &self.rules[p.rule].name,
                 quota: &p.quota,
                 variant: p.variant,
-                snapshot: s.snapshot,
+                // The bucket's charge at the saturation threshold: shown at the capacity.
+                snapshot: match reserve {
+                    Some(r) if r.shared == i => Snapshot {
+                        limit: r.capacity,
+                        remaining: r
+                            .capacity
+                            .saturating_sub(s.snapshot.limit.saturating_sub(s.snapshot.remaining)),
+                        ..s.snapshot
+                    },
+                    _ => s.snapshot,
+                },
                 cached: &self.quota_headers[p.rule][p.variant],
             });
         let h = headers::write(
@@ -138,6 +164,12 @@ impl Limiter {
                 },
             };
             self.observe(tier, outcome, &rules);
+        }
+        if let (None, Some(f)) = (decision.denial, &plan.feedback) {
+            for a in &f.cells {
+                let s = decision.charges[a.charge].snapshot;
+                a.cell.admitted(s.limit.saturating_sub(s.remaining));
+            }
         }
         let Some(denial) = decision.denial else {
             // An attempt with an idempotency id is settled whatever its rules: its failure is
@@ -214,6 +246,7 @@ impl Limiter {
             tier: self.observes_settlements.then_some(plan.tier).flatten(),
             label: plan.label,
             idempotency: plan.idempotency,
+            feedback: plan.feedback,
         }
     }
 }

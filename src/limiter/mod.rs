@@ -12,12 +12,15 @@
 //! decide, a settlement (`settle.rs`) reads its store and policies. It knows none of them;
 //! it uses the lower modules (rules, keys, costs, the store, headers, rejections).
 
+mod capacity;
 mod conclude;
 mod plan;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::capacity::{replica_key, RuleCapacity};
+use crate::clock::Clock;
 use crate::cost::{Cost, CostEstimator, Weights};
 use crate::headers::{HeaderStyle, JoinedPolicies, QuotaHeaders};
 use crate::inspect::BodyPolicy;
@@ -88,6 +91,12 @@ pub(crate) struct Limiter {
     pub(crate) joined_policies: JoinedPolicies,
     /// Settlements running in the background (stores doing I/O), for [`Limiter::flush`].
     pub(crate) settling: Settling,
+    /// Per rule (same index), its adaptive capacity and controllers, if it has one.
+    pub(crate) capacity: Vec<Option<RuleCapacity>>,
+    /// The time of adaptive capacity (latency of responses, intervals).
+    pub(crate) clock: Arc<dyn Clock>,
+    /// This layer's replica id, in the bucket keys of adaptive rules.
+    pub(crate) replica: Arc<str>,
 }
 
 /// Counts the settlements running in background tasks and wakes [`Limiter::flush`] when none
@@ -126,10 +135,11 @@ pub struct RuleStatus {
     pub rule: String,
     /// What it counts.
     pub unit: Unit,
-    /// The quota applied to this caller (tier resolved).
+    /// The quota applied to this caller (tier resolved; for a rule with a
+    /// [`Capacity`](crate::capacity::Capacity), at the bucket's current capacity).
     pub quota: Quota,
     /// The caller's bucket key (`None` when the key is missing and the rule would reject or
-    /// skip the request).
+    /// skip the request; for a rule with a capacity, this replica's: `{key}@{replica}`).
     pub key: Option<Key>,
     /// The bucket's state (`None` when `key` is `None`).
     pub snapshot: Option<Snapshot>,
@@ -156,13 +166,18 @@ impl Limiter {
     pub(crate) async fn status(&self, req: RequestView<'_>) -> Result<Vec<RuleStatus>, StoreError> {
         let tier = self.tiers.as_ref().and_then(|t| t.resolve(&req));
         let mut out = Vec::with_capacity(self.rules.len());
-        for rule in &self.rules {
-            let quota = *rule.quota_for(tier.as_ref().map(|t| t.as_str()));
-            let key = match rule.key.extract(&req) {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let mut quota = *rule.quota_for(tier.as_ref().map(|t| t.as_str()));
+            let mut key = match rule.key.extract(&req) {
                 Some(k) => Some(k),
                 None if rule.on_missing == MissingKey::Shared => Some(Key::anonymous()),
                 None => None,
             };
+            // An adaptive rule: this replica's bucket, at its current capacity.
+            if let (Some(cap), Some(k)) = (&self.capacity[i], &mut key) {
+                quota = quota.with_limit(quota.limit().min(cap.limit_of(k)));
+                *k = replica_key(k, &self.replica);
+            }
             let snapshot = match &key {
                 Some(k) => {
                     let bucket = BucketKey::new(rule.name.clone(), k.clone());

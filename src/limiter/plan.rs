@@ -6,6 +6,7 @@ use http::StatusCode;
 
 use super::Limiter;
 use crate::algorithm::Algorithm;
+use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
@@ -37,6 +38,10 @@ pub(crate) struct Plan {
     pub(super) model: Option<String>,
     /// The request's `ModelLabel` extension, kept for the observer only.
     pub(super) label: Option<ModelLabel>,
+    /// The controllers of its adaptive charges, if it has any.
+    pub(super) feedback: Option<Feedback>,
+    /// A capacity with tiers: its saturation attempt and reserve attempt.
+    pub(super) reserve: Option<super::capacity::Reserve>,
 }
 
 /// Why the body the estimate needs can't be used.
@@ -73,6 +78,8 @@ impl Limiter {
         let mut estimate: Option<Cost> = None;
         let mut model = None;
         let mut charges = Vec::with_capacity(self.rules.len());
+        let mut feedback: Option<Feedback> = None;
+        let mut reserve = None;
         for (i, rule) in self.rules.iter().enumerate() {
             let key = match (rule.key.extract(req), problem) {
                 (Some(k), _) => k,
@@ -108,6 +115,22 @@ impl Limiter {
             };
             let (variant, quota) = rule.variant_for(tier_name);
             let quota = *quota;
+            if let Some(cap) = &self.capacity[i] {
+                let bucket = BucketKey::new(rule.name.clone(), key);
+                let at = charges.len();
+                charges.extend(self.plan_capacity(
+                    cap,
+                    i,
+                    variant,
+                    bucket,
+                    quota,
+                    tier_name,
+                    at,
+                    &mut feedback,
+                    &mut reserve,
+                ));
+                continue;
+            }
             let unit = quota.unit();
             let amount = if quota.algorithm() == Algorithm::Concurrency || unit == Unit::Requests {
                 1
@@ -176,6 +199,8 @@ impl Limiter {
             estimate: estimate.unwrap_or_default(),
             model: model.flatten(),
             label,
+            feedback,
+            reserve,
         })
     }
 

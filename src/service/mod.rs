@@ -16,7 +16,7 @@ use http_body_util::Full;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use self::acquiring::Acquiring;
+use self::acquiring::Decided;
 use crate::body::ResponseBody;
 use crate::document::Json;
 use crate::future::{Next, ResponseFuture};
@@ -151,21 +151,20 @@ where
             }
         };
         let req = req.map(RequestBody::original);
-        match limiter.acquire(&plan).into_result() {
+        match acquiring::acquire(limiter, plan) {
             // A synchronous store (memory): no task switch, and no allocation for up to two
             // rules (the decision's states are inline).
-            Ok(result) => match conclude(limiter, plan, result, req.headers()) {
+            Decided::Now(plan, result) => match conclude(limiter, plan, result, req.headers()) {
                 Ok((headers, settle)) => {
                     ResponseFuture::inner(self.inner.call(req), headers, settle)
                 }
                 Err(response) => ResponseFuture::rejected(*response),
             },
-            Err(pending) => {
+            Decided::Later(acquiring) => {
                 let limiter = Arc::clone(limiter);
                 let mut inner = self.take_ready();
-                let acquiring = Acquiring::new(Arc::clone(&limiter), pending, plan);
                 ResponseFuture::deciding(Box::pin(async move {
-                    let (plan, result) = acquiring.decide().await;
+                    let (plan, result) = (*acquiring).decide().await;
                     match conclude(&limiter, plan, result, req.headers()) {
                         Ok((headers, settle)) => Next::Call(inner.call(req), headers, settle),
                         Err(response) => Next::Reject(*response),
@@ -261,13 +260,9 @@ impl<S> RateLimit<S> {
             };
             // A synchronous store answers at once; only a pending answer (already boxed) is
             // awaited.
-            let (plan, result) = match limiter.acquire(&plan).into_result() {
-                Ok(result) => (plan, result),
-                Err(pending) => {
-                    Acquiring::new(Arc::clone(&limiter), pending, plan)
-                        .decide()
-                        .await
-                }
+            let (plan, result) = match acquiring::acquire(&limiter, plan) {
+                Decided::Now(plan, result) => (plan, result),
+                Decided::Later(acquiring) => (*acquiring).decide().await,
             };
             let (headers, settle) = match conclude(&limiter, plan, result, &parts.headers) {
                 Ok(admitted) => admitted,

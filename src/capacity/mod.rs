@@ -1,0 +1,162 @@
+//! Adaptive capacity: a concurrency limit that follows the upstream.
+//!
+//! A model server's real capacity moves (prompt lengths, batch mix, a replica going away).
+//! A concurrency rule ([`crate::Quota::concurrent`]) given a [`Capacity`]
+//! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
+//! picks the current limit from what the upstream answers: the time to the first byte of
+//! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
+//! 503, 504 or an error of the inner service, and in proportion when the mean latency goes past
+//! the target; it grows it while responses come back within the target and the limit is in
+//! use; always within `[min, max]`, and at most once per interval (see the controller's
+//! rules below).
+//!
+//! The controller is local to the layer and only picks the limit; the store enforces it
+//! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
+//! adaptive capacity works with the memory store and with Redis alike.
+//!
+//! # Several replicas on one Redis
+//!
+//! Each layer (each process) governs **its own share** of a model's capacity: its
+//! controller sees only the latency of its own requests, so its adaptive buckets are keyed
+//! per replica, `{key}@{replica}`, the replica id being the layer's
+//! ([`crate::RateLimitLayerBuilder::replica_id`], default a random id per layer). Two
+//! gateways in front of one model server thus each find their own limit, and together
+//! stay under what the server sustains: when it saturates, both see its latency rise and
+//! both shrink. Redis still reclaims the slots of a replica that died (the lease). To cap
+//! the replicas' sum as well, add a second, static concurrency rule on the same key.
+//!
+//! # Priority under saturation
+//!
+//! A capacity may list tiers ([`Capacity::tier`]) with a [`Priority`]: a level and a
+//! reserved share of the current capacity. Below the saturation threshold
+//! ([`Capacity::saturation`], a share of the current capacity) anyone uses idle capacity;
+//! past it, each tier is held to its reserved share, so tiers without a reserve (and callers
+//! without a tier) are shed first, and a free-tier flood within its own limits can't take
+//! the premium callers' slots. It stays all or nothing at the store, in at most two
+//! attempts, each charging the rule's bucket and the tier's own bucket
+//! (its rule named `{rule}#{tier}`, its key the bucket's, so that a Redis Cluster
+//! decides both in one call) together with the request's other charges:
+//!
+//! | attempt | the bucket's limit | the tier's bucket's limit |
+//! |---|---|---|
+//! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
+//! | 2, only when attempt 1 was refused by the bucket's threshold | the capacity | `floor(share x capacity)` |
+//!
+//! Headers show the bucket at its capacity (the tier's bucket is not shown); the observer
+//! sees both charges.
+//!
+//! ```
+//! use tower_llm_ratelimit::capacity::{Capacity, Priority};
+//! use tower_llm_ratelimit::{key, tier, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(
+//!         Rule::new("model-slots", key::header("x-model"), Quota::concurrent(64)).capacity(
+//!             Capacity::adaptive(4, 64)
+//!                 .saturation(0.8)
+//!                 .tier("pro", Priority::new(2).reserve(0.6))
+//!                 .tier("free", Priority::new(0).reserve(0.1)),
+//!         ),
+//!     )
+//!     .tiers(tier::header("x-tier"))
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+//!
+//! # A short queue instead of an instant 429
+//!
+//! A tier may wait for a slot: [`Priority::max_wait`]. A request of that tier refused by
+//! the capacity (the bucket full, or past the saturation threshold its tier's reserve full)
+//! waits in the bucket's queue, holding no slot, for a release of a slot by this layer or
+//! its deadline. Waiters are served by priority, then arrival: each release wakes the first
+//! waiter, which tries its charges again, and hands the wake-up on to the next if it is
+//! refused again (so a full reserve does not block the waiters behind it). The queue is
+//! bounded ([`Capacity::queue_len`], default 64): past it, an immediate 429. A waiter whose
+//! client goes away leaves the queue (a wake-up it had not used goes on to the next). At the
+//! deadline: 429. Refusals by a capacity carry a `Retry-After` from the bucket's recent
+//! completion rate: the waiters ahead and the caller, at the completions per second of the
+//! last 5 to 10 s (1 s without completions, 60 s at most).
+//!
+//! Requests that arrive while others wait are not held back for them: one may take a slot
+//! released before the woken waiter tries again (the waiter then waits on, in its place).
+//! Only releases by this layer wake waiters: with several replicas on one Redis each governs
+//! its own share, so the releases that matter are its own.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::{Capacity, Priority};
+//!
+//! let capacity = Capacity::adaptive(4, 64)
+//!     .queue_len(100)
+//!     .tier("pro", Priority::new(2).reserve(0.5).max_wait(Duration::from_secs(5)))
+//!     .tier("free", Priority::new(0).max_wait(Duration::from_millis(500)));
+//! assert_eq!(capacity.priority_of(Some("pro")).unwrap().wait(), Some(Duration::from_secs(5)));
+//! ```
+//!
+//! # What is visible
+//!
+//! The current limit is the `limit` of the rule's charge: [`crate::RateLimitLayer::status`]
+//! reports it as the quota's limit and the snapshot's, the IETF rate-limit headers carry it
+//! (`RateLimit-Policy`'s `q`, `RateLimit`'s `r`; the `x-ratelimit-*` headers show rates
+//! only), the observer's [`crate::observe::RuleDecision::limit`] too,
+//! [`crate::observe::Observer::on_capacity`] hears every change, with its cause, and
+//! [`crate::observe::Observer::on_queue`] every wait in a queue.
+//!
+//! # The controller
+//!
+//! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged
+//! at its end:
+//!
+//! - an overload status or an inner error in the interval: the limit is multiplied by
+//!   [`Capacity::decrease`] (default 0.8);
+//! - else, a mean latency past the target: the limit is scaled by `target / latency` (by
+//!   1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
+//!   this lands the limit where the latency meets its target in about one step (the
+//!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
+//! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
+//!   (at least 1) within 10% of the mark the last cut left (the limit a latency cut landed
+//!   on, the limit an overload cut started from), so that it settles near the capacity
+//!   rather than swinging past it; 10% past that mark, it is forgotten (the capacity came
+//!   back).
+//!
+//! Answers to requests sent before the last cut are not judged: admitted under the higher
+//! limit, they would cut it again for the same overload.
+//!
+//! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
+//! lowest latency seen in the current or the previous [`Capacity::baseline_window`]. With a
+//! latency growing in proportion to the load past the capacity, the limit settles at about
+//! `target / unloaded latency x capacity`: a target 5% above the unloaded latency keeps it
+//! within 10% of the capacity. A server that halves its capacity is followed within a few
+//! intervals; one that doubles it back is regained within about fifteen (the controller's
+//! simulation tests check both).
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_llm_ratelimit::capacity::Capacity;
+//! use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .rule(
+//!         Rule::new("model-slots", key::header("x-model"), Quota::concurrent(64))
+//!             .capacity(Capacity::adaptive(4, 64).latency_target(Duration::from_millis(800))),
+//!     )
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(layer.rules()[0].capacity_config().map(Capacity::max), Some(64));
+//! ```
+
+mod config;
+mod controller;
+mod queue;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use self::config::{Capacity, Priority};
+pub use self::controller::Change;
+pub(crate) use self::controller::Signal;
+pub(crate) use self::queue::Ticket;
+pub(crate) use self::state::{random_replica_id, replica_key, Adapt, Cell, Feedback, RuleCapacity};

@@ -1,0 +1,277 @@
+//! The controller alone: its rules one by one, then against a simulated upstream whose
+//! latency grows past its capacity. Time is a number the tests advance: no clock is read.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Duration;
+
+use super::controller::{Change, Controller, Signal};
+use super::Capacity;
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000 * MS;
+
+fn cfg() -> Capacity {
+    Capacity::adaptive(2, 100)
+        .initial(20)
+        .latency_target(Duration::from_millis(100))
+}
+
+/// Feeds one interval of `n` responses of latency `latency_ms` from a limit in full use,
+/// ending at `end`.
+fn interval(c: &mut Controller, cfg: &Capacity, end: u64, n: u64, latency_ms: u64) {
+    c.admitted(c.limit());
+    for i in 0..n {
+        let at = end - S + (i * S / n.max(1));
+        c.sample(cfg, at, Signal::Latency(latency_ms * MS));
+    }
+}
+
+#[test]
+fn grows_while_within_target_and_in_use_up_to_max() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    assert_eq!(c.limit(), 20);
+    let mut last = c.limit();
+    for k in 1..=60 {
+        interval(&mut c, &cfg, k * S, 20, 50);
+        assert!(c.limit() >= last, "never shrinks while healthy");
+        last = c.limit();
+    }
+    assert_eq!(c.limit(), 100, "bounded by max");
+}
+
+#[test]
+fn does_not_grow_when_the_limit_is_not_in_use() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    for k in 1..=10 {
+        c.admitted(5); // 5 in flight of 20: under half
+        for i in 0..10 {
+            c.sample(&cfg, (k - 1) * S + i * S / 10, Signal::Latency(50 * MS));
+        }
+    }
+    c.sample(&cfg, 11 * S, Signal::Latency(50 * MS));
+    assert_eq!(c.limit(), 20);
+}
+
+#[test]
+fn a_burst_of_overloads_in_one_interval_cuts_once() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    let mut changes = Vec::new();
+    for i in 0..=100 {
+        if let Some(ch) = c.sample(&cfg, i * 10 * MS, Signal::Overload(0)) {
+            changes.push(ch);
+        }
+    }
+    assert_eq!(
+        changes,
+        vec![(20, 16, Change::Overload)],
+        "x0.8 once per interval"
+    );
+}
+
+#[test]
+fn answers_to_requests_sent_before_a_cut_are_not_judged() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    c.sample(&cfg, 0, Signal::Overload(0));
+    c.sample(&cfg, S, Signal::Overload(0));
+    assert_eq!(c.limit(), 16);
+    // Overloads and slow answers of requests sent before the cut (at 1 s), for 3 s more.
+    for i in 1..=30 {
+        let now = S + i * S / 10;
+        assert_eq!(c.sample(&cfg, now, Signal::Overload(now)), None);
+        assert_eq!(c.sample(&cfg, now, Signal::Latency(now)), None);
+    }
+    assert_eq!(c.limit(), 16);
+    // One sent after it counts.
+    c.sample(&cfg, 5 * S, Signal::Overload(MS));
+    let cut = c.sample(&cfg, 6 * S, Signal::Overload(MS));
+    assert_eq!(cut, Some((16, 12, Change::Overload)));
+}
+
+#[test]
+fn overloads_shrink_down_to_min_and_no_further() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    for k in 0..50 {
+        c.sample(&cfg, k * S, Signal::Overload(0));
+    }
+    assert_eq!(c.limit(), 2);
+}
+
+#[test]
+fn latency_past_the_target_scales_the_limit_by_the_gradient() {
+    let cfg = cfg();
+    let mut c = Controller::new(&cfg);
+    // Mean 160 ms against 100 ms: 20 x 100/160 = 12.5.
+    interval(&mut c, &cfg, S, 10, 160);
+    c.sample(&cfg, S + 1, Signal::Latency(160 * MS));
+    assert_eq!(c.limit(), 12);
+    // Far past the target: halved at most.
+    for i in 0..=10 {
+        c.sample(&cfg, 3 * S + i * S / 10, Signal::Latency(1_000 * MS));
+    }
+    assert_eq!(c.limit(), 6);
+}
+
+#[test]
+fn without_a_target_the_baseline_times_the_tolerance_is_the_target() {
+    let cfg = Capacity::adaptive(1, 100).initial(40); // tolerance 1.5
+    let mut c = Controller::new(&cfg);
+    c.admitted(40);
+    // 100 ms then 200 ms: the baseline is 100, the target 150, the mean 150: it grows.
+    c.sample(&cfg, 0, Signal::Latency(100 * MS));
+    let grew = c.sample(&cfg, S, Signal::Latency(200 * MS));
+    assert_eq!(grew, Some((40, 44, Change::Growth)));
+    // 300 ms is twice the baseline: cut to 44 x 150/300.
+    c.sample(&cfg, 2 * S, Signal::Latency(300 * MS));
+    let cut = c.sample(&cfg, 3 * S, Signal::Latency(300 * MS));
+    assert_eq!(cut, Some((44, 22, Change::Latency)));
+}
+
+#[test]
+fn a_configuration_problem_is_named() {
+    assert!(Capacity::adaptive(0, 4).problem().unwrap().contains("min"));
+    assert!(Capacity::adaptive(5, 4)
+        .problem()
+        .unwrap()
+        .contains("above max"));
+    assert!(Capacity::adaptive(1, 4).initial(9).problem().is_some());
+    assert!(Capacity::adaptive(1, 4).decrease(1.0).problem().is_some());
+    assert!(Capacity::adaptive(1, 4)
+        .latency_tolerance(0.9)
+        .problem()
+        .is_some());
+    assert!(Capacity::adaptive(1, 4)
+        .interval(Duration::ZERO)
+        .problem()
+        .is_some());
+    assert!(Capacity::adaptive(1, 4)
+        .latency_target(Duration::ZERO)
+        .problem()
+        .is_some());
+    assert_eq!(Capacity::adaptive(1, 4).problem(), None);
+    assert!(!Capacity::fixed(4).is_adaptive());
+}
+
+/// An upstream that serves `capacity` requests at `base` latency and slows every request
+/// in proportion past it (as a GPU batch does), under a load that always wants more than the
+/// limit. Returns the limit at every tick (10 ms).
+fn simulate(cfg: &Capacity, base: u64, phases: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    const TICK: u64 = 10 * MS;
+    let mut c = Controller::new(cfg);
+    let mut in_flight: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
+    let mut trace = Vec::new();
+    let end = phases.last().map_or(0, |p| p.0);
+    let mut now = 0;
+    while now < end {
+        let capacity = phases.iter().find(|p| now < p.0).map_or(1, |p| p.1);
+        while let Some(Reverse((done, started))) = in_flight.peek().copied() {
+            if done > now {
+                break;
+            }
+            in_flight.pop();
+            c.sample(cfg, now, Signal::Latency(done - started));
+        }
+        while (in_flight.len() as u64) < c.limit() {
+            let n = in_flight.len() as u64 + 1;
+            let latency = base * n.max(capacity) / capacity;
+            c.admitted(n);
+            in_flight.push(Reverse((now + latency, now)));
+        }
+        trace.push((now, c.limit()));
+        now += TICK;
+    }
+    trace
+}
+
+/// Every limit of `trace` between `from` and `to`.
+fn limits(trace: &[(u64, u64)], from: u64, to: u64) -> impl Iterator<Item = u64> + '_ {
+    trace
+        .iter()
+        .filter(move |(t, _)| (from..to).contains(t))
+        .map(|&(_, l)| l)
+}
+
+fn within(l: u64, capacity: u64, share: f64) -> bool {
+    (l as f64 - capacity as f64).abs() <= capacity as f64 * share
+}
+
+#[test]
+fn follows_a_capacity_that_halves_then_comes_back() {
+    // Unloaded time to first byte 200 ms, target 5% above it.
+    let base = 200 * MS;
+    let cfg = Capacity::adaptive(1, 128).latency_target(Duration::from_millis(210));
+    let trace = simulate(&cfg, base, &[(60 * S, 64), (120 * S, 32), (200 * S, 64)]);
+    // Settled on 64 before the drop.
+    for l in limits(&trace, 40 * S, 60 * S) {
+        assert!(within(l, 64, 0.10), "before the drop: {l}");
+    }
+    // Within 10% of the new capacity in under 10 s, and stays there.
+    let settled = trace
+        .iter()
+        .find(|&&(t, l)| t >= 60 * S && within(l, 32, 0.10))
+        .map(|&(t, _)| t - 60 * S)
+        .expect("settles on 32");
+    assert!(settled < 10 * S, "settled after {} ms", settled / MS);
+    for l in limits(&trace, 70 * S, 120 * S) {
+        assert!(within(l, 32, 0.10), "after the drop: {l}");
+    }
+    // Back to 64: regained within 30 s.
+    let regained = trace
+        .iter()
+        .find(|&&(t, l)| t >= 120 * S && within(l, 64, 0.10))
+        .map(|&(t, _)| t - 120 * S)
+        .expect("regains 64");
+    assert!(regained < 30 * S, "regained after {} ms", regained / MS);
+    for l in limits(&trace, 150 * S, 200 * S) {
+        assert!(within(l, 64, 0.10), "after the recovery: {l}");
+    }
+}
+
+#[test]
+fn follows_the_capacity_with_the_tolerance_alone() {
+    // No target: 1.5 x the lowest latency seen. The limit settles near 1.5 x capacity
+    // (where the latency is 1.5 x the unloaded one), and halves with the capacity.
+    let base = 200 * MS;
+    let cfg = Capacity::adaptive(1, 256);
+    let trace = simulate(&cfg, base, &[(60 * S, 64), (120 * S, 32)]);
+    for l in limits(&trace, 40 * S, 60 * S) {
+        assert!(within(l, 96, 0.10), "before the drop: {l}");
+    }
+    for l in limits(&trace, 70 * S, 120 * S) {
+        assert!(within(l, 48, 0.10), "after the drop: {l}");
+    }
+}
+
+proptest::proptest! {
+    /// Whatever the upstream answers and whenever: the limit stays within `[min, max]`, and
+    /// changes at most once per interval.
+    #[test]
+    fn any_feedback_keeps_the_limit_in_bounds_and_changes_it_once_per_interval(
+        min in 1u64..20,
+        span in 0u64..100,
+        events in proptest::collection::vec((0u64..400, 0u64..2_000, proptest::bool::weighted(0.2), 0u64..200), 1..300),
+    ) {
+        let max = min + span;
+        let cfg = Capacity::adaptive(min, max).latency_target(Duration::from_millis(300));
+        let mut c = Controller::new(&cfg);
+        let mut now = 0;
+        let mut last_change: Option<u64> = None;
+        for (step_ms, latency_ms, overload, in_flight) in events {
+            now += step_ms * MS;
+            c.admitted(in_flight);
+            let signal = if overload { Signal::Overload(0) } else { Signal::Latency(latency_ms * MS) };
+            if c.sample(&cfg, now, signal).is_some() {
+                if let Some(at) = last_change {
+                    proptest::prop_assert!(now - at >= S, "two changes within an interval");
+                }
+                last_change = Some(now);
+            }
+            proptest::prop_assert!((min..=max).contains(&c.limit()), "{} outside [{min}, {max}]", c.limit());
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Planning the charges of a rule with a [`Capacity`](crate::capacity::Capacity): this
+//! replica's bucket at its controller's current limit, a capacity with tiers' two attempts,
+//! and which refusals wait in the bucket's queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::plan::Planned;
+use super::{Limiter, Plan};
+use crate::capacity::{replica_key, Adapt, Cell, Feedback, RuleCapacity};
+use crate::rule::Quota;
+use crate::store::{BucketKey, Decision, StoreError};
+use crate::tier::Tier;
+
+/// The two attempts of a charge to a capacity with tiers (see `Capacity::tier`): first the
+/// bucket at the saturation threshold and the tier's bucket at the capacity; once refused
+/// for saturation, the bucket at the capacity and the tier's bucket at its reserve.
+pub(crate) struct Reserve {
+    /// The bucket's charge (its index in the plan).
+    pub(super) shared: usize,
+    /// The tier's charge.
+    pub(super) tier: usize,
+    pub(super) capacity: u64,
+    /// The saturation threshold: `floor(saturation x capacity)`, at least 1.
+    pub(super) threshold: u64,
+    /// The tier's reserve: `floor(share x capacity)`.
+    pub(super) reserved: u64,
+    /// The second attempt is under way.
+    pub(super) second: bool,
+}
+
+/// Where a refused request waits, and how.
+pub(crate) struct Wait<'a> {
+    pub(crate) cell: &'a Arc<Cell>,
+    /// The bucket (for the observer).
+    pub(crate) bucket: &'a BucketKey,
+    pub(crate) tier: Option<&'a Tier>,
+    pub(crate) level: u8,
+    pub(crate) max_wait: Duration,
+    pub(crate) max_len: usize,
+}
+
+/// `floor(share x capacity)`.
+fn share_of(share: f64, capacity: u64) -> u64 {
+    (share * capacity as f64).floor() as u64
+}
+
+impl Limiter {
+    /// The charges of rule `rule` (a capacity) for a caller of `tier`, the first at index
+    /// `at` of the plan: this replica's bucket at its current capacity, and with tiers the
+    /// tier's own bucket. Notes the bucket's controller for the feedback.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn plan_capacity(
+        &self,
+        cap: &RuleCapacity,
+        rule: usize,
+        variant: usize,
+        bucket: BucketKey,
+        quota: Quota,
+        tier: Option<&str>,
+        at: usize,
+        feedback: &mut Option<Feedback>,
+        reserve: &mut Option<Reserve>,
+    ) -> impl Iterator<Item = Planned> {
+        let cell = cap.cell(bucket.key());
+        let capacity = quota.limit().min(cell.limit());
+        let quota = quota.with_limit(capacity);
+        let key = replica_key(bucket.key(), &self.replica);
+        feedback
+            .get_or_insert_with(|| Feedback {
+                started: self.clock.now_nanos(),
+                cells: Vec::new(),
+            })
+            .cells
+            .push(Adapt {
+                rule,
+                charge: at,
+                cell,
+            });
+        let planned = |bucket, quota| Planned {
+            rule,
+            variant,
+            bucket,
+            quota,
+            amount: 1,
+        };
+        let mut tier_charge = None;
+        let mut first_quota = quota;
+        if cap.config.has_tiers() {
+            let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
+            let threshold = share_of(cap.config.saturation, capacity).max(1);
+            *reserve = Some(Reserve {
+                shared: at,
+                tier: at + 1,
+                capacity,
+                threshold,
+                reserved: share_of(share, capacity),
+                second: false,
+            });
+            first_quota = quota.with_limit(threshold);
+            tier_charge = Some(planned(
+                BucketKey::new(Arc::clone(cap.tier_rule(tier)), key.clone()),
+                quota,
+            ));
+        }
+        std::iter::once(planned(bucket.with_key(key), first_quota)).chain(tier_charge)
+    }
+
+    /// After a refusal for saturation, turns `plan` into its second attempt (the tier's
+    /// reserve); false when there is none to make.
+    pub(crate) fn retry_reserved(
+        &self,
+        plan: &mut Plan,
+        result: &Result<Decision, StoreError>,
+    ) -> bool {
+        let Some(r) = &mut plan.reserve else {
+            return false;
+        };
+        let refused_for_saturation = matches!(
+            result,
+            Ok(Decision { denial: Some(d), .. }) if d.index == r.shared
+        );
+        if r.second || r.reserved == 0 || !refused_for_saturation {
+            return false;
+        }
+        r.second = true;
+        let shared = &mut plan.charges[r.shared];
+        shared.quota = shared.quota.with_limit(r.capacity);
+        let tier = &mut plan.charges[r.tier];
+        tier.quota = tier.quota.with_limit(r.reserved);
+        true
+    }
+
+    /// Turns `plan` back into its first attempt, at the capacities in force now, for a
+    /// waiter trying again: the latency of its answer counts from now, not from its arrival.
+    pub(crate) fn retry_from_queue(&self, plan: &mut Plan) {
+        let tier = plan.tier.as_ref().map(|t| t.as_str());
+        let Some(f) = &mut plan.feedback else {
+            return;
+        };
+        f.started = self.clock.now_nanos();
+        for a in &f.cells {
+            let Some(cap) = &self.capacity[a.rule] else {
+                continue;
+            };
+            let capacity = self.rules[a.rule]
+                .quota_for(tier)
+                .limit()
+                .min(a.cell.limit());
+            match &mut plan.reserve {
+                Some(r) if r.shared == a.charge => {
+                    let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
+                    *r = Reserve {
+                        capacity,
+                        threshold: share_of(cap.config.saturation, capacity).max(1),
+                        reserved: share_of(share, capacity),
+                        second: false,
+                        ..*r
+                    };
+                    let shared = &mut plan.charges[r.shared];
+                    shared.quota = shared.quota.with_limit(r.threshold);
+                    let own = &mut plan.charges[r.tier];
+                    own.quota = own.quota.with_limit(r.capacity);
+                }
+                _ => {
+                    let charge = &mut plan.charges[a.charge];
+                    charge.quota = charge.quota.with_limit(capacity);
+                }
+            }
+        }
+    }
+
+    /// The adaptive bucket of charge `index` of `plan` (the bucket's or its tier's).
+    pub(crate) fn capacity_of<'p>(&self, plan: &'p Plan, index: usize) -> Option<&'p Adapt> {
+        let tier_of = plan
+            .reserve
+            .as_ref()
+            .filter(|r| r.tier == index)
+            .map(|r| r.shared);
+        plan.feedback
+            .as_ref()?
+            .cells
+            .iter()
+            .find(|a| a.charge == index || Some(a.charge) == tier_of)
+    }
+
+    /// Where `plan`, refused as `result` says, waits: when a capacity refused it and the
+    /// caller's tier may wait.
+    pub(crate) fn queue_for<'p>(
+        &self,
+        plan: &'p Plan,
+        result: &Result<Decision, StoreError>,
+    ) -> Option<Wait<'p>> {
+        let denial = result.as_ref().ok()?.denial?;
+        let adapt = self.capacity_of(plan, denial.index)?;
+        let config = &self.capacity[adapt.rule].as_ref()?.config;
+        let priority = config.priority_of(plan.tier.as_ref().map(|t| t.as_str()))?;
+        Some(Wait {
+            cell: &adapt.cell,
+            bucket: &plan.charges.get(adapt.charge)?.bucket,
+            tier: plan.tier.as_ref(),
+            level: priority.level,
+            max_wait: priority.max_wait?,
+            max_len: config.queue_len,
+        })
+    }
+}

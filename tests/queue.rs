@@ -1,0 +1,301 @@
+//! The capacity queue on tokio's paused clock: waiters are served by priority then arrival,
+//! refused at their deadline with a `Retry-After` from the bucket's completion rate, leave
+//! cleanly when their client goes away, and the queue is bounded.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower_llm_ratelimit::capacity::{Capacity, Priority};
+use tower_llm_ratelimit::clock::Clock;
+use tower_llm_ratelimit::observe::{DecisionEvent, Observer, QueueEvent, QueueOutcome};
+use tower_llm_ratelimit::store::{
+    Adjustment, BucketKey, Charge, Decision, MemoryStore, Snapshot, Store, StoreError, StoreFuture,
+};
+use tower_llm_ratelimit::{key, tier, Quota, RateLimitLayer, RequestBody, ResponseBody, Rule};
+
+/// Adaptive capacity's time on tokio's (paused) clock.
+#[derive(Debug)]
+struct TokioClock(Instant);
+
+impl Clock for TokioClock {
+    fn now_nanos(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
+type Res = Response<ResponseBody<String>>;
+
+/// A memory store whose decisions and settlements answer after a task switch, as a
+/// networked store's do.
+#[derive(Debug, Clone)]
+struct Deferred(MemoryStore);
+
+impl Store for Deferred {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        let result = self.0.try_acquire(charges);
+        StoreFuture::pending(async move {
+            tokio::task::yield_now().await;
+            result
+        })
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        let result = self.0.settle(adjustments).now().ok().unwrap();
+        StoreFuture::pending(async move {
+            tokio::task::yield_now().await;
+            result
+        })
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// What the observer heard of the queue: (tier, outcome, waited).
+#[derive(Clone, Default)]
+struct Queued(Arc<Mutex<Vec<(String, QueueOutcome, Duration)>>>);
+
+impl Observer for Queued {
+    fn on_decision(&self, _: &DecisionEvent<'_>) {}
+
+    fn on_queue(&self, e: &QueueEvent<'_>) {
+        assert_eq!(e.key.to_string(), "m@r");
+        self.0
+            .lock()
+            .unwrap()
+            .push((e.tier.unwrap_or("").to_owned(), e.outcome, e.waited));
+    }
+}
+
+struct Setup {
+    layer: RateLimitLayer,
+    queued: Queued,
+    /// The tiers of the requests the upstream received, in order.
+    served: Arc<Mutex<Vec<String>>>,
+}
+
+fn setup(queue_len: usize) -> Setup {
+    setup_with(queue_len, MemoryStore::new())
+}
+
+fn setup_with(queue_len: usize, store: impl Store) -> Setup {
+    let queued = Queued::default();
+    let layer = RateLimitLayer::builder()
+        .observer(queued.clone())
+        .replica_id("r")
+        .store(store)
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
+                Capacity::fixed(1)
+                    .queue_len(queue_len)
+                    .tier("pro", Priority::new(2).max_wait(Duration::from_secs(5)))
+                    .tier("std", Priority::new(1).max_wait(Duration::from_secs(5)))
+                    .tier("free", Priority::new(0).max_wait(Duration::from_secs(1))),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    Setup {
+        layer,
+        queued,
+        served: Arc::default(),
+    }
+}
+
+impl Setup {
+    /// A request of `tier` (with a name for the record), answered at once by the upstream.
+    fn send(&self, tier: &str, name: &str) -> impl std::future::Future<Output = Res> + Send {
+        let served = self.served.clone();
+        let name = name.to_owned();
+        let svc = tower::ServiceBuilder::new()
+            .layer(self.layer.clone())
+            .service(tower::service_fn(move |_: Request<RequestBody<String>>| {
+                served.lock().unwrap().push(name.clone());
+                async { Ok::<_, Infallible>(Response::new(String::new())) }
+            }));
+        let req = Request::builder()
+            .header("x-model", "m")
+            .header("x-tier", tier)
+            .body(String::new())
+            .unwrap();
+        async move { svc.oneshot(req).await.unwrap() }
+    }
+
+    /// Spawns a request that drops its response (its slot) as soon as it has it.
+    fn spawn(&self, tier: &str, name: &str) -> JoinHandle<(StatusCode, Option<String>)> {
+        let fut = self.send(tier, name);
+        tokio::spawn(async move {
+            let res = fut.await;
+            let retry = res
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (res.status(), retry)
+        })
+    }
+
+    fn served(&self) -> Vec<String> {
+        self.served.lock().unwrap().clone()
+    }
+
+    fn queue_events(&self) -> Vec<(String, QueueOutcome, Duration)> {
+        self.queued.0.lock().unwrap().clone()
+    }
+}
+
+/// Lets every spawned task run as far as it can without time passing.
+async fn settle_tasks() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_by_priority_then_arrival() {
+    served_by_priority_then_arrival(setup(16)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_by_priority_then_arrival_with_a_store_doing_io() {
+    served_by_priority_then_arrival(setup_with(16, Deferred(MemoryStore::new()))).await;
+}
+
+async fn served_by_priority_then_arrival(s: Setup) {
+    let held = s.send("std", "holder").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let mut tasks = Vec::new();
+    for (tier, name) in [
+        ("free", "free-1"),
+        ("pro", "pro-1"),
+        ("std", "std-1"),
+        ("pro", "pro-2"),
+        ("free", "free-2"),
+    ] {
+        tasks.push(s.spawn(tier, name));
+        settle_tasks().await;
+    }
+    let start = Instant::now();
+    assert_eq!(s.served(), ["holder"], "everyone waits, holding no slot");
+    drop(held);
+    for t in tasks {
+        let (status, _) = support::within("a waiter", t).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        s.served(),
+        ["holder", "pro-1", "pro-2", "std-1", "free-1", "free-2"]
+    );
+    assert_eq!(start.elapsed(), Duration::ZERO, "served as slots came back");
+    let events = s.queue_events();
+    assert_eq!(events.len(), 5);
+    assert!(
+        events.iter().all(|e| e.1 == QueueOutcome::Admitted),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_refused_at_its_deadline_with_a_retry_after_from_the_completion_rate() {
+    let s = setup(16);
+    // Two completions 10 s apart: about one every 6 s over the rate's window.
+    drop(s.send("pro", "a").await);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(s.send("pro", "b").await);
+    let held = s.send("pro", "holder").await;
+    let start = Instant::now();
+    let free = s.spawn("free", "late");
+    let (status, retry) = support::within("the free waiter", free).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "free waits up to 1 s"
+    );
+    // 2 completions over 5 s + 1 s: 3 s each, for itself alone in the queue.
+    assert_eq!(retry.as_deref(), Some("3"));
+    assert_eq!(
+        s.queue_events(),
+        [(
+            "free".to_owned(),
+            QueueOutcome::TimedOut,
+            Duration::from_secs(1)
+        )]
+    );
+    assert_eq!(s.served(), ["a", "b", "holder"]);
+    drop(held);
+    // The queue is empty again: the slot is free for the next caller.
+    assert_eq!(s.send("free", "next").await.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_whose_client_leaves_leaves_the_queue() {
+    let s = setup(16);
+    let held = s.send("std", "holder").await;
+    // Gone while waiting: the queue forgets it.
+    let gone = s.spawn("pro", "gone");
+    settle_tasks().await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    // Gone after a release woke it, before it could use it: the wake-up goes on.
+    let woken_then_gone = s.spawn("pro", "woken-then-gone");
+    let after = s.spawn("std", "after");
+    settle_tasks().await;
+    drop(held);
+    woken_then_gone.abort();
+    let (status, _) = support::within("the next waiter", after).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.served(), ["holder", "after"]);
+    let outcomes: Vec<_> = s.queue_events().into_iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("pro".to_owned(), QueueOutcome::Left),
+            ("pro".to_owned(), QueueOutcome::Left),
+            ("std".to_owned(), QueueOutcome::Admitted)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_its_bound_the_queue_refuses_at_once() {
+    let s = setup(2);
+    let held = s.send("std", "holder").await;
+    let waiting = [s.spawn("pro", "w1"), s.spawn("pro", "w2")];
+    settle_tasks().await;
+    let start = Instant::now();
+    let res = s.send("pro", "third").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(start.elapsed(), Duration::ZERO, "refused without waiting");
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(
+        s.queue_events(),
+        [("pro".to_owned(), QueueOutcome::Full, Duration::ZERO)]
+    );
+    drop(held);
+    for t in waiting {
+        assert_eq!(
+            support::within("a waiter", t).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(s.served(), ["holder", "w1", "w2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_without_max_wait_is_refused_at_once() {
+    let s = setup(16);
+    let held = s.send("std", "holder").await;
+    let start = Instant::now();
+    let res = s.send("none", "untiered").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    drop(held);
+}
