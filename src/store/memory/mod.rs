@@ -43,7 +43,7 @@ use super::{
     Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::algorithm::{Gcra, Limits, Placement, State, Verdict};
-use crate::clock::{Clock, ManualClock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
 use self::cell::{lock, Held};
@@ -114,52 +114,19 @@ struct Inner {
     ids: IdTable,
 }
 
-/// The store's clock: the crate's own clocks are read without a virtual call (one per
-/// decision), any other through `dyn Clock`.
-enum StoreClock {
-    System(SystemClock),
-    Manual(ManualClock),
-    Other(Box<dyn Clock>),
-}
-
-impl fmt::Debug for StoreClock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::System(c) => c.fmt(f),
-            Self::Manual(c) => c.fmt(f),
-            Self::Other(c) => c.fmt(f),
-        }
-    }
-}
+/// The store's clock.
+#[derive(Debug)]
+struct StoreClock(Box<dyn Clock>);
 
 impl StoreClock {
-    fn new<C: Clock>(clock: C) -> Self {
-        let any: &dyn std::any::Any = &clock;
-        if let Some(c) = any.downcast_ref::<SystemClock>() {
-            Self::System(c.clone())
-        } else if let Some(c) = any.downcast_ref::<ManualClock>() {
-            Self::Manual(c.clone())
-        } else {
-            Self::Other(Box::new(clock))
-        }
-    }
-
     #[inline]
     fn now_nanos(&self) -> u64 {
-        match self {
-            Self::System(c) => c.now_nanos(),
-            Self::Manual(c) => c.now_nanos(),
-            Self::Other(c) => c.now_nanos(),
-        }
+        self.0.now_nanos()
     }
 
     /// The wall clock, for calendar windows.
     fn unix_nanos(&self) -> u64 {
-        match self {
-            Self::System(c) => c.unix_nanos(),
-            Self::Manual(c) => c.unix_nanos(),
-            Self::Other(c) => c.unix_nanos(),
-        }
+        self.0.unix_nanos()
     }
 
     /// The time `algorithm` counts in: the wall clock for a calendar window (`now` is the
@@ -198,7 +165,7 @@ const SAMPLES: usize = 5;
 impl MemoryStoreBuilder {
     /// Takes time from `clock` (default [`SystemClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Some(StoreClock::new(clock));
+        self.clock = Some(StoreClock(Box::new(clock)));
         self
     }
 
@@ -239,7 +206,7 @@ impl MemoryStoreBuilder {
                 digest: KeyDigest::new(),
                 clock: self
                     .clock
-                    .unwrap_or_else(|| StoreClock::System(SystemClock::new())),
+                    .unwrap_or_else(|| StoreClock(Box::new(SystemClock::new()))),
                 len: AtomicUsize::new(0),
                 max_keys: self.max_keys,
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),

@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock::ManualClock;
 
 fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
     let clock = ManualClock::new();
