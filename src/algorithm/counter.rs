@@ -90,6 +90,7 @@ impl SlidingWindowCounter {
         (fits, e, carried)
     }
 
+    #[inline]
     pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
         if self.fit(l, now, cost).0 {
             return Verdict::Allow;

@@ -230,7 +230,7 @@ impl State {
     }
 
     /// Would `cost` fit at `now`? Only drops what has expired; counts nothing.
-    #[inline]
+    #[inline(always)]
     pub fn check(&mut self, limits: &Limits, now: u64, cost: u64) -> Verdict {
         dispatch!(self, s => s.check(limits, now, cost))
     }

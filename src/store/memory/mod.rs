@@ -535,19 +535,16 @@ impl Inner {
                 max_keys: self.max_keys,
             });
         }
-        let mut found: SmallVec<[Found; MANY]> = charges
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let (hash, shard) = self.buckets.locate(c.bucket);
-                Found {
-                    charge: i,
-                    hash,
-                    shard,
-                    place: None,
-                }
-            })
-            .collect();
+        let mut found: SmallVec<[Found; MANY]> = SmallVec::new();
+        for (i, c) in charges.iter().enumerate() {
+            let (hash, shard) = self.buckets.locate(c.bucket);
+            found.push(Found {
+                charge: i,
+                hash,
+                shard,
+                place: None,
+            });
+        }
         // A fixed global order (shards by index, then buckets by place) makes holding several
         // deadlock-free: writers (new keys, evictions, sweeps) lock one shard at a time.
         found.sort_unstable_by_key(|f| f.shard);
@@ -605,21 +602,19 @@ impl Inner {
                 now
             }
         };
-        let mut held: SmallVec<[Held<'_>; MANY]> = found
-            .iter()
-            .map(|f| {
-                let bucket = shard_of(&shards, f.shard).get(f.place.expect("found above"));
-                bucket.touch(now);
-                match bucket {
-                    BucketRef::Locked(b) => {
-                        let mut slot = lock(&b.slot);
-                        slot.fit(charges[f.charge].quota);
-                        Held::Locked(slot)
-                    }
-                    BucketRef::Gcra(b) => b.cell.hold(),
+        let mut held: SmallVec<[Held<'_>; MANY]> = SmallVec::new();
+        for f in &found {
+            let bucket = shard_of(&shards, f.shard).get(f.place.expect("found above"));
+            bucket.touch(now);
+            held.push(match bucket {
+                BucketRef::Locked(b) => {
+                    let mut slot = lock(&b.slot);
+                    slot.fit(charges[f.charge].quota);
+                    Held::Locked(slot)
                 }
-            })
-            .collect();
+                BucketRef::Gcra(b) => b.cell.hold(),
+            });
+        }
 
         // Checked, then charged, in (shard, place) order; a tie between denials goes to the
         // first.
