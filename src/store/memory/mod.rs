@@ -484,7 +484,6 @@ impl Inner {
     #[inline]
     fn acquire_one(&self, c: &Charge<'_>, now: u64) -> Result<Decision, StoreError> {
         let located = self.buckets.locate(c.bucket);
-        let limits = c.quota.limits();
         loop {
             let shard = self.buckets.read(located.1);
             let Some(place) = shard.find(located.0, c.bucket) else {
@@ -505,6 +504,7 @@ impl Inner {
                             return Ok(one_decision((Verdict::Allow, placement, snapshot)));
                         }
                     }
+                    let limits = c.quota.limits();
                     return Ok(one_decision(b.cell.acquire(&limits, now, c.amount)));
                 }
                 (BucketRef::Locked(b), algorithm) if algorithm != Algorithm::Gcra => {
@@ -512,7 +512,7 @@ impl Inner {
                     let mut slot = lock(&b.slot);
                     slot.fit(c.quota);
                     let at = self.clock.time_for(algorithm, now);
-                    let decided = slot.state.acquire(&limits, at, c.amount);
+                    let decided = slot.state.acquire(&c.quota.limits(), at, c.amount);
                     drop(slot);
                     return Ok(one_decision(decided));
                 }
