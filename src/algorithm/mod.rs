@@ -73,7 +73,11 @@ impl Prepared {
 pub use self::log::SlidingWindowLog;
 
 /// How a quota is enforced. See the [module docs](self) for the trade-offs.
+///
+/// Non-exhaustive: more algorithms may come in a minor release, so a `match` outside this
+/// crate needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// O(1) memory, approximate (at most 2x the limit in a worst-case window). The default.
     #[default]
