@@ -248,7 +248,7 @@ impl Decision {
 /// stored inline for up to two charges (a request rule and a token rule, the usual pair);
 /// more take one allocation.
 // Kept inline: a `Vec` here costs 36% more instructions per single-rule decision (callgrind,
-// one hot key, `benches/algorithms.rs` hot_key_fixed_clock/gcra: 588 against 432).
+// one hot key, as `benches/algorithms.rs` hot_key_fixed_clock/gcra: 556 against 408).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChargeStates(SmallVec<[ChargeState; 2]>);
 

@@ -706,8 +706,8 @@ impl Inner {
 
 /// Charges per request whose buckets and locks a multi-rule decision keeps inline (more
 /// take one allocation each).
-// Kept inline: `Vec`s here cost 6% more instructions per three-rule decision (callgrind,
-// `benches/algorithms.rs` multi_charge_3_rules/sliding_window_counter: 3,156 against 2,973).
+// Kept inline: `Vec`s here cost 13% more instructions per three-rule counter decision
+// (callgrind, as `benches/algorithms.rs` multi_charge_3_rules: 2,954 against 2,609).
 const MANY: usize = 4;
 
 /// A shard read-locked by a multi-rule decision, and its index.
