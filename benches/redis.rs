@@ -398,10 +398,12 @@ fn main() {
         vec!["EVALSHA".into(), trivial.clone(), "0".into()],
         "evalsha",
     );
-    // The script's one argument (see limiter.lua): header, then 3 counter rules.
+    // The script's one argument (see limiter.lua): header (mode, now, idempotency TTL, wall
+    // clock), then 3 counter rules.
     let mut blob: Vec<u8> = vec![b'a'];
     blob.extend_from_slice(&(-1f64).to_le_bytes());
     blob.extend_from_slice(&0f64.to_le_bytes());
+    blob.extend_from_slice(&(-1f64).to_le_bytes());
     for amount in [1, TOKENS, TOKENS] {
         // algorithm, limit, window_us, burst, amount, placement, actual
         blob.push(0);
@@ -416,7 +418,7 @@ fn main() {
     trivial_args.extend(hot_keys.map(String::from));
     trivial_args.push("x".repeat(blob.len()));
     reference(
-        "redis-benchmark EVALSHA \"return 1\" with the same 3 keys + 1 argument of 164 bytes (reference)",
+        "redis-benchmark EVALSHA \"return 1\" with the same 3 keys + 1 argument of 172 bytes (reference)",
         trivial_args,
         "evalsha",
     );

@@ -64,27 +64,70 @@ impl SlidingWindowCounter {
         now.saturating_sub(self.window.saturating_mul(w)).min(w)
     }
 
-    /// Estimated usage, scaled by `w` (units x nanoseconds), exact in 128 bits.
+    /// The previous window's share of the sliding window, in units, rounded up:
+    /// `ceil(previous x (w - e) / w)`, `e` being [`Self::elapsed`]. With it, the estimate
+    /// `used_scaled <= k x w` is exactly `current + carried <= k` (for whole `k`).
     #[inline]
-    fn used_scaled(&self, w: u64, now: u64) -> u128 {
-        let e = self.elapsed(w, now);
-        // Each product fits in 128 bits, their sum may not (counts near 2^64 under a window
-        // of centuries): saturated, it reads as over any limit.
-        (self.previous as u128 * (w - e) as u128).saturating_add(self.current as u128 * w as u128)
+    fn carried(&self, w: u64, e: u64) -> u64 {
+        if self.previous == 0 {
+            return 0;
+        }
+        mul_div_ceil(self.previous, w - e, w)
     }
 
-    pub(crate) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
+    /// The fit test: rolls to `now` and returns whether `cost` fits, the time elapsed in the
+    /// current window and the previous window's share (see [`Self::carried`]).
+    #[inline]
+    fn fit(&mut self, l: &Limits, now: u64, cost: u64) -> (bool, u64, u64) {
         let w = l.window_nanos;
-        self.roll(w, now);
-        let capacity = l.limit as u128 * w as u128;
-        let used = self.used_scaled(w, now);
-        if used.saturating_add(cost as u128 * w as u128) <= capacity {
+        let e = self.roll_elapsed(w, now);
+        let carried = self.carried(w, e);
+        let fits = self
+            .current
+            .checked_add(cost)
+            .and_then(|n| n.checked_add(carried))
+            .is_some_and(|n| n <= l.limit);
+        (fits, e, carried)
+    }
+
+    #[inline]
+    pub(super) fn check(&mut self, l: &Limits, now: u64, cost: u64) -> Verdict {
+        if self.fit(l, now, cost).0 {
             return Verdict::Allow;
         }
+        self.denial(l, now, cost)
+    }
+
+    /// `check`, then `charge` if it fits, then `peek`, sharing the work.
+    #[inline(always)]
+    pub(super) fn acquire(
+        &mut self,
+        l: &Limits,
+        now: u64,
+        cost: u64,
+    ) -> (Verdict, Placement, Snapshot) {
+        let (fits, e, carried) = self.fit(l, now, cost);
+        if !fits {
+            let verdict = self.denial(l, now, cost);
+            return (verdict, Placement::default(), self.snapshot(l, e, carried));
+        }
+        self.current += cost;
+        (
+            Verdict::Allow,
+            Placement(self.window),
+            self.snapshot(l, e, carried),
+        )
+    }
+
+    /// The answer when `cost` does not fit (the state already rolled to `now`): how long
+    /// until it would.
+    #[cold]
+    fn denial(&self, l: &Limits, now: u64, cost: u64) -> Verdict {
         if cost > l.limit {
             return Verdict::Deny { retry_after: None };
         }
         // Need used(t) <= room, where room = (limit - cost) x w.
+        let w = l.window_nanos;
         let room = (l.limit - cost) as u128 * w as u128;
         let e = self.elapsed(w, now) as u128;
         let cur = self.current as u128 * w as u128;
@@ -105,127 +148,23 @@ impl SlidingWindowCounter {
         }
     }
 
-    /// The previous window's share of the sliding window, in units, rounded up:
-    /// `ceil(previous x (w - e) / w)`. With it, `used_scaled <= k x w` is exactly
-    /// `current + carried <= k` (for whole `k`), so no 128-bit arithmetic is needed. `e` is
-    /// [`Self::elapsed`], `div_ceil_w(p)` is `ceil(p / w)`.
+    /// The snapshot, `e` nanoseconds into the current window with `carried` units of the
+    /// previous one still counted.
     #[inline]
-    fn carried(&self, w: u64, e: u64, div_ceil_w: impl Fn(u64) -> u64) -> u64 {
-        if self.previous == 0 {
-            return 0;
-        }
-        let left = w - e;
-        match self.previous.checked_mul(left) {
-            Some(p) => div_ceil_w(p),
-            None => mul_div_ceil(self.previous, left, w),
-        }
-    }
-
-    /// `check`, then `charge` if it fits, then `peek`, sharing the work.
-    #[inline]
-    pub(super) fn acquire(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-    ) -> (Verdict, Placement, Snapshot) {
+    fn snapshot(&self, l: &Limits, e: u64, carried: u64) -> Snapshot {
         let w = l.window_nanos;
-        self.acquire_with(l, now, cost, |p| p.div_ceil(w))
-    }
-
-    /// [`Self::acquire`], dividing by the window with `div_ceil_w(p) = ceil(p / w)` (a
-    /// store keeps a [`Divisor`](super::Divisor) of its bucket's window: no hardware
-    /// division per decision).
-    #[inline]
-    pub(crate) fn acquire_with(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-        div_ceil_w: impl Fn(u64) -> u64,
-    ) -> (Verdict, Placement, Snapshot) {
-        match self.admit_with(l, now, cost, div_ceil_w) {
-            Some((placement, snapshot)) => (Verdict::Allow, placement, snapshot),
-            None => self.deny(l, now, cost),
-        }
-    }
-
-    /// Whether `cost` fits now: [`Self::check`] answering `Allow`, without its 128-bit
-    /// arithmetic (the test of [`Self::admit_with`], charging nothing).
-    #[inline]
-    pub(crate) fn fits_with(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-        div_ceil_w: impl Fn(u64) -> u64,
-    ) -> bool {
-        self.room_for(l, now, cost, div_ceil_w).is_some()
-    }
-
-    /// Rolls to `now`; if `cost` fits, the time elapsed in the current window and the
-    /// previous window's share (see [`Self::carried`]), else `None`.
-    #[inline(always)]
-    fn room_for(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-        div_ceil_w: impl Fn(u64) -> u64,
-    ) -> Option<(u64, u64)> {
-        let w = l.window_nanos;
-        let e = self.roll_elapsed(w, now);
-        let carried = self.carried(w, e, div_ceil_w);
-        self.current
-            .checked_add(cost)
-            .and_then(|n| n.checked_add(carried))
-            .is_some_and(|n| n <= l.limit)
-            .then_some((e, carried))
-    }
-
-    /// The admitted half of [`Self::acquire_with`]: charges `cost` if it fits and returns
-    /// where it landed and the snapshot after it; `None` (nothing charged) when it does not
-    /// fit: ask [`Self::deny`]. Always inlined: it is the store's hot path.
-    #[inline(always)]
-    pub(crate) fn admit_with(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-        div_ceil_w: impl Fn(u64) -> u64,
-    ) -> Option<(Placement, Snapshot)> {
-        let (e, carried) = self.room_for(l, now, cost, div_ceil_w)?;
-        let w = l.window_nanos;
-        self.current += cost;
-        let snapshot = Snapshot {
-            limit: l.limit,
-            remaining: l.limit - self.current - carried,
-            reset_after_nanos: if self.current > 0 {
-                (w - e).saturating_add(w)
-            } else if self.previous > 0 {
-                w - e
-            } else {
-                0
-            },
+        let reset_after_nanos = if self.current > 0 {
+            (w - e).saturating_add(w)
+        } else if self.previous > 0 {
+            w - e
+        } else {
+            0
         };
-        Some((Placement(self.window), snapshot))
-    }
-
-    /// The part of [`Self::acquire`] where `cost` does not fit: the wait, and the snapshot
-    /// (nothing charged).
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn deny(
-        &mut self,
-        l: &Limits,
-        now: u64,
-        cost: u64,
-    ) -> (Verdict, Placement, Snapshot) {
-        (
-            self.check(l, now, cost),
-            Placement::default(),
-            self.peek(l, now),
-        )
+        Snapshot {
+            limit: l.limit,
+            remaining: l.limit.saturating_sub(self.current).saturating_sub(carried),
+            reset_after_nanos,
+        }
     }
 
     pub(super) fn charge(&mut self, l: &Limits, now: u64, cost: u64) -> Placement {
@@ -260,23 +199,7 @@ impl SlidingWindowCounter {
         let w = l.window_nanos;
         self.roll(w, now);
         let e = self.elapsed(w, now);
-        // floor((limit x w - used_scaled) / w), saturated at 0, without a 128-bit division.
-        let remaining = l
-            .limit
-            .saturating_sub(self.current)
-            .saturating_sub(self.carried(w, e, |p| p.div_ceil(w)));
-        let reset_after_nanos = if self.current > 0 {
-            (w - e).saturating_add(w)
-        } else if self.previous > 0 {
-            w - e
-        } else {
-            0
-        };
-        Snapshot {
-            limit: l.limit,
-            remaining,
-            reset_after_nanos,
-        }
+        self.snapshot(l, e, self.carried(w, e))
     }
 
     pub(super) fn is_idle(&mut self, l: &Limits, now: u64) -> bool {
@@ -363,15 +286,13 @@ mod tests {
         assert_eq!(c.current, u64::MAX, "a denial charges nothing");
     }
 
-    /// The store's path (a prepared divisor of the window) decides exactly as `acquire`.
+    /// The fit test in whole units (`current + carried <= limit - cost`) answers as the
+    /// estimate it stands for, in units x nanoseconds:
+    /// `previous x (w - e) + (current + cost) x w <= limit x w`.
     #[test]
-    fn acquire_with_a_divisor_matches_acquire() {
-        // Also: `fits_with` is `check` answering `Allow`.
-        use crate::algorithm::Divisor;
+    fn fit_test_matches_the_scaled_estimate() {
         let mut rng = TestRng::new(19);
         for _ in 0..3_000 {
-            // Products of `check` stay below 2^127 (its u128 arithmetic); the fast path must
-            // also cover the 64-bit overflows in between.
             let w = match rng.below(3) {
                 0 => 1 + rng.below(1_000),
                 1 => 1 + rng.below(3_600 * S),
@@ -379,11 +300,7 @@ mod tests {
             };
             let bits = rng.below(41);
             let l = Limits::new(1 + rng.below(1 << bits), w, 0);
-            let by_window = Divisor::new(w);
-            let (mut fast, mut plain) = (
-                SlidingWindowCounter::default(),
-                SlidingWindowCounter::default(),
-            );
+            let mut c = SlidingWindowCounter::default();
             let mut now = rng.below(10 * S);
             for _ in 0..100 {
                 now = now.saturating_add(rng.below(w / 3 + 2));
@@ -392,18 +309,18 @@ mod tests {
                     1 => rng.below(l.limit / 3 + 2),
                     _ => rng.below(2 * l.limit + 1),
                 };
-                // The fit test alone agrees with the general check, and changes nothing but
-                // the window's roll (which `check` does too).
-                let (mut probe, mut checked) = (fast.clone(), fast.clone());
+                let mut rolled = c.clone();
+                rolled.roll(w, now);
+                let e = rolled.elapsed(w, now) as u128;
+                let used = rolled.previous as u128 * (w as u128 - e)
+                    + (rolled.current as u128 + cost as u128) * w as u128;
+                let fits = used <= l.limit as u128 * w as u128;
+                let (verdict, _, _) = c.acquire(&l, now, cost);
                 assert_eq!(
-                    probe.fits_with(&l, now, cost, |p| by_window.div_ceil(p)),
-                    checked.check(&l, now, cost) == Verdict::Allow,
+                    verdict == Verdict::Allow,
+                    fits,
                     "{l:?} now={now} cost={cost}"
                 );
-                assert_eq!(probe, checked);
-                let got = fast.acquire_with(&l, now, cost, |p| by_window.div_ceil(p));
-                assert_eq!(got, plain.acquire(&l, now, cost), "{l:?} now={now}");
-                assert_eq!(fast, plain);
             }
         }
     }

@@ -56,19 +56,16 @@ pub use self::counter::SlidingWindowCounter;
 pub use self::gcra::Gcra;
 pub(crate) use self::gcra::PreparedGcra;
 
-/// What a store's fast paths derive from a quota's limits, computed once with the quota
-/// (not per bucket): the window prepared for division (the counter) and GCRA's prepared
-/// numbers.
+/// What the memory store's single-rule GCRA path derives from a quota's limits, computed
+/// once with the quota (not per bucket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Prepared {
-    pub(crate) by_window: Divisor,
     pub(crate) gcra: Option<PreparedGcra>,
 }
 
 impl Prepared {
     pub(crate) const fn new(limits: Limits) -> Self {
         Self {
-            by_window: Divisor::new(limits.window_nanos),
             gcra: PreparedGcra::new(limits),
         }
     }
@@ -76,7 +73,11 @@ impl Prepared {
 pub use self::log::SlidingWindowLog;
 
 /// How a quota is enforced. See the [module docs](self) for the trade-offs.
+///
+/// Non-exhaustive: more algorithms may come in a minor release, so a `match` outside this
+/// crate needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Algorithm {
     /// O(1) memory, approximate (at most 2x the limit in a worst-case window). The default.
     #[default]
@@ -209,7 +210,7 @@ impl State {
     /// [`State::check`], then [`State::charge`] if it fits, then [`State::peek`], in one pass:
     /// the single-charge decision of a store. Returns the verdict, where the charge landed
     /// ([`Placement::default`] on a denial: nothing was charged) and the snapshot after it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn acquire(
         &mut self,
         limits: &Limits,
@@ -233,7 +234,7 @@ impl State {
     }
 
     /// Would `cost` fit at `now`? Only drops what has expired; counts nothing.
-    #[inline]
+    #[inline(always)]
     pub fn check(&mut self, limits: &Limits, now: u64, cost: u64) -> Verdict {
         dispatch!(self, s => s.check(limits, now, cost))
     }
@@ -303,51 +304,6 @@ const fn saturate(n: u128) -> u64 {
     }
 }
 
-/// Division of any `u64` by a divisor fixed in advance, exact, with two multiplications instead
-/// of a hardware division (for values divided by the same limit or window on every decision).
-///
-/// `floor(n / d) = floor(n x m / 2^128)` with `m = ceil(2^128 / d)`, for every `n < 2^64`: the
-/// error `m x d - 2^128 < d <= 2^64` is small enough (Lemire, Kaser and Kurz, "Faster
-/// remainder by direct computation", 2019, theorem 1 with N = 64, F = 128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Divisor {
-    /// `m`'s high and low halves; `m = 0` stands for `d = 1` (where `m` would be `2^128`).
-    hi: u64,
-    lo: u64,
-}
-
-impl Divisor {
-    /// Dividing by `d` (0 is taken as 1, as [`mul_div_floor`] does).
-    pub(crate) const fn new(d: u64) -> Self {
-        let m = if d <= 1 { 0 } else { u128::MAX / d as u128 + 1 };
-        Self {
-            hi: (m >> 64) as u64,
-            lo: m as u64,
-        }
-    }
-
-    /// `floor(n / d)`.
-    #[inline]
-    pub(crate) const fn div(self, n: u64) -> u64 {
-        if self.hi == 0 && self.lo == 0 {
-            return n;
-        }
-        let low = (self.lo as u128 * n as u128) >> 64;
-        // Below 2^128: hi x n <= (2^64 - 1)^2 and low < 2^64.
-        ((self.hi as u128 * n as u128 + low) >> 64) as u64
-    }
-
-    /// `ceil(n / d)`.
-    #[inline]
-    pub(crate) const fn div_ceil(self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.div(n - 1) + 1
-        }
-    }
-}
-
 /// A tiny deterministic generator for the equivalence tests (no dependency, reproducible).
 #[cfg(test)]
 pub(crate) struct TestRng(u64);
@@ -397,45 +353,6 @@ mod tests {
             let ceil = u64::try_from(p.div_ceil(d)).unwrap_or(u64::MAX);
             assert_eq!(mul_div_floor(a, b, c), floor, "{a} {b} {c}");
             assert_eq!(mul_div_ceil(a, b, c), ceil, "{a} {b} {c}");
-        }
-    }
-
-    #[test]
-    fn divisor_matches_hardware_division() {
-        let mut rng = TestRng::new(11);
-        let mut divisors = vec![0, 1, 2, 3, 7, 10, 1 << 32, (1 << 32) + 1, u64::MAX];
-        divisors.extend((0..64).map(|s| 1u64 << s));
-        divisors.extend((1..64).map(|s| (1u64 << s) - 1));
-        divisors.extend((0..64).map(|s| (1u64 << s) + 1));
-        divisors.extend((0..2_000).map(|_| rng.edgy()));
-        for d in divisors {
-            let div = Divisor::new(d);
-            let dd = d.max(1);
-            let check = |n: u64| {
-                assert_eq!(div.div(n), n / dd, "{n} / {d}");
-                assert_eq!(div.div_ceil(n), n.div_ceil(dd), "ceil {n} / {d}");
-            };
-            for n in [
-                0,
-                1,
-                2,
-                dd - 1,
-                dd,
-                dd.wrapping_add(1),
-                u64::MAX,
-                u64::MAX - 1,
-            ] {
-                check(n);
-            }
-            // Multiples of d and their neighbours, where a wrong reciprocal shows first.
-            for _ in 0..200 {
-                let q = rng.edgy() / dd;
-                let n = q * dd;
-                check(n);
-                check(n.saturating_sub(1));
-                check(n.saturating_add(dd - 1));
-                check(rng.edgy());
-            }
         }
     }
 

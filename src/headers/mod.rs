@@ -73,8 +73,7 @@ use crate::algorithm::{Algorithm, Snapshot};
 use crate::rule::{Quota, Unit};
 
 pub use self::format::go_duration;
-pub(crate) use self::format::GoDuration;
-use self::format::ValueBuf;
+use self::format::{push_go_duration, push_u64, VALUE_BUF};
 
 type UnitGroup = fn(Unit) -> bool;
 
@@ -290,10 +289,6 @@ fn ceil_secs_nanos(nanos: u64) -> u64 {
     nanos.div_ceil(1_000_000_000)
 }
 
-fn push_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-}
-
 /// `"name";q=limit;w=window` (and the unit) into `out`.
 fn policy_item(out: &mut Vec<u8>, rule: &str, quota: &Quota, limit: u64) {
     out.push(b'"');
@@ -333,8 +328,8 @@ where
     if count == 0 {
         return out;
     }
-    let mut buf = ValueBuf::new();
-    let mut span = |buf: &mut ValueBuf, i: usize, start: usize| {
+    let mut buf = Vec::with_capacity(VALUE_BUF);
+    let mut span = |buf: &mut Vec<u8>, i: usize, start: usize| {
         // Never over 4 GiB in practice (a value that were would not be sent).
         if let (Ok(a), Ok(b)) = (u32::try_from(start), u32::try_from(buf.len())) {
             out.spans[i] = (a, b);
@@ -368,12 +363,12 @@ where
         let start = buf.len();
         for (i, r) in rules.clone().enumerate() {
             if i > 0 {
-                buf.push(b", ");
+                buf.extend_from_slice(b", ");
             }
-            buf.push(&r.cached.state_prefix);
-            buf.push_u64(r.snapshot.remaining);
-            buf.push(b";t=");
-            buf.push_u64(ceil_secs_nanos(r.snapshot.reset_after_nanos));
+            buf.extend_from_slice(&r.cached.state_prefix);
+            push_u64(&mut buf, r.snapshot.remaining);
+            buf.extend_from_slice(b";t=");
+            push_u64(&mut buf, ceil_secs_nanos(r.snapshot.reset_after_nanos));
         }
         span(&mut buf, 0, start);
     }
@@ -397,20 +392,15 @@ where
                     HeaderValue::from(s.limit)
                 });
                 let start = buf.len();
-                buf.push_u64(s.remaining);
+                push_u64(&mut buf, s.remaining);
                 span(&mut buf, 1 + 2 * g, start);
                 let start = buf.len();
-                let mut reset = GoDuration::default();
-                buf.push(
-                    reset
-                        .format(Duration::from_nanos(s.reset_after_nanos))
-                        .as_bytes(),
-                );
+                push_go_duration(&mut buf, Duration::from_nanos(s.reset_after_nanos));
                 span(&mut buf, 2 + 2 * g, start);
             }
         }
     }
-    out.values = buf.freeze();
+    out.values = Bytes::from(buf);
     out
 }
 

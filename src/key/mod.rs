@@ -81,6 +81,8 @@ use crate::document::Json;
 pub struct Key(Repr);
 
 /// Bytes a [`Key`] holds without a heap allocation (the enum stays 24 bytes).
+// Kept: at 1M 20-byte keys a `Box<[u8]>` costs 15% more bytes per GCRA key (89.2 against
+// 77.6) and `SmallVec<[u8; 22]>` 11% (86.0) (`cargo bench --bench memory`).
 const INLINE_KEY: usize = 22;
 
 #[derive(Clone)]

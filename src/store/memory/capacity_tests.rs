@@ -2,6 +2,7 @@
 //! making room for new ones at `max_keys`.
 
 use super::*;
+use crate::clock::ManualClock;
 
 /// 10,000 keys of 64 KiB each (a header value a client chose) add less than 10 MB.
 #[test]

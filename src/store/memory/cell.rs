@@ -8,7 +8,7 @@
 //! the TAT, which only returns to an earlier value through further charges).
 //!
 //! Neither keeps the quota's limits: they come with each charge (a bucket is charged under
-//! the quota of the charge, and the quota carries what the fast paths precompute). A locked
+//! the quota of the charge, and the quota carries what the GCRA path precomputes). A locked
 //! slot keeps only its last window, for the idle sweep, which runs without a quota.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,7 +106,7 @@ impl GcraCell {
 
     /// A single-rule charge under `prepared` (the quota's), by compare-and-swap: the TAT the
     /// charge left (not clamped) and the refunds given back then (for the placement); `None`
-    /// when denied (or a product overflows 64 bits): ask [`GcraCell::acquire_general`].
+    /// when denied (or a product overflows 64 bits): ask [`GcraCell::acquire`].
     /// Only the admitted case is decided here; the answer is built by the caller from the
     /// TAT (the snapshot is computed once the charge is in, and nothing is carried through
     /// retries).
@@ -135,13 +135,33 @@ impl GcraCell {
         }
     }
 
-    /// A single-rule decision through the general code: denials, and quotas without
-    /// prepared numbers.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn acquire_general(&self, quota: &Quota, now: u64, cost: u64) -> Decided {
-        let mut held = self.hold();
-        held.state().acquire(&quota.limits(), now, cost)
+    /// A single-rule decision by compare-and-swap, without holding the cell (as governor
+    /// does): GCRA on the value read, stored back if it charged; read again and decided
+    /// again if another charge stored first.
+    #[inline]
+    pub(super) fn acquire(&self, limits: &Limits, now: u64, cost: u64) -> Decided {
+        let mut cur = self.tat.load(Ordering::Acquire);
+        loop {
+            if cur == HELD {
+                cur = self.wait();
+                continue;
+            }
+            // Read after the TAT it goes with (see the module docs).
+            let refunded = self.refunded.load(Ordering::Acquire);
+            let mut gcra = Gcra::from_parts(cur, refunded);
+            let decided = gcra.acquire(limits, now, cost);
+            let new = gcra.tat().min(MAX_TAT);
+            if new != cur {
+                if let Err(actual) =
+                    self.tat
+                        .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    cur = actual;
+                    continue;
+                }
+            }
+            return decided;
+        }
     }
 
     /// The cell's value once no decision holds it.

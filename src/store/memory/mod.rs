@@ -8,7 +8,7 @@
 //! of the other algorithms' buckets. A bucket holds its key inline (the rule's shared name
 //! and up to 22 key bytes; a longer key's bytes are its one allocation) and its state sized
 //! for its kind, without the quota's limits (each charge brings its quota, which carries
-//! what the fast paths precompute):
+//! what the GCRA path precomputes):
 //!
 //! | bucket | bytes | what |
 //! |---|---|---|
@@ -34,6 +34,8 @@ mod tests;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLockReadGuard};
+
+use smallvec::SmallVec;
 use std::time::Duration;
 
 use super::{
@@ -41,7 +43,7 @@ use super::{
     Snapshot, Store, StoreError, StoreFuture,
 };
 use crate::algorithm::{Gcra, Limits, Placement, State, Verdict};
-use crate::clock::{Clock, ManualClock, SystemClock};
+use crate::clock::{Clock, SystemClock};
 use crate::rule::{Algorithm, Quota};
 
 use self::cell::{lock, Held};
@@ -112,52 +114,19 @@ struct Inner {
     ids: IdTable,
 }
 
-/// The store's clock: the crate's own clocks are read without a virtual call (one per
-/// decision), any other through `dyn Clock`.
-enum StoreClock {
-    System(SystemClock),
-    Manual(ManualClock),
-    Other(Box<dyn Clock>),
-}
-
-impl fmt::Debug for StoreClock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::System(c) => c.fmt(f),
-            Self::Manual(c) => c.fmt(f),
-            Self::Other(c) => c.fmt(f),
-        }
-    }
-}
+/// The store's clock.
+#[derive(Debug)]
+struct StoreClock(Box<dyn Clock>);
 
 impl StoreClock {
-    fn new<C: Clock>(clock: C) -> Self {
-        let any: &dyn std::any::Any = &clock;
-        if let Some(c) = any.downcast_ref::<SystemClock>() {
-            Self::System(c.clone())
-        } else if let Some(c) = any.downcast_ref::<ManualClock>() {
-            Self::Manual(c.clone())
-        } else {
-            Self::Other(Box::new(clock))
-        }
-    }
-
     #[inline]
     fn now_nanos(&self) -> u64 {
-        match self {
-            Self::System(c) => c.now_nanos(),
-            Self::Manual(c) => c.now_nanos(),
-            Self::Other(c) => c.now_nanos(),
-        }
+        self.0.now_nanos()
     }
 
     /// The wall clock, for calendar windows.
     fn unix_nanos(&self) -> u64 {
-        match self {
-            Self::System(c) => c.unix_nanos(),
-            Self::Manual(c) => c.unix_nanos(),
-            Self::Other(c) => c.unix_nanos(),
-        }
+        self.0.unix_nanos()
     }
 
     /// The time `algorithm` counts in: the wall clock for a calendar window (`now` is the
@@ -193,13 +162,10 @@ const SWEEP_BATCH: usize = 1 << 16;
 /// about 1e-17).
 const SAMPLES: usize = 5;
 
-/// Charges per request whose buckets and locks are held on the stack (more use the heap).
-const INLINE_CHARGES: usize = 8;
-
 impl MemoryStoreBuilder {
     /// Takes time from `clock` (default [`SystemClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Some(StoreClock::new(clock));
+        self.clock = Some(StoreClock(Box::new(clock)));
         self
     }
 
@@ -240,7 +206,7 @@ impl MemoryStoreBuilder {
                 digest: KeyDigest::new(),
                 clock: self
                     .clock
-                    .unwrap_or_else(|| StoreClock::System(SystemClock::new())),
+                    .unwrap_or_else(|| StoreClock(Box::new(SystemClock::new()))),
                 len: AtomicUsize::new(0),
                 max_keys: self.max_keys,
                 sweep_interval: u64::try_from(self.sweep_interval.as_nanos()).unwrap_or(u64::MAX),
@@ -313,18 +279,11 @@ impl MemoryStore {
         let inner = &*self.inner;
         let now = inner.clock.now_nanos();
         self.inner.maybe_sweep(now);
-        // Matched here rather than in a function of its own: the answer is built straight
-        // into the caller's (returned through one more frame, it costs 7% more instructions).
+        if charges.iter().any(|c| KeyDigest::is_long(c.bucket)) {
+            return inner.acquire_digested(charges, now);
+        }
         match charges {
-            _ if charges.iter().any(|c| KeyDigest::is_long(c.bucket)) => {
-                inner.acquire_digested(charges, now)
-            }
             [one] => inner.acquire_one(one, now),
-            [] => Ok(Decision {
-                denial: None,
-                charges: ChargeStates::filled(0),
-                free_retry: false,
-            }),
             many => inner.acquire_many(many, now),
         }
     }
@@ -503,7 +462,8 @@ impl Inner {
         }
     }
 
-    /// A decision on charges some of whose keys are stored as digests.
+    /// A decision on charges some of whose keys are stored as digests: the same decision on
+    /// the keys as stored.
     #[cold]
     fn acquire_digested(&self, charges: &[Charge<'_>], now: u64) -> Result<Decision, StoreError> {
         let keys: Vec<_> = charges
@@ -515,7 +475,8 @@ impl Inner {
             .zip(&keys)
             .map(|(c, key)| Charge::new(key, c.quota, c.amount))
             .collect();
-        // The general path even for one charge: `acquire_one` stays inlined in its one caller.
+        // The all-or-nothing path even for one charge: the single-charge one stays inlined
+        // in its one caller.
         self.acquire_many(&charges, now)
     }
 
@@ -532,43 +493,26 @@ impl Inner {
             };
             let bucket = shard.get(place);
             // Holding the shard's read lock: no sweep nor eviction can remove the bucket
-            // meanwhile. Each answer is built where it is decided, straight into the
-            // caller's: a value merged from several paths first would be moved through the
-            // stack (reading back 8-byte stores with 16-byte loads, which stalls).
+            // meanwhile.
             match (bucket, c.quota.algorithm()) {
                 (BucketRef::Gcra(b), Algorithm::Gcra) => {
                     bucket.touch(now);
-                    let prepared = c.quota.prepared().gcra.as_ref();
-                    if let Some(p) = prepared {
+                    if let Some(p) = &c.quota.prepared().gcra {
                         if let Some((tat, refunded)) = b.cell.admit(p, now, c.amount) {
                             let snapshot = p.snapshot(tat, now);
                             let placement = Gcra::placement(tat, refunded);
                             return Ok(one_decision((Verdict::Allow, placement, snapshot)));
                         }
                     }
-                    return Ok(one_decision(b.cell.acquire_general(c.quota, now, c.amount)));
+                    let limits = c.quota.limits();
+                    return Ok(one_decision(b.cell.acquire(&limits, now, c.amount)));
                 }
                 (BucketRef::Locked(b), algorithm) if algorithm != Algorithm::Gcra => {
                     bucket.touch(now);
                     let mut slot = lock(&b.slot);
                     slot.fit(c.quota);
-                    let limits = c.quota.limits();
-                    let by_window = c.quota.prepared().by_window;
-                    let decided = match &mut slot.state {
-                        State::Counter(s) => {
-                            match s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
-                                Some((placement, snapshot)) => {
-                                    drop(slot);
-                                    return Ok(one_decision((Verdict::Allow, placement, snapshot)));
-                                }
-                                None => s.deny(&limits, now, c.amount),
-                            }
-                        }
-                        state => {
-                            let at = self.clock.time_for(algorithm, now);
-                            state.acquire(&limits, at, c.amount)
-                        }
-                    };
+                    let at = self.clock.time_for(algorithm, now);
+                    let decided = slot.state.acquire(&c.quota.limits(), at, c.amount);
                     drop(slot);
                     return Ok(one_decision(decided));
                 }
@@ -580,66 +524,40 @@ impl Inner {
         }
     }
 
-    #[inline(never)]
+    /// Several charges, all or nothing: finds every charge's bucket (creating those missing,
+    /// holding no shard), read-locks their shards in shard order, holds the buckets in
+    /// (shard, place) order (locking the mutexes, marking the GCRA cells held), checks every
+    /// charge and charges all of them only if all fit.
     fn acquire_many(&self, charges: &[Charge<'_>], now: u64) -> Result<Decision, StoreError> {
-        let n = charges.len();
-        if n > self.max_keys {
+        if charges.len() > self.max_keys {
             // Each new bucket would evict another of the same request.
             return Err(StoreError::AtCapacity {
                 max_keys: self.max_keys,
             });
         }
-        // Up to `INLINE_CHARGES` charges, the places, shards and holds live on the stack: the
-        // decision's own `Vec` is the only allocation.
-        if n <= INLINE_CHARGES {
-            let mut found = [Found::default(); INLINE_CHARGES];
-            let mut shards: [Option<ShardGuard<'_>>; INLINE_CHARGES] = Default::default();
-            self.decide_many(charges, now, &mut found[..n], &mut shards[..n])
-        } else {
-            let mut found = vec![Found::default(); n];
-            let mut shards: Vec<_> = std::iter::repeat_with(|| None).take(n).collect();
-            self.decide_many(charges, now, &mut found, &mut shards)
-        }
-    }
-
-    /// Finds every charge's bucket (creating those missing, holding no shard), read-locks
-    /// their shards in shard order, holds the buckets in (shard, place) order (locking the
-    /// mutexes, marking the GCRA cells held), checks every charge and charges all of them
-    /// only if all fit. `found` and `shards` are scratch space of `charges.len()` entries.
-    fn decide_many<'s>(
-        &'s self,
-        charges: &[Charge<'_>],
-        now: u64,
-        found: &mut [Found],
-        shards: &mut [Option<ShardGuard<'s>>],
-    ) -> Result<Decision, StoreError> {
-        for (f, (i, c)) in found.iter_mut().zip(charges.iter().enumerate()) {
+        let mut found: SmallVec<[Found; MANY]> = SmallVec::new();
+        for (i, c) in charges.iter().enumerate() {
             let (hash, shard) = self.buckets.locate(c.bucket);
-            *f = Found {
+            found.push(Found {
                 charge: i,
                 hash,
                 shard,
                 place: None,
-            };
+            });
         }
         // A fixed global order (shards by index, then buckets by place) makes holding several
         // deadlock-free: writers (new keys, evictions, sweeps) lock one shard at a time.
         found.sort_unstable_by_key(|f| f.shard);
+        let mut shards: SmallVec<[ShardGuard<'_>; MANY]> = SmallVec::new();
         'find: loop {
             // Each shard once, in order.
-            let mut locked = 0;
-            for f in found.iter() {
-                if locked == 0 || shards[locked - 1].as_ref().map(|g| g.0) != Some(f.shard) {
-                    shards[locked] = Some((f.shard, self.buckets.read(f.shard)));
-                    locked += 1;
+            for f in &found {
+                if shards.last().map(|g| g.0) != Some(f.shard) {
+                    shards.push((f.shard, self.buckets.read(f.shard)));
                 }
             }
-            let mut g = 0;
             for f in found.iter_mut() {
-                while shards[g].as_ref().map(|s| s.0) != Some(f.shard) {
-                    g += 1;
-                }
-                let shard = &shards[g].as_ref().expect("locked above").1;
+                let shard = shard_of(&shards, f.shard);
                 let c = &charges[f.charge];
                 let missing = match shard.find(f.hash, c.bucket) {
                     Some(place) if shard.get(place).suits(c.quota) => {
@@ -649,7 +567,7 @@ impl Inner {
                     Some(_) => false,
                     None => true,
                 };
-                shards.iter_mut().for_each(|s| *s = None);
+                shards.clear();
                 if missing {
                     self.insert(c.bucket, (f.hash, f.shard), c.quota, now);
                 } else {
@@ -669,15 +587,6 @@ impl Inner {
                 charges[f[0].charge].bucket
             )));
         }
-        let shards: &[Option<ShardGuard<'s>>] = shards;
-        let shard_of = |shard: usize| -> &Shard {
-            &shards
-                .iter()
-                .flatten()
-                .find(|g| g.0 == shard)
-                .expect("locked above")
-                .1
-        };
         // Allocated before holding anything, to keep the critical section short.
         let mut states = ChargeStates::filled(charges.len());
         // Calendar windows count in wall-clock time, read once for the whole decision.
@@ -693,49 +602,26 @@ impl Inner {
                 now
             }
         };
-        let n = found.len();
-        let hold = |f: &Found| -> Held<'_> {
-            let bucket = shard_of(f.shard).get(f.place.expect("found above"));
+        let mut held: SmallVec<[Held<'_>; MANY]> = SmallVec::new();
+        for f in &found {
+            let bucket = shard_of(&shards, f.shard).get(f.place.expect("found above"));
             bucket.touch(now);
-            match bucket {
+            held.push(match bucket {
                 BucketRef::Locked(b) => {
                     let mut slot = lock(&b.slot);
                     slot.fit(charges[f.charge].quota);
                     Held::Locked(slot)
                 }
                 BucketRef::Gcra(b) => b.cell.hold(),
-            }
-        };
-        let mut inline: [Option<Held<'_>>; INLINE_CHARGES] = Default::default();
-        let mut heap: Vec<Option<Held<'_>>> = Vec::new();
-        let held: &mut [Option<Held<'_>>] = if n <= INLINE_CHARGES {
-            &mut inline[..n]
-        } else {
-            heap.resize_with(n, || None);
-            &mut heap
-        };
-        for (h, f) in held.iter_mut().zip(found.iter()) {
-            *h = Some(hold(f));
+            });
         }
 
-        // Checked and charged in (shard, place) order; a tie between denials goes to the first.
+        // Checked, then charged, in (shard, place) order; a tie between denials goes to the
+        // first.
         let mut denial: Option<(usize, Option<u64>)> = None;
-        for (h, f) in held.iter_mut().zip(found.iter()) {
-            let (state, c) = (h.as_mut().expect("held above").state(), &charges[f.charge]);
-            let limits = c.quota.limits();
-            let by_window = c.quota.prepared().by_window;
-            let now = time_for(c);
-            let verdict = match state {
-                // A counter that fits says so without the general check's 128-bit arithmetic.
-                State::Counter(s) => {
-                    if s.fits_with(&limits, now, c.amount, |p| by_window.div_ceil(p)) {
-                        Verdict::Allow
-                    } else {
-                        s.check(&limits, now, c.amount)
-                    }
-                }
-                state => state.check(&limits, now, c.amount),
-            };
+        for (h, f) in held.iter_mut().zip(&found) {
+            let c = &charges[f.charge];
+            let verdict = h.state().check(&c.quota.limits(), time_for(c), c.amount);
             if let Verdict::Deny { retry_after } = verdict {
                 // Report the rule that keeps the request out longest ("never" beats any wait).
                 let worse = match denial {
@@ -748,35 +634,21 @@ impl Inner {
                 }
             }
         }
-        for (h, f) in held.iter_mut().zip(found.iter()) {
-            let (state, c) = (h.as_mut().expect("held above").state(), &charges[f.charge]);
-            let limits = c.quota.limits();
-            let by_window = c.quota.prepared().by_window;
-            let now = time_for(c);
-            // Every charge fits (checked above): a counter's admitted path charges and
-            // answers in one pass, dividing by its prepared window.
-            let admitted = match (&mut *state, denial) {
-                (State::Counter(s), None) => {
-                    s.admit_with(&limits, now, c.amount, |p| by_window.div_ceil(p))
-                }
-                _ => None,
-            };
+        for (h, f) in held.iter_mut().zip(&found) {
+            let (state, c) = (h.state(), &charges[f.charge]);
+            let (limits, at) = (c.quota.limits(), time_for(c));
             // Back to the caller's order.
-            states[f.charge] = match admitted {
-                Some((placement, snapshot)) => ChargeState {
+            states[f.charge] = if denial.is_none() {
+                // Fits (checked above): charged, and answered after the charge.
+                let (_, placement, snapshot) = state.acquire(&limits, at, c.amount);
+                ChargeState {
                     snapshot,
                     placement,
-                },
-                None => {
-                    let placement = if denial.is_none() {
-                        state.charge(&limits, now, c.amount)
-                    } else {
-                        Placement::default()
-                    };
-                    ChargeState {
-                        snapshot: state.peek(&limits, now),
-                        placement,
-                    }
+                }
+            } else {
+                ChargeState {
+                    snapshot: state.peek(&limits, at),
+                    placement: Placement::default(),
                 }
             };
         }
@@ -832,8 +704,23 @@ impl Inner {
     }
 }
 
+/// Charges per request whose buckets and locks a multi-rule decision keeps inline (more
+/// take one allocation each).
+// Kept inline: `Vec`s here cost 13% more instructions per three-rule counter decision
+// (callgrind, as `benches/algorithms.rs` multi_charge_3_rules: 2,954 against 2,609).
+const MANY: usize = 4;
+
 /// A shard read-locked by a multi-rule decision, and its index.
 type ShardGuard<'s> = (usize, RwLockReadGuard<'s, Shard>);
+
+/// The shard of index `shard` among those a multi-rule decision read-locked.
+fn shard_of<'a>(shards: &'a [ShardGuard<'_>], shard: usize) -> &'a Shard {
+    &shards
+        .iter()
+        .find(|g| g.0 == shard)
+        .expect("locked by the decision")
+        .1
+}
 
 /// Where a multi-rule decision found a charge's bucket.
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock::ManualClock;
 
 fn store(max_keys: usize) -> (MemoryStore, ManualClock) {
     let clock = ManualClock::new();
@@ -267,9 +268,8 @@ fn gcra_cells_decide_as_the_algorithm_under_any_limits() {
     );
 }
 
-/// A counter bucket decides through its prepared window divisor, prepared again when
-/// charged under other limits (another window): either way exactly as the algorithm on
-/// its own. No sweep: a counter left idle under one window and charged under another
+/// A counter bucket charged under other limits (another window) still decides exactly as
+/// the algorithm on its own. No sweep: a counter left idle under one window and charged under another
 /// would start afresh where the model carries its old window index.
 #[test]
 fn counter_cells_decide_as_the_algorithm_under_any_limits() {

@@ -574,6 +574,8 @@ end
 -- other call (another algorithm, a denial, a settle or a peek) goes through the helpers above
 -- (generic). Both compute the same arithmetic; the fast path writes nothing until every rule
 -- has admitted, so handing over to the generic path is always possible.
+-- Kept: without it Redis spends 30-45% more per call (commandstats usec_per_call, benches/redis.rs
+-- "ours" counter rows: 1 rule 3.8-4.0 against 5.1-5.7 µs, 3 rules 7.4-9.0 against 9.8-12.3 µs).
 
 local function main(KEYS, ARGV)
   if not call then bind() end
