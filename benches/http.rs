@@ -66,13 +66,14 @@
 #[allow(dead_code)]
 #[path = "support/cpu.rs"]
 mod cpu;
+#[allow(dead_code)]
+#[path = "support/gateway.rs"]
+mod gateway;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -90,6 +91,8 @@ use tower_governor::key_extractor::{GlobalKeyExtractor, KeyExtractor};
 use tower_governor::{GovernorError, GovernorLayer};
 use tower_llm_ratelimit::headers::HeaderStyle;
 use tower_llm_ratelimit::{cost, key, Quota, RateLimitLayer, Rule};
+
+use gateway::Gateway;
 
 const PATH: &str = "/v1/chat/completions";
 
@@ -890,90 +893,16 @@ fn verdict(ok: bool) -> &'static str {
 
 // ─── The example gateway ─────────────────────────────────────────────────────────────────
 
-/// How long building the gateway may take (usually already built).
-const BUILD: Duration = Duration::from_secs(15 * 60);
-
-/// `target/release/examples/gateway`, built if needed; `None` (with the reason printed) when
-/// it can't be.
-fn gateway_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    // target/<profile>/deps/http-<hash>
-    let profile_dir = exe.parent()?.parent()?.to_path_buf();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--release",
-        "--example",
-        "gateway",
-        "--manifest-path",
-    ])
-    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    // The package's variables cargo gives this bench (`CARGO_PKG_NAME`, ...) would rerun the
-    // build scripts that watch them (ring's) and rebuild everything above them: not passed on.
-    for (name, _) in std::env::vars_os() {
-        let Some(n) = name.to_str() else { continue };
-        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
-            .iter()
-            .any(|p| n.starts_with(p))
-            || [
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "OUT_DIR",
-            ]
-            .contains(&n);
-        if per_crate {
-            cmd.env_remove(&name);
-        }
-    }
-    let mut child = cmd.spawn().ok()?;
-    let deadline = Instant::now() + BUILD;
-    let status = loop {
-        if let Some(s) = child.try_wait().ok()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            println!("\ngateway: skipped (building it took over {BUILD:?})");
+/// The gateway (`support/gateway.rs`: built if needed, its own process, killed when
+/// dropped) in front of `upstream`; `None`, with the reason printed, when it can't be.
+fn start_gateway(upstream: SocketAddr) -> Option<Gateway> {
+    let bin = match gateway::gateway_binary(None) {
+        Ok(bin) => bin,
+        Err(e) => {
+            println!("\ngateway: skipped ({e})");
             return None;
         }
-        std::thread::sleep(Duration::from_millis(200));
     };
-    if !status.success() {
-        println!("\ngateway: skipped (`cargo build --release --example gateway` failed)");
-        return None;
-    }
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        Some(bin)
-    } else {
-        println!("\ngateway: skipped (no binary at {})", bin.display());
-        None
-    }
-}
-
-/// A gateway process, killed when dropped.
-struct GatewayProcess {
-    child: Child,
-    addr: SocketAddr,
-    config: PathBuf,
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
-fn start_gateway(bin: &Path, upstream: SocketAddr) -> Option<GatewayProcess> {
     // Every rule the gateway has, limits huge: per user rpm, tpm, input and output tpm,
     // concurrency and daily spend; per model rpm and tpm.
     let config = format!(
@@ -1001,45 +930,20 @@ daily_cost = {HUGE}
 bench-key = {{ user = "bench-user", tier = "bench" }}
 "#
     );
-    let path = std::env::temp_dir().join(format!("http-bench-gateway-{}.toml", std::process::id()));
-    std::fs::write(&path, config).ok()?;
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
+    let env = [
+        ("RUST_LOG", "warn"),
         // One worker thread, as the bare proxy it is compared with has: with one per core
         // (tokio's default), hyper-util's connection tasks and the request hop between
         // threads, and the measured difference would be the runtime's, not the gateway's.
-        .env("TOKIO_WORKER_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let stdout = child.stdout.take()?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(a) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(a.trim().to_owned());
-            }
-            // Keep draining so the gateway never blocks on a full pipe.
-        }
-    });
-    let mut gw = GatewayProcess {
-        child,
-        addr: "127.0.0.1:0".parse().expect("addr"),
-        config: path,
-    };
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => gw.addr = a.parse().ok()?,
-        Err(_) => {
-            println!("\ngateway: skipped (it printed no address within 30 s)");
-            return None;
+        ("TOKIO_WORKER_THREADS", "1"),
+    ];
+    match gateway::start_gateway(&bin, &config, &env) {
+        Ok(gw) => Some(gw),
+        Err(e) => {
+            println!("\ngateway: skipped ({e})");
+            None
         }
     }
-    Some(gw)
 }
 
 /// A bare reverse proxy (axum + hyper-util's pooled client, nothing else) in front of
@@ -1076,8 +980,7 @@ async fn bare_proxy(upstream: SocketAddr) -> SocketAddr {
 }
 
 fn gateway(client: &Runtime, upstream: &Target, total: usize, connections: usize, rounds: usize) {
-    let Some(bin) = gateway_binary() else { return };
-    let Some(gw) = start_gateway(&bin, upstream.addr) else {
+    let Some(gw) = start_gateway(upstream.addr) else {
         return;
     };
     // The bare proxy gets a runtime of its own (1 worker, not pinned), like the gateway
@@ -1095,7 +998,7 @@ fn gateway(client: &Runtime, upstream: &Target, total: usize, connections: usize
     via.addr = gw.addr;
     via.headers
         .push((AUTHORIZATION, HeaderValue::from_static("Bearer bench-key")));
-    let gw_pid = gw.child.id();
+    let gw_pid = gw.pid();
     // Each path with the CPU of its middle hop (none for the direct path).
     type Cpu = Box<dyn Fn() -> u64>;
     let paths: [(&str, Target, Option<Cpu>); 3] = [
@@ -1263,8 +1166,7 @@ fn gateway_over_split_writes(server: &Runtime, client: &Runtime, total: usize, r
             server.block_on(split_write_upstream())
         }
     };
-    let Some(bin) = gateway_binary() else { return };
-    let Some(gw) = start_gateway(&bin, upstream) else {
+    let Some(gw) = start_gateway(upstream) else {
         return;
     };
     let json = (CONTENT_TYPE, HeaderValue::from_static("application/json"));

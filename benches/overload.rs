@@ -30,10 +30,13 @@
 //!    no 503 from the mock, but the gateway answers 429 to whoever finds the model full,
 //!    pro as well as free.
 //!
-//! Printed for each run: per phase and tier, requests sent, successes, 429s (the gateway),
-//! 503s (the mock, passed through), other failures, time to first token p50 / p99 of the
-//! successes, completion tokens delivered per second (those of the requests sent in the phase,
-//! over its length); then the issue's four figures over the
+//! Printed for each run: per phase and tier, of the requests sent in the phase: sent,
+//! successes, 429s (the gateway), 503s of the mock (passed through: the body's error code is
+//! the mock's `overloaded`; the gateway's own 503s, a store full or failing, count as other),
+//! other failures, time to first token p50 / p99 of the successes; and completion tokens
+//! delivered per second: the tier's tokens received during the phase (whenever their request
+//! was sent), over its length; tokens received after the last phase are not counted. Then
+//! the issue's four figures over the
 //! loaded phases (ramp and hold): pro's success rate, pro's p99 time to first token against
 //! its unloaded p99, the mock's 503s as a share of all requests, and the tokens per second
 //! delivered in `hold` as a share of the mock's most; and the mock's own counts
@@ -41,10 +44,12 @@
 //!
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
-//! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one). The client runs on a
+//! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
+//! lines on stderr are printed if it doesn't start). The client runs on a
 //! 2-worker tokio runtime in this process; on a small machine it shares the cores with the
 //! gateway, which only adds to the times both runs measure.
 
+#[allow(dead_code)]
 #[path = "support/gateway.rs"]
 mod gateway;
 
@@ -112,6 +117,11 @@ impl Setup {
         self.baseline + self.ramp + self.hold
     }
 
+    /// The phase at `t` from the start, `None` after the last.
+    fn phase_at(&self, t: Duration) -> Option<Phase> {
+        (t < self.total()).then(|| self.phase(t))
+    }
+
     fn phase(&self, t: Duration) -> Phase {
         if t < self.baseline {
             Phase::Baseline
@@ -151,6 +161,15 @@ enum Phase {
 
 const PHASES: [Phase; 3] = [Phase::Baseline, Phase::Ramp, Phase::Hold];
 
+impl Phase {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Completion tokens received in each phase, by [`Phase::index`].
+type Received = [u64; 3];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tier {
     Pro,
@@ -162,9 +181,10 @@ enum Outcome {
     Ok,
     /// 429 from the gateway.
     Limited,
-    /// 503 from the mock.
+    /// 503 from the mock: its error code, `overloaded`.
     Overloaded,
-    /// Another status, a cut stream, a timeout or a connection error.
+    /// Another status (a 503 of the gateway's own among them), a cut stream, a timeout or a
+    /// connection error.
     Failed,
 }
 
@@ -174,7 +194,8 @@ struct Sample {
     phase: Phase,
     outcome: Outcome,
     ttft: Option<Duration>,
-    tokens: u64,
+    /// Its tokens, by the phase they were received in.
+    tokens: Received,
 }
 
 /// The static limits of a run.
@@ -242,8 +263,25 @@ concurrent = 64
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// One streamed completion, read to its end.
-async fn one(client: HttpClient, url: String, key: String) -> (Outcome, Option<Duration>, u64) {
+/// Whether a 503's body is the mock's (`{"error": {"code": "overloaded", ...}}`), not the
+/// gateway's own.
+async fn from_the_mock(body: hyper::body::Incoming) -> bool {
+    let Ok(body) = body.collect().await else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(&body.to_bytes())
+        .is_ok_and(|v| v.pointer("/error/code") == Some(&Value::from("overloaded")))
+}
+
+/// One streamed completion, read to its end; its completion tokens counted by the phase
+/// (from `start`) they are received in.
+async fn one(
+    client: HttpClient,
+    url: String,
+    key: String,
+    setup: Setup,
+    start: Instant,
+) -> (Outcome, Option<Duration>, Received) {
     let body = format!(
         r#"{{"model":"mock-gpt","stream":true,"max_tokens":{TOKENS},"messages":[{{"role":"user","content":"tell me a story"}}]}}"#
     );
@@ -253,19 +291,27 @@ async fn one(client: HttpClient, url: String, key: String) -> (Outcome, Option<D
         .body(Full::new(Bytes::from(body)))
         .expect("a request");
     let sent = Instant::now();
+    let none: Received = [0; 3];
     let run = async {
         let res = match client.request(req).await {
             Ok(r) => r,
-            Err(_) => return (Outcome::Failed, None, 0),
+            Err(_) => return (Outcome::Failed, None, none),
         };
         match res.status() {
             StatusCode::OK => {}
-            StatusCode::TOO_MANY_REQUESTS => return (Outcome::Limited, None, 0),
-            StatusCode::SERVICE_UNAVAILABLE => return (Outcome::Overloaded, None, 0),
-            _ => return (Outcome::Failed, None, 0),
+            StatusCode::TOO_MANY_REQUESTS => return (Outcome::Limited, None, none),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                let outcome = if from_the_mock(res.into_body()).await {
+                    Outcome::Overloaded
+                } else {
+                    Outcome::Failed
+                };
+                return (outcome, None, none);
+            }
+            _ => return (Outcome::Failed, None, none),
         }
         let mut body = res.into_body();
-        let (mut pending, mut ttft, mut tokens, mut done) = (Vec::new(), None, 0, false);
+        let (mut pending, mut ttft, mut tokens, mut done) = (Vec::new(), None, none, false);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 return (Outcome::Failed, ttft, tokens);
@@ -291,8 +337,11 @@ async fn one(client: HttpClient, url: String, key: String) -> (Outcome, Option<D
                     .pointer("/choices/0/delta/content")
                     .and_then(Value::as_str);
                 if content.is_some_and(|c| !c.is_empty()) {
-                    tokens += 1;
-                    ttft.get_or_insert_with(|| sent.elapsed());
+                    let received = Instant::now();
+                    if let Some(p) = setup.phase_at(received.duration_since(start)) {
+                        tokens[p.index()] += 1;
+                    }
+                    ttft.get_or_insert_with(|| received.duration_since(sent));
                 }
             }
         }
@@ -301,7 +350,7 @@ async fn one(client: HttpClient, url: String, key: String) -> (Outcome, Option<D
     };
     tokio::time::timeout(REQUEST_TIMEOUT, run)
         .await
-        .unwrap_or((Outcome::Failed, None, 0))
+        .unwrap_or((Outcome::Failed, None, none))
 }
 
 /// Runs the schedule against `gw`; every request's sample.
@@ -316,6 +365,7 @@ async fn load(setup: Setup, gw: &Gateway) -> Vec<Sample> {
     let (mut pro_credit, mut free_credit) = (0.0f64, 0.0f64);
     let (mut pro_n, mut free_n) = (0usize, 0usize);
     let start = tokio::time::Instant::now();
+    let start_std = start.into_std();
     let mut last = Duration::ZERO;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -333,7 +383,7 @@ async fn load(setup: Setup, gw: &Gateway) -> Vec<Sample> {
         let mut spawn = |tier: Tier, key: String| {
             let (client, url, samples) = (client.clone(), url.clone(), Arc::clone(&samples));
             tasks.spawn(async move {
-                let (outcome, ttft, tokens) = one(client, url, key).await;
+                let (outcome, ttft, tokens) = one(client, url, key, setup, start_std).await;
                 samples.lock().expect("samples").push(Sample {
                     tier,
                     phase,
@@ -365,7 +415,10 @@ async fn load(setup: Setup, gw: &Gateway) -> Vec<Sample> {
 async fn mock_stats(gw: &Gateway) -> Value {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let uri = format!("{}/mock/stats", gw.mock);
+    let Some(mock) = &gw.mock else {
+        return Value::Null;
+    };
+    let uri = format!("{mock}/mock/stats");
     let req = Request::get(uri)
         .body(Full::new(Bytes::new()))
         .expect("a request");
@@ -402,7 +455,16 @@ struct Group {
     overloaded: usize,
     failed: usize,
     ttft: Vec<Duration>,
-    tokens: u64,
+}
+
+/// The tokens of `samples` received in `phase`, per second of it.
+fn tokens_per_sec<'a>(
+    setup: &Setup,
+    samples: impl Iterator<Item = &'a Sample>,
+    phase: Phase,
+) -> f64 {
+    let n: u64 = samples.map(|s| s.tokens[phase.index()]).sum();
+    n as f64 / setup.phase_secs(phase)
 }
 
 fn group<'a>(samples: impl Iterator<Item = &'a Sample>) -> Group {
@@ -413,7 +475,6 @@ fn group<'a>(samples: impl Iterator<Item = &'a Sample>) -> Group {
         overloaded: 0,
         failed: 0,
         ttft: Vec::new(),
-        tokens: 0,
     };
     for s in samples {
         g.sent += 1;
@@ -426,7 +487,6 @@ fn group<'a>(samples: impl Iterator<Item = &'a Sample>) -> Group {
         if s.outcome == Outcome::Ok {
             g.ttft.extend(s.ttft);
         }
-        g.tokens += s.tokens;
     }
     g.ttft.sort();
     g
@@ -462,6 +522,7 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
                     .iter()
                     .filter(|s| s.phase == phase && s.tier == tier),
             );
+            let tokens = tokens_per_sec(setup, samples.iter().filter(|s| s.tier == tier), phase);
             if g.sent == 0 {
                 continue;
             }
@@ -476,7 +537,7 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
                 g.failed,
                 ms(percentile(&g.ttft, 0.5)),
                 ms(percentile(&g.ttft, 0.99)),
-                g.tokens as f64 / setup.phase_secs(phase),
+                tokens,
             );
         }
     }
@@ -493,7 +554,6 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
             .filter(|s| s.tier == Tier::Pro),
     );
     let all = group(samples.iter().filter(loaded));
-    let hold = group(samples.iter().filter(|s| s.phase == Phase::Hold));
     let (p99, p99_unloaded) = (
         percentile(&pro.ttft, 0.99),
         percentile(&unloaded.ttft, 0.99),
@@ -502,7 +562,7 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
         (Some(a), Some(b)) if !b.is_zero() => format!("{:.1}x", a.as_secs_f64() / b.as_secs_f64()),
         _ => "-".into(),
     };
-    let delivered = hold.tokens as f64 / setup.phase_secs(Phase::Hold);
+    let delivered = tokens_per_sec(setup, samples.iter(), Phase::Hold);
     println!(
         "loaded (ramp + hold): pro success {:.2}% (goal >= 99.9%) | pro p99 TTFT {} vs {} \
          unloaded = {ratio} (goal <= 2x) | upstream 503s {:.2}% of {} requests (goal < 0.1%) | \
@@ -536,7 +596,7 @@ fn main() {
         setup.ramp.as_secs(),
         setup.hold.as_secs(),
     );
-    let bin = match gateway_binary("OVERLOAD_GATEWAY") {
+    let bin = match gateway_binary(Some("OVERLOAD_GATEWAY")) {
         Ok(b) => b,
         Err(e) => {
             println!("overload: skipped ({e})");
@@ -549,7 +609,12 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     for variant in [Variant::TierLimits, Variant::ModelConcurrency] {
-        let gw = match start_gateway(&bin, &config(&setup, variant)) {
+        let started = start_gateway(&bin, &config(&setup, variant), &[("RUST_LOG", "error")])
+            .and_then(|gw| match gw.mock {
+                Some(_) => Ok(gw),
+                None => Err("its banner names no mock model".into()),
+            });
+        let gw = match started {
             Ok(gw) => gw,
             Err(e) => {
                 println!("overload: {}: skipped ({e})", variant.name());

@@ -1,26 +1,36 @@
-//! The example gateway as a process of its own, for the benches that drive it whole: the
-//! release binary (built if needed), started on a configuration file, its address and the
-//! built-in mock's URL read from its banner, killed when dropped.
+//! The example gateway as a process of its own, for the benches that drive it whole
+//! (`benches/http.rs`, `benches/overload.rs`): the release binary (built if needed, found
+//! where cargo says it put it), started on a configuration file, its address and the built-in
+//! mock's URL read from its banner, its stderr kept (the last lines) to tell why it didn't
+//! start, killed when dropped.
 
-use std::io::{BufRead, BufReader};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The gateway binary: the path in the environment variable `env_var` when set, or
-/// `target/release/examples/gateway`, built now if needed.
-pub(crate) fn gateway_binary(env_var: &str) -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os(env_var) {
+/// How long building the gateway may take (usually already built).
+const BUILD: Duration = Duration::from_secs(15 * 60);
+/// How long the gateway may take to print its banner.
+const START: Duration = Duration::from_secs(30);
+/// How long a gateway whose stdout closed may take to exit.
+const EXIT: Duration = Duration::from_secs(5);
+/// The lines of the gateway's stderr kept.
+const STDERR_LINES: usize = 20;
+
+/// The gateway binary: the path in the environment variable `env_var` when one is named and
+/// set, or `cargo build --release --example gateway` (a no-op when it is up to date) and the
+/// executable cargo reports, wherever the target directory is (`CARGO_TARGET_DIR`,
+/// `--target`, a config's `build.target-dir`).
+pub(crate) fn gateway_binary(env_var: Option<&str>) -> Result<PathBuf, String> {
+    if let Some(path) = env_var.and_then(std::env::var_os) {
         return Ok(PathBuf::from(path));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // target/<profile>/deps/<bench>-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the bench runs from target/<profile>/deps/")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args([
@@ -28,15 +38,17 @@ pub(crate) fn gateway_binary(env_var: &str) -> Result<PathBuf, String> {
         "--release",
         "--example",
         "gateway",
+        "--message-format=json-render-diagnostics",
         "--manifest-path",
     ])
     .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-    .stdout(Stdio::null());
-    // The package's variables cargo gives this bench would rerun the build scripts that
-    // watch them (ring's) and rebuild everything above them: not passed on.
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    // The package's variables cargo gives this bench (`CARGO_PKG_NAME`, ...) would rerun the
+    // build scripts that watch them (ring's) and rebuild everything above them: not passed on.
     for (name, _) in std::env::vars_os() {
         let Some(n) = name.to_str() else { continue };
-        if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+        let per_crate = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
             .iter()
             .any(|p| n.starts_with(p))
             || [
@@ -45,22 +57,55 @@ pub(crate) fn gateway_binary(env_var: &str) -> Result<PathBuf, String> {
                 "CARGO_TARGET_TMPDIR",
                 "OUT_DIR",
             ]
-            .contains(&n)
-        {
+            .contains(&n);
+        if per_crate {
             cmd.env_remove(&name);
         }
     }
-    let status = cmd.status().map_err(|e| format!("running cargo: {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| format!("running cargo: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout from cargo")?;
+    // Cargo's JSON messages, read as they come (a full pipe would stall the build): the
+    // gateway example's artifact names its executable.
+    let reader = std::thread::spawn(move || {
+        let mut exe = None;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let is_gateway = msg["reason"] == "compiler-artifact"
+                && msg["target"]["name"] == "gateway"
+                && msg["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == "example"));
+            if is_gateway {
+                if let Some(path) = msg["executable"].as_str() {
+                    exe = Some(PathBuf::from(path));
+                }
+            }
+        }
+        exe
+    });
+    let deadline = Instant::now() + BUILD;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("building it took over {BUILD:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let exe = reader.join().map_err(|_| "reading cargo's output failed")?;
     if !status.success() {
         return Err("`cargo build --release --example gateway` failed".into());
     }
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!("no gateway binary at {}", bin.display()))
+    match exe {
+        Some(bin) if bin.is_file() => Ok(bin),
+        Some(bin) => Err(format!("no gateway binary at {}", bin.display())),
+        None => Err("cargo reported no executable for the gateway example".into()),
     }
 }
 
@@ -68,9 +113,57 @@ pub(crate) fn gateway_binary(env_var: &str) -> Result<PathBuf, String> {
 pub(crate) struct Gateway {
     child: Child,
     pub(crate) addr: SocketAddr,
-    /// The built-in mock's base URL (`http://127.0.0.1:PORT/v1`).
-    pub(crate) mock: String,
+    /// The built-in mock's base URL (`http://127.0.0.1:PORT/v1`), when a model uses it.
+    pub(crate) mock: Option<String>,
     config: PathBuf,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr_reader: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines the gateway wrote to stderr.
+    fn stderr_tail(&self) -> String {
+        let lines = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.is_empty() {
+            return "(nothing on stderr)".into();
+        }
+        lines.iter().map(|l| format!("\n  {l}")).collect()
+    }
+
+    /// Why the gateway didn't start, from a process whose stdout closed: its exit status
+    /// (waited for up to [`EXIT`]) and its last lines on stderr.
+    fn exited(&mut self) -> String {
+        let deadline = Instant::now() + EXIT;
+        let status: Option<ExitStatus> = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break None,
+            }
+        };
+        let Some(status) = status else {
+            return format!(
+                "the gateway closed its stdout without printing its address; its last lines \
+                 on stderr:{}",
+                self.stderr_tail()
+            );
+        };
+        // Its stderr is closed too: every line is read.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        format!(
+            "the gateway exited ({status}) without printing its address; its last lines on \
+             stderr:{}",
+            self.stderr_tail()
+        )
+    }
 }
 
 impl Drop for Gateway {
@@ -81,48 +174,100 @@ impl Drop for Gateway {
     }
 }
 
-pub(crate) fn start_gateway(bin: &Path, config: &str) -> Result<Gateway, String> {
-    let path = std::env::temp_dir().join(format!("gateway-bench-{}.toml", std::process::id()));
-    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+/// Reads `from` line by line to its end, each line to `line` (the pipe never fills: the
+/// gateway never blocks on it).
+fn drain(
+    from: impl Read + Send + 'static,
+    mut line: impl FnMut(String) + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for l in BufReader::new(from).lines() {
+            let Ok(l) = l else { break };
+            line(l);
+        }
+    })
+}
+
+/// Starts `bin` on the configuration `config` (written to a temporary file), with `env`
+/// added to its environment; returns once its banner is printed (its address, and the
+/// mock's URL if a model uses the mock), or why it didn't start.
+pub(crate) fn start_gateway(
+    bin: &Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Result<Gateway, String> {
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "gateway-bench-{}-{}.toml",
+        std::process::id(),
+        STARTED.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut child = Command::new(bin)
         .arg("--config")
         .arg(&path)
-        .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    let stderr_pipe = child.stderr.take().ok_or("no stderr")?;
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-            // Keeps draining, so the gateway never blocks on a full pipe.
+    drain(stdout, move |l| {
+        let _ = tx.send(l);
+    });
+    let stderr = Arc::new(Mutex::new(VecDeque::new()));
+    let kept = Arc::clone(&stderr);
+    let stderr_reader = drain(stderr_pipe, move |l| {
+        let mut lines = kept.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == STDERR_LINES {
+            lines.pop_front();
         }
+        lines.push_back(l);
     });
     let mut gw = Gateway {
         child,
         addr: "127.0.0.1:0".parse().expect("an address"),
-        mock: String::new(),
+        mock: None,
         config: path,
+        stderr,
+        stderr_reader: Some(stderr_reader),
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (mut addr, mut mock) = (None, None);
-    while addr.is_none() || mock.is_none() {
+    let deadline = Instant::now() + START;
+    let mut addr = None;
+    // The banner: the address first, the models (the mock's URL among them), then the keys.
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .map_err(|_| "the gateway printed no address and mock URL within 30 s")?;
+        let line = match rx.recv_timeout(left) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gw.exited()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "the gateway printed no banner within {START:?}; its last lines on \
+                     stderr:{}",
+                    gw.stderr_tail()
+                ))
+            }
+        };
         if let Some(a) = line.split("listening on http://").nth(1) {
-            addr = a.trim().parse().ok();
+            addr = Some(
+                a.trim()
+                    .parse()
+                    .map_err(|e| format!("the gateway's address {a:?}: {e}"))?,
+            );
         }
         if let Some(m) = line.split("built-in mock model at ").nth(1) {
-            mock = m.split_whitespace().next().map(str::to_owned);
+            gw.mock = m
+                .split_whitespace()
+                .next()
+                .filter(|u| u.starts_with("http"))
+                .map(str::to_owned);
+        }
+        if let (Some(a), true) = (addr, line.trim_start().starts_with("API keys")) {
+            gw.addr = a;
+            return Ok(gw);
         }
     }
-    gw.addr = addr.expect("checked");
-    gw.mock = mock.expect("checked");
-    Ok(gw)
 }

@@ -14,7 +14,10 @@
 //! full speed, more slow every token in proportion, and more than `queue` beyond capacity are
 //! answered 503 with `Retry-After`. Embeddings take no place. `GET /v1/mock/stats` on the
 //! mock's port tells how many run, wait beyond capacity and were refused, and the delay a
-//! token takes now. `mock/sse.rs` writes the streams.
+//! token takes now. `mock/sse.rs` writes the streams; a stream's events wait in its own
+//! buffer for a client that reads slowly or not at all, so a completion holds its place for
+//! its tokens' time only. A reload's capacity applies from each running completion's next
+//! token.
 
 mod capacity;
 mod sse;

@@ -230,6 +230,36 @@ async fn a_client_that_leaves_frees_its_place() {
     assert_eq!(s["completed"], 0, "{s}");
 }
 
+/// A client that opens a stream and never reads it holds the place for its tokens' time
+/// only: then the sequence is complete and the place is another's, the events waiting for
+/// the client. (Over real sockets a stream this short also fits in the kernel's buffers; the
+/// unit test in `mock/sse.rs` holds a response body unread, where only the mock's own buffer
+/// can take the events.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_holds_no_place_after_its_tokens() {
+    let cfg = TempConfig::new(&config("token_delay_ms = 1\ncapacity = 1\nqueue = 0"));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    let unread = open_streams(&c, &gw, 1).await;
+    assert_eq!(unread[0].status(), 200);
+    let s = stats_until(&c, &gw, "completed", 1).await;
+    assert_eq!(s["running"], 0, "{s}");
+    assert_eq!(s["cancelled"], 0, "{s}");
+    assert_eq!(s["tokens"], 16, "{s}");
+    let next = open_streams(&c, &gw, 1).await;
+    assert_eq!(next[0].status(), 200, "the place is free");
+    let body = unread.into_iter().next().expect("a stream").into_body();
+    let events = within("the unread stream", body.collect())
+        .await
+        .expect("its body")
+        .to_bytes();
+    drop(next);
+    assert!(
+        String::from_utf8_lossy(&events).ends_with("data: [DONE]\n\n"),
+        "{events:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_sequences_give_their_place_back() {
     // No delay: each request decodes at once, and releases its place when it ends.

@@ -13,10 +13,11 @@
 //!
 //! A sequence holds its place through a [`Sequence`] guard: dropped when the sequence ends
 //! or its client goes away (the response body or the handler dropped), it gives the place
-//! back at once. The state is one small mutex-guarded struct and a few counters: nothing
-//! grows with the load, and nothing polls.
+//! back at once. The state is one small mutex-guarded struct, its counts included: each
+//! change of `running` and the count it goes with are one critical section, and the stats
+//! are copied under one lock, so every snapshot balances (`admitted = running + completed +
+//! cancelled`). Nothing grows with the load, and nothing polls.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -29,10 +30,16 @@ pub(crate) struct Limits {
     pub(crate) queue: u64,
 }
 
-#[derive(Debug, Default)]
+/// The limits, the sequences running and the counts since the start, changed together.
+#[derive(Debug, Default, Clone, Copy)]
 struct State {
     limits: Limits,
     running: u64,
+    admitted: u64,
+    rejected: u64,
+    completed: u64,
+    cancelled: u64,
+    tokens: u64,
 }
 
 /// The shared state of the mock's sequences.
@@ -40,11 +47,6 @@ struct State {
 pub(crate) struct Capacity {
     token_delay: Duration,
     state: Mutex<State>,
-    admitted: AtomicU64,
-    rejected: AtomicU64,
-    completed: AtomicU64,
-    cancelled: AtomicU64,
-    tokens: AtomicU64,
 }
 
 /// A refused sequence: what the 503 says.
@@ -70,17 +72,15 @@ impl Capacity {
     pub(crate) fn new(token_delay: Duration, limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             token_delay,
-            state: Mutex::new(State { limits, running: 0 }),
-            admitted: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            tokens: AtomicU64::new(0),
+            state: Mutex::new(State {
+                limits,
+                ..State::default()
+            }),
         })
     }
 
     /// The state; a panic elsewhere while holding it left nothing half-done (each critical
-    /// section is one assignment), so a poisoned lock is used as it is.
+    /// section is a few additions that cannot panic), so a poisoned lock is used as it is.
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -96,9 +96,9 @@ impl Capacity {
         let mut s = self.state();
         let Limits { capacity, queue } = s.limits;
         if capacity > 0 && s.running >= capacity.saturating_add(queue) {
+            s.rejected += 1;
             let running = s.running;
             drop(s);
-            self.rejected.fetch_add(1, Ordering::Relaxed);
             let full = token_delay(self.token_delay, running, capacity)
                 .saturating_mul(super::MAX_COMPLETION as u32);
             return Err(Overloaded {
@@ -108,28 +108,29 @@ impl Capacity {
             });
         }
         s.running += 1;
+        s.admitted += 1;
         drop(s);
-        self.admitted.fetch_add(1, Ordering::Relaxed);
         Ok(Sequence {
             capacity: Arc::clone(self),
             finished: false,
         })
     }
 
-    /// The delay of the next token at the current load.
-    fn current_token_delay(&self) -> Duration {
+    /// The delay of the next token at the current load, and whether a capacity is set.
+    fn current_token_delay(&self) -> (Duration, bool) {
         let s = self.state();
-        token_delay(self.token_delay, s.running, s.limits.capacity)
+        let capacity = s.limits.capacity;
+        (
+            token_delay(self.token_delay, s.running, capacity),
+            capacity > 0,
+        )
     }
 
-    /// `GET /v1/mock/stats`.
+    /// `GET /v1/mock/stats`: one snapshot, copied under one lock.
     pub(crate) fn stats(&self) -> Value {
-        let (limits, running) = {
-            let s = self.state();
-            (s.limits, s.running)
-        };
+        let s = *self.state();
+        let (limits, running) = (s.limits, s.running);
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
             "capacity": limits.capacity,
             "queue": (limits.capacity > 0).then_some(limits.queue),
@@ -138,11 +139,11 @@ impl Capacity {
             "token_delay_ms": millis(self.token_delay),
             "current_token_delay_ms":
                 millis(token_delay(self.token_delay, running, limits.capacity)),
-            "admitted": count(&self.admitted),
-            "rejected": count(&self.rejected),
-            "completed": count(&self.completed),
-            "cancelled": count(&self.cancelled),
-            "tokens": count(&self.tokens),
+            "admitted": s.admitted,
+            "rejected": s.rejected,
+            "completed": s.completed,
+            "cancelled": s.cancelled,
+            "tokens": s.tokens,
         })
     }
 }
@@ -157,24 +158,26 @@ pub(crate) struct Sequence {
 impl Sequence {
     /// Waits one token's delay at the current load, then counts the token.
     pub(crate) async fn token(&mut self) {
-        let delay = self.capacity.current_token_delay();
-        if !delay.is_zero() {
+        self.step(false).await;
+    }
+
+    /// One token: its delay at the current load (none when `only_under_capacity` and no
+    /// capacity is set), then counted.
+    async fn step(&mut self, only_under_capacity: bool) {
+        let (delay, limited) = self.capacity.current_token_delay();
+        if !delay.is_zero() && (limited || !only_under_capacity) {
             tokio::time::sleep(delay).await;
         }
-        self.capacity.tokens.fetch_add(1, Ordering::Relaxed);
+        self.capacity.state().tokens += 1;
     }
 
     /// Generates `n` tokens without streaming them, then gives the place back. They take
-    /// their time only under a capacity: without one, a non-streamed completion is answered
-    /// at once, as the mock always did.
+    /// their time only under a capacity, read at each token: without one (or after a reload
+    /// removes it, from the next token on), a non-streamed completion is answered at once,
+    /// as the mock always did.
     pub(crate) async fn generate(mut self, n: u64) {
-        let timed = self.capacity.state().limits.capacity > 0;
         for _ in 0..n {
-            if timed {
-                self.token().await;
-            } else {
-                self.capacity.tokens.fetch_add(1, Ordering::Relaxed);
-            }
+            self.step(true).await;
         }
         self.finish();
     }
@@ -187,19 +190,20 @@ impl Sequence {
 
 impl Drop for Sequence {
     fn drop(&mut self) {
-        let c = &self.capacity;
-        c.state().running -= 1;
-        let counter = if self.finished {
-            &c.completed
+        let mut s = self.capacity.state();
+        s.running -= 1;
+        if self.finished {
+            s.completed += 1;
         } else {
-            &c.cancelled
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            s.cancelled += 1;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
@@ -305,5 +309,145 @@ mod tests {
             16_000
         );
         assert_eq!(s["completed"], s["admitted"]);
+    }
+
+    /// Every snapshot of the stats balances: each admitted sequence is running, completed or
+    /// cancelled, whatever the other threads are doing at that moment.
+    #[test]
+    fn every_snapshot_balances_under_contention() {
+        let c = Capacity::new(
+            Duration::ZERO,
+            Limits {
+                capacity: 3,
+                queue: 2,
+            },
+        );
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let snapshots = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..6u64)
+                .map(|t| {
+                    let c = Arc::clone(&c);
+                    scope.spawn(move || {
+                        for i in 0..20_000u64 {
+                            if let Ok(seq) = c.admit() {
+                                if (i + t) % 2 == 0 {
+                                    seq.finish();
+                                } else {
+                                    drop(seq);
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let checker = scope.spawn(|| {
+                let mut n = 0u64;
+                loop {
+                    let last = stop.load(Ordering::Acquire);
+                    let s = c.stats();
+                    let get = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k}: {s}"));
+                    assert_eq!(
+                        get("admitted"),
+                        get("running") + get("completed") + get("cancelled"),
+                        "snapshot {n}: {s}"
+                    );
+                    assert!(get("running") <= 5, "{s}");
+                    n += 1;
+                    if last {
+                        return (n, s);
+                    }
+                }
+            });
+            for w in workers {
+                w.join().expect("a worker");
+            }
+            stop.store(true, Ordering::Release);
+            checker.join().expect("the checker")
+        });
+        let (n, s) = snapshots;
+        assert!(n > 1, "{n}");
+        assert_eq!(s["running"], 0, "{s}");
+        assert_eq!(
+            s["admitted"].as_u64().unwrap() + s["rejected"].as_u64().unwrap(),
+            120_000,
+            "{s}"
+        );
+    }
+
+    /// `token()` sleeps the base delay times running / capacity beyond capacity (the paused
+    /// clock advances by exactly that), and the base delay again once they are back within it.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_waits_in_proportion_to_the_running_beyond_capacity() {
+        let c = Capacity::new(
+            10 * MS,
+            Limits {
+                capacity: 2,
+                queue: 2,
+            },
+        );
+        let mut held: Vec<Sequence> = (0..4).map(|_| c.admit().expect("a place")).collect();
+        let t0 = tokio::time::Instant::now();
+        held[0].token().await;
+        assert_eq!(t0.elapsed(), 20 * MS, "4 running on a capacity of 2");
+        held.truncate(2);
+        let t1 = tokio::time::Instant::now();
+        held[0].token().await;
+        assert_eq!(t1.elapsed(), 10 * MS, "2 running on a capacity of 2");
+        let s = c.stats();
+        assert_eq!(
+            (&s["tokens"], &s["cancelled"]),
+            (&json!(2), &json!(2)),
+            "{s}"
+        );
+    }
+
+    /// `generate` times each token by the capacity of the moment: 3 tokens on 4 running for
+    /// a capacity of 2 take 3 x 2 x the base delay.
+    #[tokio::test(start_paused = true)]
+    async fn generate_takes_its_tokens_time_at_the_current_load() {
+        let c = Capacity::new(
+            10 * MS,
+            Limits {
+                capacity: 2,
+                queue: 2,
+            },
+        );
+        let held: Vec<Sequence> = (0..3).map(|_| c.admit().expect("a place")).collect();
+        let t0 = tokio::time::Instant::now();
+        c.admit().expect("a place").generate(3).await;
+        assert_eq!(t0.elapsed(), 60 * MS);
+        let s = c.stats();
+        assert_eq!(
+            (&s["tokens"], &s["completed"]),
+            (&json!(3), &json!(1)),
+            "{s}"
+        );
+        drop(held);
+    }
+
+    /// A reload to no capacity during a non-streamed completion: the token under way ends,
+    /// the others are answered at once, as without a capacity.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_to_no_capacity_answers_a_running_completion_at_once() {
+        let c = Capacity::new(
+            1000 * MS,
+            Limits {
+                capacity: 1,
+                queue: 0,
+            },
+        );
+        let seq = c.admit().expect("a place");
+        let t0 = tokio::time::Instant::now();
+        let generating = tokio::spawn(seq.generate(16));
+        tokio::time::sleep(500 * MS).await;
+        c.set_limits(Limits::default());
+        generating.await.expect("generate");
+        assert_eq!(t0.elapsed(), 1000 * MS, "one token's time, not 16");
+        let s = c.stats();
+        assert_eq!(
+            (&s["tokens"], &s["completed"]),
+            (&json!(16), &json!(1)),
+            "{s}"
+        );
     }
 }

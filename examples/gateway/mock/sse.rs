@@ -1,5 +1,10 @@
 //! The mock's streamed answers: SSE events written to a channel by a task of their own, each
 //! token's event after its time, and the response body that reads the channel.
+//!
+//! The channel holds every event of the stream (a completion's few, at most 16 tokens and a
+//! handful of others), so writing never waits for the client: a sequence holds its place for
+//! its tokens' time only, and a client that reads slowly or not at all finds the rest of its
+//! events waiting for it without keeping the place.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -29,16 +34,19 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// An SSE response of `events`, sent as they are written; the events at the indexes in
-/// `tokens` each take a token's time of `seq`, whose place is given back when the last event
-/// is written or the client goes away (its place at once, even mid-token).
+/// An SSE response of `events` (and `data: [DONE]` after them if `done`), sent as they are
+/// written; the events at the indexes in `tokens` each take a token's time of `seq`, whose
+/// place is given back when the last event is written (whether or not the client has read
+/// it yet: the channel holds them all) or the client goes away (at once, even mid-token).
 pub(super) fn sse(
     events: Vec<(Option<&'static str>, Value)>,
     tokens: Vec<usize>,
     mut seq: Sequence,
     done: bool,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    // Room for every frame: `try_send` below never finds the channel full. Bounded by the
+    // handlers' streams (at most `MAX_COMPLETION` tokens and a few other events).
+    let (tx, rx) = mpsc::channel::<Bytes>(events.len() + 1);
     tokio::spawn(async move {
         for (i, (event, data)) in events.into_iter().enumerate() {
             if tokens.contains(&i) {
@@ -56,13 +64,13 @@ pub(super) fn sse(
             frame.push_str("data: ");
             frame.push_str(&data.to_string());
             frame.push_str("\n\n");
-            if tx.send(Bytes::from(frame)).await.is_err() {
-                return; // the client went away
+            if tx.try_send(Bytes::from(frame)).is_err() {
+                return; // the client went away (the channel has room for every frame)
             }
         }
         seq.finish();
         if done {
-            let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            let _ = tx.try_send(Bytes::from_static(b"data: [DONE]\n\n"));
         }
     });
     Response::builder()
@@ -70,4 +78,51 @@ pub(super) fn sse(
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::new(ChannelBody(rx)))
         .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use serde_json::json;
+
+    use super::super::capacity::{Capacity, Limits};
+    use super::*;
+
+    /// A client that never reads its stream holds no place once its tokens' time has passed:
+    /// the events wait for it in the response, and it can still read them all.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_gives_the_place_back_after_its_tokens() {
+        let c = Capacity::new(
+            Duration::from_millis(10),
+            Limits {
+                capacity: 1,
+                queue: 0,
+            },
+        );
+        let seq = c.admit().expect("a place");
+        let mut events: Vec<_> = (0..16).map(|i| (None, json!({ "token": i }))).collect();
+        events.push((Some("end"), json!({})));
+        let response = sse(events, (0..16).collect(), seq, true);
+        // Far beyond the 16 tokens' time (the clock is paused: nothing waits for real).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let s = c.stats();
+        assert_eq!(
+            (&s["running"], &s["completed"], &s["tokens"]),
+            (&json!(0), &json!(1), &json!(16)),
+            "{s}"
+        );
+        assert!(c.admit().is_ok(), "the place is free");
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("the body")
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(text.matches("data: ").count(), 18, "{text}");
+        assert!(text.contains("event: end\n"), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
 }
