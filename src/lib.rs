@@ -82,7 +82,8 @@
 //! | [`algorithm`] | [`Algorithm`] and the algorithms: sliding window counter, sliding window log, GCRA, calendar window (UTC hour, day, month): pure, weighted, with refund and peek (a GCRA refund gives back only what is still queued ahead of the clock) |
 //! | [`store`] | the [`store::Store`] contract (acquire / settle / peek; idempotent retries: `acquire_once` / `fail_attempt`, the table of what a retry is charged) and the [`store::MemoryStore`] (`store/memory/`: the decisions, sweeps and least-recently-used eviction at `max_keys`; one file for the shards' layout, one for a bucket's state, one for long keys held as digests, one for the table of failed idempotent attempts); `store::RedisStore` (feature `redis`, `store/redis/`: the Lua limiter run as a Redis function or by `EVALSHA`, its replies checked against the call that asked (`reply.rs`), versioned key layout, circuit breaker, lazy connection, concurrency slots released in the background after failed calls) |
 //! | [`headers`] | IETF `RateLimit` / `RateLimit-Policy` and OpenAI `x-ratelimit-*` headers (the fixed parts computed once per rule and tier by `build`, written straight into the response) |
-//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement, with the usage the response reported (of every response, on request: `observes_usage`) |
+//! | [`observe`] | [`observe::Observer`]: a hook that sees every decision and each settlement, with the usage the response reported (of every response, on request: `observes_usage`), and, on request, each store call timed (`observes_store_calls`) |
+//! | `metrics` (feature `metrics`) | the built-in observer that records the layer's events through the `metrics` facade (`RateLimitLayerBuilder::metrics`), its table of metric names and labels, and `metrics::describe` |
 //! | [`clock`] | [`clock::SystemClock`] and [`clock::ManualClock`] for tests: monotonic time, and the wall clock for calendar windows |
 //!
 //! Arrows point one way (`tests/module_graph.rs` checks that no import goes back): the
@@ -189,6 +190,7 @@
 //! | `axum` | no | [`key::client_ip`] reads axum's `ConnectInfo<SocketAddr>` |
 //! | `redis` | no | `store::RedisStore`: limits shared by many processes through Redis or Redis Cluster |
 //! | `tokenizer` | no | exact prompt token counts in [`cost::openai`] with OpenAI's tokenizers (o200k_base, cl100k_base, compiled in) for known models |
+//! | `metrics` | no | `RateLimitLayerBuilder::metrics`: decisions, refusals, estimated vs settled tokens, store latency and failures, adaptive capacity, recorded through the [`metrics`](https://docs.rs/metrics) facade for any exporter (the table of names and labels is in `metrics`) |
 //!
 //! # Integration
 //!
@@ -215,6 +217,9 @@ pub mod clock;
 pub mod cost;
 pub mod headers;
 pub mod key;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod observe;
 pub mod rule;
 pub mod settle;

@@ -22,9 +22,20 @@
 //! charged 0. Both hooks run on the request's path (`on_settle` where the response body
 //! ends): keep them cheap (increment counters, don't do I/O).
 //!
+//! An observer whose [`Observer::observes_store_calls`] answers `true` also hears each call
+//! to the store on a request's path ([`StoreCallEvent`]: acquire, settle, a failed attempt's
+//! record), how long it took by the layer's clock
+//! ([`crate::RateLimitLayerBuilder::clock`]) and how it failed, if it did. The layer reads
+//! no clock for the others.
+//!
+//! With the `metrics` feature, `RateLimitLayerBuilder::metrics` adds a built-in observer
+//! that records all of this through the `metrics` facade (the crate's `metrics` module lists
+//! what it records), beside the observer set here, if any.
+//!
 //! Independently, the layer emits `tracing` events (target `tower_llm_ratelimit`): a
-//! `DEBUG` event per denial naming the rule, key and retry delay, and a `WARN` event per
-//! store failure.
+//! `DEBUG` event per denial naming the rule, key and retry delay (fields `rule`, `key`,
+//! `tier`, `cost`, `remaining`, `retry_after_ms`), and a `WARN` event per store failure
+//! (`error`, and for a decision `admitted`: what the failure policy did).
 //!
 //! # Examples
 //!
@@ -55,6 +66,7 @@ pub use crate::capacity::Change;
 use crate::cost::usage::Usage;
 use crate::key::Key;
 use crate::rule::Unit;
+use crate::store::StoreError;
 
 /// What happened to a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +225,45 @@ pub struct QueueEvent<'a> {
     pub waiting: usize,
 }
 
+/// Which call to the store a [`StoreCallEvent`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreCall {
+    /// Deciding a request: [`crate::store::Store::acquire`] (or `acquire_once`, for a
+    /// request with an idempotency id); a second attempt (a capacity's reserve, a retry from
+    /// its queue) is a call of its own.
+    Acquire,
+    /// Correcting an admitted request's charges: [`crate::store::Store::settle`].
+    Settle,
+    /// Recording a failed idempotent attempt: [`crate::store::Store::fail_attempt`].
+    FailAttempt,
+}
+
+impl StoreCall {
+    /// `acquire`, `settle` or `fail_attempt`: a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreCall::Acquire => "acquire",
+            StoreCall::Settle => "settle",
+            StoreCall::FailAttempt => "fail_attempt",
+        }
+    }
+}
+
+/// One call to the store, timed (see [`Observer::observes_store_calls`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct StoreCallEvent<'a> {
+    /// Which call.
+    pub call: StoreCall,
+    /// From the call to its answer, by the layer's clock
+    /// ([`crate::RateLimitLayerBuilder::clock`]). A store doing I/O is timed to the end of
+    /// its future (a decision whose client left is timed in the background).
+    pub elapsed: Duration,
+    /// Why it failed, if it did.
+    pub error: Option<&'a StoreError>,
+}
+
 /// Sees every decision, and the settlements (see the [module docs](self) for which requests
 /// are settled). Closures `Fn(&DecisionEvent)` are observers (of decisions only).
 pub trait Observer: Send + Sync + 'static {
@@ -237,6 +288,20 @@ pub trait Observer: Send + Sync + 'static {
     /// histogram, requests shed by tier, the queue's length.
     fn on_queue(&self, event: &QueueEvent<'_>) {
         let _ = event;
+    }
+
+    /// Called after each call to the store on a request's path, with how long it took and
+    /// its error, if any; only for an observer whose
+    /// [`observes_store_calls`](Self::observes_store_calls) answers `true`. Reads of
+    /// [`crate::RateLimitLayer::status`] are not reported.
+    fn on_store_call(&self, event: &StoreCallEvent<'_>) {
+        let _ = event;
+    }
+
+    /// Whether this observer wants [`on_store_call`](Self::on_store_call) called (default
+    /// `false`: the layer then reads no clock around its store calls).
+    fn observes_store_calls(&self) -> bool {
+        false
     }
 
     /// Whether this observer wants [`on_settle`](Self::on_settle) called (default `true`).
@@ -336,5 +401,8 @@ mod tests {
         // The usage of every response is asked for, never assumed.
         assert!(!Observer::observes_usage(&closure));
         assert!(!Both.observes_usage());
+        // Nor is the time of store calls.
+        assert!(!Observer::observes_store_calls(&closure));
+        assert!(!Both.observes_store_calls());
     }
 }

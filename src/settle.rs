@@ -42,7 +42,9 @@ use crate::capacity::{Cell, Feedback, Signal};
 use crate::cost::usage::{Framing, Usage, UsageParser};
 use crate::cost::Cost;
 use crate::limiter::{Limiter, Pending, Settlement, Settling};
-use crate::observe::{CapacityEvent, ModelLabel, SettleEvent, SettleOutcome, SettledRule};
+use crate::observe::{
+    CapacityEvent, ModelLabel, SettleEvent, SettleOutcome, SettledRule, StoreCall,
+};
 use crate::reject::GRPC_STATUS;
 use crate::rule::Unit;
 use crate::store::{Adjustment, Charge, IdempotencyKey, StoreError, StoreFuture};
@@ -434,7 +436,12 @@ impl Settle {
             });
         }
         if !adjustments.is_empty() {
-            let settling = self.limiter.store.settle(&adjustments);
+            let started = self.limiter.store_call_started();
+            let settling = self.limiter.timed(
+                StoreCall::Settle,
+                started,
+                self.limiter.store.settle(&adjustments),
+            );
             // Nobody waits for a settlement (the next request is decided as it stands).
             // The queues of adaptive buckets hear of the release once the store has it.
             let released = Released {
@@ -454,7 +461,12 @@ impl Settle {
                 .iter()
                 .map(|c| Charge::new(&c.bucket, &c.quota, c.charged))
                 .collect();
-            let failing = self.limiter.store.fail_attempt(&charges, id);
+            let started = self.limiter.store_call_started();
+            let failing = self.limiter.timed(
+                StoreCall::FailAttempt,
+                started,
+                self.limiter.store.fail_attempt(&charges, id),
+            );
             self.recorded = drive(
                 &self.limiter,
                 failing,

@@ -37,6 +37,8 @@ pub struct RateLimitLayerBuilder {
     idempotency_header: Option<Result<http::HeaderName, String>>,
     clock: Option<Arc<dyn Clock>>,
     replica: Option<String>,
+    #[cfg(feature = "metrics")]
+    metrics: bool,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -70,6 +72,8 @@ impl RateLimitLayerBuilder {
             idempotency_header: None,
             clock: None,
             replica: None,
+            #[cfg(feature = "metrics")]
+            metrics: false,
         }
     }
 
@@ -111,9 +115,21 @@ impl RateLimitLayerBuilder {
         self
     }
 
-    /// Sees every decision (metrics, audit).
+    /// Sees every decision (metrics, audit). See [`crate::observe`].
     pub fn observer(mut self, observer: impl Observer) -> Self {
         self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// Records decisions, refusals, estimated and settled tokens, the time and failures of
+    /// store calls, and the moves of adaptive capacity through the `metrics` facade, for
+    /// whatever exporter the application installs. The metrics, their labels (bounded: rule
+    /// and tier names, never keys) and what they cost are listed in [`crate::metrics`].
+    /// The [`observer`](Self::observer), if any, sees the same events as without it.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 
@@ -210,7 +226,8 @@ impl RateLimitLayerBuilder {
     }
 
     /// The clock of adaptive capacity ([`crate::capacity`]): the latency of responses and
-    /// the controllers' intervals (default [`SystemClock`]). Tests pass a
+    /// the controllers' intervals; and of the store calls an observer times
+    /// ([`Observer::observes_store_calls`]) (default [`SystemClock`]). Tests pass a
     /// [`crate::clock::ManualClock`]. The stores keep their own clocks.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Some(Arc::new(clock));
@@ -293,6 +310,17 @@ impl RateLimitLayerBuilder {
             .iter()
             .map(|r| r.capacity.clone().map(|c| RuleCapacity::new(c, &r.name)))
             .collect();
+        #[cfg(feature = "metrics")]
+        let observer: Option<Arc<dyn Observer>> = if self.metrics {
+            Some(Arc::new(crate::metrics::MetricsObserver::new(
+                &self.rules,
+                self.observer,
+            )))
+        } else {
+            self.observer
+        };
+        #[cfg(not(feature = "metrics"))]
+        let observer = self.observer;
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())
             || (counts_tokens && self.cost.as_ref().is_some_and(|c| c.needs_body()));
@@ -304,15 +332,12 @@ impl RateLimitLayerBuilder {
                 tiers: self.tiers,
                 cost: self.cost,
                 headers: self.headers,
-                observes_settlements: self
-                    .observer
-                    .as_ref()
-                    .is_some_and(|o| o.observes_settlements()),
-                observes_usage: self
-                    .observer
+                observes_settlements: observer.as_ref().is_some_and(|o| o.observes_settlements()),
+                observes_usage: observer
                     .as_ref()
                     .is_some_and(|o| o.observes_settlements() && o.observes_usage()),
-                observer: self.observer,
+                observes_store_calls: observer.as_ref().is_some_and(|o| o.observes_store_calls()),
+                observer,
                 failure: self.failure,
                 weights: self.weights,
                 max_inspect_bytes: self.max_inspect_bytes,

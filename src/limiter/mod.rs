@@ -18,6 +18,7 @@ mod plan;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::capacity::{replica_key, RuleCapacity};
 use crate::clock::Clock;
@@ -25,9 +26,9 @@ use crate::cost::{Cost, CostEstimator, Weights};
 use crate::headers::{HeaderStyle, JoinedPolicies, QuotaHeaders};
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
-use crate::observe::{DecisionEvent, Observer, Outcome, RuleDecision};
+use crate::observe::{DecisionEvent, Observer, Outcome, RuleDecision, StoreCall, StoreCallEvent};
 use crate::rule::{MissingKey, Quota, Rule, Unit};
-use crate::store::{BucketKey, Snapshot, Store, StoreError};
+use crate::store::{BucketKey, Snapshot, Store, StoreError, StoreFuture};
 use crate::tier::TierResolver;
 
 pub(crate) use self::conclude::{Pending, Settlement};
@@ -74,6 +75,9 @@ pub(crate) struct Limiter {
     /// The observer wants the usage of every admitted response (`Observer::observes_usage`):
     /// every admitted request is settled, and every successful response watched.
     pub(crate) observes_usage: bool,
+    /// The observer wants each store call timed (`Observer::observes_store_calls`): only
+    /// then is the clock read around them.
+    pub(crate) observes_store_calls: bool,
     pub(crate) failure: FailurePolicy,
     pub(crate) weights: Weights,
     pub(crate) max_inspect_bytes: usize,
@@ -196,6 +200,41 @@ impl Limiter {
         Ok(out)
     }
 
+    /// The time a store call starts, when the observer times store calls (the clock is read
+    /// for no one else).
+    pub(crate) fn store_call_started(&self) -> Option<u64> {
+        self.observes_store_calls.then(|| self.clock.now_nanos())
+    }
+
+    /// `future`, a store call started at `started` (see [`Limiter::store_call_started`]),
+    /// reporting its time and error to the observer when it answers: at once for an answer
+    /// already there, else at the end of a future wrapped around it.
+    pub(crate) fn timed<T: Send + 'static>(
+        &self,
+        call: StoreCall,
+        started: Option<u64>,
+        future: StoreFuture<Result<T, StoreError>>,
+    ) -> StoreFuture<Result<T, StoreError>> {
+        let (Some(started), Some(observer)) = (started, &self.observer) else {
+            return future;
+        };
+        match future.now() {
+            Ok(result) => {
+                report_store_call(&**observer, &*self.clock, call, started, &result);
+                StoreFuture::ready(result)
+            }
+            Err(pending) => {
+                let observer = Arc::clone(observer);
+                let clock = Arc::clone(&self.clock);
+                StoreFuture::pending(async move {
+                    let result = pending.await;
+                    report_store_call(&*observer, &*clock, call, started, &result);
+                    result
+                })
+            }
+        }
+    }
+
     /// Reports a decision to the observer, if there is one.
     fn observe(&self, tier: Option<&str>, outcome: Outcome<'_>, rules: &[RuleDecision<'_>]) {
         if let Some(o) = &self.observer {
@@ -206,4 +245,18 @@ impl Limiter {
             });
         }
     }
+}
+
+fn report_store_call<T>(
+    observer: &dyn Observer,
+    clock: &dyn Clock,
+    call: StoreCall,
+    started: u64,
+    result: &Result<T, StoreError>,
+) {
+    observer.on_store_call(&StoreCallEvent {
+        call,
+        elapsed: Duration::from_nanos(clock.now_nanos().saturating_sub(started)),
+        error: result.as_ref().err(),
+    });
 }

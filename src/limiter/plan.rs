@@ -10,7 +10,7 @@ use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::inspect::BodyPolicy;
 use crate::key::{Key, RequestView};
-use crate::observe::{ModelLabel, Outcome};
+use crate::observe::{ModelLabel, Outcome, StoreCall};
 use crate::reject::Rejection;
 use crate::rule::{MissingKey, Quota, Unit};
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, StoreError, StoreFuture};
@@ -258,13 +258,14 @@ impl Limiter {
         &'a self,
         plan: &'a Plan,
     ) -> StoreFuture<Result<Decision, StoreError>> {
+        let started = self.store_call_started();
         let charge = |p: &'a Planned| Charge::new(&p.bucket, &p.quota, p.amount);
         let ask = |charges: &[Charge<'_>]| match &plan.idempotency {
             Some(id) => self.store.acquire_once(charges, id),
             None => self.store.acquire(charges),
         };
         // Up to 8 charges (every realistic request) without a heap allocation.
-        match plan.charges.first() {
+        let decision = match plan.charges.first() {
             None => ask(&[]),
             Some(first) if plan.charges.len() <= 8 => {
                 let mut buf = [charge(first); 8];
@@ -274,6 +275,7 @@ impl Limiter {
                 ask(&buf[..plan.charges.len()])
             }
             Some(_) => ask(&plan.charges.iter().map(charge).collect::<Vec<_>>()),
-        }
+        };
+        self.timed(StoreCall::Acquire, started, decision)
     }
 }
