@@ -54,7 +54,7 @@ impl RateLimitLayer {
     }
 
     /// Waits until every settlement this layer (and its clones) started in the background
-    /// has reached the store. A store that does I/O ([`crate::store::RedisStore`]) settles
+    /// has reached the store. A store that does I/O (`RedisStore`, feature `redis`) settles
     /// a response's real usage in a task of its own once the response ends; at shutdown,
     /// after the server has stopped taking requests and drained the ones in flight, await
     /// this (under a timeout of your own) before the runtime goes, or the last corrections
