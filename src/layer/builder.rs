@@ -37,6 +37,7 @@ pub struct RateLimitLayerBuilder {
     idempotency_header: Option<Result<http::HeaderName, String>>,
     clock: Option<Arc<dyn Clock>>,
     replica: Option<String>,
+    previous: Option<RateLimitLayer>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -46,6 +47,7 @@ impl fmt::Debug for RateLimitLayerBuilder {
             .field("store", &self.store)
             .field("headers", &self.headers)
             .field("failure", &self.failure)
+            .field("previous", &self.previous)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +72,7 @@ impl RateLimitLayerBuilder {
             idempotency_header: None,
             clock: None,
             replica: None,
+            previous: None,
         }
     }
 
@@ -227,6 +230,20 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// Makes the layer being built continue `previous`'s adaptive capacity (a configuration
+    /// reloaded, say): each rule of the same name whose [`Capacity`](crate::capacity::Capacity)
+    /// moves its limit alike (same `min`, `max`, `initial`, latency target and tolerance,
+    /// interval, decrease, baseline window) shares `previous`'s controllers, with the limits
+    /// they learned, their queues and completion rates; tiers, saturation and queue length
+    /// may differ. The layer also takes `previous`'s replica id and clock unless
+    /// [`replica_id`](Self::replica_id) or [`clock`](Self::clock) set them: the slots held by
+    /// `previous`'s requests stay in the buckets the new layer charges, and the controllers'
+    /// times stay on one clock. A rule whose capacity changed starts afresh.
+    pub fn continue_capacity_of(mut self, previous: &RateLimitLayer) -> Self {
+        self.previous = Some(previous.clone());
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, BuildError> {
         if self.rules.is_empty() {
@@ -277,21 +294,20 @@ impl RateLimitLayerBuilder {
                 .into_iter()
                 .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
         );
-        if let Some(second) = self
-            .rules
-            .iter()
-            .filter(|r| r.capacity.as_ref().is_some_and(|c| c.has_tiers()))
-            .nth(1)
-        {
-            return Err(BuildError::InvalidCapacity {
-                rule: second.name.to_string(),
-                reason: "only one rule of a layer may have a capacity with tiers".to_owned(),
-            });
-        }
+        let previous = self.previous.as_ref().map(|l| &*l.limiter);
         let capacity = self
             .rules
             .iter()
-            .map(|r| r.capacity.clone().map(|c| RuleCapacity::new(c, &r.name)))
+            .map(|r| {
+                let mut cap = RuleCapacity::new(r.capacity.clone()?, &r.name);
+                if let Some(old) = previous.and_then(|p| {
+                    let i = p.rules.iter().position(|o| o.name == r.name)?;
+                    p.capacity[i].as_ref()
+                }) {
+                    cap.continue_from(old);
+                }
+                Some(cap)
+            })
             .collect();
         let needs_body = self.request_stream_usage
             || self.rules.iter().any(|r| r.key.needs_body())
@@ -326,8 +342,15 @@ impl RateLimitLayerBuilder {
                 quota_headers,
                 joined_policies,
                 capacity,
-                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
-                replica: self.replica.unwrap_or_else(random_replica_id).into(),
+                clock: self
+                    .clock
+                    .or_else(|| previous.map(|p| Arc::clone(&p.clock)))
+                    .unwrap_or_else(|| Arc::new(SystemClock::new())),
+                replica: match (self.replica, previous) {
+                    (Some(r), _) => r.into(),
+                    (None, Some(p)) => Arc::clone(&p.replica),
+                    (None, None) => random_replica_id().into(),
+                },
             }),
         })
     }
