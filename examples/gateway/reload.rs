@@ -136,11 +136,18 @@ impl Reloader {
             source: None,
             list: vec![format!("could not start the mock model: {e}")],
         })?;
-        let app = crate::build(&next, &r.store, &r.metrics, &r.clients, mock_url.as_deref())
-            .map_err(|e| Problems {
-                source: None,
-                list: vec![e],
-            })?;
+        let app = crate::build(
+            &next,
+            &r.store,
+            &r.metrics,
+            &r.clients,
+            mock_url.as_deref(),
+            Some(&r.layer),
+        )
+        .map_err(|e| Problems {
+            source: None,
+            list: vec![e],
+        })?;
         let layer = app.layer.clone();
         // Before the new routes serve anything.
         r.mock.configure(&next.mock);
