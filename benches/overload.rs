@@ -1,7 +1,7 @@
 //! Overload: the example gateway in front of its built-in mock saturating like a GPU
 //! (`[mock] capacity`), pro callers at half the mock's capacity, free callers ramping to four
-//! times it (issue 15, item 6). Today's static limits only: the run the adaptive capacity and
-//! priority will be compared with.
+//! times it (issue 15, item 6): two runs of static limits and one of adaptive capacity with
+//! tier priority, side by side.
 //!
 //! ```text
 //! cargo bench --bench overload
@@ -29,6 +29,17 @@
 //! 2. `+ model concurrent = C`: the model's own concurrency limit at the mock's capacity:
 //!    no 503 from the mock, but the gateway answers 429 to whoever finds the model full,
 //!    pro as well as free.
+//!
+//! And the gated run, with the same tier limits:
+//! 3. `adaptive + priority`: `[models.mock-gpt.capacity]` from `min = 1` to `max = 2C` (the
+//!    most the mock takes before its 503s; the controller starts there and moves with the
+//!    mock's answers), `latency_target_ms = 100` (the mock's first byte, an empty role
+//!    chunk, comes at once whatever its load: a target on the time to first byte catches
+//!    only stalls, and without one the tolerance would judge sub-millisecond jitter),
+//!    `saturation = 0.5`; pro has `priority = 2`, `capacity_share = 0.5` and
+//!    `max_wait_ms = 2000`, free nothing (shed first past the threshold). The gate: pro's
+//!    success rate at least 99.9% in this run. After it, the gateway's capacity metrics
+//!    (current limit, the controller's changes, requests shed by tier) are printed.
 //!
 //! Printed for each run: per phase and tier, of the requests sent in the phase: sent,
 //! successes, 429s (the gateway), 503s of the mock (passed through: the body's error code is
@@ -198,26 +209,36 @@ struct Sample {
     tokens: Received,
 }
 
-/// The static limits of a run.
-#[derive(Debug, Clone, Copy)]
+/// The limits of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     TierLimits,
     ModelConcurrency,
+    Adaptive,
 }
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
-            Variant::TierLimits => "tier limits",
-            Variant::ModelConcurrency => "+ model concurrent = C",
+            Variant::TierLimits => "static limits: tier limits",
+            Variant::ModelConcurrency => "static limits: + model concurrent = C",
+            Variant::Adaptive => "adaptive capacity + priority",
         }
     }
 }
 
 fn config(setup: &Setup, variant: Variant) -> String {
-    let model_limit = match variant {
-        Variant::TierLimits => String::new(),
-        Variant::ModelConcurrency => format!("concurrent = {}", setup.capacity),
+    let (model_limit, pro_priority) = match variant {
+        Variant::TierLimits => (String::new(), ""),
+        Variant::ModelConcurrency => (format!("concurrent = {}", setup.capacity), ""),
+        Variant::Adaptive => (
+            format!(
+                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nlatency_target_ms = 100\n\
+                 saturation = 0.5",
+                2 * setup.capacity
+            ),
+            "priority = 2\ncapacity_share = 0.5\nmax_wait_ms = 2000",
+        ),
     };
     let mut keys = String::new();
     for i in 0..PRO_KEYS {
@@ -252,6 +273,7 @@ concurrent = 8
 [tiers.pro]
 rpm = 6000
 concurrent = 64
+{pro_priority}
 [keys]
 {keys}"#,
         delay = setup.token_delay_ms,
@@ -501,7 +523,7 @@ fn rate(part: usize, whole: usize) -> f64 {
 }
 
 fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
-    println!("\n## static limits: {}", variant.name());
+    println!("\n## {}", variant.name());
     println!(
         "{:<9} {:<5} {:>6} {:>8} {:>6} {:>6} {:>6} {:>10} {:>10} {:>10}",
         "phase",
@@ -577,6 +599,33 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
         setup.max_tokens_per_sec(),
     );
     println!("mock: {stats}");
+    if variant == Variant::Adaptive {
+        let gate = rate(pro.ok, pro.sent) >= 99.9;
+        println!(
+            "GATE (pro success >= 99.9% with adaptive capacity + priority): {}",
+            if gate { "pass" } else { "FAIL" }
+        );
+    }
+}
+
+/// The gateway's `gateway_capacity_*` metric lines (`GET /metrics`), but the histograms'.
+async fn capacity_metrics(gw: &Gateway) -> String {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{}/metrics", gw.addr))
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+    else {
+        return String::new();
+    };
+    let Ok(body) = res.into_body().collect().await else {
+        return String::new();
+    };
+    String::from_utf8_lossy(&body.to_bytes())
+        .lines()
+        .filter(|l| l.starts_with("gateway_capacity_") && !l.contains("_bucket{"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn main() {
@@ -608,7 +657,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    for variant in [Variant::TierLimits, Variant::ModelConcurrency] {
+    for variant in [
+        Variant::TierLimits,
+        Variant::ModelConcurrency,
+        Variant::Adaptive,
+    ] {
         let started = start_gateway(&bin, &config(&setup, variant), &[("RUST_LOG", "error")])
             .and_then(|gw| match gw.mock {
                 Some(_) => Ok(gw),
@@ -621,10 +674,13 @@ fn main() {
                 continue;
             }
         };
-        let (samples, stats) = runtime.block_on(async {
+        let (samples, stats, metrics) = runtime.block_on(async {
             let samples = load(setup, &gw).await;
-            (samples, mock_stats(&gw).await)
+            (samples, mock_stats(&gw).await, capacity_metrics(&gw).await)
         });
         report(&setup, variant, &samples, &stats);
+        if variant == Variant::Adaptive {
+            println!("gateway capacity metrics:\n{metrics}");
+        }
     }
 }
