@@ -40,6 +40,7 @@ use tower_llm_ratelimit::{RateLimitLayer, Unit};
 mod capacity;
 
 pub(crate) use self::capacity::{rule_name as capacity_rule_name, CapacityRules};
+use self::capacity::{ModelChangeLabels, ModelOutcomeLabels, ModelTierLabels};
 
 tokio::task_local! {
     /// The request being decided: set by the auth check around the limiter, read by the
@@ -179,6 +180,13 @@ pub(crate) struct Metrics {
     responses: Family<EndpointStatusLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
     last_reload: Gauge,
+    capacity_limit: Family<ModelLabel, Gauge>,
+    capacity_in_flight: Family<ModelLabel, Gauge>,
+    capacity_queue_length: Family<ModelLabel, Gauge>,
+    capacity_queue_wait: HistogramFamily<ModelOutcomeLabels>,
+    capacity_shed: Family<ModelTierLabels, Counter>,
+    capacity_changes: Family<ModelChangeLabels, Counter>,
+    /// The same families (clones), and what the observer and the scrape do with them.
     capacity: capacity::CapacityMetrics,
 }
 
@@ -190,11 +198,16 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("gateway");
-        let capacity = capacity::CapacityMetrics::new(&mut registry);
+        let capacity = capacity::CapacityMetrics::new();
         let m = Self {
+            capacity_limit: capacity.limit.clone(),
+            capacity_in_flight: capacity.in_flight.clone(),
+            capacity_queue_length: capacity.queue.clone(),
+            capacity_queue_wait: capacity.queue_wait.clone(),
+            capacity_shed: capacity.shed.clone(),
+            capacity_changes: capacity.changes.clone(),
             capacity,
-            registry: Mutex::new(registry),
+            registry: Mutex::new(Registry::with_prefix("gateway")),
             admitted: Family::default(),
             denied: Family::default(),
             rejected: Family::default(),
@@ -270,6 +283,39 @@ impl Metrics {
                 "When the running configuration was loaded (start or last successful reload), \
                  Unix time",
                 m.last_reload.clone(),
+            );
+            r.register(
+                "capacity_limit",
+                "The current limit of requests in flight to a model with an adaptive capacity",
+                m.capacity_limit.clone(),
+            );
+            r.register(
+                "capacity_in_flight",
+                "Requests in flight under a model's adaptive capacity (admitted, not yet ended)",
+                m.capacity_in_flight.clone(),
+            );
+            r.register(
+                "capacity_queue_length",
+                "Requests waiting for a slot of a model's capacity, as the last wait to end \
+                 left the queue",
+                m.capacity_queue_length.clone(),
+            );
+            r.register(
+                "capacity_queue_wait_seconds",
+                "Time requests waited in a model's capacity queue, by how the wait ended \
+                 (admitted, timed_out, full, left)",
+                m.capacity_queue_wait.clone(),
+            );
+            r.register(
+                "capacity_shed",
+                "Requests refused (429) by a model's capacity, by tier",
+                m.capacity_shed.clone(),
+            );
+            r.register(
+                "capacity_changes",
+                "Changes of a model's capacity by its controller, by cause (overload, latency, \
+                 growth)",
+                m.capacity_changes.clone(),
             );
             // Both results show from the start (at 0), so a rate or an alert on failures
             // has a series before the first one.

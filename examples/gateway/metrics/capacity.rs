@@ -10,32 +10,28 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
 use tower_llm_ratelimit::key::Key;
 use tower_llm_ratelimit::observe::{
     CapacityEvent, Change, DecisionEvent, Outcome, QueueEvent, QueueOutcome, SettleEvent,
 };
 use tower_llm_ratelimit::RateLimitLayer;
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabel {
-    model: String,
-}
+use super::{HistogramFamily, ModelLabel};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelTierLabels {
+pub(super) struct ModelTierLabels {
     model: String,
     tier: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelOutcomeLabels {
+pub(super) struct ModelOutcomeLabels {
     model: String,
     outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelChangeLabels {
+pub(super) struct ModelChangeLabels {
     model: String,
     change: &'static str,
 }
@@ -53,20 +49,22 @@ pub(crate) fn rule_name(model: &str) -> String {
     format!("model-capacity:{model}")
 }
 
+/// The families (registered by `Metrics::new`, which holds clones of them) and the layer
+/// the limits are read from.
 pub(super) struct CapacityMetrics {
-    limit: Family<ModelLabel, Gauge>,
-    in_flight: Family<ModelLabel, Gauge>,
-    queue: Family<ModelLabel, Gauge>,
-    queue_wait: Family<ModelOutcomeLabels, Histogram, fn() -> Histogram>,
-    shed: Family<ModelTierLabels, Counter>,
-    changes: Family<ModelChangeLabels, Counter>,
+    pub(super) limit: Family<ModelLabel, Gauge>,
+    pub(super) in_flight: Family<ModelLabel, Gauge>,
+    pub(super) queue: Family<ModelLabel, Gauge>,
+    pub(super) queue_wait: HistogramFamily<ModelOutcomeLabels>,
+    pub(super) shed: Family<ModelTierLabels, Counter>,
+    pub(super) changes: Family<ModelChangeLabels, Counter>,
     /// The running layer and its capacity rules, read at each scrape.
     watched: Mutex<Option<(RateLimitLayer, CapacityRules)>>,
 }
 
 impl CapacityMetrics {
-    pub(super) fn new(r: &mut Registry) -> Self {
-        let m = Self {
+    pub(super) fn new() -> Self {
+        Self {
             limit: Family::default(),
             in_flight: Family::default(),
             queue: Family::default(),
@@ -74,40 +72,7 @@ impl CapacityMetrics {
             shed: Family::default(),
             changes: Family::default(),
             watched: Mutex::new(None),
-        };
-        r.register(
-            "capacity_limit",
-            "The current limit of requests in flight to a model with an adaptive capacity",
-            m.limit.clone(),
-        );
-        r.register(
-            "capacity_in_flight",
-            "Requests in flight under a model's adaptive capacity (admitted, not yet ended)",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "capacity_queue_length",
-            "Requests waiting for a slot of a model's capacity, as the last wait to end left it",
-            m.queue.clone(),
-        );
-        r.register(
-            "capacity_queue_wait_seconds",
-            "Time requests waited in a model's capacity queue, by how the wait ended \
-             (admitted, timed_out, full, left)",
-            m.queue_wait.clone(),
-        );
-        r.register(
-            "capacity_shed",
-            "Requests refused (429) by a model's capacity, by tier",
-            m.shed.clone(),
-        );
-        r.register(
-            "capacity_changes",
-            "Changes of a model's capacity by its controller, by cause (overload, latency, \
-             growth)",
-            m.changes.clone(),
-        );
-        m
+        }
     }
 
     /// The layer the gauge of current limits reads from now on.
