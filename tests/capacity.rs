@@ -238,6 +238,39 @@ fn a_capacity_is_checked_at_build() {
 }
 
 #[tokio::test]
+async fn a_request_that_two_capacities_with_tiers_charge_is_sorted_by_the_first_only() {
+    let clock = ManualClock::new();
+    // Rule `a` (first) sorts by tier at no threshold below its capacity; rule `b`, were it to
+    // sort, would refuse a caller without a reserve past 1 in flight.
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::fixed(4).tier("pro", Priority::new(1).reserve(0.5)),
+        ))
+        .rule(
+            Rule::new("b", key::global(), Quota::concurrent(4)).capacity(
+                Capacity::fixed(4)
+                    .saturation(0.25)
+                    .tier("pro", Priority::new(1).reserve(0.25)),
+            ),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(clock.clone()));
+    // `b` charges at its capacity: 4 in flight, then a refusal.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn a_rebuilt_layer_continues_the_learned_limit_of_an_unchanged_capacity() {
     let clock = ManualClock::new();
     let cap = || Capacity::adaptive(2, 8).latency_target(Duration::from_millis(100));

@@ -351,3 +351,128 @@ fn each_bad_capacity_field_is_named() {
         }
     }
 }
+
+/// `[models.m.capacity]` with `max`, over a mock with a single place and no queue: a second
+/// completion at once is answered 503, an overload for the controller, judged every 1 ms.
+fn reload_config(max: u64, free_rpm: u64) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+
+[limiter]
+shutdown_grace_secs = 1
+
+[mock]
+token_delay_ms = {FOREVER_MS}
+capacity = 1
+queue = 0
+
+[models.m]
+upstream = "mock"
+
+[models.m.capacity]
+min = 1
+max = {max}
+interval_ms = 1
+latency_target_ms = 600_000
+
+[tiers.free]
+rpm = {free_rpm}
+
+[keys]
+free-key = {{ user = "alice", tier = "free" }}
+"#
+    )
+}
+
+/// `gateway_config_reloads_total{result="ok"}`.
+async fn reloads_ok(c: &HttpClient, gw: &Gateway) -> Option<f64> {
+    metric(c, gw, "gateway_config_reloads_total{result=\"ok\"}").await
+}
+
+/// Rewrites the file, sends SIGHUP, waits (bounded) until the reload is counted.
+async fn reload(c: &HttpClient, gw: &Gateway, file: &TempConfig, text: &str) {
+    let before = reloads_ok(c, gw).await;
+    std::fs::write(file.path(), text).expect("rewriting the config");
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -HUP failed");
+    let deadline = Instant::now() + support::WAIT;
+    while reloads_ok(c, gw).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "no reload counted; stderr:\n{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The model's current capacity, from `/v1/ratelimit`.
+async fn current_capacity(c: &HttpClient, gw: &Gateway) -> Value {
+    let a = call(
+        c,
+        "GET",
+        &gw.url("/v1/ratelimit?model=m"),
+        Some("free-key"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let rules = a.json()["rules"].clone();
+    rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "model-capacity:m")
+        .unwrap_or_else(|| panic!("no capacity rule in {rules}"))["capacity"]["current"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_learned_capacity_unless_the_capacity_changed() {
+    let cfg = TempConfig::new(&reload_config(8, 100_000));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    assert_eq!(current_capacity(&c, &gw).await, 8);
+
+    // The mock's one place taken; then completions answered 503 until the controller cuts.
+    let held = open_streams(&c, &gw, "free-key", 1).await;
+    assert_eq!(held[0].status(), StatusCode::OK);
+    let overloads = "gateway_capacity_changes_total{model=\"m\",change=\"overload\"}";
+    let deadline = Instant::now() + support::WAIT;
+    while metric(&c, &gw, overloads).await.is_none() {
+        let (status, _, body) = refusal(open_streams(&c, &gw, "free-key", 1).await.remove(0)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "no overload cut; {}",
+            gw.stderr()
+        );
+    }
+    let learned = current_capacity(&c, &gw).await;
+    let learned = learned.as_u64().unwrap_or_else(|| panic!("{learned}"));
+    assert!((1..8).contains(&learned), "{learned}");
+    assert_eq!(
+        metric(&c, &gw, "gateway_capacity_limit{model=\"m\"}").await,
+        Some(learned as f64)
+    );
+
+    // A reload that leaves the capacity alone keeps what was learned.
+    reload(&c, &gw, &cfg, &reload_config(8, 99_999)).await;
+    assert_eq!(current_capacity(&c, &gw).await, learned);
+    assert_eq!(
+        metric(&c, &gw, "gateway_capacity_limit{model=\"m\"}").await,
+        Some(learned as f64)
+    );
+    // One that changes it starts afresh, at the new max.
+    reload(&c, &gw, &cfg, &reload_config(7, 99_999)).await;
+    assert_eq!(current_capacity(&c, &gw).await, 7);
+    assert_eq!(
+        metric(&c, &gw, "gateway_capacity_limit{model=\"m\"}").await,
+        Some(7.0)
+    );
+    drop(held);
+}
