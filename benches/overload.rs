@@ -55,6 +55,7 @@
 //!
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
+//! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C),
 //! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
 //! lines on stderr are printed if it doesn't start). The client runs on a
 //! 2-worker tokio runtime in this process; on a small machine it shares the cores with the
@@ -101,6 +102,8 @@ struct Setup {
     baseline: Duration,
     ramp: Duration,
     hold: Duration,
+    /// The adaptive run's `max`.
+    capacity_max: u64,
 }
 
 impl Setup {
@@ -111,7 +114,14 @@ impl Setup {
             baseline: Duration::from_secs(env_u64("OVERLOAD_BASELINE_SECS", 10)),
             ramp: Duration::from_secs(env_u64("OVERLOAD_RAMP_SECS", 20)),
             hold: Duration::from_secs(env_u64("OVERLOAD_HOLD_SECS", 10)),
+            capacity_max: 0,
         }
+        .with_capacity_max()
+    }
+
+    fn with_capacity_max(mut self) -> Self {
+        self.capacity_max = env_u64("OVERLOAD_CAPACITY_MAX", 2 * self.capacity).max(1);
+        self
     }
 
     /// Completions per second the mock finishes at full speed.
@@ -235,7 +245,7 @@ fn config(setup: &Setup, variant: Variant) -> String {
             format!(
                 "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nlatency_target_ms = 100\n\
                  saturation = 0.5",
-                2 * setup.capacity
+                setup.capacity_max
             ),
             "priority = 2\ncapacity_share = 0.5\nmax_wait_ms = 2000",
         ),
@@ -523,7 +533,14 @@ fn rate(part: usize, whole: usize) -> f64 {
 }
 
 fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
-    println!("\n## {}", variant.name());
+    match variant {
+        Variant::Adaptive => println!(
+            "\n## {} (max = {}, saturation 0.5, pro share 0.5)",
+            variant.name(),
+            setup.capacity_max
+        ),
+        _ => println!("\n## {}", variant.name()),
+    }
     println!(
         "{:<9} {:<5} {:>6} {:>8} {:>6} {:>6} {:>6} {:>10} {:>10} {:>10}",
         "phase",
