@@ -20,8 +20,8 @@
 //! concurrent), in three phases: `baseline` (pro alone: its unloaded time to first token),
 //! `ramp` (free 0 -> 4x), `hold` (free at 4x). Each request is a streamed chat completion read
 //! to its end; a success is a 200 whose stream ends with `[DONE]`. Time to first token: from
-//! sending the request to the first event with content (the mock sends an empty role chunk
-//! first, at once).
+//! sending the request to the first event with content (the mock's empty role chunk comes
+//! with it).
 //!
 //! Two runs of static limits, each in a fresh gateway:
 //! 1. `tier limits`: per-user limits only (free: 600 rpm, 8 concurrent; pro: 6000 rpm, 64
@@ -33,10 +33,9 @@
 //! And the gated run, with the same tier limits:
 //! 3. `adaptive + priority`: `[models.mock-gpt.capacity]` from `min = 1` to `max = 2C` (the
 //!    most the mock takes before its 503s; the controller starts there and moves with the
-//!    mock's answers), `latency_target_ms = 100` (the mock's first byte, an empty role
-//!    chunk, comes at once whatever its load: a target on the time to first byte catches
-//!    only stalls, and without one the tolerance would judge sub-millisecond jitter),
-//!    `saturation = 0.5`; pro has `priority = 2`, `capacity_share = 0.5` and
+//!    mock's answers: its 503s, and its time to first byte, which is its time to first
+//!    token), the controller's other settings the gateway's defaults (no latency target:
+//!    1.5 x the lowest time to first byte seen), `saturation = 0.5`; pro has `priority = 2`, `capacity_share = 0.5` and
 //!    `max_wait_ms = 2000`, free nothing (shed first past the threshold). The gate: pro's
 //!    success rate at least 99.9% in this run. After it, the gateway's capacity metrics
 //!    (current limit, the controller's changes, requests shed by tier) are printed.
@@ -243,8 +242,7 @@ fn config(setup: &Setup, variant: Variant) -> String {
         Variant::ModelConcurrency => (format!("concurrent = {}", setup.capacity), ""),
         Variant::Adaptive => (
             format!(
-                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nlatency_target_ms = 100\n\
-                 saturation = 0.5",
+                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nsaturation = 0.5",
                 setup.capacity_max
             ),
             "priority = 2\ncapacity_share = 0.5\nmax_wait_ms = 2000",
