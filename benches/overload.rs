@@ -1,7 +1,7 @@
 //! Overload: the example gateway in front of its built-in mock saturating like a GPU
 //! (`[mock] capacity`), pro callers at half the mock's capacity, free callers ramping to four
-//! times it (issue 15, item 6). Today's static limits only: the run the adaptive capacity and
-//! priority will be compared with.
+//! times it (issue 15, item 6): two runs of static limits and one of adaptive capacity with
+//! tier priority, side by side.
 //!
 //! ```text
 //! cargo bench --bench overload
@@ -20,8 +20,8 @@
 //! concurrent), in three phases: `baseline` (pro alone: its unloaded time to first token),
 //! `ramp` (free 0 -> 4x), `hold` (free at 4x). Each request is a streamed chat completion read
 //! to its end; a success is a 200 whose stream ends with `[DONE]`. Time to first token: from
-//! sending the request to the first event with content (the mock sends an empty role chunk
-//! first, at once).
+//! sending the request to the first event with content (the mock's empty role chunk comes
+//! with it).
 //!
 //! Two runs of static limits, each in a fresh gateway:
 //! 1. `tier limits`: per-user limits only (free: 600 rpm, 8 concurrent; pro: 6000 rpm, 64
@@ -29,6 +29,16 @@
 //! 2. `+ model concurrent = C`: the model's own concurrency limit at the mock's capacity:
 //!    no 503 from the mock, but the gateway answers 429 to whoever finds the model full,
 //!    pro as well as free.
+//!
+//! And the gated run, with the same tier limits:
+//! 3. `adaptive + priority`: `[models.mock-gpt.capacity]` from `min = 1` to `max = 2C` (the
+//!    most the mock takes before its 503s; the controller starts there and moves with the
+//!    mock's answers: its 503s, and its time to first byte, which is its time to first
+//!    token), the controller's other settings the gateway's defaults (no latency target:
+//!    1.5 x the lowest time to first byte seen), `saturation = 0.5`; pro has `priority = 2`, `capacity_share = 0.5` and
+//!    `max_wait_ms = 2000`, free nothing (shed first past the threshold). The gate: pro's
+//!    success rate at least 99.9% in this run. After it, the gateway's capacity metrics
+//!    (current limit, the controller's changes, requests shed by tier) are printed.
 //!
 //! Printed for each run: per phase and tier, of the requests sent in the phase: sent,
 //! successes, 429s (the gateway), 503s of the mock (passed through: the body's error code is
@@ -44,6 +54,7 @@
 //!
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
+//! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C),
 //! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
 //! lines on stderr are printed if it doesn't start). The client runs on a
 //! 2-worker tokio runtime in this process; on a small machine it shares the cores with the
@@ -90,6 +101,8 @@ struct Setup {
     baseline: Duration,
     ramp: Duration,
     hold: Duration,
+    /// The adaptive run's `max`.
+    capacity_max: u64,
 }
 
 impl Setup {
@@ -100,7 +113,14 @@ impl Setup {
             baseline: Duration::from_secs(env_u64("OVERLOAD_BASELINE_SECS", 10)),
             ramp: Duration::from_secs(env_u64("OVERLOAD_RAMP_SECS", 20)),
             hold: Duration::from_secs(env_u64("OVERLOAD_HOLD_SECS", 10)),
+            capacity_max: 0,
         }
+        .with_capacity_max()
+    }
+
+    fn with_capacity_max(mut self) -> Self {
+        self.capacity_max = env_u64("OVERLOAD_CAPACITY_MAX", 2 * self.capacity).max(1);
+        self
     }
 
     /// Completions per second the mock finishes at full speed.
@@ -198,26 +218,35 @@ struct Sample {
     tokens: Received,
 }
 
-/// The static limits of a run.
-#[derive(Debug, Clone, Copy)]
+/// The limits of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     TierLimits,
     ModelConcurrency,
+    Adaptive,
 }
 
 impl Variant {
     fn name(self) -> &'static str {
         match self {
-            Variant::TierLimits => "tier limits",
-            Variant::ModelConcurrency => "+ model concurrent = C",
+            Variant::TierLimits => "static limits: tier limits",
+            Variant::ModelConcurrency => "static limits: + model concurrent = C",
+            Variant::Adaptive => "adaptive capacity + priority",
         }
     }
 }
 
 fn config(setup: &Setup, variant: Variant) -> String {
-    let model_limit = match variant {
-        Variant::TierLimits => String::new(),
-        Variant::ModelConcurrency => format!("concurrent = {}", setup.capacity),
+    let (model_limit, pro_priority) = match variant {
+        Variant::TierLimits => (String::new(), ""),
+        Variant::ModelConcurrency => (format!("concurrent = {}", setup.capacity), ""),
+        Variant::Adaptive => (
+            format!(
+                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nsaturation = 0.5",
+                setup.capacity_max
+            ),
+            "priority = 2\ncapacity_share = 0.5\nmax_wait_ms = 2000",
+        ),
     };
     let mut keys = String::new();
     for i in 0..PRO_KEYS {
@@ -252,6 +281,7 @@ concurrent = 8
 [tiers.pro]
 rpm = 6000
 concurrent = 64
+{pro_priority}
 [keys]
 {keys}"#,
         delay = setup.token_delay_ms,
@@ -501,7 +531,14 @@ fn rate(part: usize, whole: usize) -> f64 {
 }
 
 fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
-    println!("\n## static limits: {}", variant.name());
+    match variant {
+        Variant::Adaptive => println!(
+            "\n## {} (max = {}, saturation 0.5, pro share 0.5)",
+            variant.name(),
+            setup.capacity_max
+        ),
+        _ => println!("\n## {}", variant.name()),
+    }
     println!(
         "{:<9} {:<5} {:>6} {:>8} {:>6} {:>6} {:>6} {:>10} {:>10} {:>10}",
         "phase",
@@ -577,6 +614,33 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
         setup.max_tokens_per_sec(),
     );
     println!("mock: {stats}");
+    if variant == Variant::Adaptive {
+        let gate = rate(pro.ok, pro.sent) >= 99.9;
+        println!(
+            "GATE (pro success >= 99.9% with adaptive capacity + priority): {}",
+            if gate { "pass" } else { "FAIL" }
+        );
+    }
+}
+
+/// The gateway's `gateway_capacity_*` metric lines (`GET /metrics`), but the histograms'.
+async fn capacity_metrics(gw: &Gateway) -> String {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{}/metrics", gw.addr))
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    let Ok(Ok(res)) = tokio::time::timeout(Duration::from_secs(5), client.request(req)).await
+    else {
+        return String::new();
+    };
+    let Ok(body) = res.into_body().collect().await else {
+        return String::new();
+    };
+    String::from_utf8_lossy(&body.to_bytes())
+        .lines()
+        .filter(|l| l.starts_with("gateway_capacity_") && !l.contains("_bucket{"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn main() {
@@ -608,7 +672,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    for variant in [Variant::TierLimits, Variant::ModelConcurrency] {
+    for variant in [
+        Variant::TierLimits,
+        Variant::ModelConcurrency,
+        Variant::Adaptive,
+    ] {
         let started = start_gateway(&bin, &config(&setup, variant), &[("RUST_LOG", "error")])
             .and_then(|gw| match gw.mock {
                 Some(_) => Ok(gw),
@@ -621,10 +689,13 @@ fn main() {
                 continue;
             }
         };
-        let (samples, stats) = runtime.block_on(async {
+        let (samples, stats, metrics) = runtime.block_on(async {
             let samples = load(setup, &gw).await;
-            (samples, mock_stats(&gw).await)
+            (samples, mock_stats(&gw).await, capacity_metrics(&gw).await)
         });
         report(&setup, variant, &samples, &stats);
+        if variant == Variant::Adaptive {
+            println!("gateway capacity metrics:\n{metrics}");
+        }
     }
 }

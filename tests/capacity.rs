@@ -228,13 +228,101 @@ fn a_capacity_is_checked_at_build() {
         err.to_string(),
         "capacity of rule `model-slots`: max 16 is above the rule's quota limit 8"
     );
+    // One capacity with tiers per model: several rules may have them.
     let tiered = || Capacity::fixed(4).tier("pro", Priority::new(1).reserve(0.5));
-    let err = RateLimitLayer::builder()
+    RateLimitLayer::builder()
         .rule(rule(tiered()))
         .rule(Rule::new("other", key::global(), Quota::concurrent(4)).capacity(tiered()))
         .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("only one rule"), "{err}");
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_request_that_two_capacities_with_tiers_charge_is_sorted_by_the_first_only() {
+    let clock = ManualClock::new();
+    // Rule `a` (first) sorts by tier at no threshold below its capacity; rule `b`, were it to
+    // sort, would refuse a caller without a reserve past 1 in flight.
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::fixed(4).tier("pro", Priority::new(1).reserve(0.5)),
+        ))
+        .rule(
+            Rule::new("b", key::global(), Quota::concurrent(4)).capacity(
+                Capacity::fixed(4)
+                    .saturation(0.25)
+                    .tier("pro", Priority::new(1).reserve(0.25)),
+            ),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(clock.clone()));
+    // `b` charges at its capacity: 4 in flight, then a refusal.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let res = svc.clone().oneshot(request(200, 10)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn a_rebuilt_layer_continues_the_learned_limit_of_an_unchanged_capacity() {
+    let clock = ManualClock::new();
+    let cap = || Capacity::adaptive(2, 8).latency_target(Duration::from_millis(100));
+    let store = tower_llm_ratelimit::store::MemoryStore::new();
+    let old = RateLimitLayer::builder()
+        .rule(rule(cap()))
+        .store(store.clone())
+        .clock(clock.clone())
+        .replica_id("r1")
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(old.clone())
+        .service(upstream(clock.clone()));
+    svc.clone().oneshot(request(503, 10)).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    svc.clone().oneshot(request(503, 10)).await.unwrap();
+    assert_eq!(limit_in_status(&old).await, (6, "m@r1".to_owned()));
+    // A slot held across the rebuild.
+    let held = svc.clone().oneshot(request(200, 10)).await.unwrap();
+
+    // Same controller settings, other tiers: the learned 6, the replica id and the slot
+    // held carry over (five more fill the 6).
+    let new = RateLimitLayer::builder()
+        .rule(rule(cap().tier("pro", Priority::new(1).reserve(0.5))))
+        .store(store)
+        .continue_capacity_of(&old)
+        .build()
+        .unwrap();
+    assert_eq!(limit_in_status(&new).await, (6, "m@r1".to_owned()));
+    let svc2 = tower::ServiceBuilder::new()
+        .layer(new.clone())
+        .service(upstream(clock.clone()));
+    let mut more = Vec::new();
+    for _ in 0..5 {
+        let res = svc2.clone().oneshot(request(200, 10)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        more.push(res);
+    }
+    let res = svc2.clone().oneshot(request(200, 10)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop((held, more));
+
+    // A changed max starts afresh, at its initial limit.
+    let changed = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(2, 7).latency_target(Duration::from_millis(100)),
+        ))
+        .continue_capacity_of(&new)
+        .build()
+        .unwrap();
+    assert_eq!(limit_in_status(&changed).await, (7, "m@r1".to_owned()));
 }
 
 #[cfg(feature = "redis")]

@@ -52,6 +52,11 @@ mod https;
 #[path = "gateway/saturation.rs"]
 mod saturation;
 
+// A model's adaptive capacity and the tiers' priority: a free flood shed by the gateway
+// while pro keeps its share, the saturating mock never overloaded.
+#[path = "gateway/capacity.rs"]
+mod capacity;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

@@ -235,6 +235,8 @@ pub(crate) struct ModelConfig {
     pub(crate) input_price: f64,
     #[serde(default = "one")]
     pub(crate) output_price: f64,
+    /// `[models.NAME.capacity]`: a concurrency limit that follows the upstream.
+    pub(crate) capacity: Option<crate::capacity::CapacityConfig>,
 }
 
 fn default_timeout_secs() -> u64 {
@@ -264,6 +266,12 @@ pub(crate) struct TierConfig {
     pub(crate) monthly_cost: Option<u64>,
     /// Input + output tokens per UTC calendar month, reset on the 1st.
     pub(crate) monthly_tokens: Option<u64>,
+    /// Under a saturated model capacity: the priority in its queue (higher first)...
+    pub(crate) priority: Option<u8>,
+    /// ...the share of the capacity reserved for the tier...
+    pub(crate) capacity_share: Option<f64>,
+    /// ...and how long a caller may wait for a slot.
+    pub(crate) max_wait_ms: Option<u64>,
 }
 
 impl TierConfig {
@@ -279,6 +287,9 @@ impl TierConfig {
             daily_cost,
             monthly_cost,
             monthly_tokens,
+            priority: _,
+            capacity_share: _,
+            max_wait_ms: _,
         } = *self;
         [
             ("rpm", rpm),
@@ -303,6 +314,9 @@ impl TierConfig {
             daily_cost,
             monthly_cost,
             monthly_tokens,
+            priority: _,
+            capacity_share: _,
+            max_wait_ms: _,
         } = *overrides;
         TierConfig {
             rpm: rpm.or(self.rpm),
@@ -313,6 +327,9 @@ impl TierConfig {
             daily_cost: daily_cost.or(self.daily_cost),
             monthly_cost: monthly_cost.or(self.monthly_cost),
             monthly_tokens: monthly_tokens.or(self.monthly_tokens),
+            priority: self.priority,
+            capacity_share: self.capacity_share,
+            max_wait_ms: self.max_wait_ms,
         }
     }
 }
@@ -346,6 +363,7 @@ impl KeyConfig {
             daily_cost: self.daily_cost,
             monthly_cost: self.monthly_cost,
             monthly_tokens: self.monthly_tokens,
+            ..TierConfig::default()
         }
     }
 
@@ -748,6 +766,7 @@ impl Config {
         }
 
         self.check_overrides(&mut err);
+        crate::capacity::problems(self, &mut err);
 
         errors
     }

@@ -1,7 +1,8 @@
 //! From the configuration to a `RateLimitLayer`: the API keys, one rule per kind of per-user
 //! limit (with a quota per tier, and per user whose keys override their tier's limits), one
 //! rule per per-model limit, the OpenAI token estimator, prices for the spend budgets, and
-//! the store. Budgets (`daily_cost`, `monthly_cost`, `monthly_tokens`) are calendar windows:
+//! the store; and per model with a `[models.NAME.capacity]`, a concurrency rule whose limit
+//! follows the upstream, with the tiers' priorities (`capacity.rs`). Budgets (`daily_cost`, `monthly_cost`, `monthly_tokens`) are calendar windows:
 //! exact counts per UTC day or month, reset at midnight UTC or on the 1st.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -162,6 +163,19 @@ pub(crate) fn limit_tiers(cfg: &Config) -> BTreeMap<String, config::TierConfig> 
     tiers
 }
 
+/// Each tier the limiter knows (see [`limit_tiers`]) with the configured tier it stems from.
+fn tiers_of_limits(cfg: &Config) -> Vec<(String, &str)> {
+    let mut tiers: Vec<(String, &str)> =
+        cfg.tiers.keys().map(|t| (t.clone(), t.as_str())).collect();
+    for k in cfg.keys.values() {
+        let name = k.limits_tier();
+        if name != k.tier && !tiers.iter().any(|(t, _)| *t == name) {
+            tiers.push((name, k.tier.as_str()));
+        }
+    }
+    tiers
+}
+
 /// A per-user rule's key: the user of the request's API key, for the callers whose tier has
 /// the limit (the others skip the rule: a tier without a limit is not limited).
 fn user_key(callers: &Callers, tiers: HashSet<Arc<str>>) -> impl KeyExtractor {
@@ -265,7 +279,23 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
         }
         rules.push(rule);
     }
+    let tiers_of_limits = tiers_of_limits(cfg);
     for (model, m) in &cfg.models {
+        if let Some(cap) = crate::capacity::of_model(cfg, model, &tiers_of_limits) {
+            let key = ModelKey {
+                model: Key::from(model.as_str()),
+                name: model.clone(),
+            };
+            rules.push(
+                Rule::new(
+                    crate::metrics::capacity_rule_name(model),
+                    key,
+                    Quota::concurrent(cap.max()),
+                )
+                .on_missing_key(MissingKey::Skip)
+                .capacity(cap),
+            );
+        }
         for (name, _, model_limit, quota) in &kinds {
             let Some(n) = model_limit(m) else { continue };
             let key = ModelKey {
@@ -281,6 +311,18 @@ pub(crate) fn rules(cfg: &Config, callers: &Callers) -> Vec<Rule> {
     rules
 }
 
+/// The models' capacity rules (of the models whose `[models.NAME.capacity]` is enabled):
+/// rule name -> model.
+pub(crate) fn capacity_rules(cfg: &Config) -> crate::metrics::CapacityRules {
+    Arc::new(
+        cfg.models
+            .iter()
+            .filter(|(_, m)| m.capacity.as_ref().is_some_and(|c| c.enabled))
+            .map(|(model, _)| (crate::metrics::capacity_rule_name(model), model.clone()))
+            .collect(),
+    )
+}
+
 /// The most buckets one request charges at once: the rules of the tier that has the most
 /// (a user's overrides count as a tier) plus those of the model that has the most.
 pub(crate) fn most_buckets_per_request(cfg: &Config, callers: &Callers) -> usize {
@@ -293,7 +335,10 @@ pub(crate) fn most_buckets_per_request(cfg: &Config, callers: &Callers) -> usize
     let rules = rules(cfg, callers);
     for rule in &rules {
         if let Some(model) = rule_model(rule.name()) {
-            *per_model.entry(model).or_default() += 1;
+            // A capacity with tiers charges the tier's own bucket too.
+            let tiered = rule.capacity_config().is_some()
+                && cfg.tiers.values().any(crate::capacity::has_priority);
+            *per_model.entry(model).or_default() += 1 + usize::from(tiered);
         }
     }
     per_tier + per_model.values().copied().max().unwrap_or(0)
@@ -310,7 +355,7 @@ fn metrics_observer(cfg: &Config, metrics: &Arc<Metrics>) -> crate::metrics::Met
         .map(|k| (k.limits_tier(), k.tier.clone()))
         .filter(|(limits, tier)| limits != tier)
         .collect();
-    Metrics::observer(metrics, configured)
+    Metrics::observer(metrics, configured, capacity_rules(cfg))
 }
 
 /// `name` as a `&'static str` (the layer's builder takes one for the idempotency header):
@@ -332,11 +377,16 @@ fn static_name(name: &str) -> &'static str {
 /// A bucket is the rule's name and the key (`BucketKey`): a layer rebuilt from a reloaded
 /// configuration on the same store finds the counts of the rules it keeps, with their new
 /// limits applied to them.
+///
+/// `previous`, the layer this one replaces (a reload): the models' capacities whose
+/// controller settings are unchanged keep the limits they learned, and the layer keeps its
+/// replica id and clock (`continue_capacity_of`).
 pub(crate) fn layer(
     cfg: &Config,
     callers: &Callers,
     store: &Store,
     metrics: &Arc<Metrics>,
+    previous: Option<&RateLimitLayer>,
 ) -> Result<RateLimitLayer, BuildError> {
     let l = &cfg.limiter;
     let mut estimator = cost::openai().default_output_tokens(l.default_output_tokens);
@@ -383,6 +433,9 @@ pub(crate) fn layer(
         .observer(metrics_observer(cfg, metrics));
     if let Some(h) = &l.idempotency_header {
         builder = builder.idempotency_header(static_name(h));
+    }
+    if let Some(p) = previous {
+        builder = builder.continue_capacity_of(p);
     }
     builder = match store {
         Store::Memory(s) => builder.store(s.clone()),

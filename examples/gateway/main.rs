@@ -48,6 +48,7 @@
 //! configuration (the message names the field), 1 when the gateway can't start (port taken,
 //! Redis unreachable).
 
+mod capacity;
 mod cli;
 mod config;
 mod forward;
@@ -132,7 +133,13 @@ fn main() -> ExitCode {
 /// store (nothing is connected to).
 pub(crate) fn rule_problems(cfg: &Config) -> Option<String> {
     let callers = limits::callers(cfg);
-    match limits::layer(cfg, &callers, &limits::Store::memory(cfg), &Metrics::new()) {
+    match limits::layer(
+        cfg,
+        &callers,
+        &limits::Store::memory(cfg),
+        &Metrics::new(),
+        None,
+    ) {
         Err(e) => Some(format!("rate-limit rules: {e}")),
         Ok(_) => max_keys_problem(cfg),
     }
@@ -174,11 +181,13 @@ pub(crate) fn build(
     metrics: &Arc<Metrics>,
     clients: &upstream::Clients,
     mock_url: Option<&str>,
+    previous: Option<&tower_llm_ratelimit::RateLimitLayer>,
 ) -> Result<Arc<App>, String> {
     let routes = routes(cfg, clients, mock_url)?;
     let callers = limits::callers(cfg);
-    let layer = limits::layer(cfg, &callers, store, metrics)
+    let layer = limits::layer(cfg, &callers, store, metrics, previous)
         .map_err(|e| format!("rate-limit rules: {e}"))?;
+    metrics.watch_capacity(&layer, &limits::capacity_rules(cfg));
     Ok(Arc::new(App::new(
         cfg,
         callers,
@@ -210,8 +219,8 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
         .await
         .map_err(|e| Failure::Runtime(format!("could not start the mock model: {e}")))?;
     let clients = upstream::Clients::new();
-    let app =
-        build(&cfg, &store, &metrics, &clients, mock_url.as_deref()).map_err(Failure::Config)?;
+    let app = build(&cfg, &store, &metrics, &clients, mock_url.as_deref(), None)
+        .map_err(Failure::Config)?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
         .await

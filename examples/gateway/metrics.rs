@@ -15,6 +15,12 @@
 //! | `gateway_config_reloads_total` | result (`ok`, `failed`) | SIGHUP: each reload of the configuration file (`reload.rs`) |
 //! | `gateway_config_last_reload_success_timestamp_seconds` | | when the running configuration was loaded (at start, then at each successful reload), Unix time |
 //! | `gateway_store_redis_*` | | `RedisStore::stats()` at each scrape (feature `redis`) |
+//! | `gateway_capacity_limit` | model | a model's adaptive capacity (`[models.NAME.capacity]`): its current limit, read from the running layer at each scrape |
+//! | `gateway_capacity_in_flight` | model | the observer: requests admitted under the capacity and not yet ended |
+//! | `gateway_capacity_queue_length` | model | the observer: requests waiting for a slot, as the last wait to end left the queue |
+//! | `gateway_capacity_queue_wait_seconds` | model, outcome (`admitted`, `timed_out`, `full`, `left`) | the observer: each wait in the queue |
+//! | `gateway_capacity_shed_total` | model, tier | the observer: requests the capacity refused (429) |
+//! | `gateway_capacity_changes_total` | model, change (`overload`, `latency`, `growth`) | the observer: the controller's changes of the limit |
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,8 +32,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tower_llm_ratelimit::observe::{DecisionEvent, Observer, Outcome, SettleEvent, SettleOutcome};
-use tower_llm_ratelimit::Unit;
+use tower_llm_ratelimit::observe::{
+    CapacityEvent, DecisionEvent, Observer, Outcome, QueueEvent, SettleEvent, SettleOutcome,
+};
+use tower_llm_ratelimit::{RateLimitLayer, Unit};
+
+mod capacity;
+
+pub(crate) use self::capacity::{rule_name as capacity_rule_name, CapacityRules};
+use self::capacity::{ModelChangeLabels, ModelOutcomeLabels, ModelTierLabels};
 
 tokio::task_local! {
     /// The request being decided: set by the auth check around the limiter, read by the
@@ -117,6 +130,8 @@ pub(crate) struct MetricsObserver {
     /// overrides is limited as `TIER+USER`): decisions are counted under the configured one,
     /// so that its series isn't split and no user name becomes a label value.
     configured: HashMap<String, String>,
+    /// The layer's capacity rules, by name, with their models.
+    capacity_rules: CapacityRules,
 }
 
 impl Observer for MetricsObserver {
@@ -124,11 +139,26 @@ impl Observer for MetricsObserver {
         let tier = event
             .tier
             .map(|t| self.configured.get(t).map_or(t, String::as_str));
-        self.metrics.on_decision(&DecisionEvent { tier, ..*event });
+        let event = DecisionEvent { tier, ..*event };
+        self.metrics.on_decision(&event);
+        self.metrics
+            .capacity
+            .on_decision(&self.capacity_rules, &event);
     }
 
     fn on_settle(&self, event: &SettleEvent<'_>) {
         self.metrics.on_settle(event);
+        self.metrics.capacity.on_settle(&self.capacity_rules, event);
+    }
+
+    fn on_capacity(&self, event: &CapacityEvent<'_>) {
+        self.metrics
+            .capacity
+            .on_capacity(&self.capacity_rules, event);
+    }
+
+    fn on_queue(&self, event: &QueueEvent<'_>) {
+        self.metrics.capacity.on_queue(&self.capacity_rules, event);
     }
 
     fn observes_usage(&self) -> bool {
@@ -150,6 +180,14 @@ pub(crate) struct Metrics {
     responses: Family<EndpointStatusLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
     last_reload: Gauge,
+    capacity_limit: Family<ModelLabel, Gauge>,
+    capacity_in_flight: Family<ModelLabel, Gauge>,
+    capacity_queue_length: Family<ModelLabel, Gauge>,
+    capacity_queue_wait: HistogramFamily<ModelOutcomeLabels>,
+    capacity_shed: Family<ModelTierLabels, Counter>,
+    capacity_changes: Family<ModelChangeLabels, Counter>,
+    /// The same families (clones), and what the observer and the scrape do with them.
+    capacity: capacity::CapacityMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -160,7 +198,15 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Arc<Self> {
+        let capacity = capacity::CapacityMetrics::new();
         let m = Self {
+            capacity_limit: capacity.limit.clone(),
+            capacity_in_flight: capacity.in_flight.clone(),
+            capacity_queue_length: capacity.queue.clone(),
+            capacity_queue_wait: capacity.queue_wait.clone(),
+            capacity_shed: capacity.shed.clone(),
+            capacity_changes: capacity.changes.clone(),
+            capacity,
             registry: Mutex::new(Registry::with_prefix("gateway")),
             admitted: Family::default(),
             denied: Family::default(),
@@ -238,6 +284,39 @@ impl Metrics {
                  Unix time",
                 m.last_reload.clone(),
             );
+            r.register(
+                "capacity_limit",
+                "The current limit of requests in flight to a model with an adaptive capacity",
+                m.capacity_limit.clone(),
+            );
+            r.register(
+                "capacity_in_flight",
+                "Requests in flight under a model's adaptive capacity (admitted, not yet ended)",
+                m.capacity_in_flight.clone(),
+            );
+            r.register(
+                "capacity_queue_length",
+                "Requests waiting for a slot of a model's capacity, as the last wait to end \
+                 left the queue",
+                m.capacity_queue_length.clone(),
+            );
+            r.register(
+                "capacity_queue_wait_seconds",
+                "Time requests waited in a model's capacity queue, by how the wait ended \
+                 (admitted, timed_out, full, left)",
+                m.capacity_queue_wait.clone(),
+            );
+            r.register(
+                "capacity_shed",
+                "Requests refused (429) by a model's capacity, by tier",
+                m.capacity_shed.clone(),
+            );
+            r.register(
+                "capacity_changes",
+                "Changes of a model's capacity by its controller, by cause (overload, latency, \
+                 growth)",
+                m.capacity_changes.clone(),
+            );
             // Both results show from the start (at 0), so a rate or an alert on failures
             // has a series before the first one.
             for result in ["ok", "failed"] {
@@ -253,11 +332,19 @@ impl Metrics {
     pub(crate) fn observer(
         this: &Arc<Self>,
         configured: HashMap<String, String>,
+        capacity_rules: CapacityRules,
     ) -> MetricsObserver {
         MetricsObserver {
             metrics: Arc::clone(this),
             configured,
+            capacity_rules,
         }
+    }
+
+    /// The layer whose capacities `gateway_capacity_limit` shows from now on (the running
+    /// one: the start's, then each reload's).
+    pub(crate) fn watch_capacity(&self, layer: &RateLimitLayer, rules: &CapacityRules) {
+        self.capacity.watch(layer, rules);
     }
 
     fn on_decision(&self, event: &DecisionEvent<'_>) {
@@ -399,6 +486,7 @@ impl Metrics {
     /// The Prometheus text exposition, and its content type.
     pub(crate) fn encode(&self) -> (String, &'static str) {
         use prometheus_client::encoding::prometheus_text;
+        self.capacity.refresh();
         let mut out = String::new();
         let registry = self.registry.lock().unwrap();
         prometheus_text::encode(&mut out, &registry).expect("writing to a String can't fail");

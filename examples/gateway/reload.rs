@@ -13,6 +13,10 @@
 //!   and a new limit applies to them (3 of an rpm of 5 used, then a reload to 4: one more
 //!   request is admitted). Concurrency slots taken before a reload are released by the
 //!   requests that hold them, into the same buckets.
+//! - A model's adaptive capacity (`[models.NAME.capacity]`) keeps the limit its controller
+//!   learned when the reload leaves its `min`, `max`, `initial`, `latency_target_ms`,
+//!   `latency_tolerance`, `interval_ms`, `decrease` and `baseline_window_secs` as they were
+//!   (tiers' priorities, `saturation` and `queue_len` may change); else it starts afresh.
 //! - What only a restart can change keeps its running value, and each changed key is named
 //!   in a `WARN` line: `listen`, `[server] header_timeout_secs` and `max_connections` (the
 //!   accept loop's), every key of `[store]` (the counters live there), `[mock]
@@ -136,11 +140,18 @@ impl Reloader {
             source: None,
             list: vec![format!("could not start the mock model: {e}")],
         })?;
-        let app = crate::build(&next, &r.store, &r.metrics, &r.clients, mock_url.as_deref())
-            .map_err(|e| Problems {
-                source: None,
-                list: vec![e],
-            })?;
+        let app = crate::build(
+            &next,
+            &r.store,
+            &r.metrics,
+            &r.clients,
+            mock_url.as_deref(),
+            Some(&r.layer),
+        )
+        .map_err(|e| Problems {
+            source: None,
+            list: vec![e],
+        })?;
         let layer = app.layer.clone();
         // Before the new routes serve anything.
         r.mock.configure(&next.mock);

@@ -175,12 +175,28 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
                 _ => None,
             };
             let reset = Duration::from_nanos(snapshot.reset_after_nanos);
-            rules.push(json!({
+            // A model's adaptive capacity: its limit now (the controller's) and its bounds.
+            let capacity = app
+                .layer
+                .rules()
+                .iter()
+                .find(|r| r.name() == s.rule)
+                .and_then(|r| r.capacity_config())
+                .map(|c| {
+                    json!({
+                        "current": snapshot.limit,
+                        "in_flight": snapshot.limit.saturating_sub(snapshot.remaining),
+                        "min": c.min(),
+                        "max": c.max(),
+                    })
+                });
+            let mut rule = json!({
                 "rule": s.rule,
                 "scope": if limits::rule_model(&s.rule).is_some() { "model" } else { "user" },
                 "model": limits::rule_model(&s.rule),
                 "unit": s.unit.as_str(),
                 "kind": match (concurrency, period) {
+                    (true, _) if capacity.is_some() => "capacity",
                     (true, _) => "concurrency",
                     (_, Some(_)) => "budget",
                     _ => "window",
@@ -196,7 +212,11 @@ async fn ratelimit(State(app): State<Arc<App>>, req: Request) -> Response {
                 "reset_ms": reset.as_millis() as u64,
                 "reset_seconds": reset.as_secs() + u64::from(reset.subsec_nanos() > 0),
                 "resets_at": resets_at(reset),
-            }));
+            });
+            if let Some(c) = capacity {
+                rule["capacity"] = c;
+            }
+            rules.push(rule);
         }
     }
     let overrides: serde_json::Map<String, Value> = caller

@@ -175,6 +175,10 @@ impl Capacity {
     /// (and the bucket's under the capacity): two all-or-nothing attempts at the store, each
     /// charging the bucket and the tier's own bucket (`{rule}#{tier}`), the second
     /// only after the first was refused for saturation.
+    ///
+    /// Several rules of a layer may have tiers (one per model, each keyed by its model); a
+    /// request that several of them charge is sorted by tier under the first only, and
+    /// charged at the others' capacity.
     pub fn tier(mut self, tier: impl Into<String>, priority: Priority) -> Self {
         let tier: String = tier.into();
         self.tiers.push((tier.into(), priority));
@@ -200,6 +204,20 @@ impl Capacity {
             .iter()
             .find(|(name, _)| &**name == tier)
             .map(|(_, p)| p)
+    }
+
+    /// Whether `other`'s controllers move a limit exactly as this one's would: everything
+    /// but the tiers, the saturation threshold and the queue length is the same.
+    pub(crate) fn moves_like(&self, other: &Capacity) -> bool {
+        let (a, b) = (self, other);
+        a.min == b.min
+            && a.max == b.max
+            && a.initial == b.initial
+            && a.latency_target == b.latency_target
+            && a.latency_tolerance == b.latency_tolerance
+            && a.interval == b.interval
+            && a.decrease == b.decrease
+            && a.baseline_window == b.baseline_window
     }
 
     /// Whether callers are sorted by tier under saturation.

@@ -103,6 +103,14 @@
 //! [`crate::observe::Observer::on_capacity`] hears every change, with its cause, and
 //! [`crate::observe::Observer::on_queue`] every wait in a queue.
 //!
+//! # A layer rebuilt
+//!
+//! A configuration reloaded builds a new layer; built with
+//! [`crate::RateLimitLayerBuilder::continue_capacity_of`] the old one, it shares the
+//! controllers (learned limits, queues, completion rates) of each rule of the same name whose
+//! capacity moves the limit alike, and keeps the old layer's replica id and clock, so that the
+//! slots held by requests in flight stay in the buckets it charges.
+//!
 //! # The controller
 //!
 //! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged

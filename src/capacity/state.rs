@@ -149,6 +149,17 @@ impl RuleCapacity {
         }
     }
 
+    /// Shares `old`'s controllers (their learned limits, queues and completion rates) when
+    /// its capacity moves the limit as this one does; else keeps none (a changed `min`,
+    /// `max` or target starts afresh).
+    pub(crate) fn continue_from(&mut self, old: &RuleCapacity) {
+        if !self.config.moves_like(&old.config) {
+            return;
+        }
+        let cells = old.cells.read().unwrap_or_else(PoisonError::into_inner);
+        *self.cells.get_mut().unwrap_or_else(PoisonError::into_inner) = cells.clone();
+    }
+
     /// The namespace of the own buckets of callers of `tier`.
     pub(crate) fn tier_rule(&self, tier: Option<&str>) -> &Arc<str> {
         tier.and_then(|t| self.tier_rules.iter().find(|(name, _)| &**name == t))

@@ -39,6 +39,7 @@ pub struct RateLimitLayerBuilder {
     replica: Option<String>,
     #[cfg(feature = "metrics")]
     metrics: bool,
+    previous: Option<RateLimitLayer>,
 }
 
 impl fmt::Debug for RateLimitLayerBuilder {
@@ -48,6 +49,7 @@ impl fmt::Debug for RateLimitLayerBuilder {
             .field("store", &self.store)
             .field("headers", &self.headers)
             .field("failure", &self.failure)
+            .field("previous", &self.previous)
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +76,7 @@ impl RateLimitLayerBuilder {
             replica: None,
             #[cfg(feature = "metrics")]
             metrics: false,
+            previous: None,
         }
     }
 
@@ -244,6 +247,20 @@ impl RateLimitLayerBuilder {
         self
     }
 
+    /// Makes the layer being built continue `previous`'s adaptive capacity (a configuration
+    /// reloaded, say): each rule of the same name whose [`Capacity`](crate::capacity::Capacity)
+    /// moves its limit alike (same `min`, `max`, `initial`, latency target and tolerance,
+    /// interval, decrease, baseline window) shares `previous`'s controllers, with the limits
+    /// they learned, their queues and completion rates; tiers, saturation and queue length
+    /// may differ. The layer also takes `previous`'s replica id and clock unless
+    /// [`replica_id`](Self::replica_id) or [`clock`](Self::clock) set them: the slots held by
+    /// `previous`'s requests stay in the buckets the new layer charges, and the controllers'
+    /// times stay on one clock. A rule whose capacity changed starts afresh.
+    pub fn continue_capacity_of(mut self, previous: &RateLimitLayer) -> Self {
+        self.previous = Some(previous.clone());
+        self
+    }
+
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RateLimitLayer, BuildError> {
         if self.rules.is_empty() {
@@ -294,21 +311,20 @@ impl RateLimitLayerBuilder {
                 .into_iter()
                 .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
         );
-        if let Some(second) = self
-            .rules
-            .iter()
-            .filter(|r| r.capacity.as_ref().is_some_and(|c| c.has_tiers()))
-            .nth(1)
-        {
-            return Err(BuildError::InvalidCapacity {
-                rule: second.name.to_string(),
-                reason: "only one rule of a layer may have a capacity with tiers".to_owned(),
-            });
-        }
+        let previous = self.previous.as_ref().map(|l| &*l.limiter);
         let capacity = self
             .rules
             .iter()
-            .map(|r| r.capacity.clone().map(|c| RuleCapacity::new(c, &r.name)))
+            .map(|r| {
+                let mut cap = RuleCapacity::new(r.capacity.clone()?, &r.name);
+                if let Some(old) = previous.and_then(|p| {
+                    let i = p.rules.iter().position(|o| o.name == r.name)?;
+                    p.capacity[i].as_ref()
+                }) {
+                    cap.continue_from(old);
+                }
+                Some(cap)
+            })
             .collect();
         #[cfg(feature = "metrics")]
         let observer: Option<Arc<dyn Observer>> = if self.metrics {
@@ -351,8 +367,15 @@ impl RateLimitLayerBuilder {
                 quota_headers,
                 joined_policies,
                 capacity,
-                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock::new())),
-                replica: self.replica.unwrap_or_else(random_replica_id).into(),
+                clock: self
+                    .clock
+                    .or_else(|| previous.map(|p| Arc::clone(&p.clock)))
+                    .unwrap_or_else(|| Arc::new(SystemClock::new())),
+                replica: match (self.replica, previous) {
+                    (Some(r), _) => r.into(),
+                    (None, Some(p)) => Arc::clone(&p.replica),
+                    (None, None) => random_replica_id().into(),
+                },
             }),
         })
     }

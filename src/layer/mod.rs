@@ -89,6 +89,30 @@ impl RateLimitLayer {
         Arc::strong_count(&self.limiter) == 1
     }
 
+    /// The current limit of the adaptive capacity of rule `rule` for bucket `key` (the key
+    /// before this replica's suffix, a model's name, say): its controller's, or the
+    /// capacity's initial limit when no request of that bucket came yet; `None` when the
+    /// layer has no rule `rule` with a capacity. Without a store call, for metrics.
+    ///
+    /// ```
+    /// use tower_llm_ratelimit::capacity::Capacity;
+    /// use tower_llm_ratelimit::key::Key;
+    /// use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+    ///
+    /// let layer = RateLimitLayer::builder()
+    ///     .rule(Rule::new("slots", key::header("x-model"), Quota::concurrent(64))
+    ///         .capacity(Capacity::adaptive(4, 64).initial(16)))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(layer.capacity_limit("slots", &Key::from("m")), Some(16));
+    /// assert_eq!(layer.capacity_limit("other", &Key::from("m")), None);
+    /// ```
+    pub fn capacity_limit(&self, rule: &str, key: &crate::key::Key) -> Option<u64> {
+        let l = &self.limiter;
+        let i = l.rules.iter().position(|r| &*r.name == rule)?;
+        Some(l.capacity[i].as_ref()?.limit_of(key))
+    }
+
     /// The caller's current state under every rule, charging nothing: for status endpoints
     /// and dashboards. Keys and tier are resolved as for a real request.
     pub async fn status(&self, req: RequestView<'_>) -> Result<Vec<RuleStatus>, StoreError> {

@@ -86,7 +86,10 @@ impl Limiter {
         };
         let mut tier_charge = None;
         let mut first_quota = quota;
-        if cap.config.has_tiers() {
+        // The gateway's per-model rules each sort by tier, and a request meets one of them;
+        // should several charge one request, the first sorts it and the others charge it at
+        // their capacity (a plan has one reserve attempt).
+        if cap.config.has_tiers() && reserve.is_none() {
             let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
             let threshold = share_of(cap.config.saturation, capacity).max(1);
             *reserve = Some(Reserve {

@@ -5,6 +5,11 @@
 //! handful of others), so writing never waits for the client: a sequence holds its place for
 //! its tokens' time only, and a client that reads slowly or not at all finds the rest of its
 //! events waiting for it without keeping the place.
+//!
+//! The events before the first token (the role chunk) go out with it, as vLLM's do (its
+//! first chunk leaves with the first output of the engine): a stream's first byte comes at
+//! its time to first token, which grows with the load, so a gateway that times the first
+//! byte sees the saturation.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -47,7 +52,10 @@ pub(super) fn sse(
     // Room for every frame: `try_send` below never finds the channel full. Bounded by the
     // handlers' streams (at most `MAX_COMPLETION` tokens and a few other events).
     let (tx, rx) = mpsc::channel::<Bytes>(events.len() + 1);
+    let first_token = tokens.iter().copied().min();
     tokio::spawn(async move {
+        // The events before the first token, held until it comes.
+        let mut frame = String::new();
         for (i, (event, data)) in events.into_iter().enumerate() {
             if tokens.contains(&i) {
                 tokio::select! {
@@ -55,7 +63,6 @@ pub(super) fn sse(
                     () = tx.closed() => return, // the client went away
                 }
             }
-            let mut frame = String::new();
             if let Some(e) = event {
                 frame.push_str("event: ");
                 frame.push_str(e);
@@ -64,7 +71,13 @@ pub(super) fn sse(
             frame.push_str("data: ");
             frame.push_str(&data.to_string());
             frame.push_str("\n\n");
-            if tx.try_send(Bytes::from(frame)).is_err() {
+            if first_token.is_some_and(|t| i < t) {
+                continue;
+            }
+            if tx
+                .try_send(Bytes::from(std::mem::take(&mut frame)))
+                .is_err()
+            {
                 return; // the client went away (the channel has room for every frame)
             }
         }
@@ -89,6 +102,41 @@ mod tests {
 
     use super::super::capacity::{Capacity, Limits};
     use super::*;
+
+    /// The events before the first token leave with it: nothing of the stream comes before
+    /// the first token's time.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_bytes_of_a_stream_come_with_its_first_token() {
+        let c = Capacity::new(
+            Duration::from_millis(10),
+            Limits {
+                capacity: 1,
+                queue: 0,
+            },
+        );
+        let seq = c.admit().expect("a place");
+        let events = vec![
+            (None, json!({ "role": "assistant" })),
+            (None, json!({ "token": 0 })),
+            (None, json!({ "token": 1 })),
+        ];
+        let mut body = sse(events, vec![1, 2], seq, true).into_body();
+        let early = tokio::time::timeout(Duration::from_millis(9), body.frame()).await;
+        assert!(early.is_err(), "a frame before the first token: {early:?}");
+        let first = tokio::time::timeout(Duration::from_millis(2), body.frame())
+            .await
+            .expect("the first token's frame")
+            .expect("a frame")
+            .expect("data")
+            .into_data()
+            .expect("data");
+        let text = String::from_utf8_lossy(&first);
+        assert_eq!(text.matches("data: ").count(), 2, "{text}");
+        assert!(
+            text.contains("\"role\"") && text.contains("\"token\":0"),
+            "{text}"
+        );
+    }
 
     /// A client that never reads its stream holds no place once its tokens' time has passed:
     /// the events wait for it in the response, and it can still read them all.
