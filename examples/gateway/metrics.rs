@@ -150,6 +150,9 @@ pub(crate) struct Metrics {
     responses: Family<EndpointStatusLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
     last_reload: Gauge,
+    /// The dashboard's counts (fed here, beside the metrics, so that their totals agree)
+    /// and sessions: like the metrics, they outlive reloads.
+    pub(crate) board: Arc<crate::dashboard::Board>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -174,6 +177,7 @@ impl Metrics {
             responses: Family::default(),
             reloads: Family::default(),
             last_reload: Gauge::default(),
+            board: Arc::default(),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -272,6 +276,9 @@ impl Metrics {
                     .iter()
                     .find(|r| r.unit == Unit::Tokens)
                     .map(|r| r.cost);
+                if let Some(ctx) = &ctx {
+                    self.board.tally.admitted(&ctx.model);
+                }
                 if let (Some(tokens), Some(ctx)) = (estimate, &ctx) {
                     self.tokens_estimated
                         .get_or_create(&ModelLabel {
@@ -282,6 +289,9 @@ impl Metrics {
                 "admitted"
             }
             Outcome::Denied { rule, .. } => {
+                self.board
+                    .tally
+                    .refused(ctx.as_ref().map(|c| &*c.model), rule);
                 self.denied
                     .get_or_create(&RuleTierLabels {
                         rule: rule.to_owned(),
@@ -291,6 +301,7 @@ impl Metrics {
                 "denied"
             }
             Outcome::MissingKey { .. } => {
+                self.board.tally.rejected("missing_key");
                 self.rejected
                     .get_or_create(&ReasonLabel {
                         reason: "missing_key",
@@ -299,6 +310,7 @@ impl Metrics {
                 "rejected"
             }
             Outcome::CostError => {
+                self.board.tally.rejected("cost_error");
                 self.rejected
                     .get_or_create(&ReasonLabel {
                         reason: "cost_error",
@@ -325,6 +337,7 @@ impl Metrics {
     /// The usage an upstream response reported (`SettleOutcome::Usage`), by the request's
     /// routed model (its `ModelLabel`, set by the gate).
     fn on_settle(&self, event: &SettleEvent<'_>) {
+        self.board.tally.settled(event);
         if let SettleOutcome::Usage(u) = event.outcome {
             self.settled(
                 event.model.unwrap_or_default(),
@@ -346,6 +359,7 @@ impl Metrics {
     }
 
     pub(crate) fn upstream(&self, model: &str, status: String, seconds: Option<f64>) {
+        self.board.tally.upstream(model);
         self.upstream
             .get_or_create(&ModelStatusLabels {
                 model: model.to_owned(),
