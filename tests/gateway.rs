@@ -52,6 +52,11 @@ mod https;
 #[path = "gateway/saturation.rs"]
 mod saturation;
 
+// The live dashboard: admin keys, the sign-in cookie, /metrics behind the admin key, and the
+// page in headless Chromium showing what /metrics and /v1/ratelimit say.
+#[path = "gateway/dashboard.rs"]
+mod dashboard;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
