@@ -247,6 +247,85 @@ async fn admin_keys_sessions_and_the_metrics_guard() {
     assert_unauthorized_json(&raw(&c, "GET", &data, &[("cookie", &cookie)], None).await);
 }
 
+/// Rewrites the configuration, sends SIGHUP, and waits (bounded) until `applied` holds.
+async fn reload_until<F, Fut>(gw: &Gateway, cfg: &TempConfig, text: &str, what: &str, applied: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    std::fs::write(&cfg.0, text).expect("rewriting the config");
+    let ok = Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -HUP failed");
+    let deadline = Instant::now() + super::support::WAIT;
+    while !applied().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not applied within {:?}; stderr:\n{}",
+            super::support::WAIT,
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_admin_keys_and_ends_their_sessions() {
+    let (up, _) = start_upstream().await;
+    let with_keys = |keys: &str| {
+        test_config(&up.url(), "").replacen(
+            "[limiter]\n",
+            &format!("[server]\nadmin_keys = [{keys}]\n\n[limiter]\n"),
+            1,
+        )
+    };
+    let cfg = TempConfig::new(&with_keys(&format!("\"{ADMIN}\"")));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    let data = gw.url("/dashboard/data");
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(&format!("key={ADMIN}")),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", text(&a));
+    let cookie = a.header("set-cookie").split(';').next().unwrap().to_owned();
+    assert_eq!(
+        raw(&c, "GET", &data, &[("cookie", &cookie)], None)
+            .await
+            .status,
+        200
+    );
+
+    // Another key: it opens the data, the old one no longer does, nor its session.
+    let other = "adm-test-another-key-42";
+    reload_until(
+        &gw,
+        &cfg,
+        &with_keys(&format!("\"{other}\"")),
+        "the new admin key",
+        || async { call(&c, "GET", &data, Some(other), None).await.status == 200 },
+    )
+    .await;
+    assert_unauthorized_json(&call(&c, "GET", &data, Some(ADMIN), None).await);
+    assert_unauthorized_json(&raw(&c, "GET", &data, &[("cookie", &cookie)], None).await);
+
+    // No key: the dashboard is off again.
+    reload_until(&gw, &cfg, &with_keys(""), "no admin key", || async {
+        raw(&c, "GET", &gw.url("/dashboard"), &[], None)
+            .await
+            .status
+            == 404
+    })
+    .await;
+    assert_eq!(call(&c, "GET", &data, Some(other), None).await.status, 404);
+}
+
 #[test]
 fn bad_admin_settings_are_named() {
     let base = test_config("http://127.0.0.1:9", "");
