@@ -57,6 +57,10 @@ mod saturation;
 #[path = "gateway/dashboard.rs"]
 mod dashboard;
 
+// Headless Chromium over its DevTools pipe, for the dashboard's test.
+#[path = "gateway/chromium.rs"]
+mod chromium;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

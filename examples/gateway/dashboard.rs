@@ -12,37 +12,32 @@
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
-//! refusals; per tier, the most any of its tracked users uses of each limit; the users with
+//! refusals; per tier, the most any of the top callers of the tier uses of each limit; the users with
 //! the most tokens (their API keys masked); refusals by rule. The totals come from the same
 //! observer hooks as `/metrics` ([`tally`]), the limits' use from the layer's status (as
-//! `/v1/ratelimit`), who may look from [`access`].
+//! `/v1/ratelimit`, [`data`]), who may look from [`access`].
 
 pub(crate) mod access;
+mod data;
 pub(crate) mod tally;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
-use serde_json::{json, Value};
-use tower_llm_ratelimit::key::RequestView;
-use tower_llm_ratelimit::Algorithm;
 
-use crate::config::{self, Config};
-use crate::limits;
-use crate::proxy::{self, error};
+use crate::config::Config;
+use crate::proxy::error;
 use crate::server::App;
 
 const PAGE: &str = include_str!("dashboard/page.html");
 const SIGN_IN: &str = include_str!("dashboard/sign_in.html");
-/// Users in the table of top callers.
-const TOP_USERS: usize = 10;
 /// The largest sign-in form body read.
 const MAX_FORM_BYTES: usize = 4096;
 /// The page's content security policy: its own inline script and style, requests to this
@@ -58,7 +53,7 @@ pub(crate) struct Board {
     pub(crate) tally: tally::Tally,
     pub(crate) sessions: access::Sessions,
     /// Data answers served: a page shows the number of the answer it drew.
-    served: AtomicU64,
+    pub(crate) served: AtomicU64,
 }
 
 impl Board {
@@ -70,7 +65,7 @@ impl Board {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tick.tick().await;
-                board.tally.sample(unix_ms());
+                board.tally.sample(data::unix_ms());
             }
         });
     }
@@ -275,7 +270,7 @@ async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
              `Authorization: Bearer <admin key>`.",
         );
     }
-    match numbers(&app).await {
+    match data::numbers(&app).await {
         Ok(v) => {
             let mut r = Json(v).into_response();
             r.headers_mut()
@@ -295,170 +290,4 @@ async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             r
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// One limit's state for the page: its rule, unit, kind, limit and use.
-fn limit_json(s: &tower_llm_ratelimit::RuleStatus) -> Option<Value> {
-    let snapshot = s.snapshot.as_ref()?;
-    let kind = match s.quota.algorithm() {
-        Algorithm::Concurrency => "concurrency",
-        Algorithm::Calendar(_) => "budget",
-        _ => "window",
-    };
-    Some(json!({
-        "rule": s.rule,
-        "unit": s.unit.as_str(),
-        "kind": kind,
-        "limit": snapshot.limit,
-        "used": snapshot.limit.saturating_sub(snapshot.remaining),
-    }))
-}
-
-/// The numbers `/dashboard/data` answers.
-async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::store::StoreError> {
-    let board = &app.metrics.board;
-    let past = board.tally.snapshot(TOP_USERS);
-    let served = board.served.fetch_add(1, Ordering::Relaxed) + 1;
-
-    let mut models = Vec::new();
-    for (name, route) in &app.models {
-        let (mut parts, ()) = http::Request::new(()).into_parts();
-        parts.extensions.insert(proxy::Routed {
-            model: Arc::clone(route),
-        });
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
-            .filter_map(limit_json)
-            .collect();
-        let totals = past.models.get(name).copied().unwrap_or_default();
-        let last = past
-            .samples
-            .last()
-            .and_then(|s| s.models.get(name).copied());
-        let tokens_last_minute: u64 = past
-            .samples
-            .iter()
-            .rev()
-            .take(60)
-            .filter_map(|s| s.models.get(name))
-            .map(|p| p.tokens)
-            .sum();
-        models.push(json!({
-            "name": name,
-            "requests_per_second": last.map_or(0, |p| p.requests),
-            "tokens_last_minute": tokens_last_minute,
-            "in_flight": totals.in_flight(),
-            // The model servers' adaptive capacity, once the gateway learns it
-            // (`[models.NAME.capacity]`): until then `null`, and the page shows in flight
-            // against the `concurrent` limit, if any.
-            "capacity": Value::Null,
-            "totals": {
-                "requests": totals.requests,
-                "refused": totals.refused,
-                "input_tokens": totals.input_tokens,
-                "output_tokens": totals.output_tokens,
-            },
-            "limits": limits,
-        }));
-    }
-
-    // Each tracked user's limits: the callers' table, and the tiers' (the most any of a
-    // tier's tracked users uses of each limit).
-    let mut callers = Vec::new();
-    let mut tiers: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-    let mut tier_users: BTreeMap<String, u64> = BTreeMap::new();
-    for (user, totals) in &past.top_users {
-        let keys: Vec<(&tower_llm_ratelimit::key::Key, &limits::Caller)> = app
-            .callers
-            .iter()
-            .filter(|(_, c)| &*c.user == user.as_str())
-            .collect();
-        // A user no key of the running configuration names (a reload removed it).
-        let Some((_, caller)) = keys.first() else {
-            continue;
-        };
-        let masked: Vec<String> = keys
-            .iter()
-            .map(|(k, _)| config::masked_key(&String::from_utf8_lossy(k.as_bytes())))
-            .collect();
-        let (mut parts, ()) = http::Request::new(()).into_parts();
-        parts.extensions.insert((*caller).clone());
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule).is_none())
-            .filter_map(limit_json)
-            .collect();
-        *tier_users.entry(caller.tier.to_string()).or_default() += 1;
-        let tier = tiers.entry(caller.tier.to_string()).or_default();
-        for l in &limits {
-            let rule = l["rule"].as_str().unwrap_or_default().to_owned();
-            let busier = tier
-                .get(&rule)
-                .is_none_or(|b| b["used"].as_u64() < l["used"].as_u64());
-            if busier {
-                tier.insert(rule, l.clone());
-            }
-        }
-        callers.push(json!({
-            "user": user,
-            "tier": &*caller.tier,
-            "keys": masked,
-            "requests": totals.requests,
-            "tokens": totals.tokens,
-            "limits": limits,
-        }));
-    }
-    let tiers: Vec<Value> = app
-        .dashboard
-        .tiers
-        .iter()
-        .map(|(name, configured)| {
-            json!({
-                "name": name,
-                "configured": configured,
-                "users": tier_users.get(name).copied().unwrap_or(0),
-                "limits": tiers.remove(name).map_or_else(Vec::new, |l| l.into_values().collect()),
-            })
-        })
-        .collect();
-
-    let series: Vec<Value> = past
-        .samples
-        .iter()
-        .map(|s| {
-            let models: serde_json::Map<String, Value> = s
-                .models
-                .iter()
-                .map(|(m, p)| {
-                    (
-                        m.clone(),
-                        json!([p.requests, p.tokens, p.refused, p.in_flight]),
-                    )
-                })
-                .collect();
-            json!({"at_ms": s.at_ms, "models": models})
-        })
-        .collect();
-
-    Ok(json!({
-        "served": served,
-        "generated_at_ms": unix_ms(),
-        "samples_taken": past.taken,
-        "models": models,
-        "tiers": tiers,
-        "callers": callers,
-        "refused_by_rule": past.refused_by_rule,
-        "rejected": past.rejected,
-        // Each sample: per model, [requests, tokens, refused, in flight] in that second.
-        "series": series,
-    }))
 }
