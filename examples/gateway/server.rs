@@ -5,11 +5,9 @@
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` | yes | yes | proxied to the model's upstream |
 //! | `GET /v1/models` | yes | no | the configured models |
 //! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it (its effective limits): limit, used, remaining, reset (in seconds and as an RFC 3339 UTC time); budgets name their calendar period; the limits its key overrides |
-//! | `GET /metrics` | no | no | Prometheus text format |
+//! | `GET /metrics` | no (the admin key with `[server] metrics_requires_admin`) | no | Prometheus text format |
 //! | `GET /healthz` | no | no | `{"status":"ok"}` |
 //! | `/dashboard`, `/dashboard/data` | admin key | no | the live dashboard (`dashboard.rs`); 404 without `[server] admin_keys` |
-//!
-//! `/metrics` needs an admin key as a bearer token with `[server] metrics_requires_admin`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
