@@ -216,7 +216,21 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Asks Chromium to close (so that it ends its own helper processes), then kills it if
+    /// it hasn't within a few seconds.
     fn drop(&mut self) {
+        let close = b"{\"id\":0,\"method\":\"Browser.close\"}\0";
+        let _ = self
+            .commands
+            .write_all(close)
+            .and_then(|()| self.commands.flush());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
