@@ -12,8 +12,9 @@
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
-//! refusals; per tier, the most any of the top callers of the tier uses of each limit; the users with
-//! the most tokens (their API keys masked); refusals by rule. The totals come from the same
+//! refusals by the rule that refused; per tier, the most any of the top callers of the tier
+//! uses of each limit; the users with the most tokens (their API keys masked); refusals by
+//! rule. The totals come from the same
 //! observer hooks as `/metrics` ([`tally`]), the limits' use from the layer's status (as
 //! `/v1/ratelimit`, [`data`]), who may look from [`access`].
 

@@ -381,6 +381,7 @@ const READ_PAGE: &str = r##"JSON.stringify({
     input: Number(e.dataset.inputTokens), output: Number(e.dataset.outputTokens),
     in_flight: Number(e.dataset.inFlight),
     rules: Object.fromEntries([...e.querySelectorAll("[data-rule]")].map((r) => [r.dataset.rule, Number(r.dataset.used)])),
+    refused_by: Object.fromEntries([...e.querySelectorAll("[data-refused-by]")].map((r) => [r.dataset.refusedBy, Number(r.dataset.count)])),
   }])),
   refused: Object.fromEntries([...document.querySelectorAll("[data-refused-rule]")].map((r) => [r.dataset.refusedRule, Number(r.dataset.count)])),
   callers: Object.fromEntries([...document.querySelectorAll("#callers [data-user]")].map((r) => [r.dataset.user, Number(r.dataset.tokens)])),
@@ -588,6 +589,17 @@ async fn the_page_in_chromium_shows_what_the_gateway_counts() {
     assert_eq!(page["models"]["small-model"]["requests"], small_ok);
     assert_eq!(page["models"]["test-model"]["refused"], free_refused);
     assert_eq!(page["models"]["small-model"]["refused"], small_refused);
+    // Each model's refusals by the rule that refused.
+    assert_eq!(
+        page["models"]["test-model"]["refused_by"],
+        json!({"user-rpm": free_refused}),
+        "{page}"
+    );
+    assert_eq!(
+        page["models"]["small-model"]["refused_by"],
+        json!({"model-rpm:small-model": small_refused}),
+        "{page}"
+    );
     let refused: BTreeMap<String, u64> = serde_json::from_value(page["refused"].clone()).unwrap();
     assert_eq!(
         refused,

@@ -84,6 +84,7 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             "totals": {
                 "requests": totals.requests,
                 "refused": totals.refused,
+                "refused_by_rule": past.refused_by_model.get(name).cloned().unwrap_or_default(),
                 "input_tokens": totals.input_tokens,
                 "output_tokens": totals.output_tokens,
             },

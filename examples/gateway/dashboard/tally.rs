@@ -65,6 +65,8 @@ struct Counts {
     models: BTreeMap<String, ModelTotals>,
     /// Refusals (429) by the rule that refused.
     refused_by_rule: BTreeMap<String, u64>,
+    /// Refusals (429) by model, then by the rule that refused.
+    refused_by_model: BTreeMap<String, BTreeMap<String, u64>>,
     /// Requests refused before a decision, by reason (`missing_key`, `cost_error`).
     rejected: BTreeMap<&'static str, u64>,
     users: HashMap<String, UserTotals>,
@@ -80,6 +82,7 @@ struct Counts {
 pub(crate) struct Snapshot {
     pub(crate) models: BTreeMap<String, ModelTotals>,
     pub(crate) refused_by_rule: BTreeMap<String, u64>,
+    pub(crate) refused_by_model: BTreeMap<String, BTreeMap<String, u64>>,
     pub(crate) rejected: BTreeMap<&'static str, u64>,
     /// The users with the most tokens, most first.
     pub(crate) top_users: Vec<(String, UserTotals)>,
@@ -110,13 +113,13 @@ impl Tally {
         self.with(|c| {
             if let Some(m) = model {
                 model_entry(c, m).refused += 1;
+                let by_rule = match c.refused_by_model.get_mut(m) {
+                    Some(r) => r,
+                    None => c.refused_by_model.entry(m.to_owned()).or_default(),
+                };
+                count(by_rule, rule);
             }
-            match c.refused_by_rule.get_mut(rule) {
-                Some(n) => *n += 1,
-                None => {
-                    c.refused_by_rule.insert(rule.to_owned(), 1);
-                }
-            }
+            count(&mut c.refused_by_rule, rule);
         });
     }
 
@@ -205,12 +208,23 @@ impl Tally {
             Snapshot {
                 models: c.models.clone(),
                 refused_by_rule: c.refused_by_rule.clone(),
+                refused_by_model: c.refused_by_model.clone(),
                 rejected: c.rejected.clone(),
                 top_users: users,
                 samples: c.samples.iter().cloned().collect(),
                 taken: c.taken,
             }
         })
+    }
+}
+
+/// One more for `rule` (rule names come from the configuration: the map stays small).
+fn count(by_rule: &mut BTreeMap<String, u64>, rule: &str) {
+    match by_rule.get_mut(rule) {
+        Some(n) => *n += 1,
+        None => {
+            by_rule.insert(rule.to_owned(), 1);
+        }
     }
 }
 
@@ -253,6 +267,7 @@ mod tests {
         assert_eq!(s.samples[1].models["m"].requests, 1);
         assert_eq!(s.samples[1].models["m"].refused, 0);
         assert_eq!(s.refused_by_rule["user-rpm"], 1);
+        assert_eq!(s.refused_by_model["m"]["user-rpm"], 1);
         for i in 0..(SAMPLES as u64 + 5) {
             t.sample(3_000 + i);
         }
