@@ -57,6 +57,15 @@ mod saturation;
 #[path = "gateway/capacity.rs"]
 mod capacity;
 
+// The live dashboard: admin keys, the sign-in cookie, /metrics behind the admin key, and the
+// page in headless Chromium showing what /metrics and /v1/ratelimit say.
+#[path = "gateway/dashboard.rs"]
+mod dashboard;
+
+// Headless Chromium over its DevTools pipe, for the dashboard's test.
+#[path = "gateway/chromium.rs"]
+mod chromium;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

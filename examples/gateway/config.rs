@@ -58,6 +58,10 @@ pub(crate) struct ServerConfig {
     pub(crate) body_timeout_secs: u64,
     pub(crate) max_connections: usize,
     pub(crate) forward_headers: Vec<String>,
+    /// Keys that open `/dashboard` (and `/metrics` with `metrics_requires_admin`): none, the
+    /// dashboard is off. Never API keys.
+    pub(crate) admin_keys: Vec<String>,
+    pub(crate) metrics_requires_admin: bool,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +71,8 @@ impl Default for ServerConfig {
             body_timeout_secs: 30,
             max_connections: 1024,
             forward_headers: Vec::new(),
+            admin_keys: Vec::new(),
+            metrics_requires_admin: false,
         }
     }
 }
@@ -491,6 +497,27 @@ impl Config {
                     ),
                 );
             }
+        }
+
+        for (i, key) in sv.admin_keys.iter().enumerate() {
+            if let Some(problem) = crate::dashboard::admin_key_problem(key) {
+                err(format!("server.admin_keys[{i}]"), problem);
+            } else if self.keys.contains_key(key) {
+                err(
+                    format!("server.admin_keys[{i}]"),
+                    format!(
+                        "{} is also an API key ([keys]): an admin key must be one of its own",
+                        masked_key(key)
+                    ),
+                );
+            }
+        }
+        if sv.metrics_requires_admin && sv.admin_keys.is_empty() {
+            err(
+                "server.metrics_requires_admin".into(),
+                "needs at least one key in server.admin_keys (else /metrics opens to no one)"
+                    .into(),
+            );
         }
 
         let s = &self.store;

@@ -40,6 +40,7 @@
 //! | `upstream.rs` | a model's upstream: origin and path, HTTP or HTTPS client (rustls, HTTP/2 by ALPN, `ca_file`), credential header |
 //! | `forward.rs` | which request headers go upstream (an allowlist) |
 //! | `upstream_body.rs` | the upstream's response body: passed through, closed when idle too long |
+//! | `dashboard.rs` | the live dashboard (`GET /dashboard`, behind `[server] admin_keys`): `dashboard/access.rs` admin keys and sign-in sessions, `dashboard/tally.rs` its counts and five minutes of samples, `dashboard/data.rs` the JSON of `/dashboard/data`, `dashboard/page.html` the page (inline CSS and JS, SVG charts) |
 //! | `metrics.rs` | Prometheus metrics, fed by the limiter's observer (decisions, and the `usage` of every response, which the limiter reads once for its token rules and the metrics) and the proxy |
 //! | `mock.rs` | the built-in OpenAI-compatible mock model; `mock/capacity.rs`: its capacity model (full speed up to `[mock] capacity`, every token slower beyond it, 503 past `queue`; `GET /v1/mock/stats` on its port), so that saturation shows without a GPU; `mock/sse.rs`: its streams |
 //! | `deploy/` | Kubernetes (gateway as a sidecar of a model server, Redis) and alerting rules, checked by `.ci/deploy-check` |
@@ -51,6 +52,7 @@
 mod capacity;
 mod cli;
 mod config;
+mod dashboard;
 mod forward;
 mod idle;
 mod limits;
@@ -240,6 +242,7 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
     );
 
     metrics.config_loaded();
+    metrics.board.start_sampling();
     let router = Arc::new(ArcSwap::from_pointee(server::router(Arc::clone(&app))));
     let connections = serve::Limits {
         header_timeout: cfg.server.header_timeout(),

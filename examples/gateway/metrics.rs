@@ -188,6 +188,9 @@ pub(crate) struct Metrics {
     capacity_changes: Family<ModelChangeLabels, Counter>,
     /// The same families (clones), and what the observer and the scrape do with them.
     capacity: capacity::CapacityMetrics,
+    /// The dashboard's counts (fed here, beside the metrics, so that their totals agree)
+    /// and sessions: like the metrics, they outlive reloads.
+    pub(crate) board: Arc<crate::dashboard::Board>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -220,6 +223,7 @@ impl Metrics {
             responses: Family::default(),
             reloads: Family::default(),
             last_reload: Gauge::default(),
+            board: Arc::default(),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -359,6 +363,9 @@ impl Metrics {
                     .iter()
                     .find(|r| r.unit == Unit::Tokens)
                     .map(|r| r.cost);
+                if let Some(ctx) = &ctx {
+                    self.board.tally.admitted(&ctx.model);
+                }
                 if let (Some(tokens), Some(ctx)) = (estimate, &ctx) {
                     self.tokens_estimated
                         .get_or_create(&ModelLabel {
@@ -369,6 +376,9 @@ impl Metrics {
                 "admitted"
             }
             Outcome::Denied { rule, .. } => {
+                self.board
+                    .tally
+                    .refused(ctx.as_ref().map(|c| &*c.model), rule);
                 self.denied
                     .get_or_create(&RuleTierLabels {
                         rule: rule.to_owned(),
@@ -378,6 +388,7 @@ impl Metrics {
                 "denied"
             }
             Outcome::MissingKey { .. } => {
+                self.board.tally.rejected("missing_key");
                 self.rejected
                     .get_or_create(&ReasonLabel {
                         reason: "missing_key",
@@ -386,6 +397,7 @@ impl Metrics {
                 "rejected"
             }
             Outcome::CostError => {
+                self.board.tally.rejected("cost_error");
                 self.rejected
                     .get_or_create(&ReasonLabel {
                         reason: "cost_error",
@@ -412,6 +424,7 @@ impl Metrics {
     /// The usage an upstream response reported (`SettleOutcome::Usage`), by the request's
     /// routed model (its `ModelLabel`, set by the gate).
     fn on_settle(&self, event: &SettleEvent<'_>) {
+        self.board.tally.settled(event);
         if let SettleOutcome::Usage(u) = event.outcome {
             self.settled(
                 event.model.unwrap_or_default(),
@@ -433,6 +446,7 @@ impl Metrics {
     }
 
     pub(crate) fn upstream(&self, model: &str, status: String, seconds: Option<f64>) {
+        self.board.tally.upstream(model);
         self.upstream
             .get_or_create(&ModelStatusLabels {
                 model: model.to_owned(),

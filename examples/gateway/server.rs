@@ -5,8 +5,9 @@
 //! | `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses` | yes | yes | proxied to the model's upstream |
 //! | `GET /v1/models` | yes | no | the configured models |
 //! | `GET /v1/ratelimit[?model=NAME]` | yes | no (charges nothing) | the caller's state under every rule that applies to it (its effective limits): limit, used, remaining, reset (in seconds and as an RFC 3339 UTC time); budgets name their calendar period; the limits its key overrides |
-//! | `GET /metrics` | no | no | Prometheus text format |
+//! | `GET /metrics` | no (the admin key with `[server] metrics_requires_admin`) | no | Prometheus text format |
 //! | `GET /healthz` | no | no | `{"status":"ok"}` |
+//! | `/dashboard`, `/dashboard/data` | admin key | no | the live dashboard (`dashboard.rs`); 404 without `[server] admin_keys` |
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub(crate) struct App {
     pub(crate) max_body_bytes: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) forward: Forward,
+    pub(crate) dashboard: crate::dashboard::Settings,
 }
 
 impl App {
@@ -56,6 +58,7 @@ impl App {
             max_body_bytes: cfg.limiter.max_body_bytes,
             body_timeout: cfg.server.body_timeout(),
             forward: Forward::new(&cfg.server.forward_headers),
+            dashboard: crate::dashboard::Settings::new(cfg),
         }
     }
 }
@@ -78,6 +81,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/ratelimit", get(ratelimit))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(crate::dashboard::routes())
         .with_state(app)
         .merge(api)
         .fallback(|req: Request| async move {
@@ -242,7 +246,10 @@ fn resets_at(after: Duration) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(app): State<Arc<App>>, headers: http::HeaderMap) -> Response {
+    if let Some(refused) = crate::dashboard::metrics_guard(&app, &headers) {
+        return refused;
+    }
     let (text, content_type) = app.metrics.encode();
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }

@@ -1,0 +1,294 @@
+//! The live dashboard: `GET /dashboard`, one page compiled into the binary
+//! (`dashboard/page.html`: inline CSS and JavaScript, nothing fetched from elsewhere), which
+//! polls `GET /dashboard/data` once a second and draws the last five minutes as inline SVG.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /dashboard` | the page for a signed-in browser, else the sign-in form |
+//! | `POST /dashboard` | the sign-in form's target (`key=ADMIN_KEY`): a session cookie and a redirect to the page, or the form again (401) |
+//! | `POST /dashboard/sign-out` | ends the session |
+//! | `GET /dashboard/data` | the numbers, as JSON (session cookie or `Authorization: Bearer ADMIN_KEY`; 401 JSON without) |
+//!
+//! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
+//! requests per second, tokens per minute against its `tpm`, in flight against its
+//! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
+//! refusals by the rule that refused; per tier, the most any of the top callers of the tier
+//! uses of each limit; the users with the most tokens (their API keys masked); refusals by
+//! rule. The totals come from the same
+//! observer hooks as `/metrics` ([`tally`]), the limits' use from the layer's status (as
+//! `/v1/ratelimit`, [`data`]), who may look from [`access`].
+
+pub(crate) mod access;
+mod data;
+pub(crate) mod tally;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+
+use crate::config::Config;
+use crate::proxy::error;
+use crate::server::App;
+
+const PAGE: &str = include_str!("dashboard/page.html");
+const SIGN_IN: &str = include_str!("dashboard/sign_in.html");
+/// The largest sign-in form body read.
+const MAX_FORM_BYTES: usize = 4096;
+/// The page's content security policy: its own inline script and style, requests to this
+/// origin only, nothing framed.
+const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                   connect-src 'self'; img-src 'self' data:; form-action 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+
+/// What the dashboard keeps for the process's life (reloads keep it, as they keep the
+/// metrics): its counts and its sessions.
+#[derive(Debug, Default)]
+pub(crate) struct Board {
+    pub(crate) tally: tally::Tally,
+    pub(crate) sessions: access::Sessions,
+    /// Data answers served: a page shows the number of the answer it drew.
+    pub(crate) served: AtomicU64,
+}
+
+impl Board {
+    /// Takes a sample every second, for as long as the process runs.
+    pub(crate) fn start_sampling(self: &Arc<Self>) {
+        let board = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                board.tally.sample(data::unix_ms());
+            }
+        });
+    }
+}
+
+/// The dashboard's part of a configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settings {
+    admin_keys: Arc<[String]>,
+    metrics_requires_admin: bool,
+    /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
+    tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+}
+
+impl Settings {
+    pub(crate) fn new(cfg: &Config) -> Self {
+        Self {
+            admin_keys: cfg.server.admin_keys.clone().into(),
+            metrics_requires_admin: cfg.server.metrics_requires_admin,
+            tiers: Arc::new(
+                cfg.tiers
+                    .iter()
+                    .map(|(name, t)| {
+                        let limits = t.limits().into_iter().filter_map(|(l, v)| Some((l, v?)));
+                        (name.clone(), limits.collect())
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn on(&self) -> bool {
+        !self.admin_keys.is_empty()
+    }
+}
+
+/// What is wrong with an admin key, if anything (for `Config::problems`).
+pub(crate) fn admin_key_problem(key: &str) -> Option<String> {
+    if key.len() < access::MIN_ADMIN_KEY_LEN {
+        Some(format!(
+            "an admin key must have at least {} characters, this one has {}",
+            access::MIN_ADMIN_KEY_LEN,
+            key.len()
+        ))
+    } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("an admin key must be printable ASCII without spaces".into())
+    } else {
+        None
+    }
+}
+
+pub(crate) fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/dashboard", get(page).post(sign_in))
+        .route("/dashboard/sign-out", post(sign_out))
+        .route("/dashboard/data", get(data))
+}
+
+/// `None` when `/metrics` may be answered; else the 401.
+pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let s = &app.dashboard;
+    if !s.metrics_requires_admin {
+        return None;
+    }
+    match access::bearer(headers) {
+        Some(k) if access::is_admin(&s.admin_keys, k) => None,
+        _ => Some(unauthorized(
+            "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
+        )),
+    }
+}
+
+fn not_found(path: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("unknown_url"),
+        None,
+        format!("Unknown request URL: {path}."),
+    )
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        Some("invalid_admin_key"),
+        None,
+        message,
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Headers of every HTML answer: not cached, not framed, nothing loaded from elsewhere.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut r = (status, Html(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+fn sign_in_form(status: StatusCode, problem: Option<&str>) -> Response {
+    let problem = problem.map_or(String::new(), |p| {
+        format!("<p class=\"problem\" id=\"problem\" role=\"alert\">{p}</p>")
+    });
+    html(status, SIGN_IN.replace("<!--PROBLEM-->", &problem))
+}
+
+fn signed_in(app: &App, headers: &HeaderMap) -> bool {
+    access::session_cookie(headers).is_some_and(|t| {
+        app.metrics
+            .board
+            .sessions
+            .valid(t, &app.dashboard.admin_keys, Instant::now())
+    })
+}
+
+async fn page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !app.dashboard.on() {
+        return not_found("GET /dashboard");
+    }
+    if signed_in(&app, &headers) {
+        html(StatusCode::OK, PAGE.to_owned())
+    } else {
+        sign_in_form(StatusCode::OK, None)
+    }
+}
+
+async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
+    if !app.dashboard.on() {
+        return not_found("POST /dashboard");
+    }
+    let body = match axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return sign_in_form(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Some("The form was too large."),
+            )
+        }
+    };
+    let key = access::form_key(&body).unwrap_or_default();
+    if !access::is_admin(&app.dashboard.admin_keys, &key) {
+        tracing::warn!("dashboard: sign-in with a wrong admin key");
+        return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
+    }
+    let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
+        return sign_in_form(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("No session could be opened (no random bytes); try again."),
+        );
+    };
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    let h = r.headers_mut();
+    h.insert(header::LOCATION, HeaderValue::from_static("/dashboard"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(v) = HeaderValue::from_str(&access::set_cookie(&token)) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !app.dashboard.on() {
+        return not_found("POST /dashboard/sign-out");
+    }
+    if let Some(t) = access::session_cookie(&headers) {
+        app.metrics.board.sessions.close(t);
+    }
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    let h = r.headers_mut();
+    h.insert(header::LOCATION, HeaderValue::from_static("/dashboard"));
+    if let Ok(v) = HeaderValue::from_str(&access::clear_cookie()) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !app.dashboard.on() {
+        return not_found("GET /dashboard/data");
+    }
+    let by_bearer =
+        access::bearer(&headers).is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
+    if !by_bearer && !signed_in(&app, &headers) {
+        return unauthorized(
+            "The dashboard's data needs a session (sign in at /dashboard) or \
+             `Authorization: Bearer <admin key>`.",
+        );
+    }
+    match data::numbers(&app).await {
+        Ok(v) => {
+            let mut r = Json(v).into_response();
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("rate_limit_unavailable"),
+                None,
+                format!("Rate limiting is unavailable: {e}."),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}

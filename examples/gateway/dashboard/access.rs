@@ -1,0 +1,221 @@
+//! Who may see the dashboard: admin keys (`[server] admin_keys`), compared in constant time,
+//! and the browser sessions the sign-in form opens.
+//!
+//! A browser can't send a bearer header when it navigates, so the form trades the key for a
+//! session: a random 256-bit token (from the operating system's generator) in an HttpOnly,
+//! `SameSite=Strict` cookie scoped to `/dashboard`. The token is not the key and says
+//! nothing of it; the server keeps each session's key and expiry, at most [`MAX_SESSIONS`]
+//! of them (the one closest to expiring makes room), and a session ends when its key is no
+//! longer configured (a reload removed it).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use subtle::ConstantTimeEq;
+
+/// Sessions kept at once.
+pub(crate) const MAX_SESSIONS: usize = 256;
+/// How long a session lasts after its sign-in.
+pub(crate) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// The shortest admin key the configuration takes.
+pub(crate) const MIN_ADMIN_KEY_LEN: usize = 16;
+/// The session cookie's name.
+pub(crate) const COOKIE: &str = "gateway_dashboard";
+
+/// Whether `candidate` is one of `keys`. Each comparison takes the same time whatever the
+/// bytes (`subtle`), and every key is compared, so the time tells nothing of a key's
+/// content (only, as any comparison, whether the lengths are equal).
+pub(crate) fn is_admin(keys: &[String], candidate: &str) -> bool {
+    let mut found = subtle::Choice::from(0);
+    for key in keys {
+        found |= key.as_bytes().ct_eq(candidate.as_bytes());
+    }
+    found.into()
+}
+
+#[derive(Debug)]
+struct Session {
+    admin_key: String,
+    expires: Instant,
+}
+
+/// The open sessions, by token.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    open: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    /// Opens a session for `admin_key` (already checked): its token, or `None` when the
+    /// operating system gives no random bytes.
+    pub(crate) fn open(&self, admin_key: &str, now: Instant) -> Option<String> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).ok()?;
+        let mut token = String::with_capacity(64);
+        for b in bytes {
+            let _ = write!(token, "{b:02x}");
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, s| s.expires > now);
+        if open.len() >= MAX_SESSIONS {
+            if let Some(oldest) = open
+                .iter()
+                .min_by_key(|(_, s)| s.expires)
+                .map(|(t, _)| t.clone())
+            {
+                open.remove(&oldest);
+            }
+        }
+        open.insert(
+            token.clone(),
+            Session {
+                admin_key: admin_key.to_owned(),
+                expires: now + SESSION_TTL,
+            },
+        );
+        Some(token)
+    }
+
+    /// Whether `token` is an open session whose key is still one of `keys`.
+    pub(crate) fn valid(&self, token: &str, keys: &[String], now: Instant) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(session) = open.get(token) else {
+            return false;
+        };
+        if session.expires <= now || !is_admin(keys, &session.admin_key) {
+            open.remove(token);
+            return false;
+        }
+        true
+    }
+
+    /// Ends the session `token`, if open.
+    pub(crate) fn close(&self, token: &str) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(token);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+/// The value of the session cookie in a `Cookie` header, if any (RFC 6265 section 5.4:
+/// `name=value` pairs separated by `; `).
+pub(crate) fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// The `Set-Cookie` value of a new session (RFC 6265 section 4.1; `SameSite`:
+/// draft-ietf-httpbis-rfc6265bis). No `Secure`: the gateway speaks plain HTTP to its
+/// clients (put TLS in front of it for a dashboard reached over a network).
+pub(crate) fn set_cookie(token: &str) -> String {
+    format!(
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age={}",
+        SESSION_TTL.as_secs()
+    )
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub(crate) fn clear_cookie() -> String {
+    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age=0")
+}
+
+/// The bearer token of an `Authorization` header, if any.
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The `key` field of an `application/x-www-form-urlencoded` body (WHATWG URL standard,
+/// section 5.1: `+` is a space, `%XX` a byte).
+pub(crate) fn form_key(body: &[u8]) -> Option<String> {
+    body.split(|&b| b == b'&').find_map(|pair| {
+        let value = pair.strip_prefix(b"key=")?;
+        let mut out = Vec::with_capacity(value.len());
+        let mut i = 0;
+        while i < value.len() {
+            match value[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < value.len() => {
+                    let hex = std::str::from_utf8(&value[i + 1..i + 3]).ok()?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 2;
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_keys_match_whole() {
+        let keys = vec![
+            "adm-0123456789abcdef".to_owned(),
+            "other-admin-key-42".into(),
+        ];
+        assert!(is_admin(&keys, "adm-0123456789abcdef"));
+        assert!(is_admin(&keys, "other-admin-key-42"));
+        assert!(!is_admin(&keys, "adm-0123456789abcde"));
+        assert!(!is_admin(&keys, "adm-0123456789abcdeF"));
+        assert!(!is_admin(&keys, ""));
+        assert!(!is_admin(&[], "adm-0123456789abcdef"));
+    }
+
+    #[test]
+    fn sessions_expire_end_with_their_key_and_are_bounded() {
+        let keys = vec!["adm-0123456789abcdef".to_owned()];
+        let s = Sessions::default();
+        let now = Instant::now();
+        let t = s.open(&keys[0], now).unwrap();
+        assert_eq!(t.len(), 64);
+        assert!(!t.contains("adm-"));
+        assert!(s.valid(&t, &keys, now));
+        assert!(!s.valid("not-a-session", &keys, now));
+        assert!(!s.valid(&t, &keys, now + SESSION_TTL));
+        let t = s.open(&keys[0], now).unwrap();
+        assert!(!s.valid(&t, &["another-admin-key-1".to_owned()], now));
+        assert!(!s.valid(&t, &keys, now), "ended with its key");
+        for _ in 0..MAX_SESSIONS + 10 {
+            s.open(&keys[0], now).unwrap();
+        }
+        assert_eq!(s.len(), MAX_SESSIONS);
+        let t = s.open(&keys[0], now).unwrap();
+        s.close(&t);
+        assert!(!s.valid(&t, &keys, now));
+    }
+
+    #[test]
+    fn cookies_bearers_and_forms_are_read() {
+        let mut h = http::HeaderMap::new();
+        h.insert("cookie", "a=b; gateway_dashboard=abc; c=d".parse().unwrap());
+        h.insert("authorization", "Bearer  tok ".parse().unwrap());
+        assert_eq!(session_cookie(&h), Some("abc"));
+        assert_eq!(bearer(&h), Some("tok"));
+        assert_eq!(form_key(b"x=1&key=a%2Bb+c%25"), Some("a+b c%".to_owned()));
+        assert_eq!(form_key(b"key=%zz"), None);
+        assert_eq!(form_key(b"key=%4"), Some("%4".to_owned()));
+        assert_eq!(form_key(b"nokey=1"), None);
+        let c = set_cookie("abc");
+        for flag in ["HttpOnly", "SameSite=Strict", "Path=/dashboard"] {
+            assert!(c.contains(flag), "{c}");
+        }
+    }
+}
