@@ -59,6 +59,19 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
             .filter_map(limit_json)
             .collect();
+        // The model's adaptive capacity (`[models.NAME.capacity]`): the limit its controller
+        // holds now, the one the capacity rule's status reports.
+        let capacity = statuses
+            .iter()
+            .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
+            .find(|s| {
+                app.layer
+                    .rules()
+                    .iter()
+                    .any(|r| r.name() == s.rule && r.capacity_config().is_some())
+            })
+            .and_then(|s| s.snapshot.as_ref())
+            .map(|snapshot| snapshot.limit);
         let totals = past.models.get(name).copied().unwrap_or_default();
         let last = past
             .samples
@@ -77,10 +90,9 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             "requests_per_second": last.map_or(0, |p| p.requests),
             "tokens_last_minute": tokens_last_minute,
             "in_flight": totals.in_flight(),
-            // The model servers' adaptive capacity, once the gateway learns it
-            // (`[models.NAME.capacity]`): until then `null`, and the page shows in flight
-            // against the `concurrent` limit, if any.
-            "capacity": Value::Null,
+            // Without an adaptive capacity `null`: the page shows in flight against the
+            // `concurrent` limit, if any.
+            "capacity": capacity,
             "totals": {
                 "requests": totals.requests,
                 "refused": totals.refused,
