@@ -299,3 +299,96 @@ async fn a_tier_without_max_wait_is_refused_at_once() {
     assert_eq!(start.elapsed(), Duration::ZERO);
     drop(held);
 }
+
+/// A request of `tier` for model `model` through `layer`, answered at once.
+fn send_to(
+    layer: &RateLimitLayer,
+    model: &str,
+    tier: &str,
+) -> impl std::future::Future<Output = Res> + Send {
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(|_: Request<RequestBody<String>>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    let req = Request::builder()
+        .header("x-model", model)
+        .header("x-tier", tier)
+        .header("x-user", "u")
+        .body(String::new())
+        .unwrap();
+    async move { svc.oneshot(req).await.unwrap() }
+}
+
+/// A memory store whose decisions are taken when asked but answered only when the test
+/// gives a permit (in order), as a networked store's round trip; settlements at once.
+#[derive(Debug, Clone)]
+struct Gated(MemoryStore, Arc<tokio::sync::Semaphore>);
+
+impl Store for Gated {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        let result = self.0.try_acquire(charges);
+        let gate = self.1.clone();
+        StoreFuture::pending(async move {
+            gate.acquire().await.unwrap().forget();
+            result
+        })
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// A release that reaches a waiter whose entry retry (the try made right after entering
+/// the queue, not woken) is admitted with an earlier slot goes on to the next waiter.
+#[tokio::test(start_paused = true)]
+async fn a_release_during_an_entry_retry_goes_on_to_the_next_waiter() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(Gated(MemoryStore::new(), gate.clone()))
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2)).capacity(
+                Capacity::fixed(2)
+                    .tier("pro", Priority::new(2).max_wait(Duration::from_secs(5)))
+                    .tier("std", Priority::new(1).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    gate.add_permits(2);
+    let h1 = send_to(&layer, "m", "std").await;
+    let h2 = send_to(&layer, "m", "std").await;
+    assert_eq!((h1.status(), h2.status()), (StatusCode::OK, StatusCode::OK));
+    // A (pro) and B (std) are refused; their answers wait for the gate.
+    let a = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    let b = tokio::spawn(send_to(&layer, "m", "std"));
+    settle_tasks().await;
+    // A slot comes back while nobody waits.
+    drop(h1);
+    // A hears its refusal, enters the queue and tries again: admitted (answer gated).
+    gate.add_permits(1);
+    settle_tasks().await;
+    // B hears its refusal, enters the queue behind A and tries again: refused.
+    gate.add_permits(1);
+    settle_tasks().await;
+    // The second slot comes back: its wake-up goes to A, first in the queue.
+    drop(h2);
+    let start = Instant::now();
+    gate.add_permits(100);
+    let a = support::within("A", a).await.unwrap();
+    assert_eq!(a.status(), StatusCode::OK);
+    // A holds one slot of two: B has the other at once.
+    let b = support::within("B", b).await.unwrap();
+    assert_eq!(
+        (b.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+    drop(a);
+}

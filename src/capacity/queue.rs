@@ -113,7 +113,9 @@ impl Ticket {
         w.wake_first(Some(self.place));
     }
 
-    /// The waiter was admitted: it leaves, its wake-up used.
+    /// The waiter was admitted after a release woke it: it leaves, its wake-up used. (A
+    /// waiter admitted without having been woken is dropped instead, so that a wake-up it
+    /// received meanwhile goes on.)
     pub(crate) fn admitted(self) {
         let mut w = self.queue.lock();
         if let Some(me) = w.queue.get_mut(&self.place) {

@@ -154,7 +154,13 @@ impl Acquiring {
             }
             if matches!(&result, Ok(d) if d.is_admitted()) {
                 if let Some(ticket) = self.ticket.take() {
-                    ticket.admitted();
+                    if woken {
+                        ticket.admitted();
+                    } else {
+                        // Admitted by its entry retry, with a slot freed before it entered:
+                        // a release that woke it meanwhile is not its own, and goes on.
+                        drop(ticket);
+                    }
                     self.report(QueueOutcome::Admitted);
                 }
                 return (plan, result);
