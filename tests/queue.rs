@@ -392,3 +392,36 @@ async fn a_release_during_an_entry_retry_goes_on_to_the_next_waiter() {
     );
     drop(a);
 }
+
+/// Past the most controllers a rule keeps (4096), the idle ones least recently used make
+/// room: a flood of client-chosen model names leaves a later model a working queue.
+#[tokio::test(start_paused = true)]
+async fn after_a_flood_of_keys_a_new_models_waiter_is_still_woken() {
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
+                Capacity::fixed(1).tier("pro", Priority::new(2).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    for i in 0..5000 {
+        let res = send_to(&layer, &format!("junk-{i}"), "pro").await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let held = send_to(&layer, "m", "pro").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let waiter = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    let start = Instant::now();
+    drop(held);
+    let res = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(
+        (res.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO),
+        "the released slot goes to the waiter at once"
+    );
+}

@@ -14,6 +14,12 @@
 //! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
 //! adaptive capacity works with the memory store and with Redis alike.
 //!
+//! A rule keeps at most 4,096 controllers (keys over 256 bytes held as a keyed 128-bit
+//! digest): the key may be a header a client sets. At that bound the idle ones (no request
+//! of theirs in flight or waiting), least recently used first, make room, and come back at
+//! the initial limit when used again; with none idle, a new bucket runs at the initial
+//! limit without a queue (its refusals are immediate).
+//!
 //! # Several replicas on one Redis
 //!
 //! Each layer (each process) governs **its own share** of a model's capacity: its

@@ -62,13 +62,14 @@ impl Limiter {
         feedback: &mut Option<Feedback>,
         reserve: &mut Option<Reserve>,
     ) -> impl Iterator<Item = Planned> {
-        let cell = cap.cell(bucket.key());
+        let now = self.clock.now_nanos();
+        let cell = cap.cell(bucket.key(), now);
         let capacity = quota.limit().min(cell.limit());
         let quota = quota.with_limit(capacity);
         let key = replica_key(bucket.key(), &self.replica);
         feedback
             .get_or_insert_with(|| Feedback {
-                started: self.clock.now_nanos(),
+                started: now,
                 cells: Vec::new(),
             })
             .cells
@@ -201,7 +202,7 @@ impl Limiter {
             tier: plan.tier.as_ref(),
             level: priority.level,
             max_wait: priority.max_wait?,
-            max_len: config.queue_len,
+            max_len: adapt.cell.queue_len(config.queue_len),
         })
     }
 }
