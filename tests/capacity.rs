@@ -137,12 +137,18 @@ async fn overloads_shrink_the_limit_once_per_interval_and_everyone_sees_it() {
     drop(held);
 
     // That interval had the limit in use and fast answers: 6 -> 7. Then slow answers
-    // (300 ms against a 100 ms target) cut by the gradient, by half at most: 7 -> 3 -> 2
-    // (min).
+    // (300 ms and more against a 100 ms target) with four in flight (latency at low load is
+    // not judged) cut by the gradient, by half at most: 7 -> 3 -> 2 (min).
     for _ in 0..4 {
         clock.advance(Duration::from_secs(1));
-        svc.clone().oneshot(request(200, 300)).await.unwrap();
-        svc.clone().oneshot(request(200, 300)).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(svc.clone().oneshot(request(200, 300)).await.unwrap());
+        }
+        // Ended last sent first: 300 ms, then the earlier ones, 600, 900 and 1200 ms.
+        while let Some(res) = held.pop() {
+            drop(res);
+        }
     }
     assert_eq!(limit_in_status(&layer).await.0, 2);
     let seen: Vec<_> = changes
@@ -456,4 +462,29 @@ async fn the_layer_follows_a_simulated_server_whose_capacity_halves_then_comes_b
     let regained = first(120 * S, 64).expect("regains 64");
     assert!(regained < 30 * S, "regained after {regained} ms");
     assert!(all(150 * S, 200 * S, 64), "{:?}", show(150 * S, 200 * S));
+}
+
+/// Without a latency target, a workload whose time to first byte varies (short and long
+/// prompts) at low load is not cut: one request in flight of 8 says nothing of overload.
+#[tokio::test]
+async fn an_idle_upstream_with_varied_latency_keeps_its_limit() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(Capacity::adaptive(1, 8)))
+        .clock(clock.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(clock.clone()));
+    for i in 0..40 {
+        // One request at a time: 10 ms (a short prompt) and 100 ms (a long one) in turn.
+        let ms = if i % 2 == 0 { 10 } else { 100 };
+        let res = svc.clone().oneshot(request(200, ms)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        drop(res);
+        clock.advance(Duration::from_millis(200));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 8);
 }

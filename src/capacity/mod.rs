@@ -116,8 +116,9 @@
 //!
 //! - an overload status or an inner error in the interval: the limit is multiplied by
 //!   [`Capacity::decrease`] (default 0.8);
-//! - else, a mean latency past the target: the limit is scaled by `target / latency` (by
-//!   1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
+//! - else, when the requests in flight reached half the limit (at low load a slow answer is
+//!   a long prompt, not an overload), a mean latency past the target: the limit is scaled
+//!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
 //!   this lands the limit where the latency meets its target in about one step (the
 //!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
 //! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
@@ -130,7 +131,10 @@
 //! limit, they would cut it again for the same overload.
 //!
 //! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
-//! lowest latency seen in the current or the previous [`Capacity::baseline_window`]. With a
+//! baseline: the 10th percentile of the latencies of the current or the previous
+//! [`Capacity::baseline_window`] (the lower). A time to first token varies with the prompt's
+//! length: for LLM traffic, set a `latency_target` (a mix of short and long prompts looks
+//! slower than its 10th percentile without any overload). With a
 //! latency growing in proportion to the load past the capacity, the limit settles at about
 //! `target / unloaded latency x capacity`: a target 5% above the unloaded latency keeps it
 //! within 10% of the capacity. A server that halves its capacity is followed within a few

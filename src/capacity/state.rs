@@ -121,9 +121,9 @@ impl Cell {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// A request was admitted with `in_flight` slots of this bucket taken.
-    pub(crate) fn admitted(&self, in_flight: u64) {
-        self.lock().admitted(in_flight);
+    /// A decision on a request saw `in_flight` slots of this bucket taken.
+    pub(crate) fn saw_in_flight(&self, in_flight: u64) {
+        self.lock().saw_in_flight(in_flight);
     }
 
     /// Feedback from one response; the change of limit, if any.

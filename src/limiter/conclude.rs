@@ -165,10 +165,12 @@ impl Limiter {
             };
             self.observe(tier, outcome, &rules);
         }
-        if let (None, Some(f)) = (decision.denial, &plan.feedback) {
+        // The load the controllers judge by: a refusal shows the bucket in use as well as an
+        // admission does.
+        if let Some(f) = &plan.feedback {
             for a in &f.cells {
                 let s = decision.charges[a.charge].snapshot;
-                a.cell.admitted(s.limit.saturating_sub(s.remaining));
+                a.cell.saw_in_flight(s.limit.saturating_sub(s.remaining));
             }
         }
         let Some(denial) = decision.denial else {
