@@ -488,3 +488,88 @@ async fn an_idle_upstream_with_varied_latency_keeps_its_limit() {
     }
     assert_eq!(limit_in_status(&layer).await.0, 8);
 }
+
+/// An upstream that never answers (a stalled model server): every caller gives up (its
+/// timeout, above the layer) past the latency target, and each such interval counts as an
+/// overload.
+#[tokio::test(start_paused = true)]
+async fn requests_abandoned_past_the_target_without_an_answer_shrink_the_limit() {
+    let clock = ManualClock::new();
+    let changes = Changes::default();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(1, 8).latency_target(Duration::from_millis(500)),
+        ))
+        .clock(clock.clone())
+        .replica_id("r")
+        .observer(changes.clone())
+        .build()
+        .unwrap();
+    let stalled = {
+        let clock = clock.clone();
+        tower::service_fn(move |_: Request<RequestBody<String>>| {
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_secs(30));
+                std::future::pending::<Result<Response<String>, Infallible>>().await
+            }
+        })
+    };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(stalled);
+    for _ in 0..4 {
+        let gave_up = tokio::time::timeout(
+            Duration::from_secs(30),
+            svc.clone().oneshot(request(200, 0)),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        clock.advance(Duration::from_secs(2));
+    }
+    // Two intervals, each judged at its second abandon: 8 x 0.8 = 6.4, then 5.12.
+    let seen: Vec<_> = changes
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| (c.1, c.2, c.3))
+        .collect();
+    assert_eq!(seen, [(8, 6, Change::Overload), (6, 5, Change::Overload)]);
+    assert_eq!(limit_in_status(&layer).await.0, 5);
+}
+
+/// A caller that gives up before the latency target says nothing of the upstream.
+#[tokio::test(start_paused = true)]
+async fn requests_abandoned_within_the_target_say_nothing() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(1, 8).latency_target(Duration::from_millis(500)),
+        ))
+        .clock(clock.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let slow = {
+        let clock = clock.clone();
+        tower::service_fn(move |_: Request<RequestBody<String>>| {
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_millis(100));
+                std::future::pending::<Result<Response<String>, Infallible>>().await
+            }
+        })
+    };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(slow);
+    for _ in 0..6 {
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(request(200, 0)))
+                .await;
+        assert!(gave_up.is_err());
+        clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 8);
+}

@@ -5,7 +5,8 @@
 //! Feedback is gathered over an interval ([`Capacity::interval`]) and judged once at its end,
 //! so that a burst of failures of requests admitted together counts as one signal:
 //!
-//! - an overload status (429, 502, 503, 504, an inner error): the limit is multiplied by
+//! - an overload status (429, 502, 503, 504, an inner error), or a caller that gave up past
+//!   the latency target without the response's head: the limit is multiplied by
 //!   [`Capacity::decrease`];
 //! - else, if the requests in flight reached half the limit (a limit nobody uses proves
 //!   nothing, and a long prompt alone at low load is slow without any overload), a mean
@@ -51,12 +52,16 @@ pub(crate) enum Signal {
     Latency(u64),
     /// 429, 502, 503, 504, or the inner service failed, after this long.
     Overload(u64),
+    /// The caller went away after this long without the response's head (its timeout, a
+    /// stalled upstream): an overload past the latency target, nothing before it (a lower
+    /// bound of a latency would bias the mean low).
+    Abandoned(u64),
 }
 
 impl Signal {
     fn elapsed(self) -> u64 {
         match self {
-            Signal::Latency(l) | Signal::Overload(l) => l,
+            Signal::Latency(l) | Signal::Overload(l) | Signal::Abandoned(l) => l,
         }
     }
 }
@@ -193,9 +198,14 @@ impl Controller {
         if self.cut_at.is_some_and(|cut| sent < cut) {
             return None;
         }
+        if let Signal::Abandoned(l) = signal {
+            if !self.target(cfg).is_some_and(|t| l as f64 > t) {
+                return None;
+            }
+        }
         let started = *self.window.started.get_or_insert(now);
         match signal {
-            Signal::Overload(_) => self.window.overloaded = true,
+            Signal::Overload(_) | Signal::Abandoned(_) => self.window.overloaded = true,
             Signal::Latency(l) => {
                 self.window.samples += 1;
                 self.window.latency_sum += u128::from(l);
@@ -223,13 +233,7 @@ impl Controller {
             return None;
         }
         let mean = (w.latency_sum / u128::from(w.samples)) as f64;
-        let target = match cfg.latency_target {
-            Some(t) => Some(nanos(t) as f64),
-            None => self
-                .baseline
-                .get()
-                .map(|b| b as f64 * cfg.latency_tolerance),
-        };
+        let target = self.target(cfg);
         // At low load a slow answer is a long prompt, not an overload.
         if (w.peak_in_flight as f64) * 2.0 < self.limit {
             return None;
@@ -254,6 +258,18 @@ impl Controller {
             self.ceiling = None;
         }
         Some(Change::Growth)
+    }
+
+    /// The latency target (nanoseconds): the configured one, or the tolerance times the
+    /// baseline once there is one.
+    fn target(&self, cfg: &Capacity) -> Option<f64> {
+        match cfg.latency_target {
+            Some(t) => Some(nanos(t) as f64),
+            None => self
+                .baseline
+                .get()
+                .map(|b| b as f64 * cfg.latency_tolerance),
+        }
     }
 
     fn cut(&mut self, to: f64) {

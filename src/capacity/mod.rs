@@ -5,8 +5,9 @@
 //! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
 //! picks the current limit from what the upstream answers: the time to the first byte of
 //! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
-//! 503, 504 or an error of the inner service, and in proportion when the mean latency goes past
-//! the target; it grows it while responses come back within the target and the limit is in
+//! 503, 504, an error of the inner service or a caller that gave up past the latency target
+//! without the response's head (a stalled upstream), and in proportion when the mean latency
+//! goes past the target; it grows it while responses come back within the target and the limit is in
 //! use; always within `[min, max]`, and at most once per interval (see the controller's
 //! rules below).
 //!
@@ -114,8 +115,9 @@
 //! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged
 //! at its end:
 //!
-//! - an overload status or an inner error in the interval: the limit is multiplied by
-//!   [`Capacity::decrease`] (default 0.8);
+//! - an overload status, an inner error, or a caller gone past the target without the
+//!   response's head, in the interval: the limit is multiplied by [`Capacity::decrease`]
+//!   (default 0.8); a caller gone before the target says nothing;
 //! - else, when the requests in flight reached half the limit (at low load a slow answer is
 //!   a long prompt, not an overload), a mean latency past the target: the limit is scaled
 //!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in proportion to the load, so

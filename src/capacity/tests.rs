@@ -171,6 +171,21 @@ fn a_few_freak_fast_answers_do_not_set_the_baseline() {
 }
 
 #[test]
+fn a_caller_gone_past_the_target_without_an_answer_is_an_overload() {
+    // No target configured: 1.5 x the baseline (100 ms) = 150 ms.
+    let cfg = Capacity::adaptive(1, 100).initial(40);
+    let mut c = Controller::new(&cfg);
+    c.sample(&cfg, 0, Signal::Latency(100 * MS));
+    // Gone after 120 ms: nothing to judge.
+    assert_eq!(c.sample(&cfg, S, Signal::Abandoned(120 * MS)), None);
+    c.sample(&cfg, 2 * S, Signal::Abandoned(120 * MS));
+    assert_eq!(c.limit(), 40);
+    // Gone after 10 s: an overload (the interval under way since 0 s is judged), at any load.
+    let cut = c.sample(&cfg, 3 * S, Signal::Abandoned(10 * S));
+    assert_eq!(cut, Some((40, 32, Change::Overload)));
+}
+
+#[test]
 fn a_configuration_problem_is_named() {
     assert!(Capacity::adaptive(0, 4).problem().unwrap().contains("min"));
     assert!(Capacity::adaptive(5, 4)
