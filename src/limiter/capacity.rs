@@ -132,6 +132,32 @@ impl Limiter {
         true
     }
 
+    /// The buckets that make a request's idempotency identity, as (rule name, key): an
+    /// adaptive bucket's key without its replica suffix, and not the tier's own bucket (a
+    /// retry through another replica, or of another tier's reserve, is the same request).
+    pub(super) fn identity_buckets<'p>(
+        &'p self,
+        charges: &'p [Planned],
+        feedback: Option<&'p Feedback>,
+        reserve: Option<&'p Reserve>,
+    ) -> impl Iterator<Item = (&'p str, &'p [u8])> + 'p {
+        let suffix = 1 + self.replica.len();
+        charges.iter().enumerate().filter_map(move |(i, p)| {
+            if reserve.is_some_and(|r| r.tier == i) {
+                return None;
+            }
+            let key = p.bucket.key().as_bytes();
+            let adaptive = feedback.is_some_and(|f| f.cells.iter().any(|a| a.charge == i));
+            let key = if adaptive {
+                // `replica_key` appended `@{replica}`.
+                &key[..key.len().saturating_sub(suffix)]
+            } else {
+                key
+            };
+            Some((p.bucket.rule(), key))
+        })
+    }
+
     /// Turns `plan` back into its first attempt, at the capacities in force now, for a
     /// waiter trying again: the latency of its answer counts from now, not from its arrival.
     pub(crate) fn retry_from_queue(&self, plan: &mut Plan) {
