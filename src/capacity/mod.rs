@@ -49,8 +49,10 @@
 //! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
 //! | 2, only when attempt 1 was refused by the bucket's threshold | the capacity | `floor(share x capacity)` |
 //!
-//! Headers show the bucket at its capacity (the tier's bucket is not shown); the observer
-//! sees both charges.
+//! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
+//! remaining for a caller the capacity refused; the 429's message gives the capacity and
+//! the requests in flight (`used 5 or more` when refused at a threshold of 5: the count past
+//! it is not known). The observer sees both charges.
 //!
 //! ```
 //! use tower_llm_ratelimit::capacity::{Capacity, Priority};

@@ -13,7 +13,7 @@ use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::headers::{self, RateHeaders, RuleState};
 use crate::observe::{ModelLabel, Outcome, RuleDecision};
-use crate::reject::{Per, Rejection};
+use crate::reject::{Per, Rejection, Used};
 use crate::rule::Quota;
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, Snapshot, StoreError};
 use crate::tier::Tier;
@@ -109,6 +109,10 @@ impl Limiter {
             }
         }
         let reserve = plan.reserve.as_ref();
+        let refused_by_capacity = match (reserve, decision.denial) {
+            (Some(r), Some(d)) => d.index == r.shared || d.index == r.tier,
+            _ => false,
+        };
         let states = plan
             .charges
             .iter()
@@ -120,13 +124,18 @@ impl Limiter {
                 rule: &self.rules[p.rule].name,
                 quota: &p.quota,
                 variant: p.variant,
-                // The bucket's charge at the saturation threshold: shown at the capacity.
+                // The bucket's charge at the saturation threshold: shown at the capacity, with
+                // nothing left for a caller it refused.
                 snapshot: match reserve {
                     Some(r) if r.shared == i => Snapshot {
                         limit: r.capacity,
-                        remaining: r
-                            .capacity
-                            .saturating_sub(s.snapshot.limit.saturating_sub(s.snapshot.remaining)),
+                        remaining: if refused_by_capacity {
+                            0
+                        } else {
+                            r.capacity.saturating_sub(
+                                s.snapshot.limit.saturating_sub(s.snapshot.remaining),
+                            )
+                        },
                         ..s.snapshot
                     },
                     _ => s.snapshot,
@@ -189,7 +198,21 @@ impl Limiter {
             });
         };
         let p = &plan.charges[denial.index];
-        let snapshot = decision.charges[denial.index].snapshot;
+        let mut snapshot = decision.charges[denial.index].snapshot;
+        // A capacity with tiers: its limit is the capacity, and what is used is the bucket's
+        // count (its tier's bucket is the rule's business). A count at its charge's limit may
+        // be past it (the saturation threshold, a capacity that shrank).
+        let mut used = Used::Exactly(snapshot.limit.saturating_sub(snapshot.remaining));
+        if let Some(r) = reserve.filter(|_| refused_by_capacity) {
+            let shared = decision.charges[r.shared].snapshot;
+            let count = shared.limit.saturating_sub(shared.remaining);
+            used = if shared.remaining == 0 {
+                Used::AtLeast(count)
+            } else {
+                Used::Exactly(count)
+            };
+            snapshot.limit = r.capacity;
+        }
         let rule = &*self.rules[p.rule].name;
         tracing::debug!(
             target: "tower_llm_ratelimit",
@@ -210,7 +233,7 @@ impl Limiter {
                 p.quota.unit().as_str(),
                 snapshot.limit,
                 Per::of(&p.quota),
-                snapshot.limit.saturating_sub(snapshot.remaining),
+                used,
                 p.amount,
                 denial.retry_after,
             )
