@@ -425,3 +425,37 @@ async fn after_a_flood_of_keys_a_new_models_waiter_is_still_woken() {
         "the released slot goes to the waiter at once"
     );
 }
+
+/// A waiter woken, then refused by another rule (its user's requests per minute), is
+/// reported as refused, not as a client that left.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_refused_by_another_rule_is_reported_as_refused() {
+    let queued = Queued::default();
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .observer(queued.clone())
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
+                Capacity::fixed(1).tier("pro", Priority::new(2).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .rule(Rule::new(
+            "rpm",
+            key::header("x-user"),
+            Quota::per_minute(2),
+        ))
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    let held = send_to(&layer, "m", "pro").await;
+    let waiter = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    // The user's last request of the minute, on another model.
+    assert_eq!(send_to(&layer, "m2", "pro").await.status(), StatusCode::OK);
+    drop(held);
+    let res = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let outcomes: Vec<_> = queued.0.lock().unwrap().iter().map(|e| e.1).collect();
+    assert_eq!(outcomes, [QueueOutcome::Refused]);
+}

@@ -166,6 +166,12 @@ impl Acquiring {
                 return (plan, result);
             }
             let Some(wait) = self.limiter.queue_for(&plan, &result) else {
+                if let Some(ticket) = self.ticket.take() {
+                    // Refused by another rule, or the store failed: the wait is over with
+                    // that answer (a wake-up it had goes on).
+                    drop(ticket);
+                    self.report(QueueOutcome::Refused);
+                }
                 return (plan, result);
             };
             match &self.ticket {
