@@ -7,9 +7,14 @@ mod support;
 use std::convert::Infallible;
 
 use http::{Request, Response, StatusCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tower::ServiceExt;
 use tower_llm_ratelimit::capacity::{Capacity, Priority};
-use tower_llm_ratelimit::store::Store;
+
+use tower_llm_ratelimit::store::{
+    Adjustment, BucketKey, Charge, Decision, MemoryStore, Snapshot, Store, StoreError, StoreFuture,
+};
 use tower_llm_ratelimit::{key, tier, BuildError, Quota, RateLimitLayer, RequestBody, Rule};
 
 type Held = Response<tower_llm_ratelimit::ResponseBody<String>>;
@@ -330,4 +335,46 @@ async fn a_capacity_429_says_no_slot_remains_and_how_many_are_in_flight() {
     let (header, message) = refusal(res).await;
     assert_eq!(header, "\"model-slots\";r=0;t=0");
     assert!(message.contains("limit 10 in flight, used 9,"), "{message}");
+}
+
+/// A memory store that counts its decisions.
+#[derive(Debug, Clone, Default)]
+struct Counted(MemoryStore, Arc<AtomicUsize>);
+
+impl Store for Counted {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.acquire(charges)
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// With the saturation threshold at the capacity (the default), a refusal is final: no
+/// second attempt at the tier's reserve, which could only be refused by the same count.
+#[tokio::test]
+async fn at_a_threshold_of_the_whole_capacity_a_refusal_costs_one_store_call() {
+    let store = Counted::default();
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2))
+                .capacity(Capacity::fixed(2).tier("pro", Priority::new(2).reserve(0.5))),
+        )
+        .tiers(tier::header("x-tier"))
+        .store(store.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    assert_eq!(burst(&layer, "pro", 2, &mut held).await, [200, 200]);
+    let before = store.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(burst(&layer, "pro", 1, &mut held).await, [429]);
+    assert_eq!(
+        store.1.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1
+    );
 }

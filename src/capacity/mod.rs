@@ -47,7 +47,7 @@
 //! | attempt | the bucket's limit | the tier's bucket's limit |
 //! |---|---|---|
 //! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
-//! | 2, only when attempt 1 was refused by the bucket's threshold | the capacity | `floor(share x capacity)` |
+//! | 2, only when attempt 1 was refused by the bucket's threshold, below the capacity | the capacity | `floor(share x capacity)` |
 //!
 //! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
 //! remaining for a caller the capacity refused; the 429's message gives the capacity and

@@ -121,7 +121,9 @@ impl Limiter {
             result,
             Ok(Decision { denial: Some(d), .. }) if d.index == r.shared
         );
-        if r.second || r.reserved == 0 || !refused_for_saturation {
+        // A threshold at the capacity: the second attempt would charge the bucket at the
+        // same limit that refused the first.
+        if r.second || r.reserved == 0 || r.threshold >= r.capacity || !refused_for_saturation {
             return false;
         }
         r.second = true;
