@@ -459,3 +459,57 @@ async fn a_waiter_refused_by_another_rule_is_reported_as_refused() {
     let outcomes: Vec<_> = queued.0.lock().unwrap().iter().map(|e| e.1).collect();
     assert_eq!(outcomes, [QueueOutcome::Refused]);
 }
+
+/// A memory store that counts its decisions.
+#[derive(Debug, Clone, Default)]
+struct Counted(MemoryStore, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    fn calls(&self) -> usize {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for Counted {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.acquire(charges)
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// A release whose slot a newcomer takes before the woken waiter tries again: the waiter,
+/// refused by the full bucket, keeps its place and wakes nobody else (they would all be
+/// refused by the same full bucket, a store call each).
+#[tokio::test(start_paused = true)]
+async fn a_waiter_refused_by_a_full_bucket_does_not_wake_the_next() {
+    let store = Counted::default();
+    let s = setup_with(16, store.clone());
+    let held = s.send("std", "holder").await;
+    let waiters: Vec<_> = (0..5).map(|i| s.spawn("pro", &format!("w{i}"))).collect();
+    settle_tasks().await;
+    let before = store.calls();
+    // The slot comes back, and a newcomer takes it before the woken waiter runs.
+    drop(held);
+    let newcomer = s.send("std", "newcomer").await;
+    assert_eq!(newcomer.status(), StatusCode::OK);
+    settle_tasks().await;
+    assert_eq!(store.calls() - before, 2, "the newcomer's and one waiter's");
+    // The newcomer's slot comes back: the waiters are served in order all the same.
+    drop(newcomer);
+    for w in waiters {
+        assert_eq!(
+            support::within("a waiter", w).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        s.served(),
+        ["holder", "newcomer", "w0", "w1", "w2", "w3", "w4"]
+    );
+}

@@ -2,9 +2,10 @@
 //! for a local release of the bucket, served by priority, then arrival.
 //!
 //! Each release wakes the first waiter not woken already; a woken waiter tries its charges
-//! again. Admitted, it leaves; refused again (the slot went to a request that came in
-//! meanwhile, or its tier's reserve is full), it keeps its place and hands the wake-up on to
-//! the next waiter, so that a release is never lost to a waiter that can't use it. A waiter
+//! again. Admitted, it leaves; refused again, it keeps its place: refused by its tier's
+//! reserve or the saturation threshold, it hands the wake-up on to the next waiter, so that
+//! a release is not lost to a waiter that can't use it; refused by the bucket full (the slot
+//! went to a request that came in meanwhile), it doesn't (the next would be refused too). A waiter
 //! that leaves (its deadline, its client gone) hands on a wake-up it had not used.
 
 use std::cmp::Reverse;
@@ -104,13 +105,16 @@ impl Ticket {
     }
 
     /// The waiter was woken but refused again: it keeps its place, and the wake-up goes on
-    /// to the next waiter.
-    pub(crate) fn refused(&self) {
+    /// to the next waiter unless `full` (the bucket itself refused it, full: so would it
+    /// the next, a store call each).
+    pub(crate) fn refused(&self, full: bool) {
         let mut w = self.queue.lock();
         if let Some(me) = w.queue.get_mut(&self.place) {
             me.woken = false;
         }
-        w.wake_first(Some(self.place));
+        if !full {
+            w.wake_first(Some(self.place));
+        }
     }
 
     /// The waiter was admitted after a release woke it: it leaves, its wake-up used. (A

@@ -38,6 +38,8 @@ pub(crate) struct Wait<'a> {
     pub(crate) level: u8,
     pub(crate) max_wait: Duration,
     pub(crate) max_len: usize,
+    /// Refused by the bucket at its whole capacity (not a threshold, not a tier's reserve).
+    pub(crate) full: bool,
 }
 
 /// `floor(share x capacity)`.
@@ -224,7 +226,13 @@ impl Limiter {
         let adapt = self.capacity_of(plan, denial.index)?;
         let config = &self.capacity[adapt.rule].as_ref()?.config;
         let priority = config.priority_of(plan.tier.as_ref().map(|t| t.as_str()))?;
+        let at_capacity = plan
+            .reserve
+            .as_ref()
+            .filter(|r| r.shared == adapt.charge)
+            .is_none_or(|r| r.second || r.threshold >= r.capacity);
         Some(Wait {
+            full: denial.index == adapt.charge && at_capacity,
             cell: &adapt.cell,
             bucket: &plan.charges.get(adapt.charge)?.bucket,
             tier: plan.tier.as_ref(),

@@ -175,7 +175,7 @@ impl Acquiring {
                 return (plan, result);
             };
             match &self.ticket {
-                Some(ticket) if woken => ticket.refused(),
+                Some(ticket) if woken => ticket.refused(wait.full),
                 Some(_) => {}
                 None => {
                     let entered = wait.cell.queue.enter(wait.level, wait.max_len);
