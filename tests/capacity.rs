@@ -211,6 +211,20 @@ async fn a_limit_in_use_grows_back_while_answers_are_fast() {
 }
 
 #[test]
+fn a_replica_id_with_an_at_sign_is_refused_at_build() {
+    // `m@r2` on replica `r1` and `m` on replica `r2@r1` would share the bucket `m@r2@r1`.
+    for id in ["r2@r1", ""] {
+        let err = RateLimitLayer::builder()
+            .rule(rule(Capacity::fixed(4)))
+            .replica_id(id)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, BuildError::InvalidReplicaId { id: id.to_owned() });
+        assert!(err.to_string().contains("replica id"), "{err}");
+    }
+}
+
+#[test]
 fn a_capacity_is_checked_at_build() {
     let err = RateLimitLayer::builder()
         .rule(Rule::new("rpm", key::global(), Quota::per_minute(10)).capacity(Capacity::fixed(4)))
