@@ -513,3 +513,31 @@ async fn a_waiter_refused_by_a_full_bucket_does_not_wake_the_next() {
         ["holder", "newcomer", "w0", "w1", "w2", "w3", "w4"]
     );
 }
+
+/// A refusal's `Retry-After` counts the waiters that would be served before the caller
+/// (of its priority or higher), not those of lower tiers.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_counts_only_the_waiters_ahead_of_the_caller() {
+    let s = setup(2);
+    // Two completions 10 s apart: 2 over the last 5 s window and the one under way.
+    drop(s.send("pro", "a").await);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(s.send("pro", "b").await);
+    let held = s.send("pro", "holder").await;
+    let free = [s.spawn("free", "f1"), s.spawn("free", "f2")];
+    settle_tasks().await;
+    // The queue is full: pro is refused at once, with nobody ahead of it.
+    let res = s.send("pro", "p").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "3", "2.5 s for itself alone");
+    // A free caller has both free waiters ahead.
+    let res = s.send("free", "f3").await;
+    assert_eq!(res.headers()["retry-after"], "8", "7.5 s for three");
+    drop(held);
+    for t in free {
+        assert_eq!(
+            support::within("a waiter", t).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+}

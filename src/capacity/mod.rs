@@ -86,8 +86,9 @@
 //! bounded ([`Capacity::queue_len`], default 64): past it, an immediate 429. A waiter whose
 //! client goes away leaves the queue (a wake-up it had not used goes on to the next). At the
 //! deadline: 429. Refusals by a capacity carry a `Retry-After` from the bucket's recent
-//! completion rate: the waiters ahead and the caller, at the completions per second of the
-//! last 5 to 10 s (1 s without completions, 60 s at most).
+//! completion rate: the waiters ahead (of the caller's priority or higher) and the caller,
+//! at the completions per second of the last 5 to 10 s (1 s without completions, 60 s at
+//! most).
 //!
 //! Requests that arrive while others wait are not held back for them: one may take a slot
 //! released before the woken waiter tries again (the waiter then waits on, in its place).

@@ -61,6 +61,14 @@ impl Queue {
         self.lock().queue.len()
     }
 
+    /// Requests waiting now at priority `level` or higher (served before a caller of `level`).
+    pub(crate) fn at_or_above(&self, level: u8) -> usize {
+        self.lock()
+            .queue
+            .range(..=(Reverse(level), u64::MAX))
+            .count()
+    }
+
     /// A slot of the bucket was released: wakes the first waiter not woken yet.
     pub(crate) fn release(&self) {
         self.lock().wake_first(None);

@@ -95,9 +95,10 @@ impl Cell {
         self.queue.release();
     }
 
-    /// How long a refused caller should wait: the waiters ahead of it, and itself, at the
-    /// bucket's recent completion rate; 1 s without one; at most 60 s.
-    pub(crate) fn retry_after(&self, now: u64) -> Duration {
+    /// How long a refused caller of priority `level` should wait: the waiters ahead of it
+    /// (of its priority or higher), and itself, at the bucket's recent completion rate; 1 s
+    /// without one; at most 60 s.
+    pub(crate) fn retry_after(&self, now: u64, level: u8) -> Duration {
         let c = self
             .completions
             .lock()
@@ -110,7 +111,7 @@ impl Cell {
         if count == 0 || span == 0 {
             return MIN_RETRY;
         }
-        let ahead = self.queue.len() as f64 + 1.0;
+        let ahead = self.queue.at_or_above(level) as f64 + 1.0;
         let secs = ahead * span as f64 / 1e9 / count as f64;
         Duration::from_secs_f64(secs.min(MAX_RETRY.as_secs_f64())).max(MIN_RETRY)
     }

@@ -105,7 +105,12 @@ impl Limiter {
             // A capacity's slots free up as requests complete: the wait is the bucket's
             // queue at its recent completion rate, not a clock's.
             if let Some(a) = self.capacity_of(&plan, d.index) {
-                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos()));
+                // Callers without a priority are served after every waiter.
+                let level = self.capacity[a.rule]
+                    .as_ref()
+                    .and_then(|c| c.config.priority_of(plan.tier.as_ref().map(Tier::as_str)))
+                    .map_or(0, |p| p.level);
+                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos(), level));
             }
         }
         let reserve = plan.reserve.as_ref();
