@@ -541,3 +541,55 @@ async fn a_retry_after_counts_only_the_waiters_ahead_of_the_caller() {
         );
     }
 }
+
+/// A waiter refused at the saturation threshold hands the wake-up on past the waiters of
+/// its own tier (they would be refused the same way, a store call each) to the next tier.
+#[tokio::test(start_paused = true)]
+async fn a_wake_up_handed_on_skips_the_waiters_of_the_refused_tier() {
+    let store = Counted::default();
+    let wait = Duration::from_secs(5);
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(store.clone())
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(4)).capacity(
+                Capacity::fixed(4)
+                    .saturation(0.5)
+                    .tier("pro", Priority::new(2).reserve(0.5).max_wait(wait))
+                    .tier("free", Priority::new(1).max_wait(wait))
+                    .tier("batch", Priority::new(0).reserve(0.25).max_wait(wait)),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    // Free fills the threshold (2), pro its reserve (2): the capacity is full.
+    let mut held = Vec::new();
+    for t in ["free", "free", "pro", "pro"] {
+        let res = send_to(&layer, "m", t).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let free: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(send_to(&layer, "m", "free")))
+        .collect();
+    settle_tasks().await;
+    let batch = tokio::spawn(send_to(&layer, "m", "batch"));
+    settle_tasks().await;
+    let before = store.calls();
+    // A pro slot comes back: 3 in flight, past the threshold. The first free waiter is
+    // refused; batch (its reserve, 1, free) is admitted.
+    drop(held.pop());
+    let batch = support::within("batch", batch).await.unwrap();
+    assert_eq!(batch.status(), StatusCode::OK);
+    assert_eq!(store.calls() - before, 3, "free once, batch's two attempts");
+    drop(held);
+    drop(batch);
+    for f in free {
+        assert_eq!(
+            support::within("a free waiter", f).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+}

@@ -81,8 +81,10 @@
 //! its deadline. Waiters are served by priority, then arrival: each release wakes the first
 //! waiter, which tries its charges again, and hands the wake-up on to the next if it is
 //! refused again by its tier's reserve or the saturation threshold (so a full reserve does
-//! not block the waiters behind it), not when the bucket itself is full (a request that
-//! came in meanwhile took the slot: the next would be refused too). The queue is
+//! not block the waiters behind it), skipping the waiters of its own tier (refused alike);
+//! not when the bucket itself is full (a request that came in meanwhile took the slot: the
+//! next would be refused too). A release thus costs at most one store call per tier
+//! waiting. The queue is
 //! bounded ([`Capacity::queue_len`], default 64): past it, an immediate 429. A waiter whose
 //! client goes away leaves the queue (a wake-up it had not used goes on to the next). At the
 //! deadline: 429. Refusals by a capacity carry a `Retry-After` from the bucket's recent

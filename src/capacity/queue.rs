@@ -4,8 +4,9 @@
 //! Each release wakes the first waiter not woken already; a woken waiter tries its charges
 //! again. Admitted, it leaves; refused again, it keeps its place: refused by its tier's
 //! reserve or the saturation threshold, it hands the wake-up on to the next waiter, so that
-//! a release is not lost to a waiter that can't use it; refused by the bucket full (the slot
-//! went to a request that came in meanwhile), it doesn't (the next would be refused too). A waiter
+//! a release is not lost to a waiter that can't use it (past the waiters of its own tier,
+//! which would be refused alike); refused by the bucket full (the slot went to a request
+//! that came in meanwhile), it doesn't (the next would be refused too). A waiter
 //! that leaves (its deadline, its client gone) hands on a wake-up it had not used.
 
 use std::cmp::Reverse;
@@ -21,6 +22,8 @@ type Place = (Reverse<u8>, u64);
 struct Waiter {
     notify: Arc<Notify>,
     woken: bool,
+    /// Its tier (an index of the capacity's tiers): waiters of one tier are refused alike.
+    tier: usize,
 }
 
 #[derive(Debug, Default)]
@@ -30,15 +33,19 @@ struct Waiters {
 }
 
 impl Waiters {
-    /// Wakes the first waiter after `after` (or from the start) not woken yet.
-    fn wake_first(&mut self, after: Option<Place>) {
+    /// Wakes the first waiter after `after` (or from the start) not woken yet and not of
+    /// tier `skip`.
+    fn wake_first(&mut self, after: Option<Place>, skip: Option<usize>) {
         let range = match after {
             Some(p) => self
                 .queue
                 .range_mut((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)),
             None => self.queue.range_mut(..),
         };
-        if let Some((_, w)) = range.into_iter().find(|(_, w)| !w.woken) {
+        if let Some((_, w)) = range
+            .into_iter()
+            .find(|(_, w)| !w.woken && Some(w.tier) != skip)
+        {
             w.woken = true;
             w.notify.notify_one();
         }
@@ -71,11 +78,17 @@ impl Queue {
 
     /// A slot of the bucket was released: wakes the first waiter not woken yet.
     pub(crate) fn release(&self) {
-        self.lock().wake_first(None);
+        self.lock().wake_first(None, None);
     }
 
-    /// A place for a waiter of priority `level`, or `None` when `max_len` wait already.
-    pub(crate) fn enter(self: &Arc<Self>, level: u8, max_len: usize) -> Option<Ticket> {
+    /// A place for a waiter of priority `level` and tier `tier` (an index of the capacity's
+    /// tiers), or `None` when `max_len` wait already.
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        level: u8,
+        tier: usize,
+        max_len: usize,
+    ) -> Option<Ticket> {
         let mut w = self.lock();
         if w.queue.len() >= max_len {
             return None;
@@ -88,6 +101,7 @@ impl Queue {
             Waiter {
                 notify: Arc::clone(&notify),
                 woken: false,
+                tier,
             },
         );
         Some(Ticket {
@@ -113,15 +127,17 @@ impl Ticket {
     }
 
     /// The waiter was woken but refused again: it keeps its place, and the wake-up goes on
-    /// to the next waiter unless `full` (the bucket itself refused it, full: so would it
-    /// the next, a store call each).
+    /// to the next waiter of another tier (one of its own would be refused alike, a store
+    /// call each), unless `full` (the bucket itself refused it, full: so would it anyone).
     pub(crate) fn refused(&self, full: bool) {
         let mut w = self.queue.lock();
-        if let Some(me) = w.queue.get_mut(&self.place) {
-            me.woken = false;
-        }
+        let Some(me) = w.queue.get_mut(&self.place) else {
+            return;
+        };
+        me.woken = false;
+        let tier = me.tier;
         if !full {
-            w.wake_first(Some(self.place));
+            w.wake_first(Some(self.place), Some(tier));
         }
     }
 
@@ -142,7 +158,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let mut w = self.queue.lock();
         if w.queue.remove(&self.place).is_some_and(|me| me.woken) {
-            w.wake_first(None);
+            w.wake_first(None, None);
         }
     }
 }

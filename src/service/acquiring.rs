@@ -178,7 +178,10 @@ impl Acquiring {
                 Some(ticket) if woken => ticket.refused(wait.full),
                 Some(_) => {}
                 None => {
-                    let entered = wait.cell.queue.enter(wait.level, wait.max_len);
+                    let entered = wait
+                        .cell
+                        .queue
+                        .enter(wait.level, wait.tier_index, wait.max_len);
                     if self.limiter.observer.is_some() {
                         self.queued = Some(Queued {
                             cell: Arc::clone(wait.cell),
