@@ -370,6 +370,30 @@ mod tests {
     }
 
     #[test]
+    fn many_threads_flooding_keys_never_evict_a_controller_in_use() {
+        let cap = Arc::new(rule());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let cap = Arc::clone(&cap);
+                std::thread::spawn(move || {
+                    let mine = Key::new(format!("model-{t}"));
+                    let held = cap.cell(&mine, 0);
+                    for i in 0..5_000u64 {
+                        drop(cap.cell(&Key::new(format!("junk-{t}-{i}")), i));
+                        if i % 500 == 0 {
+                            assert!(Arc::ptr_eq(&held, &cap.cell(&mine, i)), "evicted in use");
+                        }
+                    }
+                    assert!(cap.len() <= MAX_CONTROLLERS);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
     fn with_none_idle_a_new_bucket_gets_no_queue() {
         let cap = rule();
         let held: Vec<_> = (0..MAX_CONTROLLERS)
