@@ -10,13 +10,15 @@
 //!   [`Capacity::decrease`];
 //! - else, if the requests in flight reached half the limit (a limit nobody uses proves
 //!   nothing, and a long prompt alone at low load is slow without any overload), a mean
-//!   latency past the target: the limit is scaled by `target / latency` (at least by 1/2). Past a server's capacity, its latency grows with the load in proportion, so
-//!   this lands the limit near the load at which the latency meets the target in one step
-//!   (the gradient of Envoy's adaptive concurrency filter and of Netflix's Gradient2);
-//! - else, if the requests in flight reached half the limit, it grows: by 10% (at least 1) per interval, and by 2% (at least 1) while it is
-//!   within 10% of the mark the last cut left (where a latency cut landed, where an overload
-//!   cut started), so that it settles near the capacity instead of swinging past it. A
-//!   limit 10% past that mark forgets it: the capacity came back.
+//!   latency past the target: the limit is scaled by `target / latency` (at least by 1/2).
+//!   Past a server's capacity, its latency grows with the load in proportion, so this lands
+//!   the limit near the load at which the latency meets the target in one step (the
+//!   gradient of Envoy's adaptive concurrency filter and of Netflix's Gradient2);
+//! - else, if the requests in flight reached half the limit, it grows: by 10% (at least 1)
+//!   per interval, and by 2% (at least 1) while it is within 10% of the mark the last cut
+//!   left (where a latency cut landed, where an overload cut started), so that it settles
+//!   near the capacity instead of swinging past it. A limit 10% past that mark forgets it:
+//!   the capacity came back.
 //!
 //! Answers to requests sent before the last cut are not judged: they were admitted under
 //! the higher limit, and would cut it again for the same overload.
@@ -232,13 +234,12 @@ impl Controller {
         if w.samples == 0 {
             return None;
         }
-        let mean = (w.latency_sum / u128::from(w.samples)) as f64;
-        let target = self.target(cfg);
         // At low load a slow answer is a long prompt, not an overload.
         if (w.peak_in_flight as f64) * 2.0 < self.limit {
             return None;
         }
-        if let Some(target) = target.filter(|&t| mean > t) {
+        let mean = (w.latency_sum / u128::from(w.samples)) as f64;
+        if let Some(target) = self.target(cfg).filter(|&t| mean > t) {
             let gradient = (target / mean).max(MIN_GRADIENT);
             self.cut(self.limit * gradient);
             // The gradient estimates the load at which the latency meets its target: the

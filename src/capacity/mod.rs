@@ -6,10 +6,10 @@
 //! picks the current limit from what the upstream answers: the time to the first byte of
 //! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
 //! 503, 504, an error of the inner service or a caller that gave up past the latency target
-//! without the response's head (a stalled upstream), and in proportion when the mean latency
-//! goes past the target; it grows it while responses come back within the target and the limit is in
-//! use; always within `[min, max]`, and at most once per interval (see the controller's
-//! rules below).
+//! without the response's head (a stalled upstream), and in proportion when the mean
+//! latency goes past the target under load; it grows it while responses come back within
+//! the target and the limit is in use; always within `[min, max]`, and at most once per
+//! interval (see the controller's rules below).
 //!
 //! The controller is local to the layer and only picks the limit; the store enforces it
 //! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
@@ -47,7 +47,7 @@
 //! | attempt | the bucket's limit | the tier's bucket's limit |
 //! |---|---|---|
 //! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
-//! | 2, only when attempt 1 was refused by the bucket's threshold, below the capacity | the capacity | `floor(share x capacity)` |
+//! | 2, only when attempt 1 was refused by a threshold below the capacity | the capacity | `floor(share x capacity)` |
 //!
 //! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
 //! remaining for a caller the capacity refused; the 429's message gives the capacity and
@@ -127,9 +127,10 @@
 //!   (default 0.8); a caller gone before the target says nothing;
 //! - else, when the requests in flight reached half the limit (at low load a slow answer is
 //!   a long prompt, not an overload), a mean latency past the target: the limit is scaled
-//!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
-//!   this lands the limit where the latency meets its target in about one step (the
-//!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
+//!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in
+//!   proportion to the load, so this lands the limit where the latency meets its target in
+//!   about one step (the gradient of Envoy's adaptive concurrency filter and Netflix's
+//!   Gradient2);
 //! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
 //!   (at least 1) within 10% of the mark the last cut left (the limit a latency cut landed
 //!   on, the limit an overload cut started from), so that it settles near the capacity
