@@ -22,6 +22,9 @@ pub(crate) const MAX_CONTROLLERS: usize = 4096;
 /// as a 128-bit keyed digest, as the memory store does (`store/memory/digest.rs`).
 const MAX_HELD_KEY: usize = 256;
 
+/// How precisely the last use of a controller is known, for eviction (nanoseconds).
+const TOUCH_PRECISION: u64 = 1_000_000_000;
+
 /// The window over which a bucket's completion rate is measured.
 const RATE_WINDOW: u64 = 5_000_000_000;
 /// Bounds of the `Retry-After` derived from it.
@@ -70,6 +73,14 @@ impl Cell {
             0
         } else {
             max_len
+        }
+    }
+
+    /// Notes a use at `now`, to the second (a write per request would make every request of
+    /// a bucket contend for one cache line).
+    fn touch(&self, now: u64) {
+        if now.saturating_sub(self.used.load(Ordering::Relaxed)) >= TOUCH_PRECISION {
+            self.used.store(now, Ordering::Relaxed);
         }
     }
 
@@ -198,12 +209,12 @@ impl RuleCapacity {
             .get(&*held)
             .map(Arc::clone);
         if let Some(c) = found {
-            c.used.fetch_max(now, Ordering::Relaxed);
+            c.touch(now);
             return c;
         }
         let mut cells = self.cells.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = cells.get(&*held) {
-            c.used.fetch_max(now, Ordering::Relaxed);
+            c.touch(now);
             return Arc::clone(c);
         }
         if cells.len() >= MAX_CONTROLLERS {
@@ -349,17 +360,16 @@ mod tests {
         let cap = rule();
         let key = |i: usize| Key::new(format!("k{i}"));
         // The first is in use (a request holds it), the second used late.
+        const S: u64 = 1_000_000_000;
         let busy = cap.cell(&key(0), 0);
         for i in 1..MAX_CONTROLLERS {
-            drop(cap.cell(&key(i), i as u64));
+            drop(cap.cell(&key(i), i as u64 * S));
         }
-        drop(cap.cell(&key(1), 1_000_000));
-        let new = cap.cell(&Key::new("new"), 1_000_001);
+        let late = MAX_CONTROLLERS as u64 * S;
+        drop(cap.cell(&key(1), late));
+        let new = cap.cell(&Key::new("new"), late);
         assert!(!new.unkept);
-        assert!(
-            Arc::ptr_eq(&busy, &cap.cell(&key(0), 1_000_002)),
-            "in use: kept"
-        );
+        assert!(Arc::ptr_eq(&busy, &cap.cell(&key(0), late)), "in use: kept");
         let cells = cap.cells.read().unwrap();
         assert!(cells.contains_key(&key(1)), "recently used: kept");
         assert!(
