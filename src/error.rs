@@ -85,6 +85,13 @@ pub enum BuildError {
         /// The rule.
         rule: String,
     },
+    /// A replica id ([`crate::RateLimitLayerBuilder::replica_id`]) that is empty or contains
+    /// `@`: adaptive buckets are keyed `{key}@{replica}`, so `m@r2` on replica `r1` and `m`
+    /// on replica `r2@r1` would share one.
+    InvalidReplicaId {
+        /// The id.
+        id: String,
+    },
 }
 
 fn tier_of(tier: &Option<String>) -> String {
@@ -144,6 +151,10 @@ impl fmt::Display for BuildError {
                 f,
                 "rule `{rule}` counts tokens but the layer has no cost estimator; \
                  set one with `.cost(..)`"
+            ),
+            BuildError::InvalidReplicaId { id } => write!(
+                f,
+                "replica id must be non-empty and without `@`, got {id:?}"
             ),
         }
     }

@@ -41,7 +41,10 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, headers: RateHeaders, settle: Option<Box<Settle>>) -> Self {
+    pub(crate) fn inner(fut: F, headers: RateHeaders, mut settle: Option<Box<Settle>>) -> Self {
+        if let Some(s) = &mut settle {
+            s.sent();
+        }
         Self {
             state: State::Inner {
                 fut,
@@ -90,11 +93,16 @@ where
                     Next::Reject(response) => this.state.set(State::Rejected {
                         response: Some(response),
                     }),
-                    Next::Call(fut, headers, settle) => this.state.set(State::Inner {
-                        fut,
-                        headers: Some(headers),
-                        settle,
-                    }),
+                    Next::Call(fut, headers, mut settle) => {
+                        if let Some(s) = &mut settle {
+                            s.sent();
+                        }
+                        this.state.set(State::Inner {
+                            fut,
+                            headers: Some(headers),
+                            settle,
+                        });
+                    }
                 },
                 StateProj::Inner {
                     fut,

@@ -5,8 +5,10 @@
 //!
 //! The digest covers the id, the method, the path and query, the body bytes as received
 //! (before the layer's `stream_options` rewrite, and not their parse: two bodies that differ
-//! by a byte are two requests), and every bucket (rule name and key), each field prefixed by
-//! its length so that no two different requests can write the same input. It is SHA-1 (the
+//! by a byte are two requests), and every bucket (rule name and key; an adaptive capacity's
+//! without its replica suffix and without its tier's own bucket, so that a retry through
+//! another replica, or after a restart, is the same request), each field prefixed by its
+//! length so that no two different requests can write the same input. It is SHA-1 (the
 //! first 128 bits): the same in every process sharing a Redis, and scoped to the caller's
 //! buckets, so a caller can't land on another caller's key (a second preimage); a caller who
 //! pays for a SHA-1 collision between two bodies of its own gains at most the free retries of
@@ -20,16 +22,19 @@
 //! held back for this) gives no key when no rule reads the body: each attempt of such a
 //! request is charged as a new one.
 
-use crate::store::{BucketKey, IdempotencyKey};
+use crate::store::IdempotencyKey;
 
 /// The key of a request with client id `id` (the header's value, surrounding whitespace
 /// trimmed; `None` when empty), or `None` when the request has no usable id.
+/// `buckets` are the request's buckets as (rule name, key), an adaptive capacity's without
+/// its replica suffix and without its tier's own bucket: a retry through another replica is
+/// the same request.
 pub(crate) fn key<'a>(
     id: &[u8],
     method: &http::Method,
     uri: &http::Uri,
     body: &[u8],
-    buckets: impl Iterator<Item = &'a BucketKey>,
+    buckets: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> Option<IdempotencyKey> {
     let id = id.trim_ascii();
     if id.is_empty() {
@@ -44,9 +49,9 @@ pub(crate) fn key<'a>(
     field(method.as_str().as_bytes());
     field(uri.path_and_query().map_or("", |p| p.as_str()).as_bytes());
     field(body);
-    for b in buckets {
-        field(b.rule().as_bytes());
-        field(b.key().as_bytes());
+    for (rule, key) in buckets {
+        field(rule.as_bytes());
+        field(key);
     }
     let full = digest.digest().bytes();
     let mut out = [0; 16];
@@ -57,6 +62,7 @@ pub(crate) fn key<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::BucketKey;
 
     #[test]
     fn every_part_of_the_request_changes_the_key() {
@@ -67,7 +73,13 @@ mod tests {
         let alice = BucketKey::new("rpm", "alice");
         let bob = BucketKey::new("rpm", "bob");
         let k = |id: &[u8], m: &http::Method, u: &http::Uri, body: &[u8], b: &BucketKey| {
-            key(id, m, u, body, std::iter::once(b))
+            key(
+                id,
+                m,
+                u,
+                body,
+                std::iter::once((b.rule(), b.key().as_bytes())),
+            )
         };
         let base = k(b"id-1", &post, &uri, b"{}", &alice).unwrap();
         assert_eq!(k(b" id-1 ", &post, &uri, b"{}", &alice), Some(base));

@@ -22,7 +22,7 @@
 //! | `ratelimit_store_duration_seconds` | histogram | `call` | each store call on a request's path, from the call to its answer, by the layer's clock ([`crate::RateLimitLayerBuilder::clock`]): `call` is `acquire`, `settle` or `fail_attempt` ([`crate::observe::StoreCall`]) |
 //! | `ratelimit_store_failures_total` | counter | `call`, `kind` | store calls that failed: `kind` is `at_capacity`, `duplicate_bucket` or `backend` ([`crate::store::StoreError`]) |
 //! | `ratelimit_capacity_changes_total` | counter | `rule`, `change` | an adaptive bucket's limit moved ([`crate::capacity`]): `change` is `overload`, `latency` or `growth` |
-//! | `ratelimit_queue_total` | counter | `rule`, `tier`, `outcome` | requests that left a capacity's queue, or found it full: `admitted`, `timed_out`, `full`, `left` (the client went away) |
+//! | `ratelimit_queue_total` | counter | `rule`, `tier`, `outcome` | requests that left a capacity's queue, or found it full: `admitted`, `timed_out`, `full`, `left` (the client went away), `refused` (woken, then refused by another rule or a store error) |
 //! | `ratelimit_queue_wait_seconds` | histogram | `rule`, `tier`, `outcome` | how long each waited |
 //!
 //! # Labels are bounded
@@ -275,6 +275,7 @@ fn queue_label(outcome: QueueOutcome) -> &'static str {
         QueueOutcome::TimedOut => "timed_out",
         QueueOutcome::Full => "full",
         QueueOutcome::Left => "left",
+        QueueOutcome::Refused => "refused",
     }
 }
 

@@ -205,6 +205,9 @@ pub enum QueueOutcome {
     Full,
     /// The client went away while waiting.
     Left,
+    /// Woken, it was refused by something other than the capacity (another rule, a
+    /// store error): it left the queue with that answer.
+    Refused,
 }
 
 /// A request left a capacity's queue (or found it full).

@@ -12,7 +12,8 @@
 //! A denial's message names the rule, its limit and window, what is used and what was
 //! requested, like OpenAI's: ``Rate limit reached for rule `user-tpm` on tokens: limit
 //! 100000 per 1m0s, used 99500, requested 1200. Please try again in 12s.`` (a calendar
-//! budget says `per UTC calendar day`, `hour` or `month`).
+//! budget says `per UTC calendar day`, `hour` or `month`, a concurrency rule `limit 5 in
+//! flight`).
 
 use std::time::Duration;
 
@@ -42,13 +43,33 @@ pub(crate) enum Per {
     Window(Duration),
     /// A calendar period.
     Calendar(CalendarPeriod),
+    /// Requests in flight (a concurrency rule): no window.
+    InFlight,
 }
 
 impl Per {
     pub(crate) fn of(quota: &Quota) -> Self {
         match quota.algorithm() {
             Algorithm::Calendar(period) => Per::Calendar(period),
+            Algorithm::Concurrency => Per::InFlight,
             _ => Per::Window(quota.window()),
+        }
+    }
+}
+
+/// What a denied rule's bucket has used, for its message: a count past a capacity's
+/// saturation threshold is known only to be at least the threshold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Used {
+    Exactly(u64),
+    AtLeast(u64),
+}
+
+impl std::fmt::Display for Used {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Used::Exactly(n) => write!(f, "{n}"),
+            Used::AtLeast(n) => write!(f, "{n} or more"),
         }
     }
 }
@@ -80,24 +101,25 @@ impl Rejection {
         unit: &'static str,
         limit: u64,
         per: Per,
-        used: u64,
+        used: Used,
         requested: u64,
         retry_after: Option<Duration>,
     ) -> Self {
         let window = match per {
-            Per::Window(w) => go_duration(w),
-            Per::Calendar(CalendarPeriod::Hour) => "UTC calendar hour".to_owned(),
-            Per::Calendar(CalendarPeriod::Day) => "UTC calendar day".to_owned(),
-            Per::Calendar(CalendarPeriod::Month) => "UTC calendar month".to_owned(),
+            Per::Window(w) => format!("per {}", go_duration(w)),
+            Per::Calendar(CalendarPeriod::Hour) => "per UTC calendar hour".to_owned(),
+            Per::Calendar(CalendarPeriod::Day) => "per UTC calendar day".to_owned(),
+            Per::Calendar(CalendarPeriod::Month) => "per UTC calendar month".to_owned(),
+            Per::InFlight => "in flight".to_owned(),
         };
         let message = match retry_after {
             Some(wait) => format!(
-                "Rate limit reached for rule `{rule}` on {unit}: limit {limit} per {window}, \
+                "Rate limit reached for rule `{rule}` on {unit}: limit {limit} {window}, \
                  used {used}, requested {requested}. Please try again in {}.",
                 go_duration(wait)
             ),
             None => format!(
-                "Request too large for rule `{rule}` on {unit}: limit {limit} per {window}, \
+                "Request too large for rule `{rule}` on {unit}: limit {limit} {window}, \
                  requested {requested}. The request can never fit this limit; reduce its size."
             ),
         };
@@ -218,7 +240,7 @@ mod tests {
             "tokens",
             100,
             Per::Window(Duration::from_secs(60)),
-            90,
+            Used::Exactly(90),
             20,
             Some(Duration::from_millis(1500)),
         )
@@ -242,7 +264,7 @@ mod tests {
             "tokens",
             100,
             Per::Calendar(CalendarPeriod::Month),
-            90,
+            Used::Exactly(90),
             20,
             Some(Duration::from_secs(3_600)),
         )
@@ -253,6 +275,27 @@ mod tests {
             v["error"]["message"],
             "Rate limit reached for rule `user-monthly-tokens` on tokens: limit 100 per UTC \
              calendar month, used 90, requested 20. Please try again in 1h0m0s."
+        );
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_denial_counts_in_flight() {
+        let r = Rejection::rate_limited(
+            "slots",
+            "requests",
+            5,
+            Per::InFlight,
+            Used::AtLeast(5),
+            1,
+            Some(Duration::from_secs(1)),
+        )
+        .into_response(&HeaderMap::new(), HeaderMap::new());
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "Rate limit reached for rule `slots` on requests: limit 5 in flight, used 5 or \
+             more, requested 1. Please try again in 1s."
         );
     }
 
@@ -268,7 +311,7 @@ mod tests {
             "requests",
             1,
             Per::Window(Duration::from_secs(1)),
-            1,
+            Used::Exactly(1),
             1,
             None,
         )

@@ -114,6 +114,9 @@ pub(crate) struct Settle {
     feedback: Option<Feedback>,
     /// The adaptive buckets whose queues hear of the release.
     released: Vec<Arc<Cell>>,
+    /// The request went to the inner service (a caller leaving before its answer then
+    /// says something of the upstream).
+    sent: bool,
     parser: Option<UsageParser>,
     streamed: u64,
     responded: bool,
@@ -162,11 +165,17 @@ impl Settle {
                 .map(|f| f.cells.iter().map(|a| Arc::clone(&a.cell)).collect())
                 .unwrap_or_default(),
             feedback,
+            sent: false,
             parser: None,
             streamed: 0,
             responded: false,
             done: false,
         }
+    }
+
+    /// The request was handed to the inner service.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
     }
 
     fn has_token_charges(&self) -> bool {
@@ -187,7 +196,7 @@ impl Settle {
             .is_some_and(|v| v.as_bytes() != b"0");
         if status.is_client_error() || status.is_server_error() || grpc_failed {
             if is_overload(status) {
-                self.signal(true);
+                self.signal(Signal::Overload);
             }
             self.finish(Ending::Failed {
                 keep_tokens: extensions.get::<KeepTokens>().is_some(),
@@ -221,7 +230,7 @@ impl Settle {
 
     /// The inner service failed.
     pub(crate) fn on_error(&mut self) {
-        self.signal(true);
+        self.signal(Signal::Overload);
         self.finish(Ending::Failed { keep_tokens: false });
     }
 
@@ -255,22 +264,17 @@ impl Settle {
     /// The first byte of the response body (or its end, when it had none) arrived: its
     /// latency is what the adaptive controllers judge.
     fn first_byte(&mut self) {
-        self.signal(false);
+        self.signal(Signal::Latency);
     }
 
     /// Tells the adaptive controllers of the request's charges what the upstream's answer
-    /// said (overload, or its latency), once.
-    fn signal(&mut self, overload: bool) {
+    /// said (overload, its latency, or none in time), once.
+    fn signal(&mut self, signal: fn(u64) -> Signal) {
         let Some(feedback) = self.feedback.take() else {
             return;
         };
         let now = self.limiter.clock.now_nanos();
-        let elapsed = now.saturating_sub(feedback.started);
-        let signal = if overload {
-            Signal::Overload(elapsed)
-        } else {
-            Signal::Latency(elapsed)
-        };
+        let signal = signal(now.saturating_sub(feedback.started));
         for a in &feedback.cells {
             let Some(cap) = &self.limiter.capacity[a.rule] else {
                 continue;
@@ -370,7 +374,12 @@ impl Settle {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        // Dropped before its answer, or failed without a sign of overload: nothing to tell.
+        // A caller that gave up before the response's head: how long it waited is all there
+        // is to tell (the controller judges it against the latency target).
+        if matches!(ending, Ending::Dropped) && self.sent {
+            self.signal(Signal::Abandoned);
+        }
+        // Failed without a sign of overload, or never sent: nothing to tell.
         self.feedback = None;
         let adjustments: Vec<Adjustment<'_>> = self
             .charges

@@ -137,12 +137,18 @@ async fn overloads_shrink_the_limit_once_per_interval_and_everyone_sees_it() {
     drop(held);
 
     // That interval had the limit in use and fast answers: 6 -> 7. Then slow answers
-    // (300 ms against a 100 ms target) cut by the gradient, by half at most: 7 -> 3 -> 2
-    // (min).
+    // (300 ms and more against a 100 ms target) with four in flight (latency at low load is
+    // not judged) cut by the gradient, by half at most: 7 -> 3 -> 2 (min).
     for _ in 0..4 {
         clock.advance(Duration::from_secs(1));
-        svc.clone().oneshot(request(200, 300)).await.unwrap();
-        svc.clone().oneshot(request(200, 300)).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(svc.clone().oneshot(request(200, 300)).await.unwrap());
+        }
+        // Ended last sent first: 300 ms, then the earlier ones, 600, 900 and 1200 ms.
+        while let Some(res) = held.pop() {
+            drop(res);
+        }
     }
     assert_eq!(limit_in_status(&layer).await.0, 2);
     let seen: Vec<_> = changes
@@ -202,6 +208,20 @@ async fn a_limit_in_use_grows_back_while_answers_are_fast() {
         clock.advance(Duration::from_millis(500));
     }
     assert_eq!(limit_in_status(&layer).await.0, 8);
+}
+
+#[test]
+fn a_replica_id_with_an_at_sign_is_refused_at_build() {
+    // `m@r2` on replica `r1` and `m` on replica `r2@r1` would share the bucket `m@r2@r1`.
+    for id in ["r2@r1", ""] {
+        let err = RateLimitLayer::builder()
+            .rule(rule(Capacity::fixed(4)))
+            .replica_id(id)
+            .build()
+            .unwrap_err();
+        assert_eq!(err, BuildError::InvalidReplicaId { id: id.to_owned() });
+        assert!(err.to_string().contains("replica id"), "{err}");
+    }
 }
 
 #[test]
@@ -544,4 +564,114 @@ async fn the_layer_follows_a_simulated_server_whose_capacity_halves_then_comes_b
     let regained = first(120 * S, 64).expect("regains 64");
     assert!(regained < 30 * S, "regained after {regained} ms");
     assert!(all(150 * S, 200 * S, 64), "{:?}", show(150 * S, 200 * S));
+}
+
+/// Without a latency target, a workload whose time to first byte varies (short and long
+/// prompts) at low load is not cut: one request in flight of 8 says nothing of overload.
+#[tokio::test]
+async fn an_idle_upstream_with_varied_latency_keeps_its_limit() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(Capacity::adaptive(1, 8)))
+        .clock(clock.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(upstream(clock.clone()));
+    for i in 0..40 {
+        // One request at a time: 10 ms (a short prompt) and 100 ms (a long one) in turn.
+        let ms = if i % 2 == 0 { 10 } else { 100 };
+        let res = svc.clone().oneshot(request(200, ms)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        drop(res);
+        clock.advance(Duration::from_millis(200));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 8);
+}
+
+/// An upstream that never answers (a stalled model server): every caller gives up (its
+/// timeout, above the layer) past the latency target, and each such interval counts as an
+/// overload.
+#[tokio::test(start_paused = true)]
+async fn requests_abandoned_past_the_target_without_an_answer_shrink_the_limit() {
+    let clock = ManualClock::new();
+    let changes = Changes::default();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(1, 8).latency_target(Duration::from_millis(500)),
+        ))
+        .clock(clock.clone())
+        .replica_id("r")
+        .observer(changes.clone())
+        .build()
+        .unwrap();
+    let stalled = {
+        let clock = clock.clone();
+        tower::service_fn(move |_: Request<RequestBody<String>>| {
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_secs(30));
+                std::future::pending::<Result<Response<String>, Infallible>>().await
+            }
+        })
+    };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(stalled);
+    for _ in 0..4 {
+        let gave_up = tokio::time::timeout(
+            Duration::from_secs(30),
+            svc.clone().oneshot(request(200, 0)),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        clock.advance(Duration::from_secs(2));
+    }
+    // Two intervals, each judged at its second abandon: 8 x 0.8 = 6.4, then 5.12.
+    let seen: Vec<_> = changes
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| (c.1, c.2, c.3))
+        .collect();
+    assert_eq!(seen, [(8, 6, Change::Overload), (6, 5, Change::Overload)]);
+    assert_eq!(limit_in_status(&layer).await.0, 5);
+}
+
+/// A caller that gives up before the latency target says nothing of the upstream.
+#[tokio::test(start_paused = true)]
+async fn requests_abandoned_within_the_target_say_nothing() {
+    let clock = ManualClock::new();
+    let layer = RateLimitLayer::builder()
+        .rule(rule(
+            Capacity::adaptive(1, 8).latency_target(Duration::from_millis(500)),
+        ))
+        .clock(clock.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let slow = {
+        let clock = clock.clone();
+        tower::service_fn(move |_: Request<RequestBody<String>>| {
+            let clock = clock.clone();
+            async move {
+                clock.advance(Duration::from_millis(100));
+                std::future::pending::<Result<Response<String>, Infallible>>().await
+            }
+        })
+    };
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(slow);
+    for _ in 0..6 {
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(1), svc.clone().oneshot(request(200, 0)))
+                .await;
+        assert!(gave_up.is_err());
+        clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(limit_in_status(&layer).await.0, 8);
 }

@@ -16,10 +16,11 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use tokio::sync::Semaphore;
 use tower::{Service, ServiceExt};
+use tower_llm_ratelimit::capacity::{Capacity, Priority};
 use tower_llm_ratelimit::clock::ManualClock;
 use tower_llm_ratelimit::store::{BucketKey, MemoryStore, Store};
 use tower_llm_ratelimit::{
-    cost, key, Quota, RateLimitLayer, RateLimitLayerBuilder, RequestBody, ResponseBody, Rule,
+    cost, key, tier, Quota, RateLimitLayer, RateLimitLayerBuilder, RequestBody, ResponseBody, Rule,
 };
 
 use support::within;
@@ -462,6 +463,45 @@ async fn one_id_on_many_requests_admits_exactly_the_limit(env: Env) {
     assert_eq!(admitted, 10);
 }
 
+/// An adaptive capacity's buckets are per replica (`{key}@{replica}`, and with tiers the
+/// tier's own `{rule}#{tier}`): a retry through another replica, or after a restart with
+/// another replica id, is still the same request, free on the request rule.
+async fn a_retry_through_another_replica_is_free(env: Env) {
+    let replica = |id: &str| {
+        App::new(
+            env.builder(10)
+                .rule(
+                    Rule::new(
+                        "model-slots",
+                        key::header("x-api-key"),
+                        Quota::concurrent(8),
+                    )
+                    .capacity(
+                        Capacity::fixed(8)
+                            .saturation(0.5)
+                            .tier("pro", Priority::new(1).reserve(0.5)),
+                    ),
+                )
+                .tiers(tier::header("x-tier"))
+                .replica_id(id)
+                .build()
+                .expect("layer"),
+        )
+    };
+    let (r1, r2) = (replica("r1"), replica("r2"));
+    assert_eq!(
+        r1.send(failing("alice", "r1", BODY, 503)).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        env.remaining("rpm", "alice").await,
+        9,
+        "the failure counted"
+    );
+    assert_eq!(r2.send(ok("alice", "r1", BODY)).await, StatusCode::OK);
+    assert_eq!(env.remaining("rpm", "alice").await, 9, "the retry is free");
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -489,6 +529,7 @@ macro_rules! both_stores {
 
 both_stores!(
     a_retry_after_an_upstream_error_is_free_on_request_rules,
+    a_retry_through_another_replica_is_free,
     a_failed_attempt_with_an_id_stays_counted_whatever_count_failed_requests_says,
     a_retry_after_an_attempt_cut_off_before_its_response_is_free,
     a_repeat_of_a_request_that_succeeded_is_charged,

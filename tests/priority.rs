@@ -7,9 +7,14 @@ mod support;
 use std::convert::Infallible;
 
 use http::{Request, Response, StatusCode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tower::ServiceExt;
 use tower_llm_ratelimit::capacity::{Capacity, Priority};
-use tower_llm_ratelimit::store::Store;
+
+use tower_llm_ratelimit::store::{
+    Adjustment, BucketKey, Charge, Decision, MemoryStore, Snapshot, Store, StoreError, StoreFuture,
+};
 use tower_llm_ratelimit::{key, tier, BuildError, Quota, RateLimitLayer, RequestBody, Rule};
 
 type Held = Response<tower_llm_ratelimit::ResponseBody<String>>;
@@ -76,10 +81,21 @@ async fn shares_hold_under_saturation(layer: RateLimitLayer) {
     assert_eq!(burst(&layer, "", 1, &mut free).await, [429]);
     let shed = send(&layer, "free").await;
     assert_eq!(shed.status(), StatusCode::TOO_MANY_REQUESTS);
-    // The headers show the bucket at its capacity, not the threshold, and one item.
+    // The headers show the bucket at its capacity, not the threshold, and one item: no
+    // slot left for this caller; the body says 9 of 10 are in flight.
     let ietf = shed.headers()["ratelimit"].to_str().unwrap().to_owned();
     assert_eq!(ietf.matches("model-slots").count(), 1, "{ietf}");
-    assert!(ietf.contains(";r=1;"), "9 of 10 in flight: {ietf}");
+    assert!(ietf.contains(";r=0;"), "{ietf}");
+    assert!(shed.headers()["ratelimit-policy"]
+        .to_str()
+        .unwrap()
+        .contains("q=10"));
+    let body = http_body_util::BodyExt::collect(shed.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("limit 10 in flight, used 9,"), "{body}");
     // Free's slots come back: below the threshold again (4 of 5), free is admitted...
     free.clear();
     assert_eq!(burst(&layer, "free", 1, &mut free).await, [200]);
@@ -269,4 +285,96 @@ async fn a_saturated_upstream_sheds_free_callers_while_pro_is_served() {
         assert_eq!(support::within("a pro request", t).await.unwrap(), 200);
     }
     server.shutdown().await;
+}
+
+/// A 429 of a capacity shows the bucket with no slot left for the caller, and its body the
+/// capacity and the requests in flight: at the saturation threshold (a tier without a
+/// reserve), and at a tier's full reserve.
+#[tokio::test]
+async fn a_capacity_429_says_no_slot_remains_and_how_many_are_in_flight() {
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(10)).capacity(
+                Capacity::fixed(10)
+                    .saturation(0.5)
+                    .tier("pro", Priority::new(2).reserve(0.4))
+                    .tier("free", Priority::new(0)),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    assert_eq!(burst(&layer, "free", 5, &mut held).await, [200; 5]);
+    let refusal = |res: Held| async move {
+        let header = res.headers()["ratelimit"].to_str().unwrap().to_owned();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (
+            header,
+            body["error"]["message"].as_str().unwrap().to_owned(),
+        )
+    };
+    // Free, past the threshold (5 of 10): refused.
+    let res = send(&layer, "free").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (header, message) = refusal(res).await;
+    assert_eq!(header, "\"model-slots\";r=0;t=0");
+    assert!(
+        message.contains("limit 10 in flight, used 5 or more"),
+        "{message}"
+    );
+    // Pro, up to its reserve (4): then refused, 9 in flight.
+    assert_eq!(burst(&layer, "pro", 4, &mut held).await, [200; 4]);
+    let res = send(&layer, "pro").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (header, message) = refusal(res).await;
+    assert_eq!(header, "\"model-slots\";r=0;t=0");
+    assert!(message.contains("limit 10 in flight, used 9,"), "{message}");
+}
+
+/// A memory store that counts its decisions.
+#[derive(Debug, Clone, Default)]
+struct Counted(MemoryStore, Arc<AtomicUsize>);
+
+impl Store for Counted {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.acquire(charges)
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// With the saturation threshold at the capacity (the default), a refusal is final: no
+/// second attempt at the tier's reserve, which could only be refused by the same count.
+#[tokio::test]
+async fn at_a_threshold_of_the_whole_capacity_a_refusal_costs_one_store_call() {
+    let store = Counted::default();
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2))
+                .capacity(Capacity::fixed(2).tier("pro", Priority::new(2).reserve(0.5))),
+        )
+        .tiers(tier::header("x-tier"))
+        .store(store.clone())
+        .replica_id("r")
+        .build()
+        .unwrap();
+    let mut held = Vec::new();
+    assert_eq!(burst(&layer, "pro", 2, &mut held).await, [200, 200]);
+    let before = store.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(burst(&layer, "pro", 1, &mut held).await, [429]);
+    assert_eq!(
+        store.1.load(std::sync::atomic::Ordering::SeqCst) - before,
+        1
+    );
 }

@@ -299,3 +299,297 @@ async fn a_tier_without_max_wait_is_refused_at_once() {
     assert_eq!(start.elapsed(), Duration::ZERO);
     drop(held);
 }
+
+/// A request of `tier` for model `model` through `layer`, answered at once.
+fn send_to(
+    layer: &RateLimitLayer,
+    model: &str,
+    tier: &str,
+) -> impl std::future::Future<Output = Res> + Send {
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(tower::service_fn(|_: Request<RequestBody<String>>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    let req = Request::builder()
+        .header("x-model", model)
+        .header("x-tier", tier)
+        .header("x-user", "u")
+        .body(String::new())
+        .unwrap();
+    async move { svc.oneshot(req).await.unwrap() }
+}
+
+/// A memory store whose decisions are taken when asked but answered only when the test
+/// gives a permit (in order), as a networked store's round trip; settlements at once.
+#[derive(Debug, Clone)]
+struct Gated(MemoryStore, Arc<tokio::sync::Semaphore>);
+
+impl Store for Gated {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        let result = self.0.try_acquire(charges);
+        let gate = self.1.clone();
+        StoreFuture::pending(async move {
+            gate.acquire().await.unwrap().forget();
+            result
+        })
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// A release that reaches a waiter whose entry retry (the try made right after entering
+/// the queue, not woken) is admitted with an earlier slot goes on to the next waiter.
+#[tokio::test(start_paused = true)]
+async fn a_release_during_an_entry_retry_goes_on_to_the_next_waiter() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(Gated(MemoryStore::new(), gate.clone()))
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2)).capacity(
+                Capacity::fixed(2)
+                    .tier("pro", Priority::new(2).max_wait(Duration::from_secs(5)))
+                    .tier("std", Priority::new(1).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    gate.add_permits(2);
+    let h1 = send_to(&layer, "m", "std").await;
+    let h2 = send_to(&layer, "m", "std").await;
+    assert_eq!((h1.status(), h2.status()), (StatusCode::OK, StatusCode::OK));
+    // A (pro) and B (std) are refused; their answers wait for the gate.
+    let a = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    let b = tokio::spawn(send_to(&layer, "m", "std"));
+    settle_tasks().await;
+    // A slot comes back while nobody waits.
+    drop(h1);
+    // A hears its refusal, enters the queue and tries again: admitted (answer gated).
+    gate.add_permits(1);
+    settle_tasks().await;
+    // B hears its refusal, enters the queue behind A and tries again: refused.
+    gate.add_permits(1);
+    settle_tasks().await;
+    // The second slot comes back: its wake-up goes to A, first in the queue.
+    drop(h2);
+    let start = Instant::now();
+    gate.add_permits(100);
+    let a = support::within("A", a).await.unwrap();
+    assert_eq!(a.status(), StatusCode::OK);
+    // A holds one slot of two: B has the other at once.
+    let b = support::within("B", b).await.unwrap();
+    assert_eq!(
+        (b.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+    drop(a);
+}
+
+/// Past the most controllers a rule keeps (4096), the idle ones least recently used make
+/// room: a flood of client-chosen model names leaves a later model a working queue.
+#[tokio::test(start_paused = true)]
+async fn after_a_flood_of_keys_a_new_models_waiter_is_still_woken() {
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
+                Capacity::fixed(1).tier("pro", Priority::new(2).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    for i in 0..5000 {
+        let res = send_to(&layer, &format!("junk-{i}"), "pro").await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let held = send_to(&layer, "m", "pro").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let waiter = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    let start = Instant::now();
+    drop(held);
+    let res = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(
+        (res.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO),
+        "the released slot goes to the waiter at once"
+    );
+}
+
+/// A waiter woken, then refused by another rule (its user's requests per minute), is
+/// reported as refused, not as a client that left.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_refused_by_another_rule_is_reported_as_refused() {
+    let queued = Queued::default();
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .observer(queued.clone())
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1)).capacity(
+                Capacity::fixed(1).tier("pro", Priority::new(2).max_wait(Duration::from_secs(5))),
+            ),
+        )
+        .rule(Rule::new(
+            "rpm",
+            key::header("x-user"),
+            Quota::per_minute(2),
+        ))
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    let held = send_to(&layer, "m", "pro").await;
+    let waiter = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    // The user's last request of the minute, on another model.
+    assert_eq!(send_to(&layer, "m2", "pro").await.status(), StatusCode::OK);
+    drop(held);
+    let res = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let outcomes: Vec<_> = queued.0.lock().unwrap().iter().map(|e| e.1).collect();
+    assert_eq!(outcomes, [QueueOutcome::Refused]);
+}
+
+/// A memory store that counts its decisions.
+#[derive(Debug, Clone, Default)]
+struct Counted(MemoryStore, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    fn calls(&self) -> usize {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for Counted {
+    fn acquire(&self, charges: &[Charge<'_>]) -> StoreFuture<Result<Decision, StoreError>> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.acquire(charges)
+    }
+    fn settle(&self, adjustments: &[Adjustment<'_>]) -> StoreFuture<Result<(), StoreError>> {
+        self.0.settle(adjustments)
+    }
+    fn peek(&self, bucket: &BucketKey, quota: &Quota) -> StoreFuture<Result<Snapshot, StoreError>> {
+        self.0.peek(bucket, quota)
+    }
+}
+
+/// A release whose slot a newcomer takes before the woken waiter tries again: the waiter,
+/// refused by the full bucket, keeps its place and wakes nobody else (they would all be
+/// refused by the same full bucket, a store call each).
+#[tokio::test(start_paused = true)]
+async fn a_waiter_refused_by_a_full_bucket_does_not_wake_the_next() {
+    let store = Counted::default();
+    let s = setup_with(16, store.clone());
+    let held = s.send("std", "holder").await;
+    let waiters: Vec<_> = (0..5).map(|i| s.spawn("pro", &format!("w{i}"))).collect();
+    settle_tasks().await;
+    let before = store.calls();
+    // The slot comes back, and a newcomer takes it before the woken waiter runs.
+    drop(held);
+    let newcomer = s.send("std", "newcomer").await;
+    assert_eq!(newcomer.status(), StatusCode::OK);
+    settle_tasks().await;
+    assert_eq!(store.calls() - before, 2, "the newcomer's and one waiter's");
+    // The newcomer's slot comes back: the waiters are served in order all the same.
+    drop(newcomer);
+    for w in waiters {
+        assert_eq!(
+            support::within("a waiter", w).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        s.served(),
+        ["holder", "newcomer", "w0", "w1", "w2", "w3", "w4"]
+    );
+}
+
+/// A refusal's `Retry-After` counts the waiters that would be served before the caller
+/// (of its priority or higher), not those of lower tiers.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_counts_only_the_waiters_ahead_of_the_caller() {
+    let s = setup(2);
+    // Two completions 10 s apart: 2 over the last 5 s window and the one under way.
+    drop(s.send("pro", "a").await);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(s.send("pro", "b").await);
+    let held = s.send("pro", "holder").await;
+    let free = [s.spawn("free", "f1"), s.spawn("free", "f2")];
+    settle_tasks().await;
+    // The queue is full: pro is refused at once, with nobody ahead of it.
+    let res = s.send("pro", "p").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "3", "2.5 s for itself alone");
+    // A free caller has both free waiters ahead.
+    let res = s.send("free", "f3").await;
+    assert_eq!(res.headers()["retry-after"], "8", "7.5 s for three");
+    drop(held);
+    for t in free {
+        assert_eq!(
+            support::within("a waiter", t).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+}
+
+/// A waiter refused at the saturation threshold hands the wake-up on past the waiters of
+/// its own tier (they would be refused the same way, a store call each) to the next tier.
+#[tokio::test(start_paused = true)]
+async fn a_wake_up_handed_on_skips_the_waiters_of_the_refused_tier() {
+    let store = Counted::default();
+    let wait = Duration::from_secs(5);
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(store.clone())
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(4)).capacity(
+                Capacity::fixed(4)
+                    .saturation(0.5)
+                    .tier("pro", Priority::new(2).reserve(0.5).max_wait(wait))
+                    .tier("free", Priority::new(1).max_wait(wait))
+                    .tier("batch", Priority::new(0).reserve(0.25).max_wait(wait)),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    // Free fills the threshold (2), pro its reserve (2): the capacity is full.
+    let mut held = Vec::new();
+    for t in ["free", "free", "pro", "pro"] {
+        let res = send_to(&layer, "m", t).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let free: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(send_to(&layer, "m", "free")))
+        .collect();
+    settle_tasks().await;
+    let batch = tokio::spawn(send_to(&layer, "m", "batch"));
+    settle_tasks().await;
+    let before = store.calls();
+    // A pro slot comes back: 3 in flight, past the threshold. The first free waiter is
+    // refused; batch (its reserve, 1, free) is admitted.
+    drop(held.pop());
+    let batch = support::within("batch", batch).await.unwrap();
+    assert_eq!(batch.status(), StatusCode::OK);
+    assert_eq!(store.calls() - before, 3, "free once, batch's two attempts");
+    drop(held);
+    drop(batch);
+    for f in free {
+        assert_eq!(
+            support::within("a free waiter", f).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+}

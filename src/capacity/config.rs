@@ -121,15 +121,18 @@ impl Capacity {
     }
 
     /// The time to the response head (first byte) the controller holds the mean latency to.
-    /// Without it, the target is [`latency_tolerance`](Self::latency_tolerance) times the
-    /// lowest latency observed.
+    /// Without it, the target is [`latency_tolerance`](Self::latency_tolerance) times a low
+    /// percentile of the latencies observed. Recommended for LLM upstreams: a time to first
+    /// token varies with the prompt's length, so a mix of prompts is slower than its low
+    /// percentile even unloaded.
     pub fn latency_target(mut self, target: Duration) -> Self {
         self.latency_target = Some(target);
         self
     }
 
-    /// Without a [`latency_target`](Self::latency_target): how many times the lowest
-    /// latency observed the mean may reach before the limit shrinks (default 1.5; > 1).
+    /// Without a [`latency_target`](Self::latency_target): how many times the baseline (the
+    /// 10th percentile of the latencies observed) the mean may reach before the limit
+    /// shrinks (default 1.5; > 1).
     pub fn latency_tolerance(mut self, tolerance: f64) -> Self {
         self.latency_tolerance = tolerance;
         self
@@ -150,8 +153,8 @@ impl Capacity {
         self
     }
 
-    /// How often the lowest latency (the baseline of the tolerance) is measured afresh
-    /// (default 60 s): the baseline is the lowest of this window and the one before.
+    /// How often the baseline of the tolerance (a low percentile of the latencies) is measured
+    /// afresh (default 60 s): the baseline is the lower of this window's and the one before.
     pub fn baseline_window(mut self, window: Duration) -> Self {
         self.baseline_window = window;
         self

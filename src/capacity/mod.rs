@@ -5,14 +5,21 @@
 //! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
 //! picks the current limit from what the upstream answers: the time to the first byte of
 //! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
-//! 503, 504 or an error of the inner service, and in proportion when the mean latency goes past
-//! the target; it grows it while responses come back within the target and the limit is in
-//! use; always within `[min, max]`, and at most once per interval (see the controller's
-//! rules below).
+//! 503, 504, an error of the inner service or a caller that gave up past the latency target
+//! without the response's head (a stalled upstream), and in proportion when the mean
+//! latency goes past the target under load; it grows it while responses come back within
+//! the target and the limit is in use; always within `[min, max]`, and at most once per
+//! interval (see the controller's rules below).
 //!
 //! The controller is local to the layer and only picks the limit; the store enforces it
 //! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
 //! adaptive capacity works with the memory store and with Redis alike.
+//!
+//! A rule keeps at most 4,096 controllers (keys over 256 bytes held as a keyed 128-bit
+//! digest): the key may be a header a client sets. At that bound the idle ones (no request
+//! of theirs in flight or waiting), least recently used first, make room, and come back at
+//! the initial limit when used again; with none idle, a new bucket runs at the initial
+//! limit without a queue (its refusals are immediate).
 //!
 //! # Several replicas on one Redis
 //!
@@ -40,10 +47,12 @@
 //! | attempt | the bucket's limit | the tier's bucket's limit |
 //! |---|---|---|
 //! | 1 | `floor(saturation x capacity)` (at least 1) | the capacity |
-//! | 2, only when attempt 1 was refused by the bucket's threshold | the capacity | `floor(share x capacity)` |
+//! | 2, only when attempt 1 was refused by a threshold below the capacity | the capacity | `floor(share x capacity)` |
 //!
-//! Headers show the bucket at its capacity (the tier's bucket is not shown); the observer
-//! sees both charges.
+//! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
+//! remaining for a caller the capacity refused; the 429's message gives the capacity and
+//! the requests in flight (`used 5 or more` when refused at a threshold of 5: the count past
+//! it is not known). The observer sees both charges.
 //!
 //! ```
 //! use tower_llm_ratelimit::capacity::{Capacity, Priority};
@@ -71,12 +80,17 @@
 //! waits in the bucket's queue, holding no slot, for a release of a slot by this layer or
 //! its deadline. Waiters are served by priority, then arrival: each release wakes the first
 //! waiter, which tries its charges again, and hands the wake-up on to the next if it is
-//! refused again (so a full reserve does not block the waiters behind it). The queue is
+//! refused again by its tier's reserve or the saturation threshold (so a full reserve does
+//! not block the waiters behind it), skipping the waiters of its own tier (refused alike);
+//! not when the bucket itself is full (a request that came in meanwhile took the slot: the
+//! next would be refused too). A release thus costs at most one store call per tier
+//! waiting. The queue is
 //! bounded ([`Capacity::queue_len`], default 64): past it, an immediate 429. A waiter whose
 //! client goes away leaves the queue (a wake-up it had not used goes on to the next). At the
 //! deadline: 429. Refusals by a capacity carry a `Retry-After` from the bucket's recent
-//! completion rate: the waiters ahead and the caller, at the completions per second of the
-//! last 5 to 10 s (1 s without completions, 60 s at most).
+//! completion rate: the waiters ahead (of the caller's priority or higher) and the caller,
+//! at the completions per second of the last 5 to 10 s (1 s without completions, 60 s at
+//! most).
 //!
 //! Requests that arrive while others wait are not held back for them: one may take a slot
 //! released before the woken waiter tries again (the waiter then waits on, in its place).
@@ -116,12 +130,15 @@
 //! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged
 //! at its end:
 //!
-//! - an overload status or an inner error in the interval: the limit is multiplied by
-//!   [`Capacity::decrease`] (default 0.8);
-//! - else, a mean latency past the target: the limit is scaled by `target / latency` (by
-//!   1/2 at most). Past a server's capacity its latency grows in proportion to the load, so
-//!   this lands the limit where the latency meets its target in about one step (the
-//!   gradient of Envoy's adaptive concurrency filter and Netflix's Gradient2);
+//! - an overload status, an inner error, or a caller gone past the target without the
+//!   response's head, in the interval: the limit is multiplied by [`Capacity::decrease`]
+//!   (default 0.8); a caller gone before the target says nothing;
+//! - else, when the requests in flight reached half the limit (at low load a slow answer is
+//!   a long prompt, not an overload), a mean latency past the target: the limit is scaled
+//!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in
+//!   proportion to the load, so this lands the limit where the latency meets its target in
+//!   about one step (the gradient of Envoy's adaptive concurrency filter and Netflix's
+//!   Gradient2);
 //! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
 //!   (at least 1) within 10% of the mark the last cut left (the limit a latency cut landed
 //!   on, the limit an overload cut started from), so that it settles near the capacity
@@ -132,7 +149,10 @@
 //! limit, they would cut it again for the same overload.
 //!
 //! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
-//! lowest latency seen in the current or the previous [`Capacity::baseline_window`]. With a
+//! baseline: the 10th percentile of the latencies of the current or the previous
+//! [`Capacity::baseline_window`] (the lower). A time to first token varies with the prompt's
+//! length: for LLM traffic, set a `latency_target` (a mix of short and long prompts looks
+//! slower than its 10th percentile without any overload). With a
 //! latency growing in proportion to the load past the capacity, the limit settles at about
 //! `target / unloaded latency x capacity`: a target 5% above the unloaded latency keeps it
 //! within 10% of the capacity. A server that halves its capacity is followed within a few

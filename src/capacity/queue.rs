@@ -2,9 +2,11 @@
 //! for a local release of the bucket, served by priority, then arrival.
 //!
 //! Each release wakes the first waiter not woken already; a woken waiter tries its charges
-//! again. Admitted, it leaves; refused again (the slot went to a request that came in
-//! meanwhile, or its tier's reserve is full), it keeps its place and hands the wake-up on to
-//! the next waiter, so that a release is never lost to a waiter that can't use it. A waiter
+//! again. Admitted, it leaves; refused again, it keeps its place: refused by its tier's
+//! reserve or the saturation threshold, it hands the wake-up on to the next waiter, so that
+//! a release is not lost to a waiter that can't use it (past the waiters of its own tier,
+//! which would be refused alike); refused by the bucket full (the slot went to a request
+//! that came in meanwhile), it doesn't (the next would be refused too). A waiter
 //! that leaves (its deadline, its client gone) hands on a wake-up it had not used.
 
 use std::cmp::Reverse;
@@ -20,6 +22,8 @@ type Place = (Reverse<u8>, u64);
 struct Waiter {
     notify: Arc<Notify>,
     woken: bool,
+    /// Its tier (an index of the capacity's tiers): waiters of one tier are refused alike.
+    tier: usize,
 }
 
 #[derive(Debug, Default)]
@@ -29,15 +33,19 @@ struct Waiters {
 }
 
 impl Waiters {
-    /// Wakes the first waiter after `after` (or from the start) not woken yet.
-    fn wake_first(&mut self, after: Option<Place>) {
+    /// Wakes the first waiter after `after` (or from the start) not woken yet and not of
+    /// tier `skip`.
+    fn wake_first(&mut self, after: Option<Place>, skip: Option<usize>) {
         let range = match after {
             Some(p) => self
                 .queue
                 .range_mut((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)),
             None => self.queue.range_mut(..),
         };
-        if let Some((_, w)) = range.into_iter().find(|(_, w)| !w.woken) {
+        if let Some((_, w)) = range
+            .into_iter()
+            .find(|(_, w)| !w.woken && Some(w.tier) != skip)
+        {
             w.woken = true;
             w.notify.notify_one();
         }
@@ -60,13 +68,27 @@ impl Queue {
         self.lock().queue.len()
     }
 
-    /// A slot of the bucket was released: wakes the first waiter not woken yet.
-    pub(crate) fn release(&self) {
-        self.lock().wake_first(None);
+    /// Requests waiting now at priority `level` or higher (served before a caller of `level`).
+    pub(crate) fn at_or_above(&self, level: u8) -> usize {
+        self.lock()
+            .queue
+            .range(..=(Reverse(level), u64::MAX))
+            .count()
     }
 
-    /// A place for a waiter of priority `level`, or `None` when `max_len` wait already.
-    pub(crate) fn enter(self: &Arc<Self>, level: u8, max_len: usize) -> Option<Ticket> {
+    /// A slot of the bucket was released: wakes the first waiter not woken yet.
+    pub(crate) fn release(&self) {
+        self.lock().wake_first(None, None);
+    }
+
+    /// A place for a waiter of priority `level` and tier `tier` (an index of the capacity's
+    /// tiers), or `None` when `max_len` wait already.
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        level: u8,
+        tier: usize,
+        max_len: usize,
+    ) -> Option<Ticket> {
         let mut w = self.lock();
         if w.queue.len() >= max_len {
             return None;
@@ -79,6 +101,7 @@ impl Queue {
             Waiter {
                 notify: Arc::clone(&notify),
                 woken: false,
+                tier,
             },
         );
         Some(Ticket {
@@ -104,16 +127,23 @@ impl Ticket {
     }
 
     /// The waiter was woken but refused again: it keeps its place, and the wake-up goes on
-    /// to the next waiter.
-    pub(crate) fn refused(&self) {
+    /// to the next waiter of another tier (one of its own would be refused alike, a store
+    /// call each), unless `full` (the bucket itself refused it, full: so would it anyone).
+    pub(crate) fn refused(&self, full: bool) {
         let mut w = self.queue.lock();
-        if let Some(me) = w.queue.get_mut(&self.place) {
-            me.woken = false;
+        let Some(me) = w.queue.get_mut(&self.place) else {
+            return;
+        };
+        me.woken = false;
+        let tier = me.tier;
+        if !full {
+            w.wake_first(Some(self.place), Some(tier));
         }
-        w.wake_first(Some(self.place));
     }
 
-    /// The waiter was admitted: it leaves, its wake-up used.
+    /// The waiter was admitted after a release woke it: it leaves, its wake-up used. (A
+    /// waiter admitted without having been woken is dropped instead, so that a wake-up it
+    /// received meanwhile goes on.)
     pub(crate) fn admitted(self) {
         let mut w = self.queue.lock();
         if let Some(me) = w.queue.get_mut(&self.place) {
@@ -128,7 +158,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let mut w = self.queue.lock();
         if w.queue.remove(&self.place).is_some_and(|me| me.woken) {
-            w.wake_first(None);
+            w.wake_first(None, None);
         }
     }
 }

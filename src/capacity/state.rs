@@ -1,7 +1,8 @@
 //! The controllers of one rule, one per bucket key, shared by the layer's requests.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -11,9 +12,18 @@ use super::Capacity;
 use crate::key::Key;
 
 /// Most buckets a rule keeps a controller for: capacity is meant per model (a handful of
-/// keys). A bucket past this runs at the configured initial limit, unadapted, and a warning
-/// is logged once.
+/// keys), but the key may be a header a client sets. At this bound, idle controllers (no
+/// request of theirs in flight or waiting), least recently used first, make room, an
+/// eighth of the bound at a time; with none idle, a new bucket runs at the initial limit
+/// without a queue (refused at once), and a warning is logged once.
 pub(crate) const MAX_CONTROLLERS: usize = 4096;
+
+/// Longest bucket key a rule holds as it is; a longer one (a 64 KiB header value) is held
+/// as a 128-bit keyed digest, as the memory store does (`store/memory/digest.rs`).
+const MAX_HELD_KEY: usize = 256;
+
+/// How precisely the last use of a controller is known, for eviction (nanoseconds).
+const TOUCH_PRECISION: u64 = 1_000_000_000;
 
 /// The window over which a bucket's completion rate is measured.
 const RATE_WINDOW: u64 = 5_000_000_000;
@@ -37,17 +47,46 @@ pub(crate) struct Cell {
     controller: Mutex<Controller>,
     pub(crate) queue: Arc<Queue>,
     completions: Mutex<Completions>,
+    /// When a request last asked for it (the layer's clock), for eviction.
+    used: AtomicU64,
+    /// Made at [`MAX_CONTROLLERS`] with none idle: not kept, so nothing would wake its
+    /// queue; its waiters are refused at once.
+    unkept: bool,
 }
 
 impl Cell {
-    fn new(cfg: &Capacity) -> Self {
+    fn new(cfg: &Capacity, now: u64, unkept: bool) -> Self {
         let c = Controller::new(cfg);
         Self {
             limit: AtomicU64::new(c.limit()),
             controller: Mutex::new(c),
             queue: Arc::default(),
             completions: Mutex::default(),
+            used: AtomicU64::new(now),
+            unkept,
         }
+    }
+
+    /// How many may wait in its queue, of the configured `max_len`.
+    pub(crate) fn queue_len(&self, max_len: usize) -> usize {
+        if self.unkept {
+            0
+        } else {
+            max_len
+        }
+    }
+
+    /// Notes a use at `now`, to the second (a write per request would make every request of
+    /// a bucket contend for one cache line).
+    fn touch(&self, now: u64) {
+        if now.saturating_sub(self.used.load(Ordering::Relaxed)) >= TOUCH_PRECISION {
+            self.used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Nothing holds it but its rule: no request of its bucket in flight or waiting.
+    fn is_idle(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1 && self.queue.len() == 0
     }
 
     /// A request of this bucket completed at `now` and its slot is back in the store: counts
@@ -67,9 +106,10 @@ impl Cell {
         self.queue.release();
     }
 
-    /// How long a refused caller should wait: the waiters ahead of it, and itself, at the
-    /// bucket's recent completion rate; 1 s without one; at most 60 s.
-    pub(crate) fn retry_after(&self, now: u64) -> Duration {
+    /// How long a refused caller of priority `level` should wait: the waiters ahead of it
+    /// (of its priority or higher), and itself, at the bucket's recent completion rate; 1 s
+    /// without one; at most 60 s.
+    pub(crate) fn retry_after(&self, now: u64, level: u8) -> Duration {
         let c = self
             .completions
             .lock()
@@ -82,7 +122,7 @@ impl Cell {
         if count == 0 || span == 0 {
             return MIN_RETRY;
         }
-        let ahead = self.queue.len() as f64 + 1.0;
+        let ahead = self.queue.at_or_above(level) as f64 + 1.0;
         let secs = ahead * span as f64 / 1e9 / count as f64;
         Duration::from_secs_f64(secs.min(MAX_RETRY.as_secs_f64())).max(MIN_RETRY)
     }
@@ -93,9 +133,9 @@ impl Cell {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// A request was admitted with `in_flight` slots of this bucket taken.
-    pub(crate) fn admitted(&self, in_flight: u64) {
-        self.lock().admitted(in_flight);
+    /// A decision on a request saw `in_flight` slots of this bucket taken.
+    pub(crate) fn saw_in_flight(&self, in_flight: u64) {
+        self.lock().saw_in_flight(in_flight);
     }
 
     /// Feedback from one response; the change of limit, if any.
@@ -130,8 +170,11 @@ pub(crate) struct RuleCapacity {
     /// Redis Cluster both share a slot (one script call).
     tier_rules: Vec<(Arc<str>, Arc<str>)>,
     other_tiers: Arc<str>,
+    /// Keyed by the held key ([`RuleCapacity::held`]).
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
-    warned_full: std::sync::atomic::AtomicBool,
+    /// The secret of the digests of long keys.
+    digest: RandomState,
+    warned_full: AtomicBool,
 }
 
 impl RuleCapacity {
@@ -145,7 +188,8 @@ impl RuleCapacity {
             other_tiers: format!("{rule}#").into(),
             config,
             cells: RwLock::new(HashMap::new()),
-            warned_full: Default::default(),
+            digest: RandomState::new(),
+            warned_full: AtomicBool::new(false),
         }
     }
 
@@ -166,39 +210,98 @@ impl RuleCapacity {
             .map_or(&self.other_tiers, |(_, rule)| rule)
     }
 
-    /// The controller of bucket `key`, made on first use.
-    pub(crate) fn cell(&self, key: &Key) -> Arc<Cell> {
-        if let Some(c) = self
+    /// The controller of bucket `key`, made on first use; `now` is the layer's clock.
+    pub(crate) fn cell(&self, key: &Key, now: u64) -> Arc<Cell> {
+        let held = self.held(key);
+        let found = self
             .cells
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-        {
-            return Arc::clone(c);
+            .get(&*held)
+            .map(Arc::clone);
+        if let Some(c) = found {
+            c.touch(now);
+            return c;
         }
         let mut cells = self.cells.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = cells.get(key) {
+        if let Some(c) = cells.get(&*held) {
+            c.touch(now);
             return Arc::clone(c);
         }
-        let cell = Arc::new(Cell::new(&self.config));
-        if cells.len() < MAX_CONTROLLERS {
-            cells.insert(key.clone(), Arc::clone(&cell));
-        } else if !self.warned_full.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                target: "tower_llm_ratelimit",
-                max = MAX_CONTROLLERS,
-                "adaptive capacity: too many buckets for one rule; new ones run at the initial limit"
-            );
+        if cells.len() >= MAX_CONTROLLERS {
+            evict_idle(&mut cells);
         }
+        if cells.len() >= MAX_CONTROLLERS {
+            if !self.warned_full.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tower_llm_ratelimit",
+                    max = MAX_CONTROLLERS,
+                    "adaptive capacity: too many buckets in use for one rule; new ones run at the initial limit, without a queue"
+                );
+            }
+            return Arc::new(Cell::new(&self.config, now, true));
+        }
+        let cell = Arc::new(Cell::new(&self.config, now, false));
+        cells.insert(held.into_owned(), Arc::clone(&cell));
         cell
     }
 
     /// The current limit of bucket `key`, without making a controller for it.
     pub(crate) fn limit_of(&self, key: &Key) -> u64 {
+        let held = self.held(key);
         let cells = self.cells.read().unwrap_or_else(PoisonError::into_inner);
         cells
-            .get(key)
+            .get(&*held)
             .map_or(self.config.initial_limit(), |c| c.limit())
+    }
+
+    /// The key the rule holds for `key`: itself, or a 128-bit digest of a long key, std's
+    /// SipHash under a secret of the rule's, twice with a different first byte (see
+    /// `store/memory/digest.rs` for why this hash).
+    fn held<'k>(&self, key: &'k Key) -> std::borrow::Cow<'k, Key> {
+        if key.as_bytes().len() <= MAX_HELD_KEY {
+            return std::borrow::Cow::Borrowed(key);
+        }
+        let half = |domain: u8| {
+            let mut h = self.digest.build_hasher();
+            h.write_u8(domain);
+            h.write(key.as_bytes());
+            h.finish().to_le_bytes()
+        };
+        let mut digest = [0; 16];
+        digest[..8].copy_from_slice(&half(1));
+        digest[8..].copy_from_slice(&half(2));
+        std::borrow::Cow::Owned(Key::new(digest))
+    }
+
+    /// How many controllers the rule keeps now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.cells
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Makes room at [`MAX_CONTROLLERS`]: drops up to an eighth of them (so that a flood of new
+/// keys pays for a sweep once per many keys), idle ones least recently used first. A
+/// dropped bucket's controller starts again from the initial limit when it comes back.
+fn evict_idle(cells: &mut HashMap<Key, Arc<Cell>>) {
+    let mut idle: Vec<(u64, Key)> = cells
+        .iter()
+        .filter(|(_, c)| c.is_idle())
+        .map(|(k, c)| (c.used.load(Ordering::Relaxed), k.clone()))
+        .collect();
+    let batch = (MAX_CONTROLLERS / 8).min(idle.len());
+    if batch == 0 {
+        return;
+    }
+    if batch < idle.len() {
+        idle.select_nth_unstable_by_key(batch - 1, |(used, _)| *used);
+    }
+    for (_, key) in &idle[..batch] {
+        cells.remove(key);
     }
 }
 
@@ -230,8 +333,96 @@ pub(crate) fn replica_key(key: &Key, replica: &str) -> Key {
 
 /// A random replica id (16 hex digits), from the standard library's random hasher keys.
 pub(crate) fn random_replica_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let mut h = RandomState::new().build_hasher();
     h.write_u64(u64::from(std::process::id()));
     format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> RuleCapacity {
+        RuleCapacity::new(Capacity::fixed(4), "model-slots")
+    }
+
+    #[test]
+    fn a_flood_of_long_keys_holds_a_bounded_number_of_short_keys() {
+        let cap = rule();
+        let long = |i: usize| Key::new(format!("{i:08}{}", "x".repeat(4 * MAX_HELD_KEY)));
+        for i in 0..3 * MAX_CONTROLLERS {
+            drop(cap.cell(&long(i), i as u64));
+            assert!(cap.len() <= MAX_CONTROLLERS);
+        }
+        let cells = cap.cells.read().unwrap();
+        assert!(cells.keys().all(|k| k.as_bytes().len() <= MAX_HELD_KEY));
+        // The same long key finds its controller again; another one doesn't.
+        drop(cells);
+        let last = cap.cell(&long(3 * MAX_CONTROLLERS - 1), 0);
+        assert!(Arc::ptr_eq(
+            &last,
+            &cap.cell(&long(3 * MAX_CONTROLLERS - 1), 0)
+        ));
+        assert!(!Arc::ptr_eq(&last, &cap.cell(&long(0), 0)));
+    }
+
+    #[test]
+    fn only_idle_controllers_make_room_least_recently_used_first() {
+        let cap = rule();
+        let key = |i: usize| Key::new(format!("k{i}"));
+        // The first is in use (a request holds it), the second used late.
+        const S: u64 = 1_000_000_000;
+        let busy = cap.cell(&key(0), 0);
+        for i in 1..MAX_CONTROLLERS {
+            drop(cap.cell(&key(i), i as u64 * S));
+        }
+        let late = MAX_CONTROLLERS as u64 * S;
+        drop(cap.cell(&key(1), late));
+        let new = cap.cell(&Key::new("new"), late);
+        assert!(!new.unkept);
+        assert!(Arc::ptr_eq(&busy, &cap.cell(&key(0), late)), "in use: kept");
+        let cells = cap.cells.read().unwrap();
+        assert!(cells.contains_key(&key(1)), "recently used: kept");
+        assert!(
+            !cells.contains_key(&key(2)),
+            "the least recently used idle one: dropped"
+        );
+        assert_eq!(cells.len(), MAX_CONTROLLERS - MAX_CONTROLLERS / 8 + 1);
+    }
+
+    #[test]
+    fn many_threads_flooding_keys_never_evict_a_controller_in_use() {
+        let cap = Arc::new(rule());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let cap = Arc::clone(&cap);
+                std::thread::spawn(move || {
+                    let mine = Key::new(format!("model-{t}"));
+                    let held = cap.cell(&mine, 0);
+                    for i in 0..5_000u64 {
+                        drop(cap.cell(&Key::new(format!("junk-{t}-{i}")), i));
+                        if i % 500 == 0 {
+                            assert!(Arc::ptr_eq(&held, &cap.cell(&mine, i)), "evicted in use");
+                        }
+                    }
+                    assert!(cap.len() <= MAX_CONTROLLERS);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn with_none_idle_a_new_bucket_gets_no_queue() {
+        let cap = rule();
+        let held: Vec<_> = (0..MAX_CONTROLLERS)
+            .map(|i| cap.cell(&Key::new(format!("k{i}")), 0))
+            .collect();
+        let extra = cap.cell(&Key::new("extra"), 1);
+        assert_eq!(extra.queue_len(64), 0);
+        assert_eq!(held[0].queue_len(64), 64);
+        assert_eq!(cap.len(), MAX_CONTROLLERS);
+    }
 }

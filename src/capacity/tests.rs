@@ -20,7 +20,7 @@ fn cfg() -> Capacity {
 /// Feeds one interval of `n` responses of latency `latency_ms` from a limit in full use,
 /// ending at `end`.
 fn interval(c: &mut Controller, cfg: &Capacity, end: u64, n: u64, latency_ms: u64) {
-    c.admitted(c.limit());
+    c.saw_in_flight(c.limit());
     for i in 0..n {
         let at = end - S + (i * S / n.max(1));
         c.sample(cfg, at, Signal::Latency(latency_ms * MS));
@@ -46,7 +46,7 @@ fn does_not_grow_when_the_limit_is_not_in_use() {
     let cfg = cfg();
     let mut c = Controller::new(&cfg);
     for k in 1..=10 {
-        c.admitted(5); // 5 in flight of 20: under half
+        c.saw_in_flight(5); // 5 in flight of 20: under half
         for i in 0..10 {
             c.sample(&cfg, (k - 1) * S + i * S / 10, Signal::Latency(50 * MS));
         }
@@ -111,6 +111,7 @@ fn latency_past_the_target_scales_the_limit_by_the_gradient() {
     c.sample(&cfg, S + 1, Signal::Latency(160 * MS));
     assert_eq!(c.limit(), 12);
     // Far past the target: halved at most.
+    c.saw_in_flight(c.limit());
     for i in 0..=10 {
         c.sample(&cfg, 3 * S + i * S / 10, Signal::Latency(1_000 * MS));
     }
@@ -121,15 +122,67 @@ fn latency_past_the_target_scales_the_limit_by_the_gradient() {
 fn without_a_target_the_baseline_times_the_tolerance_is_the_target() {
     let cfg = Capacity::adaptive(1, 100).initial(40); // tolerance 1.5
     let mut c = Controller::new(&cfg);
-    c.admitted(40);
+    c.saw_in_flight(40);
     // 100 ms then 200 ms: the baseline is 100, the target 150, the mean 150: it grows.
     c.sample(&cfg, 0, Signal::Latency(100 * MS));
     let grew = c.sample(&cfg, S, Signal::Latency(200 * MS));
     assert_eq!(grew, Some((40, 44, Change::Growth)));
     // 300 ms is twice the baseline: cut to 44 x 150/300.
+    c.saw_in_flight(44);
     c.sample(&cfg, 2 * S, Signal::Latency(300 * MS));
     let cut = c.sample(&cfg, 3 * S, Signal::Latency(300 * MS));
     assert_eq!(cut, Some((44, 22, Change::Latency)));
+}
+
+#[test]
+fn latency_at_low_load_is_not_judged() {
+    let cfg = cfg(); // target 100 ms, limit 20
+    let mut c = Controller::new(&cfg);
+    // One request in flight of 20, slow (a long prompt): no cut.
+    for k in 1..=5 {
+        c.saw_in_flight(1);
+        c.sample(&cfg, k * S, Signal::Latency(400 * MS));
+        c.sample(&cfg, k * S + S / 2, Signal::Latency(400 * MS));
+    }
+    assert_eq!(c.limit(), 20);
+    // Half the limit in flight, as slow: cut (by half at most).
+    c.saw_in_flight(10);
+    c.sample(&cfg, 6 * S, Signal::Latency(400 * MS));
+    let cut = c.sample(&cfg, 7 * S, Signal::Latency(400 * MS));
+    assert_eq!(cut, Some((20, 10, Change::Latency)));
+}
+
+#[test]
+fn a_few_freak_fast_answers_do_not_set_the_baseline() {
+    let cfg = Capacity::adaptive(1, 100).initial(40); // tolerance 1.5
+    let mut c = Controller::new(&cfg);
+    // 1 answer in 20 is 1 ms (an error body, a cached reply), the rest 100 ms: the
+    // baseline is 100 ms, the target 150 ms, and a mean of about 95 ms is healthy.
+    let mut judged = Vec::new();
+    for k in 0..10 {
+        c.saw_in_flight(c.limit());
+        for i in 0..20 {
+            let latency = if i == 0 { MS } else { 100 * MS };
+            judged.extend(c.sample(&cfg, k * S + i * S / 20, Signal::Latency(latency)));
+        }
+    }
+    assert!(judged.len() >= 4, "{judged:?}");
+    assert!(judged.iter().all(|j| j.2 == Change::Growth), "{judged:?}");
+}
+
+#[test]
+fn a_caller_gone_past_the_target_without_an_answer_is_an_overload() {
+    // No target configured: 1.5 x the baseline (100 ms) = 150 ms.
+    let cfg = Capacity::adaptive(1, 100).initial(40);
+    let mut c = Controller::new(&cfg);
+    c.sample(&cfg, 0, Signal::Latency(100 * MS));
+    // Gone after 120 ms: nothing to judge.
+    assert_eq!(c.sample(&cfg, S, Signal::Abandoned(120 * MS)), None);
+    c.sample(&cfg, 2 * S, Signal::Abandoned(120 * MS));
+    assert_eq!(c.limit(), 40);
+    // Gone after 10 s: an overload (the interval under way since 0 s is judged), at any load.
+    let cut = c.sample(&cfg, 3 * S, Signal::Abandoned(10 * S));
+    assert_eq!(cut, Some((40, 32, Change::Overload)));
 }
 
 #[test]
@@ -179,7 +232,7 @@ fn simulate(cfg: &Capacity, base: u64, phases: &[(u64, u64)]) -> Vec<(u64, u64)>
         while (in_flight.len() as u64) < c.limit() {
             let n = in_flight.len() as u64 + 1;
             let latency = base * n.max(capacity) / capacity;
-            c.admitted(n);
+            c.saw_in_flight(n);
             in_flight.push(Reverse((now + latency, now)));
         }
         trace.push((now, c.limit()));
@@ -234,7 +287,7 @@ fn follows_a_capacity_that_halves_then_comes_back() {
 
 #[test]
 fn follows_the_capacity_with_the_tolerance_alone() {
-    // No target: 1.5 x the lowest latency seen. The limit settles near 1.5 x capacity
+    // No target: 1.5 x a low percentile of the latencies. The limit settles near 1.5 x capacity
     // (where the latency is 1.5 x the unloaded one), and halves with the capacity.
     let base = 200 * MS;
     let cfg = Capacity::adaptive(1, 256);
@@ -263,7 +316,7 @@ proptest::proptest! {
         let mut last_change: Option<u64> = None;
         for (step_ms, latency_ms, overload, in_flight) in events {
             now += step_ms * MS;
-            c.admitted(in_flight);
+            c.saw_in_flight(in_flight);
             let signal = if overload { Signal::Overload(0) } else { Signal::Latency(latency_ms * MS) };
             if c.sample(&cfg, now, signal).is_some() {
                 if let Some(at) = last_change {

@@ -241,7 +241,7 @@ impl RateLimitLayerBuilder {
     /// rules are keyed `{key}@{replica}`: each replica (process) sharing a store governs its
     /// own share of the capacity, from the latency it sees (see [`crate::capacity`]). Give a
     /// stable id (a pod name) so that a restarted replica finds its slots; ids must differ
-    /// between replicas.
+    /// between replicas, and be non-empty without `@` (checked by `build`).
     pub fn replica_id(mut self, id: impl Into<String>) -> Self {
         self.replica = Some(id.into());
         self
@@ -312,6 +312,13 @@ impl RateLimitLayerBuilder {
                 .map(|t| self.rules.iter().map(|r| r.variant_for(t).0).collect()),
         );
         let previous = self.previous.as_ref().map(|l| &*l.limiter);
+        if let Some(id) = self
+            .replica
+            .as_ref()
+            .filter(|id| id.is_empty() || id.contains('@'))
+        {
+            return Err(BuildError::InvalidReplicaId { id: id.clone() });
+        }
         let capacity = self
             .rules
             .iter()

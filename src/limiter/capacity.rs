@@ -36,8 +36,12 @@ pub(crate) struct Wait<'a> {
     pub(crate) bucket: &'a BucketKey,
     pub(crate) tier: Option<&'a Tier>,
     pub(crate) level: u8,
+    /// The caller's tier, an index of the capacity's tiers.
+    pub(crate) tier_index: usize,
     pub(crate) max_wait: Duration,
     pub(crate) max_len: usize,
+    /// Refused by the bucket at its whole capacity (not a threshold, not a tier's reserve).
+    pub(crate) full: bool,
 }
 
 /// `floor(share x capacity)`.
@@ -62,13 +66,14 @@ impl Limiter {
         feedback: &mut Option<Feedback>,
         reserve: &mut Option<Reserve>,
     ) -> impl Iterator<Item = Planned> {
-        let cell = cap.cell(bucket.key());
+        let now = self.clock.now_nanos();
+        let cell = cap.cell(bucket.key(), now);
         let capacity = quota.limit().min(cell.limit());
         let quota = quota.with_limit(capacity);
         let key = replica_key(bucket.key(), &self.replica);
         feedback
             .get_or_insert_with(|| Feedback {
-                started: self.clock.now_nanos(),
+                started: now,
                 cells: Vec::new(),
             })
             .cells
@@ -123,7 +128,9 @@ impl Limiter {
             result,
             Ok(Decision { denial: Some(d), .. }) if d.index == r.shared
         );
-        if r.second || r.reserved == 0 || !refused_for_saturation {
+        // A threshold at the capacity: the second attempt would charge the bucket at the
+        // same limit that refused the first.
+        if r.second || r.reserved == 0 || r.threshold >= r.capacity || !refused_for_saturation {
             return false;
         }
         r.second = true;
@@ -132,6 +139,32 @@ impl Limiter {
         let tier = &mut plan.charges[r.tier];
         tier.quota = tier.quota.with_limit(r.reserved);
         true
+    }
+
+    /// The buckets that make a request's idempotency identity, as (rule name, key): an
+    /// adaptive bucket's key without its replica suffix, and not the tier's own bucket (a
+    /// retry through another replica, or of another tier's reserve, is the same request).
+    pub(super) fn identity_buckets<'p>(
+        &'p self,
+        charges: &'p [Planned],
+        feedback: Option<&'p Feedback>,
+        reserve: Option<&'p Reserve>,
+    ) -> impl Iterator<Item = (&'p str, &'p [u8])> + 'p {
+        let suffix = 1 + self.replica.len();
+        charges.iter().enumerate().filter_map(move |(i, p)| {
+            if reserve.is_some_and(|r| r.tier == i) {
+                return None;
+            }
+            let key = p.bucket.key().as_bytes();
+            let adaptive = feedback.is_some_and(|f| f.cells.iter().any(|a| a.charge == i));
+            let key = if adaptive {
+                // `replica_key` appended `@{replica}`.
+                &key[..key.len().saturating_sub(suffix)]
+            } else {
+                key
+            };
+            Some((p.bucket.rule(), key))
+        })
     }
 
     /// Turns `plan` back into its first attempt, at the capacities in force now, for a
@@ -197,14 +230,26 @@ impl Limiter {
         let denial = result.as_ref().ok()?.denial?;
         let adapt = self.capacity_of(plan, denial.index)?;
         let config = &self.capacity[adapt.rule].as_ref()?.config;
-        let priority = config.priority_of(plan.tier.as_ref().map(|t| t.as_str()))?;
+        let tier = plan.tier.as_ref().map(|t| t.as_str());
+        let priority = config.priority_of(tier)?;
+        let tier_index = config
+            .tiers
+            .iter()
+            .position(|(name, _)| Some(&**name) == tier)?;
+        let at_capacity = plan
+            .reserve
+            .as_ref()
+            .filter(|r| r.shared == adapt.charge)
+            .is_none_or(|r| r.second || r.threshold >= r.capacity);
         Some(Wait {
+            full: denial.index == adapt.charge && at_capacity,
             cell: &adapt.cell,
             bucket: &plan.charges.get(adapt.charge)?.bucket,
             tier: plan.tier.as_ref(),
             level: priority.level,
+            tier_index,
             max_wait: priority.max_wait?,
-            max_len: config.queue_len,
+            max_len: adapt.cell.queue_len(config.queue_len),
         })
     }
 }

@@ -13,7 +13,7 @@ use crate::capacity::Feedback;
 use crate::cost::Cost;
 use crate::headers::{self, RateHeaders, RuleState};
 use crate::observe::{ModelLabel, Outcome, RuleDecision};
-use crate::reject::{Per, Rejection};
+use crate::reject::{Per, Rejection, Used};
 use crate::rule::Quota;
 use crate::store::{BucketKey, Charge, Decision, IdempotencyKey, Snapshot, StoreError};
 use crate::tier::Tier;
@@ -105,10 +105,19 @@ impl Limiter {
             // A capacity's slots free up as requests complete: the wait is the bucket's
             // queue at its recent completion rate, not a clock's.
             if let Some(a) = self.capacity_of(&plan, d.index) {
-                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos()));
+                // Callers without a priority are served after every waiter.
+                let level = self.capacity[a.rule]
+                    .as_ref()
+                    .and_then(|c| c.config.priority_of(plan.tier.as_ref().map(Tier::as_str)))
+                    .map_or(0, |p| p.level);
+                d.retry_after = Some(a.cell.retry_after(self.clock.now_nanos(), level));
             }
         }
         let reserve = plan.reserve.as_ref();
+        let refused_by_capacity = match (reserve, decision.denial) {
+            (Some(r), Some(d)) => d.index == r.shared || d.index == r.tier,
+            _ => false,
+        };
         let states = plan
             .charges
             .iter()
@@ -120,13 +129,18 @@ impl Limiter {
                 rule: &self.rules[p.rule].name,
                 quota: &p.quota,
                 variant: p.variant,
-                // The bucket's charge at the saturation threshold: shown at the capacity.
+                // The bucket's charge at the saturation threshold: shown at the capacity, with
+                // nothing left for a caller it refused.
                 snapshot: match reserve {
                     Some(r) if r.shared == i => Snapshot {
                         limit: r.capacity,
-                        remaining: r
-                            .capacity
-                            .saturating_sub(s.snapshot.limit.saturating_sub(s.snapshot.remaining)),
+                        remaining: if refused_by_capacity {
+                            0
+                        } else {
+                            r.capacity.saturating_sub(
+                                s.snapshot.limit.saturating_sub(s.snapshot.remaining),
+                            )
+                        },
                         ..s.snapshot
                     },
                     _ => s.snapshot,
@@ -165,10 +179,12 @@ impl Limiter {
             };
             self.observe(tier, outcome, &rules);
         }
-        if let (None, Some(f)) = (decision.denial, &plan.feedback) {
+        // The load the controllers judge by: a refusal shows the bucket in use as well as an
+        // admission does.
+        if let Some(f) = &plan.feedback {
             for a in &f.cells {
                 let s = decision.charges[a.charge].snapshot;
-                a.cell.admitted(s.limit.saturating_sub(s.remaining));
+                a.cell.saw_in_flight(s.limit.saturating_sub(s.remaining));
             }
         }
         let Some(denial) = decision.denial else {
@@ -187,7 +203,21 @@ impl Limiter {
             });
         };
         let p = &plan.charges[denial.index];
-        let snapshot = decision.charges[denial.index].snapshot;
+        let mut snapshot = decision.charges[denial.index].snapshot;
+        // A capacity with tiers: its limit is the capacity, and what is used is the bucket's
+        // count (its tier's bucket is the rule's business). A count at its charge's limit may
+        // be past it (the saturation threshold, a capacity that shrank).
+        let mut used = Used::Exactly(snapshot.limit.saturating_sub(snapshot.remaining));
+        if let Some(r) = reserve.filter(|_| refused_by_capacity) {
+            let shared = decision.charges[r.shared].snapshot;
+            let count = shared.limit.saturating_sub(shared.remaining);
+            used = if shared.remaining == 0 {
+                Used::AtLeast(count)
+            } else {
+                Used::Exactly(count)
+            };
+            snapshot.limit = r.capacity;
+        }
         let rule = &*self.rules[p.rule].name;
         tracing::debug!(
             target: "tower_llm_ratelimit",
@@ -208,7 +238,7 @@ impl Limiter {
                 p.quota.unit().as_str(),
                 snapshot.limit,
                 Per::of(&p.quota),
-                snapshot.limit.saturating_sub(snapshot.remaining),
+                used,
                 p.amount,
                 denial.retry_after,
             )

@@ -180,7 +180,7 @@ impl Limiter {
                         req.method(),
                         req.uri(),
                         body,
-                        charges.iter().map(|p| &p.bucket),
+                        self.identity_buckets(&charges, feedback.as_ref(), reserve.as_ref()),
                     )
                 })
             }

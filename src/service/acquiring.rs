@@ -154,19 +154,34 @@ impl Acquiring {
             }
             if matches!(&result, Ok(d) if d.is_admitted()) {
                 if let Some(ticket) = self.ticket.take() {
-                    ticket.admitted();
+                    if woken {
+                        ticket.admitted();
+                    } else {
+                        // Admitted by its entry retry, with a slot freed before it entered:
+                        // a release that woke it meanwhile is not its own, and goes on.
+                        drop(ticket);
+                    }
                     self.report(QueueOutcome::Admitted);
                 }
                 return (plan, result);
             }
             let Some(wait) = self.limiter.queue_for(&plan, &result) else {
+                if let Some(ticket) = self.ticket.take() {
+                    // Refused by another rule, or the store failed: the wait is over with
+                    // that answer (a wake-up it had goes on).
+                    drop(ticket);
+                    self.report(QueueOutcome::Refused);
+                }
                 return (plan, result);
             };
             match &self.ticket {
-                Some(ticket) if woken => ticket.refused(),
+                Some(ticket) if woken => ticket.refused(wait.full),
                 Some(_) => {}
                 None => {
-                    let entered = wait.cell.queue.enter(wait.level, wait.max_len);
+                    let entered = wait
+                        .cell
+                        .queue
+                        .enter(wait.level, wait.tier_index, wait.max_len);
                     if self.limiter.observer.is_some() {
                         self.queued = Some(Queued {
                             cell: Arc::clone(wait.cell),

@@ -164,6 +164,7 @@ impl CapacityMetrics {
             QueueOutcome::TimedOut => "timed_out",
             QueueOutcome::Full => "full",
             QueueOutcome::Left => "left",
+            QueueOutcome::Refused => "refused",
             _ => "other",
         };
         self.queue_wait

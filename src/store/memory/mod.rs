@@ -640,7 +640,8 @@ impl Inner {
             // Back to the caller's order.
             states[f.charge] = if denial.is_none() {
                 // Fits (checked above): charged, and answered after the charge.
-                let (_, placement, snapshot) = state.acquire(&limits, at, c.amount);
+                let (verdict, placement, snapshot) = state.acquire(&limits, at, c.amount);
+                debug_assert_eq!(verdict, Verdict::Allow, "checked above under the same hold");
                 ChargeState {
                     snapshot,
                     placement,
