@@ -56,13 +56,19 @@
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
 //! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C),
 //! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
-//! lines on stderr are printed if it doesn't start). The client runs on a
+//! lines on stderr are printed if it doesn't start), `OVERLOAD_SCENARIO` (`follow`: instead
+//! of the three runs, whether the adaptive capacity follows the mock's capacity halving
+//! then coming back, see `overload/follow.rs`; its own `OVERLOAD_FOLLOW_*` variables are
+//! there). The client runs on a
 //! 2-worker tokio runtime in this process; on a small machine it shares the cores with the
 //! gateway, which only adds to the times both runs measure.
 
 #[allow(dead_code)]
 #[path = "support/gateway.rs"]
 mod gateway;
+
+#[path = "overload/follow.rs"]
+mod follow;
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
@@ -672,6 +678,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    if std::env::var("OVERLOAD_SCENARIO").is_ok_and(|s| s == "follow") {
+        follow::run(setup, &bin, &runtime);
+        return;
+    }
     for variant in [
         Variant::TierLimits,
         Variant::ModelConcurrency,

@@ -2,7 +2,7 @@
 //! (`benches/http.rs`, `benches/overload.rs`): the release binary (built if needed, found
 //! where cargo says it put it), started on a configuration file, its address and the built-in
 //! mock's URL read from its banner, its stderr kept (the last lines) to tell why it didn't
-//! start, killed when dropped.
+//! start, its configuration rewritten and reloaded by SIGHUP on demand, killed when dropped.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -123,6 +123,25 @@ pub(crate) struct Gateway {
 impl Gateway {
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Rewrites the gateway's configuration file with `config` and sends it SIGHUP (`kill
+    /// -HUP`): it reloads the file (see `examples/gateway/reload.rs`). Returns once the
+    /// signal is sent; whether the reload was applied shows in its metrics
+    /// (`gateway_config_reloads_total`).
+    pub(crate) fn reload(&self, config: &str) -> Result<(), String> {
+        std::fs::write(&self.config, config)
+            .map_err(|e| format!("{}: {e}", self.config.display()))?;
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("running kill -HUP: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill -HUP {} failed: {status}", self.pid()))
+        }
     }
 
     /// The last lines the gateway wrote to stderr.
