@@ -40,6 +40,13 @@
 //! - after t1 also `reached`: the time until the limit first reaches 90% of the level.
 //!
 //! The goals: `settled` after t0 under 10 s, `reached` (and `settled`) after t1 under 30 s.
+//!
+//! What to expect: past C the mock delivers no more tokens per second, only a later first
+//! token (`token_delay x running / C`), so a controller held to a latency target settles
+//! where the mock's first token meets it, near `C x target / token_delay`: above C by the
+//! target's margin over the unloaded time, at full capacity and at half alike. The nominal
+//! figures (against C/2 and C) can only pass with a target within 10% of the mock's bare
+//! token time; the found ones measure how the controller follows a change.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
