@@ -55,7 +55,8 @@
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
 //! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C),
-//! `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
+//! `OVERLOAD_ALLOW_SKIP=1` (a run that can't start is skipped instead of failing; without
+//! it, a skip exits 2 and a failed gate exits 1), `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
 //! lines on stderr are printed if it doesn't start), `OVERLOAD_SCENARIO` (`follow`: instead
 //! of the three runs, whether the adaptive capacity follows the mock's capacity halving
 //! then coming back, see `overload/follow.rs`; its own `OVERLOAD_FOLLOW_*` variables are
@@ -536,7 +537,8 @@ fn rate(part: usize, whole: usize) -> f64 {
     }
 }
 
-fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
+/// Prints a run's figures; false when it is the gated run and the gate failed.
+fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) -> bool {
     match variant {
         Variant::Adaptive => println!(
             "\n## {} (max = {}, saturation 0.5, pro share 0.5)",
@@ -626,7 +628,9 @@ fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) {
             "GATE (pro success >= 99.9% with adaptive capacity + priority): {}",
             if gate { "pass" } else { "FAIL" }
         );
+        return gate;
     }
+    true
 }
 
 /// The gateway's `gateway_capacity_*` metric lines (`GET /metrics`), but the histograms'.
@@ -670,6 +674,7 @@ fn main() {
         Ok(b) => b,
         Err(e) => {
             println!("overload: skipped ({e})");
+            skipped();
             return;
         }
     };
@@ -696,6 +701,7 @@ fn main() {
             Ok(gw) => gw,
             Err(e) => {
                 println!("overload: {}: skipped ({e})", variant.name());
+                skipped();
                 continue;
             }
         };
@@ -703,9 +709,24 @@ fn main() {
             let samples = load(setup, &gw).await;
             (samples, mock_stats(&gw).await, capacity_metrics(&gw).await)
         });
-        report(&setup, variant, &samples, &stats);
+        let passed = report(&setup, variant, &samples, &stats);
         if variant == Variant::Adaptive {
             println!("gateway capacity metrics:\n{metrics}");
         }
+        if !passed {
+            // The gate fails the run (exit status 1), so a script or CI job can rely on it;
+            // the gateway first (`exit` runs no destructor).
+            drop(gw);
+            std::process::exit(1);
+        }
     }
+}
+
+/// A run that couldn't take place fails, unless `OVERLOAD_ALLOW_SKIP=1` says a skip is fine.
+fn skipped() {
+    if std::env::var("OVERLOAD_ALLOW_SKIP").is_ok_and(|v| v == "1") {
+        return;
+    }
+    eprintln!("overload: a run was skipped (set OVERLOAD_ALLOW_SKIP=1 to allow it)");
+    std::process::exit(2);
 }
