@@ -202,6 +202,8 @@ impl RuleCapacity {
         }
         let cells = old.cells.read().unwrap_or_else(PoisonError::into_inner);
         *self.cells.get_mut().unwrap_or_else(PoisonError::into_inner) = cells.clone();
+        // The cells are keyed by `held`: a long key's digest must stay the same.
+        self.digest = old.digest.clone();
     }
 
     /// The namespace of the own buckets of callers of `tier`.
