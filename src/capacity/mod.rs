@@ -52,7 +52,7 @@
 //! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
 //! remaining for a caller the capacity refused; the 429's message gives the capacity and
 //! the requests in flight (`used 5 or more` when refused at a threshold of 5: the count past
-//! it is not known). The observer sees both charges.
+//! it is not known). The observer sees both charges, the tier's under its bucket's rule name.
 //!
 //! ```
 //! use tower_llm_ratelimit::capacity::{Capacity, Priority};
