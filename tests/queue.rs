@@ -664,3 +664,42 @@ async fn a_reload_reordering_tiers_hands_wake_ups_on_by_tier_name() {
         StatusCode::OK
     );
 }
+
+/// A rebuilt layer whose capacity moves the limit otherwise (its controller starts afresh)
+/// still shares its predecessor's queue: a slot released by a request the old layer
+/// admitted wakes a waiter of the new one.
+#[tokio::test(start_paused = true)]
+async fn a_reload_changing_the_capacity_keeps_the_queue_woken_by_old_releases() {
+    let rule = |cap: Capacity| {
+        Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1))
+            .capacity(cap.tier("pro", Priority::new(1).max_wait(Duration::from_secs(5))))
+    };
+    let store = MemoryStore::new();
+    let old = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(store.clone())
+        .rule(rule(Capacity::fixed(1)))
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    let held = send_to(&old, "m", "pro").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let new = RateLimitLayer::builder()
+        .store(store)
+        .rule(rule(Capacity::fixed(1).interval(Duration::from_secs(2))))
+        .tiers(tier::header("x-tier"))
+        .continue_capacity_of(&old)
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn(send_to(&new, "m", "pro"));
+    settle_tasks().await;
+    // The old layer's request ends: its slot goes to the new layer's waiter at once.
+    drop(held);
+    let start = Instant::now();
+    let waiter = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(
+        (waiter.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+}

@@ -416,6 +416,31 @@ mod tests {
         }
     }
 
+    /// A rebuilt rule whose capacity moves the limit otherwise starts its controllers
+    /// afresh, but shares the queues and completion rates: the old layer's requests in
+    /// flight release into them.
+    #[test]
+    fn a_changed_capacity_keeps_the_queues_and_completion_rates() {
+        const S: u64 = 1_000_000_000;
+        let old = RuleCapacity::new(Capacity::adaptive(1, 8).initial(6), "model-slots");
+        let key = Key::new("m");
+        let long = Key::new("x".repeat(2 * MAX_HELD_KEY));
+        let cell = old.cell(&key, 0);
+        let long_cell = old.cell(&long, 0);
+        cell.released(0);
+        let mut new = RuleCapacity::new(Capacity::adaptive(1, 4), "model-slots");
+        new.continue_from(&old);
+        let carried = new.cell(&key, S);
+        assert_eq!(carried.limit(), 4, "a fresh controller");
+        assert!(Arc::ptr_eq(&carried.queue, &cell.queue));
+        assert!(Arc::ptr_eq(&new.cell(&long, S).queue, &long_cell.queue));
+        assert_eq!(new.len(), 2);
+        // One completion in 4 s, then one more released by the old layer's request.
+        assert_eq!(carried.retry_after(4 * S, 0), Duration::from_secs(4));
+        cell.released(4 * S);
+        assert_eq!(carried.retry_after(4 * S, 0), Duration::from_secs(2));
+    }
+
     #[test]
     fn with_none_idle_a_new_bucket_gets_no_queue() {
         let cap = rule();
