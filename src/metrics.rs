@@ -13,7 +13,7 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `ratelimit_decisions_total` | counter | `tier`, `outcome` | decided requests, once each: `outcome` is `admitted`, `denied` (a rule refused it: 429), `missing_key` (a rule's key is missing, or the body it reads is unusable: 4xx), `cost_error` (its tokens could not be estimated: 4xx), `store_error_admitted` or `store_error_refused` (the store failed; [`crate::FailurePolicy`] `Open` or `Closed`) |
-//! | `ratelimit_rule_decisions_total` | counter | `rule`, `tier`, `decision` | per rule the store checked: `admitted`, once for each rule of an admitted request (each was charged); `denied`, for the rule that refused a request (its other rules were charged nothing and are not counted) |
+//! | `ratelimit_rule_decisions_total` | counter | `rule`, `tier`, `decision` | per rule the store checked: `admitted`, once for each rule of an admitted request (each was charged; a capacity with tiers counts its tier's own bucket as well, under `{rule}#{tier}` or `{rule}#`); `denied`, for the rule that refused a request (its other rules were charged nothing and are not counted) |
 //! | `ratelimit_refusals_total` | counter | `rule`, `tier`, `reason` | requests refused by a rule: `reason` is `rate_limited` (over the limit now; `Retry-After` says when it passes), `over_limit` (its cost exceeds the rule's limit: it never will) or `missing_key` |
 //! | `ratelimit_tokens_estimated_total` | counter | `rule`, `tier`, `unit` | token-based rules ([`crate::Unit`] `tokens`, `input_tokens`, `output_tokens`, `cost`), counted when an admitted request settles: the units charged at admission (the estimate) |
 //! | `ratelimit_tokens_settled_total` | counter | `rule`, `tier`, `unit` | the same charges after settlement: the usage the response reported, or what [`crate::settle`] charges without it (0 for a failed request, the estimate kept, ...) |
@@ -201,8 +201,17 @@ impl Labels {
                 }
             }
         }
+        let mut names: Vec<Arc<str>> = rules.iter().map(|r| Arc::clone(&r.name)).collect();
+        // The tiers' own buckets of a capacity with tiers.
+        for rule in rules {
+            let Some(cap) = rule.capacity.as_ref().filter(|c| c.has_tiers()) else {
+                continue;
+            };
+            let own = cap.tiers.iter().map(|(t, _)| format!("{}#{t}", rule.name));
+            names.extend(own.chain([format!("{}#", rule.name)]).map(Arc::from));
+        }
         Self {
-            rules: rules.iter().map(|r| Arc::clone(&r.name)).collect(),
+            rules: names,
             tiers,
         }
     }
@@ -210,7 +219,7 @@ impl Labels {
     fn rule(&self, name: &str) -> SharedString {
         match self.rules.iter().find(|r| &***r == name) {
             Some(r) => SharedString::from(Arc::clone(r)),
-            // A capacity's tier bucket (`{rule}#{tier}`): named by the configuration too.
+            // Not a name the layer's events use.
             None => SharedString::from(name.to_owned()),
         }
     }
@@ -427,5 +436,7 @@ mod tests {
         assert_eq!(&*labels.tier(Some("x-9f3a")), OTHER_TIER);
         assert_eq!(&*labels.tier(None), "");
         assert_eq!(&*labels.rule("b"), "b");
+        assert!(labels.rules.iter().any(|r| &**r == "b#gold"));
+        assert!(labels.rules.iter().any(|r| &**r == "b#"));
     }
 }

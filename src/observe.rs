@@ -99,7 +99,8 @@ pub enum Outcome<'a> {
 /// One rule's part in a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuleDecision<'a> {
-    /// The rule's name.
+    /// The rule's name; for the tier's own bucket of a capacity with tiers,
+    /// `{rule}#{tier}` (`{rule}#` for a caller of no listed tier: see [`crate::capacity`]).
     pub rule: &'a str,
     /// The bucket's key.
     pub key: &'a Key,

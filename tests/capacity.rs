@@ -45,8 +45,12 @@ fn upstream(
 }
 
 fn request(status: u16, latency_ms: u64) -> Request<String> {
+    request_for("m", status, latency_ms)
+}
+
+fn request_for(model: &str, status: u16, latency_ms: u64) -> Request<String> {
     Request::builder()
-        .header("x-model", "m")
+        .header("x-model", model)
         .header("x-status", status.to_string())
         .header("x-latency-ms", latency_ms.to_string())
         .body(String::new())
@@ -343,6 +347,48 @@ async fn a_rebuilt_layer_continues_the_learned_limit_of_an_unchanged_capacity() 
         .build()
         .unwrap();
     assert_eq!(limit_in_status(&changed).await, (7, "m@r1".to_owned()));
+}
+
+/// A key longer than a rule holds as it is (256 bytes: held as a keyed digest) finds its
+/// learned limit in the rebuilt layer too: the digest's secret carries over with it.
+#[tokio::test]
+async fn a_rebuilt_layer_continues_the_learned_limit_of_a_long_key() {
+    let clock = ManualClock::new();
+    let cap = || Capacity::adaptive(2, 8).latency_target(Duration::from_millis(100));
+    let model = format!("model-{}", "x".repeat(300));
+    let limit_of = |layer: RateLimitLayer| {
+        let req = request_for(&model, 200, 0);
+        async move {
+            let status = layer.status(RequestView::from_request(&req)).await.unwrap();
+            status[0].quota.limit()
+        }
+    };
+    let old = RateLimitLayer::builder()
+        .rule(rule(cap()))
+        .clock(clock.clone())
+        .replica_id("r1")
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(old.clone())
+        .service(upstream(clock.clone()));
+    svc.clone()
+        .oneshot(request_for(&model, 503, 10))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    svc.clone()
+        .oneshot(request_for(&model, 503, 10))
+        .await
+        .unwrap();
+    assert_eq!(limit_of(old.clone()).await, 6);
+
+    let new = RateLimitLayer::builder()
+        .rule(rule(cap()))
+        .continue_capacity_of(&old)
+        .build()
+        .unwrap();
+    assert_eq!(limit_of(new).await, 6, "the learned limit carried over");
 }
 
 #[cfg(feature = "redis")]

@@ -701,6 +701,16 @@ fn capacity_changes_and_queue_outcomes() {
             m.histogram("ratelimit_queue_wait_seconds", &queue("timed_out")),
             [5.0]
         );
+
+        // Nine admissions, each charging the bucket and the tier's own bucket: the rule
+        // counts each once, the tier's bucket under its own name.
+        let admitted = |rule| [("rule", rule), ("tier", "pro"), ("decision", "admitted")];
+        assert_eq!(
+            m.counter(DECISIONS, &[("tier", "pro"), ("outcome", "admitted")]),
+            9
+        );
+        assert_eq!(m.counter(RULE_DECISIONS, &admitted("model-slots")), 9);
+        assert_eq!(m.counter(RULE_DECISIONS, &admitted("model-slots#pro")), 9);
     });
 }
 

@@ -593,3 +593,113 @@ async fn a_wake_up_handed_on_skips_the_waiters_of_the_refused_tier() {
         );
     }
 }
+
+/// A rebuilt layer that lists the same tiers in another order shares the queues of its
+/// predecessor: a wake-up handed on past the waiters of a refused tier skips that tier by
+/// name, not by its place in either configuration's list.
+#[tokio::test(start_paused = true)]
+async fn a_reload_reordering_tiers_hands_wake_ups_on_by_tier_name() {
+    let wait = Duration::from_secs(5);
+    let capacity = |tiers: &[&str]| {
+        tiers
+            .iter()
+            .fold(Capacity::fixed(4).saturation(0.5), |c, t| {
+                let p = match *t {
+                    "pro" => Priority::new(2).reserve(0.5),
+                    "free" => Priority::new(1),
+                    _ => Priority::new(0).reserve(0.25),
+                };
+                c.tier(*t, p.max_wait(wait))
+            })
+    };
+    let rule = |tiers: &[&str]| {
+        Rule::new("model-slots", key::header("x-model"), Quota::concurrent(4))
+            .capacity(capacity(tiers))
+    };
+    let store = MemoryStore::new();
+    let old = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(store.clone())
+        .rule(rule(&["pro", "free", "batch"]))
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    // Free fills the threshold (2), pro its reserve (2): the capacity is full.
+    let mut held = Vec::new();
+    for t in ["free", "free", "pro", "pro"] {
+        let res = send_to(&old, "m", t).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    // Same controller settings: the new layer shares the old one's controller of `m`, and
+    // its queue. `batch` is now where `free` was.
+    let new = RateLimitLayer::builder()
+        .store(store)
+        .rule(rule(&["pro", "batch", "free"]))
+        .tiers(tier::header("x-tier"))
+        .continue_capacity_of(&old)
+        .build()
+        .unwrap();
+    let free = tokio::spawn(send_to(&old, "m", "free"));
+    settle_tasks().await;
+    let batch = tokio::spawn(send_to(&new, "m", "batch"));
+    settle_tasks().await;
+    // A pro slot comes back: 3 in flight, past the threshold. The free waiter is refused and
+    // hands the wake-up on to batch (its reserve, 1, free), admitted at once.
+    drop(held.pop());
+    let start = Instant::now();
+    let batch = support::within("batch", batch).await.unwrap();
+    assert_eq!(
+        (batch.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+    drop(held);
+    drop(batch);
+    assert_eq!(
+        support::within("the free waiter", free)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
+
+/// A rebuilt layer whose capacity moves the limit otherwise (its controller starts afresh)
+/// still shares its predecessor's queue: a slot released by a request the old layer
+/// admitted wakes a waiter of the new one.
+#[tokio::test(start_paused = true)]
+async fn a_reload_changing_the_capacity_keeps_the_queue_woken_by_old_releases() {
+    let rule = |cap: Capacity| {
+        Rule::new("model-slots", key::header("x-model"), Quota::concurrent(1))
+            .capacity(cap.tier("pro", Priority::new(1).max_wait(Duration::from_secs(5))))
+    };
+    let store = MemoryStore::new();
+    let old = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(store.clone())
+        .rule(rule(Capacity::fixed(1)))
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    let held = send_to(&old, "m", "pro").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let new = RateLimitLayer::builder()
+        .store(store)
+        .rule(rule(Capacity::fixed(1).interval(Duration::from_secs(2))))
+        .tiers(tier::header("x-tier"))
+        .continue_capacity_of(&old)
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn(send_to(&new, "m", "pro"));
+    settle_tasks().await;
+    // The old layer's request ends: its slot goes to the new layer's waiter at once.
+    drop(held);
+    let start = Instant::now();
+    let waiter = support::within("the waiter", waiter).await.unwrap();
+    assert_eq!(
+        (waiter.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+}

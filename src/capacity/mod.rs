@@ -52,7 +52,7 @@
 //! Headers show the bucket at its capacity (the tier's bucket is not shown), with no slot
 //! remaining for a caller the capacity refused; the 429's message gives the capacity and
 //! the requests in flight (`used 5 or more` when refused at a threshold of 5: the count past
-//! it is not known). The observer sees both charges.
+//! it is not known). The observer sees both charges, the tier's under its bucket's rule name.
 //!
 //! ```
 //! use tower_llm_ratelimit::capacity::{Capacity, Priority};
@@ -123,7 +123,11 @@
 //! [`crate::RateLimitLayerBuilder::continue_capacity_of`] the old one, it shares the
 //! controllers (learned limits, queues, completion rates) of each rule of the same name whose
 //! capacity moves the limit alike, and keeps the old layer's replica id and clock, so that the
-//! slots held by requests in flight stay in the buckets it charges.
+//! slots held by requests in flight stay in the buckets it charges. A rule whose capacity
+//! moves the limit otherwise starts its controllers afresh but still shares the queues and
+//! completion rates: the slots the old layer's requests release wake the new layer's waiters.
+//! Waiters are told apart by tier name, so the two configurations may list other tiers, in
+//! another order. Only the buckets the old layer knows at the rebuild are shared.
 //!
 //! # The controller
 //!

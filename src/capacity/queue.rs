@@ -22,8 +22,9 @@ type Place = (Reverse<u8>, u64);
 struct Waiter {
     notify: Arc<Notify>,
     woken: bool,
-    /// Its tier (an index of the capacity's tiers): waiters of one tier are refused alike.
-    tier: usize,
+    /// Its tier's name: waiters of one tier are refused alike. (A name, not an index of the
+    /// capacity's tiers: a rebuilt layer shares the queue with another list of tiers.)
+    tier: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -35,7 +36,7 @@ struct Waiters {
 impl Waiters {
     /// Wakes the first waiter after `after` (or from the start) not woken yet and not of
     /// tier `skip`.
-    fn wake_first(&mut self, after: Option<Place>, skip: Option<usize>) {
+    fn wake_first(&mut self, after: Option<Place>, skip: Option<&str>) {
         let range = match after {
             Some(p) => self
                 .queue
@@ -44,7 +45,7 @@ impl Waiters {
         };
         if let Some((_, w)) = range
             .into_iter()
-            .find(|(_, w)| !w.woken && Some(w.tier) != skip)
+            .find(|(_, w)| !w.woken && Some(&*w.tier) != skip)
         {
             w.woken = true;
             w.notify.notify_one();
@@ -81,12 +82,12 @@ impl Queue {
         self.lock().wake_first(None, None);
     }
 
-    /// A place for a waiter of priority `level` and tier `tier` (an index of the capacity's
-    /// tiers), or `None` when `max_len` wait already.
+    /// A place for a waiter of priority `level` and tier `tier`, or `None` when `max_len`
+    /// wait already.
     pub(crate) fn enter(
         self: &Arc<Self>,
         level: u8,
-        tier: usize,
+        tier: Arc<str>,
         max_len: usize,
     ) -> Option<Ticket> {
         let mut w = self.lock();
@@ -135,9 +136,9 @@ impl Ticket {
             return;
         };
         me.woken = false;
-        let tier = me.tier;
+        let tier = Arc::clone(&me.tier);
         if !full {
-            w.wake_first(Some(self.place), Some(tier));
+            w.wake_first(Some(self.place), Some(&tier));
         }
     }
 

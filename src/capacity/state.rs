@@ -40,13 +40,14 @@ struct Completions {
 }
 
 /// One bucket's controller, its limit readable without the lock, its queue and its
-/// completion rate.
+/// completion rate (the queue and the rate shared with the bucket's cell in a layer this one
+/// was rebuilt from, if its controller started afresh: see [`RuleCapacity::continue_from`]).
 #[derive(Debug)]
 pub(crate) struct Cell {
     limit: AtomicU64,
     controller: Mutex<Controller>,
     pub(crate) queue: Arc<Queue>,
-    completions: Mutex<Completions>,
+    completions: Arc<Mutex<Completions>>,
     /// When a request last asked for it (the layer's clock), for eviction.
     used: AtomicU64,
     /// Made at [`MAX_CONTROLLERS`] with none idle: not kept, so nothing would wake its
@@ -61,9 +62,23 @@ impl Cell {
             limit: AtomicU64::new(c.limit()),
             controller: Mutex::new(c),
             queue: Arc::default(),
-            completions: Mutex::default(),
+            completions: Arc::default(),
             used: AtomicU64::new(now),
             unkept,
+        }
+    }
+
+    /// A controller of `cfg`, starting afresh, for `old`'s bucket: it shares `old`'s queue
+    /// and completion rate, which the requests `old` admitted release into.
+    fn continuing(cfg: &Capacity, old: &Cell) -> Self {
+        let c = Controller::new(cfg);
+        Self {
+            limit: AtomicU64::new(c.limit()),
+            controller: Mutex::new(c),
+            queue: Arc::clone(&old.queue),
+            completions: Arc::clone(&old.completions),
+            used: AtomicU64::new(old.used.load(Ordering::Relaxed)),
+            unkept: false,
         }
     }
 
@@ -84,9 +99,11 @@ impl Cell {
         }
     }
 
-    /// Nothing holds it but its rule: no request of its bucket in flight or waiting.
+    /// Nothing holds it but its rule: no request of its bucket in flight or waiting, and no
+    /// cell of another layer shares its queue (dropped, its bucket would come back with
+    /// another queue, which that layer's releases would not wake).
     fn is_idle(self: &Arc<Self>) -> bool {
-        Arc::strong_count(self) == 1 && self.queue.len() == 0
+        Arc::strong_count(self) == 1 && Arc::strong_count(&self.queue) == 1 && self.queue.len() == 0
     }
 
     /// A request of this bucket completed at `now` and its slot is back in the store: counts
@@ -193,15 +210,24 @@ impl RuleCapacity {
         }
     }
 
-    /// Shares `old`'s controllers (their learned limits, queues and completion rates) when
-    /// its capacity moves the limit as this one does; else keeps none (a changed `min`,
-    /// `max` or target starts afresh).
+    /// Continues `old`'s buckets: shares its controllers (their learned limits, queues and
+    /// completion rates) when its capacity moves the limit as this one does; else starts
+    /// their controllers afresh (a changed `min`, `max` or target) but still shares their
+    /// queues and completion rates, so that the slots `old`'s requests release wake this
+    /// rule's waiters and count in its `Retry-After`.
     pub(crate) fn continue_from(&mut self, old: &RuleCapacity) {
-        if !self.config.moves_like(&old.config) {
-            return;
-        }
         let cells = old.cells.read().unwrap_or_else(PoisonError::into_inner);
-        *self.cells.get_mut().unwrap_or_else(PoisonError::into_inner) = cells.clone();
+        let continued = if self.config.moves_like(&old.config) {
+            cells.clone()
+        } else {
+            cells
+                .iter()
+                .map(|(k, c)| (k.clone(), Arc::new(Cell::continuing(&self.config, c))))
+                .collect()
+        };
+        *self.cells.get_mut().unwrap_or_else(PoisonError::into_inner) = continued;
+        // The cells are keyed by `held`: a long key's digest must stay the same.
+        self.digest = old.digest.clone();
     }
 
     /// The namespace of the own buckets of callers of `tier`.
@@ -412,6 +438,40 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// A rebuilt rule whose capacity moves the limit otherwise starts its controllers
+    /// afresh, but shares the queues and completion rates: the old layer's requests in
+    /// flight release into them.
+    #[test]
+    fn a_changed_capacity_keeps_the_queues_and_completion_rates() {
+        const S: u64 = 1_000_000_000;
+        let old = RuleCapacity::new(Capacity::adaptive(1, 8).initial(6), "model-slots");
+        let key = Key::new("m");
+        let long = Key::new("x".repeat(2 * MAX_HELD_KEY));
+        let cell = old.cell(&key, 0);
+        let long_cell = old.cell(&long, 0);
+        cell.released(0);
+        let mut new = RuleCapacity::new(Capacity::adaptive(1, 4), "model-slots");
+        new.continue_from(&old);
+        let carried = new.cell(&key, S);
+        assert_eq!(carried.limit(), 4, "a fresh controller");
+        assert!(Arc::ptr_eq(&carried.queue, &cell.queue));
+        assert!(Arc::ptr_eq(&new.cell(&long, S).queue, &long_cell.queue));
+        assert_eq!(new.len(), 2);
+        // One completion in 4 s, then one more released by the old layer's request.
+        assert_eq!(carried.retry_after(4 * S, 0), Duration::from_secs(4));
+        cell.released(4 * S);
+        assert_eq!(carried.retry_after(4 * S, 0), Duration::from_secs(2));
+        // Not evicted while the old layer's cells share their queues.
+        drop(carried);
+        let idle = |cap: &RuleCapacity| {
+            let cells = cap.cells.read().unwrap();
+            cells.values().filter(|c| c.is_idle()).count()
+        };
+        assert_eq!(idle(&new), 0);
+        drop((cell, long_cell, old));
+        assert_eq!(idle(&new), 2);
     }
 
     #[test]

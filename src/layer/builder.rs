@@ -255,7 +255,10 @@ impl RateLimitLayerBuilder {
     /// may differ. The layer also takes `previous`'s replica id and clock unless
     /// [`replica_id`](Self::replica_id) or [`clock`](Self::clock) set them: the slots held by
     /// `previous`'s requests stay in the buckets the new layer charges, and the controllers'
-    /// times stay on one clock. A rule whose capacity changed starts afresh.
+    /// times stay on one clock. A rule whose capacity changed otherwise starts its
+    /// controllers afresh, at their initial limit, but still shares their queues and
+    /// completion rates, so that the slots `previous`'s requests release wake the new
+    /// layer's waiters.
     pub fn continue_capacity_of(mut self, previous: &RateLimitLayer) -> Self {
         self.previous = Some(previous.clone());
         self

@@ -36,8 +36,8 @@ pub(crate) struct Wait<'a> {
     pub(crate) bucket: &'a BucketKey,
     pub(crate) tier: Option<&'a Tier>,
     pub(crate) level: u8,
-    /// The caller's tier, an index of the capacity's tiers.
-    pub(crate) tier_index: usize,
+    /// The caller's tier, as the capacity names it.
+    pub(crate) tier_name: Arc<str>,
     pub(crate) max_wait: Duration,
     pub(crate) max_len: usize,
     /// Refused by the bucket at its whole capacity (not a threshold, not a tier's reserve).
@@ -232,10 +232,10 @@ impl Limiter {
         let config = &self.capacity[adapt.rule].as_ref()?.config;
         let tier = plan.tier.as_ref().map(|t| t.as_str());
         let priority = config.priority_of(tier)?;
-        let tier_index = config
+        let (tier_name, _) = config
             .tiers
             .iter()
-            .position(|(name, _)| Some(&**name) == tier)?;
+            .find(|(name, _)| Some(&**name) == tier)?;
         let at_capacity = plan
             .reserve
             .as_ref()
@@ -247,7 +247,7 @@ impl Limiter {
             bucket: &plan.charges.get(adapt.charge)?.bucket,
             tier: plan.tier.as_ref(),
             level: priority.level,
-            tier_index,
+            tier_name: Arc::clone(tier_name),
             max_wait: priority.max_wait?,
             max_len: adapt.cell.queue_len(config.queue_len),
         })

@@ -161,7 +161,9 @@ impl Limiter {
                 .zip(&decision.charges)
                 .enumerate()
                 .map(|(i, (p, s))| RuleDecision {
-                    rule: &self.rules[p.rule].name,
+                    // The bucket's rule: a capacity's tier bucket is named `{rule}#{tier}`
+                    // (as in settlements), so that the rule counts once per decision.
+                    rule: p.bucket.rule(),
                     key: p.bucket.key(),
                     unit: p.quota.unit(),
                     cost: p.amount,

@@ -181,7 +181,7 @@ impl Acquiring {
                     let entered = wait
                         .cell
                         .queue
-                        .enter(wait.level, wait.tier_index, wait.max_len);
+                        .enter(wait.level, wait.tier_name, wait.max_len);
                     if self.limiter.observer.is_some() {
                         self.queued = Some(Queued {
                             cell: Arc::clone(wait.cell),
