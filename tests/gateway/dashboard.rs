@@ -311,6 +311,24 @@ async fn sighup_changes_the_admin_keys_and_ends_their_sessions() {
     assert_unauthorized_json(&call(&c, "GET", &data, Some(ADMIN), None).await);
     assert_unauthorized_json(&raw(&c, "GET", &data, &[("cookie", &cookie)], None).await);
 
+    // A session of the other key, not looked at while the next configuration has no key.
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        Some(&format!("key={other}")),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", text(&a));
+    let other_cookie = a.header("set-cookie").split(';').next().unwrap().to_owned();
+    assert_eq!(
+        raw(&c, "GET", &data, &[("cookie", &other_cookie)], None)
+            .await
+            .status,
+        200
+    );
+
     // No key: the dashboard is off again.
     reload_until(&gw, &cfg, &with_keys(""), "no admin key", || async {
         raw(&c, "GET", &gw.url("/dashboard"), &[], None)
@@ -320,6 +338,17 @@ async fn sighup_changes_the_admin_keys_and_ends_their_sessions() {
     })
     .await;
     assert_eq!(call(&c, "GET", &data, Some(other), None).await.status, 404);
+
+    // The key again: its old session stays ended (the reload that removed the key ended it).
+    reload_until(
+        &gw,
+        &cfg,
+        &with_keys(&format!("\"{other}\"")),
+        "the other key again",
+        || async { call(&c, "GET", &data, Some(other), None).await.status == 200 },
+    )
+    .await;
+    assert_unauthorized_json(&raw(&c, "GET", &data, &[("cookie", &other_cookie)], None).await);
 }
 
 #[test]
