@@ -91,6 +91,13 @@ impl Sessions {
         true
     }
 
+    /// Ends the sessions whose admin key is not one of `keys` (a reload removed it): a key
+    /// added again later opens no session of before.
+    pub(crate) fn retain_keys(&self, keys: &[String]) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, s| is_admin(keys, &s.admin_key));
+    }
+
     /// Ends the session `token`, if open.
     pub(crate) fn close(&self, token: &str) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
