@@ -21,6 +21,8 @@ use super::{
     call, chat, client, run_to_exit, start_upstream, test_config, Answer, Gateway, HttpClient,
     TempConfig,
 };
+#[cfg(feature = "redis")]
+use super::send;
 
 const ADMIN: &str = "adm-test-0123456789abcdef";
 
@@ -349,6 +351,72 @@ async fn sighup_changes_the_admin_keys_and_ends_their_sessions() {
     )
     .await;
     assert_unauthorized_json(&raw(&c, "GET", &data, &[("cookie", &other_cookie)], None).await);
+}
+
+/// A model's dashboard entry in `/dashboard/data`.
+fn model_data<'a>(data: &'a Value, name: &str) -> &'a Value {
+    data["models"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("no model {name} in {data}"))
+}
+
+/// Redis down, `on_failure = "open"`: the limiter admits without an `Admitted` event, yet
+/// the request is in flight on the dashboard until its answer ends, then no longer; the
+/// data still answers (the counts, `limits: null` and the store's error).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_dashboard_counts_fail_open_requests_in_flight() {
+    let Some(mut redis) = super::support::redis::RedisServer::start() else {
+        return; // redis-server is not installed (outside CI): skipped, as the other Redis tests.
+    };
+    let (up_server, up) = start_upstream().await;
+    let cfg = TempConfig::new(&format!(
+        "{}\n[store]\non_failure = \"open\"\n",
+        dashboard_config(&up_server.url())
+    ));
+    let gw = Gateway::start(&["--config", cfg.path(), "--redis", &redis.url()]);
+    redis.stop();
+    let c = client();
+    let held = json!({"model": "test-model", "stream": true, "test_hold": true,
+        "max_tokens": 5, "messages": [{"role": "user", "content": "one two"}]});
+    let r = send(
+        &c,
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        Some("pro-a"),
+        Some(&held),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.into_body();
+    within("the first SSE chunk", body.frame())
+        .await
+        .expect("a frame")
+        .expect("no error");
+
+    let data = call(&c, "GET", &gw.url("/dashboard/data"), Some(ADMIN), None).await;
+    assert_eq!(data.status, 200, "{}", text(&data));
+    let data = data.json();
+    assert!(data["store_error"].is_string(), "{data}");
+    let m = model_data(&data, "test-model");
+    assert_eq!(m["in_flight"], 1, "{m}");
+    assert_eq!(m["limits"], Value::Null, "{m}");
+
+    up.release.add_permits(1);
+    within("the held stream's end", body.collect())
+        .await
+        .expect("the stream ends");
+    let deadline = Instant::now() + super::support::WAIT;
+    loop {
+        let data = call(&c, "GET", &gw.url("/dashboard/data"), Some(ADMIN), None).await;
+        let data = data.json();
+        if model_data(&data, "test-model")["in_flight"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in flight: {data}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[test]
