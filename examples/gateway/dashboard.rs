@@ -15,8 +15,10 @@
 //! refusals by the rule that refused; per tier, the most any of the top callers of the tier
 //! uses of each limit; the users with the most tokens (their API keys masked); refusals by
 //! rule. The totals come from the same
-//! observer hooks as `/metrics` ([`tally`]), the limits' use from the layer's status (as
-//! `/v1/ratelimit`, [`data`]), who may look from [`access`].
+//! observer hooks as `/metrics` ([`tally`]) (in flight from a guard the proxy holds until
+//! the answer's body ends), the limits' use from the layer's status (as `/v1/ratelimit`,
+//! [`data`]; with the store down the data still answers: `limits: null` and `store_error`),
+//! who may look from [`access`].
 
 pub(crate) mod access;
 mod data;
@@ -271,24 +273,8 @@ async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
              `Authorization: Bearer <admin key>`.",
         );
     }
-    match data::numbers(&app).await {
-        Ok(v) => {
-            let mut r = Json(v).into_response();
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Err(e) => {
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("rate_limit_unavailable"),
-                None,
-                format!("Rate limiting is unavailable: {e}."),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-    }
+    let mut r = Json(data::numbers(&app).await).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }

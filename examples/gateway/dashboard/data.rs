@@ -41,8 +41,11 @@ fn limit_json(s: &tower_llm_ratelimit::RuleStatus) -> Option<Value> {
     }))
 }
 
-/// The numbers `/dashboard/data` answers.
-pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::store::StoreError> {
+/// The numbers `/dashboard/data` answers. A store that can't be read (Redis down) blanks
+/// only the limits' use (`limits: null`, the error in `store_error`): the counts are this
+/// process's own and still shown.
+pub(crate) async fn numbers(app: &App) -> Value {
+    let mut store_error: Option<String> = None;
     let board = &app.metrics.board;
     let past = board.tally.snapshot(TOP_USERS);
     let served = board.served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -53,12 +56,21 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         parts.extensions.insert(proxy::Routed {
             model: Arc::clone(route),
         });
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
-            .filter_map(limit_json)
-            .collect();
+        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                store_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        };
+        let statuses = statuses.as_deref().unwrap_or_default();
+        let limits: Option<Vec<Value>> = store_error.is_none().then(|| {
+            statuses
+                .iter()
+                .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
+                .filter_map(limit_json)
+                .collect()
+        });
         // The model's adaptive capacity (`[models.NAME.capacity]`): the limit its controller
         // holds now, the one the capacity rule's status reports.
         let capacity = statuses
@@ -125,15 +137,23 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             .collect();
         let (mut parts, ()) = http::Request::new(()).into_parts();
         parts.extensions.insert((*caller).clone());
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule).is_none())
-            .filter_map(limit_json)
-            .collect();
+        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                store_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        };
+        let limits: Option<Vec<Value>> = statuses.map(|statuses| {
+            statuses
+                .iter()
+                .filter(|s| limits::rule_model(&s.rule).is_none())
+                .filter_map(limit_json)
+                .collect()
+        });
         *tier_users.entry(caller.tier.to_string()).or_default() += 1;
         let tier = tiers.entry(caller.tier.to_string()).or_default();
-        for l in &limits {
+        for l in limits.iter().flatten() {
             let rule = l["rule"].as_str().unwrap_or_default().to_owned();
             let busier = tier
                 .get(&rule)
@@ -183,8 +203,11 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         })
         .collect();
 
-    Ok(json!({
+    json!({
         "served": served,
+        // The store's error when the limits' use could not be read (their `limits` are
+        // `null` then); `null` otherwise.
+        "store_error": store_error,
         "generated_at_ms": unix_ms(),
         "samples_taken": past.taken,
         "models": models,
@@ -194,5 +217,5 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         "rejected": past.rejected,
         // Each sample: per model, [requests, tokens, refused, in flight] in that second.
         "series": series,
-    }))
+    })
 }
