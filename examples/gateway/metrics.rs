@@ -363,9 +363,6 @@ impl Metrics {
                     .iter()
                     .find(|r| r.unit == Unit::Tokens)
                     .map(|r| r.cost);
-                if let Some(ctx) = &ctx {
-                    self.board.tally.admitted(&ctx.model);
-                }
                 if let (Some(tokens), Some(ctx)) = (estimate, &ctx) {
                     self.tokens_estimated
                         .get_or_create(&ModelLabel {

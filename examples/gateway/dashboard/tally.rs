@@ -7,7 +7,7 @@
 //! room), the samples by [`SAMPLES`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tower_llm_ratelimit::observe::{SettleEvent, SettleOutcome};
 
@@ -21,9 +21,10 @@ pub(crate) const MAX_USERS: usize = 1_000;
 pub(crate) struct ModelTotals {
     /// Answers of its upstream (any status, unreachable, timeout): the requests that reached it.
     pub(crate) requests: u64,
-    /// Requests the limiter admitted, and admitted requests settled: in flight is the difference.
-    pub(crate) admitted: u64,
-    pub(crate) settled: u64,
+    /// Admitted requests whose answer has not ended: counted up and down by one guard
+    /// ([`InFlight`]) that the proxy holds until the response body ends, so that it can't
+    /// drift (an admission the observer saw without a model, a fail-open admission).
+    pub(crate) in_flight: u64,
     /// Requests the limiter refused (429).
     pub(crate) refused: u64,
     /// Tokens the upstream reported in `usage`.
@@ -33,7 +34,40 @@ pub(crate) struct ModelTotals {
 
 impl ModelTotals {
     pub(crate) fn in_flight(&self) -> u64 {
-        self.admitted.saturating_sub(self.settled)
+        self.in_flight
+    }
+}
+
+/// Model of the refusals whose request had no routed model by the time the limiter decided
+/// (the client left while a store call was pending and the decision ended in the background):
+/// counted here so that the refusals by model still add up to those by rule.
+pub(crate) const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// One admitted request of a model in flight, until this is dropped (with the response body).
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    board: Arc<super::Board>,
+    model: Arc<str>,
+}
+
+impl InFlight {
+    /// `model`'s request reached its upstream (the limiter admitted it): in flight until
+    /// the returned guard drops.
+    pub(crate) fn begin(board: &Arc<super::Board>, model: Arc<str>) -> Self {
+        board.tally.with(|c| model_entry(c, &model).in_flight += 1);
+        Self {
+            board: Arc::clone(board),
+            model,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.board.tally.with(|c| {
+            let m = model_entry(c, &self.model);
+            m.in_flight = m.in_flight.saturating_sub(1);
+        });
     }
 }
 
@@ -103,22 +137,19 @@ impl Tally {
         f(&mut counts)
     }
 
-    /// The limiter admitted a request routed to `model`.
-    pub(crate) fn admitted(&self, model: &str) {
-        self.with(|c| model_entry(c, model).admitted += 1);
-    }
-
-    /// The limiter refused a request routed to `model` by `rule`.
+    /// The limiter refused a request routed to `model` by `rule` (`None`: a decision made
+    /// without the request's context, counted under [`UNKNOWN_MODEL`]).
     pub(crate) fn refused(&self, model: Option<&str>, rule: &str) {
         self.with(|c| {
-            if let Some(m) = model {
+            let m = model.unwrap_or(UNKNOWN_MODEL);
+            if model.is_some() {
                 model_entry(c, m).refused += 1;
-                let by_rule = match c.refused_by_model.get_mut(m) {
-                    Some(r) => r,
-                    None => c.refused_by_model.entry(m.to_owned()).or_default(),
-                };
-                count(by_rule, rule);
             }
+            let by_rule = match c.refused_by_model.get_mut(m) {
+                Some(r) => r,
+                None => c.refused_by_model.entry(m.to_owned()).or_default(),
+            };
+            count(by_rule, rule);
             count(&mut c.refused_by_rule, rule);
         });
     }
@@ -146,13 +177,10 @@ impl Tally {
             .find(|r| r.rule.starts_with("user-"))
             .map(|r| String::from_utf8_lossy(r.key.as_bytes()));
         self.with(|c| {
-            if let Some(model) = event.model {
+            if let (Some(model), Some((input, output))) = (event.model, tokens) {
                 let m = model_entry(c, model);
-                m.settled += 1;
-                if let Some((input, output)) = tokens {
-                    m.input_tokens += input;
-                    m.output_tokens += output;
-                }
+                m.input_tokens += input;
+                m.output_tokens += output;
             }
             if let Some(user) = user.as_deref() {
                 let spent = tokens.map_or(0, |(i, o)| i + o);
