@@ -16,13 +16,13 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 
 use super::chromium::{chromium, Browser, BROWSER_WAIT};
+#[cfg(feature = "redis")]
+use super::send;
 use super::support::within;
 use super::{
     call, chat, client, run_to_exit, start_upstream, test_config, Answer, Gateway, HttpClient,
     TempConfig,
 };
-#[cfg(feature = "redis")]
-use super::send;
 
 const ADMIN: &str = "adm-test-0123456789abcdef";
 
@@ -417,6 +417,37 @@ async fn with_redis_down_the_dashboard_counts_fail_open_requests_in_flight() {
         assert!(Instant::now() < deadline, "still in flight: {data}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The sign-in form, unauthenticated, is read within `body_timeout_secs` like the API's
+/// bodies: a body that stops arriving gets 408 and the connection closes (no slowloris on
+/// the connection limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sign_in_form_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (up, _) = start_upstream().await;
+    let cfg = TempConfig::new(&dashboard_config(&up.url()).replacen(
+        "metrics_requires_admin = true\n",
+        "metrics_requires_admin = true\nbody_timeout_secs = 1\n",
+        1,
+    ));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let mut s = within("connecting", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .unwrap();
+    // Headers promise 100 bytes; 4 arrive, then nothing.
+    s.write_all(
+        b"POST /dashboard HTTP/1.1\r\nHost: gw\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nkey=",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    // A reset (the gateway closing with unread input) ends the read as well as an EOF.
+    let _ = within("the 408 and the close", s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
 #[test]
