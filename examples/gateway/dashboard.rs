@@ -215,13 +215,27 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard");
     }
-    let body = match axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
+    // Unauthenticated: read within the body deadline, as the API's bodies (`proxy.rs`), so
+    // that a slow sender can't hold a connection open.
+    let reading = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES);
+    let body = match tokio::time::timeout(app.body_timeout, reading).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return sign_in_form(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Some("The form was too large."),
             )
+        }
+        Err(_) => {
+            let mut r = sign_in_form(
+                StatusCode::REQUEST_TIMEOUT,
+                Some("The form did not arrive in time."),
+            );
+            // The rest of the body may still be on its way: this connection can't carry
+            // another request.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
         }
     };
     let key = access::form_key(&body).unwrap_or_default();
