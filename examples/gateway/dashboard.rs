@@ -25,6 +25,7 @@ mod data;
 pub(crate) mod tally;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +56,8 @@ const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'un
 pub(crate) struct Board {
     pub(crate) tally: tally::Tally,
     pub(crate) sessions: access::Sessions,
+    /// Wrong admin keys by address.
+    pub(crate) guesses: access::Guesses,
     /// Data answers served: a page shows the number of the answer it drew.
     pub(crate) served: AtomicU64,
 }
@@ -127,17 +130,65 @@ pub(crate) fn routes() -> Router<Arc<App>> {
         .route("/dashboard/data", get(data))
 }
 
-/// `None` when `/metrics` may be answered; else the 401.
-pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap) -> Option<Response> {
+/// `None` when `/metrics` may be answered; else the 401 (or 429 for an address that
+/// guessed too many keys).
+pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Option<Response> {
     let s = &app.dashboard;
     if !s.metrics_requires_admin {
         return None;
     }
-    match access::bearer(headers) {
+    let bearer = access::bearer(headers);
+    if bearer.is_some() {
+        if let Some(r) = guessed_too_often(app, peer) {
+            return Some(r);
+        }
+    }
+    match bearer {
         Some(k) if access::is_admin(&s.admin_keys, k) => None,
-        _ => Some(unauthorized(
+        Some(_) => {
+            wrong_key(app, peer);
+            Some(unauthorized(
+                "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
+            ))
+        }
+        None => Some(unauthorized(
             "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
         )),
+    }
+}
+
+/// The 429 for an address that presented too many wrong admin keys, if `peer` did.
+fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
+    let wait = app.metrics.board.guesses.blocked(peer, Instant::now())?;
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "invalid_request_error",
+        Some("too_many_admin_key_guesses"),
+        None,
+        format!(
+            "Too many wrong admin keys from this address: try again in {} s.",
+            wait.as_secs() + 1
+        ),
+    );
+    if let Ok(v) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(r)
+}
+
+/// Counts a wrong admin key from `peer`; logs the first of its window and the one that
+/// used its guesses up (not every one: a guesser would fill the log).
+fn wrong_key(app: &App, peer: IpAddr) {
+    let n = app.metrics.board.guesses.failed(peer, Instant::now());
+    if n == 1 {
+        tracing::warn!(%peer, "dashboard: a wrong admin key (more from this address are counted, not logged)");
+    } else if n == access::MAX_GUESSES {
+        tracing::warn!(
+            %peer,
+            guesses = n,
+            window = ?access::GUESS_WINDOW,
+            "dashboard: too many wrong admin keys from this address: refused (429) until its window ends"
+        );
     }
 }
 
@@ -215,6 +266,10 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard");
     }
+    let peer = access::Peer::of(req.extensions());
+    if let Some(r) = guessed_too_often(&app, peer) {
+        return r;
+    }
     // Unauthenticated: read within the body deadline, as the API's bodies (`proxy.rs`), so
     // that a slow sender can't hold a connection open.
     let reading = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES);
@@ -240,7 +295,7 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     };
     let key = access::form_key(&body).unwrap_or_default();
     if !access::is_admin(&app.dashboard.admin_keys, &key) {
-        tracing::warn!("dashboard: sign-in with a wrong admin key");
+        wrong_key(&app, peer);
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
     let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
@@ -275,13 +330,23 @@ async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     r
 }
 
-async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("GET /dashboard/data");
     }
-    let by_bearer =
-        access::bearer(&headers).is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
-    if !by_bearer && !signed_in(&app, &headers) {
+    let headers = req.headers();
+    let peer = access::Peer::of(req.extensions());
+    let bearer = access::bearer(headers);
+    if bearer.is_some() {
+        if let Some(r) = guessed_too_often(&app, peer) {
+            return r;
+        }
+    }
+    let by_bearer = bearer.is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
+    if bearer.is_some() && !by_bearer {
+        wrong_key(&app, peer);
+    }
+    if !by_bearer && !signed_in(&app, headers) {
         return unauthorized(
             "The dashboard's data needs a session (sign in at /dashboard) or \
              `Authorization: Bearer <admin key>`.",

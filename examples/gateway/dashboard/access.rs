@@ -7,9 +7,15 @@
 //! nothing of it; the server keeps each session's key and expiry, at most [`MAX_SESSIONS`]
 //! of them (the one closest to expiring makes room), and a session ends when its key is no
 //! longer configured (a reload removed it).
+//!
+//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form,
+//! a bearer on the data or on `/metrics`) within [`GUESS_WINDOW`] is answered 429 for the
+//! rest of that window, whatever key it presents ([`Guesses`]); the log says so once per
+//! window, not once per guess.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,6 +29,66 @@ pub(crate) const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub(crate) const MIN_ADMIN_KEY_LEN: usize = 16;
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "gateway_dashboard";
+
+/// Wrong admin keys an address may present within [`GUESS_WINDOW`].
+pub(crate) const MAX_GUESSES: u32 = 20;
+/// The window of [`MAX_GUESSES`], from an address's first wrong key.
+pub(crate) const GUESS_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Addresses tracked at once (the one whose window started first makes room).
+const MAX_PEERS: usize = 4_096;
+
+/// The client's address, put on each request by the server (`serve.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peer(pub(crate) IpAddr);
+
+impl Peer {
+    /// The address of a request (unspecified if the server did not set one).
+    pub(crate) fn of(extensions: &http::Extensions) -> IpAddr {
+        extensions
+            .get::<Peer>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0)
+    }
+}
+
+/// Wrong admin keys by address: at most [`MAX_GUESSES`] in a [`GUESS_WINDOW`].
+#[derive(Debug, Default)]
+pub(crate) struct Guesses {
+    by_peer: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Guesses {
+    /// How long `peer` must wait before presenting a key again, if it used up its guesses.
+    pub(crate) fn blocked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
+        let by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, n) = by_peer.get(&peer)?;
+        let end = *start + GUESS_WINDOW;
+        (*n >= MAX_GUESSES && end > now).then(|| end - now)
+    }
+
+    /// A wrong key from `peer`: how many in its window, this one included.
+    pub(crate) fn failed(&self, peer: IpAddr, now: Instant) -> u32 {
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, n)) = by_peer.get_mut(&peer) {
+            if *start + GUESS_WINDOW > now {
+                *n += 1;
+                return *n;
+            }
+            *start = now;
+            *n = 1;
+            return 1;
+        }
+        if by_peer.len() >= MAX_PEERS {
+            by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
+            if by_peer.len() >= MAX_PEERS {
+                if let Some(oldest) = by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p) {
+                    by_peer.remove(&oldest);
+                }
+            }
+        }
+        by_peer.insert(peer, (now, 1));
+        1
+    }
+}
 
 /// Whether `candidate` is one of `keys`. Each comparison takes the same time whatever the
 /// bytes (`subtle`), and every key is compared, so the time tells nothing of a key's
