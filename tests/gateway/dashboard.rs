@@ -514,6 +514,76 @@ async fn admin_key_guesses_are_limited_per_address() {
     assert_eq!(log.matches("wrong admin key").count(), 2, "{log}");
 }
 
+/// The dashboard's forms take no cross-site posts (`Sec-Fetch-Site`, or an `Origin` that
+/// isn't the gateway): 403. A sign-in ends the session the browser already had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_posts_are_refused_and_sign_in_replaces_the_session() {
+    let (up, _) = start_upstream().await;
+    let cfg = TempConfig::new(&dashboard_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let c = client();
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let key = format!("key={ADMIN}");
+    for extra in [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "https://evil.example"),
+        ("origin", "null"),
+    ] {
+        let a = raw(&c, "POST", &gw.url("/dashboard"), &[form, extra], Some(&key)).await;
+        assert_eq!(a.status, 403, "{extra:?}: {}", text(&a));
+        assert!(!a.headers.contains_key("set-cookie"), "{extra:?}");
+    }
+    let own = format!("http://{}", gw.addr);
+    let sign_in = || async {
+        let a = raw(
+            &c,
+            "POST",
+            &gw.url("/dashboard"),
+            &[form, ("origin", &own), ("sec-fetch-site", "same-origin")],
+            Some(&key),
+        )
+        .await;
+        assert_eq!(a.status, 303, "{}", text(&a));
+        a.header("set-cookie").split(';').next().unwrap().to_owned()
+    };
+    let first = sign_in().await;
+    let data = gw.url("/dashboard/data");
+    let status = |cookie: String| {
+        let (c, data) = (c.clone(), data.clone());
+        async move {
+            raw(&c, "GET", &data, &[("cookie", &cookie)], None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(status(first.clone()).await, 200);
+    // A cross-site sign-out does nothing.
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard/sign-out"),
+        &[("cookie", &first), ("sec-fetch-site", "cross-site")],
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", text(&a));
+    assert_eq!(status(first.clone()).await, 200);
+    // Signing in again with the first session's cookie: a new session, the first ended.
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard"),
+        &[form, ("cookie", &first), ("origin", &own)],
+        Some(&key),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", text(&a));
+    let second = a.header("set-cookie").split(';').next().unwrap().to_owned();
+    assert_ne!(second, first);
+    assert_eq!(status(second).await, 200);
+    assert_eq!(status(first).await, 401);
+}
+
 #[test]
 fn bad_admin_settings_are_named() {
     let base = test_config("http://127.0.0.1:9", "");
