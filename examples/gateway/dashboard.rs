@@ -9,6 +9,10 @@
 //! | `POST /dashboard/sign-out` | ends the session |
 //! | `GET /dashboard/data` | the numbers, as JSON (session cookie or `Authorization: Bearer ADMIN_KEY`; 401 JSON without) |
 //!
+//! The two forms answer 403 to a post from another site (`access::cross_site`); a sign-in
+//! ends the session the browser presented. An address that presents too many wrong admin
+//! keys gets 429 for a while (`access::Guesses`).
+//!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
@@ -157,6 +161,17 @@ pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Opt
     }
 }
 
+/// The 403 for a form posted from another site.
+fn cross_site_refused() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        Some("cross_site_request"),
+        None,
+        "The dashboard's forms take posts from the dashboard's own page only.",
+    )
+}
+
 /// The 429 for an address that presented too many wrong admin keys, if `peer` did.
 fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
     let wait = app.metrics.board.guesses.blocked(peer, Instant::now())?;
@@ -266,9 +281,16 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard");
     }
+    if access::cross_site(req.headers(), req.uri()) {
+        return cross_site_refused();
+    }
     let peer = access::Peer::of(req.extensions());
     if let Some(r) = guessed_too_often(&app, peer) {
         return r;
+    }
+    // A sign-in starts afresh: the session the browser presents (if any) ends.
+    if let Some(t) = access::session_cookie(req.headers()) {
+        app.metrics.board.sessions.close(t);
     }
     // Unauthenticated: read within the body deadline, as the API's bodies (`proxy.rs`), so
     // that a slow sender can't hold a connection open.
@@ -314,11 +336,15 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     r
 }
 
-async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn sign_out(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard/sign-out");
     }
-    if let Some(t) = access::session_cookie(&headers) {
+    let headers = req.headers();
+    if access::cross_site(headers, req.uri()) {
+        return cross_site_refused();
+    }
+    if let Some(t) = access::session_cookie(headers) {
         app.metrics.board.sessions.close(t);
     }
     let mut r = StatusCode::SEE_OTHER.into_response();

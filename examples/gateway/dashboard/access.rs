@@ -189,6 +189,34 @@ pub(crate) fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
         .map(|(_, value)| value)
 }
 
+/// Whether a request to a dashboard form comes from another site (CSRF): a
+/// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user); from a browser
+/// that sends none, an `Origin` that is not this gateway (`Host`, or the URI's authority in
+/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present: the pages'
+/// `Referrer-Policy: no-referrer` makes a browser send `Origin: null` for its own forms.) A
+/// request with neither header (curl, a script) is not a browser's cross-site post.
+pub(crate) fn cross_site(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.to_str(), Ok("same-origin" | "none"));
+    }
+    let Some(origin) = headers.get(http::header::ORIGIN) else {
+        return false;
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(http::uri::Authority::as_str));
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, a)| a);
+    match (authority, host) {
+        (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+        _ => true,
+    }
+}
+
 /// The `Set-Cookie` value of a new session (RFC 6265 section 4.1; `SameSite`:
 /// draft-ietf-httpbis-rfc6265bis). No `Secure`: the gateway speaks plain HTTP to its
 /// clients (put TLS in front of it for a dashboard reached over a network).
