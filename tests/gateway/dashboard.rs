@@ -529,7 +529,14 @@ async fn cross_site_posts_are_refused_and_sign_in_replaces_the_session() {
         ("origin", "https://evil.example"),
         ("origin", "null"),
     ] {
-        let a = raw(&c, "POST", &gw.url("/dashboard"), &[form, extra], Some(&key)).await;
+        let a = raw(
+            &c,
+            "POST",
+            &gw.url("/dashboard"),
+            &[form, extra],
+            Some(&key),
+        )
+        .await;
         assert_eq!(a.status, 403, "{extra:?}: {}", text(&a));
         assert!(!a.headers.contains_key("set-cookie"), "{extra:?}");
     }
@@ -580,8 +587,10 @@ async fn cross_site_posts_are_refused_and_sign_in_replaces_the_session() {
     assert_eq!(a.status, 303, "{}", text(&a));
     let second = a.header("set-cookie").split(';').next().unwrap().to_owned();
     assert_ne!(second, first);
-    assert_eq!(status(second).await, 200);
-    assert_eq!(status(first).await, 401);
+    assert_eq!(status(second.clone()).await, 200);
+    assert_eq!(status(first.clone()).await, 401);
+    // Two cookies of the name (a stale one from another path first): the valid one counts.
+    assert_eq!(status(format!("{first}; {second}")).await, 200);
 }
 
 #[test]
