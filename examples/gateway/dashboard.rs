@@ -258,7 +258,7 @@ fn sign_in_form(status: StatusCode, problem: Option<&str>) -> Response {
 }
 
 fn signed_in(app: &App, headers: &HeaderMap) -> bool {
-    access::session_cookie(headers).is_some_and(|t| {
+    access::session_cookies(headers).any(|t| {
         app.metrics
             .board
             .sessions
@@ -289,7 +289,7 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
         return r;
     }
     // A sign-in starts afresh: the session the browser presents (if any) ends.
-    if let Some(t) = access::session_cookie(req.headers()) {
+    for t in access::session_cookies(req.headers()) {
         app.metrics.board.sessions.close(t);
     }
     // Unauthenticated: read within the body deadline, as the API's bodies (`proxy.rs`), so
@@ -344,7 +344,7 @@ async fn sign_out(State(app): State<Arc<App>>, req: Request) -> Response {
     if access::cross_site(headers, req.uri()) {
         return cross_site_refused();
     }
-    if let Some(t) = access::session_cookie(headers) {
+    for t in access::session_cookies(headers) {
         app.metrics.board.sessions.close(t);
     }
     let mut r = StatusCode::SEE_OTHER.into_response();

@@ -176,18 +176,23 @@ impl Sessions {
     }
 }
 
-/// The value of the session cookie in a `Cookie` header, if any (RFC 6265 section 5.4:
-/// `name=value` pairs separated by `; `).
-pub(crate) fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
+/// The values of the session cookie in the `Cookie` headers (RFC 6265 section 5.4:
+/// `name=value` pairs separated by `; `): a browser may send several of the name (from
+/// other paths or hosts), so each is a candidate; at most [`MAX_SESSION_COOKIES`].
+pub(crate) fn session_cookies(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value)
+        .take(MAX_SESSION_COOKIES)
 }
+
+/// Session cookies of one request looked at.
+const MAX_SESSION_COOKIES: usize = 8;
 
 /// Whether a request to a dashboard form comes from another site (CSRF): a
 /// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user); from a browser
@@ -306,9 +311,14 @@ mod tests {
     #[test]
     fn cookies_bearers_and_forms_are_read() {
         let mut h = http::HeaderMap::new();
-        h.insert("cookie", "a=b; gateway_dashboard=abc; c=d".parse().unwrap());
+        h.insert(
+            "cookie",
+            "a=b; gateway_dashboard=abc; c=d; gateway_dashboard=xyz"
+                .parse()
+                .unwrap(),
+        );
         h.insert("authorization", "Bearer  tok ".parse().unwrap());
-        assert_eq!(session_cookie(&h), Some("abc"));
+        assert_eq!(session_cookies(&h).collect::<Vec<_>>(), ["abc", "xyz"]);
         assert_eq!(bearer(&h), Some("tok"));
         assert_eq!(form_key(b"x=1&key=a%2Bb+c%25"), Some("a+b c%".to_owned()));
         assert_eq!(form_key(b"key=%zz"), None);
