@@ -153,6 +153,15 @@ async fn admin_keys_sessions_and_the_metrics_guard() {
     assert!(a
         .header("content-security-policy")
         .contains("default-src 'none'"));
+    // Scripts: only the page's own, by its hash (the browser test shows that it runs).
+    let csp = a.header("content-security-policy");
+    let script_src = csp
+        .split(';')
+        .map(str::trim)
+        .find(|d| d.starts_with("script-src "))
+        .unwrap_or_else(|| panic!("no script-src in {csp}"));
+    assert!(script_src.starts_with("script-src 'sha256-"), "{csp}");
+    assert!(!script_src.contains("unsafe-inline"), "{csp}");
 
     // A wrong key, or an API key: the form again, with the problem, and no cookie.
     let form = [("content-type", "application/x-www-form-urlencoded")];
