@@ -123,13 +123,27 @@ impl Board {
     }
 }
 
-/// The dashboard's part of a configuration.
-#[derive(Debug, Clone, Default)]
+/// The dashboard's part of a configuration. Its `Debug` shows how many admin keys, never
+/// one.
+#[derive(Clone, Default)]
 pub(crate) struct Settings {
     admin_keys: Arc<[String]>,
     metrics_requires_admin: bool,
     /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
     tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field(
+                "admin_keys",
+                &format_args!("[{} redacted]", self.admin_keys.len()),
+            )
+            .field("metrics_requires_admin", &self.metrics_requires_admin)
+            .field("tiers", &self.tiers)
+            .finish()
+    }
 }
 
 impl Settings {

@@ -101,14 +101,31 @@ pub(crate) fn is_admin(keys: &[String], candidate: &str) -> bool {
     found.into()
 }
 
-#[derive(Debug)]
 struct Session {
     admin_key: String,
     expires: Instant,
 }
 
+/// Never the admin key.
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("admin_key", &"[redacted]")
+            .field("expires", &self.expires)
+            .finish()
+    }
+}
+
+/// The open sessions' tokens are secrets too: their `Debug` shows how many.
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.open.lock().map_or(0, |o| o.len());
+        f.debug_struct("Sessions").field("open", &open).finish()
+    }
+}
+
 /// The open sessions, by token.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Sessions {
     open: Mutex<HashMap<String, Session>>,
 }
@@ -306,6 +323,22 @@ mod tests {
         let t = s.open(&keys[0], now).unwrap();
         s.close(&t);
         assert!(!s.valid(&t, &keys, now));
+    }
+
+    #[test]
+    fn debug_shows_no_key_or_token() {
+        let s = Sessions::default();
+        let key = "adm-test-0123456789abcdef";
+        let t = s.open(key, Instant::now()).unwrap();
+        let sessions: Vec<String> = s
+            .open
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| format!("{v:?}"))
+            .collect();
+        let shown = format!("{s:?} {sessions:?}");
+        assert!(!shown.contains(key) && !shown.contains(&t), "{shown}");
     }
 
     #[test]
