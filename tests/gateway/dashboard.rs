@@ -143,6 +143,14 @@ async fn admin_keys_sessions_and_the_metrics_guard() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(models, ["dead-model", "small-model", "test-model"]);
+    // Each tier's users are those its keys name, whether they sent anything yet or not.
+    let users: Vec<(&str, u64)> = body["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["users"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(users, [("free", 2), ("pro", 3)], "{}", body["tiers"]);
 
     // The page: the sign-in form until signed in.
     let a = raw(&c, "GET", &gw.url("/dashboard"), &[], None).await;
