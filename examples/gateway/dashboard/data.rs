@@ -1,7 +1,7 @@
 //! The numbers `GET /dashboard/data` answers: the tally's totals and samples, and each
 //! limit's use as the layer's status reads it (the same reading as `/v1/ratelimit`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -120,7 +120,15 @@ pub(crate) async fn numbers(app: &App) -> Value {
     // tier's tracked users uses of each limit).
     let mut callers = Vec::new();
     let mut tiers: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-    let mut tier_users: BTreeMap<String, u64> = BTreeMap::new();
+    // Each tier's users: those its keys name (a user's keys share its tier), not only the
+    // top callers.
+    let mut tier_users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (_, caller) in app.callers.iter() {
+        tier_users
+            .entry(&caller.tier)
+            .or_default()
+            .insert(&caller.user);
+    }
     for (user, totals) in &past.top_users {
         let keys: Vec<(&tower_llm_ratelimit::key::Key, &limits::Caller)> = app
             .callers
@@ -151,7 +159,6 @@ pub(crate) async fn numbers(app: &App) -> Value {
                 .filter_map(limit_json)
                 .collect()
         });
-        *tier_users.entry(caller.tier.to_string()).or_default() += 1;
         let tier = tiers.entry(caller.tier.to_string()).or_default();
         for l in limits.iter().flatten() {
             let rule = l["rule"].as_str().unwrap_or_default().to_owned();
@@ -179,7 +186,7 @@ pub(crate) async fn numbers(app: &App) -> Value {
             json!({
                 "name": name,
                 "configured": configured,
-                "users": tier_users.get(name).copied().unwrap_or(0),
+                "users": tier_users.get(name.as_str()).map_or(0, BTreeSet::len),
                 "limits": tiers.remove(name).map_or_else(Vec::new, |l| l.into_values().collect()),
             })
         })
