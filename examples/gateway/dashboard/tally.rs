@@ -3,8 +3,9 @@
 //!
 //! Fed by the same observer hooks as the Prometheus metrics (`metrics.rs` calls in here),
 //! so that its totals equal theirs. Every table is bounded: models and rules by the
-//! configuration (names that come from it), users by [`MAX_USERS`] (the least used one makes
-//! room), the samples by [`SAMPLES`].
+//! configuration (names that come from it), users by [`MAX_USERS`] (the least used tenth
+//! makes room, in one pass), the samples by [`SAMPLES`]. In flight is not an observer count
+//! but a guard ([`InFlight`]) the proxy holds until the answer's body ends.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -188,7 +189,7 @@ impl Tally {
                     Some(t) => t,
                     None => {
                         if c.users.len() >= MAX_USERS {
-                            evict_least(&mut c.users);
+                            evict_least(&mut c.users, EVICT_BATCH);
                         }
                         c.users.entry(user.to_owned()).or_default()
                     }
@@ -265,14 +266,24 @@ fn model_entry<'a>(c: &'a mut Counts, model: &str) -> &'a mut ModelTotals {
     c.models.get_mut(model).expect("inserted above")
 }
 
-/// Drops the user with the fewest tokens, to make room for a new one.
-fn evict_least(users: &mut HashMap<String, UserTotals>) {
-    if let Some(least) = users
+/// Users dropped at once when the table is full: one pass over it makes room for this many
+/// new users (not one pass, under the lock, for each).
+const EVICT_BATCH: usize = MAX_USERS / 10;
+
+/// Drops the `n` users with the fewest tokens, to make room for new ones.
+fn evict_least(users: &mut HashMap<String, UserTotals>, n: usize) {
+    let n = n.min(users.len());
+    if n == 0 {
+        return;
+    }
+    let mut by_use: Vec<((u64, u64), &String)> = users
         .iter()
-        .min_by_key(|(_, t)| (t.tokens, t.requests))
-        .map(|(u, _)| u.clone())
-    {
-        users.remove(&least);
+        .map(|(u, t)| ((t.tokens, t.requests), u))
+        .collect();
+    by_use.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
+    let least: Vec<String> = by_use[..n].iter().map(|(_, u)| (*u).clone()).collect();
+    for u in least {
+        users.remove(&u);
     }
 }
 
@@ -317,8 +328,14 @@ mod tests {
                 },
             );
         }
-        evict_least(&mut users);
+        evict_least(&mut users, 1);
         assert_eq!(users.len(), MAX_USERS - 1);
         assert!(!users.contains_key("u0"));
+        evict_least(&mut users, EVICT_BATCH);
+        assert_eq!(users.len(), MAX_USERS - 1 - EVICT_BATCH);
+        for i in 0..=EVICT_BATCH {
+            assert!(!users.contains_key(&format!("u{i}")), "u{i}");
+        }
+        assert!(users.contains_key(&format!("u{}", EVICT_BATCH + 1)));
     }
 }
