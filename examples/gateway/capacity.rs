@@ -57,6 +57,9 @@ impl Default for CapacityConfig {
     }
 }
 
+/// The longest queue of a model's capacity (each waiter is a request held in memory).
+const MAX_QUEUE_LEN: usize = 10_000;
+
 /// The longest a tier may wait for a slot: a minute (a client waiting longer has gone).
 const MAX_WAIT_MS: u64 = 60_000;
 
@@ -115,6 +118,13 @@ pub(crate) fn problems(cfg: &Config, err: &mut impl FnMut(String, String)) {
             err(
                 at("decrease"),
                 format!("must be in (0, 1), got {}", c.decrease),
+            );
+        }
+        // 0 would silently turn every tier's max_wait_ms off.
+        if !(1..=MAX_QUEUE_LEN).contains(&c.queue_len) {
+            err(
+                at("queue_len"),
+                format!("must be within [1, {MAX_QUEUE_LEN}], got {}", c.queue_len),
             );
         }
         if c.baseline_window_secs == 0 {

@@ -9,22 +9,29 @@
 //! | `POST /dashboard/sign-out` | ends the session |
 //! | `GET /dashboard/data` | the numbers, as JSON (session cookie or `Authorization: Bearer ADMIN_KEY`; 401 JSON without) |
 //!
+//! The two forms answer 403 to a post from another site (`access::cross_site`); a sign-in
+//! ends the session the browser presented. An address that presents too many wrong admin
+//! keys gets 429 for a while (`access::Guesses`).
+//!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
 //! refusals by the rule that refused; per tier, the most any of the top callers of the tier
 //! uses of each limit; the users with the most tokens (their API keys masked); refusals by
 //! rule. The totals come from the same
-//! observer hooks as `/metrics` ([`tally`]), the limits' use from the layer's status (as
-//! `/v1/ratelimit`, [`data`]), who may look from [`access`].
+//! observer hooks as `/metrics` ([`tally`]) (in flight from a guard the proxy holds until
+//! the answer's body ends), the limits' use from the layer's status (as `/v1/ratelimit`,
+//! [`data`]; with the store down the data still answers: `limits: null` and `store_error`),
+//! who may look from [`access`].
 
 pub(crate) mod access;
 mod data;
 pub(crate) mod tally;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -43,9 +50,51 @@ const SIGN_IN: &str = include_str!("dashboard/sign_in.html");
 const MAX_FORM_BYTES: usize = 4096;
 /// The page's content security policy: its own inline script and style, requests to this
 /// origin only, nothing framed.
-const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                   connect-src 'self'; img-src 'self' data:; form-action 'self'; \
-                   frame-ancestors 'none'; base-uri 'none'";
+/// The pages' Content-Security-Policy: nothing from elsewhere, and no script but the page's
+/// own inline one, allowed by its SHA-256 (computed once from the compiled-in page), so
+/// that markup injected into a page could run none.
+static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
+    let policy = format!(
+        "default-src 'none'; script-src 'sha256-{}'; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src 'self' data:; form-action 'self'; \
+         frame-ancestors 'none'; base-uri 'none'",
+        script_sha256(PAGE)
+    );
+    HeaderValue::from_str(&policy).expect("a policy of ASCII")
+});
+
+/// The base64 SHA-256 of the text of `page`'s inline `<script>` (CSP Level 3 section
+/// 8.4: the bytes between the tags, as the browser hashes them). SHA-256 is rustls' own
+/// (its `ring` provider), not another dependency.
+fn script_sha256(page: &str) -> String {
+    use base64::Engine as _;
+    let script = page
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map_or("", |(script, _)| script);
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .expect("a TLS 1.3 suite")
+        .common
+        .hash_provider;
+    base64::engine::general_purpose::STANDARD.encode(sha256.hash(script.as_bytes()).as_ref())
+}
+
+/// `text` safe inside an HTML element.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 /// What the dashboard keeps for the process's life (reloads keep it, as they keep the
 /// metrics): its counts and its sessions.
@@ -53,6 +102,8 @@ const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'un
 pub(crate) struct Board {
     pub(crate) tally: tally::Tally,
     pub(crate) sessions: access::Sessions,
+    /// Wrong admin keys by address.
+    pub(crate) guesses: access::Guesses,
     /// Data answers served: a page shows the number of the answer it drew.
     pub(crate) served: AtomicU64,
 }
@@ -72,13 +123,27 @@ impl Board {
     }
 }
 
-/// The dashboard's part of a configuration.
-#[derive(Debug, Clone, Default)]
+/// The dashboard's part of a configuration. Its `Debug` shows how many admin keys, never
+/// one.
+#[derive(Clone, Default)]
 pub(crate) struct Settings {
     admin_keys: Arc<[String]>,
     metrics_requires_admin: bool,
     /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
     tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field(
+                "admin_keys",
+                &format_args!("[{} redacted]", self.admin_keys.len()),
+            )
+            .field("metrics_requires_admin", &self.metrics_requires_admin)
+            .field("tiers", &self.tiers)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -125,17 +190,76 @@ pub(crate) fn routes() -> Router<Arc<App>> {
         .route("/dashboard/data", get(data))
 }
 
-/// `None` when `/metrics` may be answered; else the 401.
-pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap) -> Option<Response> {
+/// `None` when `/metrics` may be answered; else the 401 (or 429 for an address that
+/// guessed too many keys).
+pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Option<Response> {
     let s = &app.dashboard;
     if !s.metrics_requires_admin {
         return None;
     }
-    match access::bearer(headers) {
+    let bearer = access::bearer(headers);
+    if bearer.is_some() {
+        if let Some(r) = guessed_too_often(app, peer) {
+            return Some(r);
+        }
+    }
+    match bearer {
         Some(k) if access::is_admin(&s.admin_keys, k) => None,
-        _ => Some(unauthorized(
+        Some(_) => {
+            wrong_key(app, peer);
+            Some(unauthorized(
+                "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
+            ))
+        }
+        None => Some(unauthorized(
             "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
         )),
+    }
+}
+
+/// The 403 for a form posted from another site.
+fn cross_site_refused() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "invalid_request_error",
+        Some("cross_site_request"),
+        None,
+        "The dashboard's forms take posts from the dashboard's own page only.",
+    )
+}
+
+/// The 429 for an address that presented too many wrong admin keys, if `peer` did.
+fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
+    let wait = app.metrics.board.guesses.blocked(peer, Instant::now())?;
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "invalid_request_error",
+        Some("too_many_admin_key_guesses"),
+        None,
+        format!(
+            "Too many wrong admin keys from this address: try again in {} s.",
+            wait.as_secs() + 1
+        ),
+    );
+    if let Ok(v) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(r)
+}
+
+/// Counts a wrong admin key from `peer`; logs the first of its window and the one that
+/// used its guesses up (not every one: a guesser would fill the log).
+fn wrong_key(app: &App, peer: IpAddr) {
+    let n = app.metrics.board.guesses.failed(peer, Instant::now());
+    if n == 1 {
+        tracing::warn!(%peer, "dashboard: a wrong admin key (more from this address are counted, not logged)");
+    } else if n == access::MAX_GUESSES {
+        tracing::warn!(
+            %peer,
+            guesses = n,
+            window = ?access::GUESS_WINDOW,
+            "dashboard: too many wrong admin keys from this address: refused (429) until its window ends"
+        );
     }
 }
 
@@ -167,10 +291,7 @@ fn html(status: StatusCode, body: String) -> Response {
     let mut r = (status, Html(body)).into_response();
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
-    );
+    h.insert(header::CONTENT_SECURITY_POLICY, CSP.clone());
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -184,13 +305,16 @@ fn html(status: StatusCode, body: String) -> Response {
 
 fn sign_in_form(status: StatusCode, problem: Option<&str>) -> Response {
     let problem = problem.map_or(String::new(), |p| {
-        format!("<p class=\"problem\" id=\"problem\" role=\"alert\">{p}</p>")
+        format!(
+            "<p class=\"problem\" id=\"problem\" role=\"alert\">{}</p>",
+            escape_html(p)
+        )
     });
     html(status, SIGN_IN.replace("<!--PROBLEM-->", &problem))
 }
 
 fn signed_in(app: &App, headers: &HeaderMap) -> bool {
-    access::session_cookie(headers).is_some_and(|t| {
+    access::session_cookies(headers).any(|t| {
         app.metrics
             .board
             .sessions
@@ -213,18 +337,43 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard");
     }
-    let body = match axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
+    if access::cross_site(req.headers(), req.uri()) {
+        return cross_site_refused();
+    }
+    let peer = access::Peer::of(req.extensions());
+    if let Some(r) = guessed_too_often(&app, peer) {
+        return r;
+    }
+    // A sign-in starts afresh: the session the browser presents (if any) ends.
+    for t in access::session_cookies(req.headers()) {
+        app.metrics.board.sessions.close(t);
+    }
+    // Unauthenticated: read within the body deadline, as the API's bodies (`proxy.rs`), so
+    // that a slow sender can't hold a connection open.
+    let reading = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES);
+    let body = match tokio::time::timeout(app.body_timeout, reading).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return sign_in_form(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Some("The form was too large."),
             )
         }
+        Err(_) => {
+            let mut r = sign_in_form(
+                StatusCode::REQUEST_TIMEOUT,
+                Some("The form did not arrive in time."),
+            );
+            // The rest of the body may still be on its way: this connection can't carry
+            // another request.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let key = access::form_key(&body).unwrap_or_default();
     if !access::is_admin(&app.dashboard.admin_keys, &key) {
-        tracing::warn!("dashboard: sign-in with a wrong admin key");
+        wrong_key(&app, peer);
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
     let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
@@ -243,11 +392,15 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     r
 }
 
-async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn sign_out(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("POST /dashboard/sign-out");
     }
-    if let Some(t) = access::session_cookie(&headers) {
+    let headers = req.headers();
+    if access::cross_site(headers, req.uri()) {
+        return cross_site_refused();
+    }
+    for t in access::session_cookies(headers) {
         app.metrics.board.sessions.close(t);
     }
     let mut r = StatusCode::SEE_OTHER.into_response();
@@ -259,36 +412,30 @@ async fn sign_out(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     r
 }
 
-async fn data(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     if !app.dashboard.on() {
         return not_found("GET /dashboard/data");
     }
-    let by_bearer =
-        access::bearer(&headers).is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
-    if !by_bearer && !signed_in(&app, &headers) {
+    let headers = req.headers();
+    let peer = access::Peer::of(req.extensions());
+    let bearer = access::bearer(headers);
+    if bearer.is_some() {
+        if let Some(r) = guessed_too_often(&app, peer) {
+            return r;
+        }
+    }
+    let by_bearer = bearer.is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
+    if bearer.is_some() && !by_bearer {
+        wrong_key(&app, peer);
+    }
+    if !by_bearer && !signed_in(&app, headers) {
         return unauthorized(
             "The dashboard's data needs a session (sign in at /dashboard) or \
              `Authorization: Bearer <admin key>`.",
         );
     }
-    match data::numbers(&app).await {
-        Ok(v) => {
-            let mut r = Json(v).into_response();
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        Err(e) => {
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("rate_limit_unavailable"),
-                None,
-                format!("Rate limiting is unavailable: {e}."),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        }
-    }
+    let mut r = Json(data::numbers(&app).await).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }

@@ -63,14 +63,15 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it ends.
-pub(crate) struct Tracked {
+/// A response body that keeps its request in flight until it ends: it holds a guard
+/// (`InFlight` here; the dashboard's per-model one in the proxy) that ends with it.
+pub(crate) struct Tracked<G = InFlight> {
     inner: Body,
-    _in_flight: InFlight,
+    _in_flight: G,
 }
 
-impl Tracked {
-    pub(crate) fn new(inner: Body, in_flight: InFlight) -> Self {
+impl<G> Tracked<G> {
+    pub(crate) fn new(inner: Body, in_flight: G) -> Self {
         Self {
             inner,
             _in_flight: in_flight,
@@ -78,7 +79,7 @@ impl Tracked {
     }
 }
 
-impl http_body::Body for Tracked {
+impl<G: Send + Unpin + 'static> http_body::Body for Tracked<G> {
     type Data = Bytes;
     type Error = axum::Error;
 

@@ -18,7 +18,7 @@
 //! | `gateway_capacity_limit` | model | a model's adaptive capacity (`[models.NAME.capacity]`): its current limit, read from the running layer at each scrape |
 //! | `gateway_capacity_in_flight` | model | the observer: requests admitted under the capacity and not yet ended |
 //! | `gateway_capacity_queue_length` | model | the observer: requests waiting for a slot, as the last wait to end left the queue |
-//! | `gateway_capacity_queue_wait_seconds` | model, outcome (`admitted`, `timed_out`, `full`, `left`) | the observer: each wait in the queue |
+//! | `gateway_capacity_queue_wait_seconds` | model, outcome (`admitted`, `timed_out`, `full`, `left`, `refused`: woken, then refused by another rule or a store error) | the observer: each wait in the queue |
 //! | `gateway_capacity_shed_total` | model, tier | the observer: requests the capacity refused (429) |
 //! | `gateway_capacity_changes_total` | model, change (`overload`, `latency`, `growth`) | the observer: the controller's changes of the limit |
 
@@ -307,7 +307,7 @@ impl Metrics {
             r.register(
                 "capacity_queue_wait_seconds",
                 "Time requests waited in a model's capacity queue, by how the wait ended \
-                 (admitted, timed_out, full, left)",
+                 (admitted, timed_out, full, left, refused)",
                 m.capacity_queue_wait.clone(),
             );
             r.register(
@@ -363,9 +363,6 @@ impl Metrics {
                     .iter()
                     .find(|r| r.unit == Unit::Tokens)
                     .map(|r| r.cost);
-                if let Some(ctx) = &ctx {
-                    self.board.tally.admitted(&ctx.model);
-                }
                 if let (Some(tokens), Some(ctx)) = (estimate, &ctx) {
                     self.tokens_estimated
                         .get_or_create(&ModelLabel {

@@ -290,6 +290,10 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
         );
     };
     let route = routed.model;
+    // Only admitted requests get here: the dashboard's in flight for the model, until the
+    // response body ends (or this future is dropped).
+    let in_flight =
+        crate::dashboard::tally::InFlight::begin(&app.metrics.board, Arc::clone(&route.name));
     let (parts, body) = req.into_parts();
     let suffix = parts
         .uri
@@ -385,5 +389,6 @@ pub(crate) async fn proxy(State(app): State<Arc<App>>, req: Request) -> Response
         parts.headers.remove(n);
     }
     let body = UpstreamBody::new(body, Arc::clone(&route.name), route.stream_idle_timeout);
+    let body = crate::idle::Tracked::new(Body::new(body), in_flight);
     Response::from_parts(parts, Body::new(body))
 }

@@ -166,6 +166,12 @@ impl Reloader {
             self.retired.retain(|layer| !layer.is_unused());
             self.retired.push(old);
         }
+        // The sessions of removed admin keys end now, not when next looked at (a key removed
+        // and added again would bring them back).
+        r.metrics
+            .board
+            .sessions
+            .retain_keys(&next.server.admin_keys);
         let changes = Changes::between(&r.cfg, &next);
         r.cfg = next;
         Ok(changes)

@@ -83,10 +83,10 @@ pub(crate) async fn serve(
                 Err(_) => break, // never closed
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, addr)) => (stream, addr),
                 Err(e) => {
                     // Out of file descriptors, most likely: give connections time to close
                     // instead of spinning on the error.
@@ -104,7 +104,10 @@ pub(crate) async fn serve(
             let router = Arc::clone(&router);
             let activity = Arc::clone(&activity);
             TowerToHyperService::new(tower::service_fn(
-                move |req: http::Request<hyper::body::Incoming>| {
+                move |mut req: http::Request<hyper::body::Incoming>| {
+                    // The client's address, for what counts by address (admin-key guesses).
+                    req.extensions_mut()
+                        .insert(crate::dashboard::access::Peer(peer.ip()));
                     let in_flight = activity.begin();
                     let answer = tower::ServiceExt::oneshot(Router::clone(&router.load()), req);
                     async move {

@@ -246,8 +246,9 @@ fn resets_at(after: Duration) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
-async fn metrics(State(app): State<Arc<App>>, headers: http::HeaderMap) -> Response {
-    if let Some(refused) = crate::dashboard::metrics_guard(&app, &headers) {
+async fn metrics(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
+    let peer = crate::dashboard::access::Peer::of(req.extensions());
+    if let Some(refused) = crate::dashboard::metrics_guard(&app, req.headers(), peer) {
         return refused;
     }
     let (text, content_type) = app.metrics.encode();

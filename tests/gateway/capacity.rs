@@ -315,6 +315,20 @@ fn each_bad_capacity_field_is_named() {
             vec!["unknown field `bogus`"],
         ),
         (
+            good.replace("saturation = 0.5", "queue_len = 0"),
+            vec![
+                "`models.m.capacity.queue_len`",
+                "must be within [1, 10000], got 0",
+            ],
+        ),
+        (
+            good.replace("saturation = 0.5", "queue_len = 10001"),
+            vec![
+                "`models.m.capacity.queue_len`",
+                "must be within [1, 10000], got 10001",
+            ],
+        ),
+        (
             good.replace("capacity_share = 0.5", "capacity_share = 0"),
             vec!["`tiers.pro.capacity_share`", "must be in (0, 1], got 0"],
         ),

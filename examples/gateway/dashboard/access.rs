@@ -7,9 +7,15 @@
 //! nothing of it; the server keeps each session's key and expiry, at most [`MAX_SESSIONS`]
 //! of them (the one closest to expiring makes room), and a session ends when its key is no
 //! longer configured (a reload removed it).
+//!
+//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form,
+//! a bearer on the data or on `/metrics`) within [`GUESS_WINDOW`] is answered 429 for the
+//! rest of that window, whatever key it presents ([`Guesses`]); the log says so once per
+//! window, not once per guess.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -24,6 +30,66 @@ pub(crate) const MIN_ADMIN_KEY_LEN: usize = 16;
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "gateway_dashboard";
 
+/// Wrong admin keys an address may present within [`GUESS_WINDOW`].
+pub(crate) const MAX_GUESSES: u32 = 20;
+/// The window of [`MAX_GUESSES`], from an address's first wrong key.
+pub(crate) const GUESS_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Addresses tracked at once (the one whose window started first makes room).
+const MAX_PEERS: usize = 4_096;
+
+/// The client's address, put on each request by the server (`serve.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peer(pub(crate) IpAddr);
+
+impl Peer {
+    /// The address of a request (unspecified if the server did not set one).
+    pub(crate) fn of(extensions: &http::Extensions) -> IpAddr {
+        extensions
+            .get::<Peer>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0)
+    }
+}
+
+/// Wrong admin keys by address: at most [`MAX_GUESSES`] in a [`GUESS_WINDOW`].
+#[derive(Debug, Default)]
+pub(crate) struct Guesses {
+    by_peer: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Guesses {
+    /// How long `peer` must wait before presenting a key again, if it used up its guesses.
+    pub(crate) fn blocked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
+        let by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, n) = by_peer.get(&peer)?;
+        let end = *start + GUESS_WINDOW;
+        (*n >= MAX_GUESSES && end > now).then(|| end - now)
+    }
+
+    /// A wrong key from `peer`: how many in its window, this one included.
+    pub(crate) fn failed(&self, peer: IpAddr, now: Instant) -> u32 {
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, n)) = by_peer.get_mut(&peer) {
+            if *start + GUESS_WINDOW > now {
+                *n += 1;
+                return *n;
+            }
+            *start = now;
+            *n = 1;
+            return 1;
+        }
+        if by_peer.len() >= MAX_PEERS {
+            by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
+            if by_peer.len() >= MAX_PEERS {
+                if let Some(oldest) = by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p) {
+                    by_peer.remove(&oldest);
+                }
+            }
+        }
+        by_peer.insert(peer, (now, 1));
+        1
+    }
+}
+
 /// Whether `candidate` is one of `keys`. Each comparison takes the same time whatever the
 /// bytes (`subtle`), and every key is compared, so the time tells nothing of a key's
 /// content (only, as any comparison, whether the lengths are equal).
@@ -35,14 +101,31 @@ pub(crate) fn is_admin(keys: &[String], candidate: &str) -> bool {
     found.into()
 }
 
-#[derive(Debug)]
 struct Session {
     admin_key: String,
     expires: Instant,
 }
 
+/// Never the admin key.
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("admin_key", &"[redacted]")
+            .field("expires", &self.expires)
+            .finish()
+    }
+}
+
+/// The open sessions' tokens are secrets too: their `Debug` shows how many.
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.open.lock().map_or(0, |o| o.len());
+        f.debug_struct("Sessions").field("open", &open).finish()
+    }
+}
+
 /// The open sessions, by token.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Sessions {
     open: Mutex<HashMap<String, Session>>,
 }
@@ -91,6 +174,13 @@ impl Sessions {
         true
     }
 
+    /// Ends the sessions whose admin key is not one of `keys` (a reload removed it): a key
+    /// added again later opens no session of before.
+    pub(crate) fn retain_keys(&self, keys: &[String]) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, s| is_admin(keys, &s.admin_key));
+    }
+
     /// Ends the session `token`, if open.
     pub(crate) fn close(&self, token: &str) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
@@ -103,17 +193,50 @@ impl Sessions {
     }
 }
 
-/// The value of the session cookie in a `Cookie` header, if any (RFC 6265 section 5.4:
-/// `name=value` pairs separated by `; `).
-pub(crate) fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
+/// The values of the session cookie in the `Cookie` headers (RFC 6265 section 5.4:
+/// `name=value` pairs separated by `; `): a browser may send several of the name (from
+/// other paths or hosts), so each is a candidate; at most [`MAX_SESSION_COOKIES`].
+pub(crate) fn session_cookies(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value)
+        .take(MAX_SESSION_COOKIES)
+}
+
+/// Session cookies of one request looked at.
+const MAX_SESSION_COOKIES: usize = 8;
+
+/// Whether a request to a dashboard form comes from another site (CSRF): a
+/// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user); from a browser
+/// that sends none, an `Origin` that is not this gateway (`Host`, or the URI's authority in
+/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present: the pages'
+/// `Referrer-Policy: no-referrer` makes a browser send `Origin: null` for its own forms.) A
+/// request with neither header (curl, a script) is not a browser's cross-site post.
+pub(crate) fn cross_site(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return !matches!(site.to_str(), Ok("same-origin" | "none"));
+    }
+    let Some(origin) = headers.get(http::header::ORIGIN) else {
+        return false;
+    };
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(http::uri::Authority::as_str));
+    let authority = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, a)| a);
+    match (authority, host) {
+        (Some(a), Some(h)) => !a.eq_ignore_ascii_case(h),
+        _ => true,
+    }
 }
 
 /// The `Set-Cookie` value of a new session (RFC 6265 section 4.1; `SameSite`:
@@ -203,11 +326,32 @@ mod tests {
     }
 
     #[test]
+    fn debug_shows_no_key_or_token() {
+        let s = Sessions::default();
+        let key = "adm-test-0123456789abcdef";
+        let t = s.open(key, Instant::now()).unwrap();
+        let sessions: Vec<String> = s
+            .open
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| format!("{v:?}"))
+            .collect();
+        let shown = format!("{s:?} {sessions:?}");
+        assert!(!shown.contains(key) && !shown.contains(&t), "{shown}");
+    }
+
+    #[test]
     fn cookies_bearers_and_forms_are_read() {
         let mut h = http::HeaderMap::new();
-        h.insert("cookie", "a=b; gateway_dashboard=abc; c=d".parse().unwrap());
+        h.insert(
+            "cookie",
+            "a=b; gateway_dashboard=abc; c=d; gateway_dashboard=xyz"
+                .parse()
+                .unwrap(),
+        );
         h.insert("authorization", "Bearer  tok ".parse().unwrap());
-        assert_eq!(session_cookie(&h), Some("abc"));
+        assert_eq!(session_cookies(&h).collect::<Vec<_>>(), ["abc", "xyz"]);
         assert_eq!(bearer(&h), Some("tok"));
         assert_eq!(form_key(b"x=1&key=a%2Bb+c%25"), Some("a+b c%".to_owned()));
         assert_eq!(form_key(b"key=%zz"), None);

@@ -1,7 +1,7 @@
 //! The numbers `GET /dashboard/data` answers: the tally's totals and samples, and each
 //! limit's use as the layer's status reads it (the same reading as `/v1/ratelimit`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,8 +41,11 @@ fn limit_json(s: &tower_llm_ratelimit::RuleStatus) -> Option<Value> {
     }))
 }
 
-/// The numbers `/dashboard/data` answers.
-pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::store::StoreError> {
+/// The numbers `/dashboard/data` answers. A store that can't be read (Redis down) blanks
+/// only the limits' use (`limits: null`, the error in `store_error`): the counts are this
+/// process's own and still shown.
+pub(crate) async fn numbers(app: &App) -> Value {
+    let mut store_error: Option<String> = None;
     let board = &app.metrics.board;
     let past = board.tally.snapshot(TOP_USERS);
     let served = board.served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -53,12 +56,21 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         parts.extensions.insert(proxy::Routed {
             model: Arc::clone(route),
         });
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
-            .filter_map(limit_json)
-            .collect();
+        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                store_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        };
+        let statuses = statuses.as_deref().unwrap_or_default();
+        let limits: Option<Vec<Value>> = store_error.is_none().then(|| {
+            statuses
+                .iter()
+                .filter(|s| limits::rule_model(&s.rule) == Some(name.as_str()))
+                .filter_map(limit_json)
+                .collect()
+        });
         // The model's adaptive capacity (`[models.NAME.capacity]`): the limit its controller
         // holds now, the one the capacity rule's status reports.
         let capacity = statuses
@@ -108,7 +120,15 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
     // tier's tracked users uses of each limit).
     let mut callers = Vec::new();
     let mut tiers: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-    let mut tier_users: BTreeMap<String, u64> = BTreeMap::new();
+    // Each tier's users: those its keys name (a user's keys share its tier), not only the
+    // top callers.
+    let mut tier_users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (_, caller) in app.callers.iter() {
+        tier_users
+            .entry(&caller.tier)
+            .or_default()
+            .insert(&caller.user);
+    }
     for (user, totals) in &past.top_users {
         let keys: Vec<(&tower_llm_ratelimit::key::Key, &limits::Caller)> = app
             .callers
@@ -125,15 +145,22 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             .collect();
         let (mut parts, ()) = http::Request::new(()).into_parts();
         parts.extensions.insert((*caller).clone());
-        let statuses = app.layer.status(RequestView::from_parts(&parts)).await?;
-        let limits: Vec<Value> = statuses
-            .iter()
-            .filter(|s| limits::rule_model(&s.rule).is_none())
-            .filter_map(limit_json)
-            .collect();
-        *tier_users.entry(caller.tier.to_string()).or_default() += 1;
+        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                store_error.get_or_insert_with(|| e.to_string());
+                None
+            }
+        };
+        let limits: Option<Vec<Value>> = statuses.map(|statuses| {
+            statuses
+                .iter()
+                .filter(|s| limits::rule_model(&s.rule).is_none())
+                .filter_map(limit_json)
+                .collect()
+        });
         let tier = tiers.entry(caller.tier.to_string()).or_default();
-        for l in &limits {
+        for l in limits.iter().flatten() {
             let rule = l["rule"].as_str().unwrap_or_default().to_owned();
             let busier = tier
                 .get(&rule)
@@ -159,7 +186,7 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
             json!({
                 "name": name,
                 "configured": configured,
-                "users": tier_users.get(name).copied().unwrap_or(0),
+                "users": tier_users.get(name.as_str()).map_or(0, BTreeSet::len),
                 "limits": tiers.remove(name).map_or_else(Vec::new, |l| l.into_values().collect()),
             })
         })
@@ -183,8 +210,11 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         })
         .collect();
 
-    Ok(json!({
+    json!({
         "served": served,
+        // The store's error when the limits' use could not be read (their `limits` are
+        // `null` then); `null` otherwise.
+        "store_error": store_error,
         "generated_at_ms": unix_ms(),
         "samples_taken": past.taken,
         "models": models,
@@ -194,5 +224,5 @@ pub(crate) async fn numbers(app: &App) -> Result<Value, tower_llm_ratelimit::sto
         "rejected": past.rejected,
         // Each sample: per model, [requests, tokens, refused, in flight] in that second.
         "series": series,
-    }))
+    })
 }

@@ -3,11 +3,12 @@
 //!
 //! Fed by the same observer hooks as the Prometheus metrics (`metrics.rs` calls in here),
 //! so that its totals equal theirs. Every table is bounded: models and rules by the
-//! configuration (names that come from it), users by [`MAX_USERS`] (the least used one makes
-//! room), the samples by [`SAMPLES`].
+//! configuration (names that come from it), users by [`MAX_USERS`] (the least used tenth
+//! makes room, in one pass), the samples by [`SAMPLES`]. In flight is not an observer count
+//! but a guard ([`InFlight`]) the proxy holds until the answer's body ends.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tower_llm_ratelimit::observe::{SettleEvent, SettleOutcome};
 
@@ -21,9 +22,10 @@ pub(crate) const MAX_USERS: usize = 1_000;
 pub(crate) struct ModelTotals {
     /// Answers of its upstream (any status, unreachable, timeout): the requests that reached it.
     pub(crate) requests: u64,
-    /// Requests the limiter admitted, and admitted requests settled: in flight is the difference.
-    pub(crate) admitted: u64,
-    pub(crate) settled: u64,
+    /// Admitted requests whose answer has not ended: counted up and down by one guard
+    /// ([`InFlight`]) that the proxy holds until the response body ends, so that it can't
+    /// drift (an admission the observer saw without a model, a fail-open admission).
+    pub(crate) in_flight: u64,
     /// Requests the limiter refused (429).
     pub(crate) refused: u64,
     /// Tokens the upstream reported in `usage`.
@@ -33,7 +35,40 @@ pub(crate) struct ModelTotals {
 
 impl ModelTotals {
     pub(crate) fn in_flight(&self) -> u64 {
-        self.admitted.saturating_sub(self.settled)
+        self.in_flight
+    }
+}
+
+/// Model of the refusals whose request had no routed model by the time the limiter decided
+/// (the client left while a store call was pending and the decision ended in the background):
+/// counted here so that the refusals by model still add up to those by rule.
+pub(crate) const UNKNOWN_MODEL: &str = "(unknown)";
+
+/// One admitted request of a model in flight, until this is dropped (with the response body).
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    board: Arc<super::Board>,
+    model: Arc<str>,
+}
+
+impl InFlight {
+    /// `model`'s request reached its upstream (the limiter admitted it): in flight until
+    /// the returned guard drops.
+    pub(crate) fn begin(board: &Arc<super::Board>, model: Arc<str>) -> Self {
+        board.tally.with(|c| model_entry(c, &model).in_flight += 1);
+        Self {
+            board: Arc::clone(board),
+            model,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.board.tally.with(|c| {
+            let m = model_entry(c, &self.model);
+            m.in_flight = m.in_flight.saturating_sub(1);
+        });
     }
 }
 
@@ -70,7 +105,8 @@ struct Counts {
     /// Requests refused before a decision, by reason (`missing_key`, `cost_error`).
     rejected: BTreeMap<&'static str, u64>,
     users: HashMap<String, UserTotals>,
-    samples: VecDeque<Sample>,
+    /// Shared with the snapshots: a poll copies 300 pointers under the lock, not 300 maps.
+    samples: VecDeque<Arc<Sample>>,
     /// The totals at the last sample, to take differences from.
     last: BTreeMap<String, ModelTotals>,
     /// Samples taken since the start.
@@ -86,7 +122,7 @@ pub(crate) struct Snapshot {
     pub(crate) rejected: BTreeMap<&'static str, u64>,
     /// The users with the most tokens, most first.
     pub(crate) top_users: Vec<(String, UserTotals)>,
-    pub(crate) samples: Vec<Sample>,
+    pub(crate) samples: Vec<Arc<Sample>>,
     pub(crate) taken: u64,
 }
 
@@ -103,22 +139,19 @@ impl Tally {
         f(&mut counts)
     }
 
-    /// The limiter admitted a request routed to `model`.
-    pub(crate) fn admitted(&self, model: &str) {
-        self.with(|c| model_entry(c, model).admitted += 1);
-    }
-
-    /// The limiter refused a request routed to `model` by `rule`.
+    /// The limiter refused a request routed to `model` by `rule` (`None`: a decision made
+    /// without the request's context, counted under [`UNKNOWN_MODEL`]).
     pub(crate) fn refused(&self, model: Option<&str>, rule: &str) {
         self.with(|c| {
-            if let Some(m) = model {
+            let m = model.unwrap_or(UNKNOWN_MODEL);
+            if model.is_some() {
                 model_entry(c, m).refused += 1;
-                let by_rule = match c.refused_by_model.get_mut(m) {
-                    Some(r) => r,
-                    None => c.refused_by_model.entry(m.to_owned()).or_default(),
-                };
-                count(by_rule, rule);
             }
+            let by_rule = match c.refused_by_model.get_mut(m) {
+                Some(r) => r,
+                None => c.refused_by_model.entry(m.to_owned()).or_default(),
+            };
+            count(by_rule, rule);
             count(&mut c.refused_by_rule, rule);
         });
     }
@@ -146,13 +179,10 @@ impl Tally {
             .find(|r| r.rule.starts_with("user-"))
             .map(|r| String::from_utf8_lossy(r.key.as_bytes()));
         self.with(|c| {
-            if let Some(model) = event.model {
+            if let (Some(model), Some((input, output))) = (event.model, tokens) {
                 let m = model_entry(c, model);
-                m.settled += 1;
-                if let Some((input, output)) = tokens {
-                    m.input_tokens += input;
-                    m.output_tokens += output;
-                }
+                m.input_tokens += input;
+                m.output_tokens += output;
             }
             if let Some(user) = user.as_deref() {
                 let spent = tokens.map_or(0, |(i, o)| i + o);
@@ -160,7 +190,7 @@ impl Tally {
                     Some(t) => t,
                     None => {
                         if c.users.len() >= MAX_USERS {
-                            evict_least(&mut c.users);
+                            evict_least(&mut c.users, EVICT_BATCH);
                         }
                         c.users.entry(user.to_owned()).or_default()
                     }
@@ -193,7 +223,7 @@ impl Tally {
             if c.samples.len() == SAMPLES {
                 c.samples.pop_front();
             }
-            c.samples.push_back(Sample { at_ms, models });
+            c.samples.push_back(Arc::new(Sample { at_ms, models }));
             c.taken += 1;
         });
     }
@@ -237,14 +267,24 @@ fn model_entry<'a>(c: &'a mut Counts, model: &str) -> &'a mut ModelTotals {
     c.models.get_mut(model).expect("inserted above")
 }
 
-/// Drops the user with the fewest tokens, to make room for a new one.
-fn evict_least(users: &mut HashMap<String, UserTotals>) {
-    if let Some(least) = users
+/// Users dropped at once when the table is full: one pass over it makes room for this many
+/// new users (not one pass, under the lock, for each).
+const EVICT_BATCH: usize = MAX_USERS / 10;
+
+/// Drops the `n` users with the fewest tokens, to make room for new ones.
+fn evict_least(users: &mut HashMap<String, UserTotals>, n: usize) {
+    let n = n.min(users.len());
+    if n == 0 {
+        return;
+    }
+    let mut by_use: Vec<((u64, u64), &String)> = users
         .iter()
-        .min_by_key(|(_, t)| (t.tokens, t.requests))
-        .map(|(u, _)| u.clone())
-    {
-        users.remove(&least);
+        .map(|(u, t)| ((t.tokens, t.requests), u))
+        .collect();
+    by_use.select_nth_unstable_by_key(n - 1, |(used, _)| *used);
+    let least: Vec<String> = by_use[..n].iter().map(|(_, u)| (*u).clone()).collect();
+    for u in least {
+        users.remove(&u);
     }
 }
 
@@ -289,8 +329,14 @@ mod tests {
                 },
             );
         }
-        evict_least(&mut users);
+        evict_least(&mut users, 1);
         assert_eq!(users.len(), MAX_USERS - 1);
         assert!(!users.contains_key("u0"));
+        evict_least(&mut users, EVICT_BATCH);
+        assert_eq!(users.len(), MAX_USERS - 1 - EVICT_BATCH);
+        for i in 0..=EVICT_BATCH {
+            assert!(!users.contains_key(&format!("u{i}")), "u{i}");
+        }
+        assert!(users.contains_key(&format!("u{}", EVICT_BATCH + 1)));
     }
 }
