@@ -76,7 +76,8 @@ pub enum Outcome<'a> {
     Admitted,
     /// A rule denied it; nothing was charged.
     Denied {
-        /// The rule that denied.
+        /// The rule that denied: the rule's own name, also when the tier's own bucket of a
+        /// capacity denied (whose [`RuleDecision::rule`] entry is `{rule}#{tier}`).
         rule: &'a str,
         /// How long until it could pass; `None` when its cost exceeds the limit.
         retry_after: Option<Duration>,
