@@ -197,23 +197,20 @@ pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Opt
     if !s.metrics_requires_admin {
         return None;
     }
-    let bearer = access::bearer(headers);
-    if bearer.is_some() {
-        if let Some(r) = guessed_too_often(app, peer) {
-            return Some(r);
-        }
-    }
-    match bearer {
-        Some(k) if access::is_admin(&s.admin_keys, k) => None,
-        Some(_) => {
-            wrong_key(app, peer);
-            Some(unauthorized(
-                "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
-            ))
-        }
-        None => Some(unauthorized(
-            "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
-        )),
+    let message = "/metrics needs an admin key: `Authorization: Bearer <admin key>`.";
+    let Some(key) = access::bearer(headers) else {
+        return Some(unauthorized(message));
+    };
+    let guess = match guess(app, peer) {
+        Ok(g) => g,
+        Err(r) => return Some(*r),
+    };
+    if access::is_admin(&s.admin_keys, key) {
+        guess.correct();
+        None
+    } else {
+        wrong_key(peer, &guess);
+        Some(unauthorized(message))
     }
 }
 
@@ -228,9 +225,14 @@ fn cross_site_refused() -> Response {
     )
 }
 
-/// The 429 for an address that presented too many wrong admin keys, if `peer` did.
-fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
-    let wait = app.metrics.board.guesses.blocked(peer, Instant::now())?;
+/// Counts a guess from `peer` before its key is compared ([`access::Guesses::attempt`]):
+/// the guess, to give back if the key is right, or the 429 for an address that presented
+/// too many wrong admin keys.
+fn guess(app: &App, peer: IpAddr) -> Result<access::Reservation<'_>, Box<Response>> {
+    let wait = match app.metrics.board.guesses.attempt(peer, Instant::now()) {
+        Ok(guess) => return Ok(guess),
+        Err(wait) => wait,
+    };
     let mut r = error(
         StatusCode::TOO_MANY_REQUESTS,
         "invalid_request_error",
@@ -244,13 +246,14 @@ fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
     if let Ok(v) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
-    Some(r)
+    Err(Box::new(r))
 }
 
-/// Counts a wrong admin key from `peer`; logs the first of its window and the one that
-/// used its guesses up (not every one: a guesser would fill the log).
-fn wrong_key(app: &App, peer: IpAddr) {
-    let n = app.metrics.board.guesses.failed(peer, Instant::now());
+/// Logs a wrong admin key from `peer` (already counted by `guess`): the first of its
+/// window and the one that used its guesses up (not every one: a guesser would fill the
+/// log).
+fn wrong_key(peer: IpAddr, guess: &access::Reservation<'_>) {
+    let n = guess.n();
     if n == 1 {
         tracing::warn!(%peer, "dashboard: a wrong admin key (more from this address are counted, not logged)");
     } else if n == access::MAX_GUESSES {
@@ -341,9 +344,6 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
         return cross_site_refused();
     }
     let peer = access::Peer::of(req.extensions());
-    if let Some(r) = guessed_too_often(&app, peer) {
-        return r;
-    }
     // A sign-in starts afresh: the session the browser presents (if any) ends.
     for t in access::session_cookies(req.headers()) {
         app.metrics.board.sessions.close(t);
@@ -371,11 +371,18 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
             return r;
         }
     };
+    // Counted once the form is here and before its key is compared, so that forms sent
+    // together from one address can't all pass a check made before any was counted.
+    let guess = match guess(&app, peer) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
     let key = access::form_key(&body).unwrap_or_default();
     if !access::is_admin(&app.dashboard.admin_keys, &key) {
-        wrong_key(&app, peer);
+        wrong_key(peer, &guess);
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
+    guess.correct();
     let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
         return sign_in_form(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -418,16 +425,22 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     let headers = req.headers();
     let peer = access::Peer::of(req.extensions());
-    let bearer = access::bearer(headers);
-    if bearer.is_some() {
-        if let Some(r) = guessed_too_often(&app, peer) {
-            return r;
+    let by_bearer = match access::bearer(headers) {
+        Some(key) => {
+            let guess = match guess(&app, peer) {
+                Ok(g) => g,
+                Err(r) => return *r,
+            };
+            let right = access::is_admin(&app.dashboard.admin_keys, key);
+            if right {
+                guess.correct();
+            } else {
+                wrong_key(peer, &guess);
+            }
+            right
         }
-    }
-    let by_bearer = bearer.is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
-    if bearer.is_some() && !by_bearer {
-        wrong_key(&app, peer);
-    }
+        None => false,
+    };
     if !by_bearer && !signed_in(&app, headers) {
         return unauthorized(
             "The dashboard's data needs a session (sign in at /dashboard) or \

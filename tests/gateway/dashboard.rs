@@ -531,6 +531,67 @@ async fn admin_key_guesses_are_limited_per_address() {
     assert_eq!(log.matches("wrong admin key").count(), 2, "{log}");
 }
 
+/// Sign-ins sent together from one address can't go past the guess limit: each of
+/// `3 * MAX` forms is held back (`Expect: 100-continue`) until the gateway has started
+/// reading every one of them (each `100 Continue` seen), then all are sent. At most the
+/// limit's 20 are compared (401); the rest are 429 whatever the order the gateway takes them
+/// in (counts only, no timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sign_ins_from_one_address_stay_within_the_guess_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const N: usize = 60;
+    let (up, _) = start_upstream().await;
+    let cfg = TempConfig::new(&dashboard_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let body = "key=adm-test-wrong-0123456789";
+    let mut held = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut s = within("connecting", tokio::net::TcpStream::connect(gw.addr))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /dashboard HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The gateway is reading this form's body (its handler runs): `100 Continue`.
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = within(&format!("form {i}: 100 Continue"), s.read(&mut byte))
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "form {i}: closed before 100 Continue: {got:?}");
+            got.push(byte[0]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 100"), "form {i}: {got}");
+        held.push(s);
+    }
+    let mut answers = tokio::task::JoinSet::new();
+    for mut s in held {
+        answers.spawn(async move {
+            s.write_all(body.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            within("an answer", s.read_to_end(&mut answer))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        });
+    }
+    let mut by_status = BTreeMap::<String, usize>::new();
+    while let Some(answer) = answers.join_next().await {
+        let answer = answer.unwrap();
+        let status = answer.get(9..12).unwrap_or("").to_owned();
+        *by_status.entry(status).or_default() += 1;
+    }
+    assert_eq!(by_status.get("401").copied(), Some(20), "{by_status:?}");
+    assert_eq!(by_status.get("429").copied(), Some(N - 20), "{by_status:?}");
+}
+
 /// The dashboard's forms take no cross-site posts (`Sec-Fetch-Site`, or an `Origin` that
 /// isn't the gateway): 403. A sign-in ends the session the browser already had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

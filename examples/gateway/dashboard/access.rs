@@ -11,7 +11,8 @@
 //! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form,
 //! a bearer on the data or on `/metrics`) within [`GUESS_WINDOW`] is answered 429 for the
 //! rest of that window, whatever key it presents ([`Guesses`]); the log says so once per
-//! window, not once per guess.
+//! window, not once per guess. A key is counted before it is compared and given back when
+//! right, under one lock, so keys sent at once from one address can't outrun the count.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -51,42 +52,89 @@ impl Peer {
 }
 
 /// Wrong admin keys by address: at most [`MAX_GUESSES`] in a [`GUESS_WINDOW`].
+///
+/// A key is counted as a guess *before* it is compared ([`Guesses::attempt`], under one
+/// lock), and given back only when it was right ([`Reservation::correct`]): requests from
+/// one address that arrive together can't all pass a check made before any of them was
+/// counted.
 #[derive(Debug, Default)]
 pub(crate) struct Guesses {
     by_peer: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
-impl Guesses {
-    /// How long `peer` must wait before presenting a key again, if it used up its guesses.
-    pub(crate) fn blocked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
-        let by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        let (start, n) = by_peer.get(&peer)?;
-        let end = *start + GUESS_WINDOW;
-        (*n >= MAX_GUESSES && end > now).then(|| end - now)
+/// A guess counted by [`Guesses::attempt`]: it stays counted (a wrong key) unless
+/// [`Reservation::correct`] gives it back.
+#[derive(Debug)]
+#[must_use = "a reservation is a counted guess: give it back with `correct` if the key was right"]
+pub(crate) struct Reservation<'a> {
+    guesses: &'a Guesses,
+    peer: IpAddr,
+    /// The start of the window the guess was counted in.
+    start: Instant,
+    /// Guesses in that window, this one included.
+    n: u32,
+}
+
+impl Reservation<'_> {
+    /// Guesses of the address in its window, this one included.
+    pub(crate) fn n(&self) -> u32 {
+        self.n
     }
 
-    /// A wrong key from `peer`: how many in its window, this one included.
-    pub(crate) fn failed(&self, peer: IpAddr, now: Instant) -> u32 {
+    /// The key was right: the guess is not counted.
+    pub(crate) fn correct(self) {
+        let mut by_peer = self
+            .guesses
+            .by_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((start, n)) = by_peer.get_mut(&self.peer) {
+            // A window started since is not this guess's.
+            if *start == self.start {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Guesses {
+    /// Counts a guess from `peer` before its key is compared: the guess, or how long `peer`
+    /// must wait if it used up its [`MAX_GUESSES`] (then nothing is counted).
+    pub(crate) fn attempt(&self, peer: IpAddr, now: Instant) -> Result<Reservation<'_>, Duration> {
         let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((start, n)) = by_peer.get_mut(&peer) {
-            if *start + GUESS_WINDOW > now {
-                *n += 1;
-                return *n;
-            }
-            *start = now;
-            *n = 1;
-            return 1;
-        }
-        if by_peer.len() >= MAX_PEERS {
-            by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
-            if by_peer.len() >= MAX_PEERS {
-                if let Some(oldest) = by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p) {
-                    by_peer.remove(&oldest);
+        let (start, n) = match by_peer.get_mut(&peer) {
+            Some((start, n)) if *start + GUESS_WINDOW > now => {
+                if *n >= MAX_GUESSES {
+                    return Err(*start + GUESS_WINDOW - now);
                 }
+                *n += 1;
+                (*start, *n)
             }
-        }
-        by_peer.insert(peer, (now, 1));
-        1
+            Some(entry) => {
+                *entry = (now, 1);
+                (now, 1)
+            }
+            None => {
+                if by_peer.len() >= MAX_PEERS {
+                    by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
+                    if by_peer.len() >= MAX_PEERS {
+                        if let Some(oldest) =
+                            by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p)
+                        {
+                            by_peer.remove(&oldest);
+                        }
+                    }
+                }
+                by_peer.insert(peer, (now, 1));
+                (now, 1)
+            }
+        };
+        Ok(Reservation {
+            guesses: self,
+            peer,
+            start,
+            n,
+        })
     }
 }
 
@@ -287,6 +335,43 @@ pub(crate) fn form_key(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guesses_are_counted_before_compared_and_given_back_when_right() {
+        let g = Guesses::default();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        // Right keys cost nothing.
+        for _ in 0..3 * MAX_GUESSES {
+            g.attempt(peer, now).unwrap().correct();
+        }
+        // Pending guesses count: MAX of them held at once, the next is refused.
+        let held: Vec<_> = (0..MAX_GUESSES)
+            .map(|_| g.attempt(peer, now).unwrap())
+            .collect();
+        assert_eq!(held.last().map(Reservation::n), Some(MAX_GUESSES));
+        assert_eq!(g.attempt(peer, now).unwrap_err(), GUESS_WINDOW);
+        // One of them right: room for one more.
+        let mut held = held.into_iter();
+        held.next().unwrap().correct();
+        let _wrong = g.attempt(peer, now).unwrap();
+        assert!(g.attempt(peer, now).is_err());
+        // Many threads at once: exactly MAX get through.
+        let g = Guesses::default();
+        let through = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..MAX_GUESSES {
+                        if g.attempt(peer, now).is_ok() {
+                            through.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(through.into_inner(), MAX_GUESSES);
+    }
 
     #[test]
     fn admin_keys_match_whole() {
