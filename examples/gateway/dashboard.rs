@@ -290,6 +290,9 @@ fn unauthorized(message: &str) -> Response {
 }
 
 /// Headers of every HTML answer: not cached, not framed, nothing loaded from elsewhere.
+/// `Referrer-Policy: same-origin`: no referrer to other sites, and the page's own forms
+/// carry its `Origin` (with `no-referrer`, a browser without Fetch Metadata sends
+/// `Origin: null`, which `access::cross_site` refuses).
 fn html(status: StatusCode, body: String) -> Response {
     let mut r = (status, Html(body)).into_response();
     let h = r.headers_mut();
@@ -301,7 +304,7 @@ fn html(status: StatusCode, body: String) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     r
 }

@@ -618,7 +618,26 @@ async fn cross_site_posts_are_refused_and_sign_in_replaces_the_session() {
         assert_eq!(a.status, 403, "{extra:?}: {}", text(&a));
         assert!(!a.headers.contains_key("set-cookie"), "{extra:?}");
     }
+    // The pages send their own origin with their forms (`Referrer-Policy: same-origin`; with
+    // `no-referrer` a browser without Fetch Metadata sends `Origin: null`, refused above).
+    let page = raw(&c, "GET", &gw.url("/dashboard"), &[], None).await;
+    assert_eq!(page.header("referrer-policy"), "same-origin");
+    assert!(
+        text(&page).contains(r#"<meta name="referrer" content="same-origin">"#),
+        "{}",
+        text(&page)
+    );
     let own = format!("http://{}", gw.addr);
+    // No `Sec-Fetch-Site`, the gateway's own `Origin`: signed in.
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard"),
+        &[form, ("origin", &own)],
+        Some(&key),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", text(&a));
     let sign_in = || async {
         let a = raw(
             &c,

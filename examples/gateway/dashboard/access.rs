@@ -262,8 +262,9 @@ const MAX_SESSION_COOKIES: usize = 8;
 /// Whether a request to a dashboard form comes from another site (CSRF): a
 /// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user); from a browser
 /// that sends none, an `Origin` that is not this gateway (`Host`, or the URI's authority in
-/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present: the pages'
-/// `Referrer-Policy: no-referrer` makes a browser send `Origin: null` for its own forms.) A
+/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present; the pages'
+/// `Referrer-Policy: same-origin` lets a browser send their own `Origin` with their forms,
+/// where `no-referrer` would make it `null`.) A
 /// request with neither header (curl, a script) is not a browser's cross-site post.
 pub(crate) fn cross_site(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
