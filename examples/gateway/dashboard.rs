@@ -64,8 +64,9 @@ static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
 });
 
 /// The base64 SHA-256 of the text of `page`'s inline `<script>` (CSP Level 3 section
-/// 8.4: the bytes between the tags, as the browser hashes them). SHA-256 is rustls' own
-/// (its `ring` provider), not another dependency.
+/// 8.4: the text between the tags, as the browser hashes it: parsed, so with its line
+/// endings normalised to LF, HTML section 13.2.3.5, whatever a checkout made of the file).
+/// SHA-256 is rustls' own (its `ring` provider), not another dependency.
 fn script_sha256(page: &str) -> String {
     use base64::Engine as _;
     let script = page
@@ -77,7 +78,8 @@ fn script_sha256(page: &str) -> String {
         .expect("a TLS 1.3 suite")
         .common
         .hash_provider;
-    base64::engine::general_purpose::STANDARD.encode(sha256.hash(script.as_bytes()).as_ref())
+    let parsed = script.replace("\r\n", "\n").replace('\r', "\n");
+    base64::engine::general_purpose::STANDARD.encode(sha256.hash(parsed.as_bytes()).as_ref())
 }
 
 /// `text` safe inside an HTML element.
@@ -454,4 +456,32 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_hash_is_over_the_text_a_browser_parses() {
+        let lf = script_sha256("<p>\n<script>let a = 1;\nlet b = 2;\n</script>\n");
+        // A checkout with CRLF endings: a browser hashes the parsed text, newlines as LF.
+        assert_eq!(
+            script_sha256("<p>\r\n<script>let a = 1;\r\nlet b = 2;\r\n</script>\r\n"),
+            lf
+        );
+        assert_eq!(
+            script_sha256("<script>let a = 1;\rlet b = 2;\r</script>"),
+            lf
+        );
+        assert_ne!(
+            script_sha256("<script>let a = 2;\nlet b = 2;\n</script>"),
+            lf
+        );
+        // SHA-256 of the empty text.
+        assert_eq!(
+            script_sha256("<script></script>"),
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
+    }
 }

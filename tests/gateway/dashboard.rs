@@ -222,6 +222,30 @@ async fn admin_keys_sessions_and_the_metrics_guard() {
     .await;
     assert_eq!(a.status, 200);
     assert!(text(&a).contains("id=\"models\""), "the page, not the form");
+    // The CSP's script hash is the page's script's, as a browser hashes it (the text between
+    // the tags, line endings as LF).
+    let page = text(&a);
+    let script = page
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(script, _)| script.replace("\r\n", "\n").replace('\r', "\n"))
+        .expect("the page's script");
+    assert!(script.len() > 100, "{script}");
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .unwrap()
+        .common
+        .hash_provider
+        .hash(script.as_bytes());
+    let expected = format!(
+        "script-src 'sha256-{}'",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sha256.as_ref())
+    );
+    let csp = a.header("content-security-policy");
+    assert!(
+        csp.split(';').map(str::trim).any(|d| d == expected),
+        "{expected} in {csp}"
+    );
     let a = raw(&c, "GET", &data, &[("cookie", &cookie)], None).await;
     assert_eq!(a.status, 200, "{}", text(&a));
     assert!(a.json()["models"].is_array());
