@@ -11,7 +11,9 @@
 //!
 //! The two forms answer 403 to a post from another site (`access::cross_site`); a sign-in
 //! ends the session the browser presented. An address that presents too many wrong admin
-//! keys gets 429 for a while (`access::Guesses`).
+//! keys gets 429 for a while (`access::Guesses`; `/metrics` counts its own). The address is
+//! the TCP peer's: behind a reverse proxy or NAT all its clients share one count (there is
+//! no trusted-proxy setting yet).
 //!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
@@ -104,8 +106,11 @@ fn escape_html(text: &str) -> String {
 pub(crate) struct Board {
     pub(crate) tally: tally::Tally,
     pub(crate) sessions: access::Sessions,
-    /// Wrong admin keys by address.
+    /// Wrong admin keys by address, on the dashboard (the form, the data).
     pub(crate) guesses: access::Guesses,
+    /// Wrong admin keys by address on `/metrics`: a count of its own, so that a dashboard
+    /// guesser behind the scraper's address (a proxy, NAT) doesn't lock Prometheus out.
+    pub(crate) metrics_guesses: access::Guesses,
     /// Data answers served: a page shows the number of the answer it drew.
     pub(crate) served: AtomicU64,
 }
@@ -203,7 +208,7 @@ pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Opt
     let Some(key) = access::bearer(headers) else {
         return Some(unauthorized(message));
     };
-    let guess = match guess(app, peer) {
+    let guess = match guess(&app.metrics.board.metrics_guesses, peer) {
         Ok(g) => g,
         Err(r) => return Some(*r),
     };
@@ -211,7 +216,7 @@ pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Opt
         guess.correct();
         None
     } else {
-        wrong_key(peer, &guess);
+        wrong_key("/metrics", peer, &guess);
         Some(unauthorized(message))
     }
 }
@@ -227,11 +232,15 @@ fn cross_site_refused() -> Response {
     )
 }
 
-/// Counts a guess from `peer` before its key is compared ([`access::Guesses::attempt`]):
+/// Counts a guess from `peer` in `guesses` before its key is compared
+/// ([`access::Guesses::attempt`]):
 /// the guess, to give back if the key is right, or the 429 for an address that presented
 /// too many wrong admin keys.
-fn guess(app: &App, peer: IpAddr) -> Result<access::Reservation<'_>, Box<Response>> {
-    let wait = match app.metrics.board.guesses.attempt(peer, Instant::now()) {
+fn guess(
+    guesses: &access::Guesses,
+    peer: IpAddr,
+) -> Result<access::Reservation<'_>, Box<Response>> {
+    let wait = match guesses.attempt(peer, Instant::now()) {
         Ok(guess) => return Ok(guess),
         Err(wait) => wait,
     };
@@ -251,19 +260,19 @@ fn guess(app: &App, peer: IpAddr) -> Result<access::Reservation<'_>, Box<Respons
     Err(Box::new(r))
 }
 
-/// Logs a wrong admin key from `peer` (already counted by `guess`): the first of its
-/// window and the one that used its guesses up (not every one: a guesser would fill the
-/// log).
-fn wrong_key(peer: IpAddr, guess: &access::Reservation<'_>) {
+/// Logs a wrong admin key from `peer` on `place` (`dashboard` or `/metrics`; already
+/// counted by `guess`): the first of its window and the one that used its guesses up (not
+/// every one: a guesser would fill the log).
+fn wrong_key(place: &str, peer: IpAddr, guess: &access::Reservation<'_>) {
     let n = guess.n();
     if n == 1 {
-        tracing::warn!(%peer, "dashboard: a wrong admin key (more from this address are counted, not logged)");
+        tracing::warn!(%peer, "{place}: a wrong admin key (more from this address are counted, not logged)");
     } else if n == access::MAX_GUESSES {
         tracing::warn!(
             %peer,
             guesses = n,
             window = ?access::GUESS_WINDOW,
-            "dashboard: too many wrong admin keys from this address: refused (429) until its window ends"
+            "{place}: too many wrong admin keys from this address: refused (429) until its window ends"
         );
     }
 }
@@ -378,13 +387,13 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     };
     // Counted once the form is here and before its key is compared, so that forms sent
     // together from one address can't all pass a check made before any was counted.
-    let guess = match guess(&app, peer) {
+    let guess = match guess(&app.metrics.board.guesses, peer) {
         Ok(g) => g,
         Err(r) => return *r,
     };
     let key = access::form_key(&body).unwrap_or_default();
     if !access::is_admin(&app.dashboard.admin_keys, &key) {
-        wrong_key(peer, &guess);
+        wrong_key("dashboard", peer, &guess);
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
     guess.correct();
@@ -432,7 +441,7 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     let peer = access::Peer::of(req.extensions());
     let by_bearer = match access::bearer(headers) {
         Some(key) => {
-            let guess = match guess(&app, peer) {
+            let guess = match guess(&app.metrics.board.guesses, peer) {
                 Ok(g) => g,
                 Err(r) => return *r,
             };
@@ -440,7 +449,7 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
             if right {
                 guess.correct();
             } else {
-                wrong_key(peer, &guess);
+                wrong_key("dashboard", peer, &guess);
             }
             right
         }

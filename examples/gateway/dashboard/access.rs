@@ -8,10 +8,12 @@
 //! of them (the one closest to expiring makes room), and a session ends when its key is no
 //! longer configured (a reload removed it).
 //!
-//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form,
-//! a bearer on the data or on `/metrics`) within [`GUESS_WINDOW`] is answered 429 for the
-//! rest of that window, whatever key it presents ([`Guesses`]); the log says so once per
-//! window, not once per guess. A key is counted before it is compared and given back when
+//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form
+//! or a bearer on the data; `/metrics` counts its own, so that a dashboard guesser doesn't
+//! lock the scraper out) within [`GUESS_WINDOW`] is answered 429 for the rest of that
+//! window, whatever key it presents ([`Guesses`]); the log says so once per window, not
+//! once per guess. The address is the TCP peer's ([`Peer`]): behind a reverse proxy or NAT
+//! all the clients share one count (there is no trusted-proxy setting yet). A key is counted before it is compared and given back when
 //! right, under one lock, so keys sent at once from one address can't outrun the count.
 
 use std::collections::HashMap;
