@@ -12,13 +12,14 @@
 //! or a bearer on the data; `/metrics` counts its own, so that a dashboard guesser doesn't
 //! lock the scraper out) within [`GUESS_WINDOW`] is answered 429 for the rest of that
 //! window, whatever key it presents ([`Guesses`]); the log says so once per window, not
-//! once per guess. The address is the TCP peer's ([`Peer`]): behind a reverse proxy or NAT
-//! all the clients share one count (there is no trusted-proxy setting yet). A key is counted before it is compared and given back when
-//! right, under one lock, so keys sent at once from one address can't outrun the count.
+//! once per guess. A key is counted before it is compared and given back when right, under
+//! one lock, so keys sent at once from one address can't outrun the count. The address is
+//! the TCP peer's ([`Peer`]; an IPv6 one by its /64): behind a reverse proxy or NAT all the
+//! clients share one count (there is no trusted-proxy setting yet).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,7 +38,8 @@ pub(crate) const COOKIE: &str = "gateway_dashboard";
 pub(crate) const MAX_GUESSES: u32 = 20;
 /// The window of [`MAX_GUESSES`], from an address's first wrong key.
 pub(crate) const GUESS_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Addresses tracked at once (the one whose window started first makes room).
+/// Addresses tracked at once (past it, the one whose window started first makes room, an
+/// address not blocked before one that is).
 const MAX_PEERS: usize = 4_096;
 
 /// The client's address, put on each request by the server (`serve.rs`).
@@ -53,7 +55,21 @@ impl Peer {
     }
 }
 
-/// Wrong admin keys by address: at most [`MAX_GUESSES`] in a [`GUESS_WINDOW`].
+/// What a peer's guesses are counted under: an IPv4 address (an IPv4-mapped IPv6 one as
+/// its IPv4), an IPv6 address's /64 (a host is commonly given a whole /64, and could
+/// otherwise take a new address for each guess).
+fn counted_as(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Wrong admin keys by address (an IPv6 one by its /64): at most [`MAX_GUESSES`] in a
+/// [`GUESS_WINDOW`].
 ///
 /// A key is counted as a guess *before* it is compared ([`Guesses::attempt`], under one
 /// lock), and given back only when it was right ([`Reservation::correct`]): requests from
@@ -103,6 +119,7 @@ impl Guesses {
     /// Counts a guess from `peer` before its key is compared: the guess, or how long `peer`
     /// must wait if it used up its [`MAX_GUESSES`] (then nothing is counted).
     pub(crate) fn attempt(&self, peer: IpAddr, now: Instant) -> Result<Reservation<'_>, Duration> {
+        let peer = counted_as(peer);
         let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
         let (start, n) = match by_peer.get_mut(&peer) {
             Some((start, n)) if *start + GUESS_WINDOW > now => {
@@ -120,10 +137,14 @@ impl Guesses {
                 if by_peer.len() >= MAX_PEERS {
                     by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
                     if by_peer.len() >= MAX_PEERS {
-                        if let Some(oldest) =
-                            by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p)
-                        {
-                            by_peer.remove(&oldest);
+                        // The oldest address still guessing makes room, so that a flood
+                        // of new addresses unblocks no one; all blocked: the oldest.
+                        let evicted = by_peer
+                            .iter()
+                            .min_by_key(|(_, (start, n))| (*n >= MAX_GUESSES, *start))
+                            .map(|(p, _)| *p);
+                        if let Some(evicted) = evicted {
+                            by_peer.remove(&evicted);
                         }
                     }
                 }
@@ -374,6 +395,69 @@ mod tests {
             }
         });
         assert_eq!(through.into_inner(), MAX_GUESSES);
+    }
+
+    /// Uses up `peer`'s guesses at `now`.
+    fn use_up(g: &Guesses, peer: IpAddr, now: Instant) {
+        for _ in 0..MAX_GUESSES {
+            let _wrong = g.attempt(peer, now).unwrap();
+        }
+        assert!(g.attempt(peer, now).is_err(), "{peer} blocked");
+    }
+
+    #[test]
+    fn a_window_ends_and_starts_afresh() {
+        let g = Guesses::default();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        use_up(&g, peer, t0);
+        let almost = t0 + GUESS_WINDOW - Duration::from_secs(1);
+        assert_eq!(g.attempt(peer, almost).unwrap_err(), Duration::from_secs(1));
+        let fresh = g.attempt(peer, t0 + GUESS_WINDOW).unwrap();
+        assert_eq!(fresh.n(), 1);
+    }
+
+    #[test]
+    fn addresses_apart_count_apart_and_a_64_counts_as_one() {
+        let g = Guesses::default();
+        let t0 = Instant::now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        use_up(&g, ip("192.0.2.1"), t0);
+        assert!(g.attempt(ip("192.0.2.2"), t0).is_ok());
+        // An IPv4 client reached over an IPv6 socket is the same client.
+        assert!(g.attempt(ip("::ffff:192.0.2.1"), t0).is_err());
+        // An IPv6 host has a /64 of its own to pick from: one count for the /64.
+        use_up(&g, ip("2001:db8:0:1::1"), t0);
+        assert!(g
+            .attempt(ip("2001:db8:0:1:ffff:ffff:ffff:ffff"), t0)
+            .is_err());
+        assert!(g.attempt(ip("2001:db8:0:1:1234::9"), t0).is_err());
+        assert!(g.attempt(ip("2001:db8:0:2::1"), t0).is_ok());
+    }
+
+    #[test]
+    fn a_full_map_evicts_an_address_that_is_not_blocked() {
+        let g = Guesses::default();
+        let t0 = Instant::now();
+        let blocked: IpAddr = "198.51.100.1".parse().unwrap();
+        // The first (oldest) address is blocked; the others have one wrong key each.
+        use_up(&g, blocked, t0);
+        for i in 1..MAX_PEERS as u32 {
+            let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let _wrong = g.attempt(peer, t0 + Duration::from_secs(1)).unwrap();
+        }
+        assert_eq!(g.by_peer.lock().unwrap().len(), MAX_PEERS);
+        let newcomer: IpAddr = "203.0.113.7".parse().unwrap();
+        let _wrong = g.attempt(newcomer, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(g.by_peer.lock().unwrap().len(), MAX_PEERS);
+        assert!(
+            g.attempt(blocked, t0 + Duration::from_secs(3)).is_err(),
+            "the blocked address was kept"
+        );
+        // Once their windows end, entries make room before any eviction.
+        let later = t0 + GUESS_WINDOW + Duration::from_secs(3);
+        let _wrong = g.attempt("203.0.113.8".parse().unwrap(), later).unwrap();
+        assert_eq!(g.by_peer.lock().unwrap().len(), 1);
     }
 
     #[test]
