@@ -199,7 +199,11 @@ pub(crate) fn routes() -> Router<Arc<App>> {
 
 /// `None` when `/metrics` may be answered; else the 401 (or 429 for an address that
 /// guessed too many keys).
-pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Option<Response> {
+pub(crate) fn metrics_guard(
+    app: &App,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<Response> {
     let s = &app.dashboard;
     if !s.metrics_requires_admin {
         return None;
@@ -238,8 +242,17 @@ fn cross_site_refused() -> Response {
 /// too many wrong admin keys.
 fn guess(
     guesses: &access::Guesses,
-    peer: IpAddr,
+    peer: Option<IpAddr>,
 ) -> Result<access::Reservation<'_>, Box<Response>> {
+    // `serve.rs` puts the client's address on every request; without it (another server)
+    // there is nothing to count by: not limited.
+    debug_assert!(
+        peer.is_some(),
+        "a request without its Peer (serve.rs sets it)"
+    );
+    let Some(peer) = peer else {
+        return Ok(access::Reservation::uncounted());
+    };
     let wait = match guesses.attempt(peer, Instant::now()) {
         Ok(guess) => return Ok(guess),
         Err(wait) => wait,
@@ -263,8 +276,14 @@ fn guess(
 /// Logs a wrong admin key from `peer` on `place` (`dashboard` or `/metrics`; already
 /// counted by `guess`): the first of its window and the one that used its guesses up (not
 /// every one: a guesser would fill the log).
-fn wrong_key(place: &str, peer: IpAddr, guess: &access::Reservation<'_>) {
+fn wrong_key(place: &str, peer: Option<IpAddr>, guess: &access::Reservation<'_>) {
     let n = guess.n();
+    let Some(peer) = peer else {
+        tracing::warn!(
+            "{place}: a wrong admin key from a request without an address (not counted)"
+        );
+        return;
+    };
     if n == 1 {
         tracing::warn!(%peer, "{place}: a wrong admin key (more from this address are counted, not logged)");
     } else if n == access::MAX_GUESSES {

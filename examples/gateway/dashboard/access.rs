@@ -47,11 +47,10 @@ const MAX_PEERS: usize = 4_096;
 pub(crate) struct Peer(pub(crate) IpAddr);
 
 impl Peer {
-    /// The address of a request (unspecified if the server did not set one).
-    pub(crate) fn of(extensions: &http::Extensions) -> IpAddr {
-        extensions
-            .get::<Peer>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0)
+    /// The address of a request; `None` if the server did not set one (a server that
+    /// isn't `serve.rs`'s: the guess limit then has no address to count by).
+    pub(crate) fn of(extensions: &http::Extensions) -> Option<IpAddr> {
+        extensions.get::<Peer>().map(|p| p.0)
     }
 }
 
@@ -85,7 +84,8 @@ pub(crate) struct Guesses {
 #[derive(Debug)]
 #[must_use = "a reservation is a counted guess: give it back with `correct` if the key was right"]
 pub(crate) struct Reservation<'a> {
-    guesses: &'a Guesses,
+    /// `None`: counted nowhere ([`Reservation::uncounted`]).
+    guesses: Option<&'a Guesses>,
     peer: IpAddr,
     /// The start of the window the guess was counted in.
     start: Instant,
@@ -94,18 +94,27 @@ pub(crate) struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
-    /// Guesses of the address in its window, this one included.
+    /// A guess counted nowhere, for a request without an address (no [`Peer`]).
+    pub(crate) fn uncounted() -> Self {
+        Reservation {
+            guesses: None,
+            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            start: Instant::now(),
+            n: 0,
+        }
+    }
+
+    /// Guesses of the address in its window, this one included; 0 when uncounted.
     pub(crate) fn n(&self) -> u32 {
         self.n
     }
 
     /// The key was right: the guess is not counted.
     pub(crate) fn correct(self) {
-        let mut by_peer = self
-            .guesses
-            .by_peer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let Some(guesses) = self.guesses else {
+            return;
+        };
+        let mut by_peer = guesses.by_peer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((start, n)) = by_peer.get_mut(&self.peer) {
             // A window started since is not this guess's.
             if *start == self.start {
@@ -153,7 +162,7 @@ impl Guesses {
             }
         };
         Ok(Reservation {
-            guesses: self,
+            guesses: Some(self),
             peer,
             start,
             n,
@@ -458,6 +467,18 @@ mod tests {
         let later = t0 + GUESS_WINDOW + Duration::from_secs(3);
         let _wrong = g.attempt("203.0.113.8".parse().unwrap(), later).unwrap();
         assert_eq!(g.by_peer.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_request_without_a_peer_has_no_address_and_an_uncounted_guess_counts_nothing() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(Peer::of(&extensions), None);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        extensions.insert(Peer(peer));
+        assert_eq!(Peer::of(&extensions), Some(peer));
+        let uncounted = Reservation::uncounted();
+        assert_eq!(uncounted.n(), 0);
+        uncounted.correct();
     }
 
     #[test]
