@@ -11,7 +11,9 @@
 //!
 //! The two forms answer 403 to a post from another site (`access::cross_site`); a sign-in
 //! ends the session the browser presented. An address that presents too many wrong admin
-//! keys gets 429 for a while (`access::Guesses`).
+//! keys gets 429 for a while (`access::Guesses`; `/metrics` counts its own). The address is
+//! the TCP peer's: behind a reverse proxy or NAT all its clients share one count (there is
+//! no trusted-proxy setting yet).
 //!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
@@ -64,8 +66,9 @@ static CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
 });
 
 /// The base64 SHA-256 of the text of `page`'s inline `<script>` (CSP Level 3 section
-/// 8.4: the bytes between the tags, as the browser hashes them). SHA-256 is rustls' own
-/// (its `ring` provider), not another dependency.
+/// 8.4: the text between the tags, as the browser hashes it: parsed, so with its line
+/// endings normalised to LF, HTML section 13.2.3.5, whatever a checkout made of the file).
+/// SHA-256 is rustls' own (its `ring` provider), not another dependency.
 fn script_sha256(page: &str) -> String {
     use base64::Engine as _;
     let script = page
@@ -77,7 +80,8 @@ fn script_sha256(page: &str) -> String {
         .expect("a TLS 1.3 suite")
         .common
         .hash_provider;
-    base64::engine::general_purpose::STANDARD.encode(sha256.hash(script.as_bytes()).as_ref())
+    let parsed = script.replace("\r\n", "\n").replace('\r', "\n");
+    base64::engine::general_purpose::STANDARD.encode(sha256.hash(parsed.as_bytes()).as_ref())
 }
 
 /// `text` safe inside an HTML element.
@@ -102,8 +106,11 @@ fn escape_html(text: &str) -> String {
 pub(crate) struct Board {
     pub(crate) tally: tally::Tally,
     pub(crate) sessions: access::Sessions,
-    /// Wrong admin keys by address.
+    /// Wrong admin keys by address, on the dashboard (the form, the data).
     pub(crate) guesses: access::Guesses,
+    /// Wrong admin keys by address on `/metrics`: a count of its own, so that a dashboard
+    /// guesser behind the scraper's address (a proxy, NAT) doesn't lock Prometheus out.
+    pub(crate) metrics_guesses: access::Guesses,
     /// Data answers served: a page shows the number of the answer it drew.
     pub(crate) served: AtomicU64,
 }
@@ -192,28 +199,29 @@ pub(crate) fn routes() -> Router<Arc<App>> {
 
 /// `None` when `/metrics` may be answered; else the 401 (or 429 for an address that
 /// guessed too many keys).
-pub(crate) fn metrics_guard(app: &App, headers: &HeaderMap, peer: IpAddr) -> Option<Response> {
+pub(crate) fn metrics_guard(
+    app: &App,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<Response> {
     let s = &app.dashboard;
     if !s.metrics_requires_admin {
         return None;
     }
-    let bearer = access::bearer(headers);
-    if bearer.is_some() {
-        if let Some(r) = guessed_too_often(app, peer) {
-            return Some(r);
-        }
-    }
-    match bearer {
-        Some(k) if access::is_admin(&s.admin_keys, k) => None,
-        Some(_) => {
-            wrong_key(app, peer);
-            Some(unauthorized(
-                "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
-            ))
-        }
-        None => Some(unauthorized(
-            "/metrics needs an admin key: `Authorization: Bearer <admin key>`.",
-        )),
+    let message = "/metrics needs an admin key: `Authorization: Bearer <admin key>`.";
+    let Some(key) = access::bearer(headers) else {
+        return Some(unauthorized(message));
+    };
+    let guess = match guess(&app.metrics.board.metrics_guesses, peer) {
+        Ok(g) => g,
+        Err(r) => return Some(*r),
+    };
+    if access::is_admin(&s.admin_keys, key) {
+        guess.correct();
+        None
+    } else {
+        wrong_key("/metrics", peer, &guess);
+        Some(unauthorized(message))
     }
 }
 
@@ -228,9 +236,27 @@ fn cross_site_refused() -> Response {
     )
 }
 
-/// The 429 for an address that presented too many wrong admin keys, if `peer` did.
-fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
-    let wait = app.metrics.board.guesses.blocked(peer, Instant::now())?;
+/// Counts a guess from `peer` in `guesses` before its key is compared
+/// ([`access::Guesses::attempt`]):
+/// the guess, to give back if the key is right, or the 429 for an address that presented
+/// too many wrong admin keys.
+fn guess(
+    guesses: &access::Guesses,
+    peer: Option<IpAddr>,
+) -> Result<access::Reservation<'_>, Box<Response>> {
+    // `serve.rs` puts the client's address on every request; without it (another server)
+    // there is nothing to count by: not limited.
+    debug_assert!(
+        peer.is_some(),
+        "a request without its Peer (serve.rs sets it)"
+    );
+    let Some(peer) = peer else {
+        return Ok(access::Reservation::uncounted());
+    };
+    let wait = match guesses.attempt(peer, Instant::now()) {
+        Ok(guess) => return Ok(guess),
+        Err(wait) => wait,
+    };
     let mut r = error(
         StatusCode::TOO_MANY_REQUESTS,
         "invalid_request_error",
@@ -244,21 +270,28 @@ fn guessed_too_often(app: &App, peer: IpAddr) -> Option<Response> {
     if let Ok(v) = HeaderValue::from_str(&(wait.as_secs() + 1).to_string()) {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
-    Some(r)
+    Err(Box::new(r))
 }
 
-/// Counts a wrong admin key from `peer`; logs the first of its window and the one that
-/// used its guesses up (not every one: a guesser would fill the log).
-fn wrong_key(app: &App, peer: IpAddr) {
-    let n = app.metrics.board.guesses.failed(peer, Instant::now());
+/// Logs a wrong admin key from `peer` on `place` (`dashboard` or `/metrics`; already
+/// counted by `guess`): the first of its window and the one that used its guesses up (not
+/// every one: a guesser would fill the log).
+fn wrong_key(place: &str, peer: Option<IpAddr>, guess: &access::Reservation<'_>) {
+    let n = guess.n();
+    let Some(peer) = peer else {
+        tracing::warn!(
+            "{place}: a wrong admin key from a request without an address (not counted)"
+        );
+        return;
+    };
     if n == 1 {
-        tracing::warn!(%peer, "dashboard: a wrong admin key (more from this address are counted, not logged)");
+        tracing::warn!(%peer, "{place}: a wrong admin key (more from this address are counted, not logged)");
     } else if n == access::MAX_GUESSES {
         tracing::warn!(
             %peer,
             guesses = n,
             window = ?access::GUESS_WINDOW,
-            "dashboard: too many wrong admin keys from this address: refused (429) until its window ends"
+            "{place}: too many wrong admin keys from this address: refused (429) until its window ends"
         );
     }
 }
@@ -287,6 +320,9 @@ fn unauthorized(message: &str) -> Response {
 }
 
 /// Headers of every HTML answer: not cached, not framed, nothing loaded from elsewhere.
+/// `Referrer-Policy: same-origin`: no referrer to other sites, and the page's own forms
+/// carry its `Origin` (with `no-referrer`, a browser without Fetch Metadata sends
+/// `Origin: null`, which `access::cross_site` refuses).
 fn html(status: StatusCode, body: String) -> Response {
     let mut r = (status, Html(body)).into_response();
     let h = r.headers_mut();
@@ -298,7 +334,7 @@ fn html(status: StatusCode, body: String) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     r
 }
@@ -341,9 +377,6 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
         return cross_site_refused();
     }
     let peer = access::Peer::of(req.extensions());
-    if let Some(r) = guessed_too_often(&app, peer) {
-        return r;
-    }
     // A sign-in starts afresh: the session the browser presents (if any) ends.
     for t in access::session_cookies(req.headers()) {
         app.metrics.board.sessions.close(t);
@@ -371,11 +404,18 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
             return r;
         }
     };
+    // Counted once the form is here and before its key is compared, so that forms sent
+    // together from one address can't all pass a check made before any was counted.
+    let guess = match guess(&app.metrics.board.guesses, peer) {
+        Ok(g) => g,
+        Err(r) => return *r,
+    };
     let key = access::form_key(&body).unwrap_or_default();
     if !access::is_admin(&app.dashboard.admin_keys, &key) {
-        wrong_key(&app, peer);
+        wrong_key("dashboard", peer, &guess);
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
+    guess.correct();
     let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
         return sign_in_form(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -418,16 +458,22 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     }
     let headers = req.headers();
     let peer = access::Peer::of(req.extensions());
-    let bearer = access::bearer(headers);
-    if bearer.is_some() {
-        if let Some(r) = guessed_too_often(&app, peer) {
-            return r;
+    let by_bearer = match access::bearer(headers) {
+        Some(key) => {
+            let guess = match guess(&app.metrics.board.guesses, peer) {
+                Ok(g) => g,
+                Err(r) => return *r,
+            };
+            let right = access::is_admin(&app.dashboard.admin_keys, key);
+            if right {
+                guess.correct();
+            } else {
+                wrong_key("dashboard", peer, &guess);
+            }
+            right
         }
-    }
-    let by_bearer = bearer.is_some_and(|k| access::is_admin(&app.dashboard.admin_keys, k));
-    if bearer.is_some() && !by_bearer {
-        wrong_key(&app, peer);
-    }
+        None => false,
+    };
     if !by_bearer && !signed_in(&app, headers) {
         return unauthorized(
             "The dashboard's data needs a session (sign in at /dashboard) or \
@@ -438,4 +484,32 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_hash_is_over_the_text_a_browser_parses() {
+        let lf = script_sha256("<p>\n<script>let a = 1;\nlet b = 2;\n</script>\n");
+        // A checkout with CRLF endings: a browser hashes the parsed text, newlines as LF.
+        assert_eq!(
+            script_sha256("<p>\r\n<script>let a = 1;\r\nlet b = 2;\r\n</script>\r\n"),
+            lf
+        );
+        assert_eq!(
+            script_sha256("<script>let a = 1;\rlet b = 2;\r</script>"),
+            lf
+        );
+        assert_ne!(
+            script_sha256("<script>let a = 2;\nlet b = 2;\n</script>"),
+            lf
+        );
+        // SHA-256 of the empty text.
+        assert_eq!(
+            script_sha256("<script></script>"),
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
+    }
 }

@@ -222,6 +222,30 @@ async fn admin_keys_sessions_and_the_metrics_guard() {
     .await;
     assert_eq!(a.status, 200);
     assert!(text(&a).contains("id=\"models\""), "the page, not the form");
+    // The CSP's script hash is the page's script's, as a browser hashes it (the text between
+    // the tags, line endings as LF).
+    let page = text(&a);
+    let script = page
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(script, _)| script.replace("\r\n", "\n").replace('\r', "\n"))
+        .expect("the page's script");
+    assert!(script.len() > 100, "{script}");
+    let sha256 = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .unwrap()
+        .common
+        .hash_provider
+        .hash(script.as_bytes());
+    let expected = format!(
+        "script-src 'sha256-{}'",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, sha256.as_ref())
+    );
+    let csp = a.header("content-security-policy");
+    assert!(
+        csp.split(';').map(str::trim).any(|d| d == expected),
+        "{expected} in {csp}"
+    );
     let a = raw(&c, "GET", &data, &[("cookie", &cookie)], None).await;
     assert_eq!(a.status, 200, "{}", text(&a));
     assert!(a.json()["models"].is_array());
@@ -468,9 +492,10 @@ async fn a_slow_sign_in_form_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
-/// Guessing admin keys is bounded per address: after 20 wrong ones (the form, a bearer on
-/// the data or on `/metrics`), every try from that address is 429, the right key too, for
-/// a quarter of an hour (far longer than this test).
+/// Guessing admin keys is bounded per address: after 20 wrong ones on the dashboard (the
+/// form, a bearer on the data), every try there from that address is 429, the right key
+/// too, for a quarter of an hour (far longer than this test). `/metrics` counts its own:
+/// a dashboard guesser behind the scraper's address doesn't lock Prometheus out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_key_guesses_are_limited_per_address() {
     let (up, _) = start_upstream().await;
@@ -479,19 +504,17 @@ async fn admin_key_guesses_are_limited_per_address() {
     let c = client();
     let wrong = "adm-test-wrong-0123456789";
     for i in 0..20 {
-        let a = match i % 3 {
-            0 => {
-                raw(
-                    &c,
-                    "POST",
-                    &gw.url("/dashboard"),
-                    &[("content-type", "application/x-www-form-urlencoded")],
-                    Some(&format!("key={wrong}")),
-                )
-                .await
-            }
-            1 => call(&c, "GET", &gw.url("/dashboard/data"), Some(wrong), None).await,
-            _ => call(&c, "GET", &gw.url("/metrics"), Some(wrong), None).await,
+        let a = if i % 2 == 0 {
+            raw(
+                &c,
+                "POST",
+                &gw.url("/dashboard"),
+                &[("content-type", "application/x-www-form-urlencoded")],
+                Some(&format!("key={wrong}")),
+            )
+            .await
+        } else {
+            call(&c, "GET", &gw.url("/dashboard/data"), Some(wrong), None).await
         };
         assert_eq!(a.status, 401, "guess {i}: {}", text(&a));
     }
@@ -505,10 +528,19 @@ async fn admin_key_guesses_are_limited_per_address() {
     .await;
     assert_eq!(a.status, 429, "{}", text(&a));
     assert!(a.headers.contains_key("retry-after"));
-    for path in ["/dashboard/data", "/metrics"] {
-        let a = call(&c, "GET", &gw.url(path), Some(ADMIN), None).await;
-        assert_eq!(a.status, 429, "{path}: {}", text(&a));
+    let a = call(&c, "GET", &gw.url("/dashboard/data"), Some(ADMIN), None).await;
+    assert_eq!(a.status, 429, "{}", text(&a));
+    // /metrics: its own count, untouched by the dashboard's guesses.
+    let metrics = gw.url("/metrics");
+    let a = call(&c, "GET", &metrics, Some(ADMIN), None).await;
+    assert_eq!(a.status, 200, "{}", text(&a));
+    for i in 0..20 {
+        let a = call(&c, "GET", &metrics, Some(wrong), None).await;
+        assert_eq!(a.status, 401, "/metrics guess {i}: {}", text(&a));
     }
+    let a = call(&c, "GET", &metrics, Some(ADMIN), None).await;
+    assert_eq!(a.status, 429, "{}", text(&a));
+    assert!(a.headers.contains_key("retry-after"));
     // The API itself is not this limiter's business.
     let a = call(
         &c,
@@ -519,16 +551,79 @@ async fn admin_key_guesses_are_limited_per_address() {
     )
     .await;
     assert_eq!(a.status, 200);
-    // One warning for the first wrong key and one when the address is refused, not 20.
+    // Per count, one warning for the first wrong key and one when the address is refused,
+    // not 20.
     let deadline = Instant::now() + super::support::WAIT;
     let log = loop {
         let log = gw.stderr();
-        if log.matches("wrong admin key").count() >= 2 || Instant::now() > deadline {
+        if log.matches("wrong admin key").count() >= 4 || Instant::now() > deadline {
             break log;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(log.matches("wrong admin key").count(), 2, "{log}");
+    assert_eq!(log.matches("wrong admin key").count(), 4, "{log}");
+    assert_eq!(log.matches("/metrics: ").count(), 2, "{log}");
+}
+
+/// Sign-ins sent together from one address can't go past the guess limit: each of
+/// `3 * MAX` forms is held back (`Expect: 100-continue`) until the gateway has started
+/// reading every one of them (each `100 Continue` seen), then all are sent. At most the
+/// limit's 20 are compared (401); the rest are 429 whatever the order the gateway takes them
+/// in (counts only, no timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sign_ins_from_one_address_stay_within_the_guess_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const N: usize = 60;
+    let (up, _) = start_upstream().await;
+    let cfg = TempConfig::new(&dashboard_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    let body = "key=adm-test-wrong-0123456789";
+    let mut held = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut s = within("connecting", tokio::net::TcpStream::connect(gw.addr))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /dashboard HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The gateway is reading this form's body (its handler runs): `100 Continue`.
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let n = within(&format!("form {i}: 100 Continue"), s.read(&mut byte))
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "form {i}: closed before 100 Continue: {got:?}");
+            got.push(byte[0]);
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 100"), "form {i}: {got}");
+        held.push(s);
+    }
+    let mut answers = tokio::task::JoinSet::new();
+    for mut s in held {
+        answers.spawn(async move {
+            s.write_all(body.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            within("an answer", s.read_to_end(&mut answer))
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        });
+    }
+    let mut by_status = BTreeMap::<String, usize>::new();
+    while let Some(answer) = answers.join_next().await {
+        let answer = answer.unwrap();
+        let status = answer.get(9..12).unwrap_or("").to_owned();
+        *by_status.entry(status).or_default() += 1;
+    }
+    assert_eq!(by_status.get("401").copied(), Some(20), "{by_status:?}");
+    assert_eq!(by_status.get("429").copied(), Some(N - 20), "{by_status:?}");
 }
 
 /// The dashboard's forms take no cross-site posts (`Sec-Fetch-Site`, or an `Origin` that
@@ -557,7 +652,26 @@ async fn cross_site_posts_are_refused_and_sign_in_replaces_the_session() {
         assert_eq!(a.status, 403, "{extra:?}: {}", text(&a));
         assert!(!a.headers.contains_key("set-cookie"), "{extra:?}");
     }
+    // The pages send their own origin with their forms (`Referrer-Policy: same-origin`; with
+    // `no-referrer` a browser without Fetch Metadata sends `Origin: null`, refused above).
+    let page = raw(&c, "GET", &gw.url("/dashboard"), &[], None).await;
+    assert_eq!(page.header("referrer-policy"), "same-origin");
+    assert!(
+        text(&page).contains(r#"<meta name="referrer" content="same-origin">"#),
+        "{}",
+        text(&page)
+    );
     let own = format!("http://{}", gw.addr);
+    // No `Sec-Fetch-Site`, the gateway's own `Origin`: signed in.
+    let a = raw(
+        &c,
+        "POST",
+        &gw.url("/dashboard"),
+        &[form, ("origin", &own)],
+        Some(&key),
+    )
+    .await;
+    assert_eq!(a.status, 303, "{}", text(&a));
     let sign_in = || async {
         let a = raw(
             &c,

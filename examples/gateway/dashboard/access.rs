@@ -8,14 +8,18 @@
 //! of them (the one closest to expiring makes room), and a session ends when its key is no
 //! longer configured (a reload removed it).
 //!
-//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form,
-//! a bearer on the data or on `/metrics`) within [`GUESS_WINDOW`] is answered 429 for the
-//! rest of that window, whatever key it presents ([`Guesses`]); the log says so once per
-//! window, not once per guess.
+//! Guesses are bounded: an address that presents [`MAX_GUESSES`] wrong admin keys (the form
+//! or a bearer on the data; `/metrics` counts its own, so that a dashboard guesser doesn't
+//! lock the scraper out) within [`GUESS_WINDOW`] is answered 429 for the rest of that
+//! window, whatever key it presents ([`Guesses`]); the log says so once per window, not
+//! once per guess. A key is counted before it is compared and given back when right, under
+//! one lock, so keys sent at once from one address can't outrun the count. The address is
+//! the TCP peer's ([`Peer`]; an IPv6 one by its /64): behind a reverse proxy or NAT all the
+//! clients share one count (there is no trusted-proxy setting yet).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,7 +38,8 @@ pub(crate) const COOKIE: &str = "gateway_dashboard";
 pub(crate) const MAX_GUESSES: u32 = 20;
 /// The window of [`MAX_GUESSES`], from an address's first wrong key.
 pub(crate) const GUESS_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Addresses tracked at once (the one whose window started first makes room).
+/// Addresses tracked at once (past it, the one whose window started first makes room, an
+/// address not blocked before one that is).
 const MAX_PEERS: usize = 4_096;
 
 /// The client's address, put on each request by the server (`serve.rs`).
@@ -42,51 +47,126 @@ const MAX_PEERS: usize = 4_096;
 pub(crate) struct Peer(pub(crate) IpAddr);
 
 impl Peer {
-    /// The address of a request (unspecified if the server did not set one).
-    pub(crate) fn of(extensions: &http::Extensions) -> IpAddr {
-        extensions
-            .get::<Peer>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0)
+    /// The address of a request; `None` if the server did not set one (a server that
+    /// isn't `serve.rs`'s: the guess limit then has no address to count by).
+    pub(crate) fn of(extensions: &http::Extensions) -> Option<IpAddr> {
+        extensions.get::<Peer>().map(|p| p.0)
     }
 }
 
-/// Wrong admin keys by address: at most [`MAX_GUESSES`] in a [`GUESS_WINDOW`].
+/// What a peer's guesses are counted under: an IPv4 address (an IPv4-mapped IPv6 one as
+/// its IPv4), an IPv6 address's /64 (a host is commonly given a whole /64, and could
+/// otherwise take a new address for each guess).
+fn counted_as(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Wrong admin keys by address (an IPv6 one by its /64): at most [`MAX_GUESSES`] in a
+/// [`GUESS_WINDOW`].
+///
+/// A key is counted as a guess *before* it is compared ([`Guesses::attempt`], under one
+/// lock), and given back only when it was right ([`Reservation::correct`]): requests from
+/// one address that arrive together can't all pass a check made before any of them was
+/// counted.
 #[derive(Debug, Default)]
 pub(crate) struct Guesses {
     by_peer: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
-impl Guesses {
-    /// How long `peer` must wait before presenting a key again, if it used up its guesses.
-    pub(crate) fn blocked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
-        let by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        let (start, n) = by_peer.get(&peer)?;
-        let end = *start + GUESS_WINDOW;
-        (*n >= MAX_GUESSES && end > now).then(|| end - now)
+/// A guess counted by [`Guesses::attempt`]: it stays counted (a wrong key) unless
+/// [`Reservation::correct`] gives it back.
+#[derive(Debug)]
+#[must_use = "a reservation is a counted guess: give it back with `correct` if the key was right"]
+pub(crate) struct Reservation<'a> {
+    /// `None`: counted nowhere ([`Reservation::uncounted`]).
+    guesses: Option<&'a Guesses>,
+    peer: IpAddr,
+    /// The start of the window the guess was counted in.
+    start: Instant,
+    /// Guesses in that window, this one included.
+    n: u32,
+}
+
+impl Reservation<'_> {
+    /// A guess counted nowhere, for a request without an address (no [`Peer`]).
+    pub(crate) fn uncounted() -> Self {
+        Reservation {
+            guesses: None,
+            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            start: Instant::now(),
+            n: 0,
+        }
     }
 
-    /// A wrong key from `peer`: how many in its window, this one included.
-    pub(crate) fn failed(&self, peer: IpAddr, now: Instant) -> u32 {
+    /// Guesses of the address in its window, this one included; 0 when uncounted.
+    pub(crate) fn n(&self) -> u32 {
+        self.n
+    }
+
+    /// The key was right: the guess is not counted.
+    pub(crate) fn correct(self) {
+        let Some(guesses) = self.guesses else {
+            return;
+        };
+        let mut by_peer = guesses.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, n)) = by_peer.get_mut(&self.peer) {
+            // A window started since is not this guess's.
+            if *start == self.start {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Guesses {
+    /// Counts a guess from `peer` before its key is compared: the guess, or how long `peer`
+    /// must wait if it used up its [`MAX_GUESSES`] (then nothing is counted).
+    pub(crate) fn attempt(&self, peer: IpAddr, now: Instant) -> Result<Reservation<'_>, Duration> {
+        let peer = counted_as(peer);
         let mut by_peer = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((start, n)) = by_peer.get_mut(&peer) {
-            if *start + GUESS_WINDOW > now {
-                *n += 1;
-                return *n;
-            }
-            *start = now;
-            *n = 1;
-            return 1;
-        }
-        if by_peer.len() >= MAX_PEERS {
-            by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
-            if by_peer.len() >= MAX_PEERS {
-                if let Some(oldest) = by_peer.iter().min_by_key(|(_, (s, _))| *s).map(|(p, _)| *p) {
-                    by_peer.remove(&oldest);
+        let (start, n) = match by_peer.get_mut(&peer) {
+            Some((start, n)) if *start + GUESS_WINDOW > now => {
+                if *n >= MAX_GUESSES {
+                    return Err(*start + GUESS_WINDOW - now);
                 }
+                *n += 1;
+                (*start, *n)
             }
-        }
-        by_peer.insert(peer, (now, 1));
-        1
+            Some(entry) => {
+                *entry = (now, 1);
+                (now, 1)
+            }
+            None => {
+                if by_peer.len() >= MAX_PEERS {
+                    by_peer.retain(|_, (start, _)| *start + GUESS_WINDOW > now);
+                    if by_peer.len() >= MAX_PEERS {
+                        // The oldest address still guessing makes room, so that a flood
+                        // of new addresses unblocks no one; all blocked: the oldest.
+                        let evicted = by_peer
+                            .iter()
+                            .min_by_key(|(_, (start, n))| (*n >= MAX_GUESSES, *start))
+                            .map(|(p, _)| *p);
+                        if let Some(evicted) = evicted {
+                            by_peer.remove(&evicted);
+                        }
+                    }
+                }
+                by_peer.insert(peer, (now, 1));
+                (now, 1)
+            }
+        };
+        Ok(Reservation {
+            guesses: Some(self),
+            peer,
+            start,
+            n,
+        })
     }
 }
 
@@ -214,8 +294,9 @@ const MAX_SESSION_COOKIES: usize = 8;
 /// Whether a request to a dashboard form comes from another site (CSRF): a
 /// `Sec-Fetch-Site` other than `same-origin` or `none` (typed by the user); from a browser
 /// that sends none, an `Origin` that is not this gateway (`Host`, or the URI's authority in
-/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present: the pages'
-/// `Referrer-Policy: no-referrer` makes a browser send `Origin: null` for its own forms.) A
+/// HTTP/2), `null` included. (`Sec-Fetch-Site` decides alone when present; the pages'
+/// `Referrer-Policy: same-origin` lets a browser send their own `Origin` with their forms,
+/// where `no-referrer` would make it `null`.) A
 /// request with neither header (curl, a script) is not a browser's cross-site post.
 pub(crate) fn cross_site(headers: &http::HeaderMap, uri: &http::Uri) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
@@ -287,6 +368,118 @@ pub(crate) fn form_key(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guesses_are_counted_before_compared_and_given_back_when_right() {
+        let g = Guesses::default();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let now = Instant::now();
+        // Right keys cost nothing.
+        for _ in 0..3 * MAX_GUESSES {
+            g.attempt(peer, now).unwrap().correct();
+        }
+        // Pending guesses count: MAX of them held at once, the next is refused.
+        let held: Vec<_> = (0..MAX_GUESSES)
+            .map(|_| g.attempt(peer, now).unwrap())
+            .collect();
+        assert_eq!(held.last().map(Reservation::n), Some(MAX_GUESSES));
+        assert_eq!(g.attempt(peer, now).unwrap_err(), GUESS_WINDOW);
+        // One of them right: room for one more.
+        let mut held = held.into_iter();
+        held.next().unwrap().correct();
+        let _wrong = g.attempt(peer, now).unwrap();
+        assert!(g.attempt(peer, now).is_err());
+        // Many threads at once: exactly MAX get through.
+        let g = Guesses::default();
+        let through = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..MAX_GUESSES {
+                        if g.attempt(peer, now).is_ok() {
+                            through.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(through.into_inner(), MAX_GUESSES);
+    }
+
+    /// Uses up `peer`'s guesses at `now`.
+    fn use_up(g: &Guesses, peer: IpAddr, now: Instant) {
+        for _ in 0..MAX_GUESSES {
+            let _wrong = g.attempt(peer, now).unwrap();
+        }
+        assert!(g.attempt(peer, now).is_err(), "{peer} blocked");
+    }
+
+    #[test]
+    fn a_window_ends_and_starts_afresh() {
+        let g = Guesses::default();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        use_up(&g, peer, t0);
+        let almost = t0 + GUESS_WINDOW - Duration::from_secs(1);
+        assert_eq!(g.attempt(peer, almost).unwrap_err(), Duration::from_secs(1));
+        let fresh = g.attempt(peer, t0 + GUESS_WINDOW).unwrap();
+        assert_eq!(fresh.n(), 1);
+    }
+
+    #[test]
+    fn addresses_apart_count_apart_and_a_64_counts_as_one() {
+        let g = Guesses::default();
+        let t0 = Instant::now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        use_up(&g, ip("192.0.2.1"), t0);
+        assert!(g.attempt(ip("192.0.2.2"), t0).is_ok());
+        // An IPv4 client reached over an IPv6 socket is the same client.
+        assert!(g.attempt(ip("::ffff:192.0.2.1"), t0).is_err());
+        // An IPv6 host has a /64 of its own to pick from: one count for the /64.
+        use_up(&g, ip("2001:db8:0:1::1"), t0);
+        assert!(g
+            .attempt(ip("2001:db8:0:1:ffff:ffff:ffff:ffff"), t0)
+            .is_err());
+        assert!(g.attempt(ip("2001:db8:0:1:1234::9"), t0).is_err());
+        assert!(g.attempt(ip("2001:db8:0:2::1"), t0).is_ok());
+    }
+
+    #[test]
+    fn a_full_map_evicts_an_address_that_is_not_blocked() {
+        let g = Guesses::default();
+        let t0 = Instant::now();
+        let blocked: IpAddr = "198.51.100.1".parse().unwrap();
+        // The first (oldest) address is blocked; the others have one wrong key each.
+        use_up(&g, blocked, t0);
+        for i in 1..MAX_PEERS as u32 {
+            let peer = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let _wrong = g.attempt(peer, t0 + Duration::from_secs(1)).unwrap();
+        }
+        assert_eq!(g.by_peer.lock().unwrap().len(), MAX_PEERS);
+        let newcomer: IpAddr = "203.0.113.7".parse().unwrap();
+        let _wrong = g.attempt(newcomer, t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(g.by_peer.lock().unwrap().len(), MAX_PEERS);
+        assert!(
+            g.attempt(blocked, t0 + Duration::from_secs(3)).is_err(),
+            "the blocked address was kept"
+        );
+        // Once their windows end, entries make room before any eviction.
+        let later = t0 + GUESS_WINDOW + Duration::from_secs(3);
+        let _wrong = g.attempt("203.0.113.8".parse().unwrap(), later).unwrap();
+        assert_eq!(g.by_peer.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_request_without_a_peer_has_no_address_and_an_uncounted_guess_counts_nothing() {
+        let mut extensions = http::Extensions::new();
+        assert_eq!(Peer::of(&extensions), None);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        extensions.insert(Peer(peer));
+        assert_eq!(Peer::of(&extensions), Some(peer));
+        let uncounted = Reservation::uncounted();
+        assert_eq!(uncounted.n(), 0);
+        uncounted.correct();
+    }
 
     #[test]
     fn admin_keys_match_whole() {

@@ -41,6 +41,26 @@ fn limit_json(s: &tower_llm_ratelimit::RuleStatus) -> Option<Value> {
     }))
 }
 
+/// The layer's status for a request of `parts`; `None` when the store fails, its error then
+/// kept in `store_error`. Once it is set, the store is not asked again in this poll (each
+/// call would wait for the store's timeout): `None` too.
+async fn status(
+    app: &App,
+    parts: &http::request::Parts,
+    store_error: &mut Option<String>,
+) -> Option<Vec<tower_llm_ratelimit::RuleStatus>> {
+    if store_error.is_some() {
+        return None;
+    }
+    match app.layer.status(RequestView::from_parts(parts)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            *store_error = Some(e.to_string());
+            None
+        }
+    }
+}
+
 /// The numbers `/dashboard/data` answers. A store that can't be read (Redis down) blanks
 /// only the limits' use (`limits: null`, the error in `store_error`): the counts are this
 /// process's own and still shown.
@@ -56,13 +76,7 @@ pub(crate) async fn numbers(app: &App) -> Value {
         parts.extensions.insert(proxy::Routed {
             model: Arc::clone(route),
         });
-        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                store_error.get_or_insert_with(|| e.to_string());
-                None
-            }
-        };
+        let statuses = status(app, &parts, &mut store_error).await;
         let statuses = statuses.as_deref().unwrap_or_default();
         let limits: Option<Vec<Value>> = store_error.is_none().then(|| {
             statuses
@@ -145,13 +159,7 @@ pub(crate) async fn numbers(app: &App) -> Value {
             .collect();
         let (mut parts, ()) = http::Request::new(()).into_parts();
         parts.extensions.insert((*caller).clone());
-        let statuses = match app.layer.status(RequestView::from_parts(&parts)).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                store_error.get_or_insert_with(|| e.to_string());
-                None
-            }
-        };
+        let statuses = status(app, &parts, &mut store_error).await;
         let limits: Option<Vec<Value>> = statuses.map(|statuses| {
             statuses
                 .iter()
