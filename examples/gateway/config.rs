@@ -62,6 +62,9 @@ pub(crate) struct ServerConfig {
     /// dashboard is off. Never API keys.
     pub(crate) admin_keys: Vec<String>,
     pub(crate) metrics_requires_admin: bool,
+    /// Reverse proxies (CIDRs) whose `X-Forwarded-For` names the client, for the admin-key
+    /// guess limit (`dashboard/access.rs`).
+    pub(crate) trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             forward_headers: Vec::new(),
             admin_keys: Vec::new(),
             metrics_requires_admin: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -510,6 +514,11 @@ impl Config {
                         masked_key(key)
                     ),
                 );
+            }
+        }
+        for (i, cidr) in sv.trusted_proxies.iter().enumerate() {
+            if let Some(problem) = crate::dashboard::access::trusted_proxy_problem(cidr) {
+                err(format!("server.trusted_proxies[{i}]"), problem);
             }
         }
         if sv.metrics_requires_admin && sv.admin_keys.is_empty() {

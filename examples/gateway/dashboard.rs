@@ -12,8 +12,9 @@
 //! The two forms answer 403 to a post from another site (`access::cross_site`); a sign-in
 //! ends the session the browser presented. An address that presents too many wrong admin
 //! keys gets 429 for a while (`access::Guesses`; `/metrics` counts its own). The address is
-//! the TCP peer's: behind a reverse proxy or NAT all its clients share one count (there is
-//! no trusted-proxy setting yet).
+//! the TCP peer's, or behind a trusted reverse proxy (`[server] trusted_proxies`) the
+//! client's it appended to `X-Forwarded-For` (`access::Proxies`); behind NAT or an untrusted
+//! proxy all the clients share one count.
 //!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
@@ -136,6 +137,8 @@ impl Board {
 pub(crate) struct Settings {
     admin_keys: Arc<[String]>,
     metrics_requires_admin: bool,
+    /// Who names the client for the guess limit (`[server] trusted_proxies`).
+    pub(crate) proxies: access::Proxies,
     /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
     tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
 }
@@ -148,6 +151,7 @@ impl std::fmt::Debug for Settings {
                 &format_args!("[{} redacted]", self.admin_keys.len()),
             )
             .field("metrics_requires_admin", &self.metrics_requires_admin)
+            .field("proxies", &self.proxies)
             .field("tiers", &self.tiers)
             .finish()
     }
@@ -158,6 +162,7 @@ impl Settings {
         Self {
             admin_keys: cfg.server.admin_keys.clone().into(),
             metrics_requires_admin: cfg.server.metrics_requires_admin,
+            proxies: access::Proxies::new(&cfg.server.trusted_proxies),
             tiers: Arc::new(
                 cfg.tiers
                     .iter()
@@ -376,7 +381,7 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
     if access::cross_site(req.headers(), req.uri()) {
         return cross_site_refused();
     }
-    let peer = access::Peer::of(req.extensions());
+    let peer = app.dashboard.proxies.client(&req);
     // A sign-in starts afresh: the session the browser presents (if any) ends.
     for t in access::session_cookies(req.headers()) {
         app.metrics.board.sessions.close(t);
@@ -457,7 +462,7 @@ async fn data(State(app): State<Arc<App>>, req: Request) -> Response {
         return not_found("GET /dashboard/data");
     }
     let headers = req.headers();
-    let peer = access::Peer::of(req.extensions());
+    let peer = app.dashboard.proxies.client(&req);
     let by_bearer = match access::bearer(headers) {
         Some(key) => {
             let guess = match guess(&app.metrics.board.guesses, peer) {

@@ -105,7 +105,8 @@ pub(crate) async fn serve(
             let activity = Arc::clone(&activity);
             TowerToHyperService::new(tower::service_fn(
                 move |mut req: http::Request<hyper::body::Incoming>| {
-                    // The client's address, for what counts by address (admin-key guesses).
+                    // The peer's address, for what counts by address (admin-key guesses;
+                    // behind a trusted proxy, `access::Proxies` reads the client's).
                     req.extensions_mut()
                         .insert(crate::dashboard::access::Peer(peer.ip()));
                     let in_flight = activity.begin();

@@ -247,7 +247,7 @@ fn resets_at(after: Duration) -> String {
 }
 
 async fn metrics(State(app): State<Arc<App>>, req: axum::extract::Request) -> Response {
-    let peer = crate::dashboard::access::Peer::of(req.extensions());
+    let peer = app.dashboard.proxies.client(&req);
     if let Some(refused) = crate::dashboard::metrics_guard(&app, req.headers(), peer) {
         return refused;
     }

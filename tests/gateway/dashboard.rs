@@ -565,6 +565,91 @@ async fn admin_key_guesses_are_limited_per_address() {
     assert_eq!(log.matches("/metrics: ").count(), 2, "{log}");
 }
 
+/// Behind a trusted proxy (`[server] trusted_proxies`), guesses count by the client address
+/// the proxy appended to `X-Forwarded-For`, so one guesser doesn't lock out the other clients;
+/// from an untrusted peer the header is the client's own words and is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_key_guesses_behind_a_trusted_proxy_count_by_forwarded_address() {
+    let (up, _) = start_upstream().await;
+    let c = client();
+    let wrong = "adm-test-wrong-0123456789";
+    let data = |gw: &Gateway| gw.url("/dashboard/data");
+    async fn get(c: &HttpClient, url: &str, key: &str, xff: &str) -> Answer {
+        let bearer = format!("Bearer {key}");
+        raw(
+            c,
+            "GET",
+            url,
+            &[("authorization", &bearer), ("x-forwarded-for", xff)],
+            None,
+        )
+        .await
+    }
+
+    // The peer (127.0.0.1) is a trusted proxy.
+    let trusted = dashboard_config(&up.url()).replacen(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1/32\"]\n",
+        1,
+    );
+    let cfg = TempConfig::new(&trusted);
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    for i in 0..20 {
+        // The client's own claim (6.6.6.6) and a trusted hop (10.1.1.1) are skipped.
+        let a = get(&c, &data(&gw), wrong, "6.6.6.6, 203.0.113.7, 10.1.1.1").await;
+        assert_eq!(a.status, 401, "guess {i}: {}", text(&a));
+    }
+    let a = get(&c, &data(&gw), ADMIN, "203.0.113.7").await;
+    assert_eq!(a.status, 429, "{}", text(&a));
+    let a = get(&c, &data(&gw), ADMIN, "203.0.113.8").await;
+    assert_eq!(
+        a.status,
+        200,
+        "another client behind the proxy: {}",
+        text(&a)
+    );
+    let a = get(&c, &data(&gw), ADMIN, "6.6.6.6, 203.0.113.8").await;
+    assert_eq!(a.status, 200, "{}", text(&a));
+    // The sign-in form counts by the same address.
+    async fn form(c: &HttpClient, url: &str, xff: &str) -> Answer {
+        let headers = [
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("x-forwarded-for", xff),
+        ];
+        raw(c, "POST", url, &headers, Some(&format!("key={ADMIN}"))).await
+    }
+    let sign_in = gw.url("/dashboard");
+    assert_eq!(form(&c, &sign_in, "203.0.113.7").await.status, 429);
+    assert_eq!(form(&c, &sign_in, "203.0.113.8").await.status, 303);
+    // /metrics too, in its own count.
+    let metrics = gw.url("/metrics");
+    for i in 0..20 {
+        let a = get(&c, &metrics, wrong, "203.0.113.7").await;
+        assert_eq!(a.status, 401, "/metrics guess {i}: {}", text(&a));
+    }
+    let a = get(&c, &metrics, ADMIN, "203.0.113.7").await;
+    assert_eq!(a.status, 429, "{}", text(&a));
+    let a = get(&c, &metrics, ADMIN, "203.0.113.8").await;
+    assert_eq!(a.status, 200, "{}", text(&a));
+    drop(gw);
+
+    // No trusted proxy: the header is ignored, the peer counts.
+    let cfg = TempConfig::new(&dashboard_config(&up.url()));
+    let gw = Gateway::start(&["--config", cfg.path()]);
+    for i in 0..20 {
+        let xff = format!("203.0.113.{i}");
+        let a = get(&c, &data(&gw), wrong, &xff).await;
+        assert_eq!(a.status, 401, "guess {i}: {}", text(&a));
+    }
+    let a = get(&c, &data(&gw), ADMIN, "203.0.113.99").await;
+    assert_eq!(
+        a.status,
+        429,
+        "a spoofed header from an untrusted peer: {}",
+        text(&a)
+    );
+}
+
 /// Sign-ins sent together from one address can't go past the guess limit: each of
 /// `3 * MAX` forms is held back (`Expect: 100-continue`) until the gateway has started
 /// reading every one of them (each `100 Continue` seen), then all are sent. At most the
@@ -737,6 +822,14 @@ fn bad_admin_settings_are_named() {
         (
             "metrics_requires_admin = true",
             "server.metrics_requires_admin",
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.300/8\"]",
+            "server.trusted_proxies[1]",
+        ),
+        (
+            "trusted_proxies = [\"127.0.0.1/33\"]",
+            "server.trusted_proxies[0]",
         ),
     ] {
         let cfg = TempConfig::new(&base.replacen(

@@ -14,8 +14,10 @@
 //! window, whatever key it presents ([`Guesses`]); the log says so once per window, not
 //! once per guess. A key is counted before it is compared and given back when right, under
 //! one lock, so keys sent at once from one address can't outrun the count. The address is
-//! the TCP peer's ([`Peer`]; an IPv6 one by its /64): behind a reverse proxy or NAT all the
-//! clients share one count (there is no trusted-proxy setting yet).
+//! the TCP peer's ([`Peer`]; an IPv6 one by its /64), unless the peer is a trusted reverse
+//! proxy (`[server] trusted_proxies`, [`Proxies`]): then it is the right-most address of
+//! `X-Forwarded-For` that isn't a trusted proxy's, the one the proxies saw. Behind NAT, or an
+//! untrusted proxy, all the clients share one count.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -24,6 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
+use tower_llm_ratelimit::key::{client_ip, ClientIp, KeyExtractor, RequestView};
 
 /// Sessions kept at once.
 pub(crate) const MAX_SESSIONS: usize = 256;
@@ -42,7 +45,8 @@ pub(crate) const GUESS_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// address not blocked before one that is).
 const MAX_PEERS: usize = 4_096;
 
-/// The client's address, put on each request by the server (`serve.rs`).
+/// The TCP peer's address, put on each request by the server (`serve.rs`); the client's is
+/// [`Proxies::client`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Peer(pub(crate) IpAddr);
 
@@ -52,6 +56,52 @@ impl Peer {
     pub(crate) fn of(extensions: &http::Extensions) -> Option<IpAddr> {
         extensions.get::<Peer>().map(|p| p.0)
     }
+}
+
+/// The reverse proxies trusted to name the client in `X-Forwarded-For` (`[server]
+/// trusted_proxies`). The library's client-IP extractor does the work
+/// ([`tower_llm_ratelimit::key::client_ip`]: its CIDR parsing and its walk of the header from
+/// the right, skipping trusted hops), reading the peer from [`Peer`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Proxies(Option<ClientIp>);
+
+impl Proxies {
+    /// Trusts each of `cidrs` (checked by [`trusted_proxy_problem`]); none: the peer is the
+    /// client, whatever the headers say.
+    pub(crate) fn new(cidrs: &[String]) -> Self {
+        if cidrs.is_empty() {
+            return Self(None);
+        }
+        let ip = client_ip()
+            .trust_proxies(cidrs.iter().map(String::as_str))
+            // Every address as itself: `counted_as` groups IPv6 ones by /64.
+            .ipv6_prefix(128)
+            .peer_from(Peer::of);
+        Self(Some(ip))
+    }
+
+    /// The client's address for the guess limit: the peer's ([`Peer::of`]), or behind a
+    /// trusted proxy the right-most untrusted address of `X-Forwarded-For`. A proxy that
+    /// wrote something else than an address there (`unknown`, junk) counts its unnamed
+    /// clients under its own address, one count for them all.
+    pub(crate) fn client<B>(&self, req: &http::Request<B>) -> Option<IpAddr> {
+        let peer = Peer::of(req.extensions())?;
+        let Some(ip) = &self.0 else {
+            return Some(peer);
+        };
+        let key = ip.extract(&RequestView::from_request(req))?.to_string();
+        // The extractor's key is an address, or `unknown via <the proxy>`.
+        key.parse()
+            .ok()
+            .or_else(|| key.strip_prefix("unknown via ")?.parse().ok())
+            .or(Some(peer))
+    }
+}
+
+/// What is wrong with a `trusted_proxies` entry, if anything (for `Config::problems`): the
+/// library's own CIDR parser says.
+pub(crate) fn trusted_proxy_problem(cidr: &str) -> Option<String> {
+    client_ip().trust_proxy(cidr).validate().err()
 }
 
 /// What a peer's guesses are counted under: an IPv4 address (an IPv4-mapped IPv6 one as
@@ -479,6 +529,55 @@ mod tests {
         let uncounted = Reservation::uncounted();
         assert_eq!(uncounted.n(), 0);
         uncounted.correct();
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_client_is_the_right_most_untrusted_forwarded_address() {
+        let req = |peer: &str, xff: &[&str]| {
+            let mut b = http::Request::builder();
+            for v in xff {
+                b = b.header("x-forwarded-for", *v);
+            }
+            let mut r = b.body(()).unwrap();
+            r.extensions_mut().insert(Peer(peer.parse().unwrap()));
+            r
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let none = Proxies::new(&[]);
+        assert_eq!(
+            none.client(&req("10.0.0.1", &["203.0.113.7"])),
+            ip("10.0.0.1")
+        );
+        let trusted = Proxies::new(&["10.0.0.0/8".into(), "::1/128".into()]);
+        // Untrusted peer: its header is its own words.
+        assert_eq!(
+            trusted.client(&req("192.0.2.1", &["203.0.113.7"])),
+            ip("192.0.2.1")
+        );
+        // Trusted: the client's claim and trusted hops are skipped, lines joined.
+        let chain = ["6.6.6.6, 203.0.113.7", "10.1.1.1"];
+        assert_eq!(trusted.client(&req("10.0.0.1", &chain)), ip("203.0.113.7"));
+        // An IPv6 client as itself (the guesses group it by /64).
+        let v6 = ["2001:db8::1:2"];
+        assert_eq!(trusted.client(&req("::1", &v6)), ip("2001:db8::1:2"));
+        // No header, or all of it trusted: the left-most trusted hop.
+        assert_eq!(trusted.client(&req("10.0.0.1", &[])), ip("10.0.0.1"));
+        assert_eq!(
+            trusted.client(&req("10.0.0.1", &["10.9.9.9"])),
+            ip("10.9.9.9")
+        );
+        // A proxy that couldn't name its client: its unnamed clients count under it.
+        let junk = ["203.0.113.7, unknown, 10.2.2.2"];
+        assert_eq!(trusted.client(&req("10.0.0.1", &junk)), ip("10.2.2.2"));
+        // No peer: nothing to count by.
+        let mut bare = http::Request::new(());
+        bare.headers_mut()
+            .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        assert_eq!(trusted.client(&bare), None);
+        assert_eq!(trusted_proxy_problem("10.0.0.0/8"), None);
+        assert!(trusted_proxy_problem("10.0.0.0/33")
+            .unwrap()
+            .contains("10.0.0.0/33"));
     }
 
     #[test]
