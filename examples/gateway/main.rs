@@ -266,6 +266,8 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
     }));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut prunes = tokio::time::interval(reload::PRUNE_EVERY);
+    prunes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             signal = &mut shutdown => {
@@ -296,6 +298,7 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
                 Err(e) => Err(Failure::Runtime(format!("server failed: {e}"))),
             },
             () = hangups.next() => gateway.reload().await,
+            _ = prunes.tick() => gateway.prune_retired(),
         }
     }
 }
