@@ -138,6 +138,8 @@ pub(crate) struct Settings {
     metrics_requires_admin: bool,
     /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
     tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+    /// The sessions' generation of these admin keys (`access::Sessions::open`).
+    generation: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -149,13 +151,17 @@ impl std::fmt::Debug for Settings {
             )
             .field("metrics_requires_admin", &self.metrics_requires_admin)
             .field("tiers", &self.tiers)
+            .field("generation", &self.generation)
             .finish()
     }
 }
 
 impl Settings {
-    pub(crate) fn new(cfg: &Config) -> Self {
+    /// `generation`: the sessions' generation these admin keys are in force for
+    /// (`access::Sessions::generation`).
+    pub(crate) fn new(cfg: &Config, generation: u64) -> Self {
         Self {
+            generation,
             admin_keys: cfg.server.admin_keys.clone().into(),
             metrics_requires_admin: cfg.server.metrics_requires_admin,
             tiers: Arc::new(
@@ -168,6 +174,11 @@ impl Settings {
                     .collect(),
             ),
         }
+    }
+
+    /// The sessions' generation these admin keys are in force for.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn on(&self) -> bool {
@@ -416,11 +427,22 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
     guess.correct();
-    let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
-        return sign_in_form(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("No session could be opened (no random bytes); try again."),
-        );
+    let sessions = &app.metrics.board.sessions;
+    let token = match sessions.open(&key, app.dashboard.generation, Instant::now()) {
+        Ok(token) => token,
+        // The configuration was reloaded while the form was read: the key may be gone.
+        Err(access::NotOpened::Stale) => {
+            return sign_in_form(
+                StatusCode::CONFLICT,
+                Some("The configuration was reloaded meanwhile; sign in again."),
+            )
+        }
+        Err(access::NotOpened::NoRandom) => {
+            return sign_in_form(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("No session could be opened (no random bytes); try again."),
+            )
+        }
     };
     let mut r = StatusCode::SEE_OTHER.into_response();
     let h = r.headers_mut();

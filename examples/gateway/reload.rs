@@ -161,6 +161,7 @@ impl Reloader {
             list: vec![e],
         })?;
         let layer = app.layer.clone();
+        let sessions_generation = app.dashboard.generation();
         // Before the new routes serve anything.
         r.mock.configure(&next.mock);
         r.router.store(Arc::new(server::router(app)));
@@ -175,11 +176,14 @@ impl Reloader {
             self.retired.push(old);
         }
         // The sessions of removed admin keys end now, not when next looked at (a key removed
-        // and added again would bring them back).
-        r.metrics
+        // and added again would bring them back); a sign-in whose key the replaced
+        // configuration checked opens none after this (the new one's generation starts).
+        let generation = r
+            .metrics
             .board
             .sessions
             .retain_keys(&next.server.admin_keys);
+        debug_assert_eq!(generation, sessions_generation);
         let changes = Changes::between(&r.cfg, &next);
         r.cfg = next;
         Ok(changes)
