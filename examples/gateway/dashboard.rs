@@ -13,7 +13,9 @@
 //! ends the session the browser presented. An address that presents too many wrong admin
 //! keys gets 429 for a while (`access::Guesses`; `/metrics` counts its own). The address is
 //! the TCP peer's: behind a reverse proxy or NAT all its clients share one count (there is
-//! no trusted-proxy setting yet).
+//! no trusted-proxy setting yet). A sign-in whose key was checked against a configuration a
+//! reload replaced meanwhile (the form still arriving) opens no session: 409 and the form,
+//! to sign in again (`access::Sessions::open`).
 //!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
