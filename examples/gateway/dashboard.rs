@@ -22,7 +22,8 @@
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
 //! refusals by the rule that refused; per tier, the most any of the top callers of the tier
 //! uses of each limit; the users with the most tokens (their API keys masked); refusals by
-//! rule. The totals come from the same
+//! rule, those decided before the request had a model apart (`unrouted_refusals`: in no
+//! model's counts). The totals come from the same
 //! observer hooks as `/metrics` ([`tally`]) (in flight from a guard the proxy holds until
 //! the answer's body ends), the limits' use from the layer's status (as `/v1/ratelimit`,
 //! [`data`]; with the store down the data still answers: `limits: null` and `store_error`),
