@@ -14,14 +14,17 @@
 //! keys gets 429 for a while (`access::Guesses`; `/metrics` counts its own). The address is
 //! the TCP peer's, or behind a trusted reverse proxy (`[server] trusted_proxies`) the
 //! client's it appended to `X-Forwarded-For` (`access::Proxies`); behind NAT or an untrusted
-//! proxy all the clients share one count.
+//! proxy all the clients share one count. A sign-in whose key was checked against a
+//! configuration a reload replaced meanwhile (the form still arriving) opens no session: 409
+//! and the form, to sign in again (`access::Sessions::open`).
 //!
 //! All of them answer 404 while `[server] admin_keys` is empty. The numbers: per model,
 //! requests per second, tokens per minute against its `tpm`, in flight against its
 //! `concurrent` (the bucket's current limit, so an adaptive capacity shows as it moves),
 //! refusals by the rule that refused; per tier, the most any of the top callers of the tier
 //! uses of each limit; the users with the most tokens (their API keys masked); refusals by
-//! rule. The totals come from the same
+//! rule, those decided before the request had a model apart (`unrouted_refusals`: in no
+//! model's counts). The totals come from the same
 //! observer hooks as `/metrics` ([`tally`]) (in flight from a guard the proxy holds until
 //! the answer's body ends), the limits' use from the layer's status (as `/v1/ratelimit`,
 //! [`data`]; with the store down the data still answers: `limits: null` and `store_error`),
@@ -141,6 +144,8 @@ pub(crate) struct Settings {
     pub(crate) proxies: access::Proxies,
     /// Each configured tier's limits, by name (`rpm`, `tpm`, ...).
     tiers: Arc<BTreeMap<String, BTreeMap<&'static str, u64>>>,
+    /// The sessions' generation of these admin keys (`access::Sessions::open`).
+    generation: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -153,13 +158,17 @@ impl std::fmt::Debug for Settings {
             .field("metrics_requires_admin", &self.metrics_requires_admin)
             .field("proxies", &self.proxies)
             .field("tiers", &self.tiers)
+            .field("generation", &self.generation)
             .finish()
     }
 }
 
 impl Settings {
-    pub(crate) fn new(cfg: &Config) -> Self {
+    /// `generation`: the sessions' generation these admin keys are in force for
+    /// (`access::Sessions::generation`).
+    pub(crate) fn new(cfg: &Config, generation: u64) -> Self {
         Self {
+            generation,
             admin_keys: cfg.server.admin_keys.clone().into(),
             metrics_requires_admin: cfg.server.metrics_requires_admin,
             proxies: access::Proxies::new(&cfg.server.trusted_proxies),
@@ -173,6 +182,11 @@ impl Settings {
                     .collect(),
             ),
         }
+    }
+
+    /// The sessions' generation these admin keys are in force for.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn on(&self) -> bool {
@@ -421,11 +435,22 @@ async fn sign_in(State(app): State<Arc<App>>, req: Request) -> Response {
         return sign_in_form(StatusCode::UNAUTHORIZED, Some("That is not an admin key."));
     }
     guess.correct();
-    let Some(token) = app.metrics.board.sessions.open(&key, Instant::now()) else {
-        return sign_in_form(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("No session could be opened (no random bytes); try again."),
-        );
+    let sessions = &app.metrics.board.sessions;
+    let token = match sessions.open(&key, app.dashboard.generation, Instant::now()) {
+        Ok(token) => token,
+        // The configuration was reloaded while the form was read: the key may be gone.
+        Err(access::NotOpened::Stale) => {
+            return sign_in_form(
+                StatusCode::CONFLICT,
+                Some("The configuration was reloaded meanwhile; sign in again."),
+            )
+        }
+        Err(access::NotOpened::NoRandom) => {
+            return sign_in_form(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("No session could be opened (no random bytes); try again."),
+            )
+        }
     };
     let mut r = StatusCode::SEE_OTHER.into_response();
     let h = r.headers_mut();

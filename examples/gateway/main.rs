@@ -177,6 +177,8 @@ pub(crate) fn routes(
 
 /// What requests use of a configuration: its callers, routes and rate-limit layer (on
 /// `store`, whose counters every layer shares). The start and every reload build one.
+/// A reload's (`previous` given) signs in to the dashboard for the sessions' next
+/// generation, which its `retain_keys` starts (`dashboard::access::Sessions`).
 pub(crate) fn build(
     cfg: &Config,
     store: &limits::Store,
@@ -190,12 +192,15 @@ pub(crate) fn build(
     let layer = limits::layer(cfg, &callers, store, metrics, previous)
         .map_err(|e| format!("rate-limit rules: {e}"))?;
     metrics.watch_capacity(&layer, &limits::capacity_rules(cfg));
+    // Reloads are one at a time (`reload::Reloader`): nothing else starts a generation.
+    let generation = metrics.board.sessions.generation() + u64::from(previous.is_some());
     Ok(Arc::new(App::new(
         cfg,
         callers,
         routes,
         layer,
         Arc::clone(metrics),
+        generation,
     )))
 }
 
@@ -266,6 +271,8 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
     }));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut prunes = tokio::time::interval(reload::PRUNE_EVERY);
+    prunes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             signal = &mut shutdown => {
@@ -296,6 +303,7 @@ async fn run(cfg: Config, builtin: bool, flags: Flags) -> Result<(), Failure> {
                 Err(e) => Err(Failure::Runtime(format!("server failed: {e}"))),
             },
             () = hangups.next() => gateway.reload().await,
+            _ = prunes.tick() => gateway.prune_retired(),
         }
     }
 }

@@ -65,7 +65,10 @@ pub(crate) struct Reloader {
     running: Running,
     /// Layers replaced by reloads whose settlements may still be running in the background:
     /// only a store doing I/O (Redis) settles there, so only then are they kept, for
-    /// [`Reloader::flush`], until nothing uses them (checked at each reload).
+    /// [`Reloader::flush`], until nothing uses them (checked at each reload and by
+    /// [`Reloader::prune_retired`], which the main loop calls every [`PRUNE_EVERY`]: a
+    /// retired layer may share capacity queues with the running one, and so keep its cells
+    /// from being evicted).
     retired: Vec<RateLimitLayer>,
 }
 
@@ -88,6 +91,11 @@ impl Reloader {
         for layer in &self.retired {
             layer.flush().await;
         }
+    }
+
+    /// Drops the retired layers nothing uses any more (see `retired`).
+    pub(crate) fn prune_retired(&mut self) {
+        prune(&mut self.retired);
     }
 
     /// Reads the configuration file again and applies it, or keeps the running one.
@@ -153,6 +161,7 @@ impl Reloader {
             list: vec![e],
         })?;
         let layer = app.layer.clone();
+        let sessions_generation = app.dashboard.generation();
         // Before the new routes serve anything.
         r.mock.configure(&next.mock);
         r.router.store(Arc::new(server::router(app)));
@@ -163,19 +172,32 @@ impl Reloader {
         } else {
             // Layers no request, body or settlement uses any more have nothing left to
             // flush: dropped, so that reloads don't accumulate them (and their key tables).
-            self.retired.retain(|layer| !layer.is_unused());
+            prune(&mut self.retired);
             self.retired.push(old);
         }
         // The sessions of removed admin keys end now, not when next looked at (a key removed
-        // and added again would bring them back).
-        r.metrics
+        // and added again would bring them back); a sign-in whose key the replaced
+        // configuration checked opens none after this (the new one's generation starts).
+        let generation = r
+            .metrics
             .board
             .sessions
             .retain_keys(&next.server.admin_keys);
+        debug_assert_eq!(generation, sessions_generation);
         let changes = Changes::between(&r.cfg, &next);
         r.cfg = next;
         Ok(changes)
     }
+}
+
+/// How often the main loop drops the retired layers nothing uses any more
+/// ([`Reloader::prune_retired`]).
+pub(crate) const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the layers no request, body or settlement uses any more: they have nothing left to
+/// flush.
+fn prune(retired: &mut Vec<RateLimitLayer>) {
+    retired.retain(|layer| !layer.is_unused());
 }
 
 /// Puts the running values of the keys only a restart applies into `next`; returns the keys
@@ -319,5 +341,33 @@ impl Hangups {
             self.signal = None;
         }
         std::future::pending().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::Layer;
+    use tower_llm_ratelimit::{key, Quota, RateLimitLayer, Rule};
+
+    fn layer() -> RateLimitLayer {
+        RateLimitLayer::builder()
+            .rule(Rule::new("rpm", key::global(), Quota::per_minute(60)))
+            .build()
+            .expect("a valid layer")
+    }
+
+    /// Without a reload: the periodic prune drops a retired layer nothing uses any more (it
+    /// could pin the running layer's capacity cells), and keeps one a service still uses.
+    #[test]
+    fn prune_drops_retired_layers_nothing_uses() {
+        let (unused, used) = (layer(), layer());
+        let service = used.layer(tower::service_fn(|_: ()| async { Ok::<_, ()>(()) }));
+        let mut retired = vec![unused, used];
+        super::prune(&mut retired);
+        assert_eq!(retired.len(), 1, "the unused layer is dropped");
+        assert!(!retired[0].is_unused(), "the used one is kept");
+        drop(service);
+        super::prune(&mut retired);
+        assert!(retired.is_empty());
     }
 }

@@ -49,6 +49,7 @@ impl App {
         routes: BTreeMap<String, Arc<ModelRoute>>,
         layer: RateLimitLayer,
         metrics: Arc<Metrics>,
+        sessions_generation: u64,
     ) -> Self {
         Self {
             callers,
@@ -58,7 +59,7 @@ impl App {
             max_body_bytes: cfg.limiter.max_body_bytes,
             body_timeout: cfg.server.body_timeout(),
             forward: Forward::new(&cfg.server.forward_headers),
-            dashboard: crate::dashboard::Settings::new(cfg),
+            dashboard: crate::dashboard::Settings::new(cfg, sessions_generation),
         }
     }
 }

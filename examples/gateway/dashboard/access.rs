@@ -249,7 +249,7 @@ impl std::fmt::Debug for Session {
 /// The open sessions' tokens are secrets too: their `Debug` shows how many.
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let open = self.open.lock().map_or(0, |o| o.len());
+        let open = self.open.lock().map_or(0, |o| o.tokens.len());
         f.debug_struct("Sessions").field("open", &open).finish()
     }
 }
@@ -257,20 +257,60 @@ impl std::fmt::Debug for Sessions {
 /// The open sessions, by token.
 #[derive(Default)]
 pub(crate) struct Sessions {
-    open: Mutex<HashMap<String, Session>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    tokens: HashMap<String, Session>,
+    /// How many times [`Sessions::retain_keys`] ran: a key checked against the admin keys
+    /// of an older configuration opens no session ([`Sessions::open`]). In the lock with
+    /// the sessions, so that a session opens either before a `retain_keys` (which ends it)
+    /// or after (which refuses it).
+    generation: u64,
+}
+
+/// Why [`Sessions::open`] opened nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotOpened {
+    /// The key was checked against a configuration a reload has replaced: it may be a key
+    /// the reload removed.
+    Stale,
+    /// The operating system gave no random bytes.
+    NoRandom,
 }
 
 impl Sessions {
-    /// Opens a session for `admin_key` (already checked): its token, or `None` when the
-    /// operating system gives no random bytes.
-    pub(crate) fn open(&self, admin_key: &str, now: Instant) -> Option<String> {
+    /// The current generation of the admin keys: the one a configuration built now and
+    /// in force without a reload checks keys for (a reload's is the next one, see
+    /// [`Sessions::retain_keys`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+    }
+
+    /// Opens a session for `admin_key`, checked against the admin keys of the configuration
+    /// of generation `checked`: its token. Refused when `checked` is older than the current
+    /// generation (a reload since may have removed the key).
+    pub(crate) fn open(
+        &self,
+        admin_key: &str,
+        checked: u64,
+        now: Instant,
+    ) -> Result<String, NotOpened> {
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).ok()?;
+        getrandom::fill(&mut bytes).map_err(|_| NotOpened::NoRandom)?;
         let mut token = String::with_capacity(64);
         for b in bytes {
             let _ = write!(token, "{b:02x}");
         }
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if checked < guard.generation {
+            return Err(NotOpened::Stale);
+        }
+        let open = &mut guard.tokens;
         open.retain(|_, s| s.expires > now);
         if open.len() >= MAX_SESSIONS {
             if let Some(oldest) = open
@@ -288,12 +328,12 @@ impl Sessions {
                 expires: now + SESSION_TTL,
             },
         );
-        Some(token)
+        Ok(token)
     }
 
     /// Whether `token` is an open session whose key is still one of `keys`.
     pub(crate) fn valid(&self, token: &str, keys: &[String], now: Instant) -> bool {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let open = &mut self.open.lock().unwrap_or_else(|e| e.into_inner()).tokens;
         let Some(session) = open.get(token) else {
             return false;
         };
@@ -305,21 +345,24 @@ impl Sessions {
     }
 
     /// Ends the sessions whose admin key is not one of `keys` (a reload removed it): a key
-    /// added again later opens no session of before.
-    pub(crate) fn retain_keys(&self, keys: &[String]) {
+    /// added again later opens no session of before. Starts the next generation: a key
+    /// checked against an older configuration opens no session any more. Returns it.
+    pub(crate) fn retain_keys(&self, keys: &[String]) -> u64 {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|_, s| is_admin(keys, &s.admin_key));
+        open.tokens.retain(|_, s| is_admin(keys, &s.admin_key));
+        open.generation += 1;
+        open.generation
     }
 
     /// Ends the session `token`, if open.
     pub(crate) fn close(&self, token: &str) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.remove(token);
+        open.tokens.remove(token);
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.open.lock().unwrap().len()
+        self.open.lock().unwrap().tokens.len()
     }
 }
 
@@ -599,33 +642,54 @@ mod tests {
         let keys = vec!["adm-0123456789abcdef".to_owned()];
         let s = Sessions::default();
         let now = Instant::now();
-        let t = s.open(&keys[0], now).unwrap();
+        let t = s.open(&keys[0], 0, now).unwrap();
         assert_eq!(t.len(), 64);
         assert!(!t.contains("adm-"));
         assert!(s.valid(&t, &keys, now));
         assert!(!s.valid("not-a-session", &keys, now));
         assert!(!s.valid(&t, &keys, now + SESSION_TTL));
-        let t = s.open(&keys[0], now).unwrap();
+        let t = s.open(&keys[0], 0, now).unwrap();
         assert!(!s.valid(&t, &["another-admin-key-1".to_owned()], now));
         assert!(!s.valid(&t, &keys, now), "ended with its key");
         for _ in 0..MAX_SESSIONS + 10 {
-            s.open(&keys[0], now).unwrap();
+            s.open(&keys[0], 0, now).unwrap();
         }
         assert_eq!(s.len(), MAX_SESSIONS);
-        let t = s.open(&keys[0], now).unwrap();
+        let t = s.open(&keys[0], 0, now).unwrap();
         s.close(&t);
         assert!(!s.valid(&t, &keys, now));
+    }
+
+    /// A sign-in whose key was checked against a configuration a reload has since replaced
+    /// (its form read while the reload removed the key) opens no session.
+    #[test]
+    fn a_key_checked_before_a_reload_opens_no_session() {
+        let key = "adm-0123456789abcdef";
+        let s = Sessions::default();
+        let now = Instant::now();
+        let checked = s.generation();
+        s.retain_keys(&[]);
+        assert_eq!(s.open(key, checked, now), Err(NotOpened::Stale));
+        assert_eq!(s.len(), 0);
+        let current = s.generation();
+        assert_eq!(current, checked + 1);
+        assert!(s.open(key, current, now).is_ok());
+        // The configuration a reload is applying (its generation is the next one) already
+        // serves before its `retain_keys`: its keys are the ones kept.
+        assert!(s.open(key, current + 1, now).is_ok());
+        assert_eq!(s.len(), 2);
     }
 
     #[test]
     fn debug_shows_no_key_or_token() {
         let s = Sessions::default();
         let key = "adm-test-0123456789abcdef";
-        let t = s.open(key, Instant::now()).unwrap();
+        let t = s.open(key, 0, Instant::now()).unwrap();
         let sessions: Vec<String> = s
             .open
             .lock()
             .unwrap()
+            .tokens
             .values()
             .map(|v| format!("{v:?}"))
             .collect();

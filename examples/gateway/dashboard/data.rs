@@ -41,6 +41,15 @@ fn limit_json(s: &tower_llm_ratelimit::RuleStatus) -> Option<Value> {
     }))
 }
 
+/// The refusals decided without a routed model (`tally::Tally::refused`): their total and
+/// their count by rule.
+fn unrouted_refusals(past: &super::tally::Snapshot) -> Value {
+    json!({
+        "total": past.unrouted_refused.values().sum::<u64>(),
+        "by_rule": past.unrouted_refused,
+    })
+}
+
 /// The layer's status for a request of `parts`; `None` when the store fails, its error then
 /// kept in `store_error`. Once it is set, the store is not asked again in this poll (each
 /// call would wait for the store's timeout): `None` too.
@@ -229,8 +238,35 @@ pub(crate) async fn numbers(app: &App) -> Value {
         "tiers": tiers,
         "callers": callers,
         "refused_by_rule": past.refused_by_rule,
+        // Refusals of requests without a routed model, apart from every model's (they are
+        // in `refused_by_rule` too).
+        "unrouted_refusals": unrouted_refusals(&past),
         "rejected": past.rejected,
         // Each sample: per model, [requests, tokens, refused, in flight] in that second.
         "series": series,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::super::tally::Tally;
+
+    #[test]
+    fn unrouted_refusals_are_shown_apart() {
+        let t = Tally::default();
+        t.refused(Some("(unknown)"), "model-rpm");
+        t.refused(None, "user-rpm");
+        t.refused(None, "user-rpm");
+        t.refused(None, "user-tpm");
+        assert_eq!(
+            super::unrouted_refusals(&t.snapshot(10)),
+            json!({"total": 3, "by_rule": {"user-rpm": 2, "user-tpm": 1}})
+        );
+        assert_eq!(
+            super::unrouted_refusals(&Tally::default().snapshot(10)),
+            json!({"total": 0, "by_rule": {}})
+        );
+    }
 }

@@ -39,11 +39,6 @@ impl ModelTotals {
     }
 }
 
-/// Model of the refusals whose request had no routed model by the time the limiter decided
-/// (the client left while a store call was pending and the decision ended in the background):
-/// counted here so that the refusals by model still add up to those by rule.
-pub(crate) const UNKNOWN_MODEL: &str = "(unknown)";
-
 /// One admitted request of a model in flight, until this is dropped (with the response body).
 #[derive(Debug)]
 pub(crate) struct InFlight {
@@ -102,6 +97,10 @@ struct Counts {
     refused_by_rule: BTreeMap<String, u64>,
     /// Refusals (429) by model, then by the rule that refused.
     refused_by_model: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Refusals (429) whose request had no routed model by the time the limiter decided (the
+    /// client left while a store call was pending and the decision ended in the background),
+    /// by the rule that refused: with `refused_by_model`, they add up to `refused_by_rule`.
+    unrouted_refused: BTreeMap<String, u64>,
     /// Requests refused before a decision, by reason (`missing_key`, `cost_error`).
     rejected: BTreeMap<&'static str, u64>,
     users: HashMap<String, UserTotals>,
@@ -119,6 +118,8 @@ pub(crate) struct Snapshot {
     pub(crate) models: BTreeMap<String, ModelTotals>,
     pub(crate) refused_by_rule: BTreeMap<String, u64>,
     pub(crate) refused_by_model: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Refusals without a routed model, by rule.
+    pub(crate) unrouted_refused: BTreeMap<String, u64>,
     pub(crate) rejected: BTreeMap<&'static str, u64>,
     /// The users with the most tokens, most first.
     pub(crate) top_users: Vec<(String, UserTotals)>,
@@ -140,18 +141,20 @@ impl Tally {
     }
 
     /// The limiter refused a request routed to `model` by `rule` (`None`: a decision made
-    /// without the request's context, counted under [`UNKNOWN_MODEL`]).
+    /// without the request's context, counted apart from every model's).
     pub(crate) fn refused(&self, model: Option<&str>, rule: &str) {
         self.with(|c| {
-            let m = model.unwrap_or(UNKNOWN_MODEL);
-            if model.is_some() {
-                model_entry(c, m).refused += 1;
+            match model {
+                Some(m) => {
+                    model_entry(c, m).refused += 1;
+                    let by_rule = match c.refused_by_model.get_mut(m) {
+                        Some(r) => r,
+                        None => c.refused_by_model.entry(m.to_owned()).or_default(),
+                    };
+                    count(by_rule, rule);
+                }
+                None => count(&mut c.unrouted_refused, rule),
             }
-            let by_rule = match c.refused_by_model.get_mut(m) {
-                Some(r) => r,
-                None => c.refused_by_model.entry(m.to_owned()).or_default(),
-            };
-            count(by_rule, rule);
             count(&mut c.refused_by_rule, rule);
         });
     }
@@ -239,6 +242,7 @@ impl Tally {
                 models: c.models.clone(),
                 refused_by_rule: c.refused_by_rule.clone(),
                 refused_by_model: c.refused_by_model.clone(),
+                unrouted_refused: c.unrouted_refused.clone(),
                 rejected: c.rejected.clone(),
                 top_users: users,
                 samples: c.samples.iter().cloned().collect(),
@@ -315,6 +319,27 @@ mod tests {
         assert_eq!(s.samples.len(), SAMPLES);
         assert_eq!(s.samples[0].at_ms, 3_005);
         assert_eq!(s.taken, SAMPLES as u64 + 7);
+    }
+
+    /// A refusal decided without a routed model is counted apart: under no model, not even
+    /// one configured as `(unknown)`, and still in the refusals by rule.
+    #[test]
+    fn unrouted_refusals_are_their_own_count() {
+        let t = Tally::default();
+        t.refused(Some("(unknown)"), "model-rpm");
+        t.refused(None, "user-rpm");
+        t.refused(None, "user-rpm");
+        t.sample(1_000);
+        let s = t.snapshot(10);
+        assert_eq!(s.unrouted_refused.len(), 1);
+        assert_eq!(s.unrouted_refused["user-rpm"], 2);
+        assert_eq!(s.models["(unknown)"].refused, 1);
+        assert_eq!(s.refused_by_model.len(), 1);
+        assert_eq!(s.refused_by_model["(unknown)"].len(), 1);
+        assert_eq!(s.refused_by_model["(unknown)"]["model-rpm"], 1);
+        assert_eq!(s.samples[0].models.len(), 1);
+        assert_eq!(s.samples[0].models["(unknown)"].refused, 1);
+        assert_eq!(s.refused_by_rule["user-rpm"], 2);
     }
 
     #[test]
