@@ -9,6 +9,9 @@ use std::time::Duration;
 use super::controller::{Change, Controller, Signal};
 use super::queue::Queue;
 use super::Capacity;
+use crate::key::digest::KeyDigest;
+#[cfg(test)]
+use crate::key::digest::MAX_HELD_KEY;
 use crate::key::Key;
 
 /// Most buckets a rule keeps a controller for: capacity is meant per model (a handful of
@@ -17,10 +20,6 @@ use crate::key::Key;
 /// eighth of the bound at a time; with none idle, a new bucket runs at the initial limit
 /// without a queue (refused at once), and a warning is logged once.
 pub(crate) const MAX_CONTROLLERS: usize = 4096;
-
-/// Longest bucket key a rule holds as it is; a longer one (a 64 KiB header value) is held
-/// as a 128-bit keyed digest, as the memory store does (`store/memory/digest.rs`).
-const MAX_HELD_KEY: usize = 256;
 
 /// How precisely the last use of a controller is known, for eviction (nanoseconds).
 const TOUCH_PRECISION: u64 = 1_000_000_000;
@@ -190,7 +189,7 @@ pub(crate) struct RuleCapacity {
     /// Keyed by the held key ([`RuleCapacity::held`]).
     cells: RwLock<HashMap<Key, Arc<Cell>>>,
     /// The secret of the digests of long keys.
-    digest: RandomState,
+    digest: KeyDigest,
     warned_full: AtomicBool,
 }
 
@@ -205,7 +204,7 @@ impl RuleCapacity {
             other_tiers: format!("{rule}#").into(),
             config,
             cells: RwLock::new(HashMap::new()),
-            digest: RandomState::new(),
+            digest: KeyDigest::new(),
             warned_full: AtomicBool::new(false),
         }
     }
@@ -281,23 +280,10 @@ impl RuleCapacity {
             .map_or(self.config.initial_limit(), |c| c.limit())
     }
 
-    /// The key the rule holds for `key`: itself, or a 128-bit digest of a long key, std's
-    /// SipHash under a secret of the rule's, twice with a different first byte (see
-    /// `store/memory/digest.rs` for why this hash).
+    /// The key the rule holds for `key`: itself, or the digest of a long key under a secret
+    /// of the rule's ([`crate::key::digest`]).
     fn held<'k>(&self, key: &'k Key) -> std::borrow::Cow<'k, Key> {
-        if key.as_bytes().len() <= MAX_HELD_KEY {
-            return std::borrow::Cow::Borrowed(key);
-        }
-        let half = |domain: u8| {
-            let mut h = self.digest.build_hasher();
-            h.write_u8(domain);
-            h.write(key.as_bytes());
-            h.finish().to_le_bytes()
-        };
-        let mut digest = [0; 16];
-        digest[..8].copy_from_slice(&half(1));
-        digest[8..].copy_from_slice(&half(2));
-        std::borrow::Cow::Owned(Key::new(digest))
+        self.digest.held(key)
     }
 
     /// How many controllers the rule keeps now.

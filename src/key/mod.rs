@@ -51,6 +51,7 @@
 
 mod builtin;
 mod cidr;
+pub(crate) mod digest;
 mod forwarding;
 mod ip;
 

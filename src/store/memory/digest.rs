@@ -1,62 +1,34 @@
-//! Long keys are held as digests: a bucket key over [`MAX_HELD_KEY`] bytes (a 64 KiB header
-//! value a client chose) is stored and looked up as a 128-bit digest of it, so a key costs
-//! the store a bounded number of bytes whatever its length.
-//!
-//! The digest is std's keyed hash (SipHash-1-3, the one `HashMap` uses to resist HashDoS,
-//! already in every Rust program) under a key drawn at random per store, computed twice
-//! over the key with a different first byte: 128 bits. Without the store's secret key a
-//! caller can't craft two keys with one digest (a collision would merge two callers'
-//! buckets); an unkeyed fast hash could be attacked offline, and a cryptographic hash would
-//! be a new dependency for a few lines. (The Redis store hashes every key already, see
-//! `store::redis::keys`.) A digest is 16 bytes: a plain key of those same 16 bytes would
-//! share its bucket, but finding it means predicting the keyed hash.
+//! The memory store holds a bucket key whose key is long as its digest
+//! ([`crate::key::digest`]: a keyed 128-bit digest under a secret of the store's).
 
 use std::borrow::Cow;
 use std::hash::{BuildHasher, Hasher, RandomState};
 
-use crate::key::Key;
+use crate::key::digest::KeyDigest as Digest;
 use crate::store::BucketKey;
 
-/// Longest key stored as it is.
-pub(super) const MAX_HELD_KEY: usize = 256;
-
-/// Digests long keys under a random key of its own.
+/// Digests the long keys of bucket keys under a random key of the store's.
 #[derive(Debug)]
-pub(super) struct KeyDigest(RandomState);
+pub(super) struct KeyDigest(Digest);
 
 impl KeyDigest {
     pub(super) fn new() -> Self {
-        Self(RandomState::new())
+        Self(Digest::new())
     }
 
     /// Whether `key` is stored as its digest.
     #[inline]
     pub(super) fn is_long(key: &BucketKey) -> bool {
-        key.key().as_bytes().len() > MAX_HELD_KEY
+        Digest::is_long(key.key())
     }
 
     /// The key the store holds for `key`.
     #[inline]
     pub(super) fn stored<'k>(&self, key: &'k BucketKey) -> Cow<'k, BucketKey> {
-        if Self::is_long(key) {
-            Cow::Owned(self.digest(key))
-        } else {
-            Cow::Borrowed(key)
+        match self.0.held(key.key()) {
+            Cow::Borrowed(_) => Cow::Borrowed(key),
+            Cow::Owned(digest) => Cow::Owned(key.with_key(digest)),
         }
-    }
-
-    #[cold]
-    fn digest(&self, key: &BucketKey) -> BucketKey {
-        let half = |domain: u8| {
-            let mut h = self.0.build_hasher();
-            h.write_u8(domain);
-            h.write(key.key().as_bytes());
-            h.finish().to_le_bytes()
-        };
-        let mut digest = [0; 16];
-        digest[..8].copy_from_slice(&half(1));
-        digest[8..].copy_from_slice(&half(2));
-        key.with_key(Key::new(digest))
     }
 }
 
@@ -68,21 +40,17 @@ pub(super) fn random_seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::digest::MAX_HELD_KEY;
 
     #[test]
-    fn long_keys_become_distinct_16_byte_digests() {
+    fn long_keys_become_digests_in_their_rule() {
         let d = KeyDigest::new();
         let short = BucketKey::new("r", vec![b'a'; MAX_HELD_KEY]);
         assert!(matches!(d.stored(&short), Cow::Borrowed(_)));
-        let long = |fill: u8| BucketKey::new("r", vec![fill; MAX_HELD_KEY + 1]);
-        let (a, b) = (
-            d.stored(&long(b'a')).into_owned(),
-            d.stored(&long(b'b')).into_owned(),
-        );
-        assert_eq!(a.key().as_bytes().len(), 16);
-        assert_eq!(a.rule(), "r");
-        assert_ne!(a, b);
-        assert_eq!(a, *d.stored(&long(b'a')), "the same key, the same digest");
-        assert_ne!(a, *KeyDigest::new().stored(&long(b'a')), "keyed per store");
+        let long = BucketKey::new("r", vec![b'a'; MAX_HELD_KEY + 1]);
+        let held = d.stored(&long).into_owned();
+        assert_eq!(held.key().as_bytes().len(), 16);
+        assert_eq!(held.rule(), "r");
+        assert_eq!(held, *d.stored(&long), "the same key, the same digest");
     }
 }
