@@ -155,9 +155,10 @@
 //!
 //! A model server's capacity moves. A concurrency rule given a [`capacity::Capacity`]
 //! ([`Rule::capacity`]) has per bucket (per model) a controller that shrinks its limit when
-//! the upstream answers 429/502/503/504 or fails, or when the time to first byte goes past
-//! a target, and grows it while answers are fast and the limit is in use, between `min` and
-//! `max`. The store enforces the limit the controller picks with the same all-or-nothing
+//! the upstream answers 429/502/503/504 or fails, finds the upstream's knee (the load past
+//! which its time to first byte rises above the calm one it learned: the limit goes to the
+//! load at which it would be calm again) or a latency target's, and grows it while answers
+//! are calm and the limit is in use, between `min` and `max`. The store enforces the limit the controller picks with the same all-or-nothing
 //! acquire, so it works with memory and Redis; each replica governs its own share. Tiers may
 //! get a priority and a reserved share of the capacity past a saturation threshold, so that
 //! the lowest are shed first, and may wait a short while in a queue for a slot instead of
@@ -172,7 +173,7 @@
 //!
 //! let layer = RateLimitLayer::builder()
 //!     .rule(Rule::new("model-slots", key::header("x-model"), Quota::concurrent(256))
-//!         .capacity(Capacity::adaptive(8, 256).latency_target(Duration::from_secs(1))))
+//!         .capacity(Capacity::adaptive(8, 256).latency_target(Duration::from_secs(2))))
 //!     .build()
 //!     .unwrap();
 //! # let _ = layer;

@@ -94,7 +94,6 @@ use std::sync::Arc;
 
 use ::metrics::{counter, describe_counter, describe_histogram, histogram, SharedString, Unit};
 
-use crate::capacity::Change;
 use crate::observe::{
     CapacityEvent, DecisionEvent, Observer, Outcome, QueueEvent, QueueOutcome, SettleEvent,
     SettleOutcome, StoreCallEvent,
@@ -270,14 +269,6 @@ fn outcome_label(outcome: &Outcome<'_>) -> &'static str {
     }
 }
 
-fn change_label(change: Change) -> &'static str {
-    match change {
-        Change::Overload => "overload",
-        Change::Latency => "latency",
-        Change::Growth => "growth",
-    }
-}
-
 fn queue_label(outcome: QueueOutcome) -> &'static str {
     match outcome {
         QueueOutcome::Admitted => "admitted",
@@ -371,8 +362,7 @@ impl Observer for MetricsObserver {
 
     fn on_capacity(&self, event: &CapacityEvent<'_>) {
         let rule = self.labels.rule(event.rule);
-        counter!(CAPACITY_CHANGES, "rule" => rule, "change" => change_label(event.change))
-            .increment(1);
+        counter!(CAPACITY_CHANGES, "rule" => rule, "change" => event.change.as_str()).increment(1);
         if let Some(o) = &self.observer {
             o.on_capacity(event);
         }

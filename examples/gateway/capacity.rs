@@ -47,11 +47,11 @@ impl Default for CapacityConfig {
             max: None,
             initial: None,
             latency_target_ms: None,
-            latency_tolerance: 1.5,
+            latency_tolerance: 1.05,
             saturation: 0.8,
             interval_ms: 1_000,
             decrease: 0.8,
-            baseline_window_secs: 60,
+            baseline_window_secs: 10,
             queue_len: 64,
         }
     }
@@ -96,7 +96,7 @@ pub(crate) fn problems(cfg: &Config, err: &mut impl FnMut(String, String)) {
         if c.latency_target_ms == Some(0) {
             err(
                 at("latency_target_ms"),
-                "must be > 0 (omit it to use latency_tolerance)".into(),
+                "must be > 0 (omit it for no target)".into(),
             );
         }
         if c.latency_tolerance.is_nan() || c.latency_tolerance <= 1.0 {

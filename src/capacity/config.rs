@@ -99,10 +99,10 @@ impl Capacity {
             max,
             initial: None,
             latency_target: None,
-            latency_tolerance: 1.5,
+            latency_tolerance: 1.05,
             interval: Duration::from_secs(1),
             decrease: 0.8,
-            baseline_window: Duration::from_secs(60),
+            baseline_window: Duration::from_secs(10),
             saturation: 1.0,
             tiers: Vec::new(),
             queue_len: 64,
@@ -120,19 +120,25 @@ impl Capacity {
         self
     }
 
-    /// The time to the response head (first byte) the controller holds the mean latency to.
-    /// Without it, the target is [`latency_tolerance`](Self::latency_tolerance) times a low
-    /// percentile of the latencies observed. Recommended for LLM upstreams: a time to first
-    /// token varies with the prompt's length, so a mix of prompts is slower than its low
-    /// percentile even unloaded.
+    /// A ceiling on the mean time to the response head (first byte), on top of the knee the
+    /// controller finds (see [`latency_tolerance`](Self::latency_tolerance)): when the
+    /// requests in flight reach half the limit and the interval's mean passes it, the limit
+    /// is scaled by `target / mean`. Also how long a caller may wait for the head before its
+    /// leaving counts as an overload (without a target: twice the calm latency). Optional: a
+    /// service-level promise, not needed to find the capacity.
     pub fn latency_target(mut self, target: Duration) -> Self {
         self.latency_target = Some(target);
         self
     }
 
-    /// Without a [`latency_target`](Self::latency_target): how many times the baseline (the
-    /// 10th percentile of the latencies observed) the mean may reach before the limit
-    /// shrinks (default 1.5; > 1).
+    /// How many times its calm latency (the mean time to first byte below the upstream's
+    /// knee, learned as it answers) an interval's mean may reach before the load counts as
+    /// past the knee (default 1.05; > 1). Past it, the limit goes to the load at which the
+    /// latency would be calm again: the upstream's capacity, for a server that slows in
+    /// proportion to the load past it. A rise within four standard errors of the interval's
+    /// mean is noise, not a knee, so a mix of short and long prompts needs no wider
+    /// tolerance. A wider one lets the load run further past the knee (a GPU whose
+    /// throughput still grows a little while its latency rises).
     pub fn latency_tolerance(mut self, tolerance: f64) -> Self {
         self.latency_tolerance = tolerance;
         self
@@ -153,8 +159,10 @@ impl Capacity {
         self
     }
 
-    /// How often the baseline of the tolerance (a low percentile of the latencies) is measured
-    /// afresh (default 60 s): the baseline is the lower of this window's and the one before.
+    /// How long the calm latency remembers (default 10 s): each calm interval moves it by
+    /// `interval / baseline_window` of the way to its own mean. A cut past the knee after
+    /// which the load fell and the latency did not (the upstream got slower for everyone:
+    /// longer prompts, another model) moves it at once.
     pub fn baseline_window(mut self, window: Duration) -> Self {
         self.baseline_window = window;
         self

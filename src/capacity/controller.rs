@@ -6,30 +6,32 @@
 //! so that a burst of failures of requests admitted together counts as one signal:
 //!
 //! - an overload status (429, 502, 503, 504, an inner error), or a caller that gave up past
-//!   the latency target without the response's head: the limit is multiplied by
+//!   its patience without the response's head: the limit is multiplied by
 //!   [`Capacity::decrease`];
-//! - else, if the requests in flight reached half the limit (a limit nobody uses proves
-//!   nothing, and a long prompt alone at low load is slow without any overload), a mean
-//!   latency past the target: the limit is scaled by `target / latency` (at least by 1/2).
-//!   Past a server's capacity, its latency grows with the load in proportion, so this lands
-//!   the limit near the load at which the latency meets the target in one step (the
-//!   gradient of Envoy's adaptive concurrency filter and of Netflix's Gradient2);
-//! - else, if the requests in flight reached half the limit, it grows: by 10% (at least 1)
-//!   per interval, and by 2% (at least 1) while it is within 10% of the mark the last cut
-//!   left (where a latency cut landed, where an overload cut started), so that it settles
-//!   near the capacity instead of swinging past it. A limit 10% past that mark forgets it:
-//!   the capacity came back.
+//! - else, the *knee*: an upstream answers at its calm latency up to its capacity, and past
+//!   it (a GPU's batch that no longer fits) every answer slows with the load. The calm
+//!   latency is learned from the intervals below the knee (the mean time to first byte, a
+//!   moving average); an interval whose mean passes [`Capacity::latency_tolerance`] times it
+//!   (and its noise: four standard errors of the interval's mean) is past the knee, and the
+//!   limit goes to where the latency would be calm again: the load in flight times `calm /
+//!   mean` (Little's law with a latency growing in proportion to the load past the knee;
+//!   halved at most). Past the knee the figure is the capacity itself, so one step lands
+//!   on it (Envoy's adaptive concurrency and Netflix's Gradient2 scale by a gradient against a
+//!   minimum latency the same way, with more headroom);
+//! - with a [`Capacity::latency_target`], also: when the requests in flight reached half the
+//!   limit, a mean past the target scales the limit by `target / mean` (halved at most);
+//! - else, when the requests in flight reached half the limit, it grows: by 10% (at least 1)
+//!   per interval, and by 2% while it is within 10% of the mark the last cut left (the knee
+//!   found, the limit an overload cut started from), probing gently past the capacity
+//!   instead of swinging past it. A limit 10% past that mark forgets it: the capacity came
+//!   back.
+//!
+//! A cut past the knee is checked at the next interval: if the load in flight fell and the
+//! latency did not, the upstream got slower for everyone (longer prompts, a bigger model),
+//! not busier: the calm latency moves to the new one and the limit goes back.
 //!
 //! Answers to requests sent before the last cut are not judged: they were admitted under
 //! the higher limit, and would cut it again for the same overload.
-//!
-//! The latency target is the one configured ([`Capacity::latency_target`]), or
-//! [`Capacity::latency_tolerance`] times the baseline: the lower of the 10th percentile of
-//! the latencies of this window of [`Capacity::baseline_window`] and the one before (a low
-//! percentile, not the minimum, so that a few freak fast answers don't set it; exact up to
-//! 320 answers a window, the 32nd lowest past them). Without a target, a workload whose
-//! time to first byte varies a lot (short and long prompts) looks slower than its baseline
-//! even unloaded: give such a workload a [`Capacity::latency_target`].
 
 use super::Capacity;
 
@@ -39,10 +41,27 @@ use super::Capacity;
 pub enum Change {
     /// The upstream answered 429, 502, 503 or 504, or failed.
     Overload,
-    /// The mean time to the response head went past the latency target.
+    /// The mean time to the response head went past the knee (its calm latency times the
+    /// tolerance) or past the latency target.
     Latency,
-    /// Responses came back within the target while the limit was in use.
+    /// Responses came back calm while the limit was in use.
     Growth,
+    /// The upstream's calm latency moved: a cut past the knee lowered the load but not the
+    /// latency, so the limit went back and the new latency is the calm one.
+    Baseline,
+}
+
+impl Change {
+    /// A short lower-case name (`overload`, `latency`, `growth`, `baseline`), for a metric's
+    /// label or a log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Overload => "overload",
+            Change::Latency => "latency",
+            Change::Growth => "growth",
+            Change::Baseline => "baseline",
+        }
+    }
 }
 
 /// What the upstream's answer to one admitted request said, and how long after it was sent
@@ -55,8 +74,8 @@ pub(crate) enum Signal {
     /// 429, 502, 503, 504, or the inner service failed, after this long.
     Overload(u64),
     /// The caller went away after this long without the response's head (its timeout, a
-    /// stalled upstream): an overload past the latency target, nothing before it (a lower
-    /// bound of a latency would bias the mean low).
+    /// stalled upstream): an overload past the controller's patience, nothing before it (a
+    /// lower bound of a latency would bias the mean low).
     Abandoned(u64),
 }
 
@@ -68,13 +87,27 @@ impl Signal {
     }
 }
 
-/// Share of growth per interval, and near the last overload.
+/// Share of growth per interval, and near the last mark.
 const FAST_GROWTH: f64 = 0.10;
 const SLOW_GROWTH: f64 = 0.02;
-/// How close to the last overloaded limit growth slows, and how far past it it is forgotten.
+/// How close to the last mark growth slows, and how far past it it is forgotten.
 const NEAR_CEILING: f64 = 0.10;
 /// The most one latency judgement cuts the limit by.
 const MIN_GRADIENT: f64 = 0.5;
+/// Fewest answers in an interval for its mean to say anything of the knee.
+const MIN_SAMPLES: u64 = 8;
+/// How many standard errors of an interval's mean past the calm latency count as a rise
+/// (so that a mix of short and long prompts is not taken for a knee by chance: about once
+/// in 30,000 intervals for a normal mean, and the cut is undone at the next interval).
+const NOISE: f64 = 4.0;
+/// A cut past the knee is checked at the next interval: if the load fell by this share at
+/// least and the latency by no more than this share (or within its noise), the upstream is
+/// slower for everyone, not busier.
+const LOAD_FALL: f64 = 0.10;
+const LATENCY_FALL: f64 = 0.05;
+/// Without a target, a caller gone after this many times the calm latency without the
+/// response's head counts as an overload.
+const PATIENCE: f64 = 2.0;
 
 /// One bucket's controller.
 #[derive(Debug, Clone)]
@@ -82,82 +115,103 @@ pub(crate) struct Controller {
     min: f64,
     max: f64,
     limit: f64,
-    /// The mark the last cut left (where a latency cut landed, where an overload cut
-    /// started), until the limit passes it by [`NEAR_CEILING`].
+    /// The mark the last cut left (the knee found, where an overload cut started), until
+    /// the limit passes it by [`NEAR_CEILING`].
     ceiling: Option<f64>,
     /// Feedback of the interval under way.
     window: Window,
-    /// A low percentile of the latencies of this baseline window and the one before.
-    baseline: Baseline,
+    /// The mean latency below the knee (nanoseconds), a moving average of calm intervals.
+    calm: Option<f64>,
+    /// The last cut past the knee (or of the calibration), to check at the next interval.
+    check: Option<Check>,
     /// When the limit was last cut: answers to requests sent before say nothing of the
     /// limit in force now (they were admitted under a higher one), and are not judged.
     cut_at: Option<u64>,
+}
+
+/// An interval's mean latency (nanoseconds), its standard error and the mean load in flight.
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    load: f64,
+    mean: f64,
+    error: f64,
+}
+
+impl Point {
+    /// An interval's point under `limit`, when it has enough answers and decisions to say
+    /// anything. Its load is the most in flight a decision saw, up to the limit: a limit in
+    /// use is the load (a mean over decisions would count a burst's first admissions, at
+    /// 1, 2, 3... in flight, as a light load), and requests still in flight from before a
+    /// cut are not the new limit's.
+    fn of(w: &Window, limit: f64) -> Option<Point> {
+        (w.samples >= MIN_SAMPLES && w.peak_in_flight > 0).then_some(())?;
+        Some(Point {
+            load: (w.peak_in_flight as f64).min(limit.floor().max(1.0)),
+            mean: w.mean(),
+            error: w.standard_error(),
+        })
+    }
+
+    /// The point to check after a cut from `limit`.
+    fn at(self, limit: f64) -> Check {
+        Check { limit, point: self }
+    }
+
+    /// How the latency moved from the checked point's: -1 fell, 1 rose, 0 the same (within
+    /// [`LATENCY_FALL`] or the noise of both).
+    fn moved_from(&self, c: &Check) -> i8 {
+        let before = c.point;
+        let delta = self.mean - before.mean;
+        let noise = (before.mean * LATENCY_FALL)
+            .max(NOISE * (before.error.powi(2) + self.error.powi(2)).sqrt());
+        if delta.abs() <= noise {
+            0
+        } else if delta < 0.0 {
+            -1
+        } else {
+            1
+        }
+    }
+}
+
+/// A cut to check at the next interval: the limit before it and the point that made it.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    limit: f64,
+    point: Point,
+}
+
+impl std::ops::Deref for Check {
+    type Target = Point;
+    fn deref(&self) -> &Point {
+        &self.point
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 struct Window {
     started: Option<u64>,
     samples: u64,
-    latency_sum: u128,
+    /// Sum and sum of squares of the latencies (nanoseconds).
+    latency_sum: f64,
+    latency_squares: f64,
     overloaded: bool,
     peak_in_flight: u64,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Baseline {
-    since: u64,
-    current: Lowest,
-    /// The previous window's figure.
-    previous: Option<u64>,
-}
-
-impl Baseline {
-    fn record(&mut self, now: u64, latency: u64, window: u64) {
-        if now.saturating_sub(self.since) >= window {
-            self.previous = self.current.percentile();
-            self.current = Lowest::default();
-            self.since = now;
-        }
-        self.current.record(latency);
+impl Window {
+    fn mean(&self) -> f64 {
+        self.latency_sum / self.samples as f64
     }
 
-    fn get(&self) -> Option<u64> {
-        match (self.current.percentile(), self.previous) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    /// The standard error of the mean (0 below two samples).
+    fn standard_error(&self) -> f64 {
+        if self.samples < 2 {
+            return 0.0;
         }
-    }
-}
-
-/// How many of a window's lowest latencies are kept for its percentile.
-const LOWEST: usize = 32;
-/// The percentile of the baseline, in tenths.
-const BASELINE_DECILE: u64 = 1;
-
-/// The lowest latencies of a window (ascending, at most [`LOWEST`]) and how many it saw.
-#[derive(Debug, Clone, Default)]
-struct Lowest {
-    seen: u64,
-    lowest: Vec<u64>,
-}
-
-impl Lowest {
-    fn record(&mut self, latency: u64) {
-        self.seen += 1;
-        let at = self.lowest.partition_point(|&l| l <= latency);
-        if at < LOWEST {
-            self.lowest.insert(at, latency);
-            self.lowest.truncate(LOWEST);
-        }
-    }
-
-    /// The 10th percentile (nearest rank), or the highest kept past [`LOWEST`] x 10 answers.
-    fn percentile(&self) -> Option<u64> {
-        let rank = (self.seen * BASELINE_DECILE).div_ceil(10).max(1);
-        let index = usize::try_from(rank - 1).unwrap_or(usize::MAX);
-        self.lowest
-            .get(index.min(self.lowest.len().checked_sub(1)?))
-            .copied()
+        let n = self.samples as f64;
+        let variance = (self.latency_squares - self.latency_sum * self.latency_sum / n) / (n - 1.0);
+        (variance.max(0.0) / n).sqrt()
     }
 }
 
@@ -170,14 +224,31 @@ impl Controller {
             limit: cfg.initial_limit() as f64,
             ceiling: None,
             window: Window::default(),
-            baseline: Baseline::default(),
+            calm: None,
+            check: None,
             cut_at: None,
         }
     }
 
     /// The limit in force: whole slots, within `[min, max]`.
     pub(crate) fn limit(&self) -> u64 {
-        (self.limit.floor() as u64).clamp(self.min as u64, self.max as u64)
+        // The small margin keeps 7.9999999 (a knee found by a ratio) at 8.
+        ((self.limit + 1e-6).floor() as u64).clamp(self.min as u64, self.max as u64)
+    }
+
+    /// A controller that knows its upstream's calm latency already (nanoseconds).
+    #[cfg(test)]
+    pub(crate) fn with_calm(cfg: &Capacity, calm: u64) -> Self {
+        Self {
+            calm: Some(calm as f64),
+            ..Self::new(cfg)
+        }
+    }
+
+    /// The calm latency learned (nanoseconds), if any.
+    #[cfg(test)]
+    pub(crate) fn calm(&self) -> Option<f64> {
+        self.calm
     }
 
     /// A decision on a request saw `in_flight` slots taken (itself included when admitted).
@@ -193,15 +264,12 @@ impl Controller {
         now: u64,
         signal: Signal,
     ) -> Option<(u64, u64, Change)> {
-        if let Signal::Latency(l) = signal {
-            self.baseline.record(now, l, nanos(cfg.baseline_window));
-        }
         let sent = now.saturating_sub(signal.elapsed());
         if self.cut_at.is_some_and(|cut| sent < cut) {
             return None;
         }
         if let Signal::Abandoned(l) = signal {
-            if !self.target(cfg).is_some_and(|t| l as f64 > t) {
+            if !self.patience(cfg).is_some_and(|t| l as f64 > t) {
                 return None;
             }
         }
@@ -209,8 +277,10 @@ impl Controller {
         match signal {
             Signal::Overload(_) | Signal::Abandoned(_) => self.window.overloaded = true,
             Signal::Latency(l) => {
+                let l = l as f64;
                 self.window.samples += 1;
-                self.window.latency_sum += u128::from(l);
+                self.window.latency_sum += l;
+                self.window.latency_squares += l * l;
             }
         }
         if now.saturating_sub(started) < nanos(cfg.interval) {
@@ -218,40 +288,134 @@ impl Controller {
         }
         let window = std::mem::take(&mut self.window);
         let before = self.limit();
-        let why = self.judge(cfg, &window)?;
-        if why != Change::Growth {
+        let why = self.judge(cfg, &window);
+        if matches!(why, Some(Change::Overload | Change::Latency)) {
             self.cut_at = Some(now);
         }
         let after = self.limit();
-        (after != before).then_some((before, after, why))
+        (after != before).then_some((before, after, why?))
     }
 
     fn judge(&mut self, cfg: &Capacity, w: &Window) -> Option<Change> {
         if w.overloaded {
+            self.check = None;
             self.cut(self.limit * cfg.decrease);
             return Some(Change::Overload);
         }
         if w.samples == 0 {
             return None;
         }
-        // At low load a slow answer is a long prompt, not an overload.
-        if (w.peak_in_flight as f64) * 2.0 < self.limit {
-            return None;
+        let point = Point::of(w, self.limit);
+        // A cut waits for an interval that says something to be checked.
+        let check = if point.is_some() {
+            self.check.take()
+        } else {
+            None
+        };
+        let in_use = (w.peak_in_flight as f64) * 2.0 >= self.limit;
+        if let (None, Some(p)) = (self.calm, point) {
+            return Some(self.calibrate(cfg, check, p, in_use));
         }
-        let mean = (w.latency_sum / u128::from(w.samples)) as f64;
-        if let Some(target) = self.target(cfg).filter(|&t| mean > t) {
-            let gradient = (target / mean).max(MIN_GRADIENT);
-            self.cut(self.limit * gradient);
-            // The gradient estimates the load at which the latency meets its target: the
-            // limit grows slowly from there, not fast back towards where it was.
+        let calm = self.calm.unwrap_or(f64::INFINITY);
+        let past_knee = point
+            .is_some_and(|p| p.mean > (calm * cfg.latency_tolerance).max(calm + NOISE * p.error));
+        if let (true, Some(c), Some(p)) = (past_knee, check, point) {
+            if p.load <= c.load * (1.0 - LOAD_FALL) && p.moved_from(&c) == 0 {
+                // Less load, the same latency: the upstream is slower for everyone (or the
+                // cut was the noise's).
+                self.calm = Some(p.mean.max(calm));
+                self.limit = c.limit.max(self.limit);
+                self.ceiling = None;
+                return Some(Change::Baseline);
+            }
+        }
+        let mean = w.mean();
+        // Where the limit goes for latency: past the knee, the load at which the latency
+        // would be calm; past a target (in use), the load at which it would meet it.
+        let mut to = point.filter(|_| past_knee).map(|p| p.load * calm / p.mean);
+        if let Some(target) = cfg.latency_target.map(|t| nanos(t) as f64) {
+            if in_use && mean > target {
+                let at_target = self.limit * target / mean;
+                to = Some(to.map_or(at_target, |k| k.min(at_target)));
+            }
+        }
+        if let Some(to) = to {
+            let to = to.max(self.limit * MIN_GRADIENT);
+            if to >= self.limit {
+                // Past the knee at a load under the limit: nothing to cut yet.
+                return None;
+            }
+            self.check = point.filter(|_| past_knee).map(|p| p.at(self.limit));
+            self.limit = to.max(self.min);
+            // Growth is slow from here: this is where the upstream's capacity is.
             self.ceiling = Some(self.limit);
             return Some(Change::Latency);
         }
-        let share = match self.ceiling {
-            Some(c) if self.limit >= c * (1.0 - NEAR_CEILING) => SLOW_GROWTH,
-            _ => FAST_GROWTH,
+        // Calm: its mean teaches the calm latency, unless the load is past the mark (the
+        // knee found), where answers slow a little before they count as past it: learning
+        // from them would creep the calm latency, and the limit with it, up at every probe.
+        if let (Some(p), true) = (point, calm.is_finite()) {
+            if !self.ceiling.is_some_and(|c| p.load > c) {
+                let gain =
+                    (nanos(cfg.interval) as f64 / nanos(cfg.baseline_window) as f64).min(1.0);
+                self.calm = Some(calm + gain * (p.mean - calm));
+            }
+        }
+        self.grow(in_use)
+    }
+
+    /// Before the calm latency is known. At low load the first interval's mean is taken as
+    /// calm. A limit in use may already be past the knee (a start at `max` under full load),
+    /// where every answer is slow: halving the limit tells. If the latency does not fall
+    /// with the load, both loads were below the knee (the limit goes back); if it falls less
+    /// than in proportion, the knee is between them, at `load x new mean / old mean`; if in
+    /// proportion, both were past it: halve again.
+    fn calibrate(
+        &mut self,
+        cfg: &Capacity,
+        check: Option<Check>,
+        p: Point,
+        in_use: bool,
+    ) -> Change {
+        let Some(c) = check else {
+            if !in_use || self.limit <= self.min {
+                self.calm = Some(p.mean);
+                return self.grow(in_use).unwrap_or(Change::Growth);
+            }
+            self.check = Some(p.at(self.limit));
+            self.limit = (self.limit * MIN_GRADIENT).max(self.min);
+            return Change::Latency;
         };
-        self.limit = (self.limit + (self.limit * share).max(1.0)).min(self.max);
+        let moved = p.moved_from(&c);
+        if p.load > c.load * (1.0 - LOAD_FALL) || moved == 0 {
+            // The load did not fall (nothing to compare), or the latency stayed: calm.
+            self.calm = Some(p.mean);
+            self.limit = c.limit.max(self.limit);
+            return Change::Baseline;
+        }
+        let ratio = p.mean / c.mean;
+        if (moved < 0 && ratio > p.load / c.load * cfg.latency_tolerance) || self.limit <= self.min
+        {
+            // The knee is between the two loads (or the limit can't go lower).
+            self.calm = Some(p.mean);
+            self.limit = (c.load * ratio).clamp(self.min, c.limit);
+            self.ceiling = Some(self.limit);
+            return Change::Latency;
+        }
+        self.check = Some(p.at(self.limit));
+        self.limit = (self.limit * MIN_GRADIENT).max(self.min);
+        Change::Latency
+    }
+
+    fn grow(&mut self, in_use: bool) -> Option<Change> {
+        if !in_use {
+            return None;
+        }
+        let share = match self.ceiling {
+            Some(c) if self.limit >= c * (1.0 - NEAR_CEILING) => SLOW_GROWTH * self.limit,
+            _ => (FAST_GROWTH * self.limit).max(1.0),
+        };
+        self.limit = (self.limit + share).min(self.max);
         if self
             .ceiling
             .is_some_and(|c| self.limit > c * (1.0 + NEAR_CEILING))
@@ -261,15 +425,12 @@ impl Controller {
         Some(Change::Growth)
     }
 
-    /// The latency target (nanoseconds): the configured one, or the tolerance times the
-    /// baseline once there is one.
-    fn target(&self, cfg: &Capacity) -> Option<f64> {
+    /// How long (nanoseconds) a caller may wait for the response's head before its leaving
+    /// says the upstream is overloaded: the latency target, or twice the calm latency.
+    fn patience(&self, cfg: &Capacity) -> Option<f64> {
         match cfg.latency_target {
             Some(t) => Some(nanos(t) as f64),
-            None => self
-                .baseline
-                .get()
-                .map(|b| b as f64 * cfg.latency_tolerance),
+            None => self.calm.map(|c| c * PATIENCE),
         }
     }
 

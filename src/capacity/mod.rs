@@ -134,34 +134,44 @@
 //! Feedback is gathered over an interval ([`Capacity::interval`], default 1 s) and judged
 //! at its end:
 //!
-//! - an overload status, an inner error, or a caller gone past the target without the
-//!   response's head, in the interval: the limit is multiplied by [`Capacity::decrease`]
-//!   (default 0.8); a caller gone before the target says nothing;
-//! - else, when the requests in flight reached half the limit (at low load a slow answer is
-//!   a long prompt, not an overload), a mean latency past the target: the limit is scaled
-//!   by `target / latency` (by 1/2 at most). Past a server's capacity its latency grows in
-//!   proportion to the load, so this lands the limit where the latency meets its target in
-//!   about one step (the gradient of Envoy's adaptive concurrency filter and Netflix's
-//!   Gradient2);
+//! - an overload status, an inner error, or a caller gone without the response's head past
+//!   its patience (the latency target, or twice the calm latency), in the interval: the limit
+//!   is multiplied by [`Capacity::decrease`] (default 0.8); a caller gone sooner says
+//!   nothing;
+//! - else, **the knee**. A model server answers at its calm latency up to its capacity;
+//!   past it (a batch that no longer fits) every answer slows with the load. The controller
+//!   learns the calm latency (a moving average of the mean time to first byte of the
+//!   intervals below the knee, [`Capacity::baseline_window`]), and an interval whose mean
+//!   passes [`Capacity::latency_tolerance`] times it (default 1.05), and its noise (three
+//!   standard errors of the interval's mean, so a mix of short and long prompts is not taken
+//!   for a knee), is past the knee: the limit goes to `load x calm / mean` (halved at most),
+//!   the load in flight at which the latency would be calm again. Past the knee the latency
+//!   grows in proportion to the load, so that figure is the capacity itself and one step
+//!   lands on it. (Envoy's adaptive concurrency filter and Netflix's Gradient2 scale by a
+//!   gradient against a minimum latency the same way, with a headroom that settles them
+//!   well past the knee.) A cut after which the load fell but the latency did not was no
+//!   knee: the upstream got slower for everyone (longer prompts, another model), and the
+//!   limit goes back with the new latency as the calm one;
+//! - with a [`Capacity::latency_target`], also: when the requests in flight reached half the
+//!   limit (at low load a slow answer is a long prompt, not an overload), a mean past the
+//!   target scales the limit by `target / mean` (by 1/2 at most);
 //! - else, when the requests in flight reached half the limit: +10% (at least 1), or +2%
-//!   (at least 1) within 10% of the mark the last cut left (the limit a latency cut landed
-//!   on, the limit an overload cut started from), so that it settles near the capacity
-//!   rather than swinging past it; 10% past that mark, it is forgotten (the capacity came
-//!   back).
+//!   within 10% of the mark the last cut left (the knee found, the limit an overload cut
+//!   started from), so that it probes gently past the capacity rather than swinging past it;
+//!   10% past that mark, it is forgotten (the capacity came back).
 //!
 //! Answers to requests sent before the last cut are not judged: admitted under the higher
 //! limit, they would cut it again for the same overload.
 //!
-//! The target is [`Capacity::latency_target`], or [`Capacity::latency_tolerance`] times the
-//! baseline: the 10th percentile of the latencies of the current or the previous
-//! [`Capacity::baseline_window`] (the lower). A time to first token varies with the prompt's
-//! length: for LLM traffic, set a `latency_target` (a mix of short and long prompts looks
-//! slower than its 10th percentile without any overload). With a
-//! latency growing in proportion to the load past the capacity, the limit settles at about
-//! `target / unloaded latency x capacity`: a target 5% above the unloaded latency keeps it
-//! within 10% of the capacity. A server that halves its capacity is followed within a few
-//! intervals; one that doubles it back is regained within about fifteen (the controller's
-//! simulation tests check both).
+//! On a server that slows in proportion to its load past its capacity (the gateway's
+//! saturating mock), the limit settles within 10% of the capacity, follows it down when it
+//! halves within a few intervals and regains it within about fifteen when it comes back (the
+//! controller's simulation tests and `benches/overload.rs` check both). The calm latency is
+//! learned from answers below the knee: a layer started at `max` under a load past the knee
+//! from its first second learns the loaded latency as calm and holds the limit there until
+//! the load drops; start it lower ([`Capacity::initial`]) or give it a `latency_target`.
+//! On a GPU whose latency rises slowly well before its throughput stops growing, the
+//! tolerance is where the limit stops: widen it to trade latency for throughput.
 //!
 //! # Examples
 //!

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tower_llm_ratelimit::key::Key;
 use tower_llm_ratelimit::observe::{
-    CapacityEvent, Change, DecisionEvent, Outcome, QueueEvent, QueueOutcome, SettleEvent,
+    CapacityEvent, DecisionEvent, Outcome, QueueEvent, QueueOutcome, SettleEvent,
 };
 use tower_llm_ratelimit::RateLimitLayer;
 
@@ -141,12 +141,7 @@ impl CapacityMetrics {
         let Some(model) = rules.get(event.rule) else {
             return;
         };
-        let change = match event.change {
-            Change::Overload => "overload",
-            Change::Latency => "latency",
-            Change::Growth => "growth",
-            _ => "other",
-        };
+        let change = event.change.as_str();
         self.changes
             .get_or_create(&ModelChangeLabels {
                 model: model.clone(),
