@@ -5,14 +5,13 @@
 //!
 //! One gateway (memory store), one model on the mock at capacity C (`OVERLOAD_CAPACITY`,
 //! 16) and `queue` C, one token per `OVERLOAD_TOKEN_DELAY_MS` (20); the model's
-//! `[models.mock-gpt.capacity]` from `min = 1` to `max = 4C`, the controller's other settings
-//! the gateway's defaults (1 s interval, decrease 0.8) but a `latency_target_ms`, set from
-//! the unloaded time to first token: first, with the capacity's defaults, 4 clients (well
-//! under C) stream completions back to back for 3 s; the target is the median of their time
-//! to first token (measured by this client: it includes the gateway and the client, a little
-//! more than the gateway's own time to first byte) times `OVERLOAD_FOLLOW_TARGET` (1.3),
-//! rounded up to a millisecond, written into the configuration and reloaded by SIGHUP (a
-//! new target starts the controller afresh, at `max`).
+//! `[models.mock-gpt.capacity]` from `min = 1` to `max = 4C`, the controller's settings the
+//! gateway's defaults (no latency target: the controller finds the mock's knee). First, 4
+//! clients (well under C) stream completions back to back for 3 s: their median time to
+//! first token is printed as the unloaded one, and the controller learns its calm latency
+//! from them. With `OVERLOAD_FOLLOW_TARGET` (a factor > 1), a `latency_target_ms` of that
+//! many times the unloaded time to first token is set by SIGHUP before the load (a new
+//! target starts the controller afresh, at `max`).
 //!
 //! Then the load, closed loop: 4C clients (`OVERLOAD_FOLLOW_CLIENTS`), each streaming a
 //! completion of 16 tokens to its end and sending the next at once; after an answer that
@@ -25,14 +24,12 @@
 //! `_in_flight` of the model (`GET /metrics`), and the mock's sequences running
 //! (`GET /v1/mock/stats`).
 //!
-//! Printed: the unloaded time to first token and the target; the limit (and the mock's
-//! running) once a second; per phase, the answers (completed, 429, 503, other) and the
-//! limit over the last 10 s of the phase (mean, min, max). The level the controller found
-//! at full capacity, `C_found`, is that mean over the last 10 s of `full`: with a latency
-//! target above the unloaded time it is above C (the mock runs up to 2C, each token slower
-//! in proportion), about target / unloaded x C. Then the figures, each against the nominal
-//! level and the found one: after t0, against C/2 and C_found/2; after t1, against C and
-//! C_found:
+//! Printed: the unloaded time to first token; the limit (and the mock's running) once a
+//! second; per phase, the answers (completed, 429, 503, other) and the limit over the last
+//! 10 s of the phase (mean, min, max). The level the controller found at full capacity,
+//! `C_found`, is that mean over the last 10 s of `full`. Then the figures, each against the
+//! nominal level and the found one: after t0, against C/2 and C_found/2; after t1, against C
+//! and C_found:
 //! - `settled`: the time from the signal until the first sample of the first run of
 //!   samples within ±10% of the level that lasts [`HOLD`] (3 s);
 //! - `stays`: the time from the signal until the sample after the last one out of the band
@@ -42,11 +39,11 @@
 //! The goals: `settled` after t0 under 10 s, `reached` (and `settled`) after t1 under 30 s.
 //!
 //! What to expect: past C the mock delivers no more tokens per second, only a later first
-//! token (`token_delay x running / C`), so a controller held to a latency target settles
-//! where the mock's first token meets it, near `C x target / token_delay`: above C by the
-//! target's margin over the unloaded time, at full capacity and at half alike. The nominal
-//! figures (against C/2 and C) can only pass with a target within 10% of the mock's bare
-//! token time; the found ones measure how the controller follows a change.
+//! token (`token_delay x running / C`), so the controller's knee (the load past which the
+//! time to first token rises 5% over its calm mean) is C itself; it probes 2% past it now
+//! and then, so the limit reads C, now and then C + 1. With a latency target, a target
+//! above the unloaded time lets the limit run past C to where the first token meets it
+//! unless the knee stops it first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,7 +77,9 @@ struct Follow {
     capacity: u64,
     token_delay_ms: u64,
     clients: u64,
-    target_factor: f64,
+    /// `OVERLOAD_FOLLOW_TARGET`: a latency target of this many times the unloaded time to
+    /// first token; none by default (the controller's knee alone).
+    target_factor: Option<f64>,
     full: Duration,
     half: Duration,
     back: Duration,
@@ -91,8 +90,7 @@ impl Follow {
         let factor = std::env::var("OVERLOAD_FOLLOW_TARGET")
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
-            .filter(|f| *f > 1.0)
-            .unwrap_or(1.3);
+            .filter(|f| *f > 1.0);
         Self {
             capacity: setup.capacity.max(2),
             token_delay_ms: setup.token_delay_ms,
@@ -343,17 +341,23 @@ async fn follow(f: Follow, setup: Setup, gw: &Gateway) {
         println!("follow: no completion while measuring the unloaded time to first token");
         return;
     };
-    let target_ms = (unloaded.as_secs_f64() * 1000.0 * f.target_factor).ceil() as u64;
+    let target_ms = f
+        .target_factor
+        .map(|factor| (unloaded.as_secs_f64() * 1000.0 * factor).ceil() as u64);
     println!(
-        "unloaded time to first token (median, 4 clients, 3 s): {:.1} ms; latency_target_ms = \
-         {target_ms} ({} x)",
+        "unloaded time to first token (median, 4 clients, 3 s): {:.1} ms; {}",
         unloaded.as_secs_f64() * 1000.0,
-        f.target_factor
+        match (target_ms, f.target_factor) {
+            (Some(t), Some(factor)) => format!("latency_target_ms = {t} ({factor} x)"),
+            _ => "no latency target (the controller's knee alone)".into(),
+        }
     );
     let c = f.capacity;
-    if let Err(e) = reload(&client, gw, &f.config(c, Some(target_ms))).await {
-        println!("follow: setting the target: {e}");
-        return;
+    if target_ms.is_some() {
+        if let Err(e) = reload(&client, gw, &f.config(c, target_ms)).await {
+            println!("follow: setting the target: {e}");
+            return;
+        }
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -417,14 +421,14 @@ async fn follow(f: Follow, setup: Setup, gw: &Gateway) {
     tokio::time::sleep_until((start + f.full).into()).await;
     let t0 = start.elapsed();
     signals.lock().expect("signals").0 = Some(t0);
-    let half = reload(&client, gw, &f.config(c / 2, Some(target_ms))).await;
+    let half = reload(&client, gw, &f.config(c / 2, target_ms)).await;
     if let Err(e) = &half {
         failed = Some(format!("halving: {e}"));
     }
     tokio::time::sleep_until((start + f.full + f.half).into()).await;
     let t1 = start.elapsed();
     signals.lock().expect("signals").1 = Some(t1);
-    let back = reload(&client, gw, &f.config(c, Some(target_ms))).await;
+    let back = reload(&client, gw, &f.config(c, target_ms)).await;
     if let Err(e) = &back {
         failed.get_or_insert(format!("restoring: {e}"));
     }

@@ -105,6 +105,9 @@ const NOISE: f64 = 4.0;
 /// slower for everyone, not busier.
 const LOAD_FALL: f64 = 0.10;
 const LATENCY_FALL: f64 = 0.05;
+/// The longest wait (in intervals) for the requests admitted under a higher limit to drain
+/// after a cut before answers are judged again.
+const MAX_DRAIN_INTERVALS: u64 = 5;
 /// Without a target, a caller gone after this many times the calm latency without the
 /// response's head counts as an overload.
 const PATIENCE: f64 = 2.0;
@@ -122,11 +125,17 @@ pub(crate) struct Controller {
     window: Window,
     /// The mean latency below the knee (nanoseconds), a moving average of calm intervals.
     calm: Option<f64>,
+    /// The variance of the latencies of calm intervals, a moving average alike.
+    calm_variance: f64,
     /// The last cut past the knee (or of the calibration), to check at the next interval.
     check: Option<Check>,
-    /// When the limit was last cut: answers to requests sent before say nothing of the
-    /// limit in force now (they were admitted under a higher one), and are not judged.
+    /// From when answers say something of the limit in force (nanoseconds): after a cut,
+    /// once the requests admitted under the higher limit have drained. Answers to requests
+    /// sent before are not judged.
     cut_at: Option<u64>,
+    /// Releases still to come before the requests in flight at the last cut fit the new
+    /// limit.
+    drain: u64,
 }
 
 /// An interval's mean latency (nanoseconds), its standard error and the mean load in flight.
@@ -134,6 +143,7 @@ pub(crate) struct Controller {
 struct Point {
     load: f64,
     mean: f64,
+    variance: f64,
     error: f64,
 }
 
@@ -143,12 +153,17 @@ impl Point {
     /// use is the load (a mean over decisions would count a burst's first admissions, at
     /// 1, 2, 3... in flight, as a light load), and requests still in flight from before a
     /// cut are not the new limit's.
-    fn of(w: &Window, limit: f64) -> Option<Point> {
+    ///
+    /// Its standard error takes the larger of the interval's variance and the calm
+    /// intervals' (`calm_variance`): a skewed draw of a mix of short and long prompts has a
+    /// small variance of its own just when its mean is far off.
+    fn of(w: &Window, limit: f64, calm_variance: f64) -> Option<Point> {
         (w.samples >= MIN_SAMPLES && w.peak_in_flight > 0).then_some(())?;
         Some(Point {
             load: (w.peak_in_flight as f64).min(limit.floor().max(1.0)),
             mean: w.mean(),
-            error: w.standard_error(),
+            variance: w.variance(),
+            error: (w.variance().max(calm_variance) / w.samples as f64).sqrt(),
         })
     }
 
@@ -205,13 +220,13 @@ impl Window {
     }
 
     /// The standard error of the mean (0 below two samples).
-    fn standard_error(&self) -> f64 {
+    /// The variance of the latencies (0 below two samples).
+    fn variance(&self) -> f64 {
         if self.samples < 2 {
             return 0.0;
         }
         let n = self.samples as f64;
-        let variance = (self.latency_squares - self.latency_sum * self.latency_sum / n) / (n - 1.0);
-        (variance.max(0.0) / n).sqrt()
+        ((self.latency_squares - self.latency_sum * self.latency_sum / n) / (n - 1.0)).max(0.0)
     }
 }
 
@@ -225,9 +240,27 @@ impl Controller {
             ceiling: None,
             window: Window::default(),
             calm: None,
+            calm_variance: 0.0,
             check: None,
             cut_at: None,
+            drain: 0,
         }
+    }
+
+    /// A request of the bucket ended at `now` (its slot is back): counts towards the drain
+    /// after a cut.
+    pub(crate) fn released(&mut self, now: u64) {
+        if self.drain > 0 {
+            self.drain -= 1;
+            if self.drain == 0 {
+                self.cut_at = self.cut_at.map(|at| at.min(now));
+            }
+        }
+    }
+
+    /// Whether releases are still counted towards a drain.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.drain > 0
     }
 
     /// The limit in force: whole slots, within `[min, max]`.
@@ -288,24 +321,45 @@ impl Controller {
         }
         let window = std::mem::take(&mut self.window);
         let before = self.limit();
+        let in_flight = window.peak_in_flight.min(before);
         let why = self.judge(cfg, &window);
-        if matches!(why, Some(Change::Overload | Change::Latency)) {
-            self.cut_at = Some(now);
-        }
         let after = self.limit();
+        if matches!(why, Some(Change::Overload | Change::Latency)) {
+            // The requests admitted under the old limit (as many as the interval saw in
+            // flight) keep the upstream as busy as before until enough have ended to fit the
+            // new one: the answers of requests sent
+            // meanwhile would judge the old load again (cut again, or look like an upstream
+            // slower for everyone). Bounded: a stream held open for long doesn't freeze it.
+            self.drain = in_flight.saturating_sub(after);
+            self.cut_at = Some(if self.drain == 0 {
+                now
+            } else {
+                now.saturating_add(nanos(cfg.interval).saturating_mul(MAX_DRAIN_INTERVALS))
+            });
+        }
         (after != before).then_some((before, after, why?))
     }
 
     fn judge(&mut self, cfg: &Capacity, w: &Window) -> Option<Change> {
+        let point = Point::of(w, self.limit, self.calm_variance);
         if w.overloaded {
             self.check = None;
-            self.cut(self.limit * cfg.decrease);
+            // Answers that did come back past the knee tell how far past it the load is.
+            let knee = match (self.calm, point) {
+                (Some(calm), Some(p)) if p.mean > calm * cfg.latency_tolerance => {
+                    p.load * calm / p.mean
+                }
+                _ => f64::INFINITY,
+            };
+            let to = (self.limit * cfg.decrease)
+                .min(knee)
+                .max(self.limit * MIN_GRADIENT);
+            self.cut(to);
             return Some(Change::Overload);
         }
         if w.samples == 0 {
             return None;
         }
-        let point = Point::of(w, self.limit);
         // A cut waits for an interval that says something to be checked.
         let check = if point.is_some() {
             self.check.take()
@@ -317,13 +371,23 @@ impl Controller {
             return Some(self.calibrate(cfg, check, p, in_use));
         }
         let calm = self.calm.unwrap_or(f64::INFINITY);
-        let past_knee = point
-            .is_some_and(|p| p.mean > (calm * cfg.latency_tolerance).max(calm + NOISE * p.error));
+        // Past the knee: the mean beyond the tolerance and the noise. A load past the knee
+        // found is a probe, and any rise beyond the noise (and half the tolerance) ends it.
+        let past_knee = point.is_some_and(|p| {
+            let probing = self.ceiling.is_some_and(|c| p.load > c);
+            let tolerance = if probing {
+                half_way(cfg.latency_tolerance)
+            } else {
+                cfg.latency_tolerance
+            };
+            p.mean > (calm * tolerance).max(calm + NOISE * p.error)
+        });
         if let (true, Some(c), Some(p)) = (past_knee, check, point) {
             if p.load <= c.load * (1.0 - LOAD_FALL) && p.moved_from(&c) == 0 {
                 // Less load, the same latency: the upstream is slower for everyone (or the
                 // cut was the noise's).
                 self.calm = Some(p.mean.max(calm));
+                self.calm_variance = self.calm_variance.max(p.variance);
                 self.limit = c.limit.max(self.limit);
                 self.ceiling = None;
                 return Some(Change::Baseline);
@@ -351,14 +415,19 @@ impl Controller {
             self.ceiling = Some(self.limit);
             return Some(Change::Latency);
         }
-        // Calm: its mean teaches the calm latency, unless the load is past the mark (the
-        // knee found), where answers slow a little before they count as past it: learning
-        // from them would creep the calm latency, and the limit with it, up at every probe.
+        // Calm: its mean teaches the calm latency.
         if let (Some(p), true) = (point, calm.is_finite()) {
-            if !self.ceiling.is_some_and(|c| p.load > c) {
+            // Only from loads under the knee found, and means within half the tolerance (or
+            // two standard errors): answers at the knee, or a little past it, are slower by
+            // a little, and would creep the calm latency (and the knee with it) up.
+            let under_knee = !self.ceiling.is_some_and(|c| p.load >= c);
+            let near_calm =
+                p.mean <= (calm * half_way(cfg.latency_tolerance)).max(calm + 2.0 * p.error);
+            if under_knee && near_calm {
                 let gain =
                     (nanos(cfg.interval) as f64 / nanos(cfg.baseline_window) as f64).min(1.0);
                 self.calm = Some(calm + gain * (p.mean - calm));
+                self.calm_variance += gain * (p.variance - self.calm_variance);
             }
         }
         self.grow(in_use)
@@ -380,6 +449,8 @@ impl Controller {
         let Some(c) = check else {
             if !in_use || self.limit <= self.min {
                 self.calm = Some(p.mean);
+                self.calm_variance = p.variance;
+                self.calm_variance = p.variance;
                 return self.grow(in_use).unwrap_or(Change::Growth);
             }
             self.check = Some(p.at(self.limit));
@@ -390,6 +461,7 @@ impl Controller {
         if p.load > c.load * (1.0 - LOAD_FALL) || moved == 0 {
             // The load did not fall (nothing to compare), or the latency stayed: calm.
             self.calm = Some(p.mean);
+            self.calm_variance = p.variance;
             self.limit = c.limit.max(self.limit);
             return Change::Baseline;
         }
@@ -398,6 +470,7 @@ impl Controller {
         {
             // The knee is between the two loads (or the limit can't go lower).
             self.calm = Some(p.mean);
+            self.calm_variance = p.variance;
             self.limit = (c.load * ratio).clamp(self.min, c.limit);
             self.ceiling = Some(self.limit);
             return Change::Latency;
@@ -438,6 +511,11 @@ impl Controller {
         self.ceiling = Some(self.limit);
         self.limit = to.max(self.min);
     }
+}
+
+/// Half the way from 1 to `tolerance`.
+fn half_way(tolerance: f64) -> f64 {
+    1.0 + (tolerance - 1.0) / 2.0
 }
 
 fn nanos(d: std::time::Duration) -> u64 {

@@ -45,6 +45,9 @@ struct Completions {
 pub(crate) struct Cell {
     limit: AtomicU64,
     controller: Mutex<Controller>,
+    /// Whether the controller counts releases (after a cut): the only time a release takes
+    /// its lock.
+    draining: AtomicBool,
     pub(crate) queue: Arc<Queue>,
     completions: Arc<Mutex<Completions>>,
     /// When a request last asked for it (the layer's clock), for eviction.
@@ -60,6 +63,7 @@ impl Cell {
         Self {
             limit: AtomicU64::new(c.limit()),
             controller: Mutex::new(c),
+            draining: AtomicBool::new(false),
             queue: Arc::default(),
             completions: Arc::default(),
             used: AtomicU64::new(now),
@@ -74,6 +78,7 @@ impl Cell {
         Self {
             limit: AtomicU64::new(c.limit()),
             controller: Mutex::new(c),
+            draining: AtomicBool::new(false),
             queue: Arc::clone(&old.queue),
             completions: Arc::clone(&old.completions),
             used: AtomicU64::new(old.used.load(Ordering::Relaxed)),
@@ -118,6 +123,11 @@ impl Cell {
                 c.since = now;
             }
             c.current += 1;
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            let mut c = self.lock();
+            c.released(now);
+            self.draining.store(c.is_draining(), Ordering::Relaxed);
         }
         self.queue.release();
     }
@@ -165,6 +175,7 @@ impl Cell {
         let changed = c.sample(cfg, now, signal);
         if changed.is_some() {
             self.limit.store(c.limit(), Ordering::Relaxed);
+            self.draining.store(c.is_draining(), Ordering::Relaxed);
         }
         changed
     }

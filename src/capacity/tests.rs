@@ -20,6 +20,9 @@ fn cfg() -> Capacity {
 /// Feeds one interval of `n` responses of latency `latency_ms` from a limit in full use,
 /// ending at `end`.
 fn interval(c: &mut Controller, cfg: &Capacity, end: u64, n: u64, latency_ms: u64) {
+    while c.is_draining() {
+        c.released(end.saturating_sub(2 * S));
+    }
     c.saw_in_flight(c.limit());
     for i in 0..n {
         let at = end - S + (i * S / n.max(1));
@@ -110,7 +113,10 @@ fn latency_past_the_target_scales_the_limit_by_the_gradient() {
     interval(&mut c, &cfg, S, 10, 160);
     c.sample(&cfg, S + 1, Signal::Latency(160 * MS));
     assert_eq!(c.limit(), 12);
-    // Far past the target: halved at most.
+    // Far past the target (once the requests of the old limit have ended): halved at most.
+    while c.is_draining() {
+        c.released(2 * S);
+    }
     c.saw_in_flight(c.limit());
     for i in 0..=10 {
         c.sample(&cfg, 3 * S + i * S / 10, Signal::Latency(1_000 * MS));
@@ -128,11 +134,61 @@ fn judged(
     n: u64,
     latency_ms: u64,
 ) -> Option<(u64, u64, Change)> {
+    // The requests admitted under a higher limit before a cut have ended.
+    while c.is_draining() {
+        c.released(start.saturating_sub(S / 2));
+    }
     c.saw_in_flight(load);
     for i in 0..n {
         c.sample(cfg, start + i * S / n, Signal::Latency(latency_ms * MS));
     }
     c.sample(cfg, start + S, Signal::Latency(latency_ms * MS))
+}
+
+#[test]
+fn after_a_cut_answers_are_judged_once_the_requests_admitted_before_it_have_drained() {
+    let cfg = Capacity::adaptive(1, 100).initial(40);
+    let mut c = Controller::with_calm(&cfg, 100 * MS);
+    // 200 ms at 40 in flight: past the knee, cut to 20.
+    assert_eq!(
+        judged(&mut c, &cfg, 0, 40, 20, 200),
+        Some((40, 20, Change::Latency))
+    );
+    // The 40 admitted before still run: answers of requests sent meanwhile are as slow,
+    // and say nothing of 20 in flight.
+    for i in 0..30 {
+        let now = S + i * S / 10;
+        assert_eq!(c.sample(&cfg, now, Signal::Latency(200 * MS)), None);
+    }
+    // 19 of the 20 too many end: still not judged; the 20th: from now on.
+    for _ in 0..19 {
+        c.released(4 * S);
+    }
+    assert_eq!(c.sample(&cfg, 5 * S, Signal::Latency(200 * MS)), None);
+    c.released(5 * S);
+    assert!(!c.is_draining());
+    // 150 ms with 20 in flight: judged, still past the knee: 20 x 100/150.
+    c.saw_in_flight(20);
+    for i in 0..20 {
+        c.sample(
+            &cfg,
+            5 * S + 200 * MS + i * S / 20,
+            Signal::Latency(150 * MS),
+        );
+    }
+    let cut = c.sample(&cfg, 6 * S + 200 * MS, Signal::Latency(150 * MS));
+    assert_eq!(cut, Some((20, 13, Change::Latency)));
+    // A stream held open for long doesn't freeze it: 5 intervals past the cut (at 1 s),
+    // answers are judged anyway.
+    let mut c = Controller::with_calm(&cfg, 100 * MS);
+    judged(&mut c, &cfg, 0, 40, 20, 200);
+    assert!(c.is_draining());
+    c.saw_in_flight(20);
+    for i in 0..20 {
+        c.sample(&cfg, 7 * S + i * S / 20, Signal::Latency(150 * MS));
+    }
+    let cut = c.sample(&cfg, 8 * S, Signal::Latency(150 * MS));
+    assert_eq!(cut, Some((20, 13, Change::Latency)));
 }
 
 #[test]
@@ -164,23 +220,36 @@ fn past_the_knee_the_limit_goes_to_the_load_at_which_the_latency_is_calm() {
 #[test]
 fn a_rise_within_the_noise_of_a_mix_of_prompts_is_not_a_knee() {
     // Short (20 ms) and long (200 ms) prompts drawn at random, 30 answers an interval, the
-    // limit in use: interval means wander by ~10% around 110 ms, often past 1.05 x calm,
-    // but within four standard errors.
+    // limit in use, for an hour: interval means wander by ~15% around 110 ms, often past
+    // 1.05 x calm, but within four standard errors. The first interval in use halves the
+    // limit to learn the calm latency (a calibration), the next puts it back; then no cut.
     let cfg = Capacity::adaptive(1, 64).initial(32);
-    let mut c = Controller::with_calm(&cfg, 110 * MS);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for k in 1..=300 {
+    let mut c = Controller::new(&cfg);
+    let mut x: u64 = 0;
+    let mut changes = Vec::new();
+    for k in 1..=3_600 {
         c.saw_in_flight(c.limit());
         for i in 0..30 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let ms = if x.is_multiple_of(2) { 20 } else { 200 };
-            if let Some(ch) = c.sample(&cfg, (k - 1) * S + i * S / 30, Signal::Latency(ms * MS)) {
-                assert_ne!(ch.2, Change::Latency, "cut at {k} s: {ch:?}");
-            }
+            // splitmix64
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let ms = if z >> 63 == 0 { 20 } else { 200 };
+            let now = (k - 1) * S + i * S / 30;
+            changes.extend(c.sample(&cfg, now, Signal::Latency(ms * MS)));
+            c.released(now);
         }
     }
+    assert_eq!(
+        changes[..2],
+        [(32, 16, Change::Latency), (16, 32, Change::Baseline)]
+    );
+    assert!(
+        changes[2..].iter().all(|ch| ch.2 == Change::Growth),
+        "{changes:?}"
+    );
     assert_eq!(c.limit(), 64);
 }
 
@@ -342,6 +411,7 @@ fn simulate(cfg: &Capacity, base: u64, phases: &[(u64, u64)]) -> Vec<(u64, u64)>
             }
             in_flight.pop();
             c.sample(cfg, now, Signal::Latency(done - started));
+            c.released(now);
         }
         // The requests admitted together run together: each is as slow as the load once
         // they are all in.
