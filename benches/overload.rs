@@ -34,8 +34,9 @@
 //! 3. `adaptive + priority`: `[models.mock-gpt.capacity]` from `min = 1` to `max = 2C` (the
 //!    most the mock takes before its 503s; the controller starts there and moves with the
 //!    mock's answers: its 503s, and its time to first byte, which is its time to first
-//!    token), the controller's other settings the gateway's defaults (no latency target:
-//!    1.5 x the lowest time to first byte seen), `saturation = 0.5`; pro has `priority = 2`, `capacity_share = 0.5` and
+//!    token), the controller's other settings the gateway's defaults (no latency target: it
+//!    finds the mock's knee), `saturation = 0.5` (`OVERLOAD_SATURATION_PCT`, 50); pro has
+//!    `priority = 2`, `capacity_share = 0.5` and
 //!    `max_wait_ms = 2000`, free nothing (shed first past the threshold). The gate: pro's
 //!    success rate at least 99.9% in this run. After it, the gateway's capacity metrics
 //!    (current limit, the controller's changes, requests shed by tier) are printed.
@@ -54,7 +55,8 @@
 //!
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
-//! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C),
+//! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C), `OVERLOAD_SATURATION_PCT` (its
+//! `saturation` in hundredths, 50), `OVERLOAD_ONLY=adaptive` (the adaptive run alone),
 //! `OVERLOAD_ALLOW_SKIP=1` (a run that can't start is skipped instead of failing; without
 //! it, a skip exits 2 and a failed gate exits 1), `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
 //! lines on stderr are printed if it doesn't start), `OVERLOAD_SCENARIO` (`follow`: instead
@@ -110,6 +112,10 @@ struct Setup {
     hold: Duration,
     /// The adaptive run's `max`.
     capacity_max: u64,
+    /// The adaptive run's `saturation`, in hundredths.
+    saturation_pct: u64,
+    /// Only the adaptive run (`OVERLOAD_ONLY=adaptive`).
+    only_adaptive: bool,
 }
 
 impl Setup {
@@ -121,6 +127,8 @@ impl Setup {
             ramp: Duration::from_secs(env_u64("OVERLOAD_RAMP_SECS", 20)),
             hold: Duration::from_secs(env_u64("OVERLOAD_HOLD_SECS", 10)),
             capacity_max: 0,
+            saturation_pct: env_u64("OVERLOAD_SATURATION_PCT", 50).clamp(1, 100),
+            only_adaptive: std::env::var("OVERLOAD_ONLY").is_ok_and(|v| v == "adaptive"),
         }
         .with_capacity_max()
     }
@@ -249,8 +257,9 @@ fn config(setup: &Setup, variant: Variant) -> String {
         Variant::ModelConcurrency => (format!("concurrent = {}", setup.capacity), ""),
         Variant::Adaptive => (
             format!(
-                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nsaturation = 0.5",
-                setup.capacity_max
+                "[models.mock-gpt.capacity]\nmin = 1\nmax = {}\nsaturation = {}",
+                setup.capacity_max,
+                setup.saturation_pct as f64 / 100.0
             ),
             "priority = 2\ncapacity_share = 0.5\nmax_wait_ms = 2000",
         ),
@@ -541,9 +550,10 @@ fn rate(part: usize, whole: usize) -> f64 {
 fn report(setup: &Setup, variant: Variant, samples: &[Sample], stats: &Value) -> bool {
     match variant {
         Variant::Adaptive => println!(
-            "\n## {} (max = {}, saturation 0.5, pro share 0.5)",
+            "\n## {} (max = {}, saturation {}, pro share 0.5)",
             variant.name(),
-            setup.capacity_max
+            setup.capacity_max,
+            setup.saturation_pct as f64 / 100.0
         ),
         _ => println!("\n## {}", variant.name()),
     }
@@ -692,6 +702,9 @@ fn main() {
         Variant::ModelConcurrency,
         Variant::Adaptive,
     ] {
+        if setup.only_adaptive && variant != Variant::Adaptive {
+            continue;
+        }
         let started = start_gateway(&bin, &config(&setup, variant), &[("RUST_LOG", "error")])
             .and_then(|gw| match gw.mock {
                 Some(_) => Ok(gw),

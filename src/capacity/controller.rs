@@ -7,31 +7,37 @@
 //!
 //! - an overload status (429, 502, 503, 504, an inner error), or a caller that gave up past
 //!   its patience without the response's head: the limit is multiplied by
-//!   [`Capacity::decrease`];
+//!   [`Capacity::decrease`] (or cut to the knee's figure below, if lower);
 //! - else, the *knee*: an upstream answers at its calm latency up to its capacity, and past
 //!   it (a GPU's batch that no longer fits) every answer slows with the load. The calm
 //!   latency is learned from the intervals below the knee (the mean time to first byte, a
-//!   moving average); an interval whose mean passes [`Capacity::latency_tolerance`] times it
-//!   (and its noise: four standard errors of the interval's mean) is past the knee, and the
-//!   limit goes to where the latency would be calm again: the load in flight times `calm /
-//!   mean` (Little's law with a latency growing in proportion to the load past the knee;
-//!   halved at most). Past the knee the figure is the capacity itself, so one step lands
-//!   on it (Envoy's adaptive concurrency and Netflix's Gradient2 scale by a gradient against a
-//!   minimum latency the same way, with more headroom);
+//!   moving average, and the variance of their answers alike); an interval whose mean passes
+//!   [`Capacity::latency_tolerance`] times it, and its noise (four standard errors of the
+//!   mean, from the larger of the interval's variance and the calm one), is past the knee,
+//!   and the limit goes to where the latency would be calm again: the load in flight times
+//!   `calm / mean` (Little's law with a latency growing in proportion to the load past the
+//!   knee; halved at most). Past the knee the figure is the capacity itself, so one step
+//!   lands on it (Envoy's adaptive concurrency and Netflix's Gradient2 scale by a gradient
+//!   against a minimum latency the same way, with more headroom);
 //! - with a [`Capacity::latency_target`], also: when the requests in flight reached half the
 //!   limit, a mean past the target scales the limit by `target / mean` (halved at most);
 //! - else, when the requests in flight reached half the limit, it grows: by 10% (at least 1)
 //!   per interval, and by 2% while it is within 10% of the mark the last cut left (the knee
-//!   found, the limit an overload cut started from), probing gently past the capacity
-//!   instead of swinging past it. A limit 10% past that mark forgets it: the capacity came
-//!   back.
+//!   found, the limit an overload cut started from). A load past the knee found is a probe,
+//!   ended by any rise beyond the noise and half the tolerance, so the limit reads the
+//!   capacity, now and then one slot more. A limit 10% past the mark forgets it: the
+//!   capacity came back.
+//!
+//! After a cut, the requests admitted under the old limit keep the upstream as busy as
+//! before until enough of them have ended (counted by `Controller::released`; at most
+//! five intervals): answers to requests sent before then are not judged, or they would cut
+//! again for the same overload.
 //!
 //! A cut past the knee is checked at the next interval: if the load in flight fell and the
-//! latency did not, the upstream got slower for everyone (longer prompts, a bigger model),
-//! not busier: the calm latency moves to the new one and the limit goes back.
-//!
-//! Answers to requests sent before the last cut are not judged: they were admitted under
-//! the higher limit, and would cut it again for the same overload.
+//! latency stayed, the upstream got slower for everyone (longer prompts, a bigger model), not
+//! busier: the calm latency moves to the new one and the limit goes back. Before any calm
+//! latency is known, a limit in use is calibrated the same way: halved until the latency
+//! stops falling with it (see `Controller::calibrate`).
 
 use super::Capacity;
 

@@ -160,8 +160,12 @@
 //!   started from), so that it probes gently past the capacity rather than swinging past it;
 //!   10% past that mark, it is forgotten (the capacity came back).
 //!
-//! Answers to requests sent before the last cut are not judged: admitted under the higher
-//! limit, they would cut it again for the same overload.
+//! After a cut, answers are judged again once the requests admitted under the old limit
+//! have drained (as many have ended as the interval saw in flight over the new limit, or
+//! five intervals at most): until then the upstream is as busy as before, and their
+//! answers would cut the limit again for the same overload. Near the knee found the limit
+//! probes one slot past it now and then, and any rise of the latency beyond the noise ends
+//! the probe.
 //!
 //! On a server that slows in proportion to its load past its capacity (the gateway's
 //! saturating mock), the limit settles within 10% of the capacity, follows it down when it
