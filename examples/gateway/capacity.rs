@@ -4,15 +4,16 @@
 //! rule (see `limits.rs`).
 //!
 //! The rule counts the requests in flight to the model, at a limit that a controller moves
-//! with the model server's answers: down on 429/502/503/504, failures, or a time to first
-//! byte past the target; up while answers are fast and the limit is in use; between `min`
-//! and `max`. Past `saturation x` the current limit, each tier with a `capacity_share` keeps
+//! with the model server's answers: down on 429/502/503/504, failures, a time to first byte
+//! past the server's knee (its calm latency times `latency_tolerance`) or past the target;
+//! up while answers are calm and the limit is in use; between `min` and `max`. Past `saturation x` the current limit, each tier with a `capacity_share` keeps
 //! that share of it and the others are shed (429) first; a tier with `max_wait_ms` waits
 //! that long in the model's queue for a slot (by `priority`, then arrival) before its 429.
 //!
 //! A user whose keys override limits of its tier is limited as a tier of its own,
-//! `TIER+USER` (see `limits.rs`): it gets its tier's priority and wait, but no reserved
-//! share (a share per such user would promise more than the whole capacity).
+//! `TIER+USER` (see `limits.rs`): under the capacity it takes its tier's place
+//! ([`Capacity::tier_as`]): its priority, its wait, and a part of its reserved share, which
+//! all the tier's callers hold together.
 
 use std::time::Duration;
 
@@ -210,11 +211,12 @@ pub(crate) fn of_model(
         let Some(t) = cfg.tiers.get(*base).filter(|t| has_priority(t)) else {
             continue;
         };
-        let mut p = Priority::new(t.priority.unwrap_or(0));
-        // A user's own tier keeps no reserve: see the module docs.
-        if limits == base {
-            p = p.reserve(t.capacity_share.unwrap_or(0.0));
+        if limits != base {
+            // A user's own tier takes its tier's place: see the module docs.
+            cap = cap.tier_as(limits.as_str(), *base);
+            continue;
         }
+        let mut p = Priority::new(t.priority.unwrap_or(0)).reserve(t.capacity_share.unwrap_or(0.0));
         if let Some(ms) = t.max_wait_ms {
             p = p.max_wait(Duration::from_millis(ms));
         }

@@ -88,6 +88,8 @@ pub struct Capacity {
     pub(crate) baseline_window: Duration,
     pub(crate) saturation: f64,
     pub(crate) tiers: Vec<(Arc<str>, Priority)>,
+    /// Tiers placed as another: (tier, the tier whose place it takes).
+    pub(crate) aliases: Vec<(Arc<str>, Arc<str>)>,
     pub(crate) queue_len: usize,
 }
 
@@ -105,6 +107,7 @@ impl Capacity {
             baseline_window: Duration::from_secs(10),
             saturation: 1.0,
             tiers: Vec::new(),
+            aliases: Vec::new(),
             queue_len: 64,
         }
     }
@@ -196,6 +199,38 @@ impl Capacity {
         self
     }
 
+    /// Places callers of `tier` as callers of `as_tier` (a tier given with
+    /// [`Capacity::tier`]): its priority, its wait, and its reserve, which they share with
+    /// it (the same tier bucket, `{rule}#{as_tier}`, so the shares still add up to at most
+    /// the capacity). For tiers that are variants of another, such as a customer with limits
+    /// of its own within the `pro` tier.
+    ///
+    /// ```
+    /// use tower_llm_ratelimit::capacity::{Capacity, Priority};
+    ///
+    /// let c = Capacity::adaptive(1, 64)
+    ///     .tier("pro", Priority::new(2).reserve(0.5))
+    ///     .tier_as("pro+acme", "pro");
+    /// assert_eq!(c.priority_of(Some("pro+acme")), c.priority_of(Some("pro")));
+    /// ```
+    pub fn tier_as(mut self, tier: impl Into<String>, as_tier: impl Into<String>) -> Self {
+        let (tier, as_tier): (String, String) = (tier.into(), as_tier.into());
+        self.aliases.push((tier.into(), as_tier.into()));
+        self
+    }
+
+    /// The tier whose place callers of `tier` take: `tier` itself, or the one given with
+    /// [`Capacity::tier_as`].
+    pub(crate) fn place<'a>(&'a self, tier: Option<&'a str>) -> Option<&'a str> {
+        let tier = tier?;
+        Some(
+            self.aliases
+                .iter()
+                .find(|(alias, _)| &**alias == tier)
+                .map_or(tier, |(_, base)| &**base),
+        )
+    }
+
     /// Most requests waiting for a slot of one bucket (default 64); past it, a caller that
     /// finds no capacity is refused at once. Waiting is per tier:
     /// [`Priority::max_wait`]. A waiter holds no slot; each release of a slot by this layer
@@ -208,9 +243,10 @@ impl Capacity {
         self
     }
 
-    /// The priority of callers of `tier`, if the capacity lists it.
+    /// The priority of callers of `tier`, if the capacity lists it (or places it as a tier it
+    /// lists, [`Capacity::tier_as`]).
     pub fn priority_of(&self, tier: Option<&str>) -> Option<&Priority> {
-        let tier = tier?;
+        let tier = self.place(tier)?;
         self.tiers
             .iter()
             .find(|(name, _)| &**name == tier)
@@ -310,6 +346,21 @@ impl Capacity {
         }
         if total > 1.0 + 1e-9 {
             return Some(format!("the tiers' shares add up to {total}, more than 1"));
+        }
+        for (i, (alias, base)) in s.aliases.iter().enumerate() {
+            if s.aliases[..i].iter().any(|(a, _)| a == alias) {
+                return Some(format!("tier `{alias}` is placed twice"));
+            }
+            if s.tiers.iter().any(|(t, _)| t == alias) {
+                return Some(format!(
+                    "tier `{alias}` has a priority of its own and can't take `{base}`'s place"
+                ));
+            }
+            if !s.tiers.iter().any(|(t, _)| t == base) {
+                return Some(format!(
+                    "tier `{alias}` takes the place of `{base}`, which has no priority"
+                ));
+            }
         }
         None
     }

@@ -107,7 +107,10 @@ impl Limiter {
             });
             first_quota = quota.with_limit(threshold);
             tier_charge = Some(planned(
-                BucketKey::new(Arc::clone(cap.tier_rule(tier)), key.clone()),
+                BucketKey::new(
+                    Arc::clone(cap.tier_rule(cap.config.place(tier))),
+                    key.clone(),
+                ),
                 quota,
             ));
         }
@@ -230,7 +233,7 @@ impl Limiter {
         let denial = result.as_ref().ok()?.denial?;
         let adapt = self.capacity_of(plan, denial.index)?;
         let config = &self.capacity[adapt.rule].as_ref()?.config;
-        let tier = plan.tier.as_ref().map(|t| t.as_str());
+        let tier = config.place(plan.tier.as_ref().map(|t| t.as_str()));
         let priority = config.priority_of(tier)?;
         let (tier_name, _) = config
             .tiers

@@ -21,7 +21,7 @@ const FOREVER_MS: u64 = 600_000;
 
 /// The mock runs 4 at full speed (4 more beyond, slower, before its 503s); the model's
 /// capacity is 4, saturated past 2: pro keeps half of it and may wait a minute for a slot,
-/// free has no reserve and no wait.
+/// free has no reserve and no wait; carol is a pro user with limits of her own.
 fn config() -> String {
     format!(
         r#"
@@ -56,6 +56,7 @@ max_wait_ms = 60_000
 [keys]
 free-key = {{ user = "alice", tier = "free" }}
 pro-key = {{ user = "bob", tier = "pro" }}
+carol-key = {{ user = "carol", tier = "pro", rpm = 90000 }}
 "#
     )
 }
@@ -176,8 +177,10 @@ async fn a_free_flood_is_shed_while_pro_keeps_its_share_and_the_mock_never_overl
         assert!(secs >= 1, "{secs}");
     }
 
-    // Pro keeps being served: its reserve is half the capacity.
-    let pro = open_streams(&c, &gw, "pro-key", 2).await;
+    // Pro keeps being served: its reserve is half the capacity, which a pro user with limits
+    // of its own (carol, the tier `pro+carol`) shares with the tier's other callers.
+    let mut pro = open_streams(&c, &gw, "pro-key", 1).await;
+    pro.extend(open_streams(&c, &gw, "carol-key", 1).await);
     assert!(
         pro.iter().all(|r| r.status() == StatusCode::OK),
         "{:?}",
@@ -248,7 +251,7 @@ async fn a_free_flood_is_shed_while_pro_keeps_its_share_and_the_mock_never_overl
             async move { send(&c, "POST", &url, Some("pro-key"), Some(&stream_body())).await },
         )
     };
-    drop(open.pop()); // a pro stream (the last opened) ends: its slot is free again
+    drop(open.pop()); // carol's stream (the last opened) ends: the reserve has room again
     let served = within("the waiting pro caller", waiter)
         .await
         .expect("the waiter's task");
