@@ -104,7 +104,8 @@ const MIN_GRADIENT: f64 = 0.5;
 const MIN_SAMPLES: u64 = 8;
 /// How many standard errors of an interval's mean past the calm latency count as a rise
 /// (so that a mix of short and long prompts is not taken for a knee by chance: about once
-/// in 30,000 intervals for a normal mean, and the cut is undone at the next interval).
+/// in 30,000 intervals for a normal mean; such a cut is undone by the check of the next
+/// interval if that one looks past the knee too, else the limit grows back from it).
 const NOISE: f64 = 4.0;
 /// A cut past the knee is checked at the next interval: if the load fell by this share at
 /// least and the latency by no more than this share (or within its noise), the upstream is
@@ -166,7 +167,7 @@ impl Point {
     fn of(w: &Window, limit: f64, calm_variance: f64) -> Option<Point> {
         (w.samples >= MIN_SAMPLES && w.peak_in_flight > 0).then_some(())?;
         Some(Point {
-            load: (w.peak_in_flight as f64).min(limit.floor().max(1.0)),
+            load: (w.peak_in_flight as f64).min(slots(limit).max(1.0)),
             mean: w.mean(),
             variance: w.variance(),
             error: (w.variance().max(calm_variance) / w.samples as f64).sqrt(),
@@ -218,6 +219,8 @@ struct Window {
     latency_squares: f64,
     overloaded: bool,
     peak_in_flight: u64,
+    /// What the interval's last decision saw in flight.
+    last_in_flight: u64,
 }
 
 impl Window {
@@ -225,7 +228,6 @@ impl Window {
         self.latency_sum / self.samples as f64
     }
 
-    /// The standard error of the mean (0 below two samples).
     /// The variance of the latencies (0 below two samples).
     fn variance(&self) -> f64 {
         if self.samples < 2 {
@@ -271,8 +273,7 @@ impl Controller {
 
     /// The limit in force: whole slots, within `[min, max]`.
     pub(crate) fn limit(&self) -> u64 {
-        // The small margin keeps 7.9999999 (a knee found by a ratio) at 8.
-        ((self.limit + 1e-6).floor() as u64).clamp(self.min as u64, self.max as u64)
+        (slots(self.limit) as u64).clamp(self.min as u64, self.max as u64)
     }
 
     /// A controller that knows its upstream's calm latency already (nanoseconds).
@@ -293,6 +294,7 @@ impl Controller {
     /// A decision on a request saw `in_flight` slots taken (itself included when admitted).
     pub(crate) fn saw_in_flight(&mut self, in_flight: u64) {
         self.window.peak_in_flight = self.window.peak_in_flight.max(in_flight);
+        self.window.last_in_flight = in_flight;
     }
 
     /// Feedback from one response at `now`; judges the interval when it is over. Returns the
@@ -327,15 +329,15 @@ impl Controller {
         }
         let window = std::mem::take(&mut self.window);
         let before = self.limit();
-        let in_flight = window.peak_in_flight.min(before);
+        let in_flight = window.last_in_flight.min(before);
         let why = self.judge(cfg, &window);
         let after = self.limit();
         if matches!(why, Some(Change::Overload | Change::Latency)) {
-            // The requests admitted under the old limit (as many as the interval saw in
-            // flight) keep the upstream as busy as before until enough have ended to fit the
-            // new one: the answers of requests sent
-            // meanwhile would judge the old load again (cut again, or look like an upstream
-            // slower for everyone). Bounded: a stream held open for long doesn't freeze it.
+            // The requests admitted under the old limit (as many as the interval's last
+            // decision saw in flight) keep the upstream as busy as before until enough have
+            // ended to fit the new one: the answers of requests sent meanwhile would judge
+            // the old load again (cut again, or look like an upstream slower for everyone).
+            // Bounded: a stream held open for long doesn't freeze it.
             self.drain = in_flight.saturating_sub(after);
             self.cut_at = Some(if self.drain == 0 {
                 now
@@ -348,34 +350,7 @@ impl Controller {
 
     fn judge(&mut self, cfg: &Capacity, w: &Window) -> Option<Change> {
         let point = Point::of(w, self.limit, self.calm_variance);
-        if w.overloaded {
-            self.check = None;
-            // Answers that did come back past the knee tell how far past it the load is.
-            let knee = match (self.calm, point) {
-                (Some(calm), Some(p)) if p.mean > calm * cfg.latency_tolerance => {
-                    p.load * calm / p.mean
-                }
-                _ => f64::INFINITY,
-            };
-            let to = (self.limit * cfg.decrease)
-                .min(knee)
-                .max(self.limit * MIN_GRADIENT);
-            self.cut(to);
-            return Some(Change::Overload);
-        }
-        if w.samples == 0 {
-            return None;
-        }
-        // A cut waits for an interval that says something to be checked.
-        let check = if point.is_some() {
-            self.check.take()
-        } else {
-            None
-        };
         let in_use = (w.peak_in_flight as f64) * 2.0 >= self.limit;
-        if let (None, Some(p)) = (self.calm, point) {
-            return Some(self.calibrate(cfg, check, p, in_use));
-        }
         let calm = self.calm.unwrap_or(f64::INFINITY);
         // Past the knee: the mean beyond the tolerance and the noise. A load past the knee
         // found is a probe, and any rise beyond the noise (and half the tolerance) ends it.
@@ -388,6 +363,38 @@ impl Controller {
             };
             p.mean > (calm * tolerance).max(calm + NOISE * p.error)
         });
+        if w.overloaded {
+            // Answers that did come back past the knee, the limit in use, tell how far past
+            // it the load is: the cut goes no higher than the knee (halved at most, unless
+            // `decrease` says more).
+            let knee = match point {
+                Some(p) if past_knee && in_use => p.load * calm / p.mean,
+                _ => f64::INFINITY,
+            };
+            let to = (self.limit * cfg.decrease)
+                .min(knee)
+                .max(self.limit * cfg.decrease.min(MIN_GRADIENT));
+            match &mut self.check {
+                // A calibration under way compares its next clean interval still; going
+                // back, it goes no higher than this cut.
+                Some(c) if self.calm.is_none() => c.limit = c.limit.min(to),
+                _ => self.check = None,
+            }
+            self.cut(to);
+            return Some(Change::Overload);
+        }
+        if w.samples == 0 {
+            return None;
+        }
+        // A cut waits for an interval that says something to be checked.
+        let check = if point.is_some() {
+            self.check.take()
+        } else {
+            None
+        };
+        if let (None, Some(p)) = (self.calm, point) {
+            return Some(self.calibrate(cfg, check, p, in_use));
+        }
         if let (true, Some(c), Some(p)) = (past_knee, check, point) {
             if p.load <= c.load * (1.0 - LOAD_FALL) && p.moved_from(&c) == 0 {
                 // Less load, the same latency: the upstream is slower for everyone (or the
@@ -415,7 +422,12 @@ impl Controller {
                 // Past the knee at a load under the limit: nothing to cut yet.
                 return None;
             }
-            self.check = point.filter(|_| past_knee).map(|p| p.at(self.limit));
+            // A run of cuts at the same latency is checked against its first: a rise that
+            // stays (longer prompts) would else be cut a step at a time, never 10% at once.
+            self.check = point.filter(|_| past_knee).map(|p| match check {
+                Some(first) if p.moved_from(&first) == 0 => first,
+                _ => p.at(self.limit),
+            });
             self.limit = to.max(self.min);
             // Growth is slow from here: this is where the upstream's capacity is.
             self.ceiling = Some(self.limit);
@@ -456,11 +468,10 @@ impl Controller {
             if !in_use || self.limit <= self.min {
                 self.calm = Some(p.mean);
                 self.calm_variance = p.variance;
-                self.calm_variance = p.variance;
                 return self.grow(in_use).unwrap_or(Change::Growth);
             }
             self.check = Some(p.at(self.limit));
-            self.limit = (self.limit * MIN_GRADIENT).max(self.min);
+            self.limit = (p.load.min(self.limit) * MIN_GRADIENT).max(self.min);
             return Change::Latency;
         };
         let moved = p.moved_from(&c);
@@ -482,7 +493,7 @@ impl Controller {
             return Change::Latency;
         }
         self.check = Some(p.at(self.limit));
-        self.limit = (self.limit * MIN_GRADIENT).max(self.min);
+        self.limit = (p.load.min(self.limit) * MIN_GRADIENT).max(self.min);
         Change::Latency
     }
 
@@ -517,6 +528,12 @@ impl Controller {
         self.ceiling = Some(self.limit);
         self.limit = to.max(self.min);
     }
+}
+
+/// The whole slots of a limit: the small margin keeps 7.9999999 (a knee found by a ratio)
+/// at 8.
+fn slots(limit: f64) -> f64 {
+    (limit + 1e-6).floor()
 }
 
 /// Half the way from 1 to `tolerance`.

@@ -5,11 +5,11 @@
 //! ([`crate::Rule::capacity`]) has, per bucket key (per model, say), a controller that
 //! picks the current limit from what the upstream answers: the time to the first byte of
 //! each response body, and its status. It shrinks the limit multiplicatively on 429, 502,
-//! 503, 504, an error of the inner service or a caller that gave up past the latency target
-//! without the response's head (a stalled upstream), and in proportion when the mean
-//! latency goes past the target under load; it grows it while responses come back within
-//! the target and the limit is in use; always within `[min, max]`, and at most once per
-//! interval (see the controller's rules below).
+//! 503, 504, an error of the inner service or a caller that gave up past its patience
+//! without the response's head (a stalled upstream); to the upstream's knee when the mean
+//! latency rises past the calm one it learned (or past an optional latency target); it
+//! grows it while responses come back calm and the limit is in use; always within
+//! `[min, max]`, and at most once per interval (see the controller's rules below).
 //!
 //! The controller is local to the layer and only picks the limit; the store enforces it
 //! with the same all-or-nothing acquire as any other (the limit travels in the charge), so
@@ -136,15 +136,17 @@
 //!
 //! - an overload status, an inner error, or a caller gone without the response's head past
 //!   its patience (the latency target, or twice the calm latency), in the interval: the limit
-//!   is multiplied by [`Capacity::decrease`] (default 0.8); a caller gone sooner says
-//!   nothing;
+//!   is multiplied by [`Capacity::decrease`] (default 0.8), or cut to the knee's figure
+//!   below when the answers that did come back show it lower (halved at most, unless
+//!   `decrease` says more); a caller gone sooner says nothing;
 //! - else, **the knee**. A model server answers at its calm latency up to its capacity;
 //!   past it (a batch that no longer fits) every answer slows with the load. The controller
 //!   learns the calm latency (a moving average of the mean time to first byte of the
 //!   intervals below the knee, [`Capacity::baseline_window`]), and an interval whose mean
-//!   passes [`Capacity::latency_tolerance`] times it (default 1.05), and its noise (three
-//!   standard errors of the interval's mean, so a mix of short and long prompts is not taken
-//!   for a knee), is past the knee: the limit goes to `load x calm / mean` (halved at most),
+//!   passes [`Capacity::latency_tolerance`] times it (default 1.05), and its noise (four
+//!   standard errors of the interval's mean, from the larger of its variance and the calm
+//!   intervals', so a mix of short and long prompts is not taken for a knee), is past the
+//!   knee: the limit goes to `load x calm / mean` (halved at most),
 //!   the load in flight at which the latency would be calm again. Past the knee the latency
 //!   grows in proportion to the load, so that figure is the capacity itself and one step
 //!   lands on it. (Envoy's adaptive concurrency filter and Netflix's Gradient2 scale by a
@@ -171,9 +173,10 @@
 //! saturating mock), the limit settles within 10% of the capacity, follows it down when it
 //! halves within a few intervals and regains it within about fifteen when it comes back (the
 //! controller's simulation tests and `benches/overload.rs` check both). The calm latency is
-//! learned from answers below the knee: a layer started at `max` under a load past the knee
-//! from its first second learns the loaded latency as calm and holds the limit there until
-//! the load drops; start it lower ([`Capacity::initial`]) or give it a `latency_target`.
+//! learned from answers below the knee: before it knows one, a limit in use is calibrated
+//! by halving it (from the load in flight) until the latency stops falling with the load,
+//! so a layer started at `max` under full load finds the knee too; a start at low load
+//! takes its first interval's mean as calm, which a later, lower mean corrects.
 //! On a GPU whose latency rises slowly well before its throughput stops growing, the
 //! tolerance is where the limit stops: widen it to trade latency for throughput.
 //!

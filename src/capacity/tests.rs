@@ -541,3 +541,108 @@ proptest::proptest! {
         }
     }
 }
+
+/// One interval from `start` like [`judged`], with one overload among its answers.
+fn overloaded(
+    c: &mut Controller,
+    cfg: &Capacity,
+    start: u64,
+    load: u64,
+    latency_ms: u64,
+) -> Option<(u64, u64, Change)> {
+    while c.is_draining() {
+        c.released(start.saturating_sub(S / 2));
+    }
+    c.saw_in_flight(load);
+    for i in 0..20 {
+        c.sample(cfg, start + i * S / 20, Signal::Latency(latency_ms * MS));
+    }
+    c.sample(cfg, start + S / 2, Signal::Overload(MS));
+    c.sample(cfg, start + S, Signal::Latency(latency_ms * MS))
+}
+
+#[test]
+fn a_small_rise_that_stays_is_cut_for_two_intervals_then_taken_as_calm() {
+    // Every answer 7% slower from now on (longer prompts), the knee far away: a run of cuts
+    // at the same latency is checked against its first, so the limit goes back once the
+    // load has fallen 10% without the latency following, instead of a cut at a time.
+    let cfg = Capacity::adaptive(1, 100).initial(40);
+    let mut c = Controller::with_calm(&cfg, 100 * MS);
+    let mut limits = Vec::new();
+    for k in 0..4 {
+        let load = c.limit();
+        let change = judged(&mut c, &cfg, 2 * k * S, load, 20, 107);
+        limits.push((c.limit(), change.map(|ch| ch.2)));
+    }
+    assert_eq!(
+        limits,
+        [
+            (37, Some(Change::Latency)),
+            (34, Some(Change::Latency)),
+            (40, Some(Change::Baseline)),
+            (44, Some(Change::Growth)),
+        ]
+    );
+    assert_eq!(c.calm(), Some(107.0 * MS as f64));
+}
+
+#[test]
+fn a_calibration_halves_from_the_load_in_flight_not_the_limit() {
+    // A start at 64 with 33 in flight (the limit in use) on a server of capacity 8: halving
+    // the limit to 32 would change nothing; halving the load does, down to the knee.
+    let cfg = Capacity::adaptive(1, 64);
+    let mut c = Controller::new(&cfg);
+    let latency = |load: u64| 100 * load.max(8) / 8;
+    let mut load = 33;
+    for k in 0..6 {
+        judged(&mut c, &cfg, 2 * k * S, load, 20, latency(load));
+        load = load.min(c.limit());
+        if c.calm().is_some() {
+            break;
+        }
+    }
+    assert_eq!(c.calm(), Some(100.0 * MS as f64));
+    assert_eq!(c.limit(), 8);
+}
+
+#[test]
+fn an_overload_cut_honours_a_decrease_below_one_half() {
+    let cfg = Capacity::adaptive(1, 100).initial(40).decrease(0.25);
+    let mut c = Controller::with_calm(&cfg, 100 * MS);
+    assert_eq!(
+        overloaded(&mut c, &cfg, 0, 40, 100),
+        Some((40, 10, Change::Overload))
+    );
+}
+
+#[test]
+fn an_overload_at_low_load_is_cut_by_decrease_not_by_the_knee() {
+    // 10 in flight of 40, answers 10% slower than calm, one 503: x0.8, not 10 x 100/110.
+    let cfg = Capacity::adaptive(1, 100).initial(40);
+    let mut c = Controller::with_calm(&cfg, 100 * MS);
+    assert_eq!(
+        overloaded(&mut c, &cfg, 0, 10, 110),
+        Some((40, 32, Change::Overload))
+    );
+}
+
+#[test]
+fn overloads_during_a_calibration_do_not_halve_it_to_min() {
+    // A flat 100 ms upstream that answers a 429 every other interval (a provider's quota),
+    // the limit always in use: the calibration compares its next clean interval with the
+    // first one, learns the calm latency, and only the overload cuts remain.
+    let cfg = Capacity::adaptive(1, 64);
+    let mut c = Controller::new(&cfg);
+    for k in 0..8 {
+        let load = c.limit();
+        if k % 2 == 1 {
+            overloaded(&mut c, &cfg, 2 * k * S, load, 100);
+        } else {
+            judged(&mut c, &cfg, 2 * k * S, load, 20, 100);
+        }
+    }
+    // Four overload cuts of x0.8 from 32 with growth between them: 15. (Halving on every
+    // clean interval instead: 1.)
+    assert_eq!(c.calm(), Some(100.0 * MS as f64));
+    assert_eq!(c.limit(), 15);
+}
