@@ -703,3 +703,44 @@ async fn a_reload_changing_the_capacity_keeps_the_queue_woken_by_old_releases() 
         (StatusCode::OK, Duration::ZERO)
     );
 }
+
+/// A slot released while a caller of a higher priority waits goes to it, not to a newcomer
+/// of a lower priority that comes first: outside a tier's reserve, the bucket is open to a
+/// caller less one slot per waiter above it. So a saturation of 1 (no threshold) lets free
+/// fill the whole capacity and still gives pro the next slot.
+#[tokio::test(start_paused = true)]
+async fn a_newcomer_of_a_lower_priority_does_not_take_a_slot_from_a_waiter_above_it() {
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2)).capacity(
+                Capacity::fixed(2)
+                    .tier("pro", Priority::new(2).max_wait(Duration::from_secs(5)))
+                    .tier("free", Priority::new(0)),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    // Free fills the capacity; pro waits.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let res = send_to(&layer, "m", "free").await;
+        assert_eq!(res.status(), StatusCode::OK);
+        held.push(res);
+    }
+    let pro = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    assert!(!pro.is_finished(), "pro waits");
+    // A slot comes back, and a free newcomer asks before the woken waiter runs: refused.
+    drop(held.pop());
+    let newcomer = send_to(&layer, "m", "free").await;
+    assert_eq!(newcomer.status(), StatusCode::TOO_MANY_REQUESTS);
+    let pro = support::within("the pro waiter", pro).await.unwrap();
+    assert_eq!(pro.status(), StatusCode::OK);
+    // With nobody above it waiting, free has the whole capacity again.
+    drop(pro);
+    let again = send_to(&layer, "m", "free").await;
+    assert_eq!(again.status(), StatusCode::OK);
+}

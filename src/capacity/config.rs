@@ -174,7 +174,11 @@ impl Capacity {
     /// The share of the current capacity past which the bucket counts as saturated (default
     /// 1, in (0, 1]): below it, any caller may use idle capacity; past it, each tier is held
     /// to its reserved share ([`Capacity::tier`]), so the tiers without one are shed first.
-    /// Only with tiers.
+    /// Only with tiers. What lies past the threshold is held for the reserves, used or not:
+    /// with an exact capacity, a threshold of 0.5 leaves half of it to the reserved tiers
+    /// alone. Waiting callers of a higher priority are served first at any threshold (see
+    /// [`Capacity::queue_len`]), so a threshold of 1 with `max_wait` for the important tiers
+    /// keeps the whole capacity busy and still serves them before the others.
     pub fn saturation(mut self, share: f64) -> Self {
         self.saturation = share;
         self
@@ -234,9 +238,11 @@ impl Capacity {
     /// Most requests waiting for a slot of one bucket (default 64); past it, a caller that
     /// finds no capacity is refused at once. Waiting is per tier:
     /// [`Priority::max_wait`]. A waiter holds no slot; each release of a slot by this layer
-    /// wakes the first waiter, by priority then arrival, which tries its charges again
-    /// (requests arriving meanwhile are not held back for it: a waiter can lose a slot to
-    /// them and wait on). At its deadline it is refused with 429 and a `Retry-After` from
+    /// wakes the first waiter, by priority then arrival, which tries its charges again.
+    /// Outside its tier's reserve, a caller finds the bucket one slot smaller for each
+    /// waiter of a higher priority (at least one slot stays open), so a newcomer of a lower
+    /// priority doesn't take the slot a waiter above it was woken for; one of the same or a
+    /// higher priority may, and the waiter waits on. At its deadline it is refused with 429 and a `Retry-After` from
     /// the bucket's recent completion rate. A waiter whose client goes away leaves the queue.
     pub fn queue_len(mut self, max_len: usize) -> Self {
         self.queue_len = max_len;

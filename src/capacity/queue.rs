@@ -77,6 +77,11 @@ impl Queue {
             .count()
     }
 
+    /// Requests waiting now at a priority higher than `level`.
+    pub(crate) fn above(&self, level: u8) -> usize {
+        self.lock().queue.range(..(Reverse(level), 0)).count()
+    }
+
     /// A slot of the bucket was released: wakes the first waiter not woken yet.
     pub(crate) fn release(&self) {
         self.lock().wake_first(None, None);

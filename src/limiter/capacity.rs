@@ -69,7 +69,8 @@ impl Limiter {
         let now = self.clock.now_nanos();
         let cell = cap.cell(bucket.key(), now);
         let capacity = quota.limit().min(cell.limit());
-        let quota = quota.with_limit(capacity);
+        let open = open_to(cap, &cell, capacity, tier);
+        let quota = quota.with_limit(open);
         let key = replica_key(bucket.key(), &self.replica);
         feedback
             .get_or_insert_with(|| Feedback {
@@ -96,7 +97,7 @@ impl Limiter {
         // their capacity (a plan has one reserve attempt).
         if cap.config.has_tiers() && reserve.is_none() {
             let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
-            let threshold = share_of(cap.config.saturation, capacity).max(1);
+            let threshold = share_of(cap.config.saturation, capacity).clamp(1, open);
             *reserve = Some(Reserve {
                 shared: at,
                 tier: at + 1,
@@ -111,7 +112,7 @@ impl Limiter {
                     Arc::clone(cap.tier_rule(cap.config.place(tier))),
                     key.clone(),
                 ),
-                quota,
+                quota.with_limit(capacity),
             ));
         }
         std::iter::once(planned(bucket.with_key(key), first_quota)).chain(tier_charge)
@@ -186,12 +187,13 @@ impl Limiter {
                 .quota_for(tier)
                 .limit()
                 .min(a.cell.limit());
+            let open = open_to(cap, &a.cell, capacity, tier);
             match &mut plan.reserve {
                 Some(r) if r.shared == a.charge => {
                     let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
                     *r = Reserve {
                         capacity,
-                        threshold: share_of(cap.config.saturation, capacity).max(1),
+                        threshold: share_of(cap.config.saturation, capacity).clamp(1, open),
                         reserved: share_of(share, capacity),
                         second: false,
                         ..*r
@@ -199,11 +201,11 @@ impl Limiter {
                     let shared = &mut plan.charges[r.shared];
                     shared.quota = shared.quota.with_limit(r.threshold);
                     let own = &mut plan.charges[r.tier];
-                    own.quota = own.quota.with_limit(r.capacity);
+                    own.quota = own.quota.with_limit(capacity);
                 }
                 _ => {
                     let charge = &mut plan.charges[a.charge];
-                    charge.quota = charge.quota.with_limit(capacity);
+                    charge.quota = charge.quota.with_limit(open);
                 }
             }
         }
@@ -255,4 +257,18 @@ impl Limiter {
             max_len: adapt.cell.queue_len(config.queue_len),
         })
     }
+}
+
+/// The slots of a bucket at `capacity` open to a caller of `tier` outside its tier's reserve:
+/// one fewer for each caller of a higher priority waiting in its queue, so that a slot
+/// released goes to them rather than to a newcomer below them (at least 1: a bucket is never
+/// closed to everyone). A tier's reserve stays its own: the second attempt charges the bucket
+/// at the whole capacity.
+fn open_to(cap: &RuleCapacity, cell: &Cell, capacity: u64, tier: Option<&str>) -> u64 {
+    if !cap.config.has_tiers() {
+        return capacity;
+    }
+    let level = cap.config.priority_of(tier).map_or(0, |p| p.level);
+    let above = u64::try_from(cell.queue.above(level)).unwrap_or(u64::MAX);
+    capacity.saturating_sub(above).max(1)
 }
