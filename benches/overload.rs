@@ -35,7 +35,7 @@
 //!    most the mock takes before its 503s; the controller starts there and moves with the
 //!    mock's answers: its 503s, and its time to first byte, which is its time to first
 //!    token), the controller's other settings the gateway's defaults (no latency target: it
-//!    finds the mock's knee), `saturation = 0.5` (`OVERLOAD_SATURATION_PCT`, 50); pro has
+//!    finds the mock's knee), `saturation = 0.9` (`OVERLOAD_SATURATION_PCT`, 90); pro has
 //!    `priority = 2`, `capacity_share = 0.5` and
 //!    `max_wait_ms = 2000`, free nothing (shed first past the threshold). The gate: pro's
 //!    success rate at least 99.9% in this run. After it, the gateway's capacity metrics
@@ -56,7 +56,7 @@
 //! Environment: `OVERLOAD_BASELINE_SECS` (10), `OVERLOAD_RAMP_SECS` (20),
 //! `OVERLOAD_HOLD_SECS` (10), `OVERLOAD_CAPACITY` (16), `OVERLOAD_TOKEN_DELAY_MS` (20),
 //! `OVERLOAD_CAPACITY_MAX` (the adaptive run's `max`, 2C), `OVERLOAD_SATURATION_PCT` (its
-//! `saturation` in hundredths, 50), `OVERLOAD_ONLY=adaptive` (the adaptive run alone),
+//! `saturation` in hundredths, 90), `OVERLOAD_ONLY=adaptive` (the adaptive run alone),
 //! `OVERLOAD_ALLOW_SKIP=1` (a run that can't start is skipped instead of failing; without
 //! it, a skip exits 2 and a failed gate exits 1), `OVERLOAD_GATEWAY` (a gateway binary to use instead of building one; the gateway's last
 //! lines on stderr are printed if it doesn't start), `OVERLOAD_SCENARIO` (`follow`: instead
@@ -127,7 +127,7 @@ impl Setup {
             ramp: Duration::from_secs(env_u64("OVERLOAD_RAMP_SECS", 20)),
             hold: Duration::from_secs(env_u64("OVERLOAD_HOLD_SECS", 10)),
             capacity_max: 0,
-            saturation_pct: env_u64("OVERLOAD_SATURATION_PCT", 50).clamp(1, 100),
+            saturation_pct: env_u64("OVERLOAD_SATURATION_PCT", 90).clamp(1, 100),
             only_adaptive: std::env::var("OVERLOAD_ONLY").is_ok_and(|v| v == "adaptive"),
         }
         .with_capacity_max()
