@@ -178,7 +178,8 @@ impl Capacity {
     /// with an exact capacity, a threshold of 0.5 leaves half of it to the reserved tiers
     /// alone. Waiting callers of a higher priority are served first at any threshold (see
     /// [`Capacity::queue_len`]), so a threshold of 1 with `max_wait` for the important tiers
-    /// keeps the whole capacity busy and still serves them before the others.
+    /// lets the others fill the capacity and still serves the important ones first (at the
+    /// cost of their wait for a slot to come back).
     pub fn saturation(mut self, share: f64) -> Self {
         self.saturation = share;
         self
@@ -207,7 +208,8 @@ impl Capacity {
     /// [`Capacity::tier`]): its priority, its wait, and its reserve, which they share with
     /// it (the same tier bucket, `{rule}#{as_tier}`, so the shares still add up to at most
     /// the capacity). For tiers that are variants of another, such as a customer with limits
-    /// of its own within the `pro` tier.
+    /// of its own within the `pro` tier. (The `metrics` feature labels by the rule's tiers:
+    /// a tier only placed here, and listed by no rule, is counted as `other`.)
     ///
     /// ```
     /// use tower_llm_ratelimit::capacity::{Capacity, Priority};
@@ -242,7 +244,9 @@ impl Capacity {
     /// Outside its tier's reserve, a caller finds the bucket one slot smaller for each
     /// waiter of a higher priority (at least one slot stays open), so a newcomer of a lower
     /// priority doesn't take the slot a waiter above it was woken for; one of the same or a
-    /// higher priority may, and the waiter waits on. At its deadline it is refused with 429 and a `Retry-After` from
+    /// higher priority may, and the waiter waits on. (The rate-limit headers keep showing
+    /// the bucket's capacity and what is left of it: a caller held back may see room left
+    /// and still get a 429.) At its deadline it is refused with 429 and a `Retry-After` from
     /// the bucket's recent completion rate. A waiter whose client goes away leaves the queue.
     pub fn queue_len(mut self, max_len: usize) -> Self {
         self.queue_len = max_len;

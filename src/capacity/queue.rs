@@ -7,10 +7,15 @@
 //! a release is not lost to a waiter that can't use it (past the waiters of its own tier,
 //! which would be refused alike); refused by the bucket full (the slot went to a request
 //! that came in meanwhile), it doesn't (the next would be refused too). A waiter
-//! that leaves (its deadline, its client gone) hands on a wake-up it had not used.
+//! that leaves (its deadline, its client gone) hands on a wake-up it had not used. Callers
+//! of a lower priority find the bucket one slot smaller for each waiter above them (see
+//! `open_to` in `limiter/capacity.rs`): a waiter that leaves without a slot wakes the first
+//! waiter below it, and a bucket whose limit grows wakes as many waiters as it gained
+//! slots.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::Notify;
@@ -34,6 +39,24 @@ struct Waiters {
 }
 
 impl Waiters {
+    /// A waiter at `place` left without a slot: waiters below it found the bucket one slot
+    /// smaller for it (outside their reserve, see `open_to` in `limiter/capacity.rs`), so
+    /// the first of a lower priority not woken yet tries again, in case that slot is free.
+    fn left(&mut self, place: Place) {
+        let level = place.0;
+        if let Some((_, w)) = self
+            .queue
+            .range_mut((
+                std::ops::Bound::Excluded((level, u64::MAX)),
+                std::ops::Bound::Unbounded,
+            ))
+            .find(|(_, w)| !w.woken)
+        {
+            w.woken = true;
+            w.notify.notify_one();
+        }
+    }
+
     /// Wakes the first waiter after `after` (or from the start) not woken yet and not of
     /// tier `skip`.
     fn wake_first(&mut self, after: Option<Place>, skip: Option<&str>) {
@@ -57,6 +80,8 @@ impl Waiters {
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
     waiters: Mutex<Waiters>,
+    /// How many wait, readable without the lock (most requests find nobody waiting).
+    len: AtomicUsize,
 }
 
 impl Queue {
@@ -79,7 +104,22 @@ impl Queue {
 
     /// Requests waiting now at a priority higher than `level`.
     pub(crate) fn above(&self, level: u8) -> usize {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
         self.lock().queue.range(..(Reverse(level), 0)).count()
+    }
+
+    /// Room for `slots` more in the bucket without a release (its limit went up): wakes as
+    /// many waiters.
+    pub(crate) fn grew(&self, slots: u64) {
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut w = self.lock();
+        for _ in 0..slots.min(w.queue.len() as u64) {
+            w.wake_first(None, None);
+        }
     }
 
     /// A slot of the bucket was released: wakes the first waiter not woken yet.
@@ -110,10 +150,12 @@ impl Queue {
                 tier,
             },
         );
+        self.len.store(w.queue.len(), Ordering::Relaxed);
         Some(Ticket {
             queue: Arc::clone(self),
             place,
             notify,
+            admitted: false,
         })
     }
 }
@@ -124,6 +166,8 @@ pub(crate) struct Ticket {
     queue: Arc<Queue>,
     place: Place,
     notify: Arc<Notify>,
+    /// Leaves with a slot: the waiters below it gain no room by its leaving.
+    admitted: bool,
 }
 
 impl Ticket {
@@ -150,12 +194,13 @@ impl Ticket {
     /// The waiter was admitted after a release woke it: it leaves, its wake-up used. (A
     /// waiter admitted without having been woken is dropped instead, so that a wake-up it
     /// received meanwhile goes on.)
-    pub(crate) fn admitted(self) {
+    pub(crate) fn admitted(mut self) {
         let mut w = self.queue.lock();
         if let Some(me) = w.queue.get_mut(&self.place) {
             me.woken = false;
         }
         drop(w);
+        self.admitted = true;
         drop(self);
     }
 }
@@ -163,8 +208,58 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut w = self.queue.lock();
-        if w.queue.remove(&self.place).is_some_and(|me| me.woken) {
+        let Some(me) = w.queue.remove(&self.place) else {
+            return;
+        };
+        self.queue.len.store(w.queue.len(), Ordering::Relaxed);
+        if me.woken {
             w.wake_first(None, None);
         }
+        // Leaving without a slot (its deadline, its client gone), it no longer holds the
+        // bucket smaller for those below: a slot may be theirs now. (Admitted, it holds the
+        // slot it held back: nothing changes for them.)
+        if !self.admitted {
+            w.left(self.place);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn woken(q: &Queue, t: &Ticket) -> bool {
+        q.lock().queue.get(&t.place).is_some_and(|w| w.woken)
+    }
+
+    #[test]
+    fn a_waiter_leaving_wakes_the_first_below_it_which_it_held_back() {
+        let q = Arc::new(Queue::default());
+        let pro = q.enter(2, "pro".into(), 8).unwrap();
+        let pro_2 = q.enter(2, "pro".into(), 8).unwrap();
+        let free = q.enter(0, "free".into(), 8).unwrap();
+        assert_eq!((q.above(0), q.above(2)), (2, 0));
+        let _ = &pro_2;
+        // A pro waiter admitted leaves with the slot it held back: nothing for free.
+        pro.admitted();
+        assert!(!woken(&q, &free));
+        // One leaving without a slot (its deadline): free (below it) may have room now.
+        drop(pro_2);
+        assert!(woken(&q, &free));
+        assert_eq!(q.above(0), 0);
+    }
+
+    #[test]
+    fn a_limit_that_grows_wakes_as_many_waiters_as_it_gained_slots() {
+        let q = Arc::new(Queue::default());
+        let a = q.enter(1, "std".into(), 8).unwrap();
+        let b = q.enter(1, "std".into(), 8).unwrap();
+        let c = q.enter(0, "free".into(), 8).unwrap();
+        q.grew(2);
+        assert!(woken(&q, &a) && woken(&q, &b) && !woken(&q, &c));
+        // Nobody waiting: nothing to do, no lock taken.
+        let empty = Queue::default();
+        empty.grew(3);
+        assert_eq!(empty.above(0), 0);
     }
 }

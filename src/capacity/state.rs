@@ -177,6 +177,12 @@ impl Cell {
             self.limit.store(c.limit(), Ordering::Relaxed);
             self.draining.store(c.is_draining(), Ordering::Relaxed);
         }
+        drop(c);
+        if let Some((old, new, _)) = changed {
+            // Room that came without a release: waiters would else sleep past it while the
+            // callers below them are held back.
+            self.queue.grew(new.saturating_sub(old));
+        }
         changed
     }
 

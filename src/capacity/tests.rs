@@ -440,32 +440,26 @@ fn within(l: u64, capacity: u64, share: f64) -> bool {
     (l as f64 - capacity as f64).abs() <= capacity as f64 * share
 }
 
-#[test]
-fn follows_a_capacity_that_halves_then_comes_back() {
-    // Unloaded time to first byte 200 ms, target 5% above it.
-    let base = 200 * MS;
-    let cfg = Capacity::adaptive(1, 128).latency_target(Duration::from_millis(210));
-    let trace = simulate(&cfg, base, &[(60 * S, 64), (120 * S, 32), (200 * S, 64)]);
-    // Settled on 64 before the drop.
+/// The limit of `cfg` against a simulated server of 200 ms whose capacity is 64, then 32
+/// from 60 s, then 64 again from 120 s: settled on 64 before the drop, within 10% of 32 in
+/// under 10 s and for good, back within 10% of 64 in under 30 s and for good.
+fn assert_follows(cfg: &Capacity) {
+    let trace = simulate(cfg, 200 * MS, &[(60 * S, 64), (120 * S, 32), (200 * S, 64)]);
     for l in limits(&trace, 40 * S, 60 * S) {
         assert!(within(l, 64, 0.10), "before the drop: {l}");
     }
-    // Within 10% of the new capacity in under 10 s, and stays there.
-    let settled = trace
-        .iter()
-        .find(|&&(t, l)| t >= 60 * S && within(l, 32, 0.10))
-        .map(|&(t, _)| t - 60 * S)
-        .expect("settles on 32");
+    let first_within = |from: u64, level: u64| {
+        trace
+            .iter()
+            .find(|&&(t, l)| t >= from && within(l, level, 0.10))
+            .map(|&(t, _)| t - from)
+    };
+    let settled = first_within(60 * S, 32).expect("settles on 32");
     assert!(settled < 10 * S, "settled after {} ms", settled / MS);
     for l in limits(&trace, 70 * S, 120 * S) {
         assert!(within(l, 32, 0.10), "after the drop: {l}");
     }
-    // Back to 64: regained within 30 s.
-    let regained = trace
-        .iter()
-        .find(|&&(t, l)| t >= 120 * S && within(l, 64, 0.10))
-        .map(|&(t, _)| t - 120 * S)
-        .expect("regains 64");
+    let regained = first_within(120 * S, 64).expect("regains 64");
     assert!(regained < 30 * S, "regained after {} ms", regained / MS);
     for l in limits(&trace, 150 * S, 200 * S) {
         assert!(within(l, 64, 0.10), "after the recovery: {l}");
@@ -473,33 +467,15 @@ fn follows_a_capacity_that_halves_then_comes_back() {
 }
 
 #[test]
+fn follows_a_capacity_that_halves_then_comes_back() {
+    // A target 5% above the unloaded time to first byte (200 ms).
+    assert_follows(&Capacity::adaptive(1, 128).latency_target(Duration::from_millis(210)));
+}
+
+#[test]
 fn follows_the_capacity_with_the_defaults() {
-    // No target, the default tolerance: the knee is found within 10% of the capacity, at
-    // full capacity and at half, from a start at max.
-    let base = 200 * MS;
-    let cfg = Capacity::adaptive(1, 256);
-    let trace = simulate(&cfg, base, &[(60 * S, 64), (120 * S, 32), (200 * S, 64)]);
-    for l in limits(&trace, 40 * S, 60 * S) {
-        assert!(within(l, 64, 0.10), "before the drop: {l}");
-    }
-    let settled = trace
-        .iter()
-        .find(|&&(t, l)| t >= 60 * S && within(l, 32, 0.10))
-        .map(|&(t, _)| t - 60 * S)
-        .expect("settles on 32");
-    assert!(settled < 10 * S, "settled after {} ms", settled / MS);
-    for l in limits(&trace, 70 * S, 120 * S) {
-        assert!(within(l, 32, 0.10), "after the drop: {l}");
-    }
-    let regained = trace
-        .iter()
-        .find(|&&(t, l)| t >= 120 * S && within(l, 64, 0.10))
-        .map(|&(t, _)| t - 120 * S)
-        .expect("regains 64");
-    assert!(regained < 30 * S, "regained after {} ms", regained / MS);
-    for l in limits(&trace, 150 * S, 200 * S) {
-        assert!(within(l, 64, 0.10), "after the recovery: {l}");
-    }
+    // No target, the default tolerance, from a start at max: the knee.
+    assert_follows(&Capacity::adaptive(1, 256));
 }
 
 #[test]
