@@ -744,3 +744,57 @@ async fn a_newcomer_of_a_lower_priority_does_not_take_a_slot_from_a_waiter_above
     let again = send_to(&layer, "m", "free").await;
     assert_eq!(again.status(), StatusCode::OK);
 }
+
+/// A waiter held back for one above it (the bucket one slot smaller for it) whose answer
+/// comes back after that one was admitted tries once more: the slot it was held back for is
+/// free. (With a store doing I/O, both retries are at the store at once.)
+#[tokio::test(start_paused = true)]
+async fn a_waiter_held_back_for_one_admitted_meanwhile_tries_again() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let layer = RateLimitLayer::builder()
+        .replica_id("r")
+        .store(Gated(MemoryStore::new(), gate.clone()))
+        .rule(
+            Rule::new("model-slots", key::header("x-model"), Quota::concurrent(2)).capacity(
+                Capacity::fixed(2)
+                    .tier("pro", Priority::new(2).max_wait(Duration::from_secs(5)))
+                    .tier("std", Priority::new(1).max_wait(Duration::from_secs(5)))
+                    .tier("free", Priority::new(0)),
+            ),
+        )
+        .tiers(tier::header("x-tier"))
+        .clock(TokioClock(Instant::now()))
+        .build()
+        .unwrap();
+    gate.add_permits(2);
+    let h1 = send_to(&layer, "m", "free").await;
+    let h2 = send_to(&layer, "m", "free").await;
+    assert_eq!((h1.status(), h2.status()), (StatusCode::OK, StatusCode::OK));
+    // H (pro), then L (std), refused twice each (first try, entry retry): both wait.
+    let h = tokio::spawn(send_to(&layer, "m", "pro"));
+    settle_tasks().await;
+    gate.add_permits(2);
+    settle_tasks().await;
+    let l = tokio::spawn(send_to(&layer, "m", "std"));
+    settle_tasks().await;
+    gate.add_permits(2);
+    settle_tasks().await;
+    // A slot comes back: H tries again (admitted, its answer gated). The other: L tries
+    // again while H still waits, so at a bucket of 1 for it, with H's slot taken: refused.
+    drop(h1);
+    settle_tasks().await;
+    drop(h2);
+    settle_tasks().await;
+    // H hears it is admitted and leaves the queue; then L hears its refusal.
+    let start = Instant::now();
+    gate.add_permits(1);
+    settle_tasks().await;
+    gate.add_permits(100);
+    let h = support::within("H", h).await.unwrap();
+    assert_eq!(h.status(), StatusCode::OK);
+    let l = support::within("L", l).await.unwrap();
+    assert_eq!(
+        (l.status(), start.elapsed()),
+        (StatusCode::OK, Duration::ZERO)
+    );
+}

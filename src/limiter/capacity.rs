@@ -27,6 +27,8 @@ pub(crate) struct Reserve {
     pub(super) reserved: u64,
     /// The second attempt is under way.
     pub(super) second: bool,
+    /// The waiters of a higher priority the bucket was made smaller for.
+    pub(super) held: u64,
 }
 
 /// Where a refused request waits, and how.
@@ -69,7 +71,7 @@ impl Limiter {
         let now = self.clock.now_nanos();
         let cell = cap.cell(bucket.key(), now);
         let capacity = quota.limit().min(cell.limit());
-        let open = open_to(cap, &cell, capacity, tier);
+        let (open, held) = open_to(cap, &cell, capacity, tier);
         let quota = quota.with_limit(open);
         let key = replica_key(bucket.key(), &self.replica);
         feedback
@@ -105,6 +107,7 @@ impl Limiter {
                 threshold,
                 reserved: share_of(share, capacity),
                 second: false,
+                held,
             });
             first_quota = quota.with_limit(threshold);
             tier_charge = Some(planned(
@@ -171,6 +174,15 @@ impl Limiter {
         })
     }
 
+    /// Whether `plan`'s bucket was made smaller for more waiters above the caller (at
+    /// `level`) than wait now: one of them was admitted or left while its answer came back,
+    /// and the slot it held back may be free.
+    pub(crate) fn held_back_by_gone(&self, plan: &Plan, cell: &Cell, level: u8) -> bool {
+        plan.reserve
+            .as_ref()
+            .is_some_and(|r| r.held > u64::try_from(cell.queue.above(level)).unwrap_or(u64::MAX))
+    }
+
     /// Turns `plan` back into its first attempt, at the capacities in force now, for a
     /// waiter trying again: the latency of its answer counts from now, not from its arrival.
     pub(crate) fn retry_from_queue(&self, plan: &mut Plan) {
@@ -187,7 +199,7 @@ impl Limiter {
                 .quota_for(tier)
                 .limit()
                 .min(a.cell.limit());
-            let open = open_to(cap, &a.cell, capacity, tier);
+            let (open, held) = open_to(cap, &a.cell, capacity, tier);
             match &mut plan.reserve {
                 Some(r) if r.shared == a.charge => {
                     let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
@@ -196,6 +208,7 @@ impl Limiter {
                         threshold: share_of(cap.config.saturation, capacity).clamp(1, open),
                         reserved: share_of(share, capacity),
                         second: false,
+                        held,
                         ..*r
                     };
                     let shared = &mut plan.charges[r.shared];
@@ -264,11 +277,12 @@ impl Limiter {
 /// released goes to them rather than to a newcomer below them (at least 1: a bucket is never
 /// closed to everyone). A tier's reserve stays its own: the second attempt charges the bucket
 /// at the whole capacity.
-fn open_to(cap: &RuleCapacity, cell: &Cell, capacity: u64, tier: Option<&str>) -> u64 {
+/// Returns the slots and how many waiters it was made smaller for.
+fn open_to(cap: &RuleCapacity, cell: &Cell, capacity: u64, tier: Option<&str>) -> (u64, u64) {
     if !cap.config.has_tiers() {
-        return capacity;
+        return (capacity, 0);
     }
     let level = cap.config.priority_of(tier).map_or(0, |p| p.level);
     let above = u64::try_from(cell.queue.above(level)).unwrap_or(u64::MAX);
-    capacity.saturating_sub(above).max(1)
+    (capacity.saturating_sub(above).max(1), above)
 }

@@ -134,6 +134,8 @@ impl Acquiring {
         let mut deadline = None;
         // This waiter was woken by a release and is trying again.
         let mut woken = false;
+        // It tried once more after this wake-up, held back for waiters gone since.
+        let mut rechecked = false;
         loop {
             let (mut plan, result) = match self.answered.take() {
                 Some(answer) => answer,
@@ -175,6 +177,19 @@ impl Acquiring {
                 return (plan, result);
             };
             match &self.ticket {
+                Some(_)
+                    if woken
+                        && !rechecked
+                        && self.limiter.held_back_by_gone(&plan, wait.cell, wait.level) =>
+                {
+                    // Held back for a waiter above that was admitted or left while this
+                    // answer came back (with a store doing I/O): the slot may be free now.
+                    // Once per wake-up.
+                    rechecked = true;
+                    self.limiter.retry_from_queue(&mut plan);
+                    self.ask(plan);
+                    continue;
+                }
                 Some(ticket) if woken => ticket.refused(wait.full),
                 Some(_) => {}
                 None => {
@@ -219,6 +234,7 @@ impl Acquiring {
                 return (plan, result);
             }
             woken = true;
+            rechecked = false;
             self.limiter.retry_from_queue(&mut plan);
             self.ask(plan);
         }
