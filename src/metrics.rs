@@ -95,8 +95,8 @@ use std::sync::Arc;
 use ::metrics::{counter, describe_counter, describe_histogram, histogram, SharedString, Unit};
 
 use crate::observe::{
-    CapacityEvent, DecisionEvent, Observer, Outcome, QueueEvent, QueueOutcome, SettleEvent,
-    SettleOutcome, StoreCallEvent,
+    CapacityEvent, DecisionEvent, Observer, Outcome, QueueEvent, SettleEvent, SettleOutcome,
+    StoreCallEvent,
 };
 use crate::rule::Rule;
 use crate::store::StoreError;
@@ -269,16 +269,6 @@ fn outcome_label(outcome: &Outcome<'_>) -> &'static str {
     }
 }
 
-fn queue_label(outcome: QueueOutcome) -> &'static str {
-    match outcome {
-        QueueOutcome::Admitted => "admitted",
-        QueueOutcome::TimedOut => "timed_out",
-        QueueOutcome::Full => "full",
-        QueueOutcome::Left => "left",
-        QueueOutcome::Refused => "refused",
-    }
-}
-
 fn error_kind(error: &StoreError) -> &'static str {
     match error {
         StoreError::AtCapacity { .. } => "at_capacity",
@@ -369,13 +359,15 @@ impl Observer for MetricsObserver {
     }
 
     fn on_queue(&self, event: &QueueEvent<'_>) {
-        let rule = self.labels.rule(event.rule);
-        let tier = self.labels.tier(event.tier);
-        let outcome = queue_label(event.outcome);
-        counter!(QUEUE, "rule" => rule.clone(), "tier" => tier.clone(), "outcome" => outcome)
-            .increment(1);
-        histogram!(QUEUE_WAIT, "rule" => rule, "tier" => tier, "outcome" => outcome)
-            .record(event.waited.as_secs_f64());
+        if event.outcome.ends_a_wait() {
+            let rule = self.labels.rule(event.rule);
+            let tier = self.labels.tier(event.tier);
+            let outcome = event.outcome.as_str();
+            counter!(QUEUE, "rule" => rule.clone(), "tier" => tier.clone(), "outcome" => outcome)
+                .increment(1);
+            histogram!(QUEUE_WAIT, "rule" => rule, "tier" => tier, "outcome" => outcome)
+                .record(event.waited.as_secs_f64());
+        }
         if let Some(o) = &self.observer {
             o.on_queue(event);
         }

@@ -210,9 +210,33 @@ pub enum QueueOutcome {
     /// Woken, it was refused by something other than the capacity (another rule, a
     /// store error): it left the queue with that answer.
     Refused,
+    /// It entered the queue to wait (`waited` is zero, `waiting` counts it): another event
+    /// tells how the wait ends. A queue length gauge follows both.
+    Entered,
 }
 
-/// A request left a capacity's queue (or found it full).
+impl QueueOutcome {
+    /// A short lower-case name (`admitted`, `timed_out`, `full`, `left`, `refused`,
+    /// `entered`), for a metric's label or a log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueOutcome::Admitted => "admitted",
+            QueueOutcome::TimedOut => "timed_out",
+            QueueOutcome::Full => "full",
+            QueueOutcome::Left => "left",
+            QueueOutcome::Refused => "refused",
+            QueueOutcome::Entered => "entered",
+        }
+    }
+
+    /// Whether the event ends a wait (or a request's attempt to wait): all but
+    /// [`QueueOutcome::Entered`].
+    pub fn ends_a_wait(self) -> bool {
+        self != QueueOutcome::Entered
+    }
+}
+
+/// A request entered a capacity's queue, or left it (or found it full).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueEvent<'a> {
@@ -222,7 +246,7 @@ pub struct QueueEvent<'a> {
     pub key: &'a Key,
     /// The caller's tier.
     pub tier: Option<&'a str>,
-    /// How the wait ended.
+    /// How the wait ended (or [`QueueOutcome::Entered`]: it begins).
     pub outcome: QueueOutcome,
     /// How long it waited.
     pub waited: Duration,
@@ -289,8 +313,9 @@ pub trait Observer: Send + Sync + 'static {
         let _ = event;
     }
 
-    /// Called when a request leaves a capacity's queue, or finds it full: a queue wait
-    /// histogram, requests shed by tier, the queue's length.
+    /// Called when a request enters a capacity's queue, leaves it, or finds it full: a queue
+    /// wait histogram (of the events that end a wait, [`QueueOutcome::ends_a_wait`]),
+    /// requests shed by tier, the queue's length.
     fn on_queue(&self, event: &QueueEvent<'_>) {
         let _ = event;
     }

@@ -57,15 +57,24 @@ impl Store for Deferred {
     }
 }
 
-/// What the observer heard of the queue: (tier, outcome, waited).
+/// What the observer heard of the queue: the waits' ends (tier, outcome, waited), and the
+/// queue's length as each waiter entered.
 #[derive(Clone, Default)]
-struct Queued(Arc<Mutex<Vec<(String, QueueOutcome, Duration)>>>);
+struct Queued(
+    Arc<Mutex<Vec<(String, QueueOutcome, Duration)>>>,
+    Arc<Mutex<Vec<usize>>>,
+);
 
 impl Observer for Queued {
     fn on_decision(&self, _: &DecisionEvent<'_>) {}
 
     fn on_queue(&self, e: &QueueEvent<'_>) {
         assert_eq!(e.key.to_string(), "m@r");
+        if e.outcome == QueueOutcome::Entered {
+            assert_eq!(e.waited, Duration::ZERO);
+            self.1.lock().unwrap().push(e.waiting);
+            return;
+        }
         self.0
             .lock()
             .unwrap()
@@ -184,6 +193,11 @@ async fn served_by_priority_then_arrival(s: Setup) {
     }
     let start = Instant::now();
     assert_eq!(s.served(), ["holder"], "everyone waits, holding no slot");
+    assert_eq!(
+        *s.queued.1.lock().unwrap(),
+        [1, 2, 3, 4, 5],
+        "the queue's length"
+    );
     drop(held);
     for t in tasks {
         let (status, _) = support::within("a waiter", t).await.unwrap();

@@ -211,6 +211,7 @@ impl Acquiring {
                         return (plan, result);
                     };
                     self.ticket = Some(ticket);
+                    self.report(QueueOutcome::Entered);
                     deadline = Some(tokio::time::Instant::now() + wait.max_wait);
                     // A slot released between the refusal and the entry would wake nobody:
                     // one more try, now that releases wake this waiter.

@@ -242,21 +242,22 @@ async fn a_free_flood_is_shed_while_pro_keeps_its_share_and_the_mock_never_overl
     );
 
     // A third pro caller past its reserve may wait (`max_wait_ms`) rather than be refused:
-    // served once a pro stream ends. (Whether it arrived before that end is not observed
-    // here; the queue's order, deadlines and departures are the library's tests, on a
-    // paused clock.)
+    // it shows in the queue's length, and is served once a pro stream ends. (The queue's
+    // order, deadlines and departures are the library's tests, on a paused clock.)
     let waiter = {
         let (c, url) = (c.clone(), gw.url("/v1/chat/completions"));
         tokio::spawn(
             async move { send(&c, "POST", &url, Some("pro-key"), Some(&stream_body())).await },
         )
     };
+    metric_until(&c, &gw, "gateway_capacity_queue_length{model=\"m\"}", 1.0).await;
     drop(open.pop()); // carol's stream (the last opened) ends: the reserve has room again
     let served = within("the waiting pro caller", waiter)
         .await
         .expect("the waiter's task");
     assert_eq!(served.status(), StatusCode::OK);
     open.push(served);
+    metric_until(&c, &gw, "gateway_capacity_queue_length{model=\"m\"}", 0.0).await;
     let s = stats(&c, &gw).await;
     assert_eq!(s["rejected"], 0, "{s}");
     drop(open);

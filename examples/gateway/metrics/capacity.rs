@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tower_llm_ratelimit::key::Key;
 use tower_llm_ratelimit::observe::{
-    CapacityEvent, DecisionEvent, Outcome, QueueEvent, QueueOutcome, SettleEvent,
+    CapacityEvent, DecisionEvent, Outcome, QueueEvent, SettleEvent,
 };
 use tower_llm_ratelimit::RateLimitLayer;
 
@@ -154,20 +154,14 @@ impl CapacityMetrics {
         let Some(model) = rules.get(event.rule) else {
             return;
         };
-        let outcome = match event.outcome {
-            QueueOutcome::Admitted => "admitted",
-            QueueOutcome::TimedOut => "timed_out",
-            QueueOutcome::Full => "full",
-            QueueOutcome::Left => "left",
-            QueueOutcome::Refused => "refused",
-            _ => "other",
-        };
-        self.queue_wait
-            .get_or_create(&ModelOutcomeLabels {
-                model: model.clone(),
-                outcome,
-            })
-            .observe(event.waited.as_secs_f64());
+        if event.outcome.ends_a_wait() {
+            self.queue_wait
+                .get_or_create(&ModelOutcomeLabels {
+                    model: model.clone(),
+                    outcome: event.outcome.as_str(),
+                })
+                .observe(event.waited.as_secs_f64());
+        }
         self.queue
             .get_or_create(&ModelLabel {
                 model: model.clone(),
