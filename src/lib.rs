@@ -162,7 +162,7 @@
 //! acquire, so it works with memory and Redis; each replica governs its own share. Tiers may
 //! get a priority and a reserved share of the capacity past a saturation threshold, so that
 //! the lowest are shed first, and may wait a short while in a queue for a slot instead of
-//! an instant 429. A layer rebuilt from a reloaded configuration keeps the limits its
+//! an instant 429 (served before newcomers of a lower priority). A layer rebuilt from a reloaded configuration keeps the limits its
 //! predecessor learned ([`RateLimitLayerBuilder::continue_capacity_of`]); metrics read the
 //! current limit with [`RateLimitLayer::capacity_limit`]. See [`capacity`].
 //!
