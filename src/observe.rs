@@ -195,7 +195,7 @@ pub struct CapacityEvent<'a> {
     pub change: Change,
 }
 
-/// How a wait in a capacity's queue ended (see [`crate::capacity`]).
+/// How a wait in a capacity's queue ended, or that one began (see [`crate::capacity`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QueueOutcome {
@@ -210,8 +210,11 @@ pub enum QueueOutcome {
     /// Woken, it was refused by something other than the capacity (another rule, a
     /// store error): it left the queue with that answer.
     Refused,
-    /// It entered the queue to wait (`waited` is zero, `waiting` counts it): another event
-    /// tells how the wait ends. A queue length gauge follows both.
+    /// It entered the queue to wait (`waited` is about zero, `waiting` counts it): exactly
+    /// one other event tells how the wait ends (`Admitted` at once if its first retry, made
+    /// on entering, gets in). A queue length gauge goes up here and down at that end. (An
+    /// observer that counted every event as a finished wait, before this variant, now
+    /// counts each wait twice: filter with [`QueueOutcome::ends_a_wait`].)
     Entered,
 }
 

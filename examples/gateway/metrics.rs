@@ -17,7 +17,7 @@
 //! | `gateway_store_redis_*` | | `RedisStore::stats()` at each scrape (feature `redis`) |
 //! | `gateway_capacity_limit` | model | a model's adaptive capacity (`[models.NAME.capacity]`): its current limit, read from the running layer at each scrape |
 //! | `gateway_capacity_in_flight` | model | the observer: requests admitted under the capacity and not yet ended |
-//! | `gateway_capacity_queue_length` | model | the observer: requests waiting for a slot, as of the last request to enter or leave the queue |
+//! | `gateway_capacity_queue_length` | model | the observer: requests waiting for a slot (up at each entry, down at each end of a wait) |
 //! | `gateway_capacity_queue_wait_seconds` | model, outcome (`admitted`, `timed_out`, `full`, `left`, `refused`: woken, then refused by another rule or a store error) | the observer: each wait in the queue |
 //! | `gateway_capacity_shed_total` | model, tier | the observer: requests the capacity refused (429) |
 //! | `gateway_capacity_changes_total` | model, change (`overload`, `latency`, `growth`) | the observer: the controller's changes of the limit |
@@ -300,8 +300,7 @@ impl Metrics {
             );
             r.register(
                 "capacity_queue_length",
-                "Requests waiting for a slot of a model's capacity, as the last wait to end \
-                 left the queue",
+                "Requests waiting for a slot of a model's capacity",
                 m.capacity_queue_length.clone(),
             );
             r.register(

@@ -57,6 +57,28 @@ impl Waiters {
         }
     }
 
+    /// A waiter at `place` was admitted: if it was the last waiter above the first one below
+    /// it not woken yet, that one tries again. While it was being admitted its slot counted
+    /// twice for those below (taken, and held back for it): one of them refused meanwhile
+    /// may have room now. (With other waiters still above it, it would be held back anyway.)
+    fn admitted(&mut self, place: Place) {
+        let level = place.0;
+        let top = self.queue.keys().next().map(|p| p.0);
+        if let Some((p, w)) = self
+            .queue
+            .range_mut((
+                std::ops::Bound::Excluded((level, u64::MAX)),
+                std::ops::Bound::Unbounded,
+            ))
+            .find(|(_, w)| !w.woken)
+        {
+            if top.is_none_or(|t| t >= p.0) {
+                w.woken = true;
+                w.notify.notify_one();
+            }
+        }
+    }
+
     /// Wakes the first waiter after `after` (or from the start) not woken yet and not of
     /// tier `skip`.
     fn wake_first(&mut self, after: Option<Place>, skip: Option<&str>) {
@@ -216,9 +238,12 @@ impl Drop for Ticket {
             w.wake_first(None, None);
         }
         // Leaving without a slot (its deadline, its client gone), it no longer holds the
-        // bucket smaller for those below: a slot may be theirs now. (Admitted, it holds the
-        // slot it held back: nothing changes for them.)
-        if !self.admitted {
+        // bucket smaller for those below: a slot may be theirs now. Admitted, it holds the
+        // slot it held back, but a waiter below refused while it was being admitted found
+        // both.
+        if self.admitted {
+            w.admitted(self.place);
+        } else {
             w.left(self.place);
         }
     }
@@ -239,14 +264,29 @@ mod tests {
         let pro_2 = q.enter(2, "pro".into(), 8).unwrap();
         let free = q.enter(0, "free".into(), 8).unwrap();
         assert_eq!((q.above(0), q.above(2)), (2, 0));
-        let _ = &pro_2;
-        // A pro waiter admitted leaves with the slot it held back: nothing for free.
+        // A pro waiter admitted, another pro still waiting: free is held back anyway.
         pro.admitted();
         assert!(!woken(&q, &free));
-        // One leaving without a slot (its deadline): free (below it) may have room now.
+        // The last one above it leaving without a slot (its deadline): free may have room.
         drop(pro_2);
         assert!(woken(&q, &free));
         assert_eq!(q.above(0), 0);
+    }
+
+    #[test]
+    fn the_last_waiter_above_admitted_wakes_one_refused_while_it_was_being_admitted() {
+        // Both woken; free's retry, at a bucket one smaller for pro, is refused before pro's
+        // admission comes back (a store doing I/O): pro's slot counted twice for it.
+        let q = Arc::new(Queue::default());
+        let pro = q.enter(2, "pro".into(), 8).unwrap();
+        let free = q.enter(0, "free".into(), 8).unwrap();
+        q.release();
+        q.release();
+        assert!(woken(&q, &pro) && woken(&q, &free));
+        free.refused(true);
+        assert!(!woken(&q, &free));
+        pro.admitted();
+        assert!(woken(&q, &free), "free tries again");
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub(crate) struct Reserve {
     pub(super) reserved: u64,
     /// The second attempt is under way.
     pub(super) second: bool,
-    /// The waiters of a higher priority the bucket was made smaller for.
+    /// The waiters of a higher priority the first attempt's bucket was made smaller for (0
+    /// when that made no difference to its limit).
     pub(super) held: u64,
 }
 
@@ -107,7 +108,7 @@ impl Limiter {
                 threshold,
                 reserved: share_of(share, capacity),
                 second: false,
-                held,
+                held: held_at(threshold, open, capacity, held),
             });
             first_quota = quota.with_limit(threshold);
             tier_charge = Some(planned(
@@ -178,9 +179,11 @@ impl Limiter {
     /// `level`) than wait now: one of them was admitted or left while its answer came back,
     /// and the slot it held back may be free.
     pub(crate) fn held_back_by_gone(&self, plan: &Plan, cell: &Cell, level: u8) -> bool {
-        plan.reserve
-            .as_ref()
-            .is_some_and(|r| r.held > u64::try_from(cell.queue.above(level)).unwrap_or(u64::MAX))
+        plan.reserve.as_ref().is_some_and(|r| {
+            !r.second
+                && r.held > 0
+                && r.held > u64::try_from(cell.queue.above(level)).unwrap_or(u64::MAX)
+        })
     }
 
     /// Turns `plan` back into its first attempt, at the capacities in force now, for a
@@ -203,12 +206,13 @@ impl Limiter {
             match &mut plan.reserve {
                 Some(r) if r.shared == a.charge => {
                     let share = cap.config.priority_of(tier).map_or(0.0, |p| p.share);
+                    let threshold = share_of(cap.config.saturation, capacity).clamp(1, open);
                     *r = Reserve {
                         capacity,
-                        threshold: share_of(cap.config.saturation, capacity).clamp(1, open),
+                        threshold,
                         reserved: share_of(share, capacity),
                         second: false,
-                        held,
+                        held: held_at(threshold, open, capacity, held),
                         ..*r
                     };
                     let shared = &mut plan.charges[r.shared];
@@ -277,6 +281,16 @@ impl Limiter {
 /// released goes to them rather than to a newcomer below them (at least 1: a bucket is never
 /// closed to everyone). A tier's reserve stays its own: the second attempt charges the bucket
 /// at the whole capacity.
+/// The waiters a first attempt at `threshold` was held back for: `above` when the bucket
+/// made smaller for them (`open`) is what set its limit, else none.
+fn held_at(threshold: u64, open: u64, capacity: u64, above: u64) -> u64 {
+    if threshold == open && open < capacity {
+        above
+    } else {
+        0
+    }
+}
+
 /// Returns the slots and how many waiters it was made smaller for.
 fn open_to(cap: &RuleCapacity, cell: &Cell, capacity: u64, tier: Option<&str>) -> (u64, u64) {
     if !cap.config.has_tiers() {

@@ -178,13 +178,12 @@ impl Acquiring {
             };
             match &self.ticket {
                 Some(_)
-                    if woken
-                        && !rechecked
+                    if !rechecked
                         && self.limiter.held_back_by_gone(&plan, wait.cell, wait.level) =>
                 {
                     // Held back for a waiter above that was admitted or left while this
                     // answer came back (with a store doing I/O): the slot may be free now.
-                    // Once per wake-up.
+                    // Once per wake-up (or entry).
                     rechecked = true;
                     self.limiter.retry_from_queue(&mut plan);
                     self.ask(plan);

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tower_llm_ratelimit::key::Key;
 use tower_llm_ratelimit::observe::{
-    CapacityEvent, DecisionEvent, Outcome, QueueEvent, SettleEvent,
+    CapacityEvent, DecisionEvent, Outcome, QueueEvent, QueueOutcome, SettleEvent,
 };
 use tower_llm_ratelimit::RateLimitLayer;
 
@@ -162,10 +162,20 @@ impl CapacityMetrics {
                 })
                 .observe(event.waited.as_secs_f64());
         }
-        self.queue
-            .get_or_create(&ModelLabel {
-                model: model.clone(),
-            })
-            .set(i64::try_from(event.waiting).unwrap_or(i64::MAX));
+        // Counted up and down by the events themselves (each entry ends once; a request
+        // that found the queue full never entered): a length read in each event could be
+        // set out of order by two tasks.
+        let length = self.queue.get_or_create(&ModelLabel {
+            model: model.clone(),
+        });
+        match event.outcome {
+            QueueOutcome::Entered => {
+                length.inc();
+            }
+            QueueOutcome::Full => {}
+            _ => {
+                length.dec();
+            }
+        }
     }
 }
