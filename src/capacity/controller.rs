@@ -203,13 +203,6 @@ struct Check {
     point: Point,
 }
 
-impl std::ops::Deref for Check {
-    type Target = Point;
-    fn deref(&self) -> &Point {
-        &self.point
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct Window {
     started: Option<u64>,
@@ -396,7 +389,7 @@ impl Controller {
             return Some(self.calibrate(cfg, check, p, in_use));
         }
         if let (true, Some(c), Some(p)) = (past_knee, check, point) {
-            if p.load <= c.load * (1.0 - LOAD_FALL) && p.moved_from(&c) == 0 {
+            if p.load <= c.point.load * (1.0 - LOAD_FALL) && p.moved_from(&c) == 0 {
                 // Less load, the same latency: the upstream is slower for everyone (or the
                 // cut was the noise's).
                 self.calm = Some(p.mean.max(calm));
@@ -475,20 +468,21 @@ impl Controller {
             return Change::Latency;
         };
         let moved = p.moved_from(&c);
-        if p.load > c.load * (1.0 - LOAD_FALL) || moved == 0 {
+        if p.load > c.point.load * (1.0 - LOAD_FALL) || moved == 0 {
             // The load did not fall (nothing to compare), or the latency stayed: calm.
             self.calm = Some(p.mean);
             self.calm_variance = p.variance;
             self.limit = c.limit.max(self.limit);
             return Change::Baseline;
         }
-        let ratio = p.mean / c.mean;
-        if (moved < 0 && ratio > p.load / c.load * cfg.latency_tolerance) || self.limit <= self.min
+        let ratio = p.mean / c.point.mean;
+        if (moved < 0 && ratio > p.load / c.point.load * cfg.latency_tolerance)
+            || self.limit <= self.min
         {
             // The knee is between the two loads (or the limit can't go lower).
             self.calm = Some(p.mean);
             self.calm_variance = p.variance;
-            self.limit = (c.load * ratio).clamp(self.min, c.limit);
+            self.limit = (c.point.load * ratio).clamp(self.min, c.limit);
             self.ceiling = Some(self.limit);
             return Change::Latency;
         }
